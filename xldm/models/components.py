@@ -1,0 +1,61 @@
+"""A loaded model: its config and whichever networks were asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from xldm.config import ModelConfig
+
+
+@dataclass
+class Components:
+    """The networks of one latent diffusion model.  Absent components are None / empty.
+
+    `text_encoders` follow `config.text_encoders` in order (SDXL base: CLIP ViT-L, then OpenCLIP bigG).
+    """
+
+    config: ModelConfig
+    unet: nn.Module | None = None
+    vae: nn.Module | None = None
+    text_encoders: tuple[nn.Module, ...] = ()
+    # Keys of the source file that belong to no inference component (EMA copies, schedule buffers ...).
+    ignored_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Present networks by name: unet, vae, text_encoder, text_encoder_2 (diffusers' names)."""
+        named: dict[str, nn.Module] = {}
+        if self.unet is not None:
+            named["unet"] = self.unet
+        if self.vae is not None:
+            named["vae"] = self.vae
+        for i, te in enumerate(self.text_encoders):
+            named[text_encoder_name(self.config, i)] = te
+        return named
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Components":
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def tokenizers(self) -> tuple:
+        from xldm.tokenizer import CLIPTokenizer
+
+        return tuple(CLIPTokenizer.for_encoder(te) for te in self.config.text_encoders)
+
+
+def text_encoder_name(config: ModelConfig, index: int) -> str:
+    """diffusers' folder name of text encoder `index`: the SDXL refiner's only encoder is text_encoder_2."""
+    if config.kind == "sdxl-refiner":
+        return "text_encoder_2"
+    return "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,245 @@
+"""Which model a checkpoint holds, and its configuration, from key names and shapes only.
+
+Never reads tensor data (ARCHITECTURE.md rule 5, after ComfyUI `model_detection.py` and
+stable-diffusion.cpp `detect_from_weights`): the input is a mapping key -> shape, which a safetensors
+header gives without touching the data.  Files written by xldm also carry their exact config in the
+safetensors metadata (`xldm.config`), which wins where shapes cannot tell (head counts of tiny models).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, replace
+from typing import Mapping
+
+from xldm.config import (
+    BASE_MICRO_CONDITIONING,
+    REFINER_MICRO_CONDITIONING,
+    ModelConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from xldm.errors import UnknownModelError
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+METADATA_KEY = "xldm.config"
+
+# Where each model family keeps its text encoders in the original single file, and in which layout:
+# "hf" = transformers CLIPTextModel names, "open_clip" = open_clip text tower names (SDXL_SPEC 6.1).
+TEXT_ENCODER_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sdxl-base": (("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "open_clip")),
+    "sdxl-refiner": (("conditioner.embedders.0.model.", "open_clip"),),
+    "sd15": (("cond_stage_model.transformer.", "hf"),),
+    "sd21": (("cond_stage_model.model.", "open_clip"),),
+}
+
+# Keys an original checkpoint may hold that belong to no inference component: the DDPM schedule
+# buffers of ldm checkpoints, EMA copies, sgm's denoiser sigmas, open_clip's logit scale.
+IGNORED_EXACT = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+}
+IGNORED_PREFIXES = ("model_ema.", "denoiser.", "loss.")
+IGNORED_SUFFIXES = (".position_ids", ".logit_scale", "model.attn_mask")
+
+
+def is_ignorable(key: str) -> bool:
+    return key in IGNORED_EXACT or key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES)
+
+
+def _sub(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _count_indexed(keys, pattern: str) -> int:
+    """Number of distinct integers N in keys matching `pattern` (a regex with one group)."""
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def detect_unet(shapes: Shapes) -> UNetConfig:
+    """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix)."""
+    try:
+        conv_in = shapes["input_blocks.0.0.weight"]
+        conv_out = shapes["out.2.weight"]
+    except KeyError as e:
+        raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; this is not an SD/SDXL UNet") from None
+    model_channels, in_channels = conv_in[0], conv_in[1]
+    n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
+    downsamples = sorted(
+        int(m.group(1)) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k))
+    )
+    levels = len(downsamples) + 1
+    num_res_blocks = (n_in - 1 - len(downsamples)) // levels
+    if 1 + levels * num_res_blocks + len(downsamples) != n_in or num_res_blocks < 1:
+        raise UnknownModelError(f"UNet has {n_in} input blocks and {len(downsamples)} downsamplers: not a UNet layout")
+    channel_mult, depth = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        out = shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0]
+        channel_mult.append(out // model_channels)
+        depth.append(_count_indexed(shapes, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."))
+    depth_mid = _count_indexed(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    attn_keys = [k for k in shapes if k.endswith("attn2.to_k.weight")]
+    if not attn_keys:
+        raise UnknownModelError("UNet has no cross-attention layers (attn2.to_k): not an SD/SDXL UNet")
+    context_dim = shapes[attn_keys[0]][1]
+    proj_in = next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))
+    linear = len(proj_in) == 2
+    adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else 0
+    # Head layout is not visible in shapes.  SD 1.x (conv proj_in, context 768) has 8 heads per layer
+    # (ldm v1-inference.yaml num_heads: 8); SD 2.x and SDXL use 64-wide heads (num_head_channels: 64).
+    heads = dict(num_heads=8, num_head_channels=-1) if not linear and context_dim == 768 else {}
+    return UNetConfig(
+        in_channels=in_channels, out_channels=conv_out[0], model_channels=model_channels,
+        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
+        transformer_depth_middle=depth_mid, context_dim=context_dim, adm_in_channels=adm,
+        use_linear_in_transformer=linear, **heads,
+    )
+
+
+def detect_vae(shapes: Shapes, scaling_factor: float) -> VAEConfig:
+    """VAEConfig from original-layout VAE keys (no `first_stage_model.` prefix)."""
+    try:
+        ch = shapes["encoder.conv_in.weight"][0]
+        in_channels = shapes["encoder.conv_in.weight"][1]
+        z = shapes["post_quant_conv.weight"][0]
+        out_channels = shapes["decoder.conv_out.weight"][0]
+    except KeyError as e:
+        raise UnknownModelError(f"VAE keys lack {e.args[0]!r}; this is not a KL autoencoder") from None
+    levels = _count_indexed(shapes, r"encoder\.down\.(\d+)\.")
+    num_res_blocks = _count_indexed(shapes, r"encoder\.down\.0\.block\.(\d+)\.")
+    ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+    return VAEConfig(
+        in_channels=in_channels, out_channels=out_channels, z_channels=z, ch=ch, ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks, scaling_factor=scaling_factor,
+    )
+
+
+def detect_text_encoder(shapes: Shapes, layout: str, base: TextEncoderConfig) -> TextEncoderConfig:
+    """TextEncoderConfig from one encoder's keys, in "hf" or "open_clip" layout.
+
+    `base` supplies what shapes cannot tell: activation, which layer feeds the UNet, padding id.
+    Head count is width / 64 for every released CLIP text tower (L: 12, H: 16, bigG: 20).
+    """
+    if layout == "hf":
+        shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
+        try:
+            vocab, width = shapes["embeddings.token_embedding.weight"]
+            positions = shapes["embeddings.position_embedding.weight"][0]
+        except KeyError as e:
+            raise UnknownModelError(f"text encoder keys lack {e.args[0]!r}") from None
+        layers = _count_indexed(shapes, r"encoder\.layers\.(\d+)\.")
+        intermediate = shapes["encoder.layers.0.mlp.fc1.weight"][0]
+        projection = shapes["text_projection.weight"][0] if "text_projection.weight" in shapes else 0
+    elif layout == "open_clip":
+        try:
+            vocab, width = shapes["token_embedding.weight"]
+            positions = shapes["positional_embedding"][0]
+        except KeyError as e:
+            raise UnknownModelError(f"open_clip text encoder keys lack {e.args[0]!r}") from None
+        layers = _count_indexed(shapes, r"transformer\.resblocks\.(\d+)\.")
+        intermediate = shapes["transformer.resblocks.0.mlp.c_fc.weight"][0]
+        projection = shapes["text_projection"][1] if "text_projection" in shapes else 0
+    else:
+        raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
+    heads = width // 64 if width % 64 == 0 else base.heads
+    return replace(
+        base, width=width, layers=layers, heads=heads, intermediate_size=intermediate, vocab_size=vocab,
+        max_positions=positions, projection_dim=projection,
+    )
+
+
+def detect_kind(shapes: Shapes) -> str:
+    """The model family of an original single-file checkpoint, from its key prefixes."""
+    keys = shapes.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.1.model."):
+        return "sdxl-base"
+    if has("conditioner.embedders.0.model."):
+        return "sdxl-refiner"
+    if has("cond_stage_model.model."):
+        return "sd21"
+    if has("cond_stage_model.transformer."):
+        return "sd15"
+    if has(UNET_PREFIX) or has(VAE_PREFIX):
+        # A UNet without text encoders: tell SDXL base/refiner from the vector conditioning width.
+        adm = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
+        if adm is not None:  # 2560 = 1280 + 5*256 (refiner), 2816 = 1280 + 6*256 (base), SDXL_SPEC 1.1
+            return "sdxl-refiner" if adm[1] == 2560 else "sdxl-base"
+        ctx = [v for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
+        return "sd21" if ctx and ctx[0][1] == 1024 else "sd15"
+    raise UnknownModelError(
+        "no known component prefix (model.diffusion_model., first_stage_model., conditioner.embedders., "
+        f"cond_stage_model.) among {len(shapes)} keys; first keys: {sorted(keys)[:5]}"
+    )
+
+
+def _preset(kind: str) -> ModelConfig:
+    from xldm.config import PRESETS
+
+    return PRESETS[kind]
+
+
+def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | None:
+    """The exact ModelConfig xldm stored in a file's safetensors metadata, if any."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    return model_config_from_dict(json.loads(metadata[METADATA_KEY]))
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    def tup(x):
+        return tuple(x) if isinstance(x, list) else x
+
+    unet = UNetConfig(**{k: tup(v) for k, v in d["unet"].items()})
+    vae = VAEConfig(**{k: tup(v) for k, v in d["vae"].items()})
+    tes = tuple(TextEncoderConfig(**te) for te in d["text_encoders"])
+    rest = {k: tup(v) for k, v in d.items() if k not in ("unet", "vae", "text_encoders")}
+    return ModelConfig(unet=unet, vae=vae, text_encoders=tes, **rest)
+
+
+def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> ModelConfig:
+    """ModelConfig of an original-layout single-file checkpoint, from key names and shapes.
+
+    Components that are absent from the file keep the family preset's config (so a UNet-only file
+    still says which VAE and text encoders it expects).
+    """
+    stored = config_from_metadata(metadata)
+    if stored is not None:
+        return stored
+    kind = detect_kind(shapes)
+    preset = _preset(kind)
+    unet_shapes = _sub(shapes, UNET_PREFIX)
+    unet = detect_unet(unet_shapes) if unet_shapes else preset.unet
+    vae_shapes = _sub(shapes, VAE_PREFIX)
+    vae = detect_vae(vae_shapes, preset.vae.scaling_factor) if vae_shapes else preset.vae
+    encoders = []
+    for (prefix, layout), base in zip(TEXT_ENCODER_LAYOUTS[kind], preset.text_encoders):
+        te_shapes = _sub(shapes, prefix)
+        encoders.append(detect_text_encoder(te_shapes, layout, base) if te_shapes else base)
+    micro = preset.micro_conditioning
+    micro_dim = preset.micro_conditioning_dim
+    if unet.adm_in_channels and micro:
+        n_scalars = sum(1 if m == "aesthetic_score" else 2 for m in micro)
+        micro_dim = (unet.adm_in_channels - encoders[-1].projection_dim) // n_scalars
+    return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), micro_conditioning_dim=micro_dim)
+
+
+__all__ = [
+    "detect_config", "detect_kind", "detect_unet", "detect_vae", "detect_text_encoder", "is_ignorable",
+    "TEXT_ENCODER_LAYOUTS", "UNET_PREFIX", "VAE_PREFIX", "METADATA_KEY", "config_from_metadata",
+    "model_config_to_dict", "model_config_from_dict", "BASE_MICRO_CONDITIONING", "REFINER_MICRO_CONDITIONING",
+]

@@ -1,0 +1,149 @@
+"""Save a model as an original-layout single file or as a diffusers folder; convert between them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from xldm.config import ModelConfig
+from xldm.models.components import Components, text_encoder_name
+from xldm.weights.detect import METADATA_KEY, TEXT_ENCODER_LAYOUTS, UNET_PREFIX, VAE_PREFIX, model_config_to_dict
+from xldm.weights.io import save_file
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def single_file_state_dict(model: Components) -> dict[str, torch.Tensor]:
+    """All present components in the original (sgm / ldm) single-file key layout."""
+    from xldm.weights.keys_clip import hf_to_open_clip
+
+    out: dict[str, torch.Tensor] = {}
+    if model.unet is not None:
+        out.update({UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()})
+    if model.vae is not None:
+        out.update({VAE_PREFIX + k: v for k, v in model.vae.state_dict().items()})
+    layouts = TEXT_ENCODER_LAYOUTS[model.config.kind]
+    for (prefix, layout), te, te_cfg in zip(layouts, model.text_encoders, model.config.text_encoders):
+        sd = te.state_dict()
+        if layout == "open_clip":
+            sd = hf_to_open_clip(sd, te_cfg)
+        out.update({prefix + k: v for k, v in sd.items()})
+    return out
+
+
+def save_single_file(model: Components, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write an original-layout `.safetensors` that xldm, diffusers `from_single_file`, ComfyUI and A1111 read.
+
+    The exact config goes into the header metadata (`xldm.config`), so tiny models round-trip exactly.
+    """
+    path = Path(path)
+    metadata = {METADATA_KEY: json.dumps(model_config_to_dict(model.config)), "format": "pt"}
+    save_file(_cast(single_file_state_dict(model), dtype), path, metadata=metadata)
+    return path
+
+
+# --- diffusers folder -----------------------------------------------------------------------------
+
+# SDXL / SD scheduler as the hub folders configure it (SDXL_SPEC 5.1: leading spacing, offset 1).
+def scheduler_config(config: ModelConfig) -> dict:
+    return {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction" if config.prediction_type == "v" else "epsilon",
+        "interpolation_type": "linear",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "use_karras_sigmas": False,
+    }
+
+
+def _pipeline_class(config: ModelConfig) -> str:
+    return {
+        "sdxl-base": "StableDiffusionXLPipeline",
+        "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+    }.get(config.kind, "StableDiffusionPipeline")
+
+
+def model_index(model: Components) -> dict:
+    config = model.config
+    index: dict = {"_class_name": _pipeline_class(config), "_diffusers_version": "0.42.1"}
+    if model.unet is not None:
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if model.vae is not None:
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    for i, te in enumerate(config.text_encoders):
+        name = text_encoder_name(config, i)
+        cls = "CLIPTextModelWithProjection" if te.projection_dim and config.kind.startswith("sdxl") else "CLIPTextModel"
+        if i < len(model.text_encoders):
+            index[name] = ["transformers", cls]
+            index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    if config.kind == "sdxl-refiner":
+        # the hub refiner: bigG only, aesthetic score on, "" encoded for the negative (SDXL_SPEC 3.4)
+        index.update(text_encoder=[None, None], tokenizer=[None, None],
+                     requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    elif config.kind == "sdxl-base":
+        index["force_zeros_for_empty_prompt"] = True
+    return index
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_diffusers(model: Components, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers-format folder that `DiffusionPipeline.from_pretrained(folder)` loads offline."""
+    from xldm.tokenizer import CLIPTokenizer
+    from xldm.weights.keys_clip import clip_hf_config
+    from xldm.weights.keys_unet import unet_diffusers_config, unet_original_to_diffusers
+    from xldm.weights.keys_vae import vae_diffusers_config, vae_original_to_diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if model.unet is not None:
+        unet_cfg = unet_diffusers_config(config.unet, addition_time_embed_dim=config.micro_conditioning_dim)
+        _write_json(folder / "unet" / "config.json", unet_cfg)
+        sd = unet_original_to_diffusers(model.unet.state_dict(), config.unet)
+        save_file(_cast(sd, dtype), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    if model.vae is not None:
+        _write_json(folder / "vae" / "config.json", vae_diffusers_config(config.vae))
+        sd = vae_original_to_diffusers(model.vae.state_dict(), config.vae)
+        save_file(_cast(sd, dtype), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    for i, (te, te_cfg) in enumerate(zip(model.text_encoders, config.text_encoders)):
+        name = text_encoder_name(config, i)
+        hf_cfg = clip_hf_config(te_cfg)
+        _write_json(folder / name / "config.json", hf_cfg)
+        save_file(_cast(te.state_dict(), dtype), folder / name / "model.safetensors", metadata={"format": "pt"})
+        CLIPTokenizer.for_encoder(te_cfg).save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(config))
+    _write_json(folder / "model_index.json", model_index(model))
+    return folder
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dtype: torch.dtype | None = None,
+            allow_pickle: bool = False) -> Path:
+    """Convert a checkpoint (single file, diffusers folder or, with allow_pickle, a pickle) to `to`:
+    "single-file" or "diffusers"."""
+    from xldm.weights.load import load_model
+
+    if to not in ("single-file", "diffusers"):
+        raise ValueError(f"--to must be 'single-file' or 'diffusers', got {to!r}")
+    model = load_model(src, allow_pickle=allow_pickle)
+    if to == "single-file":
+        return save_single_file(model, dst, dtype=dtype)
+    return save_diffusers(model, dst, dtype=dtype)
+
+
+__all__ = ["save_single_file", "save_diffusers", "convert", "single_file_state_dict", "model_index"]
