@@ -1,0 +1,292 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
+
+Parameter names are the original ldm/sgm checkpoint names without the `first_stage_model.` prefix
+(`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`),
+so the VAE inside an official single-file checkpoint loads with one strict `load_state_dict`.
+The layout follows ldm `modules/diffusionmodules/model.py` (`Encoder`, `Decoder`); the numerics
+follow diffusers `AutoencoderKL` (SDXL_SPEC §2): every GroupNorm uses eps 1e-6, the encoder
+downsamples with an asymmetric (0, 1, 0, 1) pad, and the single-head mid attention adds its residual inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xldm.config import VAEConfig
+
+# ldm Normalize(): GroupNorm(32, C, eps=1e-6, affine=True); diffusers passes eps 1e-6 to every VAE norm.
+GROUP_NORM_EPS = 1e-6
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
+
+
+class VAEResBlock(nn.Module):
+    """ldm `ResnetBlock` without a time embedding (temb_channels=0) and with dropout 0.
+
+    out = x' + conv2(silu(norm2(conv1(silu(norm1(x)))))) where x' is x, or a 1x1 conv of x
+    (`nin_shortcut`) when the width changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class VAEAttention(nn.Module):
+    """ldm `AttnBlock`: single-head self-attention over all pixels, q/k/v/proj_out as 1x1 convolutions.
+
+    The scale is 1/sqrt(C) (diffusers: one head of width C); the residual is added inside the block.
+    """
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C)
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """ldm `Downsample(with_conv=True)`: pad right/bottom by one, then a 3x3 conv, stride 2, no padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric pad: ldm model.py Downsample, diffusers Downsample2D(padding=0).
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """ldm `Upsample(with_conv=True)`: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """`mid.block_1 -> mid.attn_1 -> mid.block_2` at the lowest resolution (ldm Encoder/Decoder `mid`)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = VAEResBlock(channels, channels, groups)
+        self.attn_1 = VAEAttention(channels, groups)
+        self.block_2 = VAEResBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class EncoderLevel(nn.Module):
+    """One resolution of the encoder: `num_res_blocks` ResBlocks, then a Downsample except at the last level."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool, groups: int) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(
+            VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_blocks)
+        )
+        self.downsample = Downsample(out_channels) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class DecoderLevel(nn.Module):
+    """One resolution of the decoder: `num_res_blocks + 1` ResBlocks, then an Upsample except at level 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, groups: int) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(
+            VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_blocks)
+        )
+        self.upsample = Upsample(out_channels) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Encoder(nn.Module):
+    """ldm `Encoder(double_z=True, attn_resolutions=[])`: image -> 2*z_channels moments (before quant_conv)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        in_widths = [cfg.ch] + widths[:-1]  # ldm in_ch_mult = (1,) + ch_mult
+        self.down = nn.ModuleList(
+            EncoderLevel(in_widths[i], widths[i], cfg.num_res_blocks, i != len(widths) - 1, cfg.norm_groups)
+            for i in range(len(widths))
+        )
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.norm_out = _group_norm(cfg.norm_groups, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """ldm `Decoder`: z -> image. `up[i]` is resolution level i (i = 0 is full size); it runs from the last level
+    down to 0, so the ldm keys are in the reverse order of diffusers' `up_blocks` (SDXL_SPEC §2)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        # Level i takes the width of level i+1 (or the mid width at the last level) and outputs widths[i].
+        in_widths = widths[1:] + [widths[-1]]
+        self.up = nn.ModuleList(
+            DecoderLevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, i != 0, cfg.norm_groups)
+            for i in range(len(widths))
+        )
+        self.norm_out = _group_norm(cfg.norm_groups, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _gaussian_noise(
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise drawn the way diffusers' `randn_tensor` draws it, so equal seeds give equal noise:
+    a CPU generator draws on the CPU and the result moves to `device`; a list draws one batch item per generator."""
+    if isinstance(generator, Sequence) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"expected one generator per batch item ({shape[0]}), found {len(generator)}")
+        rand_device = "cpu" if generator[0].device.type == "cpu" else device
+        items = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(items).to(device)
+    rand_device = "cpu" if generator is not None and generator.device.type == "cpu" else device
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z|x) = N(mean, exp(logvar)) (ldm `DiagonalGaussianDistribution`)."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)  # ldm / diffusers clamp
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        noise = _gaussian_noise(self.mean.shape, generator, self.mean.device, self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] <-> latent (B, z_channels, H/f, W/f), f = `cfg.downsample_factor`."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        for width in [cfg.ch * m for m in cfg.ch_mult]:
+            if width % cfg.norm_groups != 0:
+                raise ValueError(f"VAE width {width} is not divisible by norm_groups={cfg.norm_groups}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.cfg.scaling_factor
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        f = self.cfg.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"VAE encode expects images (B, {self.cfg.in_channels}, H, W), found shape {tuple(x.shape)}"
+            )
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"VAE encode expects height and width that are multiples of {f}, found {x.shape[2]}x{x.shape[3]}"
+            )
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.cfg.z_channels:
+            raise ValueError(
+                f"VAE decode expects latents (B, {self.cfg.z_channels}, h, w), found shape {tuple(z.shape)}"
+            )
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self._check_images(x)
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent z -> image, nominally in [-1, 1] but not clamped."""
+        self._check_latents(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def encode_latents(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        sample: bool = True,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] -> latents as the UNet sees them: `scaling_factor * z`, z sampled or the posterior mean."""
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.cfg.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents -> image: `decode(latents / scaling_factor)` (diffusers pipelines, SDXL_SPEC §2)."""
+        return self.decode(latents / self.cfg.scaling_factor)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Reconstruction: decode(encode(x))."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator) if sample else posterior.mode())
