@@ -1,0 +1,182 @@
+"""CLIP text transformer: OpenAI CLIP ViT-L/14 (SDXL text encoder 1) and OpenCLIP ViT-H/bigG (encoder 2).
+
+One class for both, configured by `TextEncoderConfig` (activation quick_gelu vs gelu, projection or not).
+Parameter names are the HF transformers layout that the original SDXL single-file checkpoint uses under
+`conditioner.embedders.0.transformer.` (`text_model.embeddings.token_embedding.weight`, ...), so that part
+loads strictly without renaming; the open_clip layout goes through `xldm.weights.keys_clip`.
+
+Numerics follow transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` (SDXL_SPEC 3.1, 3.2):
+pre-LayerNorm blocks, causal self-attention and no padding mask, pooled = final-LN state at the EOS
+position (= argmax of the ids, as in the hub configs with eos_token_id 2), then `text_projection`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xldm.config import TextEncoderConfig
+
+
+class CLIPTextOutput(NamedTuple):
+    """What a CLIP text encoder returns for (B, L) ids."""
+
+    # layers + 1 tensors (B, L, width); index 0 = embeddings, index i = output of block i (no final LN).
+    hidden_states: tuple[torch.Tensor, ...]
+    # (B, L, width): final_layer_norm(hidden_states[-1]).
+    last_hidden_state: torch.Tensor
+    # (B, projection_dim or width): last_hidden_state at argmax(ids) per row, then text_projection if any.
+    pooled: torch.Tensor
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation (transformers QuickGELUActivation)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # Learned absolute positions; the position ids are made on the fly (no `position_ids` buffer,
+        # which some checkpoints carry and the loader drops).
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head causal self-attention with separate q/k/v projections (all with bias)."""
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        if cfg.width % cfg.heads != 0:
+            raise ValueError(f"text encoder width {cfg.width} is not divisible by heads {cfg.heads}")
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, self.heads, width // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        # Scale 1/sqrt(head_dim) (SDPA default = transformers CLIPAttention.scale); causal mask as in CLIP.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.width)
+        self.exact_gelu = cfg.activation == "gelu"  # OpenCLIP H/bigG: erf GELU; OpenAI CLIP: quick_gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h) if self.exact_gelu else quick_gelu(h)
+        return self.fc2(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN residual block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    """The `text_model.` part of the checkpoint: embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text encoder for SD/SDXL; `CLIPTextModel(CLIP_L)` or `CLIPTextModel(OPENCLIP_BIGG)`.
+
+    `forward(ids)` gives all hidden states, the final-LN sequence and the pooled vector;
+    `context(output)` picks the cross-attention features the config asks for.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        # Present only for encoders whose pooled output is used (OpenCLIP bigG/H): Linear without bias.
+        self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim > 0 else None
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        cfg = self.cfg
+        if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= cfg.max_positions:
+            raise ValueError(
+                f"input_ids must have shape (batch, length <= {cfg.max_positions}), found {tuple(input_ids.shape)}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
+        if input_ids.device.type != "meta" and input_ids.numel() > 0:
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # one device sync; avoids CUDA index asserts
+            if low < 0 or high >= cfg.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), found values in [{low}, {high}]"
+                )
+
+    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
+        self._check_ids(input_ids)
+        input_ids = input_ids.long()
+        tm = self.text_model
+        h = tm.embeddings(input_ids)
+        hidden_states = [h]
+        for layer in tm.encoder.layers:
+            h = layer(h)
+            hidden_states.append(h)
+        last = tm.final_layer_norm(h)
+        # EOS position = argmax of the ids (EOS 49407 is the largest id; the first one wins on ties),
+        # transformers CLIPTextModel with eos_token_id == 2 (SDXL hub configs), open_clip pool_type "argmax".
+        rows = torch.arange(last.shape[0], device=last.device)
+        pooled = last[rows, input_ids.argmax(dim=-1)]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return CLIPTextOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled)
+
+    def context(self, output: CLIPTextOutput) -> torch.Tensor:
+        """The (B, L, width) cross-attention features: `cfg.layer` ("penultimate" = hidden_states[-2], before the
+        final LN, SDXL; "last" = hidden_states[-1]), through final_layer_norm iff `cfg.final_norm_on_hidden`
+        (SD 1.x last layer + LN = last_hidden_state; SD 2.x penultimate + LN, ldm FrozenOpenCLIPEmbedder)."""
+        h = output.hidden_states[-2] if self.cfg.layer == "penultimate" else output.hidden_states[-1]
+        return self.text_model.final_layer_norm(h) if self.cfg.final_norm_on_hidden else h
+
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) in one call: what the SD/SDXL conditioner needs from this encoder."""
+        out = self(input_ids)
+        return self.context(out), out.pooled
+
+
+__all__ = ["CLIPTextModel", "CLIPTextOutput", "quick_gelu"]

@@ -1,0 +1,158 @@
+"""CLIP byte-level BPE tokenizer, both SDXL padding variants, built offline on HF `tokenizers`.
+
+The vocabulary is OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT, see data/LICENSE-CLIP-BPE.txt),
+shipped in `xldm/data/`. Ids equal those of transformers' `CLIPTokenizer` as the SDXL pipeline sets
+it up (SDXL_SPEC 3.3):
+
+* tokenizer 1 (CLIP ViT-L): padded with EOS `<|endoftext|>` (49407);
+* tokenizer 2 (OpenCLIP bigG): padded with "!" (id 0), and because "!" is then a *special* token,
+  every literal "!" in a prompt becomes its own id 0 instead of being BPE-merged
+  (diffusers issue #4153: "wow!!" -> [2781, 0, 0], where open_clip gives [2781, 748]).
+
+A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from importlib import resources
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from xldm.config import TextEncoderConfig
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+BOS_ID = 49406
+EOS_ID = 49407
+BANG_ID = 0  # "!" is the first printable byte in the byte-to-unicode table, hence id 0
+VOCAB_SIZE = 49408
+NUM_MERGES = 48894  # CLIP simple_tokenizer: lines[1 : 49152 - 256 - 2 + 1] of the BPE file
+MAX_LENGTH = 77
+
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+# CLIP's pre-tokenization pattern (OpenAI CLIP simple_tokenizer.py; same in transformers' CLIPTokenizer):
+# special tokens, English contractions, letter runs, single digits, runs of other non-space symbols.
+_CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE, in vocabulary order.
+
+    Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, in that order; the
+    remaining 68 bytes (controls, space, ...) follow, mapped to code points 256, 257, ... in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable_set = set(printable)
+    others = [b for b in range(256) if b not in printable_set]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _load_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary (49408 tokens) and merges (48894) exactly as OpenAI CLIP builds them (SDXL_SPEC 3.3)."""
+    compressed = resources.files("xldm").joinpath("data").joinpath(_BPE_FILE).read_bytes()
+    # Line 0 is a version header; CLIP keeps the first 48894 merges that follow. Only about a fifth of the
+    # file is needed, so decompress just that much (start-up time).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip container
+    head = inflater.decompress(compressed, 1 << 19)
+    while head.count(b"\n") <= NUM_MERGES and not inflater.eof:
+        head += inflater.decompress(inflater.unconsumed_tail, 1 << 18)
+    lines = head.decode("utf-8", errors="replace").split("\n", NUM_MERGES + 1)
+    merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{_BPE_FILE}: expected {NUM_MERGES} merge pairs, found a malformed file")
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE or vocab[EOS_TOKEN] != EOS_ID:
+        raise ValueError(f"{_BPE_FILE}: built {len(vocab)} tokens, expected {VOCAB_SIZE}")
+    return vocab, merges  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=1)
+def _bpe_model() -> BPE:
+    vocab, merges = _load_vocab_and_merges()
+    # Words end with "</w>" and pieces have no continuation prefix (CLIP's BPE); no dropout.
+    return BPE(vocab=vocab, merges=merges, unk_token=EOS_TOKEN, end_of_word_suffix="</w>",
+               continuing_subword_prefix="", fuse_unk=False)
+
+
+@lru_cache(maxsize=2)
+def _backend(split_bang: bool) -> Tokenizer:
+    """A `tokenizers.Tokenizer` for CLIP, built once per process and variant (they share one BPE model)."""
+    tokenizer = Tokenizer(_bpe_model())
+    # CLIP normalization as in transformers' CLIPTokenizer: NFC, whitespace runs -> one space, lowercase.
+    # (open_clip additionally runs ftfy + html.unescape; SDXL's diffusers pipeline does not.)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    # Special tokens are matched in the raw text, before normalization (normalized=False), as in transformers.
+    specials = [BOS_TOKEN, EOS_TOKEN] + (["!"] if split_bang else [])
+    tokenizer.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    return tokenizer
+
+
+class CLIPTokenizer:
+    """Prompts -> (B, 77) CLIP token ids.
+
+    `pad_token_id=49407` pads with EOS (SDXL tokenizer 1); `pad_token_id=0` pads with "!" and splits every
+    literal "!" into id 0 (SDXL tokenizer 2, as diffusers/transformers with `pad_token="!"`).
+    """
+
+    def __init__(self, pad_token_id: int = EOS_ID, max_length: int = MAX_LENGTH) -> None:
+        if pad_token_id not in (EOS_ID, BANG_ID):
+            raise ValueError(f"pad_token_id must be {EOS_ID} (EOS) or {BANG_ID} ('!'), got {pad_token_id}")
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for BOS and EOS (>= 2), got {max_length}")
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.bos_token_id = BOS_ID
+        self.eos_token_id = EOS_ID
+        self._tokenizer = _backend(split_bang=pad_token_id == BANG_ID)
+
+    @classmethod
+    def for_encoder(cls, cfg: TextEncoderConfig) -> "CLIPTokenizer":
+        """The tokenizer that goes with a text encoder: padding from `cfg.pad_token_id`, length `cfg.max_positions`."""
+        return cls(pad_token_id=cfg.pad_token_id, max_length=cfg.max_positions)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """BPE ids of one prompt: no BOS/EOS, no padding, no truncation (e.g. for chunking long prompts)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self._tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def tokenize_batch(self, prompts: list[str]) -> list[list[int]]:
+        """`tokenize` for several prompts at once (the tokenizers library runs them in parallel)."""
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+        return [e.ids for e in self._tokenizer.encode_batch(prompts, add_special_tokens=False)]
+
+    def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
+        """(B, max_length) int64 ids: `[BOS] + first max_length-2 tokens + [EOS] + padding`.
+
+        Same truncation as transformers `padding="max_length", truncation=True` with a BOS/EOS post-processor.
+        """
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not batch:
+            raise ValueError("prompts is empty; expected a string or a non-empty list of strings")
+        ids = torch.full((len(batch), self.max_length), self.pad_token_id, dtype=torch.long)
+        keep = self.max_length - 2
+        for row, tokens in enumerate(self.tokenize_batch(batch)):
+            body = tokens[:keep]
+            ids[row, : len(body) + 2] = torch.tensor([BOS_ID, *body, EOS_ID], dtype=torch.long)
+        return ids  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"CLIPTokenizer(pad_token_id={self.pad_token_id}, max_length={self.max_length})"
+
+
+__all__ = ["CLIPTokenizer", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "MAX_LENGTH"]
