@@ -151,6 +151,25 @@ class CLIPTokenizer:
             ids[row, : len(body) + 2] = torch.tensor([BOS_ID, *body, EOS_ID], dtype=torch.long)
         return ids  # type: ignore[return-value]
 
+    def save_pretrained(self, folder) -> None:
+        """Write the hub layout transformers' `CLIPTokenizer.from_pretrained` reads: vocab.json, merges.txt,
+        tokenizer_config.json (model_max_length 77 and the pad token: SDXL_SPEC 3.3), special_tokens_map.json."""
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab, merges = _load_vocab_and_merges()
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+        pad = "!" if self.pad_token_id == BANG_ID else EOS_TOKEN
+        special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad}
+        config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=self.max_length,
+                      do_lower_case=True, errors="replace", add_prefix_space=False)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
     def __repr__(self) -> str:
         return f"CLIPTokenizer(pad_token_id={self.pad_token_id}, max_length={self.max_length})"
 

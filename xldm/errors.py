@@ -1,0 +1,107 @@
+"""The exception types of xldm.
+
+Every error is a `ValueError` (through `XldmError`), so existing `except ValueError` code keeps
+working, while callers that care can catch one kind precisely.  Messages say what was expected and
+what was found, so that the message alone is enough to fix the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# How many offending keys a message lists per category before summarising with a count.
+_LISTED_PER_CATEGORY = 10
+
+
+class XldmError(ValueError):
+    """Base class of every error raised by xldm."""
+
+
+class CheckpointError(XldmError):
+    """A weight file cannot be used (base class of the weight-file errors)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weight file is malformed: bad header, offsets outside the file, truncated data, ..."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle-based weight file (.ckpt/.pt/.pth/.bin) was refused because loading it could run code."""
+
+
+class UnsafePathError(XldmError):
+    """A path taken from a file or a request would leave its folder (`..`, absolute, symlink out)."""
+
+
+class UnknownModelError(XldmError):
+    """The weights do not match any model family xldm knows (raised by weight detection)."""
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def _plural(count: int, singular: str, plural: str) -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_LISTED_PER_CATEGORY])
+    hidden = len(items) - _LISTED_PER_CATEGORY
+    return shown + (f", ... ({hidden} more)" if hidden > 0 else "")
+
+
+class StateDictMismatchError(CheckpointError):
+    """A state dict does not fit a module: missing, unexpected or misshaped keys.
+
+    Attributes:
+        component: which part of the model was being loaded ("UNet", "VAE", ...).
+        missing: keys the module has and the state dict lacks.
+        unexpected: keys the state dict has and the module lacks.
+        mismatched: (key, expected_shape, found_shape) for keys present on both sides with different shapes.
+    """
+
+    def __init__(
+        self,
+        component: str,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+    ) -> None:
+        self.component = component
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = [(key, tuple(expected), tuple(found)) for key, expected, found in mismatched]
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{_plural(len(self.missing), 'missing key', 'missing keys')}: {_listing(self.missing)}")
+        if self.unexpected:
+            parts.append(
+                f"{_plural(len(self.unexpected), 'unexpected key', 'unexpected keys')}: {_listing(self.unexpected)}"
+            )
+        if self.mismatched:
+            described = [
+                f"{key} expected {_shape_text(expected)}, found {_shape_text(found)}"
+                for key, expected, found in self.mismatched
+            ]
+            parts.append(
+                f"{_plural(len(self.mismatched), 'shape mismatch', 'shape mismatches')}: {_listing(described)}"
+            )
+        return f"{self.component}: " + ("; ".join(parts) if parts else "state dict does not match")
+
+    def __reduce__(self):  # keep the attributes when the error crosses a process boundary
+        return (type(self), (self.component, self.missing, self.unexpected, self.mismatched))
+
+
+__all__ = [
+    "XldmError",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "PickleRefusedError",
+    "StateDictMismatchError",
+    "UnsafePathError",
+    "UnknownModelError",
+]
