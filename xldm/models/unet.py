@@ -1,0 +1,184 @@
+"""The SD/SDXL UNet (sgm `UNetModel`), built from a `UNetConfig` alone.
+
+Parameter names are the original checkpoint names without the `model.diffusion_model.` prefix
+(`time_embed.0`, `label_emb.0.0`, `input_blocks.N.M...`, `middle_block.{0,1,2}`, `output_blocks.N.M...`,
+`out.{0,2}`), so `UNet(cfg).load_state_dict(original_unet_dict, strict=True)` works.  The same class is
+SDXL base, SDXL refiner, SD 1.5 and SD 2.1 (see `xldm.config`); numerics follow diffusers
+`UNet2DConditionModel` (SDXL_SPEC 1.3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xldm.config import UNetConfig
+from xldm.models.layers import Downsample, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+
+
+class UNetBlock(nn.ModuleList):
+    """One `input_blocks.N` / `middle_block` / `output_blocks.N` entry (sgm `TimestepEmbedSequential`):
+    runs its layers in order, handing each the input it needs."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Latent-diffusion UNet with cross-attention to text and optional vector ("adm") conditioning."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        mc, ted, groups = config.model_channels, config.time_embed_dim, config.norm_groups
+        widths = [mc * m for m in config.channel_mult]
+        for level, width in enumerate(widths):
+            if width % groups:
+                raise ValueError(f"channel width {width} is not divisible by norm_groups={groups}")
+            if config.transformer_depth[level] == 0 and level != len(widths) - 1:
+                continue  # no attention at this level (the mid block uses the last width)
+            heads, head_dim = config.heads_for(width)
+            if heads * head_dim != width:
+                raise ValueError(f"channel width {width} does not split into {heads} heads of {head_dim}")
+        if config.transformer_depth_middle < 1:
+            raise ValueError(
+                f"transformer_depth_middle must be >= 1 (the SD/SDXL mid block always has attention), "
+                f"got {config.transformer_depth_middle}"
+            )
+
+        def transformer(width: int, depth: int) -> SpatialTransformer:
+            heads, head_dim = config.heads_for(width)
+            return SpatialTransformer(width, heads, head_dim, depth, config.context_dim,
+                                      config.use_linear_in_transformer, groups)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if config.adm_in_channels > 0:
+            # sgm num_classes="sequential": label_emb.0 = Linear, SiLU, Linear.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(config.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+            )
+
+        # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ SpatialTransformer]), then Downsample.
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
+        skip_widths = [mc]
+        ch = mc
+        last = config.num_levels - 1
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, ted, width, groups)]
+                ch = width
+                if config.transformer_depth[level] > 0:
+                    layers.append(transformer(ch, config.transformer_depth[level]))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_widths.append(ch)
+            if level != last:
+                self.input_blocks.append(UNetBlock([Downsample(ch)]))
+                skip_widths.append(ch)
+
+        self.middle_block = UNetBlock([
+            ResBlock(ch, ted, ch, groups),
+            transformer(ch, config.transformer_depth_middle),
+            ResBlock(ch, ted, ch, groups),
+        ])
+
+        # Decoder: per level (deepest first) num_res_blocks+1 x (ResBlock on [h, skip] [+ ST]), Upsample last.
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(config.num_levels)):
+            width = widths[level]
+            for i in range(config.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_widths.pop(), ted, width, groups)]
+                ch = width
+                if config.transformer_depth[level] > 0:
+                    layers.append(transformer(ch, config.transformer_depth[level]))
+                if level > 0 and i == config.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(UNetBlock(layers))
+
+        # diffusers conv_norm_out uses norm_eps 1e-5.
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      y: torch.Tensor | None) -> None:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"x: expected shape (B, {cfg.in_channels}, H, W), found {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
+            raise ValueError(f"timesteps: expected shape () or ({batch},), found {tuple(timesteps.shape)}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+            raise ValueError(
+                f"context: expected shape ({batch}, L, {cfg.context_dim}), found {tuple(context.shape)}"
+            )
+        if cfg.adm_in_channels > 0:
+            if y is None:
+                raise ValueError(
+                    f"y: expected vector conditioning of shape ({batch}, {cfg.adm_in_channels}), found None"
+                )
+            if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != cfg.adm_in_channels:
+                raise ValueError(
+                    f"y: expected shape ({batch}, {cfg.adm_in_channels}), found {tuple(y.shape)}"
+                )
+        elif y is not None:
+            raise ValueError(
+                f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
+                f"{tuple(y.shape)}"
+            )
+
+    def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+             output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, output_size, use_reentrant=False)
+        return block(h, emb, context, output_size)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d, float).
+
+        `context` is the cross-attention text sequence (B, L, context_dim); `y` the vector conditioning
+        (B, adm_in_channels), already holding pooled text + Fourier micro-conditioning.  Any H, W >= 1
+        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path).
+        """
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        self._check_inputs(x, timesteps, context, y)
+        dtype = self.time_embed[0].weight.dtype
+        batch = x.shape[0]
+        timesteps = timesteps.reshape(-1).expand(batch)
+
+        # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.adm_in_channels > 0:
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # The block that ends in an Upsample sizes it to the next skip connection.
+            target = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, h, emb, context, target)
+        return self.out(h)
+
+
+__all__ = ["UNet", "UNetBlock"]
