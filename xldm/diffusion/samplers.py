@@ -1,0 +1,286 @@
+"""Samplers: pure functions over a denoiser D(x, sigma, t) -> x0, in VE coordinates (k-diffusion style).
+
+Each reproduces one diffusers scheduler driven by the SDXL pipelines' loop (same noise levels, same order
+rules, same random draws), so a seed gives diffusers' image.  Every sampler takes
+
+    denoiser   D(x, sigma, t) -> x0 (see `denoiser.model_denoiser`)
+    x          the start, in VE coordinates: noise * schedule.init_noise_sigma, a noised image (img2img), or
+               the base model's latents (refiner)
+    schedule   a `Schedule` (or a slice of one: `head`/`tail`); a slice starts with empty solver history,
+               like a freshly set diffusers scheduler with `set_begin_index`
+    generator  torch.Generator or one per batch row; stochastic samplers draw with `noise.randn` at the
+               moments diffusers' `scheduler.step` draws
+    step_hook  step_hook(i, x) -> x, applied to the sample after step i (inpainting puts back the known
+               region here, as diffusers' inpaint pipeline does after each `scheduler.step`); the sampler
+               then continues from the hooked sample exactly as diffusers continues from blended latents
+    callback   callback(i, n, x, x0) after each step (and after step_hook); i counts steps of this slice
+
+and returns the sample at schedule.sigmas[-1] (the clean latents for a complete schedule).  Arithmetic is
+float32; the result of each step is cast back to the dtype of `x`, as diffusers casts to the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from xldm.diffusion.denoiser import Denoiser
+from xldm.diffusion.noise import randn
+from xldm.diffusion.schedules import Schedule
+
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def _model_time(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
+    return schedule.timesteps[i].to(x.device)
+
+
+def _after_step(i: int, n: int, x: torch.Tensor, x0: torch.Tensor, step_hook: StepHook | None,
+                callback: Callback | None) -> torch.Tensor:
+    if step_hook is not None:
+        x = step_hook(i, x)
+    if callback is not None:
+        callback(i, n, x, x0)
+    return x
+
+
+def _lam(sigma: torch.Tensor) -> torch.Tensor:
+    """Log signal-to-noise half-ratio lambda = log(alpha / sigma_vp) = -log(sigma_ve) (DPM-Solver's time)."""
+    return -torch.log(sigma)
+
+
+# --- Euler family ---------------------------------------------------------------------------------------------
+
+
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                 callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022,
+    Alg. 2 without churn).  Arithmetic of diffusers EulerDiscreteScheduler.step (s_churn=0):
+    d = (x - x0) / sigma; x += d * (sigma_next - sigma)  (x + eps*dt differs by ~1 ulp)."""
+    dtype, n = x.dtype, len(schedule)
+    for i in range(n):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        xf = x.float()
+        d = (xf - x0) / sigma
+        x = (xf + d * (sigma_next - sigma)).to(dtype)
+        x = _after_step(i, n, x, x0, step_hook, callback)
+    return x
+
+
+def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                           callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """Ancestral Euler (eta = 1): an Euler step down to sigma_down, then fresh noise of std sigma_up, with
+    sigma_down^2 + sigma_up^2 = sigma_next^2 (diffusers EulerAncestralDiscreteScheduler; k-diffusion
+    `get_ancestral_step`).  Noise is drawn on every step, the last one (sigma_up = 0) included."""
+    dtype, n = x.dtype, len(schedule)
+    for i in range(n):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        xf = x.float()
+        d = (xf - x0) / sigma
+        xf = xf + d * (sigma_down - sigma)
+        noise = randn(x.shape, generator, x.device, dtype)  # diffusers: model_output.dtype
+        x = (xf + noise * sigma_up).to(dtype)
+        x = _after_step(i, n, x, x0, step_hook, callback)
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn), as diffusers HeunDiscreteScheduler:
+    an Euler step to sigma_next, a second evaluation there (at the next step's model time), then the
+    averaged slope from the start.  The last step of the slice is a plain Euler step (diffusers' interleaved
+    list ends on a first-order half: to sigma 0 for a full schedule, and at the base's `denoising_end`).
+    Network calls: 2n - 1.  step_hook also runs on the intermediate Euler point (it sits at sigma_next, and
+    diffusers' inpaint loop blends after each half step)."""
+    dtype, n = x.dtype, len(schedule)
+    for i in range(n):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        xf = x.float()
+        d = (xf - x0) / sigma
+        dt = sigma_next - sigma
+        if i == n - 1:
+            x = (xf + d * dt).to(dtype)
+        else:
+            x_mid = (xf + d * dt).to(dtype)
+            if step_hook is not None:
+                x_mid = step_hook(i, x_mid)
+            x0 = denoiser(x_mid, sigma_next, _model_time(schedule, i + 1, x))
+            d_mid = (x_mid.float() - x0) / sigma_next
+            x = (xf + (d + d_mid) / 2 * dt).to(dtype)
+        x = _after_step(i, n, x, x0, step_hook, callback)
+    return x
+
+
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """DDIM with eta = 0 (Song et al. 2021, eq. 12), diffusers DDIMScheduler as the SDXL pipeline calls it.
+    In VE coordinates the update is x_next = x0 + sigma_next * eps with eps = (x - x0) / sigma.
+
+    SDXL's config has set_alpha_to_one=False, so the last step lands on abar_0 (sigma 0.0292), not on clean
+    latents.  diffusers hands that VP sample sqrt(abar_0) * x0 + sqrt(1 - abar_0) * eps to the VAE; when
+    this slice ends the schedule, the result (and the last step_hook/callback) is therefore that VP sample,
+    x / sqrt(sigma_end^2 + 1), so decoding it reproduces diffusers' image."""
+    dtype, n = x.dtype, len(schedule)
+    for i in range(n):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        eps = (x.float() - x0) / sigma
+        xf = x0 + sigma_next * eps
+        if i == n - 1 and schedule.ends_schedule and sigma_next > 0:
+            xf = xf / ((sigma_next**2 + 1) ** 0.5)
+        x = _after_step(i, n, xf.to(dtype), x0, step_hook, callback)
+    return x
+
+
+# --- DPM-Solver++ ---------------------------------------------------------------------------------------------
+
+
+def _is_first_order(schedule: Schedule, i: int) -> bool:
+    """DPMSolverMultistepScheduler(solver_order=2) falls back to first order on the first step after
+    set_timesteps (no history: lower_order_nums < 1) and on the last step of the full schedule
+    (lower_order_final / final_sigmas_type="zero")."""
+    return i == 0 or schedule.offset + i == schedule.total - 1
+
+
+def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: bool, generator, callback,
+              step_hook) -> torch.Tensor:
+    dtype, n = x.dtype, len(schedule)
+    x0_prev = None
+    for i in range(n):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        xf = x.float()
+        noise = randn(x.shape, generator, x.device, torch.float32) if sde else None  # drawn every step
+        if sigma_next == 0:
+            # h = inf: every formula below reduces to x0 (diffusers computes 0 * x + 1 * x0).
+            x_next = x0
+        else:
+            h = _lam(sigma_next) - _lam(sigma)
+            if _is_first_order(schedule, i):
+                d = x0
+            else:
+                r = (_lam(sigma) - _lam(schedule.sigmas[i - 1])) / h
+                d = x0 + 0.5 * (1.0 / r * (x0 - x0_prev))  # midpoint: D0 + D1/2, D1 = (m0 - m1) / r
+            if sde:  # sde-dpmsolver++ (Lu et al. 2022b, sec. 5), VE form
+                x_next = (sigma_next / sigma * torch.exp(-h)) * xf + (1 - torch.exp(-2.0 * h)) * d \
+                    + sigma_next * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+            else:  # dpmsolver++ (Lu et al. 2022b, Alg. 2), VE form
+                x_next = sigma_next / sigma * xf - (torch.exp(-h) - 1.0) * d
+        x0_prev = x0
+        x = _after_step(i, n, x_next.to(dtype), x0, step_hook, callback)
+    return x
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                    callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), multistep midpoint (Lu et al. 2022b, Alg. 2): diffusers DPMSolverMultistepScheduler
+    defaults (algorithm_type="dpmsolver++", solver_order=2, lower_order_final).  In VE coordinates with
+    lambda = -log sigma, h = lambda_next - lambda:
+    x_next = (sigma_next / sigma) x - (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)),  r = h_prev / h."""
+    return _dpmpp_2m(denoiser, x, schedule, sde=False, generator=generator, callback=callback, step_hook=step_hook)
+
+
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                        callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M), midpoint: diffusers DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").
+    x_next = (sigma_next / sigma) e^-h x + (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, with float32 noise z
+    drawn on every step."""
+    return _dpmpp_2m(denoiser, x, schedule, sde=True, generator=generator, callback=callback, step_hook=step_hook)
+
+
+# --- UniPC ------------------------------------------------------------------------------------------------------
+
+
+def _unipc_corrector_weights(rk: torch.Tensor | None, hh: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
+    """rho_c of UniC-p (Zhao et al. 2023, Alg. 2, B(h) = e^h - 1 "bh2"): p = 1 uses the fixed 1/2, p = 2
+    solves R rho = b with R = [[1, 1], [r1, 1]], b_k = k! phi_{k+1}(hh) / B(h) (diffusers
+    `multistep_uni_c_bh_update`)."""
+    if rk is None:
+        return torch.tensor([0.5], dtype=torch.float32)
+    phi = torch.expm1(hh) / hh - 1  # h * phi_2 in diffusers' normalisation
+    b1 = phi / b_h
+    phi = phi / hh - 0.5
+    b2 = phi * 2 / b_h
+    rks = torch.stack([rk, torch.ones((), dtype=rk.dtype)])
+    R = torch.stack([torch.ones_like(rks), rks])
+    return torch.linalg.solve(R, torch.stack([b1, b2]))
+
+
+def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                 callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """UniPC, data prediction, B(h) = e^h - 1 (Zhao et al. 2023): diffusers UniPCMultistepScheduler defaults
+    (solver_order=2, solver_type="bh2", predict_x0, lower_order_final).
+
+    Step i: evaluate x0 at the current sample; if i > 0, the corrector UniC recomputes the current sample from
+    the previous one using the new x0 (the sample handed out after step i-1, hooked or not, only enters
+    through that evaluation, as in diffusers); then the predictor UniP of order min(2, steps left, i + 1)
+    moves to sigma_next.  The returned sample is the last predictor's (no network call follows it)."""
+    dtype, n = x.dtype, len(schedule)
+    sig = schedule.sigmas
+    x0s: list[torch.Tensor] = []
+    prev_sample = None  # input of the previous predictor (diffusers `last_sample`)
+    prev_order = 0
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+
+        if i > 0:  # UniC corrector, from sig[i-1] to sig[i], of the previous predictor's order
+            h = _lam(sigma) - _lam(sig[i - 1])
+            hh = -h
+            b_h = torch.expm1(hh)
+            m0 = x0s[-1]
+            rk = d1 = None
+            if prev_order == 2:
+                rk = (_lam(sig[i - 2]) - _lam(sig[i - 1])) / h
+                d1 = (x0s[-2] - m0) / rk
+            rhos = _unipc_corrector_weights(rk, hh, b_h)
+            corr = rhos[-1] * (x0 - m0)
+            if d1 is not None:
+                corr = rhos[0] * d1 + corr
+            x = sigma / sig[i - 1] * prev_sample - torch.expm1(hh) * m0 - b_h * corr
+        x0s = (x0s + [x0])[-2:]
+
+        order = min(2, schedule.total - (schedule.offset + i), i + 1)
+        xf = x.float()
+        prev_sample, prev_order = xf, order
+        if sigma_next == 0:
+            x_next = x0  # h = inf: (0 / sigma) x - (e^-inf - 1) x0
+        else:  # UniP predictor, from sigma to sigma_next
+            h = _lam(sigma_next) - _lam(sigma)
+            hh = -h
+            b_h = torch.expm1(hh)
+            x_next = sigma_next / sigma * xf - torch.expm1(hh) * x0
+            if order == 2:
+                rk = (_lam(sig[i - 1]) - _lam(sigma)) / h
+                x_next = x_next - b_h * (0.5 * ((x0s[-2] - x0) / rk))  # rho_p = 1/2 for order 2
+        x = _after_step(i, n, x_next.to(dtype), x0, step_hook, callback)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m,  # Karras variants differ only in the schedule
+    "dpmpp_2m_sde_karras": sample_dpmpp_2m_sde,
+    "ddim": sample_ddim,
+    "unipc": sample_unipc,
+}
+
+
+def sample(name: str, denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+           callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """Run the sampler `name` (one of `schedules.SAMPLER_NAMES`) over `schedule`; see the module docstring."""
+    try:
+        fn = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}") from None
+    return fn(denoiser, x, schedule, generator=generator, callback=callback, step_hook=step_hook)

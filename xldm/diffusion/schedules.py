@@ -1,0 +1,183 @@
+"""Noise schedules: which noise levels a sampler visits, equal to the diffusers schedulers at SDXL's settings.
+
+Everything is expressed in VE ("variance exploding", k-diffusion) terms: a latent at noise level sigma is
+`x = x0 + sigma * eps`, and the network sees `x / sqrt(sigma^2 + 1)`.  The VP schedulers of diffusers (DDIM,
+DPM-Solver, UniPC) keep `x_vp = x / sqrt(sigma^2 + 1)` instead; the two are the same trajectory.
+
+SDXL's scheduler config (hub `scheduler/scheduler_config.json`, diffusers `SCHEDULER_DEFAULT_CONFIG`):
+scaled_linear betas 0.00085..0.012 over 1000 steps, timestep_spacing="leading", steps_offset=1,
+clip_sample=False, set_alpha_to_one=False; every other scheduler is `X.from_config(that config, **extra)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012  # SDXL scheduler_config.json
+STEPS_OFFSET = 1  # SDXL scheduler_config.json (class default 0)
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+def alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
+                   beta_end: float = BETA_END) -> torch.Tensor:
+    """alpha-bar_t of the "scaled_linear" schedule, computed in float32 as diffusers does
+    (betas = linspace(sqrt(b0), sqrt(b1), T)**2; cumprod(1 - betas))."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def train_sigmas() -> np.ndarray:
+    """VE noise level of every training timestep, sqrt((1 - abar) / abar), float32 (index = timestep)."""
+    acp = alphas_cumprod()
+    return (((1 - acp) / acp) ** 0.5).numpy()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The noise levels one sampler run visits: step i goes from sigmas[i] to sigmas[i+1], evaluating the
+    network at model time timesteps[i].  A slice of a longer schedule (base/refiner split, img2img start)
+    keeps `offset` (index of sigmas[0] in the full schedule) and `total` (step count of the full schedule),
+    which multistep solvers need for their final-step order rules."""
+
+    sigmas: torch.Tensor  # (n+1,) float32
+    timesteps: torch.Tensor  # (n,) float32
+    init_noise_sigma: float  # scale of the initial noise for the full schedule, in VE terms
+    offset: int = 0
+    total: int = 0  # 0 means "this schedule is the full one"
+
+    def __post_init__(self) -> None:
+        if self.sigmas.ndim != 1 or self.timesteps.ndim != 1 or len(self.sigmas) != len(self.timesteps) + 1:
+            raise ValueError(f"expected sigmas (n+1,) and timesteps (n,), got {tuple(self.sigmas.shape)} "
+                             f"and {tuple(self.timesteps.shape)}")
+        if self.total == 0:
+            object.__setattr__(self, "total", self.offset + len(self.timesteps))
+        if self.offset < 0 or self.offset + len(self.timesteps) > self.total:
+            raise ValueError(f"slice [{self.offset}, {self.offset + len(self.timesteps)}) lies outside a "
+                             f"schedule of {self.total} steps")
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def ends_schedule(self) -> bool:
+        """True when the last step of this slice is the last step of the full schedule."""
+        return self.offset + len(self) == self.total
+
+    def head(self, k: int) -> "Schedule":
+        """The first k steps (the base model's part with `denoising_end`): sigmas[:k+1]."""
+        self._check_cut(k)
+        return Schedule(self.sigmas[: k + 1], self.timesteps[:k], self.init_noise_sigma, self.offset, self.total)
+
+    def tail(self, k: int) -> "Schedule":
+        """Steps k.. (the refiner with `denoising_start`, or img2img from t_start): sigmas[k:]."""
+        self._check_cut(k)
+        return Schedule(self.sigmas[k:], self.timesteps[k:], self.init_noise_sigma, self.offset + k, self.total)
+
+    def _check_cut(self, k: int) -> None:
+        if not 0 <= k <= len(self):
+            raise ValueError(f"cannot cut a schedule of {len(self)} steps at step {k}")
+
+
+def _leading_timesteps(num_steps: int, grid: int) -> np.ndarray:
+    """diffusers "leading" spacing with steps_offset: multiples of T // grid, descending, plus the offset.
+    Euler/Heun/DDIM use grid = N (N=50 -> 981..1); DPM-Solver/UniPC build N+1 points and drop the last
+    (grid = N + 1; N=25 -> 951..39)."""
+    ratio = NUM_TRAIN_TIMESTEPS // grid
+    return (np.arange(grid - num_steps, grid) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Karras et al. 2022, eq. 5 (rho = 7), float64 as in diffusers `_convert_to_karras`."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv, max_inv = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return (max_inv + ramp * (min_inv - max_inv)) ** KARRAS_RHO
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma: linear interpolation in log-sigma between the two
+    neighbouring training levels (diffusers `_sigma_to_t`)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return (1 - w) * low + w * high
+
+
+def _build(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
+    sig = torch.from_numpy(np.asarray(sigmas).astype(np.float32))
+    # Euler "leading": init_noise_sigma = sqrt(max(sigmas)^2 + 1) (diffusers EulerDiscreteScheduler).
+    # VP schedulers start from unit-variance x_vp = noise, i.e. x_ve = noise * sqrt(sigma_0^2 + 1): same value.
+    init = float((sig.max() ** 2 + 1) ** 0.5)
+    return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), init)
+
+
+def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsilon") -> Schedule:
+    """The schedule the matching diffusers scheduler builds from SDXL's config with `set_timesteps(num_steps)`.
+
+    euler, euler_a, heun: T//N leading grid (N=50: 981..1), sigmas by exact table lookup, final sigma 0
+        (EulerDiscrete / EulerAncestralDiscrete / HeunDiscrete; Heun's interleaving is the sampler's job).
+    ddim: the same grid; the last step lands on abar_0 (set_alpha_to_one=False), sigma 0.0292, not 0.
+    dpmpp_2m, unipc: T//(N+1) leading grid (DPMSolverMultistep / UniPCMultistep), final sigma 0.
+    dpmpp_2m_karras, dpmpp_2m_sde_karras: Karras sigmas between the training extremes, timesteps rounded
+        from log-sigma interpolation, final sigma 0 (use_karras_sigmas=True).
+    `prediction_type` does not change any of these (discrete timesteps); it is checked only.
+    """
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_steps must be an int in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps!r}")
+
+    table = train_sigmas()
+    if sampler in ("euler", "euler_a", "heun", "ddim"):
+        ts = _leading_timesteps(num_steps, num_steps)
+        last = table[0] if sampler == "ddim" else 0.0  # DDIM: final_alpha_cumprod = alphas_cumprod[0]
+        return _build(np.concatenate([table[ts], [last]]), ts)
+    if sampler in ("dpmpp_2m", "unipc"):
+        ts = _leading_timesteps(num_steps, num_steps + 1)
+        return _build(np.concatenate([table[ts], [0.0]]), ts)
+    # Karras variants (DPMSolverMultistepScheduler(use_karras_sigmas=True)).
+    sig = _karras_sigmas(float(table[0]), float(table[-1]), num_steps)
+    ts = _sigma_to_t(sig, np.log(table)).round()
+    return _build(np.concatenate([sig, [0.0]]), ts)
+
+
+def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler") -> int:
+    """Number of base steps when the base hands over at `fraction` of the denoising (ensemble of experts).
+
+    diffusers (SDXL_SPEC 5.2): cutoff = int(round(T - fraction * T)); the base runs the timesteps >= cutoff
+    (`denoising_end`), the refiner the rest (`denoising_start`, t_start = N - #(t < cutoff)).  The count
+    depends on the sampler's timesteps (the Karras ones differ), so pass the sampler in use.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"the hand-off fraction must be a float strictly between 0 and 1, got {fraction!r}")
+    cutoff = int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
+    timesteps = make_schedule(sampler, num_steps).timesteps
+    return int((timesteps >= cutoff).sum())
+
+
+def refiner_start(num_steps: int, fraction: float, sampler: str = "euler") -> int:
+    """Step at which diffusers' refiner (`denoising_start=fraction`) starts: `split_for_refiner` for every
+    sampler except Heun.  Heun's interleaved timestep list makes the img2img pipeline add one entry
+    ("+1 if even", pipeline_stable_diffusion_xl_img2img.get_timesteps), so its refiner repeats the base's
+    last step as a full Heun step on the base latents: start = base steps - 1."""
+    k = split_for_refiner(num_steps, fraction, sampler)
+    return max(k - 1, 0) if sampler == "heun" else k
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """First step of an img2img/SDEdit run: t_start = N - min(int(N * strength), N) (SDXL_SPEC 5.3; the
+    int() truncates, so N=100, strength=0.29 runs 28 steps)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    init_steps = min(int(num_steps * strength), num_steps)
+    return max(num_steps - init_steps, 0)
