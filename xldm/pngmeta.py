@@ -1,0 +1,252 @@
+"""PNG files that remember how they were made.
+
+`save_png` writes two text chunks:
+  * `parameters`: the generation settings as AUTOMATIC1111's stable-diffusion-webui writes them ("infotext"), so
+    the webui's "PNG Info" tab, civitai and the many tools that read that format understand xldm images;
+  * `xldm`: a JSON object holding every setting exactly (the A1111 text is lossy: it has no place for, e.g.,
+    the micro-conditioning sizes).
+
+The infotext layout follows A1111 `modules/processing.py` `create_infotext` and `modules/infotext_utils.py`
+(`quote`, `parse_generation_parameters`):
+
+    <prompt, possibly several lines>
+    Negative prompt: <negative prompt, possibly several lines>      (left out when empty)
+    Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 5.0, Seed: 1234, Size: 1024x1024, Model: ..., ...
+
+The last line is `key: value` pairs joined by ", " in A1111's key order; a value holding a comma, a colon or a
+newline is written as a JSON string (A1111 `quote`).  Sizes are WIDTHxHEIGHT.
+
+xldm setting names (the `params` dict, as the pipeline's `GenerationResult.params` has them) and their A1111 keys:
+prompt, negative_prompt, steps -> Steps, sampler -> Sampler (via `A1111_SAMPLER_NAMES`), schedule -> Schedule type,
+cfg -> CFG scale, seed -> Seed, width/height -> Size, model_hash -> Model hash, model -> Model, vae -> VAE,
+strength -> Denoising strength (img2img only), clip_skip -> Clip skip, refiner -> Refiner,
+refiner_start -> Refiner switch at.  Other settings go to the JSON chunk only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from xldm import __version__
+
+# PNG text-chunk keywords.
+A1111_CHUNK = "parameters"  # A1111 modules/images.py save_image_with_geninfo (pnginfo_section_name)
+XLDM_CHUNK = "xldm"
+
+# xldm sampler name -> A1111 sampler name (A1111 modules/sd_samplers_kdiffusion.py samplers_k_diffusion labels,
+# in the combined "<sampler> <schedule>" form every infotext reader accepts).
+_SAMPLERS_TO_A1111 = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+}
+# Both directions in one dict: xldm name -> A1111 name, and A1111 name -> xldm name (the two name sets are disjoint).
+A1111_SAMPLER_NAMES: dict[str, str] = {**_SAMPLERS_TO_A1111, **{v: k for k, v in _SAMPLERS_TO_A1111.items()}}
+
+# xldm schedule names -> A1111 "Schedule type" labels (A1111 modules/sd_schedulers.py); others are written as is.
+_SCHEDULES_TO_A1111 = {"karras": "Karras", "exponential": "Exponential", "uniform": "Uniform",
+                       "sgm_uniform": "SGM Uniform", "simple": "Simple", "normal": "Normal", "ddim": "DDIM"}
+
+# (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
+_BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedule type"), ("cfg", "CFG scale"),
+                ("seed", "Seed"))
+_AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae", "VAE"),
+               ("strength", "Denoising strength"), ("clip_skip", "Clip skip"),
+               # extra_generation_params of A1111's refiner (modules/sd_models_xl / processing refiner options)
+               ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"))
+NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
+
+# One `key: value` pair of the settings line: a key of word characters, spaces, '-' and '/', then either a JSON
+# string or everything up to the next comma (the grammar of A1111 infotext_utils.re_param).
+_PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# A1111 treats the last line as settings only if it holds at least three pairs.
+_MIN_PAIRS_IN_SETTINGS_LINE = 3
+
+
+def _quote(value: Any) -> str:
+    """A1111 `quote`: a value with ',', ':' or a newline becomes a JSON string; others are written as str()."""
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _a1111_value(setting: str, value: Any) -> Any:
+    if setting == "sampler":
+        return A1111_SAMPLER_NAMES.get(value, value)
+    if setting == "schedule":
+        return _SCHEDULES_TO_A1111.get(value, value)
+    return value
+
+
+def format_a1111_parameters(params: Mapping[str, Any]) -> str:
+    """The A1111 infotext of `params` (see the module docstring for the setting names)."""
+    pairs: list[tuple[str, Any]] = []
+
+    def add(table: tuple[tuple[str, str], ...]) -> None:
+        for setting, key in table:
+            if params.get(setting) is not None:
+                pairs.append((key, _a1111_value(setting, params[setting])))
+
+    add(_BEFORE_SIZE)
+    if params.get("width") is not None and params.get("height") is not None:
+        pairs.append(("Size", f"{params['width']}x{params['height']}"))
+    add(_AFTER_SIZE)
+    # A1111 adds "Version" last; "xldm <version>" tells a reader where the image came from.
+    pairs.append(("Version", f"xldm {__version__}"))
+
+    text = str(params.get("prompt") or "")
+    negative = params.get("negative_prompt")
+    if negative:
+        text += f"\n{NEGATIVE_PROMPT_PREFIX} {negative}"
+    text += "\n" + ", ".join(f"{key}: {_quote(value)}" for key, value in pairs)
+    return text.strip()
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """Parse an A1111 infotext into {"Prompt": ..., "Negative prompt": ..., "Steps": "30", ...}.
+
+    Values stay strings, as A1111 `parse_generation_parameters` keeps them; JSON-quoted values are unquoted, so
+    a value may hold commas, colons and newlines.  Prompts may span several lines: every line before the one
+    starting with "Negative prompt:" is the prompt, the lines from there to the settings line are the negative
+    prompt.  The last line is the settings line only if it has at least three `key: value` pairs (A1111's test).
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_PAIR.findall(last)) < _MIN_PAIRS_IN_SETTINGS_LINE:
+        lines.append(last)
+        last = ""
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if not in_negative and line.startswith(NEGATIVE_PROMPT_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PROMPT_PREFIX):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+
+    fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    for key, value in _PAIR.findall(last):
+        fields[key] = _unquote(value.strip())
+    return fields
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
+    """Parsed A1111 fields -> xldm settings (numbers as int/float, A1111 sampler names mapped back)."""
+    params: dict[str, Any] = {"prompt": fields.get("Prompt", "")}
+    if fields.get("Negative prompt"):
+        params["negative_prompt"] = fields["Negative prompt"]
+    schedules_back = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
+    for setting, key in _BEFORE_SIZE + _AFTER_SIZE:
+        if key not in fields:
+            continue
+        value = fields[key]
+        if setting == "sampler":
+            params[setting] = A1111_SAMPLER_NAMES.get(value, value)
+        elif setting == "schedule":
+            params[setting] = schedules_back.get(value, value)
+        elif setting in ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start"):
+            params[setting] = _number(value)
+        else:
+            params[setting] = value
+    size = _SIZE.match(fields.get("Size", ""))
+    if size:
+        params["width"], params["height"] = int(size.group(1)), int(size.group(2))
+    return params
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"setting of type {type(value).__name__} cannot be stored in PNG metadata: {value!r}")
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+    """Write `image` as a PNG at `path` with the `parameters` (A1111) and `xldm` (JSON) text chunks.
+
+    The file appears atomically: it is written to a temporary file in the same folder and renamed over `path`
+    (os.replace), so a reader never sees half a PNG and an interrupted save leaves no partial file.
+    JSON turns tuples into lists; `read_png_params` returns them as lists.  Returns the path written.
+    """
+    path = Path(path)
+    info = PngInfo()
+    # add_text writes tEXt for Latin-1 text and switches to iTXt (UTF-8) otherwise (Pillow PngInfo.add_text).
+    info.add_text(A1111_CHUNK, format_a1111_parameters(params))
+    info.add_text(XLDM_CHUNK, json.dumps(dict(params), ensure_ascii=False, default=_json_default))
+    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with mode 0o666 gives the permissions of a normally created file (the umask applies), unlike mkstemp.
+    handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """All tEXt/zTXt/iTXt chunks of a PNG as {keyword: text}."""
+    with Image.open(path) as image:
+        image.load()  # text chunks after the image data are read only with the pixels
+        return {key: str(value) for key, value in getattr(image, "text", {}).items()}
+
+
+def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings a PNG was made with: the `xldm` JSON chunk, or, for images from other tools, the A1111
+    `parameters` chunk converted with `a1111_to_params`.  Raises ValueError if the PNG has neither."""
+    text = read_png_text(path)
+    if XLDM_CHUNK in text:
+        return json.loads(text[XLDM_CHUNK])
+    if A1111_CHUNK in text:
+        return a1111_to_params(parse_a1111_parameters(text[A1111_CHUNK]))
+    raise ValueError(f"{os.fspath(path)}: no generation settings found (expected a PNG text chunk "
+                     f"{XLDM_CHUNK!r} or {A1111_CHUNK!r}, found {sorted(text) or 'none'})")
+
+
+__all__ = [
+    "A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "format_a1111_parameters",
+    "parse_a1111_parameters", "read_png_params", "read_png_text", "save_png",
+]

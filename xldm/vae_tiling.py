@@ -1,0 +1,211 @@
+"""VAE decoding for large images and reduced precision: overlapping tiles, and a float32 retry on overflow.
+
+Tiled decode follows the rule of diffusers `AutoencoderKL.tiled_decode` (models/autoencoders/autoencoder_kl.py,
+with `blend_v` / `blend_h`): the latent is cut into `tile x tile` tiles whose starts are `tile - overlap` apart;
+each tile is decoded on its own; then, tile by tile in row-major order, the top `overlap * f` pixel rows of a tile
+are blended linearly with the bottom rows of the (already blended) tile above, and its left `overlap * f` columns
+with the right columns of the (already blended) tile to the left, weight y / (overlap * f) on the new tile at
+pixel y of the overlap.  Each tile then contributes its pixels up to the start of the next tile.
+
+Differences from diffusers: tile and overlap are arguments, not `sample_size` / 0.25; and a tile that would lie
+entirely inside the previous one (diffusers starts a tile at every multiple of the stride below the size) is not
+decoded, so a latent no larger than one tile decodes in one piece, exactly as `decode_latents`.  On every tile
+grid without such a redundant tile the result equals diffusers' (tests/test_vae_tiling.py).
+
+SDXL's VAE overflows in float16 (NaN / inf, i.e. black images; SDXL_SPEC §2, diffusers `force_upcast`):
+`decode_checked` re-decodes in float32 when a reduced-precision decode is not finite.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from xldm.errors import XldmError
+from xldm.models.vae import AutoencoderKL
+
+DEFAULT_TILE_LATENT = 64  # 512 px with the 8x SD/SDXL VAE
+DEFAULT_OVERLAP_LATENT = 16  # a quarter of the tile, as diffusers' tile_overlap_factor = 0.25
+# decode_checked(tile=None) tiles above this latent area: 192 x 192 latents = 1536 x 1536 px.  A 1024^2 SDXL
+# image (128 x 128 latents) still decodes in one piece, exactly like diffusers' default (tiling off).
+AUTO_TILE_LATENT_AREA = 192 * 192
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteError(XldmError):
+    """Latents or a decoded image hold NaN or infinite values that a float32 retry cannot fix."""
+
+
+def latents_are_finite(t: torch.Tensor) -> bool:
+    """True when every element of `t` is finite (no NaN, no +-inf)."""
+    return bool(torch.isfinite(t).all().item())
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Starts 0, stride, 2*stride, ... until a tile reaches the end of `size` (no tile inside the previous one)."""
+    starts = [0]
+    while starts[-1] + tile < size:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def _ramp(extent: int, like: torch.Tensor) -> torch.Tensor:
+    """Weights y / extent, y = 0 .. extent-1, of the new tile across an overlap (diffusers blend_v / blend_h)."""
+    return torch.arange(extent, device=like.device, dtype=torch.float32) / extent
+
+
+def _blend(previous_edge: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> None:
+    """In place: the first `extent` rows (dim=2) or columns (dim=3) of `tile` become
+    previous * (1 - w) + tile * w, w = y / extent, where `previous_edge` holds the neighbour's last `extent`."""
+    if extent == 0:
+        return
+    head = tile.narrow(dim, 0, extent)
+    weight = _ramp(extent, tile).view((1, 1, extent, 1) if dim == 2 else (1, 1, 1, extent))
+    # Blend in float32 so a bf16/fp16 decode loses no precision in the weights, then store in the tile's dtype.
+    mixed = previous_edge.float() * (1 - weight) + head.float() * weight
+    head.copy_(mixed.to(tile.dtype))
+
+
+def _check_tiling(tile_latent: int, overlap_latent: int) -> None:
+    if tile_latent < 1:
+        raise ValueError(f"tile_latent must be at least 1, got {tile_latent}")
+    if not 0 <= overlap_latent < tile_latent:
+        raise ValueError(f"overlap_latent must be in [0, tile_latent={tile_latent}), got {overlap_latent}")
+
+
+@torch.no_grad()
+def decode_tiled(
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    *,
+    tile_latent: int = DEFAULT_TILE_LATENT,
+    overlap_latent: int = DEFAULT_OVERLAP_LATENT,
+) -> torch.Tensor:
+    """UNet latents (B, z, h, w) -> image (B, 3, h*f, w*f), like `vae.decode_latents(latents)` but one
+    `tile_latent x tile_latent` latent tile at a time, with `overlap_latent` latent rows/columns of overlap
+    blended linearly (the rule of diffusers' tiled_decode; see the module docstring).
+
+    Works for any latent size (edge tiles are smaller), any batch size, device and dtype; the output has the
+    latents' device and the decoder's dtype.  Peak memory is one tile's decode plus the output image.
+    """
+    _check_tiling(tile_latent, overlap_latent)
+    vae._check_latents(latents)
+    f = vae.cfg.downsample_factor
+    z = latents / vae.scaling_factor  # the same division as AutoencoderKL.decode_latents
+    height, width = z.shape[-2:]
+    stride = tile_latent - overlap_latent
+    rows = _tile_starts(height, tile_latent, stride)
+    cols = _tile_starts(width, tile_latent, stride)
+    if len(rows) == 1 and len(cols) == 1:
+        return vae.decode(z)
+
+    extent = overlap_latent * f  # pixels blended across each seam
+    output: torch.Tensor | None = None
+    bottom_edges: list[torch.Tensor | None] = [None] * len(cols)  # last `extent` rows of the tiles above
+    for i, top in enumerate(rows):
+        right_edge: torch.Tensor | None = None  # last `extent` columns of the tile to the left
+        for j, left in enumerate(cols):
+            tile = vae.decode(z[:, :, top:top + tile_latent, left:left + tile_latent])
+            if output is None:
+                output = tile.new_empty((z.shape[0], tile.shape[1], height * f, width * f))
+            if i > 0:
+                _blend(bottom_edges[j], tile, extent, dim=2)
+            if j > 0:
+                _blend(right_edge, tile, extent, dim=3)
+            # The blended tile owns its pixels up to the next tile's start (to the end for the last tile).
+            y0, x0 = top * f, left * f
+            y1 = rows[i + 1] * f if i + 1 < len(rows) else height * f
+            x1 = cols[j + 1] * f if j + 1 < len(cols) else width * f
+            output[:, :, y0:y1, x0:x1] = tile[:, :, : y1 - y0, : x1 - x0]
+            bottom_edges[j] = tile[:, :, tile.shape[2] - extent:, :].clone()
+            right_edge = tile[:, :, :, tile.shape[3] - extent:].clone()
+    assert output is not None
+    return output
+
+
+def _where_not_finite(t: torch.Tensor) -> str:
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum().item())
+    nans = int(torch.isnan(t).sum().item())
+    items = torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist()
+    first = [int(i) for i in torch.nonzero(bad)[0].tolist()]
+    return (f"{count} of {t.numel()} values ({nans} NaN, {count - nans} inf) in batch item(s) {items}; "
+            f"first at (item, channel, y, x) = {tuple(first)} of shape {tuple(t.shape)}")
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor, tile: bool | int | None, overlap: int | None) -> torch.Tensor:
+    height, width = latents.shape[-2:]
+    if tile is None:
+        tile = height * width > AUTO_TILE_LATENT_AREA
+    if tile is False:
+        with torch.no_grad():
+            return vae.decode_latents(latents)
+    tile_latent = DEFAULT_TILE_LATENT if tile is True else int(tile)
+    overlap_latent = overlap if overlap is not None else (
+        DEFAULT_OVERLAP_LATENT if tile is True else tile_latent // 4)
+    return decode_tiled(vae, latents, tile_latent=tile_latent, overlap_latent=overlap_latent)
+
+
+def _vae_dtype(vae: AutoencoderKL) -> torch.dtype:
+    return next(vae.parameters()).dtype
+
+
+def decode_checked(
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    *,
+    tile: bool | int | None = None,
+    overlap: int | None = None,
+) -> torch.Tensor:
+    """Decode UNet latents to an image (B, 3, H, W), nominally in [-1, 1], making sure the result is finite.
+
+    tile: None decodes in tiles only when the latent area exceeds `AUTO_TILE_LATENT_AREA`; False never tiles;
+    True tiles with `DEFAULT_TILE_LATENT` / `DEFAULT_OVERLAP_LATENT`; an int is the tile size in latent pixels
+    (overlap: `overlap`, default a quarter of the tile).
+
+    The latents are cast to the VAE's dtype.  If a float16/bfloat16 VAE gives NaN or inf (the SDXL VAE overflows
+    in float16: SDXL_SPEC §2, diffusers `force_upcast`), the VAE is upcast to float32 in place, the latents are
+    decoded again, a warning says so, and the VAE's parameters get their original dtypes back (lossless: they
+    came from that dtype).  The float32 image is then returned.
+
+    Raises NonFiniteError (an XldmError / ValueError) when the latents themselves are not finite (a diverged
+    sampler: no decode can fix that) or when the float32 decode is still not finite, saying where.
+    """
+    if not latents_are_finite(latents):
+        raise NonFiniteError(
+            f"the latents to decode are not finite (the sampler diverged): {_where_not_finite(latents)}"
+        )
+    dtype = _vae_dtype(vae)
+    image = _decode(vae, latents.to(dtype), tile, overlap)
+    if latents_are_finite(image):
+        return image
+    if dtype not in _REDUCED_PRECISION:
+        raise NonFiniteError(f"VAE decode in {dtype} produced non-finite values: {_where_not_finite(image)}")
+
+    warnings.warn(
+        f"VAE decode in {dtype} produced non-finite values ({_where_not_finite(image)}); decoding again in float32 "
+        "(the SDXL VAE overflows in float16; an fp16-fixed VAE avoids this retry)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    del image  # free the failed decode before the float32 one
+    original = {name: t.dtype for name, t in [*vae.named_parameters(), *vae.named_buffers()]}
+    try:
+        vae.to(torch.float32)
+        image = _decode(vae, latents.to(torch.float32), tile, overlap)
+    finally:
+        for name, t in [*vae.named_parameters(), *vae.named_buffers()]:
+            t.data = t.data.to(original[name])
+    if not latents_are_finite(image):
+        raise NonFiniteError(
+            f"VAE decode produced non-finite values in {dtype} and again in float32: {_where_not_finite(image)}"
+        )
+    return image
+
+
+__all__ = [
+    "AUTO_TILE_LATENT_AREA", "DEFAULT_OVERLAP_LATENT", "DEFAULT_TILE_LATENT", "NonFiniteError",
+    "decode_checked", "decode_tiled", "latents_are_finite",
+]
