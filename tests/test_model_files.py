@@ -32,23 +32,9 @@ from xldm.weights.io import open_checkpoint, save_file
 from xldm.weights.load import load_model, load_single_file
 from xldm.weights.save import save_diffusers, save_single_file, single_file_state_dict
 
+from tiny_models import random_components
+
 TOL = 1e-4  # fp32 parity tolerance, max abs difference
-
-
-def random_components(config, seed: int = 0) -> Components:
-    torch.manual_seed(seed)
-    model = Components(
-        config=config,
-        unet=UNet(config.unet),
-        vae=AutoencoderKL(config.vae),
-        text_encoders=tuple(CLIPTextModel(te) for te in config.text_encoders),
-    )
-    # Some layers are zero-initialised; give every tensor random values so a wrong map cannot hide.
-    with torch.no_grad():
-        for module in model.modules().values():
-            for p in module.parameters():
-                p.copy_(torch.randn_like(p) * 0.05)
-    return model.to(dtype=torch.float32)
 
 
 def meta_components(config) -> Components:

@@ -1,11 +1,10 @@
-"""The `xldm` command line: `xldm info`, `xldm convert`."""
+"""The `xldm` command line: `xldm generate`, `xldm info`, `xldm convert`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from xldm.errors import XldmError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -34,9 +33,130 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (width, height)."""
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}") from None
+
+
+def _crop(text: str) -> tuple[int, int]:
+    """TOP,LEFT -> (top, left)."""
+    try:
+        t, left = text.split(",")
+        return int(t), int(left)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT such as 0,0, got {text!r}") from None
+
+
+def _output_paths(out: str, batch: int) -> list[str]:
+    """FILE.png for one image; FILE_0.png ... FILE_{N-1}.png for a batch."""
+    if batch == 1:
+        return [out]
+    stem, dot, ext = out.rpartition(".")
+    if not dot:
+        stem, ext = out, "png"
+    return [f"{stem}_{i}.{ext}" for i in range(batch)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.list_sizes:
+        from xldm.buckets import SDXL_BUCKETS, format_sizes
+
+        print(format_sizes(SDXL_BUCKETS))
+        return 0
+    if not args.prompt:
+        raise SystemExit("xldm generate: error: a PROMPT is required")
+    if args.out is None:
+        raise SystemExit("xldm generate: error: --out FILE.png is required")
+    if args.model is None:
+        raise SystemExit("xldm generate: error: --model PATH is required (single file or diffusers folder)")
+
+    from xldm.images import open_image
+    from xldm.pipeline import GenerationRequest, check_request
+
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, width=args.width, height=args.height,
+        steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, batch=args.batch,
+        init_image=open_image(args.init_image) if args.init_image else None, strength=args.strength,
+        mask=open_image(args.mask) if args.mask else None, refiner_start=args.refiner_start,
+        original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
+        negative_original_size=args.negative_original_size, negative_target_size=args.negative_target_size,
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
+        tile_vae=True if args.tile_vae else None,
+    )
+    check_request(request, has_refiner=args.refiner is not None)  # before anything is loaded
+
+    from tqdm import tqdm
+
+    from xldm.pipeline import load
+    from xldm.pngmeta import save_png
+
+    pipe = load(args.model, refiner=args.refiner, dtype=_torch_dtype(args.dtype), device=args.device,
+                low_memory=args.low_memory)
+    request = pipe.validate(request)
+    print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
+                                     if request.batch > 1 else ""), file=sys.stderr)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, i: int, total: int, x, x0) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
+        bars[stage].update(1)
+
+    result = pipe.generate(request, callback=progress)
+    for bar in bars.values():
+        bar.close()
+    for path, image, params in zip(_output_paths(args.out, request.batch), result.images, result.params):
+        save_png(image, path, params)
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xldm", description="Stable Diffusion XL, from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image, image-to-image, inpainting, base -> refiner")
+    gen.add_argument("prompt", nargs="?", help="what to draw")
+    gen.add_argument("--model", help="single-file .safetensors or diffusers folder")
+    gen.add_argument("--refiner", help="refiner model; takes over at --refiner-start")
+    gen.add_argument("--refiner-start", type=float, default=None,
+                     help="fraction of the schedule after which the refiner takes over (default 0.8)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="image i of a batch uses seed + i (default: random)")
+    gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--sampler", default="euler", metavar="NAME",
+                     help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | ddim | unipc")
+    gen.add_argument("--original-size", type=_size, default=None, metavar="WxH")
+    gen.add_argument("--crop-top-left", type=_crop, default=(0, 0), metavar="T,L")
+    gen.add_argument("--target-size", type=_size, default=None, metavar="WxH")
+    gen.add_argument("--negative-original-size", type=_size, default=None, metavar="WxH")
+    gen.add_argument("--negative-target-size", type=_size, default=None, metavar="WxH")
+    gen.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning (default 6.0)")
+    gen.add_argument("--negative-aesthetic-score", type=float, default=2.5)
+    gen.add_argument("--init-image", default=None, help="image-to-image / SDEdit source")
+    gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.3)")
+    gen.add_argument("--mask", default=None, help="inpainting mask, white = repaint (same size as the init image)")
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--low-memory", action="store_true", help="load, use and free one network at a time")
+    gen.add_argument("--long-prompts", action="store_true",
+                     help="encode prompts over 75 tokens in chunks (A1111) instead of truncating")
+    gen.add_argument("--weighting", action="store_true", help="A1111 (word:1.2) prompt weighting")
+    gen.add_argument("--tile-vae", action="store_true", help="decode in tiles (large images, little memory)")
+    gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
+    gen.add_argument("--out", default=None, metavar="FILE.png")
+    gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="what a checkpoint holds: kind, components, parameters, dtypes")
     info.add_argument("path", help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
@@ -59,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (XldmError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # XldmError is a ValueError
         print(f"xldm: error: {e}", file=sys.stderr)
         return 2
 

@@ -51,9 +51,15 @@ def save_single_file(model: Components, path: str | os.PathLike, *, dtype: torch
 
 # --- diffusers folder -----------------------------------------------------------------------------
 
-# SDXL / SD scheduler as the hub folders configure it (SDXL_SPEC 5.1: leading spacing, offset 1).
+# SDXL / SD scheduler as the hub folders configure it (SDXL_SPEC 5.1: leading spacing, offset 1; the
+# hub file also carries clip_sample=false and set_alpha_to_one=false, which DDIM picks up via from_config).
 def scheduler_config(config: ModelConfig) -> dict:
     return {
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "sample_max_value": 1.0,
+        "skip_prk_steps": True,
+        "trained_betas": None,
         "_class_name": "EulerDiscreteScheduler",
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,

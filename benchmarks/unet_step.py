@@ -1,0 +1,123 @@
+"""One UNet step, xldm vs diffusers, same weights, one process, alternating runs.
+
+    python benchmarks/unet_step.py --config tiny-sdxl-base
+    python benchmarks/unet_step.py --config sdxl-base --size 512 --dtype bf16 --repeats 3
+
+Prints the median time of each, their ratio (xldm / diffusers; < 1 means xldm is faster), the max abs
+difference of the outputs, and memory: peak RSS on CPU, peak allocated per side on CUDA.
+Needs the test extra (diffusers) installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import time
+
+import torch
+
+from xldm.config import PRESETS
+from xldm.models.layers import timestep_embedding
+from xldm.models.unet import UNet
+from xldm.weights.keys_unet import unet_diffusers_config, unet_original_to_diffusers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(config_name: str, dtype: torch.dtype, device: torch.device):
+    from diffusers import UNet2DConditionModel
+
+    config = PRESETS[config_name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = UNet(config.unet).to(dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**unet_diffusers_config(
+            config.unet, addition_time_embed_dim=config.micro_conditioning_dim))
+    # diffusers gets its own copy of the same values (clone: the two models must not share storage)
+    state = {k: v.clone() for k, v in unet_original_to_diffusers(ours.state_dict(), config.unet).items()}
+    theirs.load_state_dict(state, strict=True, assign=True)
+    return config, ours.eval(), theirs.eval()
+
+
+def inputs(config, batch: int, size: int, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    latent = size // 8
+    x = torch.randn(batch, config.unet.in_channels, latent, latent, generator=g).to(device, dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    ctx = torch.randn(batch, 77, config.unet.context_dim, generator=g).to(device, dtype)
+    added = None
+    y = None
+    if config.unet.adm_in_channels:
+        pooled_dim = config.text_encoders[-1].projection_dim
+        n_ids = (config.unet.adm_in_channels - pooled_dim) // config.micro_conditioning_dim
+        pooled = torch.randn(batch, pooled_dim, generator=g).to(device, dtype)
+        ids = torch.tensor([[float(size)] * n_ids] * batch, device=device)
+        added = {"text_embeds": pooled, "time_ids": ids.to(dtype)}
+        emb = timestep_embedding(ids.flatten(), config.micro_conditioning_dim).reshape(batch, -1)
+        y = torch.cat([pooled, emb.to(dtype)], dim=-1)
+    return x, t, ctx, y, added
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny-sdxl-base", choices=sorted(PRESETS))
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the preset's)")
+    parser.add_argument("--batch", type=int, default=2, help="2 = one CFG pair")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    config, ours, theirs = build(args.config, dtype, device)
+    size = args.size or config.default_size
+    x, t, ctx, y, added = inputs(config, args.batch, size, dtype, device)
+
+    def run_ours():
+        return ours(x, t, ctx, y)
+
+    def run_theirs():
+        return theirs(x, t, ctx, added_cond_kwargs=added).sample
+
+    times = {"xldm": [], "diffusers": []}
+    peak = {"xldm": 0, "diffusers": 0}
+    with torch.inference_mode():
+        diff = (run_ours().float() - run_theirs().float()).abs().max().item()  # also the warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("xldm", run_ours), ("diffusers", run_theirs)):
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                times[name].append(timed(fn, device))
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"config {args.config}, {size}x{size}, batch {args.batch}, {args.dtype}, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"xldm      {med['xldm'] * 1000:9.1f} ms  (median of {args.repeats})")
+    print(f"diffusers {med['diffusers'] * 1000:9.1f} ms")
+    print(f"ratio xldm/diffusers {med['xldm'] / med['diffusers']:.3f}   max abs diff {diff:.2e}")
+    if device.type == "cuda":
+        print(f"peak allocated: xldm {peak['xldm'] / 2**30:.2f} GiB, diffusers {peak['diffusers'] / 2**30:.2f} GiB")
+    else:
+        print(f"peak RSS (both models in one process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Images in and out of the pipeline: PIL <-> tensors in [-1, 1], masks, the same rules as diffusers.
+
+Matches diffusers' `VaeImageProcessor` as the SDXL pipelines use it: Lanczos resize, pixels / 255,
+`2x - 1`; masks converted to grayscale, resized, binarised at 0.5; output `(x / 2 + 0.5).clamp(0, 1)`,
+then `(x * 255).round()` to uint8.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Pillow's decompression-bomb guard stays on (RELIABILITY 8): Image.MAX_IMAGE_PIXELS is left at its default.
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully (EXIF orientation applied), or raise a ValueError that names the file."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read this image ({e})") from None
+
+
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of a PIL image or a (B, C, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return int(image.shape[-1]), int(image.shape[-2])
+
+
+def round_to_multiple(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """Round down to a multiple of `multiple` (diffusers `get_default_height_width`)."""
+    return width - width % multiple, height - height % multiple
+
+
+def _resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
+def image_to_tensor(image: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """An RGB image -> (1, 3, height, width) float32 in [-1, 1], Lanczos-resized when its size differs.
+
+    A tensor is taken as already in [0, 1] with shape (B, 3, H, W) and must have the requested size.
+    """
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image tensor must be (B, 3, H, W), got {tuple(image.shape)}")
+        if image_size(image) != (width, height):
+            raise ValueError(f"image tensor is {image_size(image)[0]}x{image_size(image)[1]}, expected {width}x{height}")
+        return image.float() * 2 - 1
+    rgb = _resize(image, width, height).convert("RGB")
+    array = np.asarray(rgb).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
+
+
+def mask_to_tensor(mask: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A mask (white = repaint) -> (1, 1, height, width) float32 of 0/1, binarised at 0.5 after the resize."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.float()
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[:, None] if m.shape[0] != 1 else m[None]
+        if image_size(m) != (width, height):
+            raise ValueError(f"mask is {image_size(m)[0]}x{image_size(m)[1]}, expected {width}x{height}")
+    else:
+        gray = _resize(mask, width, height).convert("L")
+        m = torch.from_numpy(np.asarray(gray).astype(np.float32) / 255.0)[None, None]
+    return (m >= 0.5).to(torch.float32)
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) decoder output in [-1, 1] -> PIL images (diffusers `postprocess(output_type="pil")`)."""
+    x = (x / 2 + 0.5).clamp(0, 1)
+    array = x.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    array = (array * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in array]
+
+
+__all__ = ["open_image", "image_size", "round_to_multiple", "image_to_tensor", "mask_to_tensor", "tensor_to_images"]

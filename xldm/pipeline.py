@@ -1,0 +1,450 @@
+"""Text-to-image, image-to-image, inpainting and base -> refiner, with the denoising loop written out once.
+
+Every step reproduces diffusers' `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and
+`StableDiffusionXLInpaintPipeline` (diffusers 0.42.1) so the same weights, seed and settings give the same
+pixels: per-image CPU generators seeded `seed + i` (diffusers with a list of generators), the posterior
+sample drawn before the noise, the refiner continuing the base's schedule (SDXL_SPEC 5.2, 5.3, 7.4).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xldm.config import ModelConfig
+from xldm.conditioning import Conditioning, sdxl_conditioning
+from xldm.diffusion import noise as noise_lib
+from xldm.diffusion.denoiser import model_denoiser
+from xldm.diffusion.samplers import sample
+from xldm.diffusion.schedules import (
+    SAMPLER_NAMES,
+    Schedule,
+    img2img_start,
+    make_schedule,
+    refiner_start,
+    split_for_refiner,
+)
+from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
+from xldm.models.components import Components
+from xldm.vae_tiling import decode_checked
+
+MAX_SEED = 2**32 - 1
+
+
+class Interrupted(Exception):
+    """Raised from a step callback to stop a generation after the current step."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides an image.  Sizes are (width, height); crops are (top, left)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    cfg: float = 5.0
+    seed: int | None = None
+    sampler: str = "euler"
+    batch: int = 1
+    # img2img / SDEdit / inpainting
+    init_image: Image.Image | None = field(default=None, repr=False)
+    strength: float | None = None  # default: 0.3 (img2img, diffusers), 0.9999 (inpaint, diffusers)
+    mask: Image.Image | None = field(default=None, repr=False)
+    # base -> refiner hand-off (diffusers denoising_end / denoising_start)
+    refiner_start: float | None = None  # default 0.8 when a refiner is used
+    # SDXL micro-conditioning (SDXL paper, Sec. 2.2); None = the image size
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crop_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # refiner only (sgm defaults, SDXL_SPEC 4)
+    negative_aesthetic_score: float = 2.5
+    # prompt handling beyond diffusers' defaults
+    long_prompts: str = "truncate"
+    weighting: bool = False
+    tile_vae: bool | None = None  # None: tiled decode only when the image is large
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    params: list[dict[str, Any]]  # one dict per image: every setting, for PNG metadata
+    latents: torch.Tensor | None = None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that have it (it does not overflow the SDXL VAE like fp16 does), else fp16."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class ModelHandle:
+    """One model's networks: already loaded, or loaded from a path on use (and freed after, in low-memory mode)."""
+
+    def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
+                 low_memory: bool = False) -> None:
+        self.dtype, self.device, self.low_memory = dtype, device, low_memory
+        if isinstance(source, Components):
+            self.path: Path | None = None
+            self.loaded = source.to(device=device, dtype=dtype)
+            self.config: ModelConfig = source.config
+        else:
+            from xldm.weights.info import model_info
+
+            self.path = Path(source)
+            self.loaded = Components(config=model_info(self.path).config)
+            self.config = self.loaded.config
+        self.name = self.path.name if self.path else self.config.kind
+
+    def _load(self, component: str) -> None:
+        from xldm.weights.load import load_model
+
+        part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
+        if component == "unet":
+            self.loaded.unet = part.unet
+        elif component == "vae":
+            self.loaded.vae = part.vae
+        else:
+            self.loaded.text_encoders = part.text_encoders
+
+    def has(self, component: str) -> bool:
+        """Whether the model has this component (loaded, or in its file)."""
+        if component == "vae" and self.loaded.vae is not None:
+            return True
+        if self.path is None:
+            return False
+        from xldm.weights.info import model_info
+
+        return any(c.name == component for c in model_info(self.path).components)
+
+    @contextmanager
+    def use(self, component: str) -> Iterator[Components]:
+        """Components with `component` ("unet", "vae" or "text_encoders") present for the block's duration."""
+        present = {"unet": self.loaded.unet is not None, "vae": self.loaded.vae is not None,
+                   "text_encoders": bool(self.loaded.text_encoders)}[component]
+        if not present:
+            if self.path is None:
+                raise ValueError(f"{self.name}: the model has no {component} and no file to load it from")
+            self._load(component)
+        try:
+            yield self.loaded
+        finally:
+            if self.low_memory and self.path is not None:
+                if component == "unet":
+                    self.loaded.unet = None
+                elif component == "vae":
+                    self.loaded.vae = None
+                else:
+                    self.loaded.text_encoders = ()
+                gc.collect()
+
+
+def _check_size(name: str, size: tuple[int, int] | None) -> None:
+    if size is None:
+        return
+    if len(size) != 2 or any(not isinstance(v, int) or v <= 0 for v in size):
+        raise ValueError(f"{name} must be two positive integers (width, height), got {size!r}")
+
+
+def check_request(req: GenerationRequest, *, has_refiner: bool) -> None:
+    """Every check that needs no model: run before anything is loaded.  Raises ValueError naming the problem."""
+    if not isinstance(req.prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    if req.sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {req.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    if not isinstance(req.steps, int) or req.steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {req.steps!r}")
+    if not isinstance(req.batch, int) or req.batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {req.batch!r}")
+    if not math.isfinite(req.cfg) or req.cfg < 0:
+        raise ValueError(f"cfg must be a finite number >= 0, got {req.cfg!r}")
+    if req.seed is not None and not (0 <= req.seed <= MAX_SEED):
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {req.seed}")
+    for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        _check_size(name, getattr(req, name))
+    if req.mask is not None and req.init_image is None:
+        raise ValueError("a mask needs an init image to inpaint (--init-image)")
+    if req.strength is not None:
+        if req.init_image is None:
+            raise ValueError("strength applies to img2img/inpainting; give an init image too")
+        if not (0 < req.strength <= 1):
+            raise ValueError(f"strength must be in (0, 1], got {req.strength}")
+    if req.refiner_start is not None:
+        if not has_refiner:
+            raise ValueError("refiner_start given without a refiner model (--refiner)")
+        if not (0 < req.refiner_start < 1):
+            raise ValueError(f"refiner_start must be in (0, 1), got {req.refiner_start}")
+    if req.long_prompts not in ("truncate", "chunk"):
+        raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
+
+    if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
+        mw, mh = image_size(req.mask)
+        iw, ih = image_size(req.init_image)
+        raise ValueError(f"mask is {mw}x{mh} but the init image is {iw}x{ih}; they must match")
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
+            raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+
+
+class Pipeline:
+    """SDXL generation: `Pipeline(model, refiner)(prompt, ...)` -> GenerationResult.
+
+    `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder).
+    With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
+    base + refiner run where only one UNet fits in memory.
+    """
+
+    def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 low_memory: bool = False) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory)
+        self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory)
+                        if refiner is not None else None)
+        if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
+            raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        """Check every setting before any work; fill in defaults.  Raises ValueError naming the problem."""
+        check_request(req, has_refiner=self.refiner is not None)
+        width, height = req.width, req.height
+        if req.init_image is not None:
+            iw, ih = round_to_multiple(*image_size(req.init_image))
+            width, height = width or iw, height or ih
+        width = width or self.model.config.default_size
+        height = height or self.model.config.default_size
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or v < 8 or v % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+        strength = req.strength
+        if req.init_image is not None and strength is None:
+            strength = 0.9999 if req.mask is not None else 0.3
+        if strength is not None and min(int(req.steps * strength), req.steps) < 1:
+            raise ValueError(f"strength {strength} with {req.steps} steps leaves no denoising step; "
+                             f"raise steps or strength")
+        refiner_start = req.refiner_start
+        if self.refiner is not None and refiner_start is None:
+            refiner_start = 0.8
+        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED - req.batch)
+        if seed + req.batch - 1 > MAX_SEED:
+            raise ValueError(f"seed {seed} + batch {req.batch} exceeds {MAX_SEED}")
+        return replace(req, width=width, height=height, strength=strength, refiner_start=refiner_start, seed=seed)
+
+    # --- the pieces -------------------------------------------------------------------------------
+
+    def _conditioning(self, handle: ModelHandle, req: GenerationRequest, batch_prompts: list[str],
+                      negatives: list[str] | None, width: int, height: int) -> Conditioning:
+        def hw(size):  # (width, height) -> (height, width), the order of SDXL's time ids
+            return None if size is None else (size[1], size[0])
+
+        with handle.use("text_encoders") as comps:
+            with torch.no_grad():
+                return sdxl_conditioning(
+                    comps, batch_prompts, negatives, height=height, width=width,
+                    original_size=hw(req.original_size), crop_top_left=req.crop_top_left,
+                    target_size=hw(req.target_size),
+                    negative_original_size=hw(req.negative_original_size),
+                    negative_crop_top_left=req.negative_crop_top_left,
+                    negative_target_size=hw(req.negative_target_size),
+                    aesthetic_score=req.aesthetic_score, negative_aesthetic_score=req.negative_aesthetic_score,
+                    guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
+                )
+
+    def _model_output_fn(self, unet, cond: Conditioning, cfg: float,
+                         extra_channels: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(x_in, t) -> guided network output: the CFG batch [negative, positive], eps = u + g * (c - u)."""
+        guided = cfg > 1
+        dtype = next(unet.parameters()).dtype
+
+        def fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([x_in] * 2) if guided else x_in
+            if extra_channels is not None:
+                x = torch.cat([x, extra_channels], dim=1)
+            out = unet(x.to(dtype), t, cond.context, cond.vector)
+            if guided:
+                uncond, text = out.chunk(2)
+                out = uncond + cfg * (text - uncond)
+            return out
+
+        return fn
+
+    def _encode_images(self, handle: ModelHandle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Posterior samples, one generator per image (diffusers `retrieve_latents` per row), scaled.
+        Encoded in float32 when the model runs in fp16 (diffusers `force_upcast`)."""
+        with handle.use("vae") as comps:
+            vae = comps.vae
+            vae_dtype = next(vae.parameters()).dtype
+            work = torch.float32 if vae_dtype == torch.float16 else vae_dtype
+            if work != vae_dtype:
+                vae.to(work)
+            try:
+                with torch.no_grad():
+                    rows = [vae.encode(images[i: i + 1].to(self.device, work)).sample(generator=generators[i])
+                            for i in range(images.shape[0])]
+            finally:
+                if work != vae_dtype:
+                    vae.to(vae_dtype)
+            return torch.cat(rows).to(self.dtype) * vae.cfg.scaling_factor
+
+    def _denoise(self, handle: ModelHandle, cond: Conditioning, req: GenerationRequest, x: torch.Tensor,
+                 schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None, step_hook=None,
+                 callback=None) -> torch.Tensor:
+        """The loop, once: a sampler over the guided denoiser of one UNet."""
+        with handle.use("unet") as comps:
+            fn = self._model_output_fn(comps.unet, cond, req.cfg, extra_channels)
+            denoiser = model_denoiser(fn, handle.config.prediction_type)
+            with torch.no_grad():
+                return sample(req.sampler, denoiser, x, schedule, generator=generators,
+                              callback=callback, step_hook=step_hook)
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str, **settings: Any) -> GenerationResult:
+        return self.generate(GenerationRequest(prompt=prompt, **settings))
+
+    def generate(self, req: GenerationRequest, *, callback: Callable | None = None,
+                 output: str = "pil") -> GenerationResult:
+        """Run one request.  `callback(stage, i, total, x, x0)` after each step (raise Interrupted to stop).
+        `output="latent"` returns latents without decoding (images empty)."""
+        req = self.validate(req)
+        width, height = req.width, req.height
+        batch = req.batch
+        seeds = [req.seed + i for i in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        prompts = [req.prompt] * batch
+        negatives = None if req.negative_prompt is None else [req.negative_prompt] * batch
+        base = self.model
+        lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
+
+        full = make_schedule(req.sampler, req.steps, prediction_type=base.config.prediction_type)
+        start = img2img_start(req.steps, req.strength) if req.init_image is not None else 0
+        end = split_for_refiner(req.steps, req.refiner_start, req.sampler) if self.refiner is not None else req.steps
+        if self.refiner is not None and end <= start:
+            raise ValueError(f"the refiner would take over at step {end}, before the image-to-image start "
+                             f"at step {start}; lower strength or raise refiner_start")
+
+        def stage_callback(stage: str):
+            if callback is None:
+                return None
+            return lambda i, total, x, x0: callback(stage, i, total, x, x0)
+
+        cond = self._conditioning(base, req, prompts, negatives, width, height)
+
+        # Starting latents (diffusers prepare_latents: image latents first, then noise, then masked image).
+        extra = hook = None
+        if req.init_image is None:
+            noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
+            x = noise * full.init_noise_sigma
+        else:
+            image = image_to_tensor(req.init_image, width, height).repeat(batch, 1, 1, 1)
+            inpaint_unet = base.config.unet.in_channels == 9
+            image_latents = None
+            if req.mask is None or not inpaint_unet or req.strength < 1.0:
+                image_latents = self._encode_images(base, image, generators)
+            noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
+            if req.mask is not None and req.strength == 1.0:
+                x = noise * full.init_noise_sigma  # diffusers inpaint: pure noise at strength 1
+            else:  # diffusers add_noise at the first kept step (VE form: x0 + sigma * noise)
+                x = image_latents + noise * full.sigmas[start].to(noise.dtype)
+            if req.mask is not None:
+                mask = mask_to_tensor(req.mask, width, height).repeat(batch, 1, 1, 1)
+                mask_lat = F.interpolate(mask, size=(height // 8, width // 8)).to(self.device, self.dtype)
+                if inpaint_unet:
+                    masked = self._encode_images(base, image * (mask < 0.5), generators)
+                    pair = [mask_lat, masked]
+                    extra = torch.cat([torch.cat([m] * 2) if req.cfg > 1 else m for m in pair], dim=1)
+                else:
+                    hook = lambda sched: _inpaint_blend(image_latents, noise, mask_lat, sched)  # noqa: E731
+
+        schedule = full.tail(start).head(end - start)
+        x = self._denoise(base, cond, req, x, schedule, generators, extra_channels=extra,
+                          step_hook=hook(schedule) if hook else None, callback=stage_callback("base"))
+
+        if self.refiner is not None:
+            ref = self.refiner
+            ref_cond = self._conditioning(ref, req, prompts, negatives, width, height)
+            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=ref.config.prediction_type)
+            # diffusers' refiner start (Heun repeats the base's last step: its "+1 if even" rule)
+            ref_schedule = ref_schedule.tail(refiner_start(req.steps, req.refiner_start, req.sampler))
+            # (a 4-channel inpaint keeps blending the known region during the refiner's steps too)
+            x = self._denoise(ref, ref_cond, req, x, ref_schedule, generators,
+                              step_hook=hook(ref_schedule) if hook else None, callback=stage_callback("refiner"))
+
+        params = self._params(req, width, height, seeds)
+        if output == "latent":
+            return GenerationResult(images=[], seeds=seeds, params=params, latents=x)
+        # diffusers decodes with the refiner pipeline's VAE when a refiner ran
+        decoder = self.refiner if self.refiner is not None and self.refiner.has("vae") else base
+        with decoder.use("vae") as comps:
+            pixels = decode_checked(comps.vae, x, tile=req.tile_vae)
+        return GenerationResult(images=tensor_to_images(pixels), seeds=seeds, params=params, latents=x)
+
+    def _params(self, req: GenerationRequest, width: int, height: int, seeds: list[int]) -> list[dict[str, Any]]:
+        common = {k: v for k, v in asdict(replace(req, init_image=None, mask=None)).items()
+                  if k not in ("init_image", "mask", "seed", "batch")}
+        common.update(width=width, height=height, model=self.model.name, model_kind=self.model.config.kind,
+                      img2img=req.init_image is not None, inpaint=req.mask is not None)
+        if self.refiner is not None:
+            common["refiner"] = self.refiner.name
+        else:
+            common.pop("refiner_start", None)
+        if req.init_image is None:
+            common.pop("strength", None)
+        return [dict(common, seed=s) for s in seeds]
+
+
+def _inpaint_blend(image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule):
+    """diffusers' 4-channel inpainting: after each step of this schedule slice, put back the known region
+    noised to the next step's level, and the clean image latents after the slice's last step
+    (StableDiffusionXLInpaintPipeline: `if i < len(timesteps) - 1: add_noise(..., timesteps[i + 1])`)."""
+    last = len(schedule) - 1
+
+    def hook(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i < last:
+            known = image_latents + noise * schedule.sigmas[i + 1].to(noise.dtype)
+        else:
+            known = image_latents
+        return (1 - mask) * known + mask * x
+
+    return hook
+
+
+def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None, low_memory: bool = False) -> Pipeline:
+    """`pipe = xldm.load("sd_xl_base_1.0.safetensors", refiner="sd_xl_refiner_1.0.safetensors")`;
+    `pipe("a red apple", seed=1).images[0].save("apple.png")`."""
+    if low_memory:
+        return Pipeline(path, refiner, dtype=dtype, device=device, low_memory=True)
+    from xldm.weights.load import load_model
+
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or default_dtype(dev)
+    model = load_model(path, dtype=dt, device=dev)
+    ref = load_model(refiner, dtype=dt, device=dev) if refiner is not None else None
+    return Pipeline(model, ref, dtype=dt, device=dev)
+
+
+__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "Interrupted", "load", "ModelHandle"]
