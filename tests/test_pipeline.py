@@ -228,3 +228,38 @@ def test_bad_input_is_refused_before_work(models, settings, message):
     with pytest.raises(ValueError, match=message):
         pipe(PROMPT, **settings)
     assert not calls
+
+
+# --- SD 1.x / 2.x: the same loop, other configs ----------------------------------------------------------
+
+
+def _tiny_sd21():
+    from dataclasses import replace
+
+    from xldm.config import TINY_SD15, TextEncoderConfig
+
+    te = TextEncoderConfig(width=32, layers=3, heads=4, intermediate_size=64, activation="gelu", projection_dim=32,
+                           final_norm_on_hidden=True, pad_token_id=0)
+    unet = replace(TINY_SD15.unet, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True)
+    return replace(TINY_SD15, kind="sd21", unet=unet, text_encoders=(te,), prediction_type="v")
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd21-v"])
+def test_sd1_and_sd2_v_prediction_match_diffusers(tmp_path, variant):
+    from xldm.config import TINY_SD15
+    from xldm.weights.load import load_model
+
+    config = TINY_SD15 if variant == "sd15" else _tiny_sd21()
+    model = random_components(config, seed=2)
+    folder = save_diffusers(model, tmp_path / "sd")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    for sampler in ("euler", "dpmpp_2m"):
+        with_scheduler(ref, sampler)
+        expected = ref(PROMPT, negative_prompt="ugly", num_inference_steps=4, guidance_scale=7.0, width=64,
+                       height=64, generator=generators(2), num_images_per_prompt=2).images
+        # through the diffusers folder, as a user would load it
+        ours = Pipeline(load_model(folder), device="cpu", dtype=torch.float32)(
+            PROMPT, negative_prompt="ugly", steps=4, cfg=7.0, width=64, height=64, seed=SEED, batch=2,
+            sampler=sampler).images
+        assert_pixels_close(ours, expected)

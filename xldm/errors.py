@@ -33,6 +33,10 @@ class UnsafePathError(XldmError):
     """A path taken from a file or a request would leave its folder (`..`, absolute, symlink out)."""
 
 
+class NonFiniteError(XldmError):
+    """Latents or a decoded image hold NaN or infinite values that a float32 retry cannot fix."""
+
+
 class UnknownModelError(XldmError):
     """The weights do not match any model family xldm knows (raised by weight detection)."""
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xldm.config import ModelConfig
+from xldm.errors import NonFiniteError
 from xldm.conditioning import Conditioning, sdxl_conditioning
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import model_denoiser
@@ -315,10 +316,16 @@ class Pipeline:
         """The loop, once: a sampler over the guided denoiser of one UNet."""
         with handle.use("unet") as comps:
             fn = self._model_output_fn(comps.unet, cond, req.cfg, extra_channels)
-            denoiser = model_denoiser(fn, handle.config.prediction_type)
+            denoiser = model_denoiser(fn, _prediction(handle.config))
             with torch.no_grad():
-                return sample(req.sampler, denoiser, x, schedule, generator=generators,
-                              callback=callback, step_hook=step_hook)
+                out = sample(req.sampler, denoiser, x, schedule, generator=generators,
+                             callback=callback, step_hook=step_hook)
+        if not torch.isfinite(out).all():  # RELIABILITY 4: say where, never a silent black image
+            bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise NonFiniteError(
+                f"{handle.name}: sampling ({req.sampler}, {len(schedule)} steps, {self.dtype}) produced NaN/inf "
+                f"latents for batch item(s) {bad}; try --dtype fp32 or bf16")
+        return out
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -339,7 +346,7 @@ class Pipeline:
         base = self.model
         lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
 
-        full = make_schedule(req.sampler, req.steps, prediction_type=base.config.prediction_type)
+        full = make_schedule(req.sampler, req.steps, prediction_type=_prediction(base.config))
         start = img2img_start(req.steps, req.strength) if req.init_image is not None else 0
         end = split_for_refiner(req.steps, req.refiner_start, req.sampler) if self.refiner is not None else req.steps
         if self.refiner is not None and end <= start:
@@ -386,7 +393,7 @@ class Pipeline:
         if self.refiner is not None:
             ref = self.refiner
             ref_cond = self._conditioning(ref, req, prompts, negatives, width, height)
-            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=ref.config.prediction_type)
+            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=_prediction(ref.config))
             # diffusers' refiner start (Heun repeats the base's last step: its "+1 if even" rule)
             ref_schedule = ref_schedule.tail(refiner_start(req.steps, req.refiner_start, req.sampler))
             # (a 4-channel inpaint keeps blending the known region during the refiner's steps too)
@@ -414,6 +421,11 @@ class Pipeline:
         if req.init_image is None:
             common.pop("strength", None)
         return [dict(common, seed=s) for s in seeds]
+
+
+def _prediction(config: ModelConfig) -> str:
+    """ModelConfig's "epsilon" / "v" in diffusers' spelling, which xldm.diffusion uses."""
+    return "v_prediction" if config.prediction_type == "v" else "epsilon"
 
 
 def _inpaint_blend(image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule):

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from xldm.errors import XldmError
+from xldm.errors import NonFiniteError
 from xldm.models.vae import AutoencoderKL
 
 DEFAULT_TILE_LATENT = 64  # 512 px with the 8x SD/SDXL VAE
@@ -32,10 +32,6 @@ DEFAULT_OVERLAP_LATENT = 16  # a quarter of the tile, as diffusers' tile_overlap
 AUTO_TILE_LATENT_AREA = 192 * 192
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class NonFiniteError(XldmError):
-    """Latents or a decoded image hold NaN or infinite values that a float32 retry cannot fix."""
 
 
 def latents_are_finite(t: torch.Tensor) -> bool:

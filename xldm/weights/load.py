@@ -193,7 +193,8 @@ def _diffusers_kind(index: dict, folder: Path) -> str:
         return "sdxl-refiner" if not index.get("text_encoder") or index["text_encoder"][0] is None else "sdxl-base"
     if cls.startswith("StableDiffusion"):
         te = _read_json(folder, "text_encoder/config.json")
-        return "sd21" if te.get("hidden_size") == 1024 else "sd15"
+        # SD 2.x uses OpenCLIP (exact gelu), SD 1.x OpenAI CLIP (quick_gelu)
+        return "sd21" if te.get("hidden_act") == "gelu" else "sd15"
     raise UnknownModelError(f"{folder}: model_index.json names {cls!r}, not a Stable Diffusion pipeline")
 
 
@@ -220,10 +221,10 @@ def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
         te = replace(base, **{f: getattr(hf, f) for f in (
             "width", "layers", "heads", "intermediate_size", "vocab_size", "max_positions", "activation",
             "projection_dim", "layer_norm_eps")})
-        if kind == "sd21" and te.layers == base.layers - 1:
-            # diffusers stores SD 2.x's OpenCLIP-H without its last block and uses the last hidden
-            # state (+ final LN), which equals ldm's penultimate layer (FrozenOpenCLIPEmbedder).
-            te = replace(te, layer="last")
+        if not kind.startswith("sdxl"):
+            # diffusers' StableDiffusionPipeline reads the last hidden state (+ final LN); for SD 2.x it
+            # stores OpenCLIP-H without its last block, so that equals ldm's penultimate layer.
+            te = replace(te, layer="last", final_norm_on_hidden=True)
         encoders.append(te)
     prediction = preset.prediction_type
     sched_path = folder / "scheduler" / "scheduler_config.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def model_index(model: Components) -> dict:
         if i < len(model.text_encoders):
             index[name] = ["transformers", cls]
             index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    if not config.kind.startswith("sdxl"):
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     if config.kind == "sdxl-refiner":
         # the hub refiner: bigG only, aesthetic score on, "" encoded for the negative (SDXL_SPEC 3.4)
         index.update(text_encoder=[None, None], tokenizer=[None, None],
@@ -129,9 +132,16 @@ def save_diffusers(model: Components, folder: str | os.PathLike, *, dtype: torch
         save_file(_cast(sd, dtype), folder / "vae" / "diffusion_pytorch_model.safetensors")
     for i, (te, te_cfg) in enumerate(zip(model.text_encoders, config.text_encoders)):
         name = text_encoder_name(config, i)
+        state = te.state_dict()
+        if te_cfg.layer == "penultimate" and te_cfg.final_norm_on_hidden:
+            # SD 2.x: diffusers keeps OpenCLIP-H without its last block and reads the last hidden state
+            # (+ final LN), which is ldm's penultimate layer; the dropped block is never used.
+            last = te_cfg.layers - 1
+            state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
+            te_cfg = replace(te_cfg, layers=last, layer="last")
         hf_cfg = clip_hf_config(te_cfg)
         _write_json(folder / name / "config.json", hf_cfg)
-        save_file(_cast(te.state_dict(), dtype), folder / name / "model.safetensors", metadata={"format": "pt"})
+        save_file(_cast(state, dtype), folder / name / "model.safetensors", metadata={"format": "pt"})
         CLIPTokenizer.for_encoder(te_cfg).save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(config))
     _write_json(folder / "model_index.json", model_index(model))
