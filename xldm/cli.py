@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
+    from xldm.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,141 @@
+"""`xldm train`: parse flags and an optional TOML file into a `TrainConfig`, then run `xldm.train.loop.train`.
+
+    xldm train --preset tiny-sdxl-base --data DIR_OR_SHARDS --steps N --batch-size B --out RUN_DIR
+               [--checkpoint-every K] [--resume] [--seed S] [--lr X] [--init PATH] [--set FIELD=VALUE ...]
+    xldm train CONFIG.toml [flags]
+
+The TOML file holds data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level
+(`steps = 1000`, `lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
+Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from typing import Any
+
+from xldm.train.config import PRESET_NOTES, TRAIN_PRESETS, TrainConfig
+
+# flag -> TrainConfig field, for the flags that set a field directly.
+_FIELD_FLAGS = {"data": "data", "steps": "steps", "batch_size": "batch_size", "out": "out",
+                "checkpoint_every": "checkpoint_every", "seed": "seed", "lr": "lr", "init": "init",
+                "keep_checkpoints": "keep_checkpoints", "mixed_precision": "mixed_precision", "device": "device"}
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `train` sub-command to an `argparse` sub-parsers object."""
+    presets = ", ".join(sorted(TRAIN_PRESETS))
+    p = subparsers.add_parser("train", help="train or fine-tune a base, refiner or VAE",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML file of TrainConfig fields")
+    p.add_argument("--preset", default=None, help=f"starting settings: {presets} (no --init: random init)")
+    p.add_argument("--data", default=None, help="image folder (name.txt captions or metadata.jsonl) or .tar shards")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps (resumed ones included)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="checkpoints/, metrics.jsonl, final/")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="K")
+    p.add_argument("--keep-checkpoints", type=int, default=None, metavar="K", help="keep the newest K")
+    p.add_argument("--resume", action="store_true", help="continue from the newest loadable checkpoint")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--init", default=None, metavar="PATH", help="starting weights: single file or diffusers folder")
+    p.add_argument("--init-components", default=None, metavar="LIST",
+                   help="comma-separated subset of unet,vae,text_encoders to take from --init (default: all)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other TrainConfig field, e.g. --set offset_noise=0.05 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def _parse_value(field: dataclasses.Field, text: str) -> Any:
+    """A --set value as the field's type (bool, int, float, str, tuple of str, optional str)."""
+    kind = str(field.type)
+    if "bool" in kind:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {field.name}: expected true/false, got {text!r}")
+    if "tuple" in kind:
+        return tuple(part for part in text.split(",") if part)
+    if kind.startswith("int"):
+        return int(text)
+    if kind.startswith("float"):
+        return float(text)
+    if "None" in kind and text.lower() in ("", "none"):
+        return None
+    return text
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """preset < TOML < flags."""
+    values: dict[str, Any] = {}
+    preset_name = args.preset
+    if args.config:
+        with open(args.config, "rb") as f:
+            file_values = tomllib.load(f)
+        preset_name = preset_name or file_values.pop("preset", None)
+        file_values.pop("preset", None)
+        values.update(file_values)
+    base = TrainConfig()
+    if preset_name is not None:
+        if preset_name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown training preset {preset_name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+        base = TRAIN_PRESETS[preset_name]
+    for flag, name in _FIELD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            values[name] = value
+    if args.init_components is not None:
+        values["init_components"] = tuple(c for c in args.init_components.split(",") if c)
+    if args.deterministic:
+        values["deterministic"] = True
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        values[name] = _parse_value(fields[name], text)
+    merged = base.to_dict()
+    merged.update(values)
+    return TrainConfig.from_dict(merged)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from xldm.train.loop import train
+
+    config = config_from_args(args)
+    if not config.data:
+        raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
+    if not config.out:
+        raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
+    if args.preset and not config.init:
+        print(f"xldm train: preset {args.preset}: {PRESET_NOTES[args.preset]}", file=sys.stderr)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    if result.final_path is not None:
+        print(f"step {result.step}: wrote {result.final_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xldm.train.cli ...` (the same arguments as `xldm train`), e.g. under torchrun."""
+    parser = argparse.ArgumentParser(prog="xldm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"xldm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Exponential moving average of weights, with its own decay warm-up and a step counter kept in checkpoints.
+
+After n updates the next one uses
+    decay_n = min(decay, (1 + n) / (10 + n))        (warm-up on; diffusers `EMAModel`, use_ema_warmup=False)
+    decay_n = decay                                  (warm-up off)
+and sets shadow <- decay_n * shadow + (1 - decay_n) * param.  The counter n is part of the state: resuming without
+it would restart the warm-up (lightly-train #892, RELIABILITY 6).  Shadows are fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], decay: float, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {
+            name: p.detach().to(dtype=torch.float32, copy=True) for name, p in named_parameters
+        }
+
+    def current_decay(self) -> float:
+        """The decay the next update will use."""
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        decay = self.current_decay()
+        for name, p in named_parameters:
+            shadow = self.shadow[name]
+            shadow.mul_(decay).add_(p.detach().to(shadow.dtype), alpha=1.0 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module, prefix: str = "") -> None:
+        """Write the averaged weights into `module` (parameters named `prefix + name`)."""
+        params = dict(module.named_parameters())
+        for name, shadow in self.shadow.items():
+            if name.startswith(prefix):
+                target = params[name[len(prefix):]]
+                target.copy_(shadow.to(target.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.shadow) - set(state["shadow"]))
+        unexpected = sorted(set(state["shadow"]) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(f"EMA state does not match the model: missing {missing[:5]} ({len(missing)}), "
+                             f"unexpected {unexpected[:5]} ({len(unexpected)})")
+        for name, value in state["shadow"].items():
+            if value.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA state {name}: shape {tuple(value.shape)}, expected "
+                                 f"{tuple(self.shadow[name].shape)}")
+            self.shadow[name].copy_(value)
+        self.num_updates = int(state["num_updates"])
+        self.decay = float(state["decay"])
+        self.warmup = bool(state["warmup"])
+
+
+__all__ = ["EMA"]

@@ -1,0 +1,149 @@
+"""Training the KL autoencoder: SDXL's improved VAE (Podell et al. 2023, Sec. 2.4) with the ldm recipe.
+
+SDXL trains "the same autoencoder architecture used for the original Stable Diffusion at a larger batch-size (256 vs
+9) and additionally track[s] the weights with an exponential moving average".  The loss is ldm's
+`LPIPSWithDiscriminator` (Rombach et al. 2022; taming-transformers, Esser et al. 2021) without the LPIPS term
+(its VGG weights are a download we do not make; `perceptual` is therefore 0 here):
+
+    rec   = |x - x_hat|  (or (x - x_hat)^2),  nll = sum_chw rec / B        (ldm: logvar fixed at 0)
+    kl    = 0.5 * sum_chw (mu^2 + var - 1 - log var) / B
+    loss  = nll + kl_weight * kl  [+ d_weight * (-mean D(x_hat)) once step >= disc_start]
+    d_weight = disc_weight * clamp(|grad nll| / (|grad g| + 1e-4), 0, 1e4) on the decoder's last conv weight
+    discriminator: hinge loss 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))), its own AdamW
+
+The patch discriminator is pix2pix's NLayerDiscriminator (Isola et al. 2017; 3 layers, 4x4 convs, LeakyReLU 0.2)
+with GroupNorm instead of BatchNorm, so each sample is judged alone and DDP needs no synced statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xldm.models.components import Components
+from xldm.train.config import TrainConfig
+from xldm.train.ema import EMA
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix `NLayerDiscriminator(input_nc, ndf, n_layers=3)`: a logit per overlapping 70x70 patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2 ** i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
+                       nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+        for m in self.modules():  # taming weights_init: N(0, 0.02) convs, N(1, 0.02) norm scales
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Reconstruction(nn.Module):
+    """VAE forward that also returns the posterior, so one (DDP-wrapped) call gives all the loss needs."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generators: list[torch.Generator]):
+        posterior = self.vae.encode(x)
+        return self.vae.decode(posterior.sample(generators)), posterior.mean, posterior.logvar
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample sum over pixels, mean over the batch (ldm `nll_loss = sum(rec) / B` with logvar 0)."""
+    diff = (x.float() - x_hat.float())
+    rec = diff.abs() if kind == "l1" else diff.square()
+    return rec.sum() / x.shape[0]
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)), summed per sample, mean over the batch (ldm `DiagonalGaussianDistribution.kl`)."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / mean.shape[0]
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                         disc_weight: float) -> torch.Tensor:
+    """ldm `calculate_adaptive_weight`: balance the adversarial gradient against the reconstruction one."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
+    return weight * disc_weight
+
+
+def build_vae_run(config: TrainConfig, procs, model: Components):
+    from xldm.train.loop import Run, _wrap, make_optimizer
+
+    vae = model.vae.requires_grad_(True).train()
+    torch.manual_seed(config.seed + 1)
+    disc = PatchDiscriminator(model.config.vae.out_channels, config.disc_channels).to(procs.device)
+    disc_optimizer = make_optimizer(config, disc.parameters(), lr=config.disc_lr or config.lr)
+    run = Run(config=config, model=model, trainable={"vae": vae},
+              forward={"vae": _wrap(Reconstruction(vae), procs), "discriminator": _wrap(disc, procs)},
+              optimizer=make_optimizer(config, vae.parameters()), ema=None, procs=procs,
+              extras={"discriminator": (disc, disc_optimizer)})
+    if config.ema_decay > 0:
+        run.ema = EMA(run.named_trainable_parameters(), config.ema_decay, warmup=config.ema_warmup)
+    return run
+
+
+def vae_step(run, batch: dict, step: int):
+    """One autoencoder step, then (after `disc_start`) one discriminator step on the same batch."""
+    from xldm.train.loop import StepResult, _batch_rows, apply_update, lr_at
+    from xldm.train.objective import sample_generators
+
+    config = run.config
+    vae = run.trainable["vae"]
+    disc, disc_optimizer = run.extras["discriminator"]
+    adversarial = step >= config.disc_start  # ldm adopt_weight: the discriminator joins at disc_start
+    gens = sample_generators(config.seed, step, _batch_rows(run, batch))
+    x = batch["pixels"].to(device=run.device, dtype=torch.float32)
+    with run.autocast():
+        x_hat, mean, logvar = run.forward["vae"](x, gens)
+    nll = reconstruction_loss(x, x_hat, config.reconstruction_loss)
+    kl = kl_loss(mean, logvar)
+    loss = nll + config.kl_weight * kl
+    extra = {"rec_loss": float(nll.detach()), "kl_loss": float(kl.detach())}
+    if adversarial:
+        with run.autocast():
+            g_loss = -disc(x_hat).float().mean()  # the unwrapped discriminator: its gradients are discarded below
+        d_weight = adaptive_disc_weight(nll, g_loss, vae.decoder.conv_out.weight, config.disc_weight)
+        loss = loss + d_weight * g_loss
+        extra.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
+    params = [p for _, p in run.named_trainable_parameters()]
+    applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(config, step))
+    disc_optimizer.zero_grad(set_to_none=True)
+    if applied and run.ema is not None:
+        run.ema.update(run.named_trainable_parameters())
+    if adversarial and applied:
+        with run.autocast():
+            logits_real = run.forward["discriminator"](x)
+            logits_fake = run.forward["discriminator"](x_hat.detach())
+        d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
+        disc_lr = (config.disc_lr or config.lr) * lr_at(config, step) / config.lr
+        d_applied, d_value, _ = apply_update(run, d_loss, disc_optimizer, list(disc.parameters()), disc_lr)
+        extra.update(d_loss=d_value, d_applied=float(d_applied))
+    return StepResult(loss=value, applied=applied, grad_norm=norm, extra=extra)
+
+
+__all__ = ["PatchDiscriminator", "Reconstruction", "reconstruction_loss", "kl_loss", "hinge_d_loss",
+           "adaptive_disc_weight", "build_vae_run", "vae_step"]
