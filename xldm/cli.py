@@ -1,4 +1,4 @@
-"""The `xldm` command line: `xldm generate`, `xldm info`, `xldm convert`."""
+"""The `xldm` command line: `xldm generate | train | data | serve | info | convert`."""
 
 from __future__ import annotations
 
@@ -172,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
+    from xldm.datasets.cli import add_data_parser
+    from xldm.serve.cli import add_serve_parser
     from xldm.train.cli import add_train_parser
 
     add_train_parser(sub)
+    add_data_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

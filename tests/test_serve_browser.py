@@ -1,0 +1,116 @@
+"""The page at `/` in a real browser: headless Debian Chromium driven by Playwright against a running server.
+
+Loads the page, types a prompt, generates, sees the progress bar move with a preview, sees the image in the
+gallery with its parameters, downloads it, and checks the download has the same pixels as the API gives for
+the same settings (max abs diff 0).  Skipped only when Chromium is not installed (`.ci/install-browser`).
+Set XLDM_SCREENSHOT=FILE.png to also write a screenshot of the page (docs/serve.png is made this way).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
+from xldm.serve.app import RunningServer, ServerConfig, create_app
+from xldm.weights.save import save_single_file
+
+from tiny_models import random_components
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (run .ci/install-browser)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base = save_single_file(random_components(TINY_SDXL_BASE, seed=0), root / "base.safetensors")
+    refiner = save_single_file(random_components(TINY_SDXL_REFINER, seed=1), root / "refiner.safetensors")
+    running = RunningServer(create_app(ServerConfig(models=[base, refiner], refiner=refiner.name,
+                                                    dtype=torch.float32, device="cpu")))
+    yield running
+    running.stop()
+
+
+def test_page_generates_shows_progress_and_downloads(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            accept_downloads=True, viewport={"width": 1100, "height": 760})
+        try:
+            page = context.new_page()
+            external = []
+            local = (server.url, "data:", "blob:")
+            page.on("request", lambda r: None if r.url.startswith(local) else external.append(r.url))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.querySelectorAll('#size option').length > 0")
+            assert page.locator("#size").input_value() == "64x64"  # the model's native size, from the buckets
+            assert page.locator("#sampler option").count() == 8
+            assert page.locator("#refiner").is_enabled()
+
+            page.fill("#prompt", "a lighthouse at dusk")
+            page.fill("#negative", "blurry")
+            page.fill("#steps", "40")
+            page.fill("#cfg", "5")
+            page.fill("#seed", "1234")
+            page.select_option("#sampler", "Euler a")
+            page.check("#refiner")
+            page.click("#advanced summary")
+            page.fill("#orig-w", "128")
+            page.fill("#orig-h", "128")
+            page.click("#generate")
+
+            # progress: the bar moves and a preview appears while the job runs
+            page.wait_for_function("parseFloat(document.getElementById('bar-fill').style.width) > 0"
+                                   " && document.getElementById('progress-text').textContent.includes('%')",
+                                   timeout=30000)
+            page.wait_for_selector("#preview[src^='data:image/png']", state="visible", timeout=30000)
+            assert page.locator("#interrupt").is_enabled()
+
+            figure = page.locator("figure.result").first
+            figure.wait_for(timeout=60000)
+            params = figure.locator("pre.params").text_content()
+            assert params.startswith("a lighthouse at dusk") and "Seed: 1234" in params and "Steps: 40" in params
+            assert "Sampler: Euler a" in params and "Negative prompt: blurry" in params
+            assert "Refiner: refiner.safetensors" in params and "Refiner switch at: 0.8" in params
+            assert page.evaluate("document.querySelector('figure.result img').naturalWidth") == 64
+            assert page.locator("#progress-text").text_content().startswith("done")
+
+            with page.expect_download() as download_info:
+                figure.locator("a.download").click()
+            download = download_info.value
+            assert download.suggested_filename == "xldm-1234.png"
+            saved = tmp_path / download.suggested_filename
+            download.save_as(saved)
+            page.wait_for_selector("#generate:enabled")  # ready for the next one
+            assert page.locator("#interrupt").is_disabled() and page.locator("#preview").is_hidden()
+            if os.environ.get("XLDM_SCREENSHOT"):
+                page.evaluate("window.scrollTo(0, 0)")
+                page.screenshot(path=os.environ["XLDM_SCREENSHOT"], full_page=True)
+            assert external == []  # the page loaded nothing from anywhere else
+        finally:
+            context.close()
+
+    downloaded = np.asarray(Image.open(saved).convert("RGB"))
+    assert Image.open(saved).info["parameters"] == params  # the file carries its parameters
+    body = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "steps": 40, "cfg_scale": 5,
+            "seed": 1234, "sampler_name": "Euler a", "width": 64, "height": 64, "original_size": [128, 128],
+            "crop_top_left": [0, 0], "aesthetic_score": 6, "negative_aesthetic_score": 2.5,
+            "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8}
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        api = c.post("/sdapi/v1/txt2img", json=body).json()["images"][0]
+    api_pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(api))).convert("RGB"))
+    assert np.abs(downloaded.astype(int) - api_pixels.astype(int)).max() == 0

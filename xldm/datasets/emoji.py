@@ -1,0 +1,596 @@
+"""The emoji dataset the bundled default model trains on: Twemoji and Noto emoji with CLDR captions.
+
+`build_emoji_dataset` turns npm packages into a captioned image folder in the Hugging Face imagefolder layout
+(images plus a `metadata.jsonl` of `{"file_name", "text", ...}`) that `xldm.train.data` reads:
+
+* images: `emoji-datasource-twitter` (Twemoji) and `emoji-datasource-google` (Noto emoji), the per-emoji PNGs
+  under `img/<set>/<px>/` (the largest `<px>` in the package; 64 in 16.0.0).  Each package also holds the
+  `emoji.json` of `emoji-datasource` (unified code points, skin variations, `has_img_<set>` flags), so names
+  and images always come from the same release.  Only glyphs with `has_img_<set>: true` are used: the
+  per-emoji PNGs fill missing glyphs with another vendor's image (the package README, "sheets-clean").
+* names: the CLDR short names (`label`) of `emojibase-data` `en/data.json`, matched by code points with the
+  variation selector FE0F removed (emojibase drops it, emoji-datasource keeps it); when CLDR lacks an emoji,
+  emoji-datasource's Unicode `name`, lower-cased, is used and counted as a fallback.
+* captions: `"<CLDR name>[, <skin tone>...], <style> style"`, e.g. "waving hand, medium skin tone, twitter style".
+  Skin tones are the CLDR names of the Fitzpatrick modifiers; a two-person emoji lists both tones, once
+  when they are equal.  Multi-aspect samples off the centre append a position phrase ("..., at the top left").
+
+Three kinds of sample, all RGB composited onto white (the sources are RGBA):
+
+* `native`: every glyph, centred on a `size` x `size` canvas that it fills, resized with Lanczos (a 64 px
+  source upscaled to 128 is soft; `source_px` in each record says so).
+* `multi_aspect`: a glyph at a random scale (35-100 % of the short side) and offset on a non-square canvas from
+  the small model's buckets (`xldm.buckets.buckets_for_area(128, 16)`), so crop and aspect conditioning carry
+  information.
+* `low_res`: a glyph stored small (32 or 48 px square canvases by default), so `original_size` really varies.
+
+Packages are fetched with `npm pack NAME@VERSION` into a cache folder (never into the repository) and unpacked
+with `tarfile`, refusing links, devices and members with absolute paths or `..`.  The build is deterministic
+for a seed: every random choice is drawn in one `random.Random(seed)` before any image is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from xldm.buckets import buckets_for_area
+from xldm.errors import UnsafePathError, XldmError
+
+
+class EmojiDatasetError(XldmError):
+    """The emoji dataset cannot be built (npm missing, a package absent offline, a malformed package)."""
+
+
+@dataclass(frozen=True)
+class EmojiSource:
+    """One image set: the npm package that holds its PNGs, and the licence terms of its graphics."""
+
+    style: str  # the caption's "<style> style" and the `img/<style>/` folder in the package
+    package: str
+    version: str
+    artwork: str  # the upstream artwork the package's PNGs come from
+    graphics_license: str
+    attribution: str
+
+
+# Pinned releases (`npm view NAME version`).  The emoji-datasource packages are MIT for their code and data
+# (package.json, LICENSE "Copyright (c) 2013 Cal Henderson"); the graphics keep their own licences, stated in
+# the package README under "Image Sources"/licensing and repeated here.
+SOURCES: dict[str, EmojiSource] = {
+    "twitter": EmojiSource(
+        style="twitter",
+        package="emoji-datasource-twitter",
+        version="16.0.0",
+        artwork="Twemoji (jdecked/twemoji fork) v16.0.1, https://github.com/jdecked/twemoji",
+        graphics_license="CC-BY 4.0 (https://creativecommons.org/licenses/by/4.0/)",
+        attribution="Copyright 2020 Twitter, Inc and other contributors; graphics licensed under CC-BY 4.0",
+    ),
+    "google": EmojiSource(
+        style="google",
+        package="emoji-datasource-google",
+        version="16.0.0",
+        artwork="Noto Emoji v2.048, https://github.com/googlefonts/noto-emoji",
+        graphics_license="Apache-2.0 (noto-emoji: most image resources are Apache-2.0, the flag images "
+        "(third_party/region-flags) are public domain or otherwise exempt from copyright; the Noto Color Emoji "
+        "font file, not used here, is SIL OFL 1.1)",
+        attribution="Noto Emoji by Google (googlefonts/noto-emoji); images licensed under the Apache License 2.0",
+    ),
+}
+NAMES_PACKAGE = ("emojibase-data", "17.0.0")  # MIT; the names are Unicode CLDR annotations (Unicode License v3)
+
+# CLDR names of the emoji modifiers U+1F3FB..U+1F3FF (Unicode emoji-test.txt, "skin-tone" subgroup).
+SKIN_TONES: dict[str, str] = {
+    "1F3FB": "light skin tone",
+    "1F3FC": "medium-light skin tone",
+    "1F3FD": "medium skin tone",
+    "1F3FE": "medium-dark skin tone",
+    "1F3FF": "dark skin tone",
+}
+
+# Position phrase of an off-centre multi-aspect sample, by the thirds its centre falls in: (row, column).
+POSITION_PHRASES: dict[tuple[str, str], str | None] = {
+    ("top", "left"): "at the top left", ("top", "center"): "at the top", ("top", "right"): "at the top right",
+    ("middle", "left"): "on the left", ("middle", "center"): None, ("middle", "right"): "on the right",
+    ("bottom", "left"): "at the bottom left", ("bottom", "center"): "at the bottom",
+    ("bottom", "right"): "at the bottom right",
+}
+MULTI_ASPECT_MIN_SCALE = 0.35  # smallest glyph side as a fraction of the canvas's short side
+MULTI_ASPECT_BUCKETS = (128, 16)  # buckets_for_area(base, step) of the small model (latent 16x16 at 128 px)
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xldm" / "npm"
+
+
+def tarball_name(package: str, version: str) -> str:
+    """The file `npm pack` writes for an unscoped package: `name-version.tgz`."""
+    return f"{package}-{version}.tgz"
+
+
+def npm_pack(package: str, version: str, cache_dir: Path, *, offline: bool = False) -> Path:
+    """The tarball of `package@version` in `cache_dir`, fetched with `npm pack` unless it is already there."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / tarball_name(package, version)
+    if target.is_file():
+        return target
+    if offline:
+        raise EmojiDatasetError(
+            f"{target.name} is not in the cache {cache_dir} and --offline forbids fetching it; run once without "
+            f"--offline, or put the output of `npm pack {package}@{version}` there"
+        )
+    npm = shutil.which("npm")
+    if npm is None:
+        raise EmojiDatasetError(
+            "npm is needed to fetch the emoji packages but was not found on PATH: install Node.js with npm "
+            "(e.g. `apt-get install npm`, or https://nodejs.org), or fill --cache with the tarballs and use --offline"
+        )
+    # npm pack checks the download against the registry's integrity hash; nothing of the package is run.
+    try:
+        result = subprocess.run(
+            [npm, "pack", f"{package}@{version}", "--ignore-scripts", "--silent"],
+            cwd=cache_dir, capture_output=True, text=True, timeout=900,
+        )
+    except subprocess.TimeoutExpired:
+        raise EmojiDatasetError(f"`npm pack {package}@{version}` took over 15 minutes; is the registry reachable?") from None
+    if result.returncode != 0 or not target.is_file():
+        raise EmojiDatasetError(f"`npm pack {package}@{version}` failed ({result.returncode}): {result.stderr[-2000:]}")
+    return target
+
+
+def check_member(member: tarfile.TarInfo) -> PurePosixPath:
+    """The member's relative path; `UnsafePathError` for absolute paths, `..`, links and special files."""
+    name = member.name.replace("\\", "/")
+    path = PurePosixPath(name)
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
+        raise UnsafePathError(f"tar member {member.name!r} would be written outside the extraction folder")
+    if not (member.isfile() or member.isdir()):
+        raise UnsafePathError(
+            f"tar member {member.name!r} is a link or special file; only files and folders are accepted"
+        )
+    return path
+
+
+def safe_extract(tarball: Path, dest: Path, want: Callable[[PurePosixPath], bool] = lambda p: True) -> int:
+    """Extract the regular files of `tarball` that `want` accepts into `dest`; returns how many.
+
+    Every member is checked first (`check_member`), so a tarball with one bad member extracts nothing.
+    Files are written by this function (never `TarFile.extract`), with default permissions.
+    """
+    with tarfile.open(tarball, "r:*") as tar:
+        members = tar.getmembers()
+        paths = [check_member(m) for m in members]
+        root = dest.resolve()
+        count = 0
+        for member, path in zip(members, paths):
+            if not member.isfile() or not want(path):
+                continue
+            out = (dest / path).resolve()
+            if root not in out.parents:
+                raise UnsafePathError(f"tar member {member.name!r} resolves outside {dest}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has data
+            with source, open(out, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            count += 1
+    return count
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FetchedPackage:
+    name: str
+    version: str
+    root: Path  # the unpacked `package/` folder
+    sha256: str  # of the tarball
+
+
+def unpack_package(package: str, version: str, cache_dir: Path, want: Callable[[PurePosixPath], bool],
+                   *, offline: bool = False) -> FetchedPackage:
+    """Fetch (or reuse) the tarball and unpack the wanted files once into `cache_dir/name-version/`."""
+    tarball = npm_pack(package, version, cache_dir, offline=offline)
+    digest = sha256_of(tarball)
+    folder = cache_dir / f"{package}-{version}"
+    stamp = folder / ".unpacked"
+    if not (stamp.is_file() and stamp.read_text() == digest):
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial = cache_dir / f".{package}-{version}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        safe_extract(tarball, partial, want)
+        partial.rename(folder)
+        stamp.write_text(digest)
+    root = folder / "package"
+    if not root.is_dir():
+        raise EmojiDatasetError(f"{tarball.name} has no package/ folder; is it an npm tarball?")
+    return FetchedPackage(package, version, root, digest)
+
+
+def _image_package_files(style: str) -> Callable[[PurePosixPath], bool]:
+    def want(path: PurePosixPath) -> bool:
+        parts = path.parts
+        if parts[1:] in (("emoji.json",), ("package.json",), ("LICENSE",), ("README.md",)):
+            return True
+        # package/img/<style>/<px>/<glyph>.png; the sprite sheets (sheets*/) are not needed
+        return len(parts) == 5 and parts[1:3] == ("img", style) and parts[3].isdigit() and parts[4].endswith(".png")
+    return want
+
+
+def _names_package_files(path: PurePosixPath) -> bool:
+    return path.parts[1:] in (("en", "data.json"), ("package.json",), ("LICENSE",))
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def normalize_hexcode(code: str) -> str:
+    """Upper-case code points joined by '-', without the variation selector FE0F (emojibase's convention)."""
+    return "-".join(p for p in code.upper().replace(" ", "-").split("-") if p and p != "FE0F")
+
+
+def load_cldr_names(emojibase_root: Path) -> dict[str, str]:
+    """Normalized hexcode -> CLDR short name, from emojibase-data `en/data.json` (skin variants included)."""
+    entries = json.loads((emojibase_root / "en" / "data.json").read_text(encoding="utf-8"))
+    names: dict[str, str] = {}
+    for entry in entries:
+        for item in [entry, *entry.get("skins", [])]:
+            names[normalize_hexcode(item["hexcode"])] = item["label"]
+    return names
+
+
+def skin_tone_phrase(key: str) -> str:
+    """'1F3FB-1F3FD' -> 'light skin tone, medium skin tone'; equal tones are named once."""
+    tones = [SKIN_TONES[p] for p in key.upper().split("-")]
+    return tones[0] if len(set(tones)) == 1 else ", ".join(tones)
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """One emoji image of one set, with its caption parts."""
+
+    style: str
+    hexcode: str  # emoji-datasource `unified`
+    image: Path
+    name: str  # CLDR short name (or the fallback)
+    name_source: str  # "cldr" | "fallback"
+    skin_tone: str | None
+    category: str
+    source_px: int  # side of the source PNG
+
+    @property
+    def caption(self) -> str:
+        parts = [self.name] + ([self.skin_tone] if self.skin_tone else []) + [f"{self.style} style"]
+        return ", ".join(parts)
+
+    @property
+    def emoji(self) -> str:
+        return "".join(chr(int(p, 16)) for p in self.hexcode.split("-"))
+
+
+def image_folder(package_root: Path, style: str) -> tuple[Path, int]:
+    """`img/<style>/<px>/` with the largest `<px>` the package holds."""
+    base = package_root / "img" / style
+    sizes = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
+    if not sizes:
+        raise EmojiDatasetError(f"{base} holds no per-emoji image folder (img/{style}/<px>/)")
+    return base / str(sizes[-1]), sizes[-1]
+
+
+def list_glyphs(package_root: Path, style: str, cldr: dict[str, str], limit: int | None, stats: Counter) -> list[Glyph]:
+    """Every glyph of the set that has its own image, in emoji-datasource's `sort_order` (CLDR order)."""
+    folder, px = image_folder(package_root, style)
+    entries = json.loads((package_root / "emoji.json").read_text(encoding="utf-8"))
+    entries.sort(key=lambda e: (e.get("sort_order", 0), e["unified"]))
+    if limit is not None:
+        entries = entries[:limit]
+    flag = f"has_img_{style}"
+    glyphs: list[Glyph] = []
+    for entry in entries:
+        base_name = cldr.get(normalize_hexcode(entry["unified"]))
+        name_source = "cldr" if base_name is not None else "fallback"
+        if base_name is None:
+            base_name = entry["name"].lower()
+        variants = [(entry, None)] + [(v, k) for k, v in sorted((entry.get("skin_variations") or {}).items())]
+        for item, tone_key in variants:
+            image = folder / item["image"]
+            if not item.get(flag, False):
+                stats[f"{style}: no {style} image (skipped)"] += 1
+                continue
+            if not image.is_file():
+                stats[f"{style}: image file missing (skipped)"] += 1
+                continue
+            glyphs.append(Glyph(style, item["unified"], image, base_name, name_source,
+                                skin_tone_phrase(tone_key) if tone_key else None, entry.get("category", ""), px))
+    return glyphs
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One output image: a glyph placed as a `side` x `side` box at (left, top) on a white width x height canvas."""
+
+    kind: str  # "native" | "multi_aspect" | "low_res"
+    file_name: str
+    glyph: Glyph
+    width: int
+    height: int
+    left: int
+    top: int
+    side: int
+    position: str | None = None  # phrase appended to the caption (multi-aspect, off centre)
+
+    @property
+    def caption(self) -> str:
+        return self.glyph.caption + (f", {self.position}" if self.position else "")
+
+    def record(self) -> dict:
+        g = self.glyph
+        record = {
+            "file_name": self.file_name, "text": self.caption,
+            "original_size": [self.height, self.width],  # (height, width): SDXL's c_size order
+            "kind": self.kind, "style": g.style, "source": f"{SOURCES[g.style].package}@{SOURCES[g.style].version}",
+            "emoji": g.emoji, "hexcode": g.hexcode, "name": g.name, "name_source": g.name_source,
+            "skin_tone": g.skin_tone, "category": g.category, "source_px": g.source_px,
+        }
+        if self.kind == "multi_aspect":
+            record["placement"] = {"left": self.left, "top": self.top, "side": self.side}
+            record["position"] = self.position
+        return record
+
+
+def render(sample: Sample, out_dir: Path) -> None:
+    """Resize the RGBA glyph with Lanczos (Pillow premultiplies alpha), composite it onto white, save RGB PNG."""
+    from PIL import Image
+
+    with Image.open(sample.glyph.image) as source:
+        glyph = source.convert("RGBA")
+    # fit a non-square source into the box, keeping its aspect ratio, centred
+    scale = sample.side / max(glyph.size)
+    w, h = max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))
+    if (w, h) != glyph.size:
+        glyph = glyph.resize((w, h), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (sample.width, sample.height), (255, 255, 255, 255))
+    canvas.alpha_composite(glyph, (sample.left + (sample.side - w) // 2, sample.top + (sample.side - h) // 2))
+    path = out_dir / sample.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.convert("RGB").save(path, format="PNG")
+
+
+def position_phrase(width: int, height: int, left: int, top: int, side: int) -> str | None:
+    """Where the glyph's centre falls, by thirds of the canvas; None in the central third of both axes."""
+    def third(center: float, extent: int, names: tuple[str, str, str]) -> str:
+        return names[min(2, int(3 * center / extent))]
+
+    col = third(left + side / 2, width, ("left", "center", "right"))
+    row = third(top + side / 2, height, ("top", "middle", "bottom"))
+    return POSITION_PHRASES[(row, col)]
+
+
+def plan_samples(glyphs: Sequence[Glyph], *, size: int, multi_aspect: int, low_res: int,
+                 low_res_sizes: Sequence[int], seed: int, position_phrases: bool = True) -> list[Sample]:
+    """Every sample to write, with all random choices drawn here from one `random.Random(seed)`."""
+    samples = [Sample("native", f"{g.style}/{g.hexcode.lower()}.png", g, size, size, 0, 0, size) for g in glyphs]
+    rng = random.Random(seed)
+
+    def pick(count: int) -> list[Glyph]:
+        return rng.sample(list(glyphs), count) if count <= len(glyphs) else rng.choices(glyphs, k=count)
+
+    if multi_aspect and glyphs:
+        canvases = [wh for wh in buckets_for_area(*MULTI_ASPECT_BUCKETS) if wh[0] != wh[1]]
+        for i, g in enumerate(pick(multi_aspect)):
+            width, height = rng.choice(canvases)
+            short = min(width, height)
+            side = rng.randint(math.ceil(MULTI_ASPECT_MIN_SCALE * short), short)
+            left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+            phrase = position_phrase(width, height, left, top, side) if position_phrases else None
+            samples.append(Sample("multi_aspect", f"multi_aspect/{i:05d}_{g.style}_{g.hexcode.lower()}.png",
+                                  g, width, height, left, top, side, phrase))
+    if low_res and glyphs:
+        for i, g in enumerate(pick(low_res)):
+            px = rng.choice(list(low_res_sizes))
+            samples.append(Sample("low_res", f"low_res/{i:05d}_{g.style}_{g.hexcode.lower()}.png", g, px, px, 0, 0, px))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class BuildOptions:
+    out_dir: Path
+    sources: Sequence[str] = ("twitter", "google")
+    size: int = 128
+    multi_aspect: int = 0
+    low_res: int = 0
+    low_res_sizes: Sequence[int] = (32, 48)
+    seed: int = 0
+    cache_dir: Path | None = None
+    limit: int | None = None  # first N emoji (with their skin variants) of each set, in CLDR order
+    offline: bool = False
+    position_phrases: bool = True
+    workers: int = 2
+    command: str = ""  # recorded in the README
+
+    def check(self) -> None:
+        unknown = [s for s in self.sources if s not in SOURCES]
+        if unknown or not self.sources:
+            raise EmojiDatasetError(f"--sources must be a comma list of {', '.join(SOURCES)}; got {list(self.sources)}")
+        if self.size < 8 or any(s < 1 for s in self.low_res_sizes) or not self.low_res_sizes:
+            raise EmojiDatasetError(
+                f"sizes must be >= 8 (size) and >= 1 (low-res), got {self.size}, {list(self.low_res_sizes)}"
+            )
+        if self.multi_aspect < 0 or self.low_res < 0 or (self.limit is not None and self.limit < 1):
+            raise EmojiDatasetError("--multi-aspect and --low-res must be >= 0 and --limit >= 1")
+
+
+@dataclass
+class BuildSummary:
+    out_dir: Path
+    samples: list[Sample]
+    packages: list[FetchedPackage]
+    stats: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, int]:
+        c: Counter = Counter({"native names from cldr": 0, "native names from fallback": 0})
+        for s in self.samples:
+            c["total"] += 1
+            c[f"{s.kind}"] += 1
+            c[f"{s.kind} / {s.glyph.style} style"] += 1
+            if s.glyph.skin_tone:
+                c[f"{s.kind} with a skin tone"] += 1
+            if s.kind == "native":
+                c[f"native names from {s.glyph.name_source}"] += 1
+            if s.position:
+                c["multi_aspect with a position phrase"] += 1
+        return dict(sorted(c.items()))
+
+
+README_TITLE = "# Emoji dataset for xldm's default model"
+OUTPUT_FOLDERS = ("metadata.jsonl", "README.md", "multi_aspect", "low_res", *SOURCES)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create `out_dir`, or clear a previous emoji build there; refuse any other non-empty folder."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        readme = out_dir / "README.md"
+        if not (readme.is_file() and readme.read_text(encoding="utf-8").startswith(README_TITLE)):
+            raise EmojiDatasetError(f"{out_dir} is not empty and holds no earlier emoji dataset; choose a new folder")
+        for name in OUTPUT_FOLDERS:  # only what a build writes, so stale samples cannot linger
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def build_emoji_dataset(options: BuildOptions, log: Callable[[str], None] = lambda _: None) -> BuildSummary:
+    """Fetch the packages, plan and render every sample, write `metadata.jsonl` and `README.md`."""
+    options.check()
+    cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+    out_dir = Path(options.out_dir)
+    names = unpack_package(*NAMES_PACKAGE, cache, _names_package_files, offline=options.offline)
+    cldr = load_cldr_names(names.root)
+    packages, glyphs, stats = [names], [], Counter()
+    for style in options.sources:
+        src = SOURCES[style]
+        log(f"fetching {src.package}@{src.version}")
+        pkg = unpack_package(src.package, src.version, cache, _image_package_files(style), offline=options.offline)
+        packages.append(pkg)
+        glyphs += list_glyphs(pkg.root, style, cldr, options.limit, stats)
+    samples = plan_samples(glyphs, size=options.size, multi_aspect=options.multi_aspect, low_res=options.low_res,
+                           low_res_sizes=options.low_res_sizes, seed=options.seed,
+                           position_phrases=options.position_phrases)
+    log(f"rendering {len(samples)} images into {out_dir}")
+    prepare_out_dir(out_dir)
+    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:  # Pillow releases the GIL in C code
+        for _ in pool.map(lambda s: render(s, out_dir), samples, chunksize=64):
+            pass
+    with open(out_dir / "metadata.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for s in samples:
+            f.write(json.dumps(s.record(), ensure_ascii=False) + "\n")
+    summary = BuildSummary(out_dir, samples, packages, stats)
+    (out_dir / "README.md").write_text(dataset_readme(summary, options), encoding="utf-8")
+    return summary
+
+
+def dataset_readme(summary: BuildSummary, options: BuildOptions) -> str:
+    """The dataset card: sources, versions, licences, attributions, counts and the command."""
+    source_px = ", ".join(str(px) for px in sorted({s.glyph.source_px for s in summary.samples})) or "-"
+    lines = [
+        README_TITLE,
+        "",
+        "Captioned emoji images built by `xldm data emoji` from npm packages (fetched with `npm pack`, "
+        "never committed). Layout: Hugging Face imagefolder: images plus `metadata.jsonl` with one record per "
+        "image: `file_name`, `text` (the caption), `original_size` as [height, width] (SDXL's c_size order), "
+        "`kind`, `style`, `source`, `emoji`, `hexcode`, `name`, `name_source`, `skin_tone`, `category`, "
+        "`source_px`, and for multi-aspect samples `placement` {left, top, side} and `position`.",
+        "",
+        "## Sources and licences",
+        "",
+        "| package | version | tarball sha256 | contents | licence |",
+        "|---|---|---|---|---|",
+    ]
+    for pkg in summary.packages:
+        src = next((s for s in SOURCES.values() if s.package == pkg.name), None)
+        if src is None:
+            what = "CLDR short names (en/data.json `label`)"
+            lic = "MIT (package); names: Unicode CLDR, Unicode License v3"
+        else:
+            what = f"{src.artwork}: `img/{src.style}/` PNGs and emoji.json"
+            lic = f"graphics: {src.graphics_license}; package code and data: MIT (Copyright (c) 2013 Cal Henderson)"
+        lines.append(f"| `{pkg.name}` | {pkg.version} | `{pkg.sha256}` | {what} | {lic} |")
+    lines += ["", "Attributions:", ""]
+    lines += [f"* {SOURCES[s].style} style: {SOURCES[s].artwork}. {SOURCES[s].attribution}." for s in options.sources]
+    lines += [
+        "* Emoji names: Unicode CLDR annotations via emojibase-data (MIT); image metadata: emoji-datasource "
+        "(iamcal/emoji-data, MIT).",
+        "",
+        "Not included: OpenMoji (CC BY-SA), the Apple and Facebook sets. Only glyphs with `has_img_<set>: true` "
+        "are used, so no other vendor's fallback image enters a set.",
+        "",
+        "## Samples",
+        "",
+        f"* `native`: every glyph centred on a white {options.size}x{options.size} canvas that it fills, resized "
+        f"with Lanczos from the source PNG (`source_px`: {source_px} px here), so upscaled images are soft.",
+        f"* `multi_aspect`: a glyph at a random side of {int(MULTI_ASPECT_MIN_SCALE * 100)}-100 % of the canvas's "
+        f"short side and a random offset, on a non-square canvas from `buckets_for_area{MULTI_ASPECT_BUCKETS}`. "
+        + ("When the glyph's centre is outside the middle third of either axis the caption ends with a position "
+           "phrase: at the top left / at the top / at the top right / on the left / on the right / at the bottom "
+           "left / at the bottom / at the bottom right." if options.position_phrases
+           else "Captions carry no position phrase."),
+        f"* `low_res`: a glyph centred on a white square canvas of {', '.join(map(str, options.low_res_sizes))} px, "
+        "downsampled with Lanczos: genuinely small originals, so `original_size` varies.",
+        "* Captions: `<CLDR name>[, <skin tone>[, <skin tone>]], <style> style`, e.g. "
+        "\"waving hand, medium skin tone, twitter style\". All images are RGB, composited onto white.",
+        "",
+        "## Counts",
+        "",
+        "| what | count |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in summary.counts().items()]
+    lines += [f"| {k} | {v} |" for k, v in sorted(summary.stats.items())]
+    lines += [
+        "",
+        "(`native names from cldr/fallback`: captions whose name is the CLDR short name, or emoji-datasource's "
+        "Unicode name lower-cased where CLDR has none.)",
+        "",
+        "## Command",
+        "",
+        "```",
+        options.command or "(built from Python: build_emoji_dataset)",
+        "```",
+        "",
+        "(`--cache`, `--offline` and `--workers` do not change the output and are left out.)",
+        "",
+        f"Deterministic: the same command (seed {options.seed}) and package versions give byte-identical files.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,554 @@
+"""The ASGI app: AUTOMATIC1111's `/sdapi/v1/*` API over xldm's pipeline, and the web page at `/`.
+
+Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`; GET `progress`,
+`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs: sizes from
+the aspect buckets, models, refiners, limits), `/` and `/static/*` (the page), `/openapi.json`.  The interactive
+`/docs` pages are off: FastAPI builds them from a CDN, and nothing the server sends loads external resources.
+
+Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (counting over
+all batches) uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's
+"(word:1.2)" weighting and 75-token chunks (`weighting=True, long_prompts="chunk"`: the same conditioning as
+`xldm generate --weighting --long-prompts`, and for a plain prompt under 75 tokens the same as plain
+`xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
+
+Guards, outermost first (`RequestGuard`, RELIABILITY 11 and 14):
+  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (a DNS-rebinding
+     page cannot reach the API through a name of its own);
+  2. Origin: a browser request from another origin is refused (403), so no web page can use the API, or
+     interrupt it, behind a user's back;
+  3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
+     (the webui's `--api-auth` clients; browsers ask for it themselves on the 401's Basic challenge);
+  4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
+Then each field's type and range (schemas.py) is checked before any work: 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import random
+import re
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, ImageOps
+from starlette.concurrency import run_in_threadpool
+
+from xldm import __version__
+from xldm.buckets import SDXL_BUCKETS
+from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, check_request
+from xldm.pngmeta import A1111_CHUNK, XLDM_CHUNK, format_a1111_parameters, parse_a1111_parameters, save_png
+from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
+from xldm.serve.schemas import (
+    LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, PngInfoRequest, PngInfoResponse,
+    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, XLDM_SAMPLERS,
+    a1111_sampler_name, decode_image, encode_png, resolve_sampler, sampler_aliases,
+)
+
+log = logging.getLogger("xldm.serve")
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+STATIC_DIR = Path(str(resources.files("xldm.serve") / "static"))
+_OUTPUT_NAME = re.compile(r"^(\d{5})-")
+
+
+@dataclass
+class ServerConfig:
+    """What `xldm serve` starts with.  `models[0]` is the first current checkpoint unless `model` names one."""
+
+    models: list[Path]
+    model: str | None = None
+    refiner: str | None = None  # the refiner the page's switch uses
+    api_key: str | None = None
+    queue_size: int = 8
+    outputs: Path | None = None
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # None: any Host header
+    dtype: Any = None
+    device: Any = None
+    limits: Limits = field(default_factory=lambda: LIMITS)
+
+
+# --- the guard in front of every route ---------------------------------------------------------------------
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _host_only(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:7860
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class RequestGuard:
+    """Pure ASGI middleware: host, origin, API key and body checks before the app sees a request."""
+
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None, max_body: int) -> None:
+        self.app, self.api_key, self.allowed_hosts, self.max_body = app, api_key, allowed_hosts, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.allowed_hosts is not None and _host_only(host) not in self.allowed_hosts:
+            return await _reply(scope, receive, send, 403, "this server answers to its loopback address only")
+        origin = headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1].rstrip("/").lower() != host.lower():
+            return await _reply(scope, receive, send, 403, "cross-origin requests are refused")
+        if self.api_key is not None and not self._authorized(headers.get("authorization", "")):
+            return await _reply(scope, receive, send, 401, "missing or wrong API key",
+                                {"WWW-Authenticate": 'Basic realm="xldm", charset="UTF-8"'})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            declared = headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > self.max_body:
+                return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            content_type = headers.get("content-type", "")
+            if body and ("json" in content_type or not content_type):
+                try:
+                    json.loads(body, parse_constant=_refuse_constant)
+                except (ValueError, RecursionError) as e:
+                    return await _reply(scope, receive, send, 400, f"malformed JSON: {str(e)[:200]}")
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, credentials = header.partition(" ")
+        given = ""
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+        elif scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+
+async def _reply(scope, receive, send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
+# --- the server's state -------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """A validated generation, ready for the worker."""
+
+    request: GenerationRequest
+    model: str
+    refiner: str | None
+    seed: int
+    n_iter: int
+    save: bool
+
+
+@dataclass
+class Outcome:
+    images: list[Image.Image]
+    params: list[dict[str, Any]]
+    seeds: list[int]
+    saved: list[str]
+    steps_done: int = 0
+    interrupted: bool = False
+    interrupt_steps_done: int | None = None
+
+
+class Server:
+    def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
+        first = config.model or next(iter(self.store.entries))
+        self.options: dict[str, Any] = {
+            "sd_model_checkpoint": self.store.lookup(first).name,
+            "samples_save": True,
+            "samples_format": "png",
+            # webui SDXL settings (modules/shared_options.py), defaults of sgm / SDXL_SPEC 4
+            "sdxl_crop_top": 0, "sdxl_crop_left": 0,
+            "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
+        }
+        self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
+        self.queue = JobQueue(config.queue_size)
+        self.outputs = config.outputs.resolve() if config.outputs else None
+        self._save_lock = threading.Lock()
+        self._next_index = 0
+        if self.outputs is not None:
+            self.outputs.mkdir(parents=True, exist_ok=True)
+            used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
+            self._next_index = max(used, default=-1) + 1
+
+    # --- settings ---
+
+    def model_name(self, name: str) -> str:
+        try:
+            return self.store.lookup(name).name
+        except KeyError:
+            raise HTTPException(422, f"model {name!r} not found; see /sdapi/v1/sd-models") from None
+
+    def apply_settings(self, settings: Settings, target: dict[str, Any]) -> None:
+        for key, value in settings.model_dump(exclude_none=True).items():
+            target[key] = self.model_name(value) if key == "sd_model_checkpoint" else value
+
+    # --- planning ---
+
+    def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
+             mask: Image.Image | None = None) -> Plan:
+        options = dict(self.options)
+        if body.override_settings:
+            override = _settings(body.override_settings)
+            self.apply_settings(override, options)
+            if not body.override_settings_restore_afterwards:
+                self.apply_settings(override, self.options)
+        model = options["sd_model_checkpoint"]
+        refiner = None
+        if body.refiner_checkpoint not in (None, "", "None"):
+            refiner = self.model_name(body.refiner_checkpoint)
+        total = body.batch_size * body.n_iter
+        seed = body.seed if body.seed != -1 else random.randint(0, MAX_SEED - total + 1)
+        if seed + total - 1 > MAX_SEED:
+            raise HTTPException(422, f"seed {seed} + {total} images exceeds {MAX_SEED}")
+        try:
+            sampler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+
+        def size(value):
+            return None if value is None else (int(value[0]), int(value[1]))
+
+        crop = size(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"])
+        aesthetic = (options["sdxl_refiner_high_aesthetic_score"] if body.aesthetic_score is None
+                     else body.aesthetic_score)
+        negative_aesthetic = (options["sdxl_refiner_low_aesthetic_score"] if body.negative_aesthetic_score is None
+                              else body.negative_aesthetic_score)
+        request = GenerationRequest(
+            prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
+            height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, sampler=sampler,
+            batch=body.batch_size, init_image=init_image, mask=mask,
+            strength=float(body.denoising_strength) if init_image is not None else None,
+            refiner_start=body.refiner_switch_at if refiner else None,
+            original_size=size(body.original_size), crop_top_left=crop, target_size=size(body.target_size),
+            negative_original_size=size(body.negative_original_size),
+            negative_target_size=size(body.negative_target_size),
+            aesthetic_score=float(aesthetic), negative_aesthetic_score=float(negative_aesthetic),
+            long_prompts="chunk", weighting=True,
+        )
+        try:
+            check_request(request, has_refiner=refiner is not None)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
+        return Plan(request, model, refiner, seed, body.n_iter, save and self.outputs is not None)
+
+    # --- running (worker thread) ---
+
+    def execute(self, plan: Plan, job: Job) -> Outcome:
+        pipe = self.store.pipeline(plan.model, plan.refiner)
+        request = pipe.validate(plan.request)
+        split = request.refiner_start if plan.refiner else None
+        stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
+        outcome = Outcome(images=[], params=[], seeds=[], saved=[])
+        for iteration in range(plan.n_iter):
+            job.begin_iteration(iteration, stages)
+            try:
+                result = pipe.generate(replace(request, seed=plan.seed + iteration * request.batch),
+                                       callback=job.step_callback)
+            except Interrupted:
+                break
+            for image, params in zip(result.images, result.params):
+                params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
+                outcome.images.append(image)
+                outcome.params.append(params)
+                outcome.seeds.append(params["seed"])
+                if plan.save:
+                    outcome.saved.append(self._save(image, params))
+        outcome.steps_done, outcome.interrupted = job.steps_done, job.interrupted
+        outcome.interrupt_steps_done = job.interrupt_steps_done
+        return outcome
+
+    def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
+        """Write under --outputs only, under a name the server makes (the webui's "00012-SEED.png")."""
+        with self._save_lock:
+            index, self._next_index = self._next_index, self._next_index + 1
+        name = f"{index:05d}-{int(params['seed'])}.png"
+        save_png(image, self.outputs / name, params)
+        return name
+
+    # --- the endpoint body ---
+
+    async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
+        plan = self.plan(body, init_image, mask)
+        entry = self.store.entries[plan.model]
+        try:
+            job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
+                                    description=f"{'img2img' if init_image is not None else 'txt2img'}",
+                                    preview_kind=entry.kind)
+        except QueueFull as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        try:
+            outcome: Outcome = await asyncio.wrap_future(job.future)
+        except (ValueError, KeyError) as e:
+            raise HTTPException(422, str(e)) from None
+        except OutOfMemory as e:
+            raise HTTPException(500, str(e)) from None
+        return await run_in_threadpool(self._response, body, plan, job, outcome)
+
+    def _response(self, body: GenerationBase, plan: Plan, job: Job, outcome: Outcome) -> dict[str, Any]:
+        infotexts = [format_a1111_parameters(p) for p in outcome.params]
+        images = []
+        if body.send_images:
+            images = [encode_png(img, {A1111_CHUNK: text, XLDM_CHUNK: json.dumps(p, default=str)})
+                      for img, text, p in zip(outcome.images, infotexts, outcome.params)]
+        req = plan.request
+        first = outcome.params[0] if outcome.params else {}
+        width, height = first.get("width", req.width), first.get("height", req.height)
+        total = body.batch_size * body.n_iter
+        all_seeds = [plan.seed + k for k in range(total)]
+        info = {
+            "prompt": body.prompt, "all_prompts": [body.prompt] * total,
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * total,
+            "seed": plan.seed, "all_seeds": all_seeds, "subseed": -1, "all_subseeds": [-1] * total,
+            "subseed_strength": 0, "width": width, "height": height,
+            "sampler_name": a1111_sampler_name(req.sampler), "cfg_scale": body.cfg_scale, "steps": body.steps,
+            "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": req.strength if req.init_image is not None else None,
+            "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": first.get("refiner_start")}
+                                        if plan.refiner else {}),
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
+            "clip_skip": 1, "is_using_inpainting_conditioning": bool(req.mask is not None),
+            "version": f"xldm {__version__}",
+            "xldm": {"job": job.id, "queued_at": job.queued_at, "started_at": job.started_at,
+                     "finished_at": job.finished_at, "interrupted": outcome.interrupted,
+                     "steps_done": outcome.steps_done, "interrupt_steps_done": outcome.interrupt_steps_done,
+                     "images_done": len(outcome.images), "saved": outcome.saved},
+        }
+        parameters = body.model_dump()
+        if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+            parameters["init_images"], parameters["mask"] = None, None
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        job = self.queue.running
+        if job is None or job.started_at is None:
+            return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState(queued=self.queue.waiting),
+                                    textinfo="Waiting...").model_dump()
+        progress = job.progress
+        elapsed = time.time() - job.started_at
+        eta = elapsed / progress - elapsed if progress > 0 else 0.0
+        state = ProgressState(
+            interrupted=job.interrupted, job=f"{job.description} {job.id}", job_count=job.n_iter,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at)), job_no=job.iteration,
+            sampling_step=job.step, sampling_steps=job.stage_steps, queued=self.queue.waiting)
+        preview = None if skip_current_image else self.queue.preview_png(job)
+        text = f"{job.stage or 'starting'}: step {job.step}/{job.stage_steps}, batch {job.iteration + 1}/{job.n_iter}"
+        return ProgressResponse(progress=round(progress, 4), eta_relative=round(max(eta, 0.0), 2), state=state,
+                                current_image=preview, textinfo=text, current_task=f"job {job.id}").model_dump()
+
+    def page_config(self) -> dict[str, Any]:
+        """What the page needs: the aspect buckets scaled to the current model's native size, and more."""
+        entry = self.store.entries[self.options["sd_model_checkpoint"]]
+        scale = entry.default_size / 1024
+        sizes = []
+        for w, h in SDXL_BUCKETS:
+            size = [max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)]
+            if size not in sizes:
+                sizes.append(size)
+        return {
+            "version": __version__, "model": entry.name,
+            "models": [e.name for e in self.store.entries.values() if not e.is_refiner],
+            "refiners": [e.name for e in self.store.entries.values() if e.is_refiner],
+            "refiner": self.refiner, "default_size": [entry.default_size, entry.default_size], "sizes": sizes,
+            "samplers": [a1111_sampler_name(s) for s in XLDM_SAMPLERS], "outputs": self.outputs is not None,
+            "limits": {"max_steps": self.limits.max_steps, "max_batch_size": self.limits.max_batch_size,
+                       "max_n_iter": self.limits.max_n_iter, "max_cfg": self.limits.max_cfg,
+                       "max_prompt_chars": self.limits.max_prompt_chars},
+        }
+
+
+def _settings(data: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise HTTPException(422, _messages(e)) from None
+
+
+def _messages(error: Exception) -> str:
+    if hasattr(error, "errors"):
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors())
+    return str(error)
+
+
+def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
+    if text is None:
+        return None
+    try:
+        return decode_image(text, what, limits)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI:
+    server = Server(config, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(server.queue.stop)  # waiting jobs fail, the running one is interrupted
+
+    app = FastAPI(title="xldm", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="Stable Diffusion XL with AUTOMATIC1111's /sdapi/v1 API (see xldm/serve/app.py)")
+    app.state.server = server
+    app.add_middleware(RequestGuard, api_key=config.api_key, allowed_hosts=config.allowed_hosts,
+                       max_body=config.limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The errors without their "input" (which may be a 20 MB image) and without exception objects.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse, tags=["sdapi"])
+    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+        """Text to image; webui semantics (seed -1 = random, n_iter x batch_size images)."""
+        return await server.generate(body)
+
+    @app.post("/sdapi/v1/img2img", response_model=GenerationResponse, tags=["sdapi"])
+    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
+        """Image to image (SDEdit) and, with `mask`, inpainting (white = repaint)."""
+        init = await run_in_threadpool(_decode, body.init_images[0], "init_images[0]", server.limits)
+        mask = await run_in_threadpool(_decode, body.mask, "mask", server.limits)
+        if mask is not None and body.inpainting_mask_invert:
+            mask = ImageOps.invert(mask.convert("L"))
+        return await server.generate(body, init, mask)
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["sdapi"])
+    async def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        """The running job: progress 0..1, eta_relative seconds, state, and a cheap preview (base64 PNG)."""
+        return await run_in_threadpool(server.progress, skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
+    async def interrupt() -> dict[str, Any]:
+        """Stop the running job after its current sampler step."""
+        server.queue.interrupt()
+        return {}
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
+    async def sd_models() -> list[dict[str, Any]]:
+        return [SDModelItem(title=e.name, model_name=Path(e.name).stem, filename=e.name).model_dump()
+                for e in server.store.entries.values()]
+
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
+    async def samplers() -> list[dict[str, Any]]:
+        return [SamplerItem(name=a1111_sampler_name(s), aliases=sampler_aliases(s)).model_dump()
+                for s in XLDM_SAMPLERS]
+
+    @app.get("/sdapi/v1/options", tags=["sdapi"])
+    async def get_options() -> dict[str, Any]:
+        return dict(server.options)
+
+    @app.post("/sdapi/v1/options", tags=["sdapi"])
+    async def set_options(body: dict[str, Any]) -> None:
+        """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
+        server.apply_settings(_settings(body), server.options)
+        return None
+
+    @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
+    async def png_info(body: PngInfoRequest) -> dict[str, Any]:
+        """The generation parameters stored in a PNG (the webui's `parameters` text chunk)."""
+        image = await run_in_threadpool(_decode, body.image, "image", server.limits)
+        chunks = {k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)}
+        text = chunks.pop(A1111_CHUNK, "")
+        parameters: dict[str, Any] = parse_a1111_parameters(text) if text else {}
+        if "Size" in parameters and "x" in parameters["Size"]:  # the webui also splits the size
+            parameters["Size-1"], parameters["Size-2"] = parameters["Size"].split("x", 1)
+        return {"info": text, "items": chunks, "parameters": parameters}
+
+    @app.get("/xldm/v1/config", tags=["xldm"])
+    async def page_config() -> dict[str, Any]:
+        return server.page_config()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=False), name="static")
+    return app
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+class RunningServer:
+    """A uvicorn server in a background thread (tests, notebooks): `.url`, `.stop()`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP given explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
+        # socket says its protocol (else every response waits ~40 ms for a delayed ACK)
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()
+
+
+__all__ = ["ServerConfig", "Server", "create_app", "RunningServer", "RequestGuard", "LOOPBACK_HOSTS"]

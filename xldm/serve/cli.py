@@ -1,0 +1,104 @@
+"""`xldm serve`: start the API and the page.
+
+Listens on 127.0.0.1:7860 by default.  Another address (0.0.0.0, a LAN address) needs `--api-key KEY`, or
+`--allow-remote` to listen there without one anyway (with a warning): the webui's API has no authentication by
+default, and open instances have been used to run other people's code (RELIABILITY 14).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to the `xldm` command's subparsers."""
+    serve = subparsers.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API and a web page")
+    serve.add_argument("--model", action="append", default=[], metavar="PATH",
+                       help="checkpoint (single file or diffusers folder); repeat for more; the first is current")
+    serve.add_argument("--models-dir", default=None, metavar="DIR",
+                       help="also offer every *.safetensors file and diffusers folder directly inside DIR")
+    serve.add_argument("--refiner", default=None, metavar="PATH", help="refiner checkpoint (the page's switch)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (or HTTP Basic with KEY as the password); "
+                            "default: the XLDM_API_KEY environment variable, if set")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="listen on a non-loopback address without an API key (not recommended)")
+    serve.add_argument("--queue-size", type=int, default=8, metavar="N",
+                       help="jobs that may wait behind the running one; more get 503 with Retry-After")
+    serve.add_argument("--outputs", default=None, metavar="DIR",
+                       help="folder for images of requests with save_images (default: nothing is written)")
+    serve.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                       help="default: fp32 on CPU, bf16 on GPU")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def build_config(args: argparse.Namespace):
+    """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
+    from xldm.serve.app import LOOPBACK_HOSTS, ServerConfig
+    from xldm.serve.jobs import find_models
+    from xldm.serve.schemas import LIMITS
+
+    models = [Path(p) for p in args.model]
+    if args.models_dir:
+        models += [p for p in find_models(args.models_dir) if p.resolve() not in {m.resolve() for m in models}]
+    if args.refiner:
+        models.append(Path(args.refiner))
+    if not models:
+        raise ValueError("give --model PATH (or --models-dir DIR)")
+    for path in models:
+        if not path.exists():
+            raise FileNotFoundError(f"no such checkpoint: {path}")
+    if args.queue_size < 0:
+        raise ValueError(f"--queue-size must be >= 0, got {args.queue_size}")
+    api_key = args.api_key or os.environ.get("XLDM_API_KEY") or None
+    loopback = _is_loopback(args.host)
+    if not loopback and api_key is None:
+        if not args.allow_remote:
+            raise ValueError(f"refusing to listen on {args.host} without --api-key: anyone who can reach it could "
+                             f"use it; give --api-key KEY, or --allow-remote to do it anyway")
+        print(f"xldm serve: WARNING: listening on {args.host} with no API key: anyone who can reach this "
+              f"address can use the server", file=sys.stderr)
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    return ServerConfig(
+        models=models, model=models[0].name, refiner=Path(args.refiner).name if args.refiner else None,
+        api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
+        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device, limits=LIMITS)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise SystemExit(f"xldm serve: error: {e.name} is not installed; install the server's extra: "
+                         f"pip install 'xldm[serve]'") from None
+    from xldm.serve.app import create_app
+
+    config = build_config(args)
+    app = create_app(config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"xldm serve: http://{host}:{args.port}/  (API: /sdapi/v1/*, OpenAPI: /openapi.json)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
+__all__ = ["add_serve_parser", "cmd_serve", "build_config"]

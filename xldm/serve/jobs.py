@@ -1,0 +1,347 @@
+"""The work behind the API: a bounded FIFO queue, one worker thread, progress, interrupt, the models it may load.
+
+* **Queue** (RELIABILITY 12): at most `max_waiting` jobs wait behind the running one; one more is refused at
+  once with `QueueFull` (the API answers 503 with Retry-After).  One worker thread runs the jobs one at a time,
+  in the order they were accepted, so jobs never compete for the model or the GPU.
+* **Progress**: the pipeline's step callback records the step and the denoised estimate x0; `progress()`
+  reads them without waiting for the worker.  The preview is x0 of the first image put through a 4x3 linear map
+  from latent channels to RGB (the webui's "Approx cheap" decoder, `modules/sd_vae_approx.py`
+  `cheap_approximation`): no network runs, a 1024x1024 image gives a 128x128 preview in well under a millisecond.
+* **Interrupt**: sets a flag that the step callback checks after every sampler step, where it raises
+  `xldm.pipeline.Interrupted`; the job ends within one step and returns the images of iterations already done.
+* **Out of memory** (RELIABILITY 13): `torch.cuda.OutOfMemoryError` or `MemoryError` fails that job only; its
+  tensors are dropped, the CUDA cache emptied, and the worker goes on with the next job.
+* **Models** (RELIABILITY 14): only the checkpoints registered at start (`ModelStore`) can be loaded; a request
+  names one, it never gives a path.  At most the current model and refiner stay loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from xldm.pipeline import Interrupted, Pipeline
+
+log = logging.getLogger("xldm.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds its maximum; `retry_after` estimates the seconds until a place frees up."""
+
+    def __init__(self, waiting: int, retry_after: int) -> None:
+        super().__init__(f"the queue is full ({waiting} jobs waiting); retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class OutOfMemory(Exception):
+    """A job ran out of memory; the server has freed what the job held and goes on."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
+    if hasattr(torch.cuda, "OutOfMemoryError"):
+        oom_types += (torch.cuda.OutOfMemoryError,)
+    return isinstance(error, oom_types)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- preview ----------------------------------------------------------------------------------------------------
+
+# Latent channel -> RGB factors of the webui's "Approx cheap" preview (modules/sd_vae_approx.py
+# cheap_approximation): rows are the 4 latent channels, columns R, G, B; output in about [-1, 1].
+SDXL_LATENT_RGB = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250),
+                   (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088))
+SD1_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173),
+                  (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def latent_preview(x0: torch.Tensor, kind: str) -> Image.Image:
+    """(4, h, w) or (1, 4, h, w) scaled latents -> an RGB PIL image of h x w pixels (a rough, cheap look)."""
+    latent = x0.detach().float().cpu().reshape(-1, *x0.shape[-3:])[0]
+    factors = torch.tensor(SDXL_LATENT_RGB if kind.startswith("sdxl") else SD1_LATENT_RGB)
+    if latent.shape[0] != factors.shape[0]:
+        raise ValueError(f"preview expects {factors.shape[0]} latent channels, got {latent.shape[0]}")
+    rgb = torch.einsum("chw,cr->hwr", latent, factors)
+    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return Image.fromarray(array, "RGB")
+
+
+# --- jobs -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request's work.  `run(job)` executes on the worker thread; its return value resolves `future`."""
+
+    id: int
+    run: Callable[["Job"], Any]
+    n_iter: int = 1
+    description: str = ""
+    preview_kind: str = "sdxl-base"
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    # progress, written by the worker, read by progress()
+    iteration: int = 0
+    stage: str = ""
+    stage_share: tuple[float, float] = (0.0, 1.0)  # (start, width) of the current stage within one iteration
+    step: int = 0  # steps done in the current stage
+    stage_steps: int = 0
+    steps_done: int = 0  # all steps of this job so far
+    x0: torch.Tensor | None = None
+    interrupted: bool = False
+    interrupt_steps_done: int | None = None  # steps_done when the interrupt came (for the "within one step" check)
+    stages: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (start, width) in an iteration
+
+    @property
+    def progress(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        start, width = self.stage_share
+        within = start + width * (self.step / self.stage_steps if self.stage_steps else 0.0)
+        return min(1.0, (self.iteration + within) / max(self.n_iter, 1))
+
+    def step_callback(self, stage: str, i: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        """The pipeline's callback(stage, i, total, x, x0): record, then stop if interrupted."""
+        if stage != self.stage:
+            self.stage, self.stage_share = stage, self.stages.get(stage, (0.0, 1.0))
+        self.step, self.stage_steps = i + 1, total
+        self.steps_done += 1
+        self.x0 = x0[:1].detach()
+        if self.interrupted:
+            raise Interrupted
+
+    def begin_iteration(self, iteration: int, stages: dict[str, tuple[float, float]]) -> None:
+        """Start image batch `iteration`; `stages` maps "base"/"refiner" to its (start, width) in [0, 1]."""
+        self.iteration, self.stages, self.stage, self.step, self.stage_steps = iteration, stages, "", 0, 0
+        self.stage_share = (0.0, 0.0)
+
+
+class JobQueue:
+    """A bounded FIFO of jobs run by one worker thread."""
+
+    def __init__(self, max_waiting: int = 8) -> None:
+        if max_waiting < 0:
+            raise ValueError(f"queue size must be >= 0, got {max_waiting}")
+        self.max_waiting = max_waiting
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._durations: deque[float] = deque(maxlen=20)
+        self._stopped = False
+        self._preview_cache: tuple[int, int, str] | None = None  # (job id, steps_done, base64 PNG)
+        self.completed = 0
+        self._worker = threading.Thread(target=self._work, name="xldm-serve-worker", daemon=True)
+        self._worker.start()
+
+    # --- submitting ---
+
+    def submit(self, run: Callable[[Job], Any], *, n_iter: int = 1, description: str = "",
+               preview_kind: str = "sdxl-base") -> Job:
+        """Queue `run`; raises QueueFull at once when `max_waiting` jobs already wait."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(len(self._waiting), self._retry_after())
+            job = Job(id=next(self._ids), run=run, n_iter=n_iter, description=description, preview_kind=preview_kind)
+            self._waiting.append(job)
+            self._lock.notify()
+            return job
+
+    def _retry_after(self) -> int:
+        typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
+        return max(1, round(typical))  # one job's time: by then the head of the queue has moved on
+
+    # --- the worker ---
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._stopped:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                job = self._waiting.popleft()
+                self._running = job
+                job.started_at = time.time()
+            failure: BaseException | None = None
+            try:
+                result = job.run(job)
+            except BaseException as error:  # noqa: BLE001 - every failure ends this job only
+                failure = self._describe(job, error)
+            job.x0 = None
+            if failure is not None:
+                if isinstance(failure, OutOfMemory):
+                    free_memory()  # outside the except block: the failed frames (and their tensors) are gone
+                self._finish(job, error=failure)
+            else:
+                self._finish(job, result=result)
+
+    @staticmethod
+    def _describe(job: Job, error: BaseException) -> BaseException:
+        """The exception to hand to the waiting request, holding no frames (so no tensors) of the job."""
+        if is_out_of_memory(error):
+            log.warning("job %d ran out of memory: %s", job.id, str(error))  # str: a record keeps no frames
+            return OutOfMemory(f"out of memory during job {job.id} ({type(error).__name__}); "
+                               f"try a smaller size or batch")
+        if not isinstance(error, (ValueError, KeyError, Interrupted)):
+            log.error("job %d failed", job.id, exc_info=error)
+        return error.with_traceback(None)
+
+    def _finish(self, job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
+        job.finished_at = time.time()
+        with self._lock:
+            self._running = None
+            self._durations.append(job.finished_at - (job.started_at or job.finished_at))
+            self.completed += 1
+            self._preview_cache = None
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            waiting, self._waiting = list(self._waiting), deque()
+            if self._running is not None:
+                self._running.interrupted = True
+            self._lock.notify_all()
+        for job in waiting:
+            job.future.set_exception(RuntimeError("the server shut down before this job ran"))
+        self._worker.join(timeout=30)
+
+    # --- reading ---
+
+    def interrupt(self) -> Job | None:
+        """Stop the running job after its current step (the webui interrupts the running job only)."""
+        with self._lock:
+            job = self._running
+            if job is not None and not job.interrupted:
+                job.interrupt_steps_done = job.steps_done
+                job.interrupted = True
+            return job
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def preview_png(self, job: Job) -> str | None:
+        """The running job's preview as base64 PNG, computed at most once per step."""
+        from xldm.serve.schemas import encode_png
+
+        x0, steps = job.x0, job.steps_done
+        if x0 is None:
+            return None
+        cached = self._preview_cache
+        if cached is not None and cached[:2] == (job.id, steps):
+            return cached[2]
+        png = encode_png(latent_preview(x0, job.preview_kind))
+        self._preview_cache = (job.id, steps, png)
+        return png
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the file or folder name; what requests use
+    path: Path
+    kind: str  # ModelConfig.kind: "sdxl-base", "sdxl-refiner", "sd15", ...
+    default_size: int
+
+    @property
+    def is_refiner(self) -> bool:
+        return self.kind == "sdxl-refiner"
+
+
+def find_models(folder: str | Path) -> list[Path]:
+    """Checkpoints directly inside `folder`: *.safetensors files and diffusers folders (model_index.json).
+    Links that lead outside the folder are skipped."""
+    root = Path(folder).resolve()
+    found = []
+    for path in sorted(root.iterdir()):
+        try:
+            real = path.resolve(strict=True)
+            real.relative_to(root)
+        except (OSError, ValueError):
+            log.warning("skipping %s: it leads outside %s", path.name, root)
+            continue
+        single_file = real.is_file() and real.suffix == ".safetensors"
+        if single_file or (real.is_dir() and (real / "model_index.json").is_file()):
+            found.append(path)
+    return found
+
+
+class ModelStore:
+    """The checkpoints the server may use, by name; loads them on the worker thread when a job needs them."""
+
+    def __init__(self, paths: list[str | Path], *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        from xldm.pipeline import default_device, default_dtype
+        from xldm.weights.info import model_info
+
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.entries: dict[str, ModelEntry] = {}
+        for p in paths:
+            path = Path(p)
+            if path.name in self.entries:
+                log.warning("skipping %s: a model named %s is already registered", path, path.name)
+                continue
+            config = model_info(path).config
+            self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size)
+        if not self.entries:
+            raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")
+        self._loaded: dict[str, Any] = {}  # name -> Components
+
+    def lookup(self, name: str) -> ModelEntry:
+        """By name, by name without its extension, or by the webui's title "name [hash]"."""
+        if name in self.entries:
+            return self.entries[name]
+        bare = name.split(" [", 1)[0]
+        for entry in self.entries.values():
+            if bare in (entry.name, Path(entry.name).stem):
+                return entry
+        raise KeyError(name)
+
+    def pipeline(self, model: str, refiner: str | None) -> Pipeline:
+        """A pipeline over the named models (worker thread only); other loaded models are freed first."""
+        from xldm.weights.load import load_model
+
+        wanted = [model] + ([refiner] if refiner else [])
+        for name in [n for n in self._loaded if n not in wanted]:
+            del self._loaded[name]
+            free_memory()
+        for name in wanted:
+            if name not in self._loaded:
+                log.info("loading %s", name)
+                self._loaded[name] = load_model(self.entries[name].path, dtype=self.dtype, device=self.device)
+        return Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
+                        dtype=self.dtype, device=self.device)
+
+
+__all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models",
+           "latent_preview", "is_out_of_memory"]

@@ -1,0 +1,377 @@
+"""Request and response bodies of the HTTP API, with AUTOMATIC1111's field names, defaults and shapes.
+
+The field names, defaults and response shapes follow stable-diffusion-webui `modules/api/models.py`
+(`StableDiffusionTxt2ImgProcessingAPI`, `StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`,
+`ProgressResponse`, `SDModelItem`, `SamplerItem`, `PNGInfoResponse`), so scripts written for the webui's API
+send the same JSON.  What differs is written down here:
+
+* **Bounds.** Every number has a range (`Limits`) and every string a length; out of range is a 422 before any
+  work.  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
+* **Unknown keys are ignored**, as the webui's pydantic models ignore them, **except path-like ones** (a key
+  naming a path, folder or file, such as `outpath_samples`): those are refused, since the server's only
+  folders are fixed at start.  Webui features xldm does not have (hires fix, face restoration, tiling, scripts,
+  variation seeds, styles) are refused with a 422 when switched on, never silently dropped.
+* **Empty negative prompt** = no negative prompt: SDXL base's zeroed unconditional embedding (diffusers'
+  `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
+* **width/height** default to the model's native size (the webui's API says 512 whatever the model).
+* **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
+  `aesthetic_score`, `negative_aesthetic_score`; the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too, through `override_settings`
+  or `/sdapi/v1/options`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from xldm.pipeline import MAX_SEED
+from xldm.pngmeta import A1111_SAMPLER_NAMES
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for (RELIABILITY 11).  The request models below take their field
+    bounds from `LIMITS`; a server's own `Limits` sets the body, image and page bounds."""
+
+    min_side: int = 8  # width/height: multiples of 8 (the VAE's factor) in [min_side, max_side]
+    max_side: int = 2048  # SDXL's largest bucket side (SDXL paper, App. I)
+    max_steps: int = 150  # the webui's slider maximum
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_cfg: float = 30.0  # the webui's slider maximum
+    max_prompt_chars: int = 8000
+    max_image_bytes: int = 16 * 2**20  # one decoded image file (PNG/JPEG/WebP)
+    max_image_pixels: int = 4096 * 4096  # checked from the header, before the pixels are decoded
+    max_body_bytes: int = 48 * 2**20  # a whole request: two base64 images of max_image_bytes fit
+    max_name_chars: int = 255
+
+
+LIMITS = Limits()
+_L = LIMITS
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what an image field may hold; anything else is refused
+
+
+# --- samplers ------------------------------------------------------------------------------------------------
+
+# The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py), plus the xldm names.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "euler_a": ("k_euler_a", "k_euler_ancestral"),
+    "euler": ("k_euler",),
+    "heun": ("k_heun",),
+    "dpmpp_2m": ("k_dpmpp_2m",),
+    "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
+    "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
+    "ddim": (),
+    "unipc": (),
+}
+XLDM_SAMPLERS = tuple(_ALIASES)
+# Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
+_SCHEDULERS_MERGED = {"karras": " Karras"}
+_SCHEDULERS_KEPT = ("", "automatic")
+
+
+def a1111_sampler_name(xldm_name: str) -> str:
+    return A1111_SAMPLER_NAMES[xldm_name]
+
+
+def sampler_aliases(xldm_name: str) -> list[str]:
+    return [*_ALIASES[xldm_name], xldm_name]
+
+
+def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
+    """A webui sampler name (or alias, or xldm name; case-insensitive) -> the xldm sampler name."""
+    name = (name or "Euler").strip()
+    sched = (scheduler or "").strip().lower()
+    if sched in _SCHEDULERS_MERGED and not name.lower().endswith(_SCHEDULERS_MERGED[sched].lower()):
+        name += _SCHEDULERS_MERGED[sched]
+    elif sched not in _SCHEDULERS_KEPT and sched not in _SCHEDULERS_MERGED:
+        raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic' or 'Karras'")
+    wanted = name.lower()
+    for xname in XLDM_SAMPLERS:
+        if wanted in (a.lower() for a in (A1111_SAMPLER_NAMES[xname], *sampler_aliases(xname))):
+            return xname
+    choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in XLDM_SAMPLERS)
+    raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
+
+
+# --- names that could be paths ---------------------------------------------------------------------------
+
+_PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
+
+
+def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
+    """Raise ValueError if `data` (a JSON object) has a key naming a path/folder/file outside `allowed`."""
+    if isinstance(data, dict):
+        bad = sorted(k for k in data if isinstance(k, str) and k not in allowed and _PATH_LIKE_KEY.search(k))
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
+                             f"be set by a request")
+
+
+def check_name(value: str, what: str = "model name") -> str:
+    """A model name is a name from /sdapi/v1/sd-models, never a path: no separators, no '..', no control chars."""
+    if (not value or len(value) > _L.max_name_chars or "/" in value or "\\" in value or ".." in value
+            or any(ord(c) < 32 for c in value) or "%" in value or value.startswith("~")):
+        raise ValueError(f"{what} {value[:80]!r} is not a name from /sdapi/v1/sd-models (paths are not accepted)")
+    return value
+
+
+# --- images in and out -----------------------------------------------------------------------------------------
+
+_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Image.Image:
+    """A base64 image (optionally a `data:image/...;base64,` URL) -> a loaded PIL image.
+
+    URLs and paths are refused, never fetched or opened (the webui fetches http URLs when allowed; xldm never).
+    Raises ValueError with the reason: not base64, too many bytes, too many pixels, not PNG/JPEG/WebP."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what}: expected a base64-encoded image")
+    head = text[:16].lower()
+    if head.startswith(("http:", "https:", "file:", "ftp:", "/", "\\", ".", "~")) or re.match(r"^[a-z]:[\\/]", head):
+        raise ValueError(f"{what}: URLs and paths are not accepted; send the image itself, base64-encoded")
+    text = _DATA_URL.sub("", text, count=1)
+    if len(text) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
+        raise ValueError(f"{what}: larger than {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what}: not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        width, height = image.size
+        if width * height > limits.max_image_pixels:  # before decoding a single pixel
+            raise ValueError(f"{what}: {width}x{height} has more than {limits.max_image_pixels} pixels")
+        image.load()
+    except ValueError:
+        raise
+    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
+    return image
+
+
+def encode_png(image: Image.Image, text_chunks: dict[str, str] | None = None) -> str:
+    """A PIL image -> base64 PNG, with text chunks (the webui's images carry their `parameters` chunk too)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text_chunks or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+
+# strict: "5" is not 5 and 1 is not true (wrong types are refused, not coerced); ints are accepted as floats.
+_STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+# a base64 image of at most max_image_bytes (4 characters per 3 bytes, and room for a data: URL prefix)
+Base64Image = Annotated[str, Field(max_length=(_L.max_image_bytes + 2) // 3 * 4 + 64)]
+Size2 = Annotated[list[int], Field(min_length=2, max_length=2)]  # JSON has no tuples
+
+_REQUEST_PATH_FIELDS = {"refiner_checkpoint"}  # looked up by name among the registered models only
+
+
+class Settings(BaseModel):
+    """The settings (webui "options") the server knows; usable in `override_settings` and `/sdapi/v1/options`."""
+
+    model_config = _STRICT
+    sd_model_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars)
+    samples_save: bool | None = None
+    sdxl_crop_top: int | None = Field(default=None, ge=0, le=16384)
+    sdxl_crop_left: int | None = Field(default=None, ge=0, le=16384)
+    sdxl_refiner_high_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
+    sdxl_refiner_low_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        refuse_path_like_keys(data, {"sd_model_checkpoint"})
+        if isinstance(data, dict) and isinstance(data.get("sd_model_checkpoint"), str):
+            check_name(data["sd_model_checkpoint"], "sd_model_checkpoint")
+        return data
+
+
+class GenerationBase(BaseModel):
+    """Fields shared by txt2img and img2img (webui `StableDiffusionProcessing` as its API exposes it)."""
+
+    model_config = _STRICT
+    prompt: str = Field(default="", max_length=_L.max_prompt_chars)
+    negative_prompt: str = Field(default="", max_length=_L.max_prompt_chars, description='"": none (zeros)')
+    styles: list[str] = Field(default_factory=list, max_length=0,
+                              description="saved webui styles; xldm has none, so only [] is accepted")
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random; image i uses seed + i")
+    subseed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    subseed_strength: float = Field(default=0.0, ge=0, le=0, description="variation seeds: not available (0 only)")
+    seed_resize_from_h: int = Field(default=-1, ge=-1, le=0)
+    seed_resize_from_w: int = Field(default=-1, ge=-1, le=0)
+    sampler_name: str | None = Field(default=None, max_length=64, description='e.g. "Euler a", "DPM++ 2M Karras"')
+    sampler_index: str | None = Field(default=None, max_length=64, description="deprecated webui alias of sampler_name")
+    scheduler: str | None = Field(default=None, max_length=64, description='"Automatic" or "Karras" (webui >= 1.9)')
+    batch_size: int = Field(default=1, ge=1, le=_L.max_batch_size)
+    n_iter: int = Field(default=1, ge=1, le=_L.max_n_iter)
+    steps: int = Field(default=50, ge=1, le=_L.max_steps)
+    cfg_scale: float = Field(default=7.0, ge=0, le=_L.max_cfg)
+    width: int | None = Field(default=None, ge=_L.min_side, le=_L.max_side, multiple_of=8,
+                              description="default: the model's native size")
+    height: int | None = Field(default=None, ge=_L.min_side, le=_L.max_side, multiple_of=8)
+    restore_faces: bool | None = Field(default=None, description="not available: only false/null")
+    tiling: bool | None = Field(default=None, description="not available: only false/null")
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = Field(default=None, ge=0, le=1)
+    s_min_uncond: float | None = Field(default=None, ge=0, le=100)
+    s_churn: float | None = Field(default=None, ge=0, le=100)
+    s_tmax: float | None = Field(default=None, ge=0, le=1e4)
+    s_tmin: float | None = Field(default=None, ge=0, le=1e4)
+    s_noise: float | None = Field(default=None, ge=0, le=10)
+    override_settings: dict[str, Any] | None = Field(default=None, max_length=64)
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars,
+                                           description="a name from /sdapi/v1/sd-models; null: no refiner")
+    refiner_switch_at: float | None = Field(default=None, gt=0, lt=1,
+                                            description="fraction of the steps after which the refiner takes over")
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = Field(default=False, description="also write the PNGs under the server's --outputs folder")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, max_length=0,
+                                             description="webui extensions: not available (only {})")
+    script_name: str | None = Field(default=None, max_length=0)
+    script_args: list[Any] = Field(default_factory=list, max_length=0)
+    # xldm: SDXL micro-conditioning (SDXL paper, Sec. 2.2), sizes as [width, height], crop as [top, left]
+    original_size: Size2 | None = None
+    crop_top_left: Size2 | None = None
+    target_size: Size2 | None = None
+    negative_original_size: Size2 | None = None
+    negative_target_size: Size2 | None = None
+    aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner conditioning (6.0)")
+    negative_aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner (2.5)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        refuse_path_like_keys(data, _REQUEST_PATH_FIELDS)
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self) -> "GenerationBase":
+        for name in ("restore_faces", "tiling"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not available in xldm; send false or leave it out")
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+            size = getattr(self, name)
+            if size is not None and not all(1 <= v <= 16384 for v in size):
+                raise ValueError(f"{name} must be [width, height] with each side in [1, 16384]")
+        if self.crop_top_left is not None and not all(0 <= v <= 16384 for v in self.crop_top_left):
+            raise ValueError("crop_top_left must be [top, left] with each in [0, 16384]")
+        if self.refiner_checkpoint not in (None, "", "None"):
+            check_name(self.refiner_checkpoint, "refiner_checkpoint")
+        return self
+
+
+class Txt2ImgRequest(GenerationBase):
+    enable_hr: bool = Field(default=False, description="hires fix: not available (only false)")
+    firstphase_width: int = Field(default=0, ge=0, le=_L.max_side)
+    firstphase_height: int = Field(default=0, ge=0, le=_L.max_side)
+    hr_scale: float = Field(default=2.0, ge=1, le=4)
+    hr_second_pass_steps: int = Field(default=0, ge=0, le=_L.max_steps)
+    hr_resize_x: int = Field(default=0, ge=0, le=_L.max_side)
+    hr_resize_y: int = Field(default=0, ge=0, le=_L.max_side)
+
+    @model_validator(mode="after")
+    def _no_hires(self) -> "Txt2ImgRequest":
+        if self.enable_hr:
+            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
+        return self
+
+
+class Img2ImgRequest(GenerationBase):
+    init_images: list[Base64Image] = Field(min_length=1, max_length=1, description="one base64 image")
+    resize_mode: int = Field(default=0, ge=0, le=0, description="0 (just resize) only")
+    denoising_strength: float = Field(default=0.75, gt=0, le=1)
+    image_cfg_scale: float | None = Field(default=None, ge=0, le=_L.max_cfg)
+    mask: Base64Image | None = Field(default=None, description="base64 image, white = repaint")
+    mask_blur: int | None = Field(default=None, ge=0, le=64, description="accepted, not applied")
+    mask_blur_x: int | None = Field(default=None, ge=0, le=64)
+    mask_blur_y: int | None = Field(default=None, ge=0, le=64)
+    inpainting_fill: int = Field(default=0, ge=0, le=3, description="accepted, not applied")
+    inpaint_full_res: bool = Field(default=False, description="accepted, not applied (whole picture)")
+    inpaint_full_res_padding: int = Field(default=0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(default=0, ge=0, le=1, description="1: black = repaint")
+    initial_noise_multiplier: float | None = Field(default=None, ge=0, le=2)
+    include_init_images: bool = False
+
+
+class PngInfoRequest(BaseModel):
+    model_config = _STRICT
+    image: Base64Image = Field(description="base64 PNG")
+
+
+# --- responses -------------------------------------------------------------------------------------------------
+
+class GenerationResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, each with its `parameters` text chunk")
+    parameters: dict[str, Any] = Field(description="the request as understood (images left out)")
+    info: str = Field(description="a JSON string: seed, all_seeds, infotexts, ...")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queued: int = Field(default=0, description="xldm: jobs waiting behind the running one")
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the running job")
+    eta_relative: float = Field(description="seconds left, estimated from the time so far")
+    state: ProgressState
+    current_image: str | None = Field(default=None, description="base64 PNG preview of the denoised estimate")
+    textinfo: str | None = None
+    current_task: str | None = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str = Field(description="the file's name (the server's folders are not disclosed)")
+    config: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="the `parameters` text chunk")
+    items: dict[str, Any] = Field(description="the other text chunks")
+    parameters: dict[str, Any] = Field(description="the infotext parsed into fields")
+
+
+__all__ = [
+    "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
+    "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
+    "encode_png", "resolve_sampler", "a1111_sampler_name", "sampler_aliases", "check_name", "XLDM_SAMPLERS",
+]
