@@ -263,3 +263,28 @@ def test_sd1_and_sd2_v_prediction_match_diffusers(tmp_path, variant):
             PROMPT, negative_prompt="ugly", steps=4, cfg=7.0, width=64, height=64, seed=SEED, batch=2,
             sampler=sampler).images
         assert_pixels_close(ours, expected)
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path):
+    """An inpainting checkpoint (UNet input = latents + mask + masked-image latents, 9 channels)."""
+    from dataclasses import replace
+
+    from xldm.weights.load import load_model
+
+    config = replace(TINY_SDXL_BASE, unet=replace(TINY_SDXL_BASE.unet, in_channels=9))
+    model = random_components(config, seed=3)
+    folder = save_diffusers(model, tmp_path / "inpaint")
+    loaded = load_model(folder)
+    assert loaded.config.unet.in_channels == 9
+    ref = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    image = source_image()
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (0, 0, 48, 32))
+    for strength in (1.0, 0.7):
+        expected = with_scheduler(ref, "euler")(PROMPT, image=image, mask_image=mask, strength=strength,
+                                                num_inference_steps=6, width=96, height=64,
+                                                generator=generators(1)).images
+        ours = Pipeline(loaded, device="cpu", dtype=torch.float32)(
+            PROMPT, init_image=image, mask=mask, strength=strength, steps=6, seed=SEED).images
+        assert_pixels_close(ours, expected)
