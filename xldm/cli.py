@@ -18,6 +18,12 @@ def _torch_dtype(name: str | None):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if getattr(args, "cascade", None):
+        from xldm.cascade_cli import cmd_info_cascade
+
+        return cmd_info_cascade(args)
+    if args.path is None:
+        raise SystemExit("xldm info: error: a PATH (or --cascade DIR) is required")
     from xldm.weights.info import model_info
 
     info = model_info(args.path, allow_pickle=args.allow_pickle)
@@ -67,6 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         print(format_sizes(SDXL_BUCKETS))
         return 0
+    if getattr(args, "cascade", None):
+        from xldm.cascade_cli import cmd_generate_cascade
+
+        return cmd_generate_cascade(args)
     if not args.prompt:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is None:
@@ -156,12 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tile-vae", action="store_true", help="decode in tiles (large images, little memory)")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
     gen.add_argument("--out", default=None, metavar="FILE.png")
+    from xldm.cascade_cli import add_cascade_arguments, add_cascade_info_argument
+
+    add_cascade_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="what a checkpoint holds: kind, components, parameters, dtypes")
-    info.add_argument("path", help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
+    info.add_argument("path", nargs="?", help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
     info.add_argument("--allow-pickle", action="store_true",
                       help="read .ckpt/.pt/.bin pickles (can run code; only for files you trust)")
+    add_cascade_info_argument(info)
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert between single-file and diffusers layouts")

@@ -1,0 +1,209 @@
+"""What a cascade costs: pixels and measured FLOPs per stage, against one model generating the final size directly.
+
+The argument for cascades (Ho et al. 2021, Sec. 1; Imagen, Sec. 2.4): a 64^2 -> 256^2 -> 1024^2 cascade denoises
+64^2 + 256^2 + 1024^2 pixels per step, but only the small base model has to decide the composition, and the SR
+models can be lighter (fewer channels, attention only at low resolution).  Here the FLOPs of one UNet evaluation
+are *measured* with `torch.utils.flop_counter.FlopCounterMode` (it counts matmuls and convolutions: 2 per
+multiply-add), running each UNet on the meta device so nothing is computed or allocated.  A stage costs
+FLOPs(one evaluation at its size) x steps x (2 with classifier-free guidance: the [negative, positive] batch).
+The text encoders run once per prompt and are left out.  "Direct" is the base stage's UNet run at the final size
+with the base's steps and guidance.
+
+`python -m xldm.cascade_cost` prints the tables for the tiny and default cascades at their own sizes and at
+Imagen's 64 -> 256 -> 1024.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from xldm.cascade import (
+    CASCADE_PRESETS,
+    DEFAULT_CFG,
+    DEFAULT_STEPS,
+    CascadeStageConfig,
+    cascade_files,
+    check_stage_order,
+    read_stage_header,
+)
+from xldm.config import UNetConfig
+
+CONTEXT_LENGTH = 77  # one 77-token chunk of text
+
+
+def unet_flops(unet: UNetConfig, size: tuple[int, int], batch: int = 1) -> int:
+    """FLOPs of one forward pass of `UNet(unet)` on a (batch, in_channels, height, width) input, measured with
+    FlopCounterMode on the meta device (shapes only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xldm.models.unet import UNet
+
+    width, height = size
+    with torch.device("meta"):
+        model = UNet(unet)
+        x = torch.empty(batch, unet.in_channels, height, width)
+        t = torch.zeros(batch)
+        context = torch.empty(batch, CONTEXT_LENGTH, unet.context_dim)
+        y = torch.empty(batch, unet.adm_in_channels) if unet.adm_in_channels > 0 else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, context, y)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class StageCost:
+    name: str
+    size: tuple[int, int]
+    steps: int
+    guidance: bool
+    flops_per_eval: int  # one UNet evaluation on one image
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+    @property
+    def evals(self) -> int:
+        return self.steps * (2 if self.guidance else 1)
+
+    @property
+    def pixel_steps(self) -> int:
+        return self.pixels * self.steps
+
+    @property
+    def total_flops(self) -> int:
+        return self.flops_per_eval * self.evals
+
+
+@dataclass(frozen=True)
+class CascadeCost:
+    stages: tuple[StageCost, ...]
+    direct: StageCost
+
+    @property
+    def total_flops(self) -> int:
+        return sum(s.total_flops for s in self.stages)
+
+    @property
+    def total_pixels(self) -> int:
+        return sum(s.pixels for s in self.stages)
+
+    @property
+    def ratio(self) -> float:
+        """Cascade FLOPs / direct FLOPs (< 1: the cascade is cheaper)."""
+        return self.total_flops / self.direct.total_flops
+
+
+def _per_stage(values, n: int, defaults: list) -> list:
+    if values is None:
+        return defaults
+    if isinstance(values, (int, float)):
+        return [values] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"expected {n} values (one per stage), found {len(values)}: {values}")
+    return values
+
+
+def cascade_cost(configs: Sequence[CascadeStageConfig], steps: Sequence[int] | int | None = None,
+                 cfg: Sequence[float] | float | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> CascadeCost:
+    """Cost of a cascade (stage outputs of `sizes`, default each stage's resolution) and of the first stage's
+    network generating the last size directly.  Defaults: 30 steps / cfg 5 for a base stage, 20 / 4 for SR."""
+    configs = list(configs)
+    n = len(configs)
+    if sizes is not None:
+        configs = rescaled(configs, sizes)
+    check_stage_order(configs)
+    steps = _per_stage(steps, n, [DEFAULT_STEPS[c.kind] for c in configs])
+    cfg = _per_stage(cfg, n, [DEFAULT_CFG[c.kind] for c in configs])
+    stages = tuple(StageCost(name=c.describe(), size=c.resolution, steps=int(s), guidance=float(g) > 1,
+                             flops_per_eval=unet_flops(c.unet, c.resolution))
+                   for c, s, g in zip(configs, steps, cfg))
+    first = configs[0]
+    final = configs[-1].resolution
+    direct = StageCost(name=f"direct: {first.kind} UNet at {final[0]}x{final[1]}", size=final, steps=int(steps[0]),
+                       guidance=float(cfg[0]) > 1, flops_per_eval=unet_flops(first.unet, final))
+    return CascadeCost(stages=stages, direct=direct)
+
+
+def rescaled(configs: Sequence[CascadeStageConfig], sizes: Sequence[tuple[int, int]]) -> list[CascadeStageConfig]:
+    """The same networks at other output sizes (e.g. Imagen's 64, 256, 1024); SR scales follow the sizes."""
+    if len(sizes) != len(configs):
+        raise ValueError(f"expected {len(configs)} sizes (one per stage), found {len(sizes)}")
+    out = []
+    for i, (c, size) in enumerate(zip(configs, sizes)):
+        if i == 0:  # a base stage, or an SR stage keeping its scale
+            out.append(c.at_resolution(tuple(size)))
+            continue
+        pw, ph = sizes[i - 1]
+        w, h = size
+        if w % pw or h % ph or w // pw != h // ph:
+            raise ValueError(f"stage {i}: {pw}x{ph} -> {w}x{h} is not an integer upscaling")
+        out.append(c.at_resolution((w, h), scale=w // pw))
+    return out
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def format_cost_table(cost: CascadeCost, title: str = "") -> str:
+    """A plain-text table: per stage size, pixels, steps, evaluations, FLOPs per evaluation and in total."""
+    header = f"{'stage':34} {'size':>9} {'pixels':>9} {'steps':>5} {'evals':>5} {'FLOPs/eval':>13} {'FLOPs':>13}"
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+
+    def row(s: StageCost) -> str:
+        size = f"{s.size[0]}x{s.size[1]}"
+        return (f"{s.name:34} {size:>9} {s.pixels:>9} {s.steps:>5} {s.evals:>5} {_flops(s.flops_per_eval):>13} "
+                f"{_flops(s.total_flops):>13}")
+
+    lines += [row(s) for s in cost.stages]
+    lines.append(f"{'cascade total':34} {'':>9} {cost.total_pixels:>9} {'':>5} "
+                 f"{sum(s.evals for s in cost.stages):>5} {'':>13} {_flops(cost.total_flops):>13}")
+    lines.append(row(cost.direct))
+    lines.append(f"cascade / direct = {cost.ratio:.3f}")
+    return "\n".join(lines)
+
+
+def cascade_info(spec: str | os.PathLike, steps=None, cfg=None) -> str:
+    """`xldm info --cascade DIR`: the stages of a cascade (from the file headers only) and the cost table."""
+    paths = cascade_files(spec)
+    configs = []
+    lines = []
+    for i, path in enumerate(paths):
+        config, has_encoders = read_stage_header(path)
+        configs.append(config)
+        note = "" if has_encoders else " (text encoders shared with an earlier stage)"
+        lines.append(f"stage {i}: {config.describe()}, {config.prediction_type} prediction, scalars "
+                     f"{', '.join(config.micro_conditioning) or 'none'}{note} [{path.name}]")
+    lines.append("")
+    lines.append(format_cost_table(cascade_cost(configs, steps, cfg)))
+    return "\n".join(lines)
+
+
+IMAGEN_SIZES = ((64, 64), (256, 256), (1024, 1024))  # Saharia et al. 2022, Sec. 2.4
+
+
+def main() -> None:
+    for name, configs in CASCADE_PRESETS.items():
+        print(format_cost_table(cascade_cost(configs), title=f"{name} at its own sizes"))
+        print()
+        imagen = cascade_cost(configs, sizes=IMAGEN_SIZES)
+        print(format_cost_table(imagen, title=f"{name} at Imagen's 64 -> 256 -> 1024"))
+        print()
+
+
+__all__ = ["unet_flops", "StageCost", "CascadeCost", "cascade_cost", "rescaled", "format_cost_table", "cascade_info",
+           "IMAGEN_SIZES"]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Training one stage of a pixel-space cascade (`xldm.cascade`): the base model or a super-resolution model.
+
+The objective is xldm's (`xldm.train.objective`: SDXL's 1000-step discrete schedule, epsilon or v targets,
+optional min-SNR weights, caption dropout for classifier-free guidance), applied to pixels in [-1, 1] instead of
+latents.  An SR stage trains on (low-res, high-res) pairs made on the fly from the same images (Imagen Sec. 2.4;
+CDM Sec. 3): high = the batch at the stage's resolution, low = its box-filtered downsample by `scale`, then
+corrupted by noise conditioning augmentation at a level s ~ U[0, aug_level_max] drawn per image, s handed to
+the model in the vector.
+
+Randomness follows `xldm.train.loop`: every sample of every step draws from its own generator seeded by
+(seed, step, sample index) (`objective.sample_generators`), in a fixed order: `draw_noise`'s draws (timestep,
+dropout uniforms, noise, offset), then, for SR stages, the augmentation level and the augmentation noise.  The
+checkpoint (one safetensors file, `xldm.train.checkpoint`) holds the UNet, AdamW moments, the EMA with its
+counter, the global RNGs and the data position, so a resumed run continues exactly.  The text encoders are frozen:
+taken from `text_encoders_from` (a stage file or an xldm model, e.g. the default model's pretrained encoders) or
+initialised from the seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from xldm.cascade import (
+    CASCADE_STAGE_PRESETS,
+    CascadeStage,
+    CascadeStageConfig,
+    augment,
+    downsample_for_sr,
+    save_stage,
+    sr_model_input,
+    stage_scalars,
+    stage_vector,
+    upsample_low_res,
+)
+from xldm.conditioning import encode_prompts
+from xldm.errors import NonFiniteError
+from xldm.train import checkpoint as ckpt
+from xldm.train.ema import EMA
+from xldm.train.objective import DiscreteSchedule, diffusion_loss, draw_noise, min_snr_weights, sample_generators
+
+
+@dataclass(frozen=True)
+class CascadeTrainConfig:
+    """One stage's training run (a cascade is trained stage by stage, each on the same data)."""
+
+    stage: str = "tiny-cascade-base-16"  # a name in xldm.cascade.CASCADE_STAGE_PRESETS
+    data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
+    out: str = ""  # run directory: checkpoints/, metrics.jsonl, final/stage.safetensors
+    init: str | None = None  # a stage file to start from (its UNet and text encoders)
+    text_encoders_from: str | None = None  # frozen encoders from a stage file or an xldm model; None = seeded init
+    steps: int = 1000
+    batch_size: int = 4
+    seed: int = 0
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    timestep_min: int = 0
+    timestep_max: int = 999
+    min_snr_gamma: float = 0.0  # 0 = off (Hang et al. 2023 recommend 5)
+    text_dropout: float = 0.1  # caption dropout for CFG (SD 1.x model card: 10%)
+    micro_dropout: float = 0.0  # drop the size/crop scalars' embedding (never the augmentation level)
+    aug_level_max: float = 1.0  # SR: s ~ U[0, aug_level_max]
+    ema_decay: float = 0.999  # 0 = no EMA
+    ema_warmup: bool = True
+    max_nonfinite_steps: int = 5
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    center_crop: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"CascadeTrainConfig: {message}")
+
+        check(self.stage in CASCADE_STAGE_PRESETS,
+              f"unknown stage {self.stage!r}; expected one of {sorted(CASCADE_STAGE_PRESETS)}")
+        check(self.steps >= 1 and self.batch_size >= 1, f"steps and batch_size must be >= 1, got {self.steps}, "
+                                                         f"{self.batch_size}")
+        check(0 <= self.timestep_min <= self.timestep_max < 1000,
+              f"need 0 <= timestep_min <= timestep_max < 1000, got [{self.timestep_min}, {self.timestep_max}]")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.micro_dropout <= 1.0, "dropout rates must lie in [0, 1]")
+        check(0.0 <= self.aug_level_max <= 1.0, f"aug_level_max must lie in [0, 1], got {self.aug_level_max}")
+        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        check(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints "
+                                                                         "must be >= 1")
+
+    @property
+    def stage_config(self) -> CascadeStageConfig:
+        return CASCADE_STAGE_PRESETS[self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Tiny stages learn in seconds on a CPU (tests); the default cascade's rates are our choice.  SR stages draw s from
+# [0, 0.5] (our choice: sampling uses s <= 0.3; past s = 0.5 the cosine schedule keeps under half the signal).
+_TINY = dict(lr=1e-3, batch_size=4, checkpoint_every=50, keep_checkpoints=2, ema_decay=0.99)
+_SMALL = dict(lr=2e-4, warmup_steps=200, batch_size=32, checkpoint_every=500, ema_decay=0.999, min_snr_gamma=5.0)
+CASCADE_TRAIN_PRESETS: dict[str, CascadeTrainConfig] = {
+    "tiny-cascade-base-16": CascadeTrainConfig(stage="tiny-cascade-base-16", **_TINY),
+    "tiny-cascade-sr-32": CascadeTrainConfig(stage="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY),
+    "tiny-cascade-sr-64": CascadeTrainConfig(stage="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY),
+    "cascade-base-32": CascadeTrainConfig(stage="cascade-base-32", **_SMALL),
+    "cascade-sr-64": CascadeTrainConfig(stage="cascade-sr-64", aug_level_max=0.5, **_SMALL),
+    "cascade-sr-128": CascadeTrainConfig(stage="cascade-sr-128", aug_level_max=0.5, **_SMALL),
+}
+
+
+def cascade_train_preset(name: str, **overrides: Any) -> CascadeTrainConfig:
+    if name not in CASCADE_TRAIN_PRESETS:
+        raise ValueError(f"unknown cascade training preset {name!r}; expected one of {sorted(CASCADE_TRAIN_PRESETS)}")
+    return replace(CASCADE_TRAIN_PRESETS[name], **overrides)
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageRun:
+    config: CascadeTrainConfig
+    stage: CascadeStage
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    schedule: DiscreteSchedule
+    tokenizers: tuple
+    device: torch.device
+
+    def named_parameters(self) -> Iterable[tuple[str, Tensor]]:
+        return ((f"unet.{k}", p) for k, p in self.stage.unet.named_parameters())
+
+
+@dataclass
+class StageStep:
+    loss: float
+    applied: bool  # False: non-finite loss or gradient, nothing updated
+    grad_norm: float
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _frozen_encoders(path: str, config: CascadeStageConfig) -> tuple[nn.Module, ...]:
+    """Text encoders from a stage file, or from an xldm model file / folder (matched by config)."""
+    from xldm.cascade import read_stage_header
+
+    try:
+        read_stage_header(path)
+        is_stage = True
+    except (ValueError, FileNotFoundError, IsADirectoryError):
+        is_stage = False
+    if is_stage:
+        from xldm.cascade import load_stage
+
+        encoders = load_stage(path, dtype=torch.float32).text_encoders
+    else:
+        from xldm.weights.load import load_model
+
+        encoders = load_model(path, components=["text_encoders"], dtype=torch.float32).text_encoders
+    found = tuple(e.cfg for e in encoders)
+    if found != config.text_encoders:
+        raise ValueError(f"{path}: its text encoders {found} do not match the stage's {config.text_encoders}")
+    return tuple(encoders)
+
+
+def build_stage_run(config: CascadeTrainConfig, stage: CascadeStage | None = None,
+                    device: torch.device | str | None = None) -> StageRun:
+    """UNet (trainable), frozen text encoders, AdamW, EMA and the discrete schedule for `config`."""
+    device = torch.device(device) if device is not None else _device(config.device)
+    if stage is None:
+        if config.init:
+            from xldm.cascade import load_stage
+
+            stage = load_stage(config.init, dtype=torch.float32)
+            if stage.config != config.stage_config:
+                raise ValueError(f"--init {config.init} holds {stage.config.describe()}, but the preset trains "
+                                 f"{config.stage_config.describe()} (configs differ)")
+        else:
+            encoders = _frozen_encoders(config.text_encoders_from, config.stage_config) \
+                if config.text_encoders_from else None
+            stage = CascadeStage.random(config.stage_config, seed=config.seed, text_encoders=encoders)
+    stage.to(device=device, dtype=torch.float32)
+    for te in stage.text_encoders:
+        te.eval().requires_grad_(False)
+    stage.unet.train().requires_grad_(True)
+    # foreach=False: the single-tensor AdamW path (as xldm.train.loop), independent of tensor grouping.
+    optimizer = torch.optim.AdamW(stage.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  foreach=False)
+    run = StageRun(config=config, stage=stage, optimizer=optimizer, ema=None, schedule=DiscreteSchedule(device),
+                   tokenizers=stage.tokenizers(), device=device)
+    if config.ema_decay > 0:
+        run.ema = EMA(run.named_parameters(), config.ema_decay, warmup=config.ema_warmup)
+    return run
+
+
+def lr_at(config: CascadeTrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps` (1-based steps), then constant."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    return config.lr
+
+
+# --- one step ----------------------------------------------------------------------------------------------------
+
+def training_pair(config: CascadeStageConfig, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(high-res target, low-res input or None for a base stage) from a batch of images in [-1, 1]."""
+    high = pixels.float()
+    if config.kind == "base":
+        return high, None
+    return high, downsample_for_sr(high, config.scale)
+
+
+def stage_loss(run: StageRun, batch: dict, step: int) -> Tensor:
+    """The (weighted) diffusion loss of one batch at `step` (draws depend only on seed, step and row)."""
+    config, stage = run.config, run.stage
+    sc = stage.config
+    x0, low = training_pair(sc, batch["pixels"].to(run.device))
+    b, _, h, w = x0.shape
+    gens = sample_generators(config.seed, step, range(b))
+    draw = draw_noise(gens, x0.shape[1:], t_min=config.timestep_min, t_max=config.timestep_max,
+                      text_dropout=config.text_dropout, micro_dropout=config.micro_dropout)
+    timesteps, noise = draw.timesteps.to(run.device), draw.noise.to(run.device)
+    values: dict[str, Any] = {
+        "original_size": batch.get("original_size", (h, w)), "crop_top_left": batch.get("crop_top_left", (0, 0)),
+        "target_size": batch.get("target_size", (h, w)),
+    }
+    up = None
+    if low is not None:  # after draw_noise, per sample: the augmentation level, then its noise
+        levels = torch.cat([torch.rand(1, generator=g) for g in gens]) * config.aug_level_max
+        aug_noise = torch.stack([torch.randn(tuple(low.shape[1:]), generator=g) for g in gens]).to(run.device)
+        up = upsample_low_res(augment(low, levels.to(run.device), noise=aug_noise), (w, h))
+        values["aug_level"] = levels
+
+    with torch.no_grad():
+        emb = encode_prompts(stage.text_encoders, run.tokenizers, sc, list(batch["captions"]))
+    keep = draw.keep_text.to(run.device, emb.context.dtype)
+    context = emb.context * keep[:, None, None]  # a dropped caption: zero context and pooled (the CFG negative)
+    pooled = emb.pooled * keep[:, None]
+    vector = stage_vector(sc, pooled, stage_scalars(sc, b, values), keep_micro=draw.keep_micro.to(run.device))
+
+    noisy = run.schedule.add_noise(x0, noise, timesteps)
+    target = run.schedule.target(x0, noise, timesteps, sc.prediction_type)
+    model_input = noisy if up is None else sr_model_input(noisy, up)
+    prediction = stage.unet(model_input, timesteps, context, vector)
+    weights = None
+    if config.min_snr_gamma > 0:
+        weights = min_snr_weights(run.schedule.snr(timesteps), config.min_snr_gamma, sc.prediction_type)
+    return diffusion_loss(prediction, target, weights)
+
+
+def stage_step(run: StageRun, batch: dict, step: int) -> StageStep:
+    """loss -> backward -> (skip if non-finite) -> clip -> AdamW -> EMA."""
+    loss = stage_loss(run, batch, step)
+    loss.backward()
+    params = [p for p in run.stage.unet.parameters() if p.grad is not None]
+    max_norm = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    value = float(loss.detach())
+    applied = math.isfinite(value) and bool(torch.isfinite(grad_norm))
+    if applied:
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(run.config, step)
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.named_parameters())
+    run.optimizer.zero_grad(set_to_none=True)
+    return StageStep(loss=value, applied=applied, grad_norm=float(grad_norm))
+
+
+# --- checkpoints and export ------------------------------------------------------------------------------------------
+
+def _checkpoint_contents(run: StageRun, step: int, data_state: dict | None) -> tuple[dict[str, Tensor], dict]:
+    tensors = {f"model.unet.{k}": v for k, v in run.stage.unet.state_dict().items()}
+    optim_tensors, optim_meta = ckpt.optimizer_state(run.optimizer, "optim")
+    tensors.update(optim_tensors)
+    ema_meta = None
+    if run.ema is not None:
+        ema_state = run.ema.state_dict()
+        tensors.update({f"ema.{k}": v for k, v in ema_state.pop("shadow").items()})
+        ema_meta = ema_state
+    rng_tensors, rng_meta = ckpt.rng_state()
+    tensors.update(rng_tensors)
+    state = {"step": step, "kind": "cascade-stage", "config": run.config.to_dict(), "optimizer": optim_meta,
+             "ema": ema_meta, "rng": rng_meta, "data": data_state}
+    return tensors, state
+
+
+def _restore(run: StageRun, data, tensors: dict[str, Tensor], state: dict) -> int:
+    if state.get("kind") != "cascade-stage":
+        raise ValueError(f"the checkpoint is not a cascade stage's (kind {state.get('kind')!r})")
+    head = "model.unet."
+    run.stage.unet.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
+    ckpt.load_optimizer_state(run.optimizer, "optim", tensors, state["optimizer"])
+    if run.ema is not None:
+        if state["ema"] is None:
+            raise ValueError("the checkpoint has no EMA, but this run keeps one (ema_decay > 0)")
+        shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        run.ema.load_state_dict({**state["ema"], "shadow": shadow})
+    ckpt.restore_rng_state(tensors, state["rng"])
+    if state.get("data") is not None and hasattr(data, "load_state_dict"):
+        data.load_state_dict(state["data"])
+    return int(state["step"])
+
+
+def export_stage(run: StageRun, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """The stage file `xldm generate --cascade` loads: EMA weights (raw ones without EMA) and the text encoders."""
+    unet = copy.deepcopy(run.stage.unet).cpu().eval()
+    if run.ema is not None:
+        run.ema.copy_to(unet, prefix="unet.")
+    stage = CascadeStage(config=run.stage.config, unet=unet, text_encoders=run.stage.text_encoders)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_stage(stage, path, dtype=dtype)
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageTrainResult:
+    step: int
+    final_path: Path
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+def make_stage_batches(config: CascadeTrainConfig):
+    """Batches at the stage's resolution: one bucket, cover-resized and cropped (xldm.train.data)."""
+    from xldm.train.data import TrainingBatches, open_source
+
+    if not config.data:
+        raise ValueError("no training data: set data (an image folder or WebDataset shards)")
+    return TrainingBatches(open_source(config.data), buckets=[config.stage_config.resolution],
+                           batch_size=config.batch_size, seed=config.seed, center_crop=config.center_crop)
+
+
+def train_stage(config: CascadeTrainConfig, *, resume: bool = False, data=None, progress: bool = True,
+                on_step: Callable[[int, StageRun], None] | None = None) -> StageTrainResult:
+    """Train one stage for `config.steps` steps in total and export `out/final/stage.safetensors`."""
+    from tqdm import tqdm
+
+    if not config.out:
+        raise ValueError("no run directory: set out")
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    if ckpt.list_checkpoints(checkpoints) and not resume:
+        raise ValueError(f"{out} already holds checkpoints; resume it, or choose a new out")
+    run = build_stage_run(config)
+    data = data if data is not None else make_stage_batches(config)
+    torch.manual_seed(config.seed)
+    start = 0
+    if resume:
+        found = ckpt.load_latest(checkpoints)
+        if found is not None:
+            path, tensors, state = found
+            start = _restore(run, data, tensors, state)
+            print(f"resuming from {path} (step {start})", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():  # drop lines past the checkpoint we resume from
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        metrics.write_text("".join(line + "\n" for line in kept))
+
+    bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, disable=not progress)
+    batches = iter(data)
+    losses: list[float] = []
+    streak = skipped = 0
+    for step in range(start + 1, config.steps + 1):
+        t0 = time.perf_counter()
+        result = stage_step(run, next(batches), step)
+        losses.append(result.loss)
+        if result.applied:
+            streak = 0
+        else:
+            streak += 1
+            skipped += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient ({result.loss}); step skipped", RuntimeWarning,
+                          stacklevel=2)
+            if streak >= config.max_nonfinite_steps:
+                raise NonFiniteError(f"training stopped at step {step}: {streak} non-finite steps in a row; check "
+                                     f"the data and lower the learning rate")
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"step": step, "loss": result.loss, "lr": lr_at(config, step),
+                                "grad_norm": result.grad_norm, "seconds": time.perf_counter() - t0,
+                                "skipped_step": not result.applied}) + "\n")
+        bar.set_postfix(loss=f"{result.loss:.4f}")
+        bar.update(1)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            data_state = data.state_dict() if hasattr(data, "state_dict") else None
+            tensors, state = _checkpoint_contents(run, step, data_state)
+            ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
+        if on_step is not None:
+            on_step(step, run)
+    bar.close()
+    final = export_stage(run, out / "final" / "stage.safetensors")
+    return StageTrainResult(step=config.steps, final_path=final, losses=losses, skipped_steps=skipped)
+
+
+__all__ = ["CascadeTrainConfig", "CASCADE_TRAIN_PRESETS", "cascade_train_preset", "StageRun", "StageStep",
+           "build_stage_run", "training_pair", "stage_loss", "stage_step", "export_stage", "train_stage",
+           "make_stage_batches", "StageTrainResult", "lr_at"]
