@@ -13,7 +13,7 @@ from typing import Any
 
 from xldm.config import PRESETS, ModelConfig
 
-TASKS = ("diffusion", "vae")
+TASKS = ("diffusion", "vae", "clip")  # "clip": xldm.train.clip_pretrain (the default model's text encoders)
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -41,6 +41,9 @@ class TrainConfig:
     resolution: int = 1024  # bucket base size: buckets of ~resolution^2 pixels (SDXL paper App. I)
     bucket_step: int = 64  # bucket sides are multiples of this (App. I: 64)
     center_crop: bool = False  # SDXL: random crops, with the crop handed to the model (Sec. 2.2)
+    # On-disk cache of VAE posteriors and text embeddings (xldm.train.cache); "" = off.  When set, each sample
+    # keeps one crop for the whole run (centre, or random seeded by the sample key).
+    cache_dir: str = ""
 
     # --- diffusion objective ---------------------------------------------------------------------------
     prediction_type: str = "epsilon"  # or "v" (Salimans & Ho 2022)
@@ -82,7 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) (exact resume on CPU)
     device: str = "auto"  # "auto" = cuda if available, else cpu
-    parallel: str = "ddp"  # under torchrun: "ddp"; "fsdp" is documented in loop.py, not implemented
+    parallel: str = "ddp"  # under torchrun: "ddp", or "fsdp" to shard the UNet (xldm.train.parallel)
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -175,6 +178,10 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                             weight_decay=0.0, adam_beta1=0.5, adam_beta2=0.9, grad_clip=0.0, batch_size=8),
 }
 # ldm's autoencoder trains with Adam(betas=(0.5, 0.9)) (ldm/models/autoencoder.py configure_optimizers).
+# The bundled default model's four stages (xldm.default_model; it also registers its model presets).
+from xldm.default_model import default_train_presets  # noqa: E402  (needs TrainConfig above)
+
+TRAIN_PRESETS.update(default_train_presets())
 
 PRESET_NOTES = {
     name: ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "

@@ -434,6 +434,7 @@ class TrainingBatches:
         drop_last: bool = True,
         center_crop: bool = False,
         repeat: bool = True,
+        fixed_crops: bool = False,
     ) -> None:
         if not isinstance(source, (FolderSource, ShardSource)):
             source = open_source(source)
@@ -445,6 +446,9 @@ class TrainingBatches:
         self.buckets = tuple(tuple(b) for b in buckets)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.center_crop, self.repeat = drop_last, center_crop, repeat
+        # fixed_crops: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache
+        # needs one crop per sample, xldm.train.cache); center_crop wins over it.
+        self.fixed_crops = fixed_crops
         self.global_batch_size = batch_size * world_size
         self._epoch = 0
         self._skipped: dict[str, set[str]] = {}
@@ -579,7 +583,8 @@ class TrainingBatches:
             except SkipSample as e:
                 self._skip(e.reason, sample.key)
                 continue
-            rng = _crop_rng(self.center_crop, self.seed, epoch, batch_index, row)
+            rng = (_crop_rng(self.center_crop, self.seed, sample.key) if self.fixed_crops
+                   else _crop_rng(self.center_crop, self.seed, epoch, batch_index, row))
             return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng)
         raise RuntimeError(
             f"no image of bucket {bucket[0]}x{bucket[1]} can be decoded (skipped: {self.stats['skipped']})"
@@ -633,7 +638,8 @@ class TrainingBatches:
                 caption = ""
         image = decode_image(members[image_key])
         bucket = choose_bucket(*image.size, self.buckets)
-        rng = _crop_rng(self.center_crop, self.seed, epoch, shard, raw.key)
+        rng = (_crop_rng(self.center_crop, self.seed, raw.key) if self.fixed_crops
+               else _crop_rng(self.center_crop, self.seed, epoch, shard, raw.key))
         item = _make_item(image, raw.key, caption, score, bucket, rng)
         item.position = (shard, raw.offset, epoch)
         return bucket, item

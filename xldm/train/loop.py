@@ -20,14 +20,10 @@ contract: rank r gets rows r*B:(r+1)*B of the batch one process with W*B would g
 wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA), which averages gradients, so W processes x B
 equal 1 process x W*B up to float summation order.  Rank 0 writes checkpoints, metrics and the export.
 
-FSDP (full-size SDXL on GPUs without room for fp32 weights + AdamW + EMA per GPU; see benchmarks/train_step.py):
-NOT IMPLEMENTED (`parallel="fsdp"` raises).  The plan: `torch.distributed.fsdp.fully_shard` (FSDP2) applied
-bottom-up to each `UNetBlock` of `unet.input_blocks`, `unet.middle_block` and `unet.output_blocks`, then to the
-UNet root (time_embed, label_emb, out); `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`; frozen
-text encoders and VAE stay unsharded and replicated in bf16; the EMA shadows are kept per shard (the EMA update
-works on the local shards of the DTensor parameters); checkpoints gather with
-`torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True, cpu_offload=True)` /
-`get_optimizer_state_dict` on rank 0 so the file format stays this one.  It needs a multi-GPU test.
+FSDP (`parallel="fsdp"`, full-size SDXL on GPUs without room for fp32 weights + AdamW + EMA per GPU): the UNet
+is sharded with FSDP2 instead of wrapped in DDP; weights, AdamW moments and EMA shadows are then DTensor shards.
+Checkpoints gather them on rank 0 into the same file format, and are cut back into shards on resume.  The
+details and the 8-GPU command line are in `xldm.train.parallel`.
 """
 
 from __future__ import annotations
@@ -53,6 +49,7 @@ from torch import nn
 from xldm.errors import NonFiniteError
 from xldm.models.components import Components
 from xldm.train import checkpoint as ckpt
+from xldm.train import parallel
 from xldm.train.config import TrainConfig
 from xldm.train.ema import EMA
 from xldm.train.objective import (
@@ -103,9 +100,6 @@ def setup_processes(config: TrainConfig) -> Processes:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
-    if world > 1 and config.parallel == "fsdp":
-        raise NotImplementedError("parallel='fsdp' is not implemented; the wrapping plan is in xldm/train/loop.py. "
-                                  "Use parallel='ddp'.")
     return Processes(rank=rank, world_size=world, local_rank=local, device=device, started_here=started)
 
 
@@ -126,6 +120,7 @@ class Run:
     tokenizers: tuple = ()
     # Extra (network, optimizer) pairs trained alongside, checkpointed but not exported (the VAE's discriminator).
     extras: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
+    cache: Any = None  # xldm.train.cache.EmbeddingCache when config.cache_dir is set
 
     @property
     def device(self) -> torch.device:
@@ -193,12 +188,7 @@ def make_optimizer(config: TrainConfig, params, lr: float | None = None) -> torc
                              eps=config.adam_eps, weight_decay=config.weight_decay, foreach=False)
 
 
-def _wrap(module: nn.Module, procs: Processes) -> nn.Module:
-    if not procs.distributed:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(module, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+_wrap = parallel.wrap_ddp  # (vae_loop uses this name)
 
 
 def build_run(config: TrainConfig, procs: Processes | None = None, model: Components | None = None) -> Run:
@@ -208,6 +198,9 @@ def build_run(config: TrainConfig, procs: Processes | None = None, model: Compon
     model.to(device=procs.device)
     if config.task == "vae":
         from xldm.train.vae_loop import build_vae_run
+
+        if parallel.uses_fsdp(config, procs):
+            raise NotImplementedError("parallel='fsdp' shards the diffusion UNet; train the VAE with parallel='ddp'")
 
         return build_vae_run(config, procs, model)
     unet = model.unet
@@ -219,13 +212,19 @@ def build_run(config: TrainConfig, procs: Processes | None = None, model: Compon
         for name in names:
             if name.startswith("text_encoder"):
                 trainable[name] = model.modules()[name].requires_grad_(True).train()
-    forward = {"unet": _wrap(unet, procs)}
+    if parallel.uses_fsdp(config, procs):  # in place: its parameters become DTensor shards
+        forward = {"unet": parallel.shard_unet(unet, procs, config.mixed_precision)}
+    else:
+        forward = {"unet": _wrap(unet, procs)}
     params = [p for m in trainable.values() for p in m.parameters()]
     run = Run(config=config, model=model, trainable=trainable, forward=forward,
               optimizer=make_optimizer(config, params), ema=None, procs=procs,
               schedule=DiscreteSchedule(procs.device), tokenizers=model.tokenizers())
     if config.ema_decay > 0:
         run.ema = EMA(run.named_trainable_parameters(), config.ema_decay, warmup=config.ema_warmup)
+    from xldm.train.cache import open_cache
+
+    run.cache = open_cache(config, model, procs.device)
     return run
 
 
@@ -251,15 +250,22 @@ def diffusion_loss_for_batch(run: Run, batch: dict, step: int) -> torch.Tensor:
     gens = sample_generators(config.seed, step, _batch_rows(run, batch))
     pixels = batch["pixels"].to(device=run.device, dtype=torch.float32)
     with torch.no_grad():  # the VAE is frozen: latents = posterior sample x scaling factor
-        latents = model.vae.encode_latents(pixels, generator=gens)
+        if run.cache is not None:
+            latents = run.cache.latents(model.vae, pixels, batch, gens)
+        else:
+            latents = model.vae.encode_latents(pixels, generator=gens)
     draw = draw_noise(gens, latents.shape[1:], t_min=config.timestep_min, t_max=config.timestep_max,
                       offset_noise=config.offset_noise, text_dropout=config.text_dropout,
                       micro_dropout=config.micro_dropout)
     timesteps = draw.timesteps.to(run.device)
     noise = draw.noise.to(run.device)
+    cached_text = None
+    if run.cache is not None and run.cache.text_dir is not None:
+        cached_text = run.cache.text_embeddings(model.text_encoders, run.tokenizers, model.config,
+                                                list(batch["captions"]))
     context, vector = training_conditioning(
         model.config, model.text_encoders, run.tokenizers, batch, draw.keep_text, draw.keep_micro,
-        device=run.device, train_text_encoders=config.train_text_encoders)
+        device=run.device, train_text_encoders=config.train_text_encoders, embeddings=cached_text)
     noisy = run.schedule.add_noise(latents, noise, timesteps)
     target = run.schedule.target(latents, noise, timesteps, config.prediction_type)
     with run.autocast():
@@ -297,7 +303,7 @@ def apply_update(run: Run, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
         value /= procs.world_size
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     max_norm = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    grad_norm = parallel.clip_grad_norm(params, max_norm)  # over all shards under FSDP
     applied = bool(finite.item() == 1.0) and bool(torch.isfinite(grad_norm).item())
     if applied:
         for group in optimizer.param_groups:
@@ -308,8 +314,9 @@ def apply_update(run: Run, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def diffusion_step(run: Run, batch: dict, step: int) -> StepResult:
-    loss = diffusion_loss_for_batch(run, batch, step)
+    # Taken before the forward: FSDP2 swaps the root's unsharded parameters in for the forward.
     params = [p for _, p in run.named_trainable_parameters()]
+    loss = diffusion_loss_for_batch(run, batch, step)
     others = [m for name, m in run.trainable.items() if name != "unet"]
     applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(run.config, step),
                                         unwrapped=others)
@@ -360,11 +367,15 @@ def checkpoint_contents(run: Run, step: int, data_states: list[dict]) -> tuple[d
     state = {"step": step, "lr": lr_at(run.config, step), "config": run.config.to_dict(),
              "world_size": run.procs.world_size, "data": data_states, "optimizer": optim_meta,
              "extras": extras_meta, "ema": ema_meta, "rng": rng_meta}
+    if parallel.uses_fsdp(run.config, run.procs):  # collective: full tensors on rank 0, {} elsewhere
+        tensors = parallel.gather_full(tensors, run.procs)
     return tensors, state
 
 
 def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> int:
     """Load a checkpoint into the run and the data; returns its step."""
+    if parallel.uses_fsdp(run.config, run.procs):  # keep this process's shard of each sharded tensor
+        tensors = parallel.shard_checkpoint(run, tensors)
     for name, module in run.trainable.items():
         head = f"model.{name}."
         module.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
@@ -389,15 +400,19 @@ def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> in
 
 # --- export ------------------------------------------------------------------------------------------------
 
-def export_final(run: Run, path: Path) -> Path:
+def export_final(run: Run, path: Path, gathered: dict[str, nn.Module] | None = None) -> Path:
     """`final/model.safetensors`: the EMA weights of the trained networks (raw weights if no EMA) with the frozen
     ones, in the original single-file layout that `xldm generate --model` loads.  A trained VAE alone is written
-    in the bare VAE layout (`encoder.*`, `decoder.*`, as the released sdxl_vae.safetensors)."""
+    in the bare VAE layout (`encoder.*`, `decoder.*`, as the released sdxl_vae.safetensors).  `gathered`: the
+    sharded networks, already unsharded with EMA applied (`parallel.gather_for_export`)."""
     from xldm.weights.io import save_file
     from xldm.weights.save import save_single_file
 
     exported = {}
     for name, module in run.trainable.items():
+        if gathered and name in gathered:
+            exported[name] = gathered[name]
+            continue
         module = copy.deepcopy(module).cpu().eval()
         if run.ema is not None:
             run.ema.copy_to(module, prefix=f"{name}.")
@@ -432,7 +447,8 @@ def make_batches(config: TrainConfig, procs: Processes):
         raise ValueError("no training data: set --data DIR_OR_SHARDS (or `data` in the TOML file)")
     return TrainingBatches(open_source(config.data), buckets=training_buckets(config.resolution, config.bucket_step),
                            batch_size=config.batch_size, seed=config.seed, rank=procs.rank,
-                           world_size=procs.world_size, center_crop=config.center_crop)
+                           world_size=procs.world_size, center_crop=config.center_crop,
+                           fixed_crops=bool(config.cache_dir))  # one crop per sample for the cache
 
 
 def _seed_everything(seed: int) -> None:
@@ -460,6 +476,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, d
     """
     if not config.out:
         raise ValueError("no run directory: set --out RUN_DIR")
+    if config.task == "clip":  # contrastive text-encoder pre-training has its own loop
+        from xldm.train.clip_pretrain import train_clip
+
+        return train_clip(config, resume=resume, progress=progress)
     procs = setup_processes(config)
     try:
         return _train(config, procs, resume=resume, progress=progress, data=data, on_step=on_step)
@@ -532,8 +552,9 @@ def _train(config: TrainConfig, procs: Processes, *, resume: bool, progress: boo
             bar.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
             data_states = _gather_data_states(data, procs)
-            if procs.is_main:
+            if procs.is_main or parallel.uses_fsdp(config, procs):  # FSDP: every process joins the gathers
                 tensors, state = checkpoint_contents(run, step, data_states)
+            if procs.is_main:
                 ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
             if procs.distributed:
                 dist.barrier()
@@ -542,8 +563,9 @@ def _train(config: TrainConfig, procs: Processes, *, resume: bool, progress: boo
     bar.close()
 
     final_path = None
+    gathered = parallel.gather_for_export(run) if parallel.uses_fsdp(config, procs) else None
     if procs.is_main:
-        final_path = export_final(run, out / "final" / "model.safetensors")
+        final_path = export_final(run, out / "final" / "model.safetensors", gathered)
     if procs.distributed:
         dist.barrier()
     return TrainResult(step=step, lr=lr_at(config, step), final_path=final_path, losses=losses,

@@ -126,15 +126,18 @@ def micro_ids(config: ModelConfig, batch: dict) -> Tensor:
 
 def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenizers: Sequence, batch: dict,
                           keep_text: Tensor, keep_micro: Tensor, *, device: torch.device,
-                          train_text_encoders: bool = False) -> tuple[Tensor, Tensor | None]:
+                          train_text_encoders: bool = False, embeddings=None) -> tuple[Tensor, Tensor | None]:
     """(context, vector) for a training batch, with conditioning dropout for classifier-free guidance.
 
     A dropped caption gives zero context and zero pooled text, the base pipeline's unconditional branch
     (diffusers `force_zeros_for_empty_prompt`); a dropped micro-conditioning zeroes its Fourier embedding, as
     sgm's `ucg_rate` zeroes an embedder's output.  Text encoders run under no_grad unless trained.
+    `embeddings`: the captions' `TextEmbeddings` computed already (the latent/text cache, xldm.train.cache).
     """
-    with torch.set_grad_enabled(train_text_encoders and torch.is_grad_enabled()):
-        emb = encode_prompts(text_encoders, tokenizers, config, list(batch["captions"]))
+    emb = embeddings
+    if emb is None:
+        with torch.set_grad_enabled(train_text_encoders and torch.is_grad_enabled()):
+            emb = encode_prompts(text_encoders, tokenizers, config, list(batch["captions"]))
     keep_t = keep_text.to(device=device, dtype=emb.context.dtype)
     context = emb.context.to(device) * keep_t[:, None, None]
     if config.unet.adm_in_channels <= 0:

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Retrain xldm's bundled default model from scratch (issue 5): SDXL's design in miniature on the emoji dataset.
+#
+#   scripts/train_default.sh OUT_DIR
+#
+# Stages (each an `xldm train` preset from xldm/default_model.py; each resumes from its checkpoints when the
+# script is run again, and a finished stage is skipped):
+#   0. dataset      xldm data emoji OUT/data/emoji (Twemoji + Noto, CLDR captions), then OUT/data/train without
+#                   the held-out emoji names (xldm.default_model.is_heldout, ~3 %)
+#   1. default-clip both text encoders, contrastive pre-training against a throw-away image tower (64 px)
+#   2. default-vae  the KL autoencoder (8x down, 4 channels), L1 + KL, EMA of the weights
+#   3. default-base the base UNet on ~128^2 aspect buckets; text encoders (1) and VAE (2) frozen, taken from an
+#                   init file that also carries the VAE's measured latent scale
+#   4. default-refiner  the refiner UNet on the 200 low-noise steps, bigG-like encoder and VAE frozen
+#   5. export       fp16 single files OUT/export/base.safetensors and OUT/export/refiner.safetensors
+#
+# Environment: EMOJI_DATA=DIR uses an existing `xldm data emoji` build instead of building one;
+# XLDM_THREADS (default 1) sets the CPU threads; CLIP_STEPS, VAE_STEPS, BASE_STEPS, REFINER_STEPS and
+# CHECKPOINT_EVERY override the presets (a smoke run: all steps 2, CHECKPOINT_EVERY=1).
+# The same OUT_DIR, seed and thread count give the same weights (all randomness is seeded by the presets).
+#
+# Measured on the 2-core CPU machine this was developed on, while other jobs kept both cores busy
+# (load average ~5), XLDM_THREADS=1 (2 threads were 3-4x *slower* under that contention):
+#   stage            batch   it/s    steps    time
+#   dataset build                               ~5 min (npm download + 13,572 images)
+#   default-clip      128    1.67     3000     ~30 min
+#   default-vae         8    0.43     2500     ~97 min
+#   default-base       16    1.58    10000    ~106 min
+#   default-refiner    16    1.80     3000     ~28 min
+#   export                                       <1 min
+#   total                                      ~4.4 h  (about half that on an idle machine with XLDM_THREADS=2)
+# On a GPU (`--device cuda` is picked automatically) every stage takes minutes.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+export OMP_NUM_THREADS=${XLDM_THREADS:-1} MKL_NUM_THREADS=${XLDM_THREADS:-1}
+PY=${PYTHON:-python}
+log() { echo "[$(date '+%F %T')] $*"; }
+
+# 0. dataset -------------------------------------------------------------------------------------------------
+if [[ -n "${EMOJI_DATA:-}" ]]; then
+    EMOJI=$(cd "$EMOJI_DATA" && pwd)
+else
+    EMOJI="$OUT/data/emoji"
+    if [[ ! -f "$OUT/data/emoji.done" ]]; then
+        log "building the emoji dataset in $EMOJI"
+        rm -rf "$EMOJI"
+        xldm data emoji "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
+        touch "$OUT/data/emoji.done"
+    fi
+fi
+if [[ ! -f "$OUT/data/train.done" ]]; then
+    log "splitting off the held-out names into $OUT/data/train"
+    "$PY" -m xldm.default_model split "$EMOJI" "$OUT/data/train"
+    touch "$OUT/data/train.done"
+fi
+
+# One training stage: run_stage NAME PRESET DATA [extra xldm train flags...]
+run_stage() {
+    local name=$1 preset=$2 data=$3 steps_var=$4
+    shift 4
+    local dir="$OUT/$name"
+    if [[ -f "$dir/DONE" ]]; then
+        log "$name: done already ($dir/final/model.safetensors)"
+        return
+    fi
+    local extra=()
+    [[ -n "${!steps_var:-}" ]] && extra+=(--steps "${!steps_var}")
+    [[ -n "${CHECKPOINT_EVERY:-}" ]] && extra+=(--checkpoint-every "$CHECKPOINT_EVERY")
+    log "$name: xldm train --preset $preset (resumes from $dir/checkpoints if any)"
+    xldm train --preset "$preset" --data "$data" --out "$dir" --resume --no-progress "${extra[@]}" "$@"
+    touch "$dir/DONE"
+    log "$name: finished"
+}
+
+# 1. text encoders (the held-out names are split off inside, and evaluated: clip/final/metrics.json)
+run_stage clip default-clip "$EMOJI" CLIP_STEPS
+# 2. autoencoder
+run_stage vae default-vae "$OUT/data/train" VAE_STEPS
+# 3. base: init file = text encoders (1) + VAE (2) + measured latent scale
+if [[ ! -f "$OUT/init/base.safetensors" ]]; then
+    "$PY" -m xldm.default_model compose default-base --text-encoders "$OUT/clip/final/model.safetensors" \
+        --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train" --out "$OUT/init/base.safetensors"
+fi
+run_stage base default-base "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
+# 4. refiner: the bigG-like encoder and the same VAE, with the same latent scale
+if [[ ! -f "$OUT/init/refiner.safetensors" ]]; then
+    SCALE=$("$PY" -c "import json, sys; from xldm.weights.io import open_checkpoint; \
+print(json.loads(open_checkpoint(sys.argv[1]).metadata['xldm.config'])['vae']['scaling_factor'])" \
+        "$OUT/init/base.safetensors")
+    "$PY" -m xldm.default_model compose default-refiner --text-encoders "$OUT/clip/final/model.safetensors" \
+        --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE" --out "$OUT/init/refiner.safetensors"
+fi
+run_stage refiner default-refiner "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
+
+# 5. export --------------------------------------------------------------------------------------------------
+"$PY" -m xldm.default_model export "$OUT/base/final/model.safetensors" "$OUT/export/base.safetensors"
+"$PY" -m xldm.default_model export "$OUT/refiner/final/model.safetensors" "$OUT/export/refiner.safetensors"
+log "done. The default model's files:"
+ls -l "$OUT/export/base.safetensors" "$OUT/export/refiner.safetensors"
+echo "Try: xldm generate \"red heart\" --model $OUT/export/base.safetensors --refiner $OUT/export/refiner.safetensors --out heart.png"
+echo "To ship them: copy both into xldm/data/default/ (xldm.default_model.DEFAULT_MODEL_DIR)."

@@ -1,0 +1,457 @@
+"""Contrastive pre-training of SDXL's two text encoders from scratch, for the bundled default model.
+
+SDXL conditions on two CLIP text encoders pre-trained with the CLIP objective (Radford et al. 2021, "Learning
+Transferable Visual Models From Natural Language Supervision", Sec. 2.3 and Fig. 3): image and text embeddings,
+L2-normalised, scored by cosine similarity times a learned temperature, trained with a symmetric cross-entropy
+over the batch.  No pre-trained CLIP can be downloaded here, so the default model trains its own on the captioned
+emoji images:
+
+* both text encoders (`xldm.models.clip.CLIPTextModel`, shapes from the model config: the CLIP-L-like one, then
+  the bigG-like one) are trained *jointly* against one small image tower (`ImageTower`: strided convolutions,
+  then a linear map of the flattened 4 x 4 map, so the position of a glyph is kept for captions like "at the
+  top left");
+* each encoder has its own joint space and temperature: the bigG-like encoder's pooled output goes through its
+  own `text_projection` (the vector SDXL feeds the UNet, so it is trained exactly as used); the CLIP-L-like one
+  (which has no projection in SDXL) gets a throw-away linear head; the image tower has one head per encoder;
+* captions shared by several images of a batch are all positives (soft targets), so duplicates are not
+  pushed apart.
+
+The image tower and heads are discarded for generation but kept in `final/clip_evaluator.safetensors`: they give
+the project's prompt-following measure, `retrieval_accuracy` of a caption among distractors, on held-out captions
+(`xldm.default_model.is_heldout`: ~3 % of emoji names never trained on).
+
+Run: `xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR [--resume]` (TrainConfig task "clip").
+Outputs: `final/model.safetensors` (the two text encoders alone, SDXL base single-file layout, loadable with
+`load_model(..., components=["text_encoders"])`), `final/clip_evaluator.safetensors`, `final/metrics.json`,
+`metrics.jsonl` (per step) and `checkpoints/` (every `checkpoint_every` steps; `--resume` continues from the newest).
+The batch order and augmentation are pure functions of (seed, step), so a resumed run sees the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xldm.config import ModelConfig, TextEncoderConfig
+from xldm.models.clip import CLIPTextModel
+from xldm.train import checkpoint as ckpt
+from xldm.train.config import TrainConfig
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (same section)
+EVAL_DISTRACTORS = 15  # retrieval among 16 captions: chance = 1/16
+
+
+# --- the image tower ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 stage each: 64 -> 4 px
+    features: int = 256
+
+
+class ImageTower(nn.Module):
+    """Conv(3x3, stride 2) + GroupNorm + SiLU stages down to a 4 x 4 map, then a linear map of the flattened map."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3
+        for out in cfg.channels:
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU(),
+                       nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            width = out
+        self.convs = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.channels)
+        self.fc = nn.Linear(width * side * side, cfg.features)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(pixels).flatten(1))
+
+
+def joint_dim(encoders: tuple[TextEncoderConfig, ...]) -> int:
+    """Width of the joint embedding spaces: the last (bigG-like) encoder's projection width, else its width."""
+    last = encoders[-1]
+    return last.projection_dim or last.width
+
+
+class ContrastiveModel(nn.Module):
+    """The text encoders, the image tower and the heads that map both into one joint space per encoder."""
+
+    def __init__(self, encoders: tuple[TextEncoderConfig, ...], tower: ImageTowerConfig = ImageTowerConfig()) -> None:
+        super().__init__()
+        self.encoder_configs = encoders
+        self.tower_config = tower
+        dim = joint_dim(encoders)
+        self.text_encoders = nn.ModuleList(CLIPTextModel(te) for te in encoders)
+        # An encoder with its own projection of the right width (bigG) uses it; others get a head (discarded).
+        self.text_heads = nn.ModuleList(
+            nn.Identity() if te.projection_dim == dim else nn.Linear(te.projection_dim or te.width, dim, bias=False)
+            for te in encoders)
+        self.image_tower = ImageTower(tower)
+        self.image_heads = nn.ModuleList(nn.Linear(tower.features, dim, bias=False) for _ in encoders)
+        self.logit_scales = nn.Parameter(torch.full((len(encoders),), INIT_LOGIT_SCALE))
+
+    def encode_images(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) in [-1, 1] -> one (B, dim) unit vector per encoder's joint space."""
+        features = self.image_tower(pixels)
+        return [F.normalize(head(features), dim=-1) for head in self.image_heads]
+
+    def encode_texts(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One (B, L) id tensor per encoder -> one (B, dim) unit vector per encoder (pooled output, then head)."""
+        return [F.normalize(head(encoder(x).pooled), dim=-1)
+                for encoder, head, x in zip(self.text_encoders, self.text_heads, ids)]
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              caption_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3), with every row of the same caption a positive.
+
+    image, text: (B, D) unit vectors of the same B pairs; caption_ids: (B,) ids, equal for equal captions.
+    """
+    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.t()
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    loss_images = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    loss_texts = -(targets * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return 0.5 * (loss_images + loss_texts)
+
+
+def retrieval_accuracy(similarity: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy of picking each image's caption.
+
+    similarity: (N images, M captions); targets: (N,) the right caption of each image; candidates: optional
+    (N, K) caption indices each image chooses among (its target included); None = all M captions.
+    A tie counts as a miss unless the target is the first of the tied candidates.
+    """
+    if candidates is None:
+        candidates = torch.arange(similarity.shape[1]).expand(similarity.shape[0], -1)
+    scores = similarity.gather(1, candidates)
+    chosen = candidates.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+    return float((chosen == targets).float().mean())
+
+
+def distractor_candidates(targets: torch.Tensor, num_captions: int, distractors: int, seed: int) -> torch.Tensor:
+    """(N, 1 + distractors) caption indices: the target first, then distinct random other captions."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(distractors, num_captions - 1)
+    rows = []
+    for target in targets.tolist():
+        others = torch.randperm(num_captions - 1, generator=generator)[:k]
+        others = others + (others >= target).long()  # skip the target
+        rows.append(torch.cat([torch.tensor([target]), others]))
+    return torch.stack(rows)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionedImages:
+    """Images as (N, 3, S, S) uint8 (padded to square with white, then resized), with caption indices."""
+
+    pixels: torch.Tensor
+    caption_index: torch.Tensor  # (N,) into `captions`
+    captions: list[str]
+
+
+def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Every captioned image of a folder (xldm.train.data.FolderSource), letterboxed onto white and resized to
+    size x size; cached as .npy next to the run when `cache` is given (keyed by the folder's fingerprint)."""
+    from PIL import Image
+
+    from xldm.train.data import FolderSource, SkipSample, decode_image
+
+    source = FolderSource(folder)
+    captions = [s.caption for s in source.samples]
+    if cache is not None:
+        path = cache / f"images_{size}_{source.fingerprint}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path)), captions
+    arrays = []
+    for sample in source.samples:
+        try:
+            image = decode_image(sample.path)
+        except SkipSample:
+            image = Image.new("RGB", (size, size), (255, 255, 255))
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        arrays.append(np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)))
+    pixels = np.stack(arrays).transpose(0, 3, 1, 2).copy()
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{path.name}.tmp.npy"
+        np.save(tmp, pixels)
+        os.replace(tmp, path)
+    return torch.from_numpy(pixels), captions
+
+
+def split_heldout(pixels: torch.Tensor, captions: list[str]) -> tuple[CaptionedImages, CaptionedImages]:
+    """(training part, held-out part) by `xldm.default_model.is_heldout`."""
+    from xldm.default_model import is_heldout
+
+    def part(keep: list[int]) -> CaptionedImages:
+        texts = sorted({captions[i] for i in keep})
+        index = {t: j for j, t in enumerate(texts)}
+        return CaptionedImages(pixels[keep], torch.tensor([index[captions[i]] for i in keep], dtype=torch.long),
+                               texts)
+
+    held = [is_heldout(c) for c in captions]
+    return part([i for i, h in enumerate(held) if not h]), part([i for i, h in enumerate(held) if h])
+
+
+def tokenize_captions(captions: list[str], encoders: tuple[TextEncoderConfig, ...]) -> list[torch.Tensor]:
+    from xldm.tokenizer import CLIPTokenizer
+
+    return [CLIPTokenizer.for_encoder(te)(captions) for te in encoders]
+
+
+def trim_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns after the last EOS of the batch: with causal attention the pooled (EOS) output
+    never sees later positions, so this is exact for the pooled vector and saves most of the 77 positions."""
+    length = int(ids.argmax(dim=1).max()) + 1
+    return ids[:, :length]
+
+
+def batch_indices(num: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Rows of (1-based) `step`: epoch e is a permutation seeded by (seed, e), cut into full batches."""
+    per_epoch = num // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{num} training images cannot fill one batch of {batch_size}")
+    epoch, position = divmod(step - 1, per_epoch)
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def augment(pixels: torch.Tensor, seed: int, step: int, shift: int = 4) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float in [-1, 1], each image moved by up to `shift` px on white (seeded by step)."""
+    generator = torch.Generator().manual_seed(seed * 7_919 + step)
+    size = pixels.shape[-1]
+    padded = F.pad(pixels.float(), (shift,) * 4, value=255.0)
+    offsets = torch.randint(0, 2 * shift + 1, (pixels.shape[0], 2), generator=generator).tolist()
+    moved = torch.stack([padded[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(offsets)])
+    return moved / 127.5 - 1.0
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed(model: ContrastiveModel, data: CaptionedImages, device: torch.device,
+          batch_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(image embeddings, caption embeddings), one (N, D) / (M, D) tensor per encoder."""
+    model.eval()
+    images: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
+    for start in range(0, len(data.pixels), batch_size):
+        pixels = data.pixels[start:start + batch_size].to(device).float() / 127.5 - 1.0
+        for out, e in zip(images, model.encode_images(pixels)):
+            out.append(e.cpu())
+    texts: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
+    ids = tokenize_captions(data.captions, model.encoder_configs)
+    for start in range(0, len(data.captions), batch_size):
+        chunk = [trim_ids(x[start:start + batch_size]).to(device) for x in ids]
+        for out, e in zip(texts, model.encode_texts(chunk)):
+            out.append(e.cpu())
+    model.train()
+    return [torch.cat(x) for x in images], [torch.cat(x) for x in texts]
+
+
+def evaluate(model: ContrastiveModel, data: CaptionedImages, device: torch.device, *, seed: int = 0,
+             distractors: int = EVAL_DISTRACTORS) -> dict[str, float]:
+    """Retrieval accuracy of each image's caption among `distractors` other captions of `data`, per encoder
+    ("encoder_0", "encoder_1") and with the two similarities summed ("both"); chance = 1 / (1 + distractors)."""
+    images, texts = embed(model, data, device)
+    candidates = distractor_candidates(data.caption_index, len(data.captions), distractors, seed)
+    sims = [i @ t.t() for i, t in zip(images, texts)]
+    result = {f"encoder_{k}": retrieval_accuracy(s, data.caption_index, candidates) for k, s in enumerate(sims)}
+    result["both"] = retrieval_accuracy(sum(sims), data.caption_index, candidates)
+    result["chance"] = 1.0 / (1 + min(distractors, len(data.captions) - 1))
+    result["images"], result["captions"] = float(len(data.pixels)), float(len(data.captions))
+    return result
+
+
+def subset(data: CaptionedImages, count: int, seed: int) -> CaptionedImages:
+    """`count` random images of `data` (their captions re-indexed), e.g. training images to compare with."""
+    keep = torch.randperm(len(data.pixels), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    used = sorted({int(data.caption_index[i]) for i in keep})
+    remap = {old: new for new, old in enumerate(used)}
+    return CaptionedImages(data.pixels[keep], torch.tensor([remap[int(data.caption_index[i])] for i in keep]),
+                           [data.captions[i] for i in used])
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+EVALUATOR_KEY = "xldm.clip_evaluator"
+
+
+def export_text_encoders(encoders: list[nn.Module] | nn.ModuleList, config: ModelConfig,
+                         path: str | os.PathLike) -> Path:
+    """The text encoders alone as an SDXL single file of `config` (no UNet, no VAE)."""
+    import copy
+
+    from xldm.models.components import Components
+    from xldm.weights.save import save_single_file
+
+    modules = tuple(copy.deepcopy(e).cpu().eval() for e in encoders)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_single_file(Components(config=config, text_encoders=modules), path)
+
+
+def save_evaluator(model: ContrastiveModel, path: str | os.PathLike) -> Path:
+    """Every weight of the contrastive model (tower and heads included), configs in the header."""
+    from xldm.weights.io import save_file
+
+    meta = {"encoders": [asdict(te) for te in model.encoder_configs], "tower": asdict(model.tower_config)}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path, metadata={EVALUATOR_KEY: json.dumps(meta), "format": "pt"})
+    return Path(path)
+
+
+def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
+    """The contrastive model saved by `save_evaluator` (for measuring how well images follow their prompts)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[EVALUATOR_KEY])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    encoders = tuple(TextEncoderConfig(**te) for te in meta["encoders"])
+    tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
+    model = ContrastiveModel(encoders, tower)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+
+def _optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim.Optimizer:
+    # CLIP: no weight decay on gains, biases and the temperature (Radford et al. 2021, App. F); here: on no
+    # tensor with fewer than two dimensions.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                             foreach=False)
+
+
+def contrastive_step(model: ContrastiveModel, optimizer: torch.optim.Optimizer, pixels: torch.Tensor,
+                     ids: list[torch.Tensor], caption_ids: torch.Tensor, lr: float,
+                     grad_clip: float) -> tuple[float, list[float]]:
+    """One AdamW step on the sum of the per-encoder CLIP losses; returns (total, per-encoder losses)."""
+    images = model.encode_images(pixels)
+    texts = model.encode_texts([trim_ids(x) for x in ids])
+    losses = [clip_loss(i, t, s, caption_ids) for i, t, s in zip(images, texts, model.logit_scales)]
+    total = sum(losses)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scales.clamp_(max=MAX_LOGIT_SCALE)
+    return float(total.detach()), [float(x.detach()) for x in losses]
+
+
+def train_clip(config: TrainConfig, *, resume: bool = False, progress: bool = True):
+    """Run the `default-clip` stage described in the module docstring; returns a `loop.TrainResult`."""
+    from tqdm import tqdm
+
+    from xldm.train.loop import TrainResult, lr_at
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NotImplementedError("contrastive pre-training runs in one process")
+    if not config.data:
+        raise ValueError("no training data: set --data IMAGE_FOLDER")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    if ckpt.list_checkpoints(checkpoints) and not resume:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    model_config = config.model_config
+    encoders = tuple(model_config.text_encoders)
+
+    pixels, captions = load_images(config.data, config.resolution, cache=out / "cache")
+    train_set, heldout_set = split_heldout(pixels, captions)
+    train_ids = tokenize_captions(train_set.captions, encoders)
+
+    torch.manual_seed(config.seed)
+    model = ContrastiveModel(encoders, ImageTowerConfig(image_size=config.resolution)).to(device).train()
+    optimizer = _optimizer(model, config)
+    start = 0
+    if resume and (found := ckpt.load_latest(checkpoints)) is not None:
+        path, tensors, state = found
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        ckpt.load_optimizer_state(optimizer, "optimizer", tensors, state["optimizer"])
+        start = state["step"]
+        print(f"resuming from {path} (step {start})", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # drop lines of steps that will be redone
+        kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, disable=not progress)
+    losses: list[float] = []
+    step = start
+    for step in range(start + 1, config.steps + 1):
+        t0 = time.perf_counter()
+        rows = batch_indices(len(train_set.pixels), config.batch_size, config.seed, step)
+        caption_ids = train_set.caption_index[rows]
+        batch_pixels = augment(train_set.pixels[rows], config.seed, step).to(device)
+        ids = [x[caption_ids].to(device) for x in train_ids]
+        lr = lr_at(config, step)
+        total, parts = contrastive_step(model, optimizer, batch_pixels, ids, caption_ids.to(device), lr,
+                                        config.grad_clip)
+        losses.append(total)
+        record = {"step": step, "loss": total, **{f"loss_{k}": v for k, v in enumerate(parts)}, "lr": lr,
+                  "temperature": [round(float(s), 3) for s in model.logit_scales.detach().exp()],
+                  "it_per_s": 1.0 / (time.perf_counter() - t0)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{total:.3f}")
+        bar.update(1)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            opt_tensors, opt_meta = ckpt.optimizer_state(optimizer, "optimizer")
+            tensors.update(opt_tensors)
+            ckpt.save_checkpoint(checkpoints, step, tensors,
+                                 {"step": step, "task": "clip", "config": config.to_dict(), "optimizer": opt_meta},
+                                 keep=config.keep_checkpoints)
+    bar.close()
+
+    final = out / "final"
+    metrics = {"step": step,
+               "heldout": evaluate(model, heldout_set, device, seed=config.seed) if len(heldout_set.captions) > 1
+               else None,
+               "train_sample": evaluate(model, subset(train_set, max(len(heldout_set.pixels), 64), config.seed),
+                                        device, seed=config.seed)}
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_evaluator(model, final / "clip_evaluator.safetensors")
+    path = export_text_encoders(list(model.text_encoders), model_config, final / "model.safetensors")
+    print(f"retrieval accuracy (1 of {1 + EVAL_DISTRACTORS}): {json.dumps(metrics)}", file=sys.stderr)
+    return TrainResult(step=step, lr=lr_at(config, step), final_path=path, losses=losses, skipped_steps=0)
+
+
+__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
+           "distractor_candidates", "evaluate", "train_clip", "export_text_encoders", "save_evaluator",
+           "load_evaluator", "load_images", "split_heldout", "contrastive_step"]
