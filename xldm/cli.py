@@ -82,7 +82,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
     if args.model is None:
-        raise SystemExit("xldm generate: error: --model PATH is required (single file or diffusers folder)")
+        # the small model trained by this project (xldm/data/default), when this copy ships it
+        from xldm.default_model import DEFAULT_MODEL_PATH
+
+        if not DEFAULT_MODEL_PATH.exists():
+            raise SystemExit("xldm generate: error: no --model given and the bundled default model is not in this "
+                             "copy of xldm (retrain it with scripts/train_default.sh); pass --model PATH")
+        args.model = str(DEFAULT_MODEL_PATH)
 
     from xldm.images import open_image
     from xldm.pipeline import GenerationRequest, check_request
