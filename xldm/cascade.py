@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from xldm.conditioning import Conditioning, encode_prompts
 from xldm.config import TextEncoderConfig, UNetConfig
 from xldm.diffusion import make_schedule, model_denoiser, randn, sample
+from xldm.diffusion.guidance import guided_model_fn
 from xldm.models.layers import timestep_embedding
 
 STAGE_KINDS = ("base", "sr")
@@ -517,23 +518,6 @@ class CascadePipeline:
             raise ValueError(f"init_image holds {x.shape[0]} images, expected 1 or {batch} (the batch)")
         return x.to(self.device)
 
-    def _model_output_fn(self, unet: nn.Module, cond: Conditioning, cfg: float, extra: Tensor | None):
-        """(x_in, t) -> guided output on the CFG batch [negative, positive]: u + cfg * (c - u)."""
-        guided = cfg > 1
-        dtype = next(unet.parameters()).dtype
-
-        def fn(x_in: Tensor, t: Tensor) -> Tensor:
-            x = torch.cat([x_in] * 2) if guided else x_in
-            if extra is not None:
-                x = sr_model_input(x, extra)
-            out = unet(x.to(dtype), t, cond.context, cond.vector)
-            if guided:
-                uncond, text = out.chunk(2)
-                out = uncond + cfg * (text - uncond)
-            return out
-
-        return fn
-
     def __call__(self, prompt: str, *, steps: Sequence[int] | int | None = None,
                  cfg: Sequence[float] | float | None = None, aug: Sequence[float] | float | None = None,
                  seed: int = 0, init_image=None, resize_init_image: bool = False,
@@ -597,7 +581,8 @@ class CascadePipeline:
                 pred = "v_prediction" if c.prediction_type == "v" else "epsilon"
                 schedule = make_schedule(sampler, steps[i], prediction_type=pred)
                 x = randn((batch, 3, h, w), gens, self.device, self.dtype) * schedule.init_noise_sigma
-                denoiser = model_denoiser(self._model_output_fn(stage.unet, cond, float(cfg[i]), extra), pred)
+                fn = guided_model_fn(stage.unet, cond.context, cond.vector, float(cfg[i]), extra)
+                denoiser = model_denoiser(fn, pred)
                 step_cb = None if callback is None else (lambda k, total, *_, i=i: callback(i, k, total))
                 x = sample(sampler, denoiser, x, schedule, generator=gens, callback=step_cb)
             if not torch.isfinite(x).all():

@@ -25,6 +25,7 @@ from xldm.errors import NonFiniteError
 from xldm.conditioning import Conditioning, sdxl_conditioning
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import model_denoiser
+from xldm.diffusion.guidance import guided_model_fn
 from xldm.diffusion.samplers import sample
 from xldm.diffusion.schedules import (
     SAMPLER_NAMES,
@@ -274,24 +275,6 @@ class Pipeline:
                     guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
                 )
 
-    def _model_output_fn(self, unet, cond: Conditioning, cfg: float,
-                         extra_channels: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """(x_in, t) -> guided network output: the CFG batch [negative, positive], eps = u + g * (c - u)."""
-        guided = cfg > 1
-        dtype = next(unet.parameters()).dtype
-
-        def fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = torch.cat([x_in] * 2) if guided else x_in
-            if extra_channels is not None:
-                x = torch.cat([x, extra_channels], dim=1)
-            out = unet(x.to(dtype), t, cond.context, cond.vector)
-            if guided:
-                uncond, text = out.chunk(2)
-                out = uncond + cfg * (text - uncond)
-            return out
-
-        return fn
-
     def _encode_images(self, handle: ModelHandle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Posterior samples, one generator per image (diffusers `retrieve_latents` per row), scaled.
         Encoded in float32 when the model runs in fp16 (diffusers `force_upcast`)."""
@@ -315,7 +298,7 @@ class Pipeline:
                  callback=None) -> torch.Tensor:
         """The loop, once: a sampler over the guided denoiser of one UNet."""
         with handle.use("unet") as comps:
-            fn = self._model_output_fn(comps.unet, cond, req.cfg, extra_channels)
+            fn = guided_model_fn(comps.unet, cond.context, cond.vector, req.cfg, extra_channels)
             denoiser = model_denoiser(fn, _prediction(handle.config))
             with torch.no_grad():
                 out = sample(req.sampler, denoiser, x, schedule, generator=generators,
