@@ -372,9 +372,7 @@ def train_stage(config: CascadeTrainConfig, *, resume: bool = False, data=None, 
             print(f"resuming from {path} (step {start})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
-    if metrics.exists():  # drop lines past the checkpoint we resume from
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        metrics.write_text("".join(line + "\n" for line in kept))
+    ckpt.trim_metrics(metrics, start)
 
     bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, disable=not progress)
     batches = iter(data)

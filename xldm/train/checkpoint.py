@@ -47,6 +47,15 @@ class CheckpointLoadError(RuntimeError):
     """A checkpoint file cannot be read (truncated, corrupt, wrong format)."""
 
 
+def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """On resume, drop `metrics.jsonl` lines written after the checkpoint resumed from (they will be redone)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 

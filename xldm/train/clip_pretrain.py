@@ -405,9 +405,7 @@ def train_clip(config: TrainConfig, *, resume: bool = False, progress: bool = Tr
         print(f"resuming from {path} (step {start})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # drop lines of steps that will be redone
-        kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    ckpt.trim_metrics(metrics_path, start)
 
     bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, disable=not progress)
     losses: list[float] = []

@@ -457,14 +457,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, data=None,
           on_step: Callable[[int, Run], None] | None = None) -> TrainResult:
     """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.
@@ -513,7 +505,7 @@ def _train(config: TrainConfig, procs: Processes, *, resume: bool, progress: boo
                 print(f"resuming from {path} (step {start})", file=sys.stderr)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(metrics_path, start)
+        ckpt.trim_metrics(metrics_path, start)
     if procs.distributed:
         dist.barrier()
 
