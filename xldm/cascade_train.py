@@ -289,11 +289,8 @@ def _checkpoint_contents(run: StageRun, step: int, data_state: dict | None) -> t
     tensors = {f"model.unet.{k}": v for k, v in run.stage.unet.state_dict().items()}
     optim_tensors, optim_meta = ckpt.optimizer_state(run.optimizer, "optim")
     tensors.update(optim_tensors)
-    ema_meta = None
-    if run.ema is not None:
-        ema_state = run.ema.state_dict()
-        tensors.update({f"ema.{k}": v for k, v in ema_state.pop("shadow").items()})
-        ema_meta = ema_state
+    ema_tensors, ema_meta = ckpt.ema_state(run.ema)
+    tensors.update(ema_tensors)
     rng_tensors, rng_meta = ckpt.rng_state()
     tensors.update(rng_tensors)
     state = {"step": step, "kind": "cascade-stage", "config": run.config.to_dict(), "optimizer": optim_meta,
@@ -307,11 +304,7 @@ def _restore(run: StageRun, data, tensors: dict[str, Tensor], state: dict) -> in
     head = "model.unet."
     run.stage.unet.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
     ckpt.load_optimizer_state(run.optimizer, "optim", tensors, state["optimizer"])
-    if run.ema is not None:
-        if state["ema"] is None:
-            raise ValueError("the checkpoint has no EMA, but this run keeps one (ema_decay > 0)")
-        shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        run.ema.load_state_dict({**state["ema"], "shadow": shadow})
+    ckpt.load_ema_state(run.ema, tensors, state["ema"])
     ckpt.restore_rng_state(tensors, state["rng"])
     if state.get("data") is not None and hasattr(data, "load_state_dict"):
         data.load_state_dict(state["data"])

@@ -200,6 +200,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, prefix: str, tensors:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def ema_state(ema) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """An EMA (or None) as checkpoint tensors `ema.*` (its shadow weights) and JSON metadata (its counters)."""
+    if ema is None:
+        return {}, None
+    state = ema.state_dict()
+    return {f"ema.{k}": v for k, v in state.pop("shadow").items()}, state
+
+
+def load_ema_state(ema, tensors: dict[str, torch.Tensor], meta: dict | None) -> None:
+    """Restore what `ema_state` saved; a run that keeps an EMA refuses a checkpoint without one."""
+    if ema is None:
+        return
+    if meta is None:
+        raise ValueError("the checkpoint has no EMA, but this run keeps one (ema_decay > 0)")
+    ema.load_state_dict({**meta, "shadow": {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}})
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """Every global RNG: Python `random`, numpy, torch CPU and each CUDA device."""
     tensors = {"rng.torch": torch.get_rng_state()}

@@ -357,11 +357,8 @@ def checkpoint_contents(run: Run, step: int, data_states: list[dict]) -> tuple[d
         t, m = ckpt.optimizer_state(optimizer, f"extra_optim.{name}")
         tensors.update(t)
         extras_meta[name] = m
-    ema_meta = None
-    if run.ema is not None:
-        ema_state = run.ema.state_dict()
-        tensors.update({f"ema.{k}": v for k, v in ema_state.pop("shadow").items()})
-        ema_meta = ema_state
+    ema_tensors, ema_meta = ckpt.ema_state(run.ema)
+    tensors.update(ema_tensors)
     rng_tensors, rng_meta = ckpt.rng_state()
     tensors.update(rng_tensors)
     state = {"step": step, "lr": lr_at(run.config, step), "config": run.config.to_dict(),
@@ -384,11 +381,7 @@ def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> in
         head = f"extra.{name}."
         module.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
         ckpt.load_optimizer_state(optimizer, f"extra_optim.{name}", tensors, state["extras"][name])
-    if run.ema is not None:
-        if state["ema"] is None:
-            raise ValueError("the checkpoint has no EMA, but this run keeps one (ema_decay > 0)")
-        shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        run.ema.load_state_dict({**state["ema"], "shadow": shadow})
+    ckpt.load_ema_state(run.ema, tensors, state["ema"])
     ckpt.restore_rng_state(tensors, state["rng"])
     states = state["data"]
     if len(states) != run.procs.world_size:
