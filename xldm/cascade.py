@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from xldm.conditioning import Conditioning, encode_prompts
 from xldm.config import TextEncoderConfig, UNetConfig
+from xldm.default_model import DEFAULT_BIGG
 from xldm.diffusion import make_schedule, model_denoiser, randn, sample
 from xldm.diffusion.guidance import guided_model_fn
 from xldm.models.layers import timestep_embedding
@@ -172,29 +173,32 @@ TINY_CASCADE_SR = CascadeStageConfig(
 )
 TINY_CASCADE_SR2 = TINY_CASCADE_SR.at_resolution((64, 64))
 
-# The default small cascade, 32 -> 64 -> 128 (the emoji data's 128^2 in three stages), one shared bigG-shaped text
-# encoder (stored once: `save_cascade`).  Widths are ours, sized for <= 15 MB of fp16 weights in total (UNets 3.77M +
-# 0.81M + 0.87M parameters, text encoder 1.62M: 14.1 MB).  The SR UNets attend only at their lowest resolution,
-# as Imagen's Efficient U-Net does for its super-resolution models (Saharia et al. 2022, appendix).
-CASCADE_TEXT_ENCODER = TextEncoderConfig(width=32, layers=3, heads=4, intermediate_size=128, activation="gelu",
-                                         projection_dim=32, pad_token_id=0)
+# The default small cascade, 32 -> 64 -> 128 (the emoji data's 128^2 in three stages).  Its one text encoder is the
+# default latent model's bigG-shaped encoder (`xldm.default_model.DEFAULT_BIGG`, pre-trained contrastively and
+# frozen), shared by all stages and shipped once, inside the default model's file: the cascade's own files hold
+# only UNets (`load_cascade("default")`).  Widths are ours, sized for <= 15 MB of fp16 UNet weights.  The SR UNets
+# attend only at their lowest resolution, as Imagen's Efficient U-Net does for its super-resolution models
+# (Saharia et al. 2022, appendix).
+CASCADE_TEXT_ENCODER = DEFAULT_BIGG
+_CTX = CASCADE_TEXT_ENCODER.width
+_POOLED = CASCADE_TEXT_ENCODER.projection_dim
 CASCADE_BASE_32 = CascadeStageConfig(
     kind="base", resolution=(32, 32), text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=32,
     unet=_unet(3, model_channels=48, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), num_res_blocks=1,
-               head_channels=32, context_dim=32, adm=32 + 4 * 32, groups=16),
+               head_channels=32, context_dim=_CTX, adm=_POOLED + 4 * 32, groups=16),
 )
 CASCADE_SR_64 = CascadeStageConfig(
     kind="sr", resolution=(64, 64), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("aug_level",), micro_conditioning_dim=32,
     unet=_unet(6, model_channels=24, channel_mult=(1, 2, 2), transformer_depth=(0, 0, 1), num_res_blocks=1,
-               head_channels=24, context_dim=32, adm=32 + 32, groups=8),
+               head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
 )
 CASCADE_SR_128 = CascadeStageConfig(
     kind="sr", resolution=(128, 128), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("aug_level",), micro_conditioning_dim=32,
     unet=_unet(6, model_channels=24, channel_mult=(1, 1, 2, 2), transformer_depth=(0, 0, 0, 1), num_res_blocks=1,
-               head_channels=24, context_dim=32, adm=32 + 32, groups=8),
+               head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
 )
 
 CASCADE_STAGE_PRESETS: dict[str, CascadeStageConfig] = {
@@ -748,10 +752,42 @@ def _folder_stages(folder: Path, hint: str = "") -> list[Path]:
     return [p for _, p in found]
 
 
+def default_model_encoders(configs: Sequence[TextEncoderConfig], *, dtype: torch.dtype | None = None,
+                           device: torch.device | str | None = None) -> tuple[nn.Module, ...] | None:
+    """The text encoders of the bundled default latent model (`xldm.default_model`) with these configs, in this
+    order; None when the default model is not installed or has no such encoders.  The default cascade ships
+    without an encoder of its own and uses the default model's bigG-shaped one."""
+    from xldm.default_model import DEFAULT_MODEL_PATH
+    from xldm.weights.load import load_model
+
+    if not DEFAULT_MODEL_PATH.is_file():
+        return None
+    encoders = load_model(DEFAULT_MODEL_PATH, components=["text_encoders"], dtype=dtype or torch.float32,
+                          device=device).text_encoders
+    try:
+        return pick_encoders(encoders, configs, str(DEFAULT_MODEL_PATH))
+    except ValueError:
+        return None
+
+
+def pick_encoders(encoders: Sequence[nn.Module], configs: Sequence[TextEncoderConfig],
+                  where: str) -> tuple[nn.Module, ...]:
+    """The encoders with these configs, in this order, out of a model's (e.g. the bigG-shaped one of an SDXL-style
+    pair); ValueError naming `where` when one is missing."""
+    picked = []
+    for wanted in configs:
+        matches = [e for e in encoders if e.cfg == wanted]
+        if not matches:
+            raise ValueError(f"{where}: none of its text encoders {[e.cfg for e in encoders]} has the config {wanted}")
+        picked.append(matches[0])
+    return tuple(picked)
+
+
 def load_cascade(spec, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> list[CascadeStage]:
     """Load every stage of `spec` (see `cascade_files`); a stage saved without text encoders borrows those of an
-    earlier stage with the same encoder configs, or of the `stage_0.safetensors` in its folder."""
+    earlier stage with the same encoder configs, of the `stage_0.safetensors` in its folder, or of the bundled
+    default model (`default_model_encoders`)."""
     stages: list[CascadeStage] = []
     for path in cascade_files(spec):
         config, has_encoders = read_stage_header(path)
@@ -764,8 +800,11 @@ def load_cascade(spec, *, dtype: torch.dtype | None = None,
                 if sibling_has and sibling_config.text_encoders == config.text_encoders:
                     donors = [load_stage(sibling, dtype=dtype, device=device).text_encoders]
             if not donors:
-                raise ValueError(f"{path}: holds no text encoders, and neither an earlier stage nor {sibling.name} "
-                                 f"beside it has encoders of the same configs")
+                found = default_model_encoders(config.text_encoders, dtype=dtype, device=device)
+                donors = [found] if found is not None else []
+            if not donors:
+                raise ValueError(f"{path}: holds no text encoders, and neither an earlier stage, {sibling.name} "
+                                 f"beside it nor the default model has encoders of the same configs")
             shared = donors[0]
         stages.append(load_stage(path, text_encoders=shared, dtype=dtype, device=device))
     check_stage_order([s.config for s in stages])
@@ -777,7 +816,7 @@ __all__ = [
     "CASCADE_STAGE_PRESETS", "augment", "aug_alpha", "check_low_res", "upsample_low_res", "sr_model_input",
     "downsample_for_sr", "stage_scalars", "stage_vector", "stage_conditioning", "check_stage_order", "plan_sizes",
     "stage_generators", "save_stage", "load_stage", "read_stage_header", "save_cascade", "load_cascade",
-    "cascade_files", "DEFAULT_SR_AUG_LEVEL", "AUG_LEVEL_EMBED_SCALE", "DEFAULT_CASCADE_DIR", "DEFAULT_STEPS",
+    "cascade_files", "default_model_encoders", "pick_encoders", "DEFAULT_SR_AUG_LEVEL", "AUG_LEVEL_EMBED_SCALE", "DEFAULT_CASCADE_DIR", "DEFAULT_STEPS",
     "DEFAULT_CFG", "TINY_CASCADE_TEXT_ENCODER", "TINY_CASCADE_BASE", "TINY_CASCADE_SR", "TINY_CASCADE_SR2",
     "CASCADE_TEXT_ENCODER", "CASCADE_BASE_32", "CASCADE_SR_64", "CASCADE_SR_128",
 ]

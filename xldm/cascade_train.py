@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from xldm.cascade import (
     CascadeStageConfig,
     augment,
     downsample_for_sr,
+    pick_encoders,
     save_stage,
     sr_model_input,
     stage_scalars,
@@ -73,6 +74,7 @@ class CascadeTrainConfig:
     text_dropout: float = 0.1  # caption dropout for CFG (SD 1.x model card: 10%)
     micro_dropout: float = 0.0  # drop the size/crop scalars' embedding (never the augmentation level)
     aug_level_max: float = 1.0  # SR: s ~ U[0, aug_level_max]
+    train_crop: int = 0  # SR: train on random crops of this side of the stage-resolution images; 0 = whole images
     ema_decay: float = 0.999  # 0 = no EMA
     ema_warmup: bool = True
     max_nonfinite_steps: int = 5
@@ -95,6 +97,12 @@ class CascadeTrainConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.micro_dropout <= 1.0, "dropout rates must lie in [0, 1]")
         check(0.0 <= self.aug_level_max <= 1.0, f"aug_level_max must lie in [0, 1], got {self.aug_level_max}")
+        sc = CASCADE_STAGE_PRESETS.get(self.stage)
+        if self.train_crop:
+            check(sc is not None and sc.kind == "sr", "train_crop applies to super-resolution stages only")
+            check(self.train_crop % sc.scale == 0 and self.train_crop <= min(sc.resolution),
+                  f"train_crop must be a multiple of the scale {sc.scale} and at most {min(sc.resolution)}, "
+                  f"got {self.train_crop}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         check(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints "
                                                                          "must be >= 1")
@@ -107,17 +115,22 @@ class CascadeTrainConfig:
         return dataclasses.asdict(self)
 
 
-# Tiny stages learn in seconds on a CPU (tests); the default cascade's rates are our choice.  SR stages draw s from
-# [0, 0.5] (our choice: sampling uses s <= 0.3; past s = 0.5 the cosine schedule keeps under half the signal).
+# Tiny stages learn in seconds on a CPU (tests); the default cascade's rates, steps and batches are our choice for
+# a run of about 1.5 h on one CPU core (scripts/train_default_cascade.sh), EMA horizon ~200 steps to match.  SR
+# stages draw s from [0, 0.5] (our choice: sampling uses s <= 0.3; past s = 0.5 the cosine schedule keeps under half
+# the signal); the 128^2 stage trains on 64^2 crops (a quarter of the cost; its UNet is fully convolutional).
 _TINY = dict(lr=1e-3, batch_size=4, checkpoint_every=50, keep_checkpoints=2, ema_decay=0.99)
-_SMALL = dict(lr=2e-4, warmup_steps=200, batch_size=32, checkpoint_every=500, ema_decay=0.999, min_snr_gamma=5.0)
+_SMALL = dict(lr=5e-4, warmup_steps=100, checkpoint_every=100, keep_checkpoints=2, ema_decay=0.995,
+              min_snr_gamma=5.0)
 CASCADE_TRAIN_PRESETS: dict[str, CascadeTrainConfig] = {
     "tiny-cascade-base-16": CascadeTrainConfig(stage="tiny-cascade-base-16", **_TINY),
     "tiny-cascade-sr-32": CascadeTrainConfig(stage="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY),
     "tiny-cascade-sr-64": CascadeTrainConfig(stage="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY),
-    "cascade-base-32": CascadeTrainConfig(stage="cascade-base-32", **_SMALL),
-    "cascade-sr-64": CascadeTrainConfig(stage="cascade-sr-64", aug_level_max=0.5, **_SMALL),
-    "cascade-sr-128": CascadeTrainConfig(stage="cascade-sr-128", aug_level_max=0.5, **_SMALL),
+    "cascade-base-32": CascadeTrainConfig(stage="cascade-base-32", steps=1500, batch_size=32, **_SMALL),
+    "cascade-sr-64": CascadeTrainConfig(stage="cascade-sr-64", steps=800, batch_size=16, aug_level_max=0.5,
+                                        **_SMALL),
+    "cascade-sr-128": CascadeTrainConfig(stage="cascade-sr-128", steps=800, batch_size=16, aug_level_max=0.5,
+                                         train_crop=64, **_SMALL),
 }
 
 
@@ -157,7 +170,7 @@ def _device(name: str) -> torch.device:
 
 
 def _frozen_encoders(path: str, config: CascadeStageConfig) -> tuple[nn.Module, ...]:
-    """Text encoders from a stage file, or from an xldm model file / folder (matched by config)."""
+    """Text encoders from a stage file, or from an xldm model file / folder (matched by config); fp32 for training."""
     from xldm.cascade import read_stage_header
 
     try:
@@ -173,10 +186,7 @@ def _frozen_encoders(path: str, config: CascadeStageConfig) -> tuple[nn.Module, 
         from xldm.weights.load import load_model
 
         encoders = load_model(path, components=["text_encoders"], dtype=torch.float32).text_encoders
-    found = tuple(e.cfg for e in encoders)
-    if found != config.text_encoders:
-        raise ValueError(f"{path}: its text encoders {found} do not match the stage's {config.text_encoders}")
-    return tuple(encoders)
+    return pick_encoders(encoders, config.text_encoders, str(path))
 
 
 def build_stage_run(config: CascadeTrainConfig, stage: CascadeStage | None = None,
@@ -226,13 +236,29 @@ def training_pair(config: CascadeStageConfig, pixels: Tensor) -> tuple[Tensor, T
     return high, downsample_for_sr(high, config.scale)
 
 
+def random_crops(pixels: Tensor, side: int, generators: Sequence[torch.Generator]) -> Tensor:
+    """One side x side crop per image, its top-left drawn from the image's generator (offsets in multiples of 8,
+    so the crop keeps the box filter's grid and the UNet's)."""
+    _, _, h, w = pixels.shape
+    crops = []
+    for image, g in zip(pixels, generators):
+        top = int(torch.randint(0, (h - side) // 8 + 1, (1,), generator=g)) * 8
+        left = int(torch.randint(0, (w - side) // 8 + 1, (1,), generator=g)) * 8
+        crops.append(image[:, top:top + side, left:left + side])
+    return torch.stack(crops)
+
+
 def stage_loss(run: StageRun, batch: dict, step: int) -> Tensor:
     """The (weighted) diffusion loss of one batch at `step` (draws depend only on seed, step and row)."""
     config, stage = run.config, run.stage
     sc = stage.config
-    x0, low = training_pair(sc, batch["pixels"].to(run.device))
-    b, _, h, w = x0.shape
+    pixels = batch["pixels"].to(run.device)
+    b = pixels.shape[0]
     gens = sample_generators(config.seed, step, range(b))
+    if config.train_crop:  # as Imagen's SR models train on crops (Saharia et al. 2022); offsets drawn first
+        pixels = random_crops(pixels, config.train_crop, gens)
+    x0, low = training_pair(sc, pixels)
+    _, _, h, w = x0.shape
     draw = draw_noise(gens, x0.shape[1:], t_min=config.timestep_min, t_max=config.timestep_max,
                       text_dropout=config.text_dropout, micro_dropout=config.micro_dropout)
     timesteps, noise = draw.timesteps.to(run.device), draw.noise.to(run.device)
@@ -402,6 +428,44 @@ def train_stage(config: CascadeTrainConfig, *, resume: bool = False, data=None, 
     return StageTrainResult(step=config.steps, final_path=final, losses=losses, skipped_steps=skipped)
 
 
+def export_cascade(stage_files: Sequence[str | Path], out: str | Path, *,
+                   with_text_encoders: bool = False) -> list[Path]:
+    """Trained stage files (`train_stage`'s final/stage.safetensors, in cascade order) -> `out/stage_N.safetensors`
+    in fp16, the shipped form.  Without text encoders by default: a cascade whose encoder is the default model's
+    takes it from there when loaded (`xldm.cascade.load_cascade`)."""
+    from xldm.cascade import check_stage_order, load_cascade, save_stage
+
+    stages = load_cascade([Path(p) for p in stage_files], dtype=torch.float32)
+    check_stage_order([s.config for s in stages])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return [save_stage(stage, out / f"stage_{i}.safetensors", dtype=torch.float16,
+                       include_text_encoders=with_text_encoders) for i, stage in enumerate(stages)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xldm.cascade_train",
+                                     description="cascade training glue (training itself: xldm train --preset "
+                                                 "cascade-...)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="fp16 stage_N.safetensors files from trained stages, in cascade order")
+    p.add_argument("out")
+    p.add_argument("stages", nargs="+")
+    p.add_argument("--with-text-encoders", action="store_true",
+                   help="store the encoders in stage_0 (default: leave them to the default model)")
+    args = parser.parse_args(argv)
+    paths = export_cascade(args.stages, args.out, with_text_encoders=args.with_text_encoders)
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 __all__ = ["CascadeTrainConfig", "CASCADE_TRAIN_PRESETS", "cascade_train_preset", "StageRun", "StageStep",
            "build_stage_run", "training_pair", "stage_loss", "stage_step", "export_stage", "train_stage",
-           "make_stage_batches", "StageTrainResult", "lr_at"]
+           "make_stage_batches", "StageTrainResult", "lr_at", "random_crops",
+           "export_cascade"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,10 @@
     xldm train --preset tiny-sdxl-base --data DIR_OR_SHARDS --steps N --batch-size B --out RUN_DIR
                [--checkpoint-every K] [--resume] [--seed S] [--lr X] [--init PATH] [--set FIELD=VALUE ...]
     xldm train CONFIG.toml [flags]
+    xldm train --preset cascade-base-32 --data DIR --out RUN_DIR [--text-encoders-from MODEL_OR_STAGE] [flags]
+
+A cascade preset (`xldm.cascade_train.CASCADE_TRAIN_PRESETS`: one stage of a pixel-space cascade) runs
+`xldm.cascade_train.train_stage` instead; --set then takes `CascadeTrainConfig` fields, --init a stage file.
 
 The TOML file holds data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level
 (`steps = 1000`, `lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
@@ -27,7 +31,9 @@ _FIELD_FLAGS = {"data": "data", "steps": "steps", "batch_size": "batch_size", "o
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `train` sub-command to an `argparse` sub-parsers object."""
-    presets = ", ".join(sorted(TRAIN_PRESETS))
+    from xldm.cascade_train import CASCADE_TRAIN_PRESETS
+
+    presets = ", ".join(sorted(TRAIN_PRESETS) + sorted(CASCADE_TRAIN_PRESETS))
     p = subparsers.add_parser("train", help="train or fine-tune a base, refiner or VAE",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML file of TrainConfig fields")
@@ -44,6 +50,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="PATH", help="starting weights: single file or diffusers folder")
     p.add_argument("--init-components", default=None, metavar="LIST",
                    help="comma-separated subset of unet,vae,text_encoders to take from --init (default: all)")
+    p.add_argument("--text-encoders-from", default=None, metavar="MODEL_OR_STAGE",
+                   help="cascade presets: frozen text encoders from an xldm model file or folder, a stage file, or "
+                        "'default' (the bundled default model's)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
@@ -74,16 +83,20 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
     return text
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """preset < TOML < flags."""
-    values: dict[str, Any] = {}
-    preset_name = args.preset
+def _preset_name(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """(preset, TOML values without it)."""
+    file_values: dict[str, Any] = {}
     if args.config:
         with open(args.config, "rb") as f:
             file_values = tomllib.load(f)
-        preset_name = preset_name or file_values.pop("preset", None)
-        file_values.pop("preset", None)
-        values.update(file_values)
+    name = args.preset or file_values.get("preset")
+    file_values.pop("preset", None)
+    return name, file_values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """preset < TOML < flags."""
+    preset_name, values = _preset_name(args)
     base = TrainConfig()
     if preset_name is not None:
         if preset_name not in TRAIN_PRESETS:
@@ -108,9 +121,65 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(merged)
 
 
+# flag -> CascadeTrainConfig field
+_CASCADE_FLAGS = {"data": "data", "steps": "steps", "batch_size": "batch_size", "out": "out",
+                  "checkpoint_every": "checkpoint_every", "seed": "seed", "lr": "lr", "init": "init",
+                  "keep_checkpoints": "keep_checkpoints", "device": "device",
+                  "text_encoders_from": "text_encoders_from"}
+
+
+def cascade_config_from_args(args: argparse.Namespace):
+    """A cascade stage's `CascadeTrainConfig`: preset < TOML < flags."""
+    from xldm.cascade_train import CascadeTrainConfig, cascade_train_preset
+
+    name, values = _preset_name(args)
+    for flag in ("mixed_precision", "init_components"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to a cascade stage (preset {name})")
+    for flag, field_name in _CASCADE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            values[field_name] = getattr(args, flag)
+    if values.get("text_encoders_from") == "default":
+        from xldm.default_model import DEFAULT_MODEL_PATH
+
+        values["text_encoders_from"] = str(DEFAULT_MODEL_PATH)
+    fields = {f.name: f for f in dataclasses.fields(CascadeTrainConfig)}
+    for item in args.set:
+        field_name, sep, text = item.partition("=")
+        if not sep or field_name not in fields:
+            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        values[field_name] = _parse_value(fields[field_name], text)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{args.config}: {unknown} are not cascade training fields; expected some of {sorted(fields)}")
+    return cascade_train_preset(name, **values)
+
+
+def cmd_train_cascade(args: argparse.Namespace) -> int:
+    from xldm.cascade_train import train_stage
+
+    config = cascade_config_from_args(args)
+    if not config.data:
+        raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
+    if not config.out:
+        raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
+    if args.deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    result = train_stage(config, resume=args.resume, progress=not args.no_progress)
+    print(f"step {result.step}: wrote {result.final_path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from xldm.cascade_train import CASCADE_TRAIN_PRESETS
     from xldm.train.loop import train
 
+    if _preset_name(args)[0] in CASCADE_TRAIN_PRESETS:
+        return cmd_train_cascade(args)
+    if args.text_encoders_from is not None:
+        raise ValueError("--text-encoders-from applies to cascade presets only; use --init and --init-components")
     config = config_from_args(args)
     if not config.data:
         raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
