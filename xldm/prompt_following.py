@@ -1,0 +1,163 @@
+"""How well generated images follow their prompts: the project's own measure for the default model and cascade.
+
+The contrastive model pre-trained with the default model's text encoders (`xldm.train.clip_pretrain`, saved as
+`clip/final/clip_evaluator.safetensors` by scripts/train_default.sh) scores each image against its caption and 15
+distractor captions of the same set (chance 1/16).  The same figure on the real emoji images of those captions is
+the ceiling to compare with.  Two caption sets, native emoji only (one canonical image per caption):
+
+- held out: the emoji names that no training stage ever saw (`xldm.default_model.is_heldout`), so the prompt's
+  words were never paired with its picture;
+- train: a seeded sample of the training captions.
+
+    python -m xldm.prompt_following --evaluator clip_evaluator.safetensors --data EMOJI_DIR [--model BASE
+        [--refiner REFINER] | --cascade default] [--count 256] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xldm.default_model import is_heldout
+from xldm.train.clip_pretrain import CaptionedImages, evaluate, load_evaluator
+
+Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
+
+
+def caption_sets(data: str | Path, *, count: int = 256, seed: int = 0) -> dict[str, list[dict]]:
+    """{"heldout": records, "train": records}: native images of an `xldm data emoji` folder, one per caption,
+    at most `count` per set (a seeded sample)."""
+    records = [json.loads(line) for line in (Path(data) / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    sets: dict[str, list[dict]] = {"heldout": [], "train": []}
+    seen: set[str] = set()
+    for r in records:
+        if r.get("kind", "native") != "native" or r["text"] in seen:
+            continue
+        seen.add(r["text"])
+        sets["heldout" if is_heldout(r["text"]) else "train"].append(r)
+    generator = torch.Generator().manual_seed(seed)
+    for name, part in sets.items():
+        if len(part) > count:
+            keep = torch.randperm(len(part), generator=generator)[:count].sort().values.tolist()
+            sets[name] = [part[i] for i in keep]
+    return sets
+
+
+def to_evaluator_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, size, size) uint8: each image on white (alpha composited), letterboxed square, Lanczos-resized, as
+    the evaluator was trained (`xldm.train.clip_pretrain.load_images`)."""
+    arrays = []
+    for image in images:
+        if image.mode in ("RGBA", "LA", "P"):
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            image = flat
+        image = image.convert("RGB")
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        arrays.append(np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)))
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+
+
+def score(evaluator, images: list[Image.Image], captions: list[str], *, seed: int = 0) -> dict[str, float]:
+    """Retrieval accuracy of each image's caption among 15 distractors of `captions` (image i has caption i)."""
+    pixels = to_evaluator_pixels(images, evaluator.tower_config.image_size)
+    data = CaptionedImages(pixels, torch.arange(len(captions)), list(captions))
+    return evaluate(evaluator, data, torch.device("cpu"), seed=seed)
+
+
+def real_images(data: str | Path, records: list[dict]) -> list[Image.Image]:
+    out = []
+    for r in records:
+        with Image.open(Path(data) / r["file_name"]) as img:
+            out.append(img.copy())
+    return out
+
+
+def measure(evaluator, data: str | Path, generate: Generate | None, *, count: int = 256, seed: int = 0,
+            progress: bool = True) -> dict[str, dict]:
+    """{"heldout": {"real": ..., "generated": ...}, "train": {...}}; `generate=None` scores the real images only.
+    Image i of a set is generated with seed `seed + i`."""
+    from tqdm import tqdm
+
+    results: dict[str, dict] = {}
+    for name, records in caption_sets(data, count=count, seed=seed).items():
+        captions = [r["text"] for r in records]
+        part = {"captions": len(captions), "chance": 1.0 / 16,
+                "real": score(evaluator, real_images(data, records), captions, seed=seed)["both"]}
+        if generate is not None:
+            t0 = time.perf_counter()
+            images = [generate(c, seed + i) for i, c in enumerate(tqdm(captions, desc=name, disable=not progress,
+                                                                         file=sys.stderr))]
+            part["generated"] = score(evaluator, images, captions, seed=seed)["both"]
+            part["seconds_per_image"] = (time.perf_counter() - t0) / max(len(captions), 1)
+        results[name] = part
+    return results
+
+
+def latent_generator(model: str, refiner: str | None, *, steps: int, cfg: float) -> Generate:
+    import xldm
+
+    pipe = xldm.load(model, refiner=refiner)
+
+    def generate(caption: str, seed: int) -> Image.Image:
+        return pipe(caption, steps=steps, cfg=cfg, seed=seed).images[0]
+
+    return generate
+
+
+def cascade_generator(spec: str) -> Generate:
+    from xldm.cascade import CascadePipeline, load_cascade
+
+    pipe = CascadePipeline(load_cascade(spec))
+
+    def generate(caption: str, seed: int) -> Image.Image:
+        return pipe(caption, seed=seed).images[0]
+
+    return generate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xldm.prompt_following", description=__doc__.split("\n")[0])
+    parser.add_argument("--evaluator", required=True, help="clip_evaluator.safetensors of the default model's run")
+    parser.add_argument("--data", required=True, help="the `xldm data emoji` folder (metadata.jsonl)")
+    parser.add_argument("--model", default=None, help="a latent model (default: none, real images only)")
+    parser.add_argument("--refiner", default=None)
+    parser.add_argument("--cascade", default=None, help="a cascade instead of --model ('default' or a folder)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--count", type=int, default=256, help="captions per set at most")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here too")
+    args = parser.parse_args(argv)
+    if args.model and args.cascade:
+        parser.error("--model and --cascade exclude each other")
+    generate = None
+    if args.model:
+        generate = latent_generator(args.model, args.refiner, steps=args.steps, cfg=args.cfg)
+    elif args.cascade:
+        generate = cascade_generator(args.cascade)
+    results = measure(load_evaluator(args.evaluator), args.data, generate, count=args.count, seed=args.seed)
+    results["settings"] = {k: getattr(args, k) for k in ("model", "refiner", "cascade", "steps", "cfg", "count",
+                                                          "seed")}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["caption_sets", "to_evaluator_pixels", "score", "measure", "latent_generator", "cascade_generator"]
