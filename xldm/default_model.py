@@ -149,7 +149,7 @@ def default_train_presets() -> dict[str, Any]:
         # frozen text encoders and VAE from the stages before (--init), offset noise 0.05 (SDXL Sec. 2.5),
         # 10 % caption dropout for classifier-free guidance (SD model card).
         "default-base": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
-                                    steps=6000, lr=5e-4, warmup_steps=200, offset_noise=0.05, text_dropout=0.1,
+                                    steps=7000, lr=5e-4, warmup_steps=200, offset_noise=0.05, text_dropout=0.1,
                                     ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
         # 64 = 8 x 2^(4 - 1) for its four levels.
