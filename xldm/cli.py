@@ -81,14 +81,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
-    if args.model is None:
-        # the small model trained by this project (xldm/data/default), when this copy ships it
-        from xldm.default_model import DEFAULT_MODEL_PATH
+    # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
+    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
-        if not DEFAULT_MODEL_PATH.exists():
-            raise SystemExit("xldm generate: error: no --model given and the bundled default model is not in this "
-                             "copy of xldm (retrain it with scripts/train_default.sh); pass --model PATH")
+    for flag, value, bundled in (("--model", args.model or "default", DEFAULT_MODEL_PATH),
+                                 ("--refiner", args.refiner, DEFAULT_REFINER_PATH)):
+        if value == "default" and not bundled.exists():
+            raise SystemExit(f"xldm generate: error: {'no --model given and ' if args.model is None else ''}the "
+                             f"bundled default {flag[2:]} is not in this copy of xldm (retrain it with "
+                             f"scripts/train_default.sh); pass {flag} PATH")
+    if args.model in (None, "default"):
         args.model = str(DEFAULT_MODEL_PATH)
+    if args.refiner == "default":
+        args.refiner = str(DEFAULT_REFINER_PATH)
 
     from xldm.images import open_image
     from xldm.pipeline import GenerationRequest, check_request
@@ -140,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text-to-image, image-to-image, inpainting, base -> refiner")
     gen.add_argument("prompt", nargs="?", help="what to draw")
-    gen.add_argument("--model", help="single-file .safetensors or diffusers folder")
-    gen.add_argument("--refiner", help="refiner model; takes over at --refiner-start")
+    gen.add_argument("--model", help="single-file .safetensors or diffusers folder (default: the bundled model)")
+    gen.add_argument("--refiner", help="refiner model ('default': the bundled one); takes over at --refiner-start")
     gen.add_argument("--refiner-start", type=float, default=None,
                      help="fraction of the schedule after which the refiner takes over (default 0.8)")
     gen.add_argument("--negative", default=None, help="negative prompt")
