@@ -27,7 +27,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the `xldm` command's subparsers."""
     serve = subparsers.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API and a web page")
     serve.add_argument("--model", action="append", default=[], metavar="PATH",
-                       help="checkpoint (single file or diffusers folder); repeat for more; the first is current")
+                       help="checkpoint (single file or diffusers folder); repeat for more; the first is current "
+                            "(default: the bundled default model and its refiner)")
     serve.add_argument("--models-dir", default=None, metavar="DIR",
                        help="also offer every *.safetensors file and diffusers folder directly inside DIR")
     serve.add_argument("--refiner", default=None, metavar="PATH", help="refiner checkpoint (the page's switch)")
@@ -60,8 +61,15 @@ def build_config(args: argparse.Namespace):
         models += [p for p in find_models(args.models_dir) if p.resolve() not in {m.resolve() for m in models}]
     if args.refiner:
         models.append(Path(args.refiner))
-    if not models:
-        raise ValueError("give --model PATH (or --models-dir DIR)")
+    if not models:  # the small model bundled with xldm (xldm/data/default), with its refiner
+        from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+
+        if not DEFAULT_MODEL_PATH.is_file():
+            raise ValueError("give --model PATH (or --models-dir DIR); this copy of xldm has no bundled default model")
+        models = [DEFAULT_MODEL_PATH]
+        if DEFAULT_REFINER_PATH.is_file():
+            args.refiner = str(DEFAULT_REFINER_PATH)
+            models.append(DEFAULT_REFINER_PATH)
     for path in models:
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
