@@ -38,13 +38,7 @@ EXACT = 0.0
 FP32_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: thread hand-offs cost more than they save (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(stage: CascadeStage, seed: int) -> CascadeStage:

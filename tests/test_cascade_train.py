@@ -29,12 +29,7 @@ from xldm.train.objective import sample_generators
 FP16_TOL = 1e-3  # fp16 storage of weights of size ~0.1: relative rounding 2^-11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

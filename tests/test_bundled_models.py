@@ -1,0 +1,101 @@
+"""The models that ship inside xldm (issues 5 and 6): the default latent model with its refiner and the default
+pixel cascade.  Their files, their size budget, the commands a new user types, and that pictures follow prompts in
+colour (the README's prompt-following figures measure more; they need the training run's evaluator)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xldm.cascade import DEFAULT_CASCADE_DIR, CascadePipeline, load_cascade, read_stage_header
+from xldm.default_model import DEFAULT_BASE, DEFAULT_MODEL_PATH, DEFAULT_REFINER, DEFAULT_REFINER_PATH, \
+    SIZE_BUDGET_BYTES
+from xldm.weights.io import open_checkpoint
+
+CASCADE_BUDGET_BYTES = 15_000_000  # issue 6: <= 15 MB on top of the default model
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    import xldm
+
+    return xldm.load(DEFAULT_MODEL_PATH), xldm.load(DEFAULT_MODEL_PATH, refiner=DEFAULT_REFINER_PATH)
+
+
+def subject_colour(image: Image.Image) -> np.ndarray:
+    """Mean RGB of the pixels that are not background (the emoji sit on white)."""
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.float64)
+    subject = pixels[pixels.min(axis=1) < 200]
+    assert len(subject) > 0.05 * len(pixels), "almost blank image"
+    return subject.mean(axis=0)
+
+
+def test_files_are_fp16_original_layout_and_within_budget():
+    sizes = DEFAULT_MODEL_PATH.stat().st_size + DEFAULT_REFINER_PATH.stat().st_size
+    assert sizes <= SIZE_BUDGET_BYTES, sizes
+    for path, prefixes in ((DEFAULT_MODEL_PATH, ("model.diffusion_model.", "first_stage_model.",
+                                                 "conditioner.embedders.0.transformer.",
+                                                 "conditioner.embedders.1.model.")),
+                           (DEFAULT_REFINER_PATH, ("model.diffusion_model.", "first_stage_model.",
+                                                   "conditioner.embedders.0.model."))):
+        ckpt = open_checkpoint(path)
+        keys = list(ckpt.keys())
+        assert all(k.startswith(prefixes) for k in keys), [k for k in keys if not k.startswith(prefixes)][:5]
+        assert {p for p in prefixes if any(k.startswith(p) for k in keys)} == set(prefixes)
+        tensors = ckpt.tensors("")
+        assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
+    stages = sorted(DEFAULT_CASCADE_DIR.glob("stage_*.safetensors"))
+    assert [p.name for p in stages] == ["stage_0.safetensors", "stage_1.safetensors", "stage_2.safetensors"]
+    assert sum(p.stat().st_size for p in stages) <= CASCADE_BUDGET_BYTES
+    assert all(not read_stage_header(p)[1] for p in stages)  # the text encoder is the default model's
+
+
+def test_generate_with_no_flags_writes_the_picture(tmp_path):
+    out = tmp_path / "heart.png"
+    done = subprocess.run([sys.executable, "-m", "xldm.cli", "generate", "red heart", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.size == (128, 128)
+        assert "red heart" in image.text["parameters"]
+        r, g, b = subject_colour(image)
+    assert r > g + 40 and r > b + 40, (r, g, b)
+
+
+@pytest.mark.parametrize("prompt,check", [
+    ("red heart", lambda r, g, b: r > g + 40 and r > b + 40),
+    ("blue heart", lambda r, g, b: b > r + 40),
+    ("grinning face", lambda r, g, b: r > b + 60 and g > b + 40),  # a yellow disc
+])
+def test_base_and_refiner_follow_colour_words(pipes, prompt, check):
+    base, refined = pipes
+    for pipe in (base, refined):
+        image = pipe(prompt, seed=0, steps=20).images[0]
+        assert image.size == (128, 128)
+        assert check(*subject_colour(image)), (prompt, subject_colour(image))
+
+
+def test_default_cascade_generates_128px_following_colour(tmp_path):
+    pipe = CascadePipeline(load_cascade("default"))
+    result = pipe("red apple", seed=0)
+    assert [tuple(o.shape[-2:]) for o in result.stage_outputs] == [(32, 32), (64, 64), (128, 128)]
+    r, g, b = subject_colour(result.images[0])
+    assert r > g + 40 and r > b + 40, (r, g, b)
+    blue = subject_colour(pipe("blue heart", seed=0).images[0])
+    assert blue[2] > blue[0] + 40, blue
+
+
+def test_configs_are_the_default_presets():
+    from xldm.weights.load import load_model
+
+    for path, config in ((DEFAULT_MODEL_PATH, DEFAULT_BASE), (DEFAULT_REFINER_PATH, DEFAULT_REFINER)):
+        model = load_model(path, components=["text_encoders"])
+        assert model.config.unet == config.unet and model.config.text_encoders == config.text_encoders
