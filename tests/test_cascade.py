@@ -314,6 +314,31 @@ def test_cost_table_measured_and_sr_cheaper_than_direct():
     assert "cascade / direct" in table and "64x64" in table
 
 
+def test_latent_model_cost_splits_steps_at_the_hand_off_and_counts_the_decode():
+    from xldm.cascade_cost import format_side_by_side, latent_model_cost, unet_flops, vae_decode_flops
+    from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
+    from xldm.diffusion.schedules import split_for_refiner
+
+    parts = latent_model_cost(TINY_SDXL_BASE, TINY_SDXL_REFINER, (64, 64), steps=30, cfg=5.0)
+    base, refiner, decode = parts
+    assert base.steps == split_for_refiner(30, 0.8) and base.steps + refiner.steps == 30
+    assert base.size == refiner.size == (8, 8) and base.evals == 2 * base.steps
+    assert base.flops_per_eval == unet_flops(TINY_SDXL_BASE.unet, (8, 8))
+    assert decode.evals == 1 and decode.total_flops == vae_decode_flops(TINY_SDXL_BASE.vae, (64, 64)) > 0
+    # 4x the area: 4x the convolutions' FLOPs, a little more from the mid-block attention (quadratic in tokens)
+    assert 4 * decode.total_flops <= vae_decode_flops(TINY_SDXL_BASE.vae, (128, 128)) <= 4.1 * decode.total_flops
+    alone = latent_model_cost(TINY_SDXL_BASE, None, (64, 64), steps=30, cfg=1.0)
+    assert [p.steps for p in alone] == [30, 1] and alone[0].evals == 30
+    table = format_side_by_side(cascade_cost_tiny(), parts)
+    assert "latent model total" in table and "pixel cascade total" in table
+
+
+def cascade_cost_tiny():
+    from xldm.cascade_cost import cascade_cost
+
+    return cascade_cost([TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2])
+
+
 def test_cli_generate_and_info(stages, tmp_path):
     from xldm.cascade_cli import add_cascade_arguments, cmd_generate_cascade, cmd_info_cascade
 

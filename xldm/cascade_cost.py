@@ -193,7 +193,61 @@ def cascade_info(spec: str | os.PathLike, steps=None, cfg=None) -> str:
 IMAGEN_SIZES = ((64, 64), (256, 256), (1024, 1024))  # Saharia et al. 2022, Sec. 2.4
 
 
+def vae_decode_flops(vae, size: tuple[int, int]) -> int:
+    """FLOPs of decoding one latent of an image of `size` (width, height), measured like `unet_flops`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xldm.models.vae import AutoencoderKL
+
+    width, height = size
+    with torch.device("meta"):
+        model = AutoencoderKL(vae)
+        z = torch.empty(1, vae.z_channels, height // 8, width // 8)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.decode(z)
+    return int(counter.get_total_flops())
+
+
+def latent_model_cost(base, refiner=None, size: tuple[int, int] = (128, 128), steps: int = 30, cfg: float = 5.0,
+                      refiner_start: float = 0.8, sampler: str = "euler") -> list[StageCost]:
+    """The latent pipeline's cost at `size`, in the same units as a cascade's: the base UNet (and the refiner
+    after the hand-off, `xldm.diffusion.schedules.split_for_refiner`) on the latent, then one VAE decode."""
+    from xldm.diffusion.schedules import split_for_refiner
+
+    latent = (size[0] // 8, size[1] // 8)
+    base_steps = split_for_refiner(steps, refiner_start, sampler) if refiner is not None else steps
+    parts = [StageCost(name=f"latent base UNet at {latent[0]}x{latent[1]}", size=latent, steps=base_steps,
+                       guidance=cfg > 1, flops_per_eval=unet_flops(base.unet, latent))]
+    if refiner is not None:
+        parts.append(StageCost(name=f"latent refiner UNet at {latent[0]}x{latent[1]}", size=latent,
+                               steps=steps - base_steps, guidance=cfg > 1,
+                               flops_per_eval=unet_flops(refiner.unet, latent)))
+    parts.append(StageCost(name=f"VAE decode to {size[0]}x{size[1]}", size=size, steps=1, guidance=False,
+                           flops_per_eval=vae_decode_flops(base.vae, size)))
+    return parts
+
+
+def format_side_by_side(cascade: CascadeCost, latent: list[StageCost]) -> str:
+    """The default cascade next to the default latent model (same final size), FLOPs per image."""
+    lines = [f"{'part':34} {'size':>9} {'steps':>5} {'evals':>5} {'FLOPs':>13}"]
+    lines.append("-" * len(lines[0]))
+    for title, parts in (("pixel cascade", cascade.stages), ("latent model", latent)):
+        for s in parts:
+            lines.append(f"{s.name:34} {s.size[0]:>4}x{s.size[1]:<4} {s.steps:>5} {s.evals:>5} "
+                         f"{_flops(s.total_flops):>13}")
+        lines.append(f"{title + ' total':34} {'':>9} {'':>5} {sum(s.evals for s in parts):>5} "
+                     f"{_flops(sum(s.total_flops for s in parts)):>13}")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    from xldm.default_model import DEFAULT_BASE, DEFAULT_REFINER
+
+    print("the default cascade (32 -> 64 -> 128) and the default latent model (base + refiner) at 128x128, "
+          "default settings")
+    print(format_side_by_side(cascade_cost(CASCADE_PRESETS["cascade-small"]),
+                              latent_model_cost(DEFAULT_BASE, DEFAULT_REFINER, (128, 128))))
+    print()
     for name, configs in CASCADE_PRESETS.items():
         print(format_cost_table(cascade_cost(configs), title=f"{name} at its own sizes"))
         print()
@@ -203,7 +257,7 @@ def main() -> None:
 
 
 __all__ = ["unet_flops", "StageCost", "CascadeCost", "cascade_cost", "rescaled", "format_cost_table", "cascade_info",
-           "IMAGEN_SIZES"]
+           "IMAGEN_SIZES", "vae_decode_flops", "latent_model_cost", "format_side_by_side"]
 
 if __name__ == "__main__":
     main()
