@@ -182,7 +182,8 @@ def cascade_info(spec: str | os.PathLike, steps=None, cfg=None) -> str:
     for i, path in enumerate(paths):
         config, has_encoders = read_stage_header(path)
         configs.append(config)
-        note = "" if has_encoders else " (text encoders shared with an earlier stage)"
+        note = "" if has_encoders else (" (text encoders shared with an earlier stage)" if i else
+                                        " (text encoders from the default model)")
         lines.append(f"stage {i}: {config.describe()}, {config.prediction_type} prediction, scalars "
                      f"{', '.join(config.micro_conditioning) or 'none'}{note} [{path.name}]")
     lines.append("")
