@@ -154,7 +154,7 @@ def default_train_presets() -> dict[str, Any]:
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
         # 64 = 8 x 2^(4 - 1) for its four levels.
         "default-refiner": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
-                                       steps=1500, lr=5e-4, warmup_steps=200, timestep_max=199, text_dropout=0.1,
+                                       steps=1000, lr=5e-4, warmup_steps=200, timestep_max=199, text_dropout=0.1,
                                        ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
     }
 
