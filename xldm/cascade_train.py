@@ -432,7 +432,8 @@ def export_cascade(stage_files: Sequence[str | Path], out: str | Path, *,
                    with_text_encoders: bool = False) -> list[Path]:
     """Trained stage files (`train_stage`'s final/stage.safetensors, in cascade order) -> `out/stage_N.safetensors`
     in fp16, the shipped form.  Without text encoders by default: a cascade whose encoder is the default model's
-    takes it from there when loaded (`xldm.cascade.load_cascade`)."""
+    takes it from there when loaded (`xldm.cascade.load_cascade`); `with_text_encoders` stores them once, in
+    stage_0 (the stages' encoders must be the same, as `train_stage` with one `text_encoders_from` gives)."""
     from xldm.cascade import check_stage_order, load_cascade, save_stage
 
     stages = load_cascade([Path(p) for p in stage_files], dtype=torch.float32)
@@ -440,7 +441,7 @@ def export_cascade(stage_files: Sequence[str | Path], out: str | Path, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return [save_stage(stage, out / f"stage_{i}.safetensors", dtype=torch.float16,
-                       include_text_encoders=with_text_encoders) for i, stage in enumerate(stages)]
+                       include_text_encoders=with_text_encoders and i == 0) for i, stage in enumerate(stages)]
 
 
 def main(argv: list[str] | None = None) -> int:
