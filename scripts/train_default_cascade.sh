@@ -18,9 +18,11 @@
 # Measured on the 2-core CPU machine this was developed on, XLDM_THREADS=1, the other core training the default
 # latent model at the same time:
 #   stage            batch   s/step   steps   time
-#   cascade-base-32    32     2.3     1500    ~57 min
-#   cascade-sr-64      16     1.3      800    ~17 min
-#   cascade-sr-128     16     1.4      800    ~19 min   (64^2 crops)
+#   cascade-base-32    32     2.3     1500    ~60 min
+#   cascade-sr-64      16     1.3     1200    ~26 min
+#   cascade-sr-128     16     0.9     1000    ~15 min   (64^2 crops)
+# The learning rate is constant after warm-up, so a run stopped early and resumed with more steps gives the
+# same weights as one run with those steps.
 set -euo pipefail
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then

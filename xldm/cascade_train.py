@@ -127,9 +127,9 @@ CASCADE_TRAIN_PRESETS: dict[str, CascadeTrainConfig] = {
     "tiny-cascade-sr-32": CascadeTrainConfig(stage="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY),
     "tiny-cascade-sr-64": CascadeTrainConfig(stage="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY),
     "cascade-base-32": CascadeTrainConfig(stage="cascade-base-32", steps=1500, batch_size=32, **_SMALL),
-    "cascade-sr-64": CascadeTrainConfig(stage="cascade-sr-64", steps=600, batch_size=16, aug_level_max=0.5,
+    "cascade-sr-64": CascadeTrainConfig(stage="cascade-sr-64", steps=1200, batch_size=16, aug_level_max=0.5,
                                         **_SMALL),
-    "cascade-sr-128": CascadeTrainConfig(stage="cascade-sr-128", steps=600, batch_size=16, aug_level_max=0.5,
+    "cascade-sr-128": CascadeTrainConfig(stage="cascade-sr-128", steps=1000, batch_size=16, aug_level_max=0.5,
                                          train_crop=64, **_SMALL),
 }
 
