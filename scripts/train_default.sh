@@ -19,16 +19,16 @@
 # CHECKPOINT_EVERY override the presets (a smoke run: all steps 2, CHECKPOINT_EVERY=1).
 # The same OUT_DIR, seed and thread count give the same weights (all randomness is seeded by the presets).
 #
-# Measured on the 2-core CPU machine this was developed on, while other jobs kept both cores busy
-# (load average ~5), XLDM_THREADS=1 (2 threads were 3-4x *slower* under that contention):
+# Measured on the 2-core CPU machine this was developed on, XLDM_THREADS=1, with the other core busy (the cascade's
+# training, tests) the whole time:
 #   stage            batch   it/s    steps    time
 #   dataset build                               ~5 min (npm download + 13,572 images)
 #   default-clip      128    1.67     3000     ~30 min
-#   default-vae         8    0.43     2500     ~97 min
-#   default-base       16    1.58    10000    ~106 min
-#   default-refiner    16    1.80     3000     ~28 min
+#   default-vae         8    0.43-0.7 2500     ~75 min
+#   default-base       16    1.4      7000     ~85 min
+#   default-refiner    16    1.6      1000     ~11 min
 #   export                                       <1 min
-#   total                                      ~4.4 h  (about half that on an idle machine with XLDM_THREADS=2)
+#   total                                      ~3.5 h
 # On a GPU (`--device cuda` is picked automatically) every stage takes minutes.
 set -euo pipefail
 
