@@ -454,7 +454,8 @@ def stage_generators(seeds: Sequence[int], size: tuple[int, int]) -> list[torch.
     return gens
 
 
-def _per_stage(values, n: int, name: str, default: Callable[[int], Any]) -> list:
+def per_stage(values, n: int, name: str, default: Callable[[int], Any]) -> list:
+    """One value per stage from None (stage i gets `default(i)`), a scalar (every stage), or a list of n."""
     if values is None:
         return [default(i) for i in range(n)]
     if isinstance(values, (int, float)):
@@ -544,9 +545,9 @@ class CascadePipeline:
             raise ValueError(f"prompt must be a non-empty string, found {prompt!r}")
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, found {batch!r}")
-        steps = _per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[configs[i].kind])
-        cfg = _per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[configs[i].kind])
-        aug = _per_stage(aug, n, "aug", lambda i: 0.0 if configs[i].kind == "base" else DEFAULT_SR_AUG_LEVEL)
+        steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[configs[i].kind])
+        cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[configs[i].kind])
+        aug = per_stage(aug, n, "aug", lambda i: 0.0 if configs[i].kind == "base" else DEFAULT_SR_AUG_LEVEL)
         for i, c in enumerate(configs):
             if not isinstance(steps[i], int) or steps[i] < 1:
                 raise ValueError(f"steps for stage {i} must be a positive int, found {steps[i]!r}")
@@ -816,7 +817,8 @@ __all__ = [
     "CASCADE_STAGE_PRESETS", "augment", "aug_alpha", "check_low_res", "upsample_low_res", "sr_model_input",
     "downsample_for_sr", "stage_scalars", "stage_vector", "stage_conditioning", "check_stage_order", "plan_sizes",
     "stage_generators", "save_stage", "load_stage", "read_stage_header", "save_cascade", "load_cascade",
-    "cascade_files", "default_model_encoders", "pick_encoders", "DEFAULT_SR_AUG_LEVEL", "AUG_LEVEL_EMBED_SCALE", "DEFAULT_CASCADE_DIR", "DEFAULT_STEPS",
+    "cascade_files", "per_stage", "default_model_encoders", "pick_encoders", "DEFAULT_SR_AUG_LEVEL",
+    "AUG_LEVEL_EMBED_SCALE", "DEFAULT_CASCADE_DIR", "DEFAULT_STEPS",
     "DEFAULT_CFG", "TINY_CASCADE_TEXT_ENCODER", "TINY_CASCADE_BASE", "TINY_CASCADE_SR", "TINY_CASCADE_SR2",
     "CASCADE_TEXT_ENCODER", "CASCADE_BASE_32", "CASCADE_SR_64", "CASCADE_SR_128",
 ]

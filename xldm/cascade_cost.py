@@ -28,6 +28,7 @@ from xldm.cascade import (
     CascadeStageConfig,
     cascade_files,
     check_stage_order,
+    per_stage,
     read_stage_header,
 )
 from xldm.config import UNetConfig
@@ -98,17 +99,6 @@ class CascadeCost:
         return self.total_flops / self.direct.total_flops
 
 
-def _per_stage(values, n: int, defaults: list) -> list:
-    if values is None:
-        return defaults
-    if isinstance(values, (int, float)):
-        return [values] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"expected {n} values (one per stage), found {len(values)}: {values}")
-    return values
-
-
 def cascade_cost(configs: Sequence[CascadeStageConfig], steps: Sequence[int] | int | None = None,
                  cfg: Sequence[float] | float | None = None,
                  sizes: Sequence[tuple[int, int]] | None = None) -> CascadeCost:
@@ -119,8 +109,8 @@ def cascade_cost(configs: Sequence[CascadeStageConfig], steps: Sequence[int] | i
     if sizes is not None:
         configs = rescaled(configs, sizes)
     check_stage_order(configs)
-    steps = _per_stage(steps, n, [DEFAULT_STEPS[c.kind] for c in configs])
-    cfg = _per_stage(cfg, n, [DEFAULT_CFG[c.kind] for c in configs])
+    steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[configs[i].kind])
+    cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[configs[i].kind])
     stages = tuple(StageCost(name=c.describe(), size=c.resolution, steps=int(s), guidance=float(g) > 1,
                              flops_per_eval=unet_flops(c.unet, c.resolution))
                    for c, s, g in zip(configs, steps, cfg))

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from xldm.default_model import is_heldout
-from xldm.train.clip_pretrain import CaptionedImages, evaluate, load_evaluator
+from xldm.train.clip_pretrain import CaptionedImages, evaluate, letterbox, load_evaluator
+from xldm.train.data import to_rgb
 
 Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
 
@@ -54,18 +55,7 @@ def caption_sets(data: str | Path, *, count: int = 256, seed: int = 0) -> dict[s
 def to_evaluator_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     """(N, 3, size, size) uint8: each image on white (alpha composited), letterboxed square, Lanczos-resized, as
     the evaluator was trained (`xldm.train.clip_pretrain.load_images`)."""
-    arrays = []
-    for image in images:
-        if image.mode in ("RGBA", "LA", "P"):
-            rgba = image.convert("RGBA")
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            image = flat
-        image = image.convert("RGB")
-        side = max(image.size)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        arrays.append(np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)))
+    arrays = [letterbox(to_rgb(image), size) for image in images]
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
 
 

@@ -83,6 +83,22 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
     return text
 
 
+def _copy_flags(args: argparse.Namespace, flags: dict[str, str], values: dict[str, Any]) -> None:
+    """values[field] = the flag's value, for each flag that was given."""
+    for flag, name in flags.items():
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+
+
+def _apply_set(items: list[str], fields: dict[str, dataclasses.Field], values: dict[str, Any]) -> None:
+    """`--set FIELD=VALUE` items into values, each parsed as its field's type."""
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        values[name] = _parse_value(fields[name], text)
+
+
 def _preset_name(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     """(preset, TOML values without it)."""
     file_values: dict[str, Any] = {}
@@ -102,20 +118,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if preset_name not in TRAIN_PRESETS:
             raise ValueError(f"unknown training preset {preset_name!r}; expected one of {sorted(TRAIN_PRESETS)}")
         base = TRAIN_PRESETS[preset_name]
-    for flag, name in _FIELD_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            values[name] = value
+    _copy_flags(args, _FIELD_FLAGS, values)
     if args.init_components is not None:
         values["init_components"] = tuple(c for c in args.init_components.split(",") if c)
     if args.deterministic:
         values["deterministic"] = True
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for item in args.set:
-        name, sep, text = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
-        values[name] = _parse_value(fields[name], text)
+    _apply_set(args.set, {f.name: f for f in dataclasses.fields(TrainConfig)}, values)
     merged = base.to_dict()
     merged.update(values)
     return TrainConfig.from_dict(merged)
@@ -136,19 +144,13 @@ def cascade_config_from_args(args: argparse.Namespace):
     for flag in ("mixed_precision", "init_components"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to a cascade stage (preset {name})")
-    for flag, field_name in _CASCADE_FLAGS.items():
-        if getattr(args, flag) is not None:
-            values[field_name] = getattr(args, flag)
+    _copy_flags(args, _CASCADE_FLAGS, values)
     if values.get("text_encoders_from") == "default":
         from xldm.default_model import DEFAULT_MODEL_PATH
 
         values["text_encoders_from"] = str(DEFAULT_MODEL_PATH)
     fields = {f.name: f for f in dataclasses.fields(CascadeTrainConfig)}
-    for item in args.set:
-        field_name, sep, text = item.partition("=")
-        if not sep or field_name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
-        values[field_name] = _parse_value(fields[field_name], text)
+    _apply_set(args.set, fields, values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{args.config}: {unknown} are not cascade training fields; expected some of {sorted(fields)}")

@@ -168,6 +168,16 @@ class CaptionedImages:
     captions: list[str]
 
 
+def letterbox(image, size: int) -> np.ndarray:
+    """An RGB image centred on a white square of its longer side, Lanczos-resized to size x size: (S, S, 3) uint8."""
+    from PIL import Image
+
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS))
+
+
 def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None) -> tuple[torch.Tensor, list[str]]:
     """Every captioned image of a folder (xldm.train.data.FolderSource), letterboxed onto white and resized to
     size x size; cached as .npy next to the run when `cache` is given (keyed by the folder's fingerprint)."""
@@ -187,10 +197,7 @@ def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None)
             image = decode_image(sample.path)
         except SkipSample:
             image = Image.new("RGB", (size, size), (255, 255, 255))
-        side = max(image.size)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        arrays.append(np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)))
+        arrays.append(letterbox(image, size))
     pixels = np.stack(arrays).transpose(0, 3, 1, 2).copy()
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -452,4 +459,4 @@ def train_clip(config: TrainConfig, *, resume: bool = False, progress: bool = Tr
 
 __all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
            "distractor_candidates", "evaluate", "train_clip", "export_text_encoders", "save_evaluator",
-           "load_evaluator", "load_images", "split_heldout", "contrastive_step"]
+           "load_evaluator", "load_images", "letterbox", "split_heldout", "contrastive_step"]

@@ -116,7 +116,8 @@ def probe_size(path: str) -> Size:
         return (height, width) if _orientation_swaps_sides(image) else (width, height)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white and 16-bit greyscale scaled down; SkipSample otherwise."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale 0..65535 -> 0..255 (Pillow's convert would clip)
         array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
@@ -149,7 +150,7 @@ def decode_image(source: str | bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()  # Pillow's LOAD_TRUNCATED_IMAGES stays False: a cut-off file raises here
             upright = ImageOps.exif_transpose(image)
-        return _to_rgb(upright)
+        return to_rgb(upright)
     except SkipSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -728,5 +729,5 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
 
 __all__ = [
     "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
-    "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size",
+    "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "to_rgb",
 ]
