@@ -40,3 +40,23 @@ def test_same_preset_seed_and_data_give_the_same_weights(images, tmp_path, prese
     assert finals[0].keys() == finals[1].keys()
     for k, v in finals[0].items():
         assert torch.equal(v, finals[1][k]), k  # exact
+
+
+def test_base_second_stage_from_the_first_is_reproducible_with_its_cache(images, tmp_path):
+    # Stage 3b of scripts/train_default.sh: default-base-ft from default-base's final file, with the latent and
+    # text cache.  The second run reads the cache the first one wrote and must still give the same weights.
+    first = tmp_path / "base"
+    assert train_main(["--preset", "default-base", "--data", str(images), "--out", str(first), "--steps", "1",
+                       "--batch-size", "2", "--no-progress"]) == 0
+    finals = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert train_main(["--preset", "default-base-ft", "--data", str(images), "--out", str(out),
+                           "--init", str(first / "final" / "model.safetensors"), "--set",
+                           f"cache_dir={tmp_path / 'cache'}", "--steps", "2", "--batch-size", "2",
+                           "--no-progress"]) == 0
+        finals.append(load_file(out / "final" / "model.safetensors"))
+    stage_one = load_file(first / "final" / "model.safetensors")
+    assert any(not torch.equal(v, stage_one[k]) for k, v in finals[0].items() if "diffusion_model" in k)
+    for k, v in finals[0].items():
+        assert torch.equal(v, finals[1][k]), k  # exact

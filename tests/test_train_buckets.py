@@ -166,3 +166,26 @@ def test_place_rejects_bad_sizes() -> None:
         place(0, 10, SDXL_BUCKETS, None)
     with pytest.raises(ValueError, match="positive"):
         place_in_bucket(10, 10, (0, 64), None)
+
+
+def test_zoom_leaves_spare_on_both_sides_and_the_crop_is_what_is_taken() -> None:
+    # A square image in a square bucket has no spare pixels; zoom 1.5 resizes it to 1.5x the bucket, so crops
+    # land anywhere in [0, 64] on both axes (TrainConfig.zoom_crops).
+    rng = random.Random(5)
+    crops = {place_in_bucket(128, 128, (128, 128), rng, zoom=1.5).crop_top_left for _ in range(400)}
+    assert place_in_bucket(128, 128, (128, 128), rng, zoom=1.5).resized_size == (192, 192)
+    tops, lefts = {top for top, _ in crops}, {left for _, left in crops}
+    assert min(tops) >= 0 and max(tops) <= 64 and min(lefts) >= 0 and max(lefts) <= 64
+    assert len(tops) > 40 and len(lefts) > 40
+    # zoom 1 is the plain cover-resize, with the same draws.
+    assert place_in_bucket(70, 66, (64, 64), random.Random(1), zoom=1.0) == place_in_bucket(70, 66, (64, 64),
+                                                                                          random.Random(1))
+    # The pixels are the zoomed image cropped at crop_top_left (max abs diff 0).
+    image = coordinate_image(100, 60)
+    p = place_in_bucket(100, 60, (80, 48), random.Random(2), zoom=1.37)
+    assert p.resized_size[0] > 48 and p.resized_size[1] > 80
+    top, left = p.crop_top_left
+    resized = image.resize(p.resized_size[::-1], resample=Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(apply_placement(image, p)), np.asarray(resized.crop((left, top, left + 80, top + 48))))
+    with pytest.raises(ValueError, match="zoom must be >= 1"):
+        place_in_bucket(64, 64, (64, 64), None, zoom=0.9)

@@ -509,3 +509,31 @@ def test_shapes_dataset_captions_describe_the_pixels(tmp_path: Path) -> None:
     # Same seed, same files.
     again = make_shapes_dataset(tmp_path / "again", 5, size=64, seed=0)
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in sorted(root.iterdir())[:10])
+
+
+def test_zoom_crops_cut_into_square_images_and_resume_exactly(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", 30)
+    # Off (the default) draws exactly the crops it always did.
+    plain = take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3), 6)
+    assert_same_batches(take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=0.0), 6),
+                        plain)
+    # All zoomed: square images in the square bucket now have crop offsets on both axes, within zoom_max.
+    zoomed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    batches = take(zoomed, 2 * zoomed.batches_per_epoch)
+    square = [(tuple(b["crop_top_left"][r].tolist()), tuple(b["original_size"][r].tolist()))
+              for b in batches for r in range(2) if tuple(b["target_size"][r].tolist()) == (64, 64)]
+    assert square and all(0 <= top <= 32 and 0 <= left <= 32 for (top, left), _ in square)
+    assert any(top > 0 and left > 0 for (top, left), _ in square)
+    # Exact resume with zoom, and a state saved without zoom is refused by a zoomed run (and vice versa).
+    stop = 5
+    again = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    take(again, stop)
+    resumed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    assert_same_batches(take(resumed, 4), batches[stop:stop + 4])
+    unzoomed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3)
+    take(unzoomed, 1)
+    with pytest.raises(ValueError, match="zoom"):
+        resumed.load_state_dict(unzoomed.state_dict())
+    with pytest.raises(ValueError, match="zoom_crops"):
+        TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.5)

@@ -2,8 +2,8 @@
 
 Everything that makes the default model what it is lives here: the architecture presets (`DEFAULT_BASE`,
 `DEFAULT_REFINER`), where the shipped weights sit (`DEFAULT_MODEL_PATH`, `DEFAULT_REFINER_PATH`), the training
-presets of its four stages (`default-clip`, `default-vae`, `default-base`, `default-refiner`, registered into
-`xldm.train.config.TRAIN_PRESETS`), the held-out caption split, and the glue between stages that
+presets of its stages (`default-clip`, `default-vae`, `default-base`, `default-base-ft`, `default-refiner`,
+registered into `xldm.train.config.TRAIN_PRESETS`), the held-out caption split, and the glue between stages that
 `scripts/train_default.sh` calls (`python -m xldm.default_model split | compose | export`).
 
 The design follows SDXL (Podell et al. 2023) at a size whose two fp16 single files fit 25 MB together:
@@ -121,11 +121,11 @@ def is_heldout(caption: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
 
 
-# --- training presets of the four stages -------------------------------------------------------------------
+# --- training presets of the stages ------------------------------------------------------------------------
 
 
 def default_train_presets() -> dict[str, Any]:
-    """`TrainConfig` presets of the four stages.  Rates, steps and batch sizes are our choices for a small model
+    """`TrainConfig` presets of the stages.  Rates, steps and batch sizes are our choices for a small model
     trained from scratch on a 2-core CPU in a few hours (measured timings: scripts/train_default.sh)."""
     from xldm.train.config import TrainConfig
 
@@ -151,6 +151,16 @@ def default_train_presets() -> dict[str, Any]:
         "default-base": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
                                     steps=7000, lr=5e-4, warmup_steps=200, offset_noise=0.05, text_dropout=0.1,
                                     ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
+        # The base's second stage, from the first one's weights (SDXL also trains its base in stages, Sec. 2.5:
+        # 256^2, then 512^2, then multi-aspect at ~1024^2).  Cached VAE posteriors and text embeddings
+        # (`--set cache_dir=...`: the VAE encoder was 2/3 of a stage-one step on the CPU), so four times the
+        # samples per hour; 30 % zoomed crops so that crop offsets cut into the subject (TrainConfig.zoom_crops);
+        # min-SNR weighting, gamma 5 (Hang et al. 2023), to spend the steps on the high-noise end, where the
+        # shapes are decided (the refiner covers the low-noise end).
+        "default-base-ft": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
+                                       steps=20000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
+                                       min_snr_gamma=5.0, zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999,
+                                       **small),
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
         # 64 = 8 x 2^(4 - 1) for its four levels.
         "default-refiner": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,

@@ -70,8 +70,12 @@ def _round_half_up(value: Fraction) -> int:
     return int((value * 2 + 1) // 2)
 
 
-def place_in_bucket(width: int, height: int, bucket: Size, rng: random.Random | None) -> Placement:
-    """Cover-resize a `width` x `height` image to `bucket` and choose the crop (see `place`)."""
+def place_in_bucket(width: int, height: int, bucket: Size, rng: random.Random | None, zoom: float = 1.0) -> Placement:
+    """Cover-resize a `width` x `height` image to `bucket` and choose the crop (see `place`).
+
+    `zoom` > 1 resizes that much further than the cover, so there is spare on both sides and the crop can cut
+    into the subject anywhere (`TrainConfig.zoom_crops`); the crop offsets stay SDXL's c_crop, in the pixels of
+    the image as resized."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     bucket_width, bucket_height = bucket
@@ -79,7 +83,9 @@ def place_in_bucket(width: int, height: int, bucket: Size, rng: random.Random | 
         raise ValueError(f"bucket size must be positive, got {bucket_width}x{bucket_height}")
     # Exact arithmetic: the side that sets the scale lands exactly on the bucket, the other is rounded and then
     # clamped, so both sides are >= the bucket's (the resize covers it) and the excess lies on one side only.
-    scale = max(Fraction(bucket_width, width), Fraction(bucket_height, height))
+    if not zoom >= 1.0:
+        raise ValueError(f"zoom must be >= 1, got {zoom}")
+    scale = max(Fraction(bucket_width, width), Fraction(bucket_height, height)) * Fraction(zoom)
     resized_width = max(bucket_width, _round_half_up(width * scale))
     resized_height = max(bucket_height, _round_half_up(height * scale))
     spare_top, spare_left = resized_height - bucket_height, resized_width - bucket_width

@@ -44,6 +44,12 @@ class TrainConfig:
     # On-disk cache of VAE posteriors and text embeddings (xldm.train.cache); "" = off.  When set, each sample
     # keeps one crop for the whole run (centre, or random seeded by the sample key).
     cache_dir: str = ""
+    # Zoomed crops (ours, not the paper's): this share of the random crops is taken from the image resized up to
+    # `zoom_max` x beyond the cover, so the crop can cut into the subject on any side.  SDXL's web images are
+    # cropped along their long side (Algorithm 1); square, centred data (emoji) would otherwise never show the
+    # model what a crop offset means (Sec. 2.2, Fig. 5).
+    zoom_crops: float = 0.0
+    zoom_max: float = 1.5
 
     # --- diffusion objective ---------------------------------------------------------------------------
     prediction_type: str = "epsilon"  # or "v" (Salimans & Ho 2022)
@@ -103,6 +109,8 @@ class TrainConfig:
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.micro_dropout <= 1.0,
               f"dropout rates must lie in [0, 1], got text {self.text_dropout}, micro {self.micro_dropout}")
+        check(0.0 <= self.zoom_crops <= 1.0 and self.zoom_max >= 1.0,
+              f"need 0 <= zoom_crops <= 1 and zoom_max >= 1, got {self.zoom_crops}, {self.zoom_max}")
         check(self.offset_noise >= 0.0, f"offset_noise must be >= 0, got {self.offset_noise}")
         check(self.min_snr_gamma >= 0.0, f"min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
         check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")

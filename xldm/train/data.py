@@ -372,10 +372,15 @@ def _crop_rng(center_crop: bool, *parts: object) -> random.Random | None:
 
 
 def _make_item(
-    image: Image.Image, key: str, caption: str, score: float, bucket: Size, rng: random.Random | None
+    image: Image.Image, key: str, caption: str, score: float, bucket: Size, rng: random.Random | None,
+    zoom_crops: float = 0.0, zoom_max: float = 1.0,
 ) -> _Item:
     width, height = image.size
-    placement = place_in_bucket(width, height, bucket, rng)
+    zoom = 1.0
+    # Drawn only when zoom crops are on, so that runs without them see exactly the crops they always did.
+    if rng is not None and zoom_crops > 0.0 and rng.random() < zoom_crops:
+        zoom = rng.uniform(1.0, zoom_max)
+    placement = place_in_bucket(width, height, bucket, rng, zoom)
     pixels = np.asarray(apply_placement(image, placement), dtype=np.uint8)
     return _Item(key, caption, score, placement.original_size, placement.crop_top_left, placement.target_size, pixels)
 
@@ -436,6 +441,8 @@ class TrainingBatches:
         center_crop: bool = False,
         repeat: bool = True,
         fixed_crops: bool = False,
+        zoom_crops: float = 0.0,
+        zoom_max: float = 1.5,
     ) -> None:
         if not isinstance(source, (FolderSource, ShardSource)):
             source = open_source(source)
@@ -450,6 +457,11 @@ class TrainingBatches:
         # fixed_crops: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache
         # needs one crop per sample, xldm.train.cache); center_crop wins over it.
         self.fixed_crops = fixed_crops
+        # zoom_crops: the share of random crops taken from the image resized up to zoom_max x further than the
+        # cover (TrainConfig.zoom_crops); never with center_crop.
+        if not 0.0 <= zoom_crops <= 1.0 or not zoom_max >= 1.0:
+            raise ValueError(f"need 0 <= zoom_crops <= 1 and zoom_max >= 1, got {zoom_crops}, {zoom_max}")
+        self.zoom_crops, self.zoom_max = zoom_crops, zoom_max
         self.global_batch_size = batch_size * world_size
         self._epoch = 0
         self._skipped: dict[str, set[str]] = {}
@@ -517,6 +529,7 @@ class TrainingBatches:
             "drop_last": self.drop_last,
             "center_crop": self.center_crop,
             "buckets": [list(b) for b in self.buckets],
+            **self._zoom_state(),
             "epoch": self._epoch,
             "images_seen": self._images_seen,
             "batches": self._batches,
@@ -530,11 +543,16 @@ class TrainingBatches:
                          offset=self._offset, buffered=self._buffered_state())
         return state
 
+    def _zoom_state(self) -> dict:
+        # Only a run with zoom crops records them, so states saved before they existed still resume.
+        return {"zoom": [self.zoom_crops, self.zoom_max]} if self.zoom_crops else {}
+
     def load_state_dict(self, state: dict) -> None:
         kind = "folder" if isinstance(self.source, FolderSource) else "shards"
         expected = {"kind": kind, "fingerprint": self.source.fingerprint, "seed": self.seed,
                     "global_batch_size": self.global_batch_size, "drop_last": self.drop_last,
-                    "center_crop": self.center_crop, "buckets": [list(b) for b in self.buckets]}
+                    "center_crop": self.center_crop, "buckets": [list(b) for b in self.buckets],
+                    **self._zoom_state()}
         if kind == "shards":
             expected.update(rank=self.rank, world_size=self.world_size)
         mismatched = {name: (state.get(name), value) for name, value in expected.items() if state.get(name) != value}
@@ -586,7 +604,8 @@ class TrainingBatches:
                 continue
             rng = (_crop_rng(self.center_crop, self.seed, sample.key) if self.fixed_crops
                    else _crop_rng(self.center_crop, self.seed, epoch, batch_index, row))
-            return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng)
+            return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng,
+                              self.zoom_crops, self.zoom_max)
         raise RuntimeError(
             f"no image of bucket {bucket[0]}x{bucket[1]} can be decoded (skipped: {self.stats['skipped']})"
         )
@@ -641,7 +660,7 @@ class TrainingBatches:
         bucket = choose_bucket(*image.size, self.buckets)
         rng = (_crop_rng(self.center_crop, self.seed, raw.key) if self.fixed_crops
                else _crop_rng(self.center_crop, self.seed, epoch, shard, raw.key))
-        item = _make_item(image, raw.key, caption, score, bucket, rng)
+        item = _make_item(image, raw.key, caption, score, bucket, rng, self.zoom_crops, self.zoom_max)
         item.position = (shard, raw.offset, epoch)
         return bucket, item
 

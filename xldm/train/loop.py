@@ -441,7 +441,8 @@ def make_batches(config: TrainConfig, procs: Processes):
     return TrainingBatches(open_source(config.data), buckets=training_buckets(config.resolution, config.bucket_step),
                            batch_size=config.batch_size, seed=config.seed, rank=procs.rank,
                            world_size=procs.world_size, center_crop=config.center_crop,
-                           fixed_crops=bool(config.cache_dir))  # one crop per sample for the cache
+                           fixed_crops=bool(config.cache_dir),  # one crop per sample for the cache
+                           zoom_crops=config.zoom_crops, zoom_max=config.zoom_max)
 
 
 def _seed_everything(seed: int) -> None:
