@@ -158,7 +158,7 @@ def default_train_presets() -> dict[str, Any]:
         # min-SNR weighting, gamma 5 (Hang et al. 2023), to spend the steps on the high-noise end, where the
         # shapes are decided (the refiner covers the low-noise end).
         "default-base-ft": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
-                                       steps=20000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
+                                       steps=24000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
                                        min_snr_gamma=5.0, zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999,
                                        **small),
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
