@@ -173,3 +173,29 @@ def test_existing_run_needs_resume(tmp_path):
 
     with pytest.raises(ValueError, match="pass --resume"):
         train(preset("tiny-sdxl-base", out=str(tmp_path / "run"), data="unused"), progress=False)
+
+
+@pytest.mark.parametrize("entry", ["diffusion", "clip", "cascade"])
+def test_a_run_directory_with_checkpoints_is_refused_unless_resuming(tmp_path: Path, entry: str) -> None:
+    out = tmp_path / "run"
+    assert ckpt.checkpoints_dir(out, resume=False) == out / "checkpoints"  # nothing there yet: fine
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.checkpoint_name(3)).write_bytes(b"")
+    assert ckpt.checkpoints_dir(out, resume=True) == out / "checkpoints"
+    # Every training entry point refuses before it builds anything (no data is even needed).
+    if entry == "diffusion":
+        from xldm.train.config import TrainConfig
+        from xldm.train.loop import train
+        run = lambda: train(TrainConfig(out=str(out), data=str(tmp_path / "none")))  # noqa: E731
+    elif entry == "clip":
+        from xldm.train.config import TRAIN_PRESETS
+        from xldm.train.loop import train
+        from dataclasses import replace
+        run = lambda: train(replace(TRAIN_PRESETS["default-clip"], out=str(out), data=str(tmp_path)))  # noqa: E731
+    else:
+        from dataclasses import replace
+        from xldm.cascade_train import CASCADE_TRAIN_PRESETS, train_stage
+        run = lambda: train_stage(replace(CASCADE_TRAIN_PRESETS["cascade-base-32"], out=str(out),  # noqa: E731
+                                          data=str(tmp_path)))
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        run()

@@ -376,9 +376,7 @@ def train_stage(config: CascadeTrainConfig, *, resume: bool = False, data=None, 
     if not config.out:
         raise ValueError("no run directory: set out")
     out = Path(config.out)
-    checkpoints = out / "checkpoints"
-    if ckpt.list_checkpoints(checkpoints) and not resume:
-        raise ValueError(f"{out} already holds checkpoints; resume it, or choose a new out")
+    checkpoints = ckpt.checkpoints_dir(out, resume)
     run = build_stage_run(config)
     data = data if data is not None else make_stage_batches(config)
     torch.manual_seed(config.seed)

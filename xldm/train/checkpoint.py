@@ -157,6 +157,15 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, state
 
 
+def checkpoints_dir(out: str | os.PathLike, resume: bool) -> Path:
+    """`out`/checkpoints of a run about to start; a run directory that already holds checkpoints is an error
+    unless the run resumes (never train over someone's checkpoints by accident)."""
+    directory = Path(out) / "checkpoints"
+    if list_checkpoints(directory) and not resume:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    return directory
+
+
 def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest loadable checkpoint; a corrupt newer one is skipped with a warning. None if there is none."""
     for step, path in reversed(list_checkpoints(directory)):
@@ -244,5 +253,5 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "checkpoint_name",
-           "CheckpointLoadError", "optimizer_state", "load_optimizer_state", "rng_state", "restore_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "checkpoints_dir",
+           "checkpoint_name", "CheckpointLoadError", "optimizer_state", "load_optimizer_state", "rng_state", "restore_rng_state"]

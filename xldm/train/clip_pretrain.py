@@ -390,9 +390,7 @@ def train_clip(config: TrainConfig, *, resume: bool = False, progress: bool = Tr
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else "cpu" if config.device == "auto" else config.device)
     out = Path(config.out)
-    checkpoints = out / "checkpoints"
-    if ckpt.list_checkpoints(checkpoints) and not resume:
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    checkpoints = ckpt.checkpoints_dir(out, resume)
     model_config = config.model_config
     encoders = tuple(model_config.text_encoders)
 

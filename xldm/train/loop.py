@@ -481,10 +481,8 @@ def _train(config: TrainConfig, procs: Processes, *, resume: bool, progress: boo
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     out = Path(config.out)
-    checkpoints = out / "checkpoints"
+    checkpoints = ckpt.checkpoints_dir(out, resume)
     metrics_path = out / "metrics.jsonl"
-    if ckpt.list_checkpoints(checkpoints) and not resume:
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
 
     run = build_run(config, procs)
     data = data if data is not None else make_batches(config, procs)
