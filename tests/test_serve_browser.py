@@ -3,7 +3,8 @@
 Loads the page, types a prompt, generates, sees the progress bar move with a preview, sees the image in the
 gallery with its parameters, downloads it, and checks the download has the same pixels as the API gives for
 the same settings (max abs diff 0).  Skipped only when Chromium is not installed (`.ci/install-browser`).
-Set XLDM_SCREENSHOT=FILE.png to also write a screenshot of the page (docs/serve.png is made this way).
+A second test drives the page against the bundled default model, as `xldm serve` with no flags serves it.
+Set XLDM_SCREENSHOT=FILE.png to also write a screenshot of that page (docs/serve.png is made this way).
 """
 
 from __future__ import annotations
@@ -97,9 +98,6 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
             download.save_as(saved)
             page.wait_for_selector("#generate:enabled")  # ready for the next one
             assert page.locator("#interrupt").is_disabled() and page.locator("#preview").is_hidden()
-            if os.environ.get("XLDM_SCREENSHOT"):
-                page.evaluate("window.scrollTo(0, 0)")
-                page.screenshot(path=os.environ["XLDM_SCREENSHOT"], full_page=True)
             assert external == []  # the page loaded nothing from anywhere else
         finally:
             context.close()
@@ -114,3 +112,51 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
         api = c.post("/sdapi/v1/txt2img", json=body).json()["images"][0]
     api_pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(api))).convert("RGB"))
     assert np.abs(downloaded.astype(int) - api_pixels.astype(int)).max() == 0
+
+
+@pytest.fixture(scope="module")
+def bundled_server():
+    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+
+    running = RunningServer(create_app(ServerConfig(models=[DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH],
+                                                    refiner=DEFAULT_REFINER_PATH.name, dtype=torch.float32,
+                                                    device="cpu")))
+    yield running
+    running.stop()
+
+
+def test_page_with_the_bundled_model_draws_a_red_heart(bundled_server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1100, "height": 760})
+        try:
+            page = context.new_page()
+            page.goto(bundled_server.url + "/")
+            page.wait_for_function("document.querySelectorAll('#size option').length > 0")
+            assert page.locator("#size").input_value() == "128x128"  # the bundled model's native size
+            for prompt, seed in (("grinning face", 1), ("red heart", 3)):
+                count = page.locator("figure.result").count()
+                page.fill("#prompt", prompt)
+                page.fill("#seed", str(seed))
+                page.click("#generate")
+                page.wait_for_function(f"document.querySelectorAll('figure.result').length > {count}",
+                                       timeout=60000)
+                page.wait_for_selector("#generate:enabled")
+            figure = page.locator("figure.result").first  # the newest first
+            assert figure.locator("pre.params").text_content().startswith("red heart")
+            png = bytes(page.evaluate("async () => { const r = await fetch(document.querySelector("
+                                      "'figure.result img').src); return Array.from(new Uint8Array("
+                                      "await r.arrayBuffer())); }"))
+            if os.environ.get("XLDM_SCREENSHOT"):
+                page.evaluate("window.scrollTo(0, 0)")
+                page.screenshot(path=os.environ["XLDM_SCREENSHOT"], full_page=True)
+        finally:
+            context.close()
+    # The image the page shows is a red heart's colours: red well above green and blue where it is not white.
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    ink = rgb[rgb.min(axis=2) < 200]
+    assert len(ink) > 0.1 * rgb.shape[0] * rgb.shape[1]
+    red, green, blue = ink.mean(axis=0)
+    assert red > green + 60 and red > blue + 60, (red, green, blue)
