@@ -14,12 +14,13 @@
 #  3b. default-base-ft  the base's second stage from (3)'s weights: cached VAE posteriors and text embeddings
 #                   (OUT/cache), zoomed crops, min-SNR weighting
 #   4. default-refiner  the refiner UNet on the 200 low-noise steps, bigG-like encoder and VAE frozen
+#  4b. default-refiner-ft  the refiner's second stage from (4)'s weights, as 3b
 #   5. export       fp16 single files OUT/export/base.safetensors and OUT/export/refiner.safetensors
 #
 # Environment: EMOJI_DATA=DIR uses an existing `xldm data emoji` build instead of building one;
-# XLDM_THREADS (default 1) sets the CPU threads, BASE_FT_THREADS (default 2) those of stage 3b; CLIP_STEPS,
-# VAE_STEPS, BASE_STEPS, BASE_FT_STEPS, REFINER_STEPS and CHECKPOINT_EVERY override the presets (a smoke run: all
-# steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights (all randomness is
+# XLDM_THREADS (default 1) sets the CPU threads, FT_THREADS (default 2) those of stages 3b and 4b; CLIP_STEPS,
+# VAE_STEPS, BASE_STEPS, BASE_FT_STEPS, REFINER_STEPS, REFINER_FT_STEPS and CHECKPOINT_EVERY override the presets
+# (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights (all randomness is
 # seeded by the presets; the shipped weights used the defaults).
 #
 # Measured on the 2-core CPU machine this was developed on, XLDM_THREADS=1, with the other core busy (the cascade's
@@ -90,7 +91,7 @@ if [[ ! -f "$OUT/init/base.safetensors" ]]; then
         --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train" --out "$OUT/init/base.safetensors"
 fi
 run_stage base default-base "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
-OMP_NUM_THREADS=${BASE_FT_THREADS:-2} MKL_NUM_THREADS=${BASE_FT_THREADS:-2} \
+OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
     run_stage base-ft default-base-ft "$OUT/data/train" BASE_FT_STEPS --init "$OUT/base/final/model.safetensors" \
     --set "cache_dir=$OUT/cache"
 # 4. refiner: the bigG-like encoder and the same VAE, with the same latent scale
@@ -102,10 +103,13 @@ print(json.loads(open_checkpoint(sys.argv[1]).metadata['xldm.config'])['vae']['s
         --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE" --out "$OUT/init/refiner.safetensors"
 fi
 run_stage refiner default-refiner "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
+OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
+    run_stage refiner-ft default-refiner-ft "$OUT/data/train" REFINER_FT_STEPS \
+    --init "$OUT/refiner/final/model.safetensors" --set "cache_dir=$OUT/cache"
 
 # 5. export --------------------------------------------------------------------------------------------------
 "$PY" -m xldm.default_model export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
-"$PY" -m xldm.default_model export "$OUT/refiner/final/model.safetensors" "$OUT/export/refiner.safetensors"
+"$PY" -m xldm.default_model export "$OUT/refiner-ft/final/model.safetensors" "$OUT/export/refiner.safetensors"
 log "done. The default model's files:"
 ls -l "$OUT/export/base.safetensors" "$OUT/export/refiner.safetensors"
 echo "Try: xldm generate \"red heart\" --model $OUT/export/base.safetensors --refiner $OUT/export/refiner.safetensors --out heart.png"

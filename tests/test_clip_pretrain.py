@@ -203,7 +203,8 @@ def test_default_presets_fit_the_size_budget_and_keep_sdxl_structure():
 
 
 def test_stage_presets_are_registered_and_round_trip():
-    for name in ("default-clip", "default-vae", "default-base", "default-base-ft", "default-refiner"):
+    for name in ("default-clip", "default-vae", "default-base", "default-base-ft", "default-refiner",
+                 "default-refiner-ft"):
         config = TRAIN_PRESETS[name]
         assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert TRAIN_PRESETS["default-clip"].task == "clip" and TRAIN_PRESETS["default-vae"].task == "vae"
@@ -211,6 +212,7 @@ def test_stage_presets_are_registered_and_round_trip():
     assert TRAIN_PRESETS["default-base"].model_config == DEFAULT_BASE
     assert TRAIN_PRESETS["default-base-ft"].model_config == DEFAULT_BASE
     assert TRAIN_PRESETS["default-base-ft"].init_components == ()  # the whole stage-one file, UNet included
+    assert TRAIN_PRESETS["default-refiner-ft"].is_refiner and TRAIN_PRESETS["default-refiner-ft"].timestep_max == 199
 
 
 def test_split_holds_out_whole_names(tmp_path):

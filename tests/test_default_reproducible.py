@@ -42,16 +42,18 @@ def test_same_preset_seed_and_data_give_the_same_weights(images, tmp_path, prese
         assert torch.equal(v, finals[1][k]), k  # exact
 
 
-def test_base_second_stage_from_the_first_is_reproducible_with_its_cache(images, tmp_path):
-    # Stage 3b of scripts/train_default.sh: default-base-ft from default-base's final file, with the latent and
-    # text cache.  The second run reads the cache the first one wrote and must still give the same weights.
-    first = tmp_path / "base"
-    assert train_main(["--preset", "default-base", "--data", str(images), "--out", str(first), "--steps", "1",
+@pytest.mark.parametrize("stage_one", ["default-base", "default-refiner"])
+def test_second_stage_from_the_first_is_reproducible_with_its_cache(images, tmp_path, stage_one):
+    # Stages 3b and 4b of scripts/train_default.sh: default-base-ft (default-refiner-ft) from default-base's
+    # (default-refiner's) final file, with the latent and text cache.  The second run reads the cache the first
+    # one wrote and must still give the same weights.
+    first = tmp_path / "first"
+    assert train_main(["--preset", stage_one, "--data", str(images), "--out", str(first), "--steps", "1",
                        "--batch-size", "2", "--no-progress"]) == 0
     finals = []
     for run in ("a", "b"):
         out = tmp_path / run
-        assert train_main(["--preset", "default-base-ft", "--data", str(images), "--out", str(out),
+        assert train_main(["--preset", f"{stage_one}-ft", "--data", str(images), "--out", str(out),
                            "--init", str(first / "final" / "model.safetensors"), "--set",
                            f"cache_dir={tmp_path / 'cache'}", "--steps", "2", "--batch-size", "2",
                            "--no-progress"]) == 0

@@ -3,7 +3,7 @@
 Everything that makes the default model what it is lives here: the architecture presets (`DEFAULT_BASE`,
 `DEFAULT_REFINER`), where the shipped weights sit (`DEFAULT_MODEL_PATH`, `DEFAULT_REFINER_PATH`), the training
 presets of its stages (`default-clip`, `default-vae`, `default-base`, `default-base-ft`, `default-refiner`,
-registered into `xldm.train.config.TRAIN_PRESETS`), the held-out caption split, and the glue between stages that
+`default-refiner-ft`, registered into `xldm.train.config.TRAIN_PRESETS`), the held-out caption split, and the glue between stages that
 `scripts/train_default.sh` calls (`python -m xldm.default_model split | compose | export`).
 
 The design follows SDXL (Podell et al. 2023) at a size whose two fp16 single files fit 25 MB together:
@@ -166,6 +166,12 @@ def default_train_presets() -> dict[str, Any]:
         "default-refiner": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
                                        steps=1000, lr=5e-4, warmup_steps=200, timestep_max=199, text_dropout=0.1,
                                        ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
+        # The refiner's second stage, from the first one's weights, as default-base-ft: cached latents and text,
+        # zoomed crops (the refiner is conditioned on the crop too, SDXL Sec. 2.5).
+        "default-refiner-ft": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
+                                          steps=5000, lr=2e-4, warmup_steps=100, timestep_max=199,
+                                          text_dropout=0.1, zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999,
+                                          **small),
     }
 
 
