@@ -24,6 +24,7 @@ from PIL import Image
 from xldm.train.buckets import Placement, apply_placement, choose_bucket, place_in_bucket, training_buckets
 from xldm.train.data import (
     DEFAULT_AESTHETIC_SCORE,
+    Augment,
     FolderSource,
     ShardSource,
     SkipSample,
@@ -511,14 +512,17 @@ def test_shapes_dataset_captions_describe_the_pixels(tmp_path: Path) -> None:
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in sorted(root.iterdir())[:10])
 
 
+ZOOM = Augment(zoom_crops=1.0, zoom_max=1.5)
+
+
 def test_zoom_crops_cut_into_square_images_and_resume_exactly(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "data", 30)
     # Off (the default) draws exactly the crops it always did.
     plain = take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3), 6)
-    assert_same_batches(take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=0.0), 6),
+    assert_same_batches(take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, augment=Augment()), 6),
                         plain)
     # All zoomed: square images in the square bucket now have crop offsets on both axes, within zoom_max.
-    zoomed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    zoomed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, augment=ZOOM)
     batches = take(zoomed, 2 * zoomed.batches_per_epoch)
     square = [(tuple(b["crop_top_left"][r].tolist()), tuple(b["original_size"][r].tolist()))
               for b in batches for r in range(2) if tuple(b["target_size"][r].tolist()) == (64, 64)]
@@ -526,14 +530,34 @@ def test_zoom_crops_cut_into_square_images_and_resume_exactly(tmp_path: Path) ->
     assert any(top > 0 and left > 0 for (top, left), _ in square)
     # Exact resume with zoom, and a state saved without zoom is refused by a zoomed run (and vice versa).
     stop = 5
-    again = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    again = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, augment=ZOOM)
     take(again, stop)
-    resumed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.0, zoom_max=1.5)
+    resumed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, augment=ZOOM)
     resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
     assert_same_batches(take(resumed, 4), batches[stop:stop + 4])
     unzoomed = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3)
     take(unzoomed, 1)
-    with pytest.raises(ValueError, match="zoom"):
+    with pytest.raises(ValueError, match="augment"):
         resumed.load_state_dict(unzoomed.state_dict())
-    with pytest.raises(ValueError, match="zoom_crops"):
-        TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, zoom_crops=1.5)
+    with pytest.raises(ValueError, match="zoom_crops <= 1"):
+        Augment(zoom_crops=1.5)
+
+
+def test_downscaled_sources_are_small_originals_upsampled_into_the_bucket(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", 30)
+    augment = Augment(downscale=1.0, downscale_sides=(8, 12))
+    batches = TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=4, augment=augment)
+    for batch in take(batches, batches.batches_per_epoch):
+        for row, key in enumerate(batch["keys"]):
+            height, width = batch["original_size"][row].tolist()
+            with Image.open(root / key) as image:
+                full = image.size
+            # The long side is the drawn one (8..12), the aspect ratio the file's (to a pixel).
+            assert 8 <= max(height, width) <= 12, (key, height, width)
+            assert abs(width / height - full[0] / full[1]) <= 1.0 / min(height, width) * max(1, full[0] / full[1])
+            # Upsampled from a few pixels: the bucket-sized pixels are smooth (small neighbour differences).
+            pixels = batch["pixels"][row]
+            assert (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean() < 0.1
+    # Noise images at full size are anything but smooth: the check above is not vacuous.
+    plain = take(TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=4), 1)[0]["pixels"]
+    assert (plain[:, :, :, 1:] - plain[:, :, :, :-1]).abs().mean() > 0.3

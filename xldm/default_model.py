@@ -153,25 +153,27 @@ def default_train_presets() -> dict[str, Any]:
                                     ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
         # The base's second stage, from the first one's weights (SDXL also trains its base in stages, Sec. 2.5:
         # 256^2, then 512^2, then multi-aspect at ~1024^2).  Cached VAE posteriors and text embeddings
-        # (`--set cache_dir=...`: the VAE encoder was 2/3 of a stage-one step on the CPU), so four times the
-        # samples per hour; 30 % zoomed crops so that crop offsets cut into the subject (TrainConfig.zoom_crops);
-        # min-SNR weighting, gamma 5 (Hang et al. 2023), to spend the steps on the high-noise end, where the
+        # (`--set cache_dir=...`: the VAE encoder was 2/3 of a stage-one step on the CPU), so three times the
+        # samples per hour.  Augmentation (TrainConfig.downscale, zoom_crops) so that the micro-conditioning
+        # carries information the 16x16 latent can see: 15 % of the images shrunk to 8-24 px first (the dataset's
+        # own low-res sources, 32-48 px, are finer than the latent grid), 30 % of the crops zoomed in by up to
+        # 1.6x.  Min-SNR weighting, gamma 5 (Hang et al. 2023), spends the steps on the high-noise end, where the
         # shapes are decided (the refiner covers the low-noise end).
         "default-base-ft": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
-                                       steps=24000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
-                                       min_snr_gamma=5.0, zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999,
-                                       **small),
+                                       steps=18000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
+                                       min_snr_gamma=5.0, downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3,
+                                       zoom_max=1.6, ema_decay=0.999, **small),
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
         # 64 = 8 x 2^(4 - 1) for its four levels.
         "default-refiner": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
                                        steps=1000, lr=5e-4, warmup_steps=200, timestep_max=199, text_dropout=0.1,
                                        ema_decay=0.999, init_components=("vae", "text_encoders"), **small),
         # The refiner's second stage, from the first one's weights, as default-base-ft: cached latents and text,
-        # zoomed crops (the refiner is conditioned on the crop too, SDXL Sec. 2.5).
+        # the same augmentation (the refiner is conditioned on size and crop too, SDXL Sec. 2.5).
         "default-refiner-ft": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
                                           steps=5000, lr=2e-4, warmup_steps=100, timestep_max=199,
-                                          text_dropout=0.1, zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999,
-                                          **small),
+                                          text_dropout=0.1, downscale=0.15, downscale_sides=(8, 24),
+                                          zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999, **small),
     }
 
 

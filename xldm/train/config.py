@@ -44,10 +44,13 @@ class TrainConfig:
     # On-disk cache of VAE posteriors and text embeddings (xldm.train.cache); "" = off.  When set, each sample
     # keeps one crop for the whole run (centre, or random seeded by the sample key).
     cache_dir: str = ""
-    # Zoomed crops (ours, not the paper's): this share of the random crops is taken from the image resized up to
-    # `zoom_max` x beyond the cover, so the crop can cut into the subject on any side.  SDXL's web images are
-    # cropped along their long side (Algorithm 1); square, centred data (emoji) would otherwise never show the
-    # model what a crop offset means (Sec. 2.2, Fig. 5).
+    # Augmentation (ours, xldm.train.data.Augment) for data that lacks what the micro-conditioning describes:
+    # this share of the images shrunk to a long side in `downscale_sides` first (c_size), and this share of the
+    # crops taken from the image resized up to `zoom_max` x beyond the cover, so a crop can cut into the subject
+    # on any side (c_crop).  SDXL's web data has both by nature (paper Sec. 2.2); square, centred, full-size
+    # emoji have neither.
+    downscale: float = 0.0
+    downscale_sides: tuple[int, int] = (8, 24)
     zoom_crops: float = 0.0
     zoom_max: float = 1.5
 
@@ -111,6 +114,10 @@ class TrainConfig:
               f"dropout rates must lie in [0, 1], got text {self.text_dropout}, micro {self.micro_dropout}")
         check(0.0 <= self.zoom_crops <= 1.0 and self.zoom_max >= 1.0,
               f"need 0 <= zoom_crops <= 1 and zoom_max >= 1, got {self.zoom_crops}, {self.zoom_max}")
+        check(0.0 <= self.downscale <= 1.0 and len(self.downscale_sides) == 2
+              and 1 <= self.downscale_sides[0] <= self.downscale_sides[1],
+              f"need 0 <= downscale <= 1 and 1 <= downscale_sides[0] <= downscale_sides[1], got {self.downscale}, "
+              f"{self.downscale_sides}")
         check(self.offset_noise >= 0.0, f"offset_noise must be >= 0, got {self.offset_noise}")
         check(self.min_snr_gamma >= 0.0, f"min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
         check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")

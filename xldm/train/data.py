@@ -371,15 +371,54 @@ def _crop_rng(center_crop: bool, *parts: object) -> random.Random | None:
     return None if center_crop else random.Random("xldm-crop:" + ":".join(map(str, parts)))
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Draws beyond SDXL's random crop (ours, for data that lacks what the micro-conditioning describes: the
+    emoji are square, centred and mostly full-size).  Each is off by default and drawn only when on, so runs
+    without them see exactly the crops they always did.  The conditioning still reports what was done.
+
+    * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a
+      genuinely low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
+    * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover,
+      so the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5).
+    """
+
+    downscale: float = 0.0
+    downscale_sides: tuple[int, int] = (8, 24)
+    zoom_crops: float = 0.0
+    zoom_max: float = 1.5
+
+    def __post_init__(self) -> None:
+        low, high = self.downscale_sides
+        if not (0.0 <= self.downscale <= 1.0 and 0.0 <= self.zoom_crops <= 1.0 and self.zoom_max >= 1.0
+                and 1 <= low <= high):
+            raise ValueError(f"need 0 <= downscale, zoom_crops <= 1, zoom_max >= 1 and 1 <= downscale_sides[0] <= "
+                             f"downscale_sides[1], got {self}")
+
+    @property
+    def active(self) -> bool:
+        return self.downscale > 0.0 or self.zoom_crops > 0.0
+
+    def state(self) -> dict:
+        # Only a run with augmentation records it, so states saved before it existed still resume.
+        return {"augment": [self.downscale, list(self.downscale_sides), self.zoom_crops, self.zoom_max]} \
+            if self.active else {}
+
+
 def _make_item(
     image: Image.Image, key: str, caption: str, score: float, bucket: Size, rng: random.Random | None,
-    zoom_crops: float = 0.0, zoom_max: float = 1.0,
+    augment: Augment = Augment(),
 ) -> _Item:
-    width, height = image.size
     zoom = 1.0
-    # Drawn only when zoom crops are on, so that runs without them see exactly the crops they always did.
-    if rng is not None and zoom_crops > 0.0 and rng.random() < zoom_crops:
-        zoom = rng.uniform(1.0, zoom_max)
+    if rng is not None and augment.downscale > 0.0 and rng.random() < augment.downscale:
+        side = rng.randint(*augment.downscale_sides)
+        longest = max(image.size)
+        if side < longest:
+            image = image.resize((max(1, round(image.width * side / longest)),
+                                  max(1, round(image.height * side / longest))), Image.Resampling.BOX)
+    if rng is not None and augment.zoom_crops > 0.0 and rng.random() < augment.zoom_crops:
+        zoom = rng.uniform(1.0, augment.zoom_max)
+    width, height = image.size
     placement = place_in_bucket(width, height, bucket, rng, zoom)
     pixels = np.asarray(apply_placement(image, placement), dtype=np.uint8)
     return _Item(key, caption, score, placement.original_size, placement.crop_top_left, placement.target_size, pixels)
@@ -441,8 +480,7 @@ class TrainingBatches:
         center_crop: bool = False,
         repeat: bool = True,
         fixed_crops: bool = False,
-        zoom_crops: float = 0.0,
-        zoom_max: float = 1.5,
+        augment: Augment = Augment(),
     ) -> None:
         if not isinstance(source, (FolderSource, ShardSource)):
             source = open_source(source)
@@ -457,11 +495,7 @@ class TrainingBatches:
         # fixed_crops: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache
         # needs one crop per sample, xldm.train.cache); center_crop wins over it.
         self.fixed_crops = fixed_crops
-        # zoom_crops: the share of random crops taken from the image resized up to zoom_max x further than the
-        # cover (TrainConfig.zoom_crops); never with center_crop.
-        if not 0.0 <= zoom_crops <= 1.0 or not zoom_max >= 1.0:
-            raise ValueError(f"need 0 <= zoom_crops <= 1 and zoom_max >= 1, got {zoom_crops}, {zoom_max}")
-        self.zoom_crops, self.zoom_max = zoom_crops, zoom_max
+        self.augment = augment  # random draws, so never with center_crop
         self.global_batch_size = batch_size * world_size
         self._epoch = 0
         self._skipped: dict[str, set[str]] = {}
@@ -529,7 +563,7 @@ class TrainingBatches:
             "drop_last": self.drop_last,
             "center_crop": self.center_crop,
             "buckets": [list(b) for b in self.buckets],
-            **self._zoom_state(),
+            **self.augment.state(),
             "epoch": self._epoch,
             "images_seen": self._images_seen,
             "batches": self._batches,
@@ -543,16 +577,12 @@ class TrainingBatches:
                          offset=self._offset, buffered=self._buffered_state())
         return state
 
-    def _zoom_state(self) -> dict:
-        # Only a run with zoom crops records them, so states saved before they existed still resume.
-        return {"zoom": [self.zoom_crops, self.zoom_max]} if self.zoom_crops else {}
-
     def load_state_dict(self, state: dict) -> None:
         kind = "folder" if isinstance(self.source, FolderSource) else "shards"
         expected = {"kind": kind, "fingerprint": self.source.fingerprint, "seed": self.seed,
                     "global_batch_size": self.global_batch_size, "drop_last": self.drop_last,
                     "center_crop": self.center_crop, "buckets": [list(b) for b in self.buckets],
-                    **self._zoom_state()}
+                    **self.augment.state()}
         if kind == "shards":
             expected.update(rank=self.rank, world_size=self.world_size)
         mismatched = {name: (state.get(name), value) for name, value in expected.items() if state.get(name) != value}
@@ -605,7 +635,7 @@ class TrainingBatches:
             rng = (_crop_rng(self.center_crop, self.seed, sample.key) if self.fixed_crops
                    else _crop_rng(self.center_crop, self.seed, epoch, batch_index, row))
             return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng,
-                              self.zoom_crops, self.zoom_max)
+                              self.augment)
         raise RuntimeError(
             f"no image of bucket {bucket[0]}x{bucket[1]} can be decoded (skipped: {self.stats['skipped']})"
         )
@@ -660,7 +690,7 @@ class TrainingBatches:
         bucket = choose_bucket(*image.size, self.buckets)
         rng = (_crop_rng(self.center_crop, self.seed, raw.key) if self.fixed_crops
                else _crop_rng(self.center_crop, self.seed, epoch, shard, raw.key))
-        item = _make_item(image, raw.key, caption, score, bucket, rng, self.zoom_crops, self.zoom_max)
+        item = _make_item(image, raw.key, caption, score, bucket, rng, self.augment)
         item.position = (shard, raw.offset, epoch)
         return bucket, item
 
@@ -747,6 +777,6 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
 
 
 __all__ = [
-    "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
+    "Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
     "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "to_rgb",
 ]
