@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. micro-conditioning: the same prompt, seed and noise, different size / crop conditioning
     settings = [("as trained (128, crop 0,0)", {}),
-                ("original size 32", {"original_size": (32, 32)}),
-                ("original size 64", {"original_size": (64, 64)}),
-                ("crop top-left 32,32", {"crop_top_left": (32, 32)}),
+                ("original size 12", {"original_size": (12, 12)}),
+                ("original size 24", {"original_size": (24, 24)}),
+                ("crop top-left 40,40", {"crop_top_left": (40, 40)}),
                 ("crop top-left 0,48", {"crop_top_left": (0, 48)})]
     micro_prompts = ["red apple", "grinning face", "red heart"]
     rows = [[base_only(p, seed=1, steps=args.steps, **kw).images[0] for _, kw in settings] for p in micro_prompts]

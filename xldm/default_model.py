@@ -171,7 +171,7 @@ def default_train_presets() -> dict[str, Any]:
         # The refiner's second stage, from the first one's weights, as default-base-ft: cached latents and text,
         # the same augmentation (the refiner is conditioned on size and crop too, SDXL Sec. 2.5).
         "default-refiner-ft": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
-                                          steps=5000, lr=2e-4, warmup_steps=100, timestep_max=199,
+                                          steps=3000, lr=2e-4, warmup_steps=100, timestep_max=199,
                                           text_dropout=0.1, downscale=0.15, downscale_sides=(8, 24),
                                           zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999, **small),
     }
