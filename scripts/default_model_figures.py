@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("original size 24", {"original_size": (24, 24)}),
                 ("crop top-left 40,40", {"crop_top_left": (40, 40)}),
                 ("crop top-left 0,48", {"crop_top_left": (0, 48)})]
-    micro_prompts = ["red apple", "grinning face", "red heart"]
+    micro_prompts = ["red heart", "grinning face", "cat face"]
     rows = [[base_only(p, seed=1, steps=args.steps, **kw).images[0] for _, kw in settings] for p in micro_prompts]
     labelled_grid(rows, micro_prompts, [name.split(" (")[0] for name, _ in settings], label_width=110,
                   title="micro-conditioning, base model, seed 1 (same noise in every column)").save(

@@ -38,6 +38,29 @@ def subject_colour(image: Image.Image) -> np.ndarray:
     return subject.mean(axis=0)
 
 
+def subject_mask(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).min(axis=2) < 200
+
+
+def shape_iou(mask: np.ndarray, shape: str) -> float:
+    """IoU of `mask` with a `shape` ("heart" or "ellipse") stretched to the mask's bounding box.
+
+    The heart is the classic implicit curve (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, whose bounding box is
+    x in [-1.139, 1.139], y in [-1, 1.236]: two lobes, a notch at the top, a point at the bottom.  The real
+    Twemoji and Noto red hearts score 0.965 and 0.947 against it (0.78 and 0.73 against the ellipse)."""
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    yy, xx = np.mgrid[0:mask.shape[0], 0:mask.shape[1]].astype(np.float64)
+    fx = (xx + 0.5 - left) / (right - left)  # 0..1 across the box
+    fy = (yy + 0.5 - top) / (bottom - top)  # 0..1 down it
+    if shape == "heart":
+        x, y = -1.139 + 2.278 * fx, 1.236 - 2.236 * fy
+        template = (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    else:
+        template = (2 * fx - 1) ** 2 + (2 * fy - 1) ** 2 <= 1
+    return float((mask & template).sum() / (mask | template).sum())
+
+
 def test_files_are_fp16_original_layout_and_within_budget():
     sizes = DEFAULT_MODEL_PATH.stat().st_size + DEFAULT_REFINER_PATH.stat().st_size
     assert sizes <= SIZE_BUDGET_BYTES, sizes
@@ -70,11 +93,12 @@ def test_generate_with_no_flags_writes_the_picture(tmp_path):
     assert r > g + 40 and r > b + 40, (r, g, b)
 
 
-# "blue heart" is not here: at seed 0 the shipped models draw it yellow (latent) and red (cascade); the README's
-# prompt-following table and the issue notes report this limit of the current weights.
+# "blue heart" at seed 0 is blue since the second training stage (mean subject colour (106, 167, 206) base,
+# (111, 169, 208) with the refiner); at seed 1 it is still greyish, so the README's claims stay with these seeds.
 @pytest.mark.parametrize("prompt,check", [
     ("red heart", lambda r, g, b: r > g + 40 and r > b + 40),
     ("grinning face", lambda r, g, b: r > b + 60 and g > b + 40),  # a yellow disc
+    ("blue heart", lambda r, g, b: b > r + 60 and b > g + 20),
 ])
 def test_base_and_refiner_follow_colour_words(pipes, prompt, check):
     base, refined = pipes
@@ -82,6 +106,23 @@ def test_base_and_refiner_follow_colour_words(pipes, prompt, check):
         image = pipe(prompt, seed=0, steps=20).images[0]
         assert image.size == (128, 128)
         assert check(*subject_colour(image)), (prompt, subject_colour(image))
+
+
+def test_a_red_heart_is_heart_shaped_and_a_face_is_a_disc(pipes):
+    # Shape, not only colour (issue 5: "a red heart is red and heart-shaped, a face is a yellow disc"): each
+    # image's subject is matched against a heart and an ellipse fitted to its bounding box.  Measured with the
+    # shipped base: hearts 0.89-0.93 against the heart (0.70-0.75 against the ellipse), 0.83 and up with the
+    # refiner; the face 0.95 against the ellipse.  The base shipped before the second training stage drew blobs
+    # and fails this test (seed 0: 0.64 heart vs 0.69 ellipse; seeds 1, 2: margins 0.08 and 0.05).
+    base, refined = pipes
+    for pipe in (base, refined):
+        for seed in range(3):
+            mask = subject_mask(pipe("red heart", seed=seed, steps=20).images[0])
+            heart, ellipse = shape_iou(mask, "heart"), shape_iou(mask, "ellipse")
+            assert heart >= 0.8 and heart >= ellipse + 0.1, (seed, heart, ellipse)
+        mask = subject_mask(pipe("grinning face", seed=0, steps=20).images[0])
+        heart, ellipse = shape_iou(mask, "heart"), shape_iou(mask, "ellipse")
+        assert ellipse >= 0.8 and ellipse >= heart + 0.1, (heart, ellipse)
 
 
 def test_default_cascade_generates_128px_following_colour(tmp_path):
