@@ -20,19 +20,21 @@
 # Environment: EMOJI_DATA=DIR uses an existing `xldm data emoji` build instead of building one;
 # XLDM_THREADS (default 1) sets the CPU threads, FT_THREADS (default 2) those of stages 3b and 4b; CLIP_STEPS,
 # VAE_STEPS, BASE_STEPS, BASE_FT_STEPS, REFINER_STEPS, REFINER_FT_STEPS and CHECKPOINT_EVERY override the presets
-# (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights (all randomness is
-# seeded by the presets; the shipped weights used the defaults).
+# (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights
+# (all randomness is seeded by the presets; the shipped weights used the defaults).
 #
-# Measured on the 2-core CPU machine this was developed on, XLDM_THREADS=1, with the other core busy (the cascade's
-# training, tests) the whole time:
-#   stage            batch   it/s    steps    time
-#   dataset build                               ~5 min (npm download + 13,572 images)
-#   default-clip      128    1.67     3000     ~30 min
-#   default-vae         8    0.43-0.7 2500     ~75 min
-#   default-base       16    1.4      7000     ~85 min
-#   default-refiner    16    1.6      1000     ~11 min
-#   export                                       <1 min
-#   total                                      ~3.5 h
+# Measured on the 2-core CPU machine this was developed on; stages 1-4 with XLDM_THREADS=1 and the other core busy
+# (the cascade's training, tests), 3b and 4b on both cores (cached latents after the first epoch):
+#   stage               batch   it/s     steps    time
+#   dataset build                                  ~5 min (npm download + 13,572 images)
+#   default-clip         128    1.67      3000     ~30 min
+#   default-vae            8    0.43-0.7  2500     ~75 min
+#   default-base          16    1.4       7000     ~85 min
+#   default-base-ft       16    2-6      18000     ~72 min
+#   default-refiner       16    1.6       1000     ~11 min
+#   default-refiner-ft    16    1.4-6     3000     ~19 min
+#   export                                          <1 min
+#   total                                         ~5 h
 # On a GPU (`--device cuda` is picked automatically) every stage takes minutes.
 set -euo pipefail
 
