@@ -10,6 +10,7 @@ Set XLDM_SCREENSHOT=FILE.png to also write a screenshot of that page (docs/serve
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -34,73 +35,82 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (run .ci/install-browser)")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    base = save_single_file(random_components(TINY_SDXL_BASE, seed=0), root / "base.safetensors")
-    refiner = save_single_file(random_components(TINY_SDXL_REFINER, seed=1), root / "refiner.safetensors")
-    running = RunningServer(create_app(ServerConfig(models=[base, refiner], refiner=refiner.name,
-                                                    dtype=torch.float32, device="cpu")))
-    yield running
-    running.stop()
-
-
-def test_page_generates_shows_progress_and_downloads(server, tmp_path):
+@contextlib.contextmanager
+def browser_page(tmp_path):
+    """A page in headless Chromium with a throw-away profile, 1100 x 760, downloads allowed."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
             accept_downloads=True, viewport={"width": 1100, "height": 760})
         try:
-            page = context.new_page()
-            external = []
-            local = (server.url, "data:", "blob:")
-            page.on("request", lambda r: None if r.url.startswith(local) else external.append(r.url))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.querySelectorAll('#size option').length > 0")
-            assert page.locator("#size").input_value() == "64x64"  # the model's native size, from the buckets
-            assert page.locator("#sampler option").count() == 8
-            assert page.locator("#refiner").is_enabled()
-
-            page.fill("#prompt", "a lighthouse at dusk")
-            page.fill("#negative", "blurry")
-            page.fill("#steps", "40")
-            page.fill("#cfg", "5")
-            page.fill("#seed", "1234")
-            page.select_option("#sampler", "Euler a")
-            page.check("#refiner")
-            page.click("#advanced summary")
-            page.fill("#orig-w", "128")
-            page.fill("#orig-h", "128")
-            page.click("#generate")
-
-            # progress: the bar moves and a preview appears while the job runs
-            page.wait_for_function("parseFloat(document.getElementById('bar-fill').style.width) > 0"
-                                   " && document.getElementById('progress-text').textContent.includes('%')",
-                                   timeout=30000)
-            page.wait_for_selector("#preview[src^='data:image/png']", state="visible", timeout=30000)
-            assert page.locator("#interrupt").is_enabled()
-
-            figure = page.locator("figure.result").first
-            figure.wait_for(timeout=60000)
-            params = figure.locator("pre.params").text_content()
-            assert params.startswith("a lighthouse at dusk") and "Seed: 1234" in params and "Steps: 40" in params
-            assert "Sampler: Euler a" in params and "Negative prompt: blurry" in params
-            assert "Refiner: refiner.safetensors" in params and "Refiner switch at: 0.8" in params
-            assert page.evaluate("document.querySelector('figure.result img').naturalWidth") == 64
-            assert page.locator("#progress-text").text_content().startswith("done")
-
-            with page.expect_download() as download_info:
-                figure.locator("a.download").click()
-            download = download_info.value
-            assert download.suggested_filename == "xldm-1234.png"
-            saved = tmp_path / download.suggested_filename
-            download.save_as(saved)
-            page.wait_for_selector("#generate:enabled")  # ready for the next one
-            assert page.locator("#interrupt").is_disabled() and page.locator("#preview").is_hidden()
-            assert external == []  # the page loaded nothing from anywhere else
+            yield context.new_page()
         finally:
             context.close()
+
+
+def cpu_server(models, refiner):
+    return RunningServer(create_app(ServerConfig(models=models, refiner=refiner, dtype=torch.float32, device="cpu")))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base = save_single_file(random_components(TINY_SDXL_BASE, seed=0), root / "base.safetensors")
+    refiner = save_single_file(random_components(TINY_SDXL_REFINER, seed=1), root / "refiner.safetensors")
+    running = cpu_server([base, refiner], refiner.name)
+    yield running
+    running.stop()
+
+
+def test_page_generates_shows_progress_and_downloads(server, tmp_path):
+    with browser_page(tmp_path) as page:
+        external = []
+        local = (server.url, "data:", "blob:")
+        page.on("request", lambda r: None if r.url.startswith(local) else external.append(r.url))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#size option').length > 0")
+        assert page.locator("#size").input_value() == "64x64"  # the model's native size, from the buckets
+        assert page.locator("#sampler option").count() == 8
+        assert page.locator("#refiner").is_enabled()
+
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.fill("#negative", "blurry")
+        page.fill("#steps", "40")
+        page.fill("#cfg", "5")
+        page.fill("#seed", "1234")
+        page.select_option("#sampler", "Euler a")
+        page.check("#refiner")
+        page.click("#advanced summary")
+        page.fill("#orig-w", "128")
+        page.fill("#orig-h", "128")
+        page.click("#generate")
+
+        # progress: the bar moves and a preview appears while the job runs
+        page.wait_for_function("parseFloat(document.getElementById('bar-fill').style.width) > 0"
+                               " && document.getElementById('progress-text').textContent.includes('%')",
+                               timeout=30000)
+        page.wait_for_selector("#preview[src^='data:image/png']", state="visible", timeout=30000)
+        assert page.locator("#interrupt").is_enabled()
+
+        figure = page.locator("figure.result").first
+        figure.wait_for(timeout=60000)
+        params = figure.locator("pre.params").text_content()
+        assert params.startswith("a lighthouse at dusk") and "Seed: 1234" in params and "Steps: 40" in params
+        assert "Sampler: Euler a" in params and "Negative prompt: blurry" in params
+        assert "Refiner: refiner.safetensors" in params and "Refiner switch at: 0.8" in params
+        assert page.evaluate("document.querySelector('figure.result img').naturalWidth") == 64
+        assert page.locator("#progress-text").text_content().startswith("done")
+
+        with page.expect_download() as download_info:
+            figure.locator("a.download").click()
+        download = download_info.value
+        assert download.suggested_filename == "xldm-1234.png"
+        saved = tmp_path / download.suggested_filename
+        download.save_as(saved)
+        page.wait_for_selector("#generate:enabled")  # ready for the next one
+        assert page.locator("#interrupt").is_disabled() and page.locator("#preview").is_hidden()
+        assert external == []  # the page loaded nothing from anywhere else
 
     downloaded = np.asarray(Image.open(saved).convert("RGB"))
     assert Image.open(saved).info["parameters"] == params  # the file carries its parameters
@@ -118,42 +128,32 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
 def bundled_server():
     from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
-    running = RunningServer(create_app(ServerConfig(models=[DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH],
-                                                    refiner=DEFAULT_REFINER_PATH.name, dtype=torch.float32,
-                                                    device="cpu")))
+    running = cpu_server([DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH], DEFAULT_REFINER_PATH.name)
     yield running
     running.stop()
 
 
 def test_page_with_the_bundled_model_draws_a_red_heart(bundled_server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
-            viewport={"width": 1100, "height": 760})
-        try:
-            page = context.new_page()
-            page.goto(bundled_server.url + "/")
-            page.wait_for_function("document.querySelectorAll('#size option').length > 0")
-            assert page.locator("#size").input_value() == "128x128"  # the bundled model's native size
-            for prompt, seed in (("grinning face", 1), ("red heart", 3)):
-                count = page.locator("figure.result").count()
-                page.fill("#prompt", prompt)
-                page.fill("#seed", str(seed))
-                page.click("#generate")
-                page.wait_for_function(f"document.querySelectorAll('figure.result').length > {count}",
-                                       timeout=60000)
-                page.wait_for_selector("#generate:enabled")
-            figure = page.locator("figure.result").first  # the newest first
-            assert figure.locator("pre.params").text_content().startswith("red heart")
-            png = bytes(page.evaluate("async () => { const r = await fetch(document.querySelector("
-                                      "'figure.result img').src); return Array.from(new Uint8Array("
-                                      "await r.arrayBuffer())); }"))
-            if os.environ.get("XLDM_SCREENSHOT"):
-                page.evaluate("window.scrollTo(0, 0)")
-                page.screenshot(path=os.environ["XLDM_SCREENSHOT"], full_page=True)
-        finally:
-            context.close()
+    with browser_page(tmp_path) as page:
+        page.goto(bundled_server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#size option').length > 0")
+        assert page.locator("#size").input_value() == "128x128"  # the bundled model's native size
+        for prompt, seed in (("grinning face", 1), ("red heart", 3)):
+            count = page.locator("figure.result").count()
+            page.fill("#prompt", prompt)
+            page.fill("#seed", str(seed))
+            page.click("#generate")
+            page.wait_for_function(f"document.querySelectorAll('figure.result').length > {count}",
+                                   timeout=60000)
+            page.wait_for_selector("#generate:enabled")
+        figure = page.locator("figure.result").first  # the newest first
+        assert figure.locator("pre.params").text_content().startswith("red heart")
+        png = bytes(page.evaluate("async () => { const r = await fetch(document.querySelector("
+                                  "'figure.result img').src); return Array.from(new Uint8Array("
+                                  "await r.arrayBuffer())); }"))
+        if os.environ.get("XLDM_SCREENSHOT"):
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=os.environ["XLDM_SCREENSHOT"], full_page=True)
     # The image the page shows is a red heart's colours: red well above green and blue where it is not white.
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     ink = rgb[rgb.min(axis=2) < 200]
