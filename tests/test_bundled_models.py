@@ -30,16 +30,17 @@ def pipes():
     return xldm.load(DEFAULT_MODEL_PATH), xldm.load(DEFAULT_MODEL_PATH, refiner=DEFAULT_REFINER_PATH)
 
 
-def subject_colour(image: Image.Image) -> np.ndarray:
-    """Mean RGB of the pixels that are not background (the emoji sit on white)."""
-    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.float64)
-    subject = pixels[pixels.min(axis=1) < 200]
-    assert len(subject) > 0.05 * len(pixels), "almost blank image"
-    return subject.mean(axis=0)
-
-
 def subject_mask(image: Image.Image) -> np.ndarray:
+    """The pixels that are not background (the emoji sit on white)."""
     return np.asarray(image.convert("RGB")).min(axis=2) < 200
+
+
+def subject_colour(image: Image.Image) -> np.ndarray:
+    """Mean RGB of the subject's pixels."""
+    pixels = np.asarray(image.convert("RGB")).astype(np.float64)
+    mask = subject_mask(image)
+    assert mask.sum() > 0.05 * mask.size, "almost blank image"
+    return pixels[mask].mean(axis=0)
 
 
 def shape_iou(mask: np.ndarray, shape: str) -> float:

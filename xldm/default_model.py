@@ -131,6 +131,8 @@ def default_train_presets() -> dict[str, Any]:
 
     small = dict(weight_decay=0.0, lr_schedule="cosine", min_lr_ratio=0.1, keep_checkpoints=2,
                  checkpoint_every=250)
+    # The second stages' augmentation (see default-base-ft).
+    augment = dict(downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3, zoom_max=1.6)
     return {
         # Contrastive pre-training of both text encoders against a throw-away image tower (Radford et al. 2021):
         # 64 px images (the tower only needs colours, shapes, layout); CLIP's weight decay 0.2 (Radford et al.,
@@ -161,8 +163,7 @@ def default_train_presets() -> dict[str, Any]:
         # shapes are decided (the refiner covers the low-noise end).
         "default-base-ft": TrainConfig(model="default-base", resolution=128, bucket_step=32, batch_size=16,
                                        steps=18000, lr=2e-4, warmup_steps=100, offset_noise=0.05, text_dropout=0.1,
-                                       min_snr_gamma=5.0, downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3,
-                                       zoom_max=1.6, ema_decay=0.999, **small),
+                                       min_snr_gamma=5.0, ema_decay=0.999, **augment, **small),
         # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
         # 64 = 8 x 2^(4 - 1) for its four levels.
         "default-refiner": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
@@ -172,8 +173,7 @@ def default_train_presets() -> dict[str, Any]:
         # the same augmentation (the refiner is conditioned on size and crop too, SDXL Sec. 2.5).
         "default-refiner-ft": TrainConfig(model="default-refiner", resolution=128, bucket_step=64, batch_size=16,
                                           steps=3000, lr=2e-4, warmup_steps=100, timestep_max=199,
-                                          text_dropout=0.1, downscale=0.15, downscale_sides=(8, 24),
-                                          zoom_crops=0.3, zoom_max=1.6, ema_decay=0.999, **small),
+                                          text_dropout=0.1, ema_decay=0.999, **augment, **small),
     }
 
 

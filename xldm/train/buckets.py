@@ -81,10 +81,11 @@ def place_in_bucket(width: int, height: int, bucket: Size, rng: random.Random | 
     bucket_width, bucket_height = bucket
     if bucket_width <= 0 or bucket_height <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_width}x{bucket_height}")
-    # Exact arithmetic: the side that sets the scale lands exactly on the bucket, the other is rounded and then
-    # clamped, so both sides are >= the bucket's (the resize covers it) and the excess lies on one side only.
     if not zoom >= 1.0:
         raise ValueError(f"zoom must be >= 1, got {zoom}")
+    # Exact arithmetic: the side that sets the scale lands exactly on the bucket (times the zoom), the other is
+    # rounded and then clamped, so both sides are >= the bucket's (the resize covers it); without zoom the excess
+    # lies on one side only.
     scale = max(Fraction(bucket_width, width), Fraction(bucket_height, height)) * Fraction(zoom)
     resized_width = max(bucket_width, _round_half_up(width * scale))
     resized_height = max(bucket_height, _round_half_up(height * scale))

@@ -254,4 +254,5 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "checkpoints_dir",
-           "checkpoint_name", "CheckpointLoadError", "optimizer_state", "load_optimizer_state", "rng_state", "restore_rng_state"]
+           "checkpoint_name", "CheckpointLoadError", "optimizer_state", "load_optimizer_state", "rng_state",
+           "restore_rng_state"]

@@ -112,12 +112,11 @@ class TrainConfig:
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.micro_dropout <= 1.0,
               f"dropout rates must lie in [0, 1], got text {self.text_dropout}, micro {self.micro_dropout}")
-        check(0.0 <= self.zoom_crops <= 1.0 and self.zoom_max >= 1.0,
-              f"need 0 <= zoom_crops <= 1 and zoom_max >= 1, got {self.zoom_crops}, {self.zoom_max}")
-        check(0.0 <= self.downscale <= 1.0 and len(self.downscale_sides) == 2
-              and 1 <= self.downscale_sides[0] <= self.downscale_sides[1],
-              f"need 0 <= downscale <= 1 and 1 <= downscale_sides[0] <= downscale_sides[1], got {self.downscale}, "
-              f"{self.downscale_sides}")
+        check(len(self.downscale_sides) == 2, f"downscale_sides must be (min, max), got {self.downscale_sides}")
+        try:
+            self.augment  # the bounds are Augment's own
+        except ValueError as e:
+            check(False, str(e))
         check(self.offset_noise >= 0.0, f"offset_noise must be >= 0, got {self.offset_noise}")
         check(self.min_snr_gamma >= 0.0, f"min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
         check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
@@ -157,6 +156,13 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(names)}")
         fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**fixed)
+
+    @property
+    def augment(self):
+        """The data augmentation these fields describe (xldm.train.data.Augment)."""
+        from xldm.train.data import Augment
+
+        return Augment(self.downscale, tuple(self.downscale_sides), self.zoom_crops, self.zoom_max)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)

@@ -434,7 +434,7 @@ class TrainResult:
 
 def make_batches(config: TrainConfig, procs: Processes):
     from xldm.train.buckets import training_buckets
-    from xldm.train.data import Augment, TrainingBatches, open_source
+    from xldm.train.data import TrainingBatches, open_source
 
     if not config.data:
         raise ValueError("no training data: set --data DIR_OR_SHARDS (or `data` in the TOML file)")
@@ -442,8 +442,7 @@ def make_batches(config: TrainConfig, procs: Processes):
                            batch_size=config.batch_size, seed=config.seed, rank=procs.rank,
                            world_size=procs.world_size, center_crop=config.center_crop,
                            fixed_crops=bool(config.cache_dir),  # one crop per sample for the cache
-                           augment=Augment(config.downscale, tuple(config.downscale_sides), config.zoom_crops,
-                                           config.zoom_max))
+                           augment=config.augment)
 
 
 def _seed_everything(seed: int) -> None:
