@@ -541,6 +541,9 @@ def test_zoom_crops_cut_into_square_images_and_resume_exactly(tmp_path: Path) ->
         resumed.load_state_dict(unzoomed.state_dict())
     with pytest.raises(ValueError, match="zoom_crops <= 1"):
         Augment(zoom_crops=1.5)
+    # Centre crops draw nothing, so augmentation with them would be silently lost: refused instead.
+    with pytest.raises(ValueError, match="needs random crops"):
+        TrainingBatches(str(root), buckets=BUCKETS, batch_size=2, seed=3, center_crop=True, augment=ZOOM)
 
 
 def test_downscaled_sources_are_small_originals_upsampled_into_the_bucket(tmp_path: Path) -> None:

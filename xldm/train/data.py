@@ -495,7 +495,9 @@ class TrainingBatches:
         # fixed_crops: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache
         # needs one crop per sample, xldm.train.cache); center_crop wins over it.
         self.fixed_crops = fixed_crops
-        self.augment = augment  # random draws, so never with center_crop
+        if center_crop and augment.active:
+            raise ValueError(f"{augment} draws at random; it needs random crops (center_crop=False)")
+        self.augment = augment
         self.global_batch_size = batch_size * world_size
         self._epoch = 0
         self._skipped: dict[str, set[str]] = {}
