@@ -17,7 +17,6 @@ AUTOMATIC1111 webui); `weighting=True` reads the webui's "(word:1.2)" syntax (`x
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
