@@ -146,10 +146,10 @@ class CascadeStageConfig:
         return replace(self, resolution=tuple(resolution), scale=self.scale if scale is None else scale)
 
 
-def _unet(in_channels: int, *, model_channels: int, channel_mult: tuple[int, ...], transformer_depth: tuple[int, ...],
+def _unet(in_channels: int, *, block_out_channels: tuple[int, ...], transformer_depth: tuple[int, ...],
           num_res_blocks: int, head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
-    return UNetConfig(in_channels=in_channels, out_channels=3, model_channels=model_channels,
-                      channel_mult=channel_mult, num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
+    return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=block_out_channels,
+                      num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
                       transformer_depth_middle=1, num_head_channels=head_channels, context_dim=context_dim,
                       adm_in_channels=adm, norm_groups=groups)
 
@@ -162,13 +162,13 @@ _TINY_BASE_MICRO = ("original_size", "crop_top_left")
 TINY_CASCADE_BASE = CascadeStageConfig(
     kind="base", resolution=(16, 16), text_encoders=(TINY_CASCADE_TEXT_ENCODER,),
     micro_conditioning=_TINY_BASE_MICRO, micro_conditioning_dim=8,
-    unet=_unet(3, model_channels=16, channel_mult=(1, 2), transformer_depth=(0, 1), num_res_blocks=1,
+    unet=_unet(3, block_out_channels=(16, 32), transformer_depth=(0, 1), num_res_blocks=1,
                head_channels=16, context_dim=16, adm=16 + 4 * 8, groups=8),
 )
 TINY_CASCADE_SR = CascadeStageConfig(
     kind="sr", resolution=(32, 32), scale=2, text_encoders=(TINY_CASCADE_TEXT_ENCODER,),
     micro_conditioning=("aug_level",), micro_conditioning_dim=8,
-    unet=_unet(6, model_channels=16, channel_mult=(1, 2), transformer_depth=(0, 0), num_res_blocks=1,
+    unet=_unet(6, block_out_channels=(16, 32), transformer_depth=(0, 0), num_res_blocks=1,
                head_channels=16, context_dim=16, adm=16 + 8, groups=8),
 )
 TINY_CASCADE_SR2 = TINY_CASCADE_SR.at_resolution((64, 64))
@@ -185,19 +185,19 @@ _POOLED = CASCADE_TEXT_ENCODER.projection_dim
 CASCADE_BASE_32 = CascadeStageConfig(
     kind="base", resolution=(32, 32), text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=32,
-    unet=_unet(3, model_channels=48, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), num_res_blocks=1,
+    unet=_unet(3, block_out_channels=(48, 96, 96), transformer_depth=(0, 1, 1), num_res_blocks=1,
                head_channels=32, context_dim=_CTX, adm=_POOLED + 4 * 32, groups=16),
 )
 CASCADE_SR_64 = CascadeStageConfig(
     kind="sr", resolution=(64, 64), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("aug_level",), micro_conditioning_dim=32,
-    unet=_unet(6, model_channels=24, channel_mult=(1, 2, 2), transformer_depth=(0, 0, 1), num_res_blocks=1,
+    unet=_unet(6, block_out_channels=(24, 48, 48), transformer_depth=(0, 0, 1), num_res_blocks=1,
                head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
 )
 CASCADE_SR_128 = CascadeStageConfig(
     kind="sr", resolution=(128, 128), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
     micro_conditioning=("aug_level",), micro_conditioning_dim=32,
-    unet=_unet(6, model_channels=24, channel_mult=(1, 1, 2, 2), transformer_depth=(0, 0, 0, 1), num_res_blocks=1,
+    unet=_unet(6, block_out_channels=(24, 24, 48, 48), transformer_depth=(0, 0, 0, 1), num_res_blocks=1,
                head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
 )
 

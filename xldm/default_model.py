@@ -65,7 +65,7 @@ DEFAULT_VAE = VAEConfig(ch=24, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_grou
 DEFAULT_BASE = ModelConfig(
     kind="sdxl-base",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
+        block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
         transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
         context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width,
         adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * MICRO_CONDITIONING_DIM,
@@ -80,7 +80,7 @@ DEFAULT_BASE = ModelConfig(
 DEFAULT_REFINER = ModelConfig(
     kind="sdxl-refiner",
     unet=UNetConfig(
-        model_channels=24, channel_mult=(1, 2, 2, 2), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
+        block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
         transformer_depth_middle=1, num_head_channels=24, norm_groups=8,
         context_dim=DEFAULT_BIGG.width,
         adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * MICRO_CONDITIONING_DIM,
