@@ -148,7 +148,43 @@ def test_unsupported_diffusers_settings_raise() -> None:
 
 
 def test_depth_diffusers_cannot_express() -> None:
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 2), transformer_depth_middle=3,
+    cfg = UNetConfig(block_out_channels=(32, 64), transformer_depth=(1, 2), transformer_depth_middle=3,
                      num_head_channels=32, context_dim=16, adm_in_channels=0)
     with pytest.raises(ValueError, match="transformer_depth\\[-1\\]=2 .*transformer_depth_middle=3"):
         unet_diffusers_config(cfg)
+
+
+# Widths that are not multiples of the first; depths (0, 1, 2); both projections and head layouts that the
+# official checkpoints use (64-wide heads with Linear proj_in; 8 heads with conv proj_in and context 768).
+DETECTABLE = {
+    "64-wide-heads": UNetConfig(block_out_channels=(128, 192, 320), transformer_depth=(0, 1, 2),
+                                transformer_depth_middle=2, num_head_channels=64, context_dim=96, adm_in_channels=40),
+    "8-heads-conv": UNetConfig(block_out_channels=(64, 96, 160), num_res_blocks=1, transformer_depth=(1, 2, 0),
+                               transformer_depth_middle=1, num_head_channels=-1, num_heads=8, context_dim=768,
+                               adm_in_channels=0, use_linear_in_transformer=False),
+}
+
+
+@pytest.mark.parametrize("name", list(DETECTABLE))
+def test_detect_widths_per_level_from_empty_tensors(name: str) -> None:
+    """Detection reads only shapes: a state dict of `torch.empty` tensors (diffusers' own model's shapes,
+    mapped to the original layout) gives back the config, widths per level included."""
+    from xldm.weights.detect import detect_unet
+
+    cfg = DETECTABLE[name]
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in UNet2DConditionModel(**unet_diffusers_config(cfg)).state_dict().items()}
+    empty = unet_diffusers_to_original({k: torch.empty(s) for k, s in shapes.items()}, cfg)
+    assert detect_unet({k: tuple(v.shape) for k, v in empty.items()}) == cfg
+
+
+def test_detect_refuses_a_head_layout_shapes_cannot_tell() -> None:
+    from xldm.errors import UnknownModelError
+    from xldm.weights.detect import detect_unet
+
+    cfg = UNetConfig(block_out_channels=(32, 48, 80), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
+                     num_head_channels=16, context_dim=80, adm_in_channels=0, norm_groups=8)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    with pytest.raises(UnknownModelError, match="48 does not split into 0 heads of 64.*cannot be read from shapes"):
+        detect_unet(shapes)

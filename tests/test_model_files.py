@@ -265,8 +265,8 @@ def test_cli_info_preset_full_size(capsys):
 
 def test_replace_config_is_frozen():
     with pytest.raises(Exception):
-        SDXL_BASE.unet.model_channels = 1  # type: ignore[misc]
-    assert replace(SDXL_BASE.unet, model_channels=320) == SDXL_BASE.unet
+        SDXL_BASE.unet.block_out_channels = (1,)  # type: ignore[misc]
+    assert replace(SDXL_BASE.unet, block_out_channels=(320, 640, 1280)) == SDXL_BASE.unet
 
 
 def test_open_checkpoint_header_only_shapes(tmp_path):

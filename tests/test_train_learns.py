@@ -110,7 +110,7 @@ def _train_and_sample(tmp: Path, *, per_combo: int, vae_steps: int, unet_steps: 
                   keep_checkpoints=1)
     # A quarter of the tiny UNet's parameters: faster steps on a CPU.
     config = dataclasses.replace(TINY_SDXL_BASE, unet=dataclasses.replace(
-        TINY_SDXL_BASE.unet, model_channels=16, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1),
+        TINY_SDXL_BASE.unet, block_out_channels=(16, 32, 32), transformer_depth=(0, 1, 1),
         transformer_depth_middle=1, num_head_channels=16, norm_groups=8))
     torch.manual_seed(0)
     start = Components(config=config, unet=UNet(config.unet), vae=AutoencoderKL(config.vae),

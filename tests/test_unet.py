@@ -227,3 +227,92 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert plain.keys() == ckpt.keys()
     worst = max((plain[n] - ckpt[n]).abs().max().item() for n in plain)
     assert worst <= 1e-6, f"gradient max abs diff {worst}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# any UNet of the family: a diffusers UNet with unusual settings, loaded from a folder and a single file
+
+# Widths that are not multiples of the first, no attention / depth 1 / depth 2 per level (mid block: 2).
+UNUSUAL = dict(
+    block_out_channels=(32, 48, 80), layers_per_block=2, norm_num_groups=8, transformer_layers_per_block=(1, 1, 2),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+UNUSUAL_CASES = {
+    # SDXL-like: "text_time" vector conditioning, linear proj_in, 16-wide heads (2, 3, 5 heads per level)
+    "text-time": (TINY_SDXL_BASE, dict(
+        UNUSUAL, attention_head_dim=(2, 3, 5), use_linear_projection=True, cross_attention_dim=80,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96)),
+    # SD 1.x-like: no vector conditioning, conv proj_in, a fixed count of 2 heads (widths 16, 24, 40)
+    "plain": (TINY_SD15, dict(UNUSUAL, attention_head_dim=2, use_linear_projection=False, cross_attention_dim=32,
+                              layers_per_block=1)),
+}
+
+
+def _unusual_folder(tmp_path, case: str):
+    """A diffusers folder whose unet/ is diffusers' own `save_pretrained` of a random UNet."""
+    import dataclasses
+
+    from tiny_models import random_components
+    from xldm.weights.save import save_diffusers
+
+    preset, kwargs = UNUSUAL_CASES[case]
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(**kwargs).eval()
+    _randomise_constants(reference, torch.Generator().manual_seed(0))
+    others = dataclasses.replace(random_components(preset), unet=None)
+    folder = save_diffusers(others, tmp_path / "model")
+    reference.save_pretrained(folder / "unet")
+    return preset, reference, folder
+
+
+@pytest.mark.parametrize("case", list(UNUSUAL_CASES))
+def test_any_family_unet_loads_from_folder_and_single_file(tmp_path, case: str) -> None:
+    from xldm.weights.load import load_model
+    from xldm.weights.save import save_single_file
+
+    preset, reference, folder = _unusual_folder(tmp_path, case)
+    from_folder = load_model(folder)
+    unet_cfg = from_folder.config.unet
+    assert unet_cfg.block_out_channels == (32, 48, 80) and unet_cfg.transformer_depth == (0, 1, 2)
+    assert unet_cfg.transformer_depth_middle == 2 and unet_cfg.time_embed_dim == 128
+    assert [unet_cfg.heads_for(w) for w in (48, 80)] == ([(3, 16), (5, 16)] if case == "text-time" else
+                                                         [(2, 24), (2, 40)])
+    from_file = load_model(save_single_file(from_folder, tmp_path / "model.safetensors"))
+    assert from_file.config == from_folder.config
+    x, t, context, y, kwargs = _inputs(dataclasses_replace(preset, unet_cfg), 10, 13)  # 10x13 -> 5x7 -> 3x4
+    with torch.no_grad():
+        expected = reference(x, t, context, **kwargs).sample
+        assert expected.abs().max().item() > 0.1
+        for loaded in (from_folder, from_file):
+            diff = (loaded.unet(x, t, context, y) - expected).abs().max().item()
+            assert diff <= PARITY_TOL, f"{case}: max abs diff {diff}"
+
+
+def dataclasses_replace(preset: ModelConfig, unet_cfg) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(preset, unet=unet_cfg)
+
+
+def test_config_claiming_other_widths_is_refused_before_reading(tmp_path, monkeypatch) -> None:
+    """A unet/config.json whose widths disagree with the weights' shapes is refused from the header alone."""
+    import json
+
+    from xldm.errors import CheckpointError, StateDictMismatchError
+    from xldm.weights import load as load_module
+
+    _, _, folder = _unusual_folder(tmp_path, "text-time")
+    config_path = folder / "unet" / "config.json"
+    honest = json.loads(config_path.read_text())
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(load_module, "_float_dtype", no_reads)
+    config_path.write_text(json.dumps(dict(honest, block_out_channels=[3200, 4800, 8000])))
+    with pytest.raises(StateDictMismatchError, match=r"input_blocks\.0\.0\.weight expected \(3200, 4, 3, 3\), found \(32, 4"):
+        load_module.load_model(folder, components=["unet"])
+    config_path.write_text(json.dumps(dict(honest, layers_per_block=10**9)))
+    with pytest.raises(CheckpointError, match="the config describes a network of at least"):
+        load_module.load_model(folder, components=["unet"])

@@ -19,15 +19,16 @@ PREDICTION_TYPES = ("epsilon", "v", "x0")
 class UNetConfig:
     """The SD/SDXL UNet (sgm `UNetModel`).
 
-    `transformer_depth[i]` is the number of transformer blocks in each attention layer of level i
-    (level i has downsample factor 2**i); 0 means that level has no attention at all.
+    `block_out_channels[i]` is the width of level i (level i has downsample factor 2**i), as diffusers
+    `UNet2DConditionModel.block_out_channels`; any widths divisible by `norm_groups`.
+    `transformer_depth[i]` is the number of transformer blocks in each attention layer of level i;
+    0 means that level has no attention at all.
     SDXL base: (0, 2, 10), "heterogeneous transformer depth, no 8x level" (SDXL paper, Sec. 2.1).
     """
 
     in_channels: int = 4
     out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4)
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
     num_res_blocks: int = 2
     transformer_depth: tuple[int, ...] = (0, 2, 10)
     transformer_depth_middle: int = 10
@@ -42,27 +43,38 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        if len(self.transformer_depth) != len(self.channel_mult):
+        if len(self.transformer_depth) != len(self.block_out_channels):
             raise ValueError(
                 f"transformer_depth has {len(self.transformer_depth)} entries, expected one per level "
-                f"({len(self.channel_mult)})"
+                f"({len(self.block_out_channels)})"
             )
         if (self.num_heads > 0) == (self.num_head_channels > 0):
             raise ValueError("set exactly one of num_heads and num_head_channels to a positive value")
 
     @property
     def num_levels(self) -> int:
-        return len(self.channel_mult)
+        return len(self.block_out_channels)
 
     @property
     def time_embed_dim(self) -> int:
-        return self.model_channels * 4
+        """4x the first width (sgm `time_embed_dim = model_channels * 4`, diffusers `block_out_channels[0] * 4`)."""
+        return self.block_out_channels[0] * 4
+
+    @property
+    def attention_widths(self) -> tuple[int, ...]:
+        """Widths of the levels with attention, and of the mid block (the last width), which always has it."""
+        return tuple(w for w, d in zip(self.block_out_channels, self.transformer_depth) if d > 0) + (
+            self.block_out_channels[-1],)
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of an attention layer with `channels` channels."""
         if self.num_heads > 0:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.num_head_channels, self.num_head_channels
+            heads, head_dim = self.num_heads, channels // self.num_heads
+        else:
+            heads, head_dim = channels // self.num_head_channels, self.num_head_channels
+        if heads < 1 or heads * head_dim != channels:
+            raise ValueError(f"channel width {channels} does not split into {heads} heads of {head_dim}")
+        return heads, head_dim
 
 
 @dataclass(frozen=True)
@@ -219,7 +231,7 @@ SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 SDXL_BASE = ModelConfig(
     kind="sdxl-base",
     unet=UNetConfig(
-        model_channels=320, channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+        block_out_channels=(320, 640, 1280), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
         num_head_channels=64, context_dim=2048, adm_in_channels=2816,
     ),
     vae=SDXL_VAE,
@@ -230,7 +242,7 @@ SDXL_BASE = ModelConfig(
 SDXL_REFINER = ModelConfig(
     kind="sdxl-refiner",
     unet=UNetConfig(
-        model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
+        block_out_channels=(384, 768, 1536, 1536), transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
         num_head_channels=64, context_dim=1280, adm_in_channels=2560,
     ),
     vae=SDXL_VAE,
@@ -242,7 +254,7 @@ SDXL_REFINER = ModelConfig(
 SD15 = ModelConfig(
     kind="sd15",
     unet=UNetConfig(
-        model_channels=320, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
+        block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
         num_head_channels=-1, num_heads=8, context_dim=768, adm_in_channels=0, use_linear_in_transformer=False,
     ),
     vae=VAEConfig(scaling_factor=0.18215),
@@ -254,7 +266,7 @@ SD15 = ModelConfig(
 SD21 = ModelConfig(
     kind="sd21",
     unet=UNetConfig(
-        model_channels=320, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
+        block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
         num_head_channels=64, context_dim=1024, adm_in_channels=0, use_linear_in_transformer=True,
     ),
     vae=VAEConfig(scaling_factor=0.18215),
@@ -273,7 +285,7 @@ TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scaling_fact
 TINY_SDXL_BASE = ModelConfig(
     kind="sdxl-base",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 4), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
+        block_out_channels=(32, 64, 128), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
         num_head_channels=32, context_dim=32 + 48, adm_in_channels=48 + 6 * 8,
     ),
     vae=TINY_VAE,
@@ -286,7 +298,7 @@ TINY_SDXL_BASE = ModelConfig(
 TINY_SDXL_REFINER = ModelConfig(
     kind="sdxl-refiner",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2,
+        block_out_channels=(32, 64, 128, 128), transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2,
         num_head_channels=32, context_dim=48, adm_in_channels=48 + 5 * 8,
     ),
     vae=TINY_VAE,
@@ -299,7 +311,7 @@ TINY_SDXL_REFINER = ModelConfig(
 TINY_SD15 = ModelConfig(
     kind="sd15",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
+        block_out_channels=(32, 64, 64, 64), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
         num_head_channels=-1, num_heads=2, context_dim=32, adm_in_channels=0, use_linear_in_transformer=False,
     ),
     vae=replace(TINY_VAE, scaling_factor=0.18215),
@@ -323,7 +335,7 @@ DEFAULT_VAE = VAEConfig(ch=24, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_grou
 DEFAULT_BASE = ModelConfig(
     kind="sdxl-base",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
+        block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
         transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
         context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * 32,
     ),
@@ -333,7 +345,7 @@ DEFAULT_BASE = ModelConfig(
 DEFAULT_REFINER = ModelConfig(
     kind="sdxl-refiner",
     unet=UNetConfig(
-        model_channels=24, channel_mult=(1, 2, 2, 2), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
+        block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
         transformer_depth_middle=1, num_head_channels=24, norm_groups=8,
         context_dim=DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * 32,
     ),
@@ -343,11 +355,10 @@ DEFAULT_REFINER = ModelConfig(
 
 
 # --- pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen") ------------------------------------
-def _stage_unet(in_channels: int, *, model_channels: int, channel_mult: tuple[int, ...],
-                transformer_depth: tuple[int, ...], head_channels: int, context_dim: int, adm: int,
-                groups: int) -> UNetConfig:
-    return UNetConfig(in_channels=in_channels, out_channels=3, model_channels=model_channels,
-                      channel_mult=channel_mult, num_res_blocks=1, transformer_depth=transformer_depth,
+def _stage_unet(in_channels: int, *, widths: tuple[int, ...], transformer_depth: tuple[int, ...],
+                head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
+    return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=widths, num_res_blocks=1,
+                      transformer_depth=transformer_depth,
                       transformer_depth_middle=1, num_head_channels=head_channels, context_dim=context_dim,
                       adm_in_channels=adm, norm_groups=groups)
 
@@ -358,13 +369,13 @@ TINY_CASCADE_TEXT_ENCODER = TextEncoderConfig(width=16, layers=2, heads=2, inter
 TINY_CASCADE_BASE = ModelConfig(
     kind="cascade-base", vae=None, text_encoders=(TINY_CASCADE_TEXT_ENCODER,), prediction_type="v",
     micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=8, default_size=16,
-    unet=_stage_unet(3, model_channels=16, channel_mult=(1, 2), transformer_depth=(0, 1), head_channels=16,
+    unet=_stage_unet(3, widths=(16, 32), transformer_depth=(0, 1), head_channels=16,
                      context_dim=16, adm=16 + 4 * 8, groups=8),
 )
 TINY_CASCADE_SR = ModelConfig(
     kind="cascade-sr", vae=None, text_encoders=(TINY_CASCADE_TEXT_ENCODER,), prediction_type="v",
     micro_conditioning=("aug_level",), micro_conditioning_dim=8, default_size=32, sr_scale=2,
-    unet=_stage_unet(6, model_channels=16, channel_mult=(1, 2), transformer_depth=(0, 0), head_channels=16,
+    unet=_stage_unet(6, widths=(16, 32), transformer_depth=(0, 0), head_channels=16,
                      context_dim=16, adm=16 + 8, groups=8),
 )
 TINY_CASCADE_SR2 = replace(TINY_CASCADE_SR, default_size=64)
@@ -375,19 +386,19 @@ TINY_CASCADE_SR2 = replace(TINY_CASCADE_SR, default_size=64)
 CASCADE_BASE_32 = ModelConfig(
     kind="cascade-base", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
     micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=32, default_size=32,
-    unet=_stage_unet(3, model_channels=48, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), head_channels=32,
+    unet=_stage_unet(3, widths=(48, 96, 96), transformer_depth=(0, 1, 1), head_channels=32,
                      context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 4 * 32, groups=16),
 )
 CASCADE_SR_64 = ModelConfig(
     kind="cascade-sr", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
     micro_conditioning=("aug_level",), micro_conditioning_dim=32, default_size=64, sr_scale=2,
-    unet=_stage_unet(6, model_channels=24, channel_mult=(1, 2, 2), transformer_depth=(0, 0, 1), head_channels=24,
+    unet=_stage_unet(6, widths=(24, 48, 48), transformer_depth=(0, 0, 1), head_channels=24,
                      context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 32, groups=8),
 )
 CASCADE_SR_128 = ModelConfig(
     kind="cascade-sr", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
     micro_conditioning=("aug_level",), micro_conditioning_dim=32, default_size=128, sr_scale=2,
-    unet=_stage_unet(6, model_channels=24, channel_mult=(1, 1, 2, 2), transformer_depth=(0, 0, 0, 1),
+    unet=_stage_unet(6, widths=(24, 24, 48, 48), transformer_depth=(0, 0, 0, 1),
                      head_channels=24, context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 32, groups=8),
 )
 

@@ -4,7 +4,7 @@ Parameter names are the original checkpoint names without the `model.diffusion_m
 (`time_embed.0`, `label_emb.0.0`, `input_blocks.N.M...`, `middle_block.{0,1,2}`, `output_blocks.N.M...`,
 `out.{0,2}`), so `UNet(cfg).load_state_dict(original_unet_dict, strict=True)` works.  The same class is
 SDXL base, SDXL refiner, SD 1.5 and SD 2.1 (see `xldm.config`); numerics follow diffusers
-`UNet2DConditionModel` (SDXL_SPEC 1.3).
+`UNet2DConditionModel` (diffusers `models/unets/unet_2d_condition.py`), the oracle of the parity tests.
 """
 
 from __future__ import annotations
@@ -42,16 +42,13 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        mc, ted, groups = config.model_channels, config.time_embed_dim, config.norm_groups
-        widths = [mc * m for m in config.channel_mult]
-        for level, width in enumerate(widths):
+        widths, ted, groups = config.block_out_channels, config.time_embed_dim, config.norm_groups
+        mc = widths[0]
+        for width in widths:
             if width % groups:
                 raise ValueError(f"channel width {width} is not divisible by norm_groups={groups}")
-            if config.transformer_depth[level] == 0 and level != len(widths) - 1:
-                continue  # no attention at this level (the mid block uses the last width)
-            heads, head_dim = config.heads_for(width)
-            if heads * head_dim != width:
-                raise ValueError(f"channel width {width} does not split into {heads} heads of {head_dim}")
+        for width in config.attention_widths:
+            config.heads_for(width)  # raises if the width does not split into heads
         if config.transformer_depth_middle < 1:
             raise ValueError(
                 f"transformer_depth_middle must be >= 1 (the SD/SDXL mid block always has attention), "
@@ -162,7 +159,7 @@ class UNet(nn.Module):
         timesteps = timesteps.reshape(-1).expand(batch)
 
         # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
         if self.config.adm_in_channels > 0:
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)

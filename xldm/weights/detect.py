@@ -1,7 +1,7 @@
 """Which model a checkpoint holds, and its configuration, from key names and shapes only.
 
-Never reads tensor data (ARCHITECTURE.md rule 5, after ComfyUI `model_detection.py` and
-stable-diffusion.cpp `detect_from_weights`): the input is a mapping key -> shape, which a safetensors
+Never reads tensor data (as ComfyUI `model_detection.py` and stable-diffusion.cpp
+`detect_from_weights`): the input is a mapping key -> shape, which a safetensors
 header gives without touching the data.  Files written by xldm also carry their exact config in the
 safetensors metadata (`xldm.config`), which wins where shapes cannot tell (head counts of tiny models).
 """
@@ -21,7 +21,7 @@ from xldm.config import (
     UNetConfig,
     VAEConfig,
 )
-from xldm.errors import UnknownModelError
+from xldm.errors import CheckpointError, UnknownModelError
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -30,7 +30,8 @@ VAE_PREFIX = "first_stage_model."
 METADATA_KEY = "xldm.config"
 
 # Where each model family keeps its text encoders in the original single file, and in which layout:
-# "hf" = transformers CLIPTextModel names, "open_clip" = open_clip text tower names (SDXL_SPEC 6.1).
+# "hf" = transformers CLIPTextModel names, "open_clip" = open_clip text tower names (sgm `encoders/modules.py`,
+# ldm `FrozenCLIPEmbedder` / `FrozenOpenCLIPEmbedder`).
 TEXT_ENCODER_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "sdxl-base": (("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "open_clip")),
     "sdxl-refiner": (("conditioner.embedders.0.model.", "open_clip"),),
@@ -66,44 +67,51 @@ def _count_indexed(keys, pattern: str) -> int:
 
 
 def detect_unet(shapes: Shapes) -> UNetConfig:
-    """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix)."""
+    """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix).
+
+    Level widths are the output widths of each level's first ResBlock; the head layout, which shapes do
+    not show, is that of the official checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm
+    v1-inference.yaml num_heads: 8), 64-wide heads otherwise (SD 2.x / SDXL num_head_channels: 64).
+    """
     try:
-        conv_in = shapes["input_blocks.0.0.weight"]
-        conv_out = shapes["out.2.weight"]
+        in_channels = shapes["input_blocks.0.0.weight"][1]
+        out_channels = shapes["out.2.weight"][0]
     except KeyError as e:
         raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; this is not an SD/SDXL UNet") from None
-    model_channels, in_channels = conv_in[0], conv_in[1]
     n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
-    downsamples = sorted(
-        int(m.group(1)) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k))
-    )
-    levels = len(downsamples) + 1
-    num_res_blocks = (n_in - 1 - len(downsamples)) // levels
-    if 1 + levels * num_res_blocks + len(downsamples) != n_in or num_res_blocks < 1:
-        raise UnknownModelError(f"UNet has {n_in} input blocks and {len(downsamples)} downsamplers: not a UNet layout")
-    channel_mult, depth = [], []
-    for level in range(levels):
-        first = 1 + level * (num_res_blocks + 1)
-        out = shapes[f"input_blocks.{first}.0.out_layers.3.weight"][0]
-        channel_mult.append(out // model_channels)
-        depth.append(_count_indexed(shapes, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."))
-    depth_mid = _count_indexed(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    downsamples = sum(1 for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
+    levels = downsamples + 1
+    num_res_blocks = (n_in - 1 - downsamples) // levels
+    if 1 + levels * num_res_blocks + downsamples != n_in or num_res_blocks < 1:
+        raise UnknownModelError(f"UNet has {n_in} input blocks and {downsamples} downsamplers: not a UNet layout")
+    firsts = [1 + level * (num_res_blocks + 1) for level in range(levels)]
+    try:
+        widths = tuple(shapes[f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in firsts)
+    except KeyError as e:
+        raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; not an SD/SDXL UNet layout") from None
+    depth = tuple(_count_indexed(shapes, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.") for i in firsts)
     attn_keys = [k for k in shapes if k.endswith("attn2.to_k.weight")]
     if not attn_keys:
         raise UnknownModelError("UNet has no cross-attention layers (attn2.to_k): not an SD/SDXL UNet")
     context_dim = shapes[attn_keys[0]][1]
-    proj_in = next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))
-    linear = len(proj_in) == 2
-    adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else 0
-    # Head layout is not visible in shapes.  SD 1.x (conv proj_in, context 768) has 8 heads per layer
-    # (ldm v1-inference.yaml num_heads: 8); SD 2.x and SDXL use 64-wide heads (num_head_channels: 64).
+    linear = len(next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))) == 2
     heads = dict(num_heads=8, num_head_channels=-1) if not linear and context_dim == 768 else {}
-    return UNetConfig(
-        in_channels=in_channels, out_channels=conv_out[0], model_channels=model_channels,
-        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
-        transformer_depth_middle=depth_mid, context_dim=context_dim, adm_in_channels=adm,
+    cfg = UNetConfig(
+        in_channels=in_channels, out_channels=out_channels, block_out_channels=widths,
+        num_res_blocks=num_res_blocks, transformer_depth=depth,
+        transformer_depth_middle=_count_indexed(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
+        context_dim=context_dim, adm_in_channels=shapes.get("label_emb.0.0.weight", (0, 0))[1],
         use_linear_in_transformer=linear, **heads,
     )
+    try:
+        for width in cfg.attention_widths:
+            cfg.heads_for(width)
+    except ValueError as e:
+        raise UnknownModelError(
+            f"UNet attention {e} (the official checkpoints' head layout); the head layout cannot be read from "
+            f"shapes: load this model from a diffusers folder or a file written by xldm (its header holds the config)"
+        ) from None
+    return cfg
 
 
 def detect_vae(shapes: Shapes, scaling_factor: float) -> VAEConfig:
@@ -173,7 +181,7 @@ def detect_kind(shapes: Shapes) -> str:
     if has(UNET_PREFIX) or has(VAE_PREFIX):
         # A UNet without text encoders: tell SDXL base/refiner from the vector conditioning width.
         adm = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
-        if adm is not None:  # 2560 = 1280 + 5*256 (refiner), 2816 = 1280 + 6*256 (base), SDXL_SPEC 1.1
+        if adm is not None:  # adm_in_channels 2560 (refiner) / 2816 (base): sgm sd_xl_*.yaml
             return "sdxl-refiner" if adm[1] == 2560 else "sdxl-base"
         ctx = [v for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
         return "sd21" if ctx and ctx[0][1] == 1024 else "sd15"
@@ -193,7 +201,10 @@ def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | No
     """The exact ModelConfig xldm stored in a file's safetensors metadata, if any."""
     if not metadata or METADATA_KEY not in metadata:
         return None
-    return model_config_from_dict(json.loads(metadata[METADATA_KEY]))
+    try:
+        return model_config_from_dict(json.loads(metadata[METADATA_KEY]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"the header's {METADATA_KEY!r} metadata is not a valid ModelConfig: {e}") from None
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:

@@ -44,7 +44,7 @@ class ModelInfo:
             f"format      {self.format}",
             f"kind        {cfg.kind}",
             f"prediction  {cfg.prediction_type}",
-            f"unet        {cfg.unet.model_channels} channels x {list(cfg.unet.channel_mult)}, "
+            f"unet        widths {list(cfg.unet.block_out_channels)}, "
             f"transformer depth {list(cfg.unet.transformer_depth)} / mid {cfg.unet.transformer_depth_middle}, "
             f"context {cfg.unet.context_dim}, vector {cfg.unet.adm_in_channels}",
             f"vae         {cfg.vae.ch} channels x {list(cfg.vae.ch_mult)}, latent {cfg.vae.z_channels} channels, "

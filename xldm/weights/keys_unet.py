@@ -3,7 +3,7 @@
 Pure dict -> dict renames: the tensors are passed through untouched (no copies, no reshapes; every UNet
 tensor has the same shape in both layouts, SD 1.x 1x1-conv proj_in/proj_out included).  Original keys are
 given WITHOUT the `model.diffusion_model.` prefix.  The rules are those of diffusers'
-`convert_ldm_unet_checkpoint` (SDXL_SPEC 1.4), written out per block from the config, including the
+`convert_ldm_unet_checkpoint` (diffusers `loaders/single_file_utils.py`), written out per block from the config, including the
 upsampler index quirk: `output_blocks.N.1.conv` for an up block without attention, `.2.conv` with it.
 
 Also here: the diffusers `UNet2DConditionModel` config dict for a `UNetConfig`, and its inverse.
@@ -153,117 +153,85 @@ def unet_diffusers_to_original(sd: Mapping[str, T], cfg: UNetConfig) -> dict[str
 # ----------------------------------------------------------------------------------------------------
 # Configs
 
+# Settings of a diffusers UNet config that this UNet does not implement: key -> accepted values (the first
+# is what `unet_diffusers_config` writes).  Names and defaults: diffusers `UNet2DConditionModel.__init__`.
+_FIXED: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,), "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,), "act_fn": ("silu",), "norm_eps": (1e-5,), "num_attention_heads": (None,),
+    "dual_cross_attention": (False,), "class_embed_type": (None,), "addition_embed_type": (None, "text_time"),
+    "num_class_embeds": (None,), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "reverse_transformer_layers_per_block": (None,), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+}
+
 
 def _diffusers_depths(cfg: UNetConfig) -> int | list[int]:
     """`transformer_layers_per_block`: diffusers gives the mid block the LAST entry, so a last level
     without attention carries the mid depth; other attention-less levels get 1 (unused, as in the SDXL
     hub config [1, 2, 10]).  One shared depth is written as an int (refiner 4, SD 1.x 1)."""
     depths = list(cfg.transformer_depth)
-    attention_depths = {d for d in depths if d > 0}
-    if attention_depths <= {cfg.transformer_depth_middle}:
+    if {d for d in depths if d > 0} <= {cfg.transformer_depth_middle}:
         return cfg.transformer_depth_middle
     if depths[-1] > 0 and depths[-1] != cfg.transformer_depth_middle:
         raise ValueError(
             f"diffusers cannot express transformer_depth[-1]={depths[-1]} with a different "
             f"transformer_depth_middle={cfg.transformer_depth_middle} (its mid block takes the last level's depth)"
         )
-    out = [d if d > 0 else 1 for d in depths]
-    out[-1] = cfg.transformer_depth_middle
-    return out
+    return [d if d > 0 else 1 for d in depths[:-1]] + [cfg.transformer_depth_middle]
 
 
 def unet_diffusers_config(cfg: UNetConfig, *, addition_time_embed_dim: int = 256,
                           sample_size: int | None = None) -> dict[str, Any]:
     """The diffusers `UNet2DConditionModel` config (constructor kwargs / config.json body) for `cfg`.
 
-    `attention_head_dim` is, despite its name, the number of heads per level (SDXL_SPEC 1.1): a list
-    ([5, 10, 20] for SDXL base) when the head width is fixed, an int (8 for SD 1.5) when the head count is.
+    `attention_head_dim` is, despite its name, the number of heads per level (diffusers sets
+    `num_attention_heads = num_attention_heads or attention_head_dim`): a list ([5, 10, 20] for SDXL base)
+    when the head width is fixed, an int (8 for SD 1.5) when the head count is.
     `addition_time_embed_dim` is the Fourier width per micro-conditioning scalar (256 for SDXL).
     """
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    widths = list(cfg.block_out_channels)
     attention = [d > 0 for d in cfg.transformer_depth]
-    heads: int | list[int] = (
-        cfg.num_heads if cfg.num_heads > 0 else [cfg.heads_for(w)[0] for w in widths]
-    )
-    config: dict[str, Any] = {
+    adm = cfg.adm_in_channels if cfg.adm_in_channels > 0 else None
+    return {k: v[0] for k, v in _FIXED.items()} | {
         "sample_size": sample_size,
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "only_cross_attention": False,
         "block_out_channels": widths,
         "layers_per_block": cfg.num_res_blocks,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
         "dropout": 0.0,
-        "act_fn": "silu",
         "norm_num_groups": cfg.norm_groups,
-        "norm_eps": 1e-5,
         "cross_attention_dim": cfg.context_dim,
         "transformer_layers_per_block": _diffusers_depths(cfg),
-        "attention_head_dim": heads,
-        "num_attention_heads": None,
-        "dual_cross_attention": False,
+        "attention_head_dim": cfg.num_heads if cfg.num_heads > 0 else [w // cfg.num_head_channels for w in widths],
         "use_linear_projection": cfg.use_linear_in_transformer,
-        "class_embed_type": None,
-        "addition_embed_type": "text_time" if cfg.adm_in_channels > 0 else None,
-        "addition_time_embed_dim": addition_time_embed_dim if cfg.adm_in_channels > 0 else None,
-        "projection_class_embeddings_input_dim": cfg.adm_in_channels if cfg.adm_in_channels > 0 else None,
+        "addition_embed_type": "text_time" if adm else None,
+        "addition_time_embed_dim": addition_time_embed_dim if adm else None,
+        "projection_class_embeddings_input_dim": adm,
         "upcast_attention": False,
-        "resnet_time_scale_shift": "default",
-        "time_embedding_type": "positional",
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
     }
-    return config
 
 
-# Settings of a diffusers UNet config that this UNet does not implement: key -> accepted values.
-_FIXED: dict[str, tuple[Any, ...]] = {
-    "center_input_sample": (False,),
-    "flip_sin_to_cos": (True,),
-    "freq_shift": (0,),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "only_cross_attention": (False,),
-    "downsample_padding": (1,),
-    "mid_block_scale_factor": (1,),
-    "act_fn": ("silu",),
-    "norm_eps": (1e-5,),
-    "num_attention_heads": (None,),
-    "dual_cross_attention": (False,),
-    "class_embed_type": (None,),
-    "addition_embed_type": (None, "text_time"),
-    "num_class_embeds": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1.0,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "reverse_transformer_layers_per_block": (None,),
-    "attention_type": ("default",),
-    "class_embeddings_concat": (False,),
-    "mid_block_only_cross_attention": (None, False),
-    "cross_attention_norm": (None,),
-}
+def _ints(name: str, value: Any, n: int) -> list[int]:
+    """A setting diffusers takes as one int or one per level -> n positive ints."""
+    values = [value] * n if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{name}: expected a positive int or {n} of them (one per level), found {value!r}")
+    return values
 
 
 def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     """The `UNetConfig` for a diffusers `UNet2DConditionModel` config dict (inverse of `unet_diffusers_config`).
 
-    Missing keys take diffusers' constructor defaults (as hub config.json files rely on); settings this
-    UNet does not implement raise a ValueError naming them.
+    Missing keys take diffusers' constructor defaults (as hub config.json files rely on); settings outside
+    the SD/SDXL family (other block types, per-block lists where this UNet has one value, ...) raise a
+    ValueError naming them.
     """
     def get(key: str, default: Any) -> Any:
         value = d.get(key, default)
@@ -272,50 +240,40 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     for key, accepted in _FIXED.items():
         if key in d and d[key] not in accepted:
             raise ValueError(f"unsupported diffusers UNet setting {key}={d[key]!r}; expected one of {accepted}")
-
     widths = get("block_out_channels", [320, 640, 1280, 1280])
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ValueError(f"block_out_channels must be a list of positive ints, found {widths!r}")
+    n = len(widths)
     down = get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     up = get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-    n = len(widths)
     if len(down) != n or len(up) != n:
         raise ValueError(f"expected {n} down and up block types (one per level), found {len(down)} and {len(up)}")
-    attention = []
-    for i, block in enumerate(down):
-        if block not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            raise ValueError(f"unsupported down block type {block!r}")
-        attention.append(block == "CrossAttnDownBlock2D")
+    unknown = [b for b in down if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
+    if unknown:
+        raise ValueError(f"unsupported down block type {unknown[0]!r}")
+    attention = [b == "CrossAttnDownBlock2D" for b in down]
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
     if up != expected_up:
         raise ValueError(f"up_block_types: expected {expected_up} (mirror of the down blocks), found {up}")
-
-    model_channels = widths[0]
-    if any(w % model_channels for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first width {model_channels}")
     layers = get("layers_per_block", 2)
     if not isinstance(layers, int):
         raise ValueError(f"layers_per_block must be one int, found {layers!r}")
+    depths = _ints("transformer_layers_per_block", get("transformer_layers_per_block", 1), n)
 
-    depth_setting = get("transformer_layers_per_block", 1)
-    depths = [depth_setting] * n if isinstance(depth_setting, int) else depth_setting
-    if len(depths) != n or not all(isinstance(x, int) for x in depths):
-        raise ValueError(f"transformer_layers_per_block: expected an int or {n} ints, found {depth_setting!r}")
-
-    heads_setting = get("attention_head_dim", 8)
+    heads_setting = get("attention_head_dim", 8)  # the head COUNT per level, see unet_diffusers_config
+    heads = _ints("attention_head_dim", heads_setting, n)
+    head_widths = {w // h for w, h in zip(widths, heads)}
     if isinstance(heads_setting, int):
         num_heads, num_head_channels = heads_setting, -1
+    elif len(head_widths) == 1 and all(w % h == 0 for w, h in zip(widths, heads)):
+        num_heads, num_head_channels = -1, head_widths.pop()
+    elif len(set(heads)) == 1:
+        num_heads, num_head_channels = heads[0], -1
     else:
-        if len(heads_setting) != n:
-            raise ValueError(f"attention_head_dim: expected {n} entries (heads per level), found {heads_setting}")
-        head_widths = {w // h for w, h in zip(widths, heads_setting)}
-        if len(head_widths) == 1 and all(w % h == 0 for w, h in zip(widths, heads_setting)):
-            num_heads, num_head_channels = -1, head_widths.pop()
-        elif len(set(heads_setting)) == 1:
-            num_heads, num_head_channels = heads_setting[0], -1
-        else:
-            raise ValueError(
-                f"attention_head_dim {heads_setting} gives neither one head count nor one head width "
-                f"for block_out_channels {widths}"
-            )
+        raise ValueError(
+            f"attention_head_dim {heads_setting} gives neither one head count nor one head width "
+            f"for block_out_channels {widths}"
+        )
 
     cross = get("cross_attention_dim", 1280)
     if not isinstance(cross, int):
@@ -325,20 +283,11 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         adm = d.get("projection_class_embeddings_input_dim")
         if not isinstance(adm, int) or adm <= 0:
             raise ValueError(f"text_time conditioning needs projection_class_embeddings_input_dim, found {adm!r}")
-
     return UNetConfig(
-        in_channels=get("in_channels", 4),
-        out_channels=get("out_channels", 4),
-        model_channels=model_channels,
-        channel_mult=tuple(w // model_channels for w in widths),
-        num_res_blocks=layers,
-        transformer_depth=tuple(dep if a else 0 for dep, a in zip(depths, attention)),
-        transformer_depth_middle=depths[-1],
-        num_head_channels=num_head_channels,
-        num_heads=num_heads,
-        context_dim=cross,
-        adm_in_channels=adm,
-        use_linear_in_transformer=bool(get("use_linear_projection", False)),
+        in_channels=get("in_channels", 4), out_channels=get("out_channels", 4), block_out_channels=tuple(widths),
+        num_res_blocks=layers, transformer_depth=tuple(dep if a else 0 for dep, a in zip(depths, attention)),
+        transformer_depth_middle=depths[-1], num_head_channels=num_head_channels, num_heads=num_heads,
+        context_dim=cross, adm_in_channels=adm, use_linear_in_transformer=bool(get("use_linear_projection", False)),
         norm_groups=get("norm_num_groups", 32),
     )
 

@@ -1,21 +1,24 @@
 """Load a whole model, or some of its components, from an original single file or a diffusers folder.
 
-Networks are built on the meta device and their tensors assigned in place as they are read, one at a
-time, in the requested dtype: a model never exists twice in memory.  Loading is strict: every key of the
-file must be used by a component or be a known non-inference key (`detect.is_ignorable`), and every
-parameter of a component must come from the file.
+Loading is strict: every key of the file must be used by a component or be a known non-inference key
+(`detect.is_ignorable`), and every parameter of a component must come from the file.  A component's
+config (detected, or claimed by a config.json or the header metadata) is checked against the header's
+shapes before any tensor is read or any parameter allocated, so a config that claims a bigger network
+than the file holds is refused instead of allocated.  Tensors are then assigned in place as they are
+read, in the requested dtype: a model never exists twice in memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from xldm.config import ModelConfig, TextEncoderConfig
+from xldm.config import ModelConfig, TextEncoderConfig, UNetConfig
 from xldm.errors import CheckpointError, UnknownModelError
 from xldm.models.components import Components, text_encoder_name
 from xldm.weights.detect import (
@@ -23,11 +26,16 @@ from xldm.weights.detect import (
     UNET_PREFIX,
     VAE_PREFIX,
     detect_config,
+    detect_text_encoder,
+    detect_vae,
     is_ignorable,
 )
 from xldm.weights.io import Checkpoint, load_strict, open_checkpoint
 
 COMPONENTS = ("unet", "vae", "text_encoders")
+Header = dict[str, torch.Tensor]  # a file's tensors as meta tensors of the header's shapes
+Reader = Callable[[], dict[str, torch.Tensor]]
+Convert = Callable[[dict], dict]  # a key map from the file's layout to the module's
 
 
 def _wanted(components: Iterable[str] | None) -> set[str]:
@@ -40,45 +48,77 @@ def _wanted(components: Iterable[str] | None) -> set[str]:
     return wanted
 
 
-# Below this size a network is built with ordinary (CPU) initialisation: building on the meta device
-# costs a one-off ~1.5 s import of torch's meta kernels, which dominates a small model's start-up.
-META_BUILD_MIN_BYTES = 64 * 2**20
-
-
-def _build(factory, config, tensors: dict[str, torch.Tensor], component: str):
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    with torch.device("meta" if nbytes >= META_BUILD_MIN_BYTES else "cpu"):
+def _build(factory, config, header: Header, read: Reader, component: str, convert: Convert | None = None,
+           meta: bool = True):
+    """`factory(config)` filled from `convert(read())`.  Built on the meta device, its shapes are first compared
+    with `convert(header)` (the file's keys as meta tensors), so a config that disagrees with the file is
+    refused before `read` allocates anything."""
+    convert = convert or (lambda sd: sd)
+    with torch.device("meta" if meta else "cpu"):
         module = factory(config)
-    load_strict(module, tensors, component=component)
+    if meta:
+        load_strict(module, convert(header), component=component)
+    load_strict(module, convert(read()), component=component)
     return module.eval().requires_grad_(False)
 
 
-def build_unet(config: ModelConfig, tensors: dict[str, torch.Tensor]):
+def build_unet(cfg: UNetConfig, header: Header, read: Reader, convert: Convert | None = None):
     from xldm.models.unet import UNet
 
-    return _build(UNet, config.unet, tensors, "UNet")
+    # Every ResBlock holds 10 tensors and every transformer block 20 (models/layers.py): a config with more
+    # blocks than that is refused before its (possibly huge) meta network is built.
+    per_level = 2 * cfg.num_res_blocks + 1
+    blocks = 10 * (cfg.num_levels * per_level + 2)
+    blocks += 20 * (per_level * sum(cfg.transformer_depth) + cfg.transformer_depth_middle)
+    if blocks > len(header):
+        raise CheckpointError(f"UNet: the config describes a network of at least {blocks} tensors, the file has "
+                              f"{len(header)}")
+    return _build(UNet, cfg, header, read, "UNet", convert)
 
 
-def build_vae(config: ModelConfig, tensors: dict[str, torch.Tensor]):
+def build_vae(cfg, header: Header, read: Reader, convert: Convert | None = None):
     from xldm.models.vae import AutoencoderKL
 
-    return _build(AutoencoderKL, config.vae, tensors, "VAE")
+    return _build(AutoencoderKL, cfg, header, read, "VAE", convert)
 
 
-def build_text_encoder(te: TextEncoderConfig, tensors: dict[str, torch.Tensor], name: str):
+# Below this many parameters a text encoder is built with ordinary (CPU) initialisation: building one on the meta
+# device costs a one-off ~1.2 s (nn.Embedding's normal_ init has no fast meta kernel).  Its size was checked first.
+META_BUILD_MIN_PARAMS = 16 * 2**20
+_TEXT_ENCODER_SHAPE_FIELDS = ("width", "layers", "intermediate_size", "vocab_size", "max_positions", "projection_dim")
+
+
+def build_text_encoder(te: TextEncoderConfig, header: Header, read: Reader, name: str, layout: str):
+    """A text encoder from `read()` in `layout` ("hf" or "open_clip"), its config checked against `header`."""
     from xldm.models.clip import CLIPTextModel
-
-    return _build(CLIPTextModel, te, tensors, name)
-
-
-def hf_text_encoder_tensors(tensors: dict[str, torch.Tensor], layout: str, te: TextEncoderConfig) -> dict:
-    """A text encoder's tensors in xldm's (transformers) layout, from either original layout."""
     from xldm.weights.keys_clip import hf_normalize_keys, open_clip_to_hf
 
-    if layout == "open_clip":
-        tensors = {k: v for k, v in tensors.items() if not is_ignorable("." + k)}
-        return open_clip_to_hf(tensors, te)
-    return hf_normalize_keys(tensors)
+    found = detect_text_encoder({k: tuple(v.shape) for k, v in header.items()}, layout, te)
+    wrong = {f: (getattr(te, f), getattr(found, f)) for f in _TEXT_ENCODER_SHAPE_FIELDS
+             if getattr(te, f) != getattr(found, f)}
+    if wrong:
+        raise CheckpointError(f"{name}: the config does not match the weights' shapes (config, weights): {wrong}")
+    meta = sum(v.numel() for v in header.values()) >= META_BUILD_MIN_PARAMS
+    convert = (lambda sd: open_clip_to_hf(sd, te)) if layout == "open_clip" else hf_normalize_keys
+    return _build(CLIPTextModel, te, header, read, name, convert, meta=meta)
+
+
+def _float_dtype(ckpt: Checkpoint, key: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """Cast floating tensors to `dtype`; integer tensors keep theirs."""
+    if dtype is None or not ckpt.dtype(key).is_floating_point:
+        return None
+    return dtype
+
+
+def _part(ckpt: Checkpoint, prefix: str, dtype, device, ignorable=is_ignorable) -> tuple[Header, Reader]:
+    """`ckpt`'s keys under `prefix` (prefix stripped, ignorable keys dropped) as meta tensors of the header's
+    shapes, and a reader of their tensors."""
+    keys = [k for k in ckpt.keys() if k.startswith(prefix) and not ignorable(k)]
+
+    def read() -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: ckpt.tensor(k, dtype=_float_dtype(ckpt, k, dtype), device=device) for k in keys}
+
+    return {k[len(prefix):]: torch.empty(ckpt.shape(k), device="meta") for k in keys}, read
 
 
 # --- original single file -------------------------------------------------------------------------
@@ -95,57 +135,41 @@ def load_single_file(
 ) -> Components:
     """Load an original-layout checkpoint (sgm / ldm single file: `model.diffusion_model.` ...)."""
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-    shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
-    config = config or detect_config(shapes, ckpt.metadata)
+    keys = list(ckpt.keys())
+    config = config or detect_config({k: ckpt.shape(k) for k in keys}, ckpt.metadata)
     layouts = TEXT_ENCODER_LAYOUTS[config.kind]
     prefixes = [UNET_PREFIX, VAE_PREFIX] + [p for p, _ in layouts]
-    unknown = [k for k in shapes if not k.startswith(tuple(prefixes)) and not is_ignorable(k)]
+    unknown = [k for k in keys if not k.startswith(tuple(prefixes)) and not is_ignorable(k)]
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} keys belong to no component of a {config.kind} checkpoint "
             f"(expected prefixes {prefixes}): {sorted(unknown)[:10]}"
         )
-    ignored = tuple(sorted(k for k in shapes if is_ignorable(k)))
     wanted = _wanted(components)
-    explicit = components is not None
-
-    def present(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in shapes)
 
     def need(name: str, prefix: str) -> bool:
         if name not in wanted:
             return False
-        if present(prefix):
+        if any(k.startswith(prefix) for k in keys):
             return True
-        if explicit:
+        if components is not None:
             raise CheckpointError(f"{path}: asked for the {name}, but the file has no '{prefix}*' keys")
         return False
 
-    def tensors(prefix: str) -> dict[str, torch.Tensor]:
-        keys = [k for k in shapes if k.startswith(prefix) and not is_ignorable(k)]
-        return {k[len(prefix):]: ckpt.tensor(k, dtype=_float_dtype(ckpt, k, dtype), device=device) for k in keys}
-
-    result = Components(config=config, ignored_keys=ignored)
+    result = Components(config=config, ignored_keys=tuple(sorted(k for k in keys if is_ignorable(k))))
     if need("unet", UNET_PREFIX):
-        result.unet = build_unet(config, tensors(UNET_PREFIX))
+        result.unet = build_unet(config.unet, *_part(ckpt, UNET_PREFIX, dtype, device))
     if need("vae", VAE_PREFIX):
-        result.vae = build_vae(config, tensors(VAE_PREFIX))
+        result.vae = build_vae(config.vae, *_part(ckpt, VAE_PREFIX, dtype, device))
     if "text_encoders" in wanted:
         encoders = []
         for i, ((prefix, layout), te) in enumerate(zip(layouts, config.text_encoders)):
             if not need("text_encoders", prefix):
                 break
-            name = text_encoder_name(config, i)
-            encoders.append(build_text_encoder(te, hf_text_encoder_tensors(tensors(prefix), layout, te), name))
+            encoders.append(build_text_encoder(te, *_part(ckpt, prefix, dtype, device), text_encoder_name(config, i),
+                                               layout))
         result.text_encoders = tuple(encoders)
     return result
-
-
-def _float_dtype(ckpt: Checkpoint, key: str, dtype: torch.dtype | None) -> torch.dtype | None:
-    """Cast floating tensors to `dtype`; integer tensors keep theirs."""
-    if dtype is None or not ckpt.dtype(key).is_floating_point:
-        return None
-    return dtype
 
 
 # --- diffusers folder -----------------------------------------------------------------------------
@@ -159,7 +183,7 @@ WEIGHT_NAMES = {
 
 
 def _inside(folder: Path, path: Path) -> Path:
-    """`path` resolved, refusing anything that escapes `folder` (RELIABILITY 3: `..`, absolute, symlinks)."""
+    """`path` resolved, refusing anything that escapes `folder` (`..`, absolute paths, symlinks)."""
     resolved = path.resolve()
     if not resolved.is_relative_to(folder.resolve()):
         raise CheckpointError(f"{path} points outside the model folder {folder}; refusing to read it")
@@ -206,24 +230,18 @@ def _diffusers_kind(index: dict, folder: Path) -> str:
 
 def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
     """ModelConfig of a diffusers folder, from its config.json files (no tensor data read)."""
-    from dataclasses import replace
-
     from xldm.config import PRESETS
     from xldm.weights.keys_clip import clip_config_from_hf
     from xldm.weights.keys_unet import unet_config_from_diffusers
     from xldm.weights.keys_vae import vae_config_from_diffusers
 
     folder = Path(folder)
-    index = _read_json(folder, "model_index.json")
-    kind = _diffusers_kind(index, folder)
+    kind = _diffusers_kind(_read_json(folder, "model_index.json"), folder)
     preset = PRESETS[kind]
     unet_json = _read_json(folder, "unet/config.json")
-    unet = unet_config_from_diffusers(unet_json)
-    vae = vae_config_from_diffusers(_read_json(folder, "vae/config.json"))
     encoders = []
-    names = [text_encoder_name(preset, i) for i in range(len(preset.text_encoders))]
-    for name, base in zip(names, preset.text_encoders):
-        hf = clip_config_from_hf(_read_json(folder, f"{name}/config.json"))
+    for i, base in enumerate(preset.text_encoders):
+        hf = clip_config_from_hf(_read_json(folder, f"{text_encoder_name(preset, i)}/config.json"))
         te = replace(base, **{f: getattr(hf, f) for f in (
             "width", "layers", "heads", "intermediate_size", "vocab_size", "max_positions", "activation",
             "projection_dim", "layer_norm_eps")})
@@ -233,13 +251,13 @@ def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
             te = replace(te, layer="last", final_norm_on_hidden=True)
         encoders.append(te)
     prediction = preset.prediction_type
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    if sched_path.exists():
+    if (folder / "scheduler" / "scheduler_config.json").exists():
         pred = _read_json(folder, "scheduler/scheduler_config.json").get("prediction_type", "epsilon")
         prediction = "v" if pred == "v_prediction" else "epsilon"
-    micro_dim = unet_json.get("addition_time_embed_dim") or preset.micro_conditioning_dim
-    return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), prediction_type=prediction,
-                   micro_conditioning_dim=micro_dim)
+    return replace(preset, unet=unet_config_from_diffusers(unet_json),
+                   vae=vae_config_from_diffusers(_read_json(folder, "vae/config.json")),
+                   text_encoders=tuple(encoders), prediction_type=prediction,
+                   micro_conditioning_dim=unet_json.get("addition_time_embed_dim") or preset.micro_conditioning_dim)
 
 
 def load_diffusers(
@@ -252,7 +270,6 @@ def load_diffusers(
     variant: str | None = None,
 ) -> Components:
     """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder*/)."""
-    from xldm.weights.keys_clip import hf_normalize_keys
     from xldm.weights.keys_unet import unet_diffusers_to_original
     from xldm.weights.keys_vae import vae_diffusers_to_original
 
@@ -261,21 +278,18 @@ def load_diffusers(
     wanted = _wanted(components)
     result = Components(config=config)
 
-    def read(sub: str) -> dict[str, torch.Tensor]:
+    def part(sub: str) -> tuple[Header, Reader]:
         ckpt = open_checkpoint(component_weights(folder, sub, variant=variant), allow_pickle=allow_pickle)
-        return {k: ckpt.tensor(k, dtype=_float_dtype(ckpt, k, dtype), device=device)
-                for k in ckpt.keys() if not is_ignorable("." + k)}
+        return _part(ckpt, "", dtype, device, lambda k: is_ignorable("." + k))
 
     if "unet" in wanted:
-        result.unet = build_unet(config, unet_diffusers_to_original(read("unet"), config.unet))
+        result.unet = build_unet(config.unet, *part("unet"), lambda sd: unet_diffusers_to_original(sd, config.unet))
     if "vae" in wanted:
-        result.vae = build_vae(config, vae_diffusers_to_original(read("vae"), config.vae))
+        result.vae = build_vae(config.vae, *part("vae"), lambda sd: vae_diffusers_to_original(sd, config.vae))
     if "text_encoders" in wanted:
-        encoders = []
-        for i, te in enumerate(config.text_encoders):
-            name = text_encoder_name(config, i)
-            encoders.append(build_text_encoder(te, hf_normalize_keys(read(name)), name))
-        result.text_encoders = tuple(encoders)
+        names = [text_encoder_name(config, i) for i in range(len(config.text_encoders))]
+        result.text_encoders = tuple(build_text_encoder(te, *part(name), name, "hf")
+                                     for name, te in zip(names, config.text_encoders))
     return result
 
 
@@ -316,10 +330,7 @@ def load_vae(
     `scaling_factor` overrides the latent scale (SDXL 0.13025, SD 1.x/2.x 0.18215); by default it comes
     from the diffusers config or the detected model family (bare files: SDXL's).
     """
-    from dataclasses import replace as _replace
-
     from xldm.config import SDXL_VAE
-    from xldm.weights.detect import detect_vae
     from xldm.weights.keys_vae import vae_config_from_diffusers, vae_diffusers_to_original
 
     path = Path(path)
@@ -328,34 +339,25 @@ def load_vae(
             return load_diffusers(path, components=["vae"], dtype=dtype, device=device,
                                   allow_pickle=allow_pickle).vae
         vae_cfg = vae_config_from_diffusers(_read_json(path, "config.json"))
-        weights = None
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                     "diffusion_pytorch_model.bin"):
-            if (path / name).exists():
-                weights = _inside(path, path / name)
-                break
+        names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin"]
+        weights = next((_inside(path, path / n) for n in names if (path / n).exists()), None)
         if weights is None:
             raise CheckpointError(f"{path}: no diffusion_pytorch_model weights in this VAE folder")
-        ckpt = open_checkpoint(weights, allow_pickle=allow_pickle)
-        tensors = vae_diffusers_to_original(
-            {k: ckpt.tensor(k, dtype=_float_dtype(ckpt, k, dtype), device=device) for k in ckpt.keys()}, vae_cfg)
+        header, read = _part(open_checkpoint(weights, allow_pickle=allow_pickle), "", dtype, device, lambda k: False)
+        convert = lambda sd: vae_diffusers_to_original(sd, vae_cfg)  # noqa: E731
     else:
         ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-        keys = list(ckpt.keys())
-        prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
+        prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()) else ""
         if prefix:
-            scale = detect_config({k: ckpt.shape(k) for k in keys}, ckpt.metadata).vae.scaling_factor
+            scale = detect_config({k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.metadata).vae.scaling_factor
         else:
             scale = SDXL_VAE.scaling_factor
-        shapes = {k[len(prefix):]: ckpt.shape(k) for k in keys if k.startswith(prefix)}
-        vae_cfg = detect_vae(shapes, scale)
-        tensors = {k[len(prefix):]: ckpt.tensor(k, dtype=_float_dtype(ckpt, k, dtype), device=device)
-                   for k in keys if k.startswith(prefix) and not is_ignorable(k)}
+        (header, read), convert = _part(ckpt, prefix, dtype, device), None
+        vae_cfg = detect_vae({k: tuple(v.shape) for k, v in header.items()}, scale)
     if scaling_factor is not None:
-        vae_cfg = _replace(vae_cfg, scaling_factor=scaling_factor)
-    from xldm.models.vae import AutoencoderKL
-
-    return _build(AutoencoderKL, vae_cfg, tensors, "VAE")
+        vae_cfg = replace(vae_cfg, scaling_factor=scaling_factor)
+    return build_vae(vae_cfg, header, read, convert)
 
 
 __all__ = ["load_vae", "load_model", "load_single_file", "load_diffusers", "diffusers_config", "COMPONENTS"]
