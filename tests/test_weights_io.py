@@ -501,10 +501,9 @@ def test_atomic_write_helper(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would create it
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with io.atomic_write(path) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"), io.atomic_write(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
 
 

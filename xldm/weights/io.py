@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pickle
-import re
 import secrets
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +26,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from xldm.errors import (CheckpointError, CorruptCheckpointError, PickleRefusedError, StateDictMismatchError,
-                         UnsafePathError)
+from xldm.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    PickleRefusedError,
+    StateDictMismatchError,
+    UnsafePathError,
+)
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
 
@@ -236,9 +240,8 @@ def _open_sharded_index(index_path: Path) -> Checkpoint:
     return Checkpoint(index_path, entries, metadata)
 
 
-def _torch_version() -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+def _torch_version() -> tuple[int, ...]:
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
 
 
 def _open_pickle(path: Path, allow_pickle: bool) -> Checkpoint:
