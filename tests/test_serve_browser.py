@@ -126,7 +126,7 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def bundled_server():
-    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+    from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
     running = cpu_server([DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH], DEFAULT_REFINER_PATH.name)
     yield running

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="what a checkpoint holds: kind, components, parameters, dtypes")
-    info.add_argument("path", nargs="?", help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
+    info.add_argument("path", nargs="?",
+                      help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
     info.add_argument("--allow-pickle", action="store_true",
                       help="read .ckpt/.pt/.bin pickles (can run code; only for files you trust)")
     info.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",

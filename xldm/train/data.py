@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from xldm.train.buckets import Size, apply_placement, choose_bucket, place_in_bucket
+from xldm.buckets import Size, apply_placement, nearest_bucket, place_in_bucket
 
 DEFAULT_AESTHETIC_SCORE = 6.0  # SDXL refiner default (diffusers StableDiffusionXLImg2ImgPipeline)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -506,7 +506,7 @@ class TrainingBatches:
         if isinstance(source, FolderSource):
             if not source.samples:
                 raise ValueError(f"{source.root}: no usable images (skipped: {_counts(source.skipped)})")
-            self._bucket_of = [choose_bucket(*s.size, self.buckets) for s in source.samples]
+            self._bucket_of = [nearest_bucket(*s.size, self.buckets) for s in source.samples]
             self._bucket_members: dict[Size, list[int]] = {}  # sample indices per bucket, in key order
             for index, bucket in enumerate(self._bucket_of):
                 self._bucket_members.setdefault(bucket, []).append(index)
@@ -689,7 +689,7 @@ class TrainingBatches:
                     raise SkipSample("missing_caption")
                 caption = ""
         image = decode_image(members[image_key])
-        bucket = choose_bucket(*image.size, self.buckets)
+        bucket = nearest_bucket(*image.size, self.buckets)
         rng = (_crop_rng(self.center_crop, self.seed, raw.key) if self.fixed_crops
                else _crop_rng(self.center_crop, self.seed, epoch, shard, raw.key))
         item = _make_item(image, raw.key, caption, score, bucket, rng, self.augment)
