@@ -153,7 +153,8 @@ def npm_pack(package: str, version: str, cache_dir: Path, *, offline: bool = Fal
             cwd=cache_dir, capture_output=True, text=True, timeout=900,
         )
     except subprocess.TimeoutExpired:
-        raise EmojiDatasetError(f"`npm pack {package}@{version}` took over 15 minutes; is the registry reachable?") from None
+        raise EmojiDatasetError(f"`npm pack {package}@{version}` took over 15 minutes; is the registry "
+                                "reachable?") from None
     if result.returncode != 0 or not target.is_file():
         raise EmojiDatasetError(f"`npm pack {package}@{version}` failed ({result.returncode}): {result.stderr[-2000:]}")
     return target

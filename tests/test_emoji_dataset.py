@@ -225,7 +225,8 @@ def test_readme_sources_licenses_counts_command(tmp_path: Path, cache: Path) -> 
                  "Apache-2.0", "MIT", "| native / twitter style | 5 |", "| native / google style | 5 |",
                  "| multi_aspect | 4 |", "| low_res | 3 |", "| native names from cldr | 10 |",
                  "| native names from fallback | 0 |",
-                 "| native with a skin tone | 6 |", f"python datasets/emoji.py {out} --sources twitter,google --size 32 "
+                 "| native with a skin tone | 6 |",
+                 f"python datasets/emoji.py {out} --sources twitter,google --size 32 "
                  "--multi-aspect 4 --low-res 3 --low-res-sizes 32,48 --seed 5 --limit 2"]:
         assert text in readme, text
     assert len(_records(out)) == 5 + 5 + 4 + 3  # --limit 2: the hand (with 3 tones) and the apple, per set

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from xldm.buckets import (
-    SDXL_BUCKETS, Placement, apply_placement, buckets_for_area, nearest_bucket, place, place_in_bucket, training_buckets,
+    SDXL_BUCKETS, Placement, apply_placement, buckets_for_area, nearest_bucket, place, place_in_bucket,
+    training_buckets,
 )
 
 SDXL_AREA = 1024 * 1024
