@@ -7,11 +7,10 @@ the aspect buckets, models, refiners, limits), `/` and `/static/*` (the page), `
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (counting over
 all batches) uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's
-"(word:1.2)" weighting and 75-token chunks (`weighting=True, long_prompts="chunk"`: the same conditioning as
-`xldm generate --weighting --long-prompts`, and for a plain prompt under 75 tokens the same as plain
-`xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
+"(word:1.2)" weighting and 75-token chunks (as `xldm generate --weighting --long-prompts`; for a plain prompt under
+75 tokens the same as plain `xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
 
-Guards, outermost first (`RequestGuard`, RELIABILITY 11 and 14):
+Guards, outermost first (`RequestGuard`):
   1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (a DNS-rebinding
      page cannot reach the API through a name of its own);
   2. Origin: a browser request from another origin is refused (403), so no web page can use the API, or
@@ -19,7 +18,8 @@ Guards, outermost first (`RequestGuard`, RELIABILITY 11 and 14):
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
      (the webui's `--api-auth` clients; browsers ask for it themselves on the 401's Basic challenge);
   4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
-Then each field's type and range (schemas.py) is checked before any work: 422.
+Then each field's type and range (schemas.py), and the request as the pipeline resolves it
+(`xldm.pipeline.resolve_request`), are checked before any work: 422.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import random
 import re
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -49,13 +49,14 @@ from starlette.concurrency import run_in_threadpool
 
 from xldm import __version__
 from xldm.buckets import SDXL_BUCKETS
+from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, resolve_request
-from xldm.pngmeta import A1111_CHUNK, XLDM_CHUNK, format_a1111_parameters, parse_a1111_parameters, save_png
+from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
 from xldm.serve.schemas import (
     LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, PngInfoRequest, PngInfoResponse,
-    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, XLDM_SAMPLERS,
-    a1111_sampler_name, decode_image, encode_png, resolve_sampler, sampler_aliases,
+    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, decode_image, png_base64,
+    resolve_sampler, sampler_aliases,
 )
 
 log = logging.getLogger("xldm.serve")
@@ -169,12 +170,11 @@ async def _reply(scope, receive, send, status: int, detail: str, headers: dict[s
 
 @dataclass
 class Plan:
-    """A validated generation, ready for the worker."""
+    """A validated generation, ready for the worker: `request` is resolved (its seed is the first image's)."""
 
     request: GenerationRequest
     model: str
     refiner: str | None
-    seed: int
     n_iter: int
     save: bool
 
@@ -183,11 +183,16 @@ class Plan:
 class Outcome:
     images: list[Image.Image]
     params: list[dict[str, Any]]
-    seeds: list[int]
     saved: list[str]
-    steps_done: int = 0
-    interrupted: bool = False
-    interrupt_steps_done: int | None = None
+
+
+@contextmanager
+def _unprocessable():
+    """A ValueError (an invalid setting, pydantic's ValidationError) or KeyError (an unknown name) as a 422."""
+    try:
+        yield
+    except (ValueError, KeyError) as e:
+        raise HTTPException(422, _messages(e)) from None
 
 
 class Server:
@@ -200,7 +205,7 @@ class Server:
             "sd_model_checkpoint": self.store.lookup(first).name,
             "samples_save": True,
             "samples_format": "png",
-            # webui SDXL settings (modules/shared_options.py), defaults of sgm / SDXL_SPEC 4
+            # webui SDXL settings (modules/shared_options.py); defaults as diffusers' SDXL img2img pipeline's
             "sdxl_crop_top": 0, "sdxl_crop_left": 0,
             "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
         }
@@ -237,45 +242,36 @@ class Server:
             if not body.override_settings_restore_afterwards:
                 self.apply_settings(override, self.options)
         model = options["sd_model_checkpoint"]
-        refiner = None
-        if body.refiner_checkpoint not in (None, "", "None"):
-            refiner = self.model_name(body.refiner_checkpoint)
-        total = body.batch_size * body.n_iter
+        refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
+            else None
+        total = body.batch_size * body.n_iter  # n_iter is the server's: resolve_request sees one batch
         seed = body.seed if body.seed != -1 else random.randint(0, MAX_SEED - total + 1)
         if seed + total - 1 > MAX_SEED:
             raise HTTPException(422, f"seed {seed} + {total} images exceeds {MAX_SEED}")
-        try:
-            sampler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
 
-        def size(value):
-            return None if value is None else (int(value[0]), int(value[1]))
+        def pair(value):
+            return None if value is None else tuple(value)
 
-        crop = size(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"])
-        aesthetic = (options["sdxl_refiner_high_aesthetic_score"] if body.aesthetic_score is None
-                     else body.aesthetic_score)
-        negative_aesthetic = (options["sdxl_refiner_low_aesthetic_score"] if body.negative_aesthetic_score is None
-                              else body.negative_aesthetic_score)
-        request = GenerationRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
-            height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, sampler=sampler,
-            batch=body.batch_size, init_image=init_image, mask=mask,
-            strength=float(body.denoising_strength) if init_image is not None else None,
-            refiner_start=body.refiner_switch_at if refiner else None,
-            original_size=size(body.original_size), crop_top_left=crop, target_size=size(body.target_size),
-            negative_original_size=size(body.negative_original_size),
-            negative_target_size=size(body.negative_target_size),
-            aesthetic_score=float(aesthetic), negative_aesthetic_score=float(negative_aesthetic),
-            long_prompts="chunk", weighting=True,
-        )
-        try:
-            request = resolve_request(request, default_size=self.store.lookup(model).default_size,
-                                      has_refiner=refiner is not None)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+        def given(value, setting: str):
+            return float(options[setting] if value is None else value)
+
+        with _unprocessable():
+            request = resolve_request(GenerationRequest(
+                prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
+                height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, batch=body.batch_size,
+                sampler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+                init_image=init_image, mask=mask,
+                strength=float(body.denoising_strength) if init_image is not None else None,
+                refiner_start=body.refiner_switch_at if refiner else None, original_size=pair(body.original_size),
+                crop_top_left=pair(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"]),
+                target_size=pair(body.target_size), negative_original_size=pair(body.negative_original_size),
+                negative_target_size=pair(body.negative_target_size),
+                aesthetic_score=given(body.aesthetic_score, "sdxl_refiner_high_aesthetic_score"),
+                negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
+                long_prompts="chunk", weighting=True,
+            ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
-        return Plan(request, model, refiner, seed, body.n_iter, save and self.outputs is not None)
+        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None)
 
     # --- running (worker thread) ---
 
@@ -284,23 +280,20 @@ class Server:
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
-        outcome = Outcome(images=[], params=[], seeds=[], saved=[])
+        outcome = Outcome(images=[], params=[], saved=[])
         for iteration in range(plan.n_iter):
             job.begin_iteration(iteration, stages)
             try:
-                result = pipe.run(replace(request, seed=plan.seed + iteration * request.batch),
-                                       callback=job.step_callback)
+                result = pipe.run(replace(request, seed=request.seed + iteration * request.batch),
+                                  callback=job.step_callback)
             except Interrupted:
                 break
             for image, params in zip(result.images, result.params):
                 params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
                 outcome.images.append(image)
                 outcome.params.append(params)
-                outcome.seeds.append(params["seed"])
                 if plan.save:
                     outcome.saved.append(self._save(image, params))
-        outcome.steps_done, outcome.interrupted = job.steps_done, job.interrupted
-        outcome.interrupt_steps_done = job.interrupt_steps_done
         return outcome
 
     def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
@@ -323,34 +316,28 @@ class Server:
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         try:
-            outcome: Outcome = await asyncio.wrap_future(job.future)
-        except (ValueError, KeyError) as e:
-            raise HTTPException(422, str(e)) from None
+            with _unprocessable():
+                outcome: Outcome = await asyncio.wrap_future(job.future)
         except OutOfMemory as e:
             raise HTTPException(500, str(e)) from None
         return await run_in_threadpool(self._response, body, plan, job, outcome)
 
     def _response(self, body: GenerationBase, plan: Plan, job: Job, outcome: Outcome) -> dict[str, Any]:
         infotexts = [format_a1111_parameters(p) for p in outcome.params]
-        images = []
-        if body.send_images:
-            images = [encode_png(img, {A1111_CHUNK: text, XLDM_CHUNK: json.dumps(p, default=str)})
-                      for img, text, p in zip(outcome.images, infotexts, outcome.params)]
+        images = [png_base64(img, p) for img, p in zip(outcome.images, outcome.params)] if body.send_images else []
         req = plan.request
         first = outcome.params[0] if outcome.params else {}
-        width, height = first.get("width", req.width), first.get("height", req.height)
         total = body.batch_size * body.n_iter
-        all_seeds = [plan.seed + k for k in range(total)]
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * total,
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * total,
-            "seed": plan.seed, "all_seeds": all_seeds, "subseed": -1, "all_subseeds": [-1] * total,
-            "subseed_strength": 0, "width": width, "height": height,
-            "sampler_name": a1111_sampler_name(req.sampler), "cfg_scale": body.cfg_scale, "steps": body.steps,
+            "seed": req.seed, "all_seeds": [req.seed + k for k in range(total)], "subseed": -1,
+            "all_subseeds": [-1] * total, "subseed_strength": 0, "width": req.width, "height": req.height,
+            "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": req.strength if req.init_image is not None else None,
+            "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": first.get("refiner_start")}
                                         if plan.refiner else {}),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
@@ -358,8 +345,8 @@ class Server:
             "clip_skip": 1, "is_using_inpainting_conditioning": bool(req.mask is not None),
             "version": f"xldm {__version__}",
             "xldm": {"job": job.id, "queued_at": job.queued_at, "started_at": job.started_at,
-                     "finished_at": job.finished_at, "interrupted": outcome.interrupted,
-                     "steps_done": outcome.steps_done, "interrupt_steps_done": outcome.interrupt_steps_done,
+                     "finished_at": job.finished_at, "interrupted": job.interrupted,
+                     "steps_done": job.steps_done, "interrupt_steps_done": job.interrupt_steps_done,
                      "images_done": len(outcome.images), "saved": outcome.saved},
         }
         parameters = body.model_dump()
@@ -398,22 +385,19 @@ class Server:
             "models": [e.name for e in self.store.entries.values() if not e.is_refiner],
             "refiners": [e.name for e in self.store.entries.values() if e.is_refiner],
             "refiner": self.refiner, "default_size": [entry.default_size, entry.default_size], "sizes": sizes,
-            "samplers": [a1111_sampler_name(s) for s in XLDM_SAMPLERS], "outputs": self.outputs is not None,
-            "limits": {"max_steps": self.limits.max_steps, "max_batch_size": self.limits.max_batch_size,
-                       "max_n_iter": self.limits.max_n_iter, "max_cfg": self.limits.max_cfg,
-                       "max_prompt_chars": self.limits.max_prompt_chars},
+            "samplers": [A1111_SAMPLER_NAMES[s] for s in SAMPLER_NAMES], "outputs": self.outputs is not None,
+            "limits": {name: getattr(self.limits, name)
+                       for name in ("max_steps", "max_batch_size", "max_n_iter", "max_cfg", "max_prompt_chars")},
         }
 
 
 def _settings(data: dict[str, Any]) -> Settings:
-    try:
+    with _unprocessable():
         return Settings.model_validate(data)
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise HTTPException(422, _messages(e)) from None
 
 
 def _messages(error: Exception) -> str:
-    if hasattr(error, "errors"):
+    if hasattr(error, "errors"):  # pydantic's ValidationError
         return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors())
     return str(error)
 
@@ -421,10 +405,8 @@ def _messages(error: Exception) -> str:
 def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
     if text is None:
         return None
-    try:
+    with _unprocessable():
         return decode_image(text, what, limits)
-    except ValueError as e:
-        raise HTTPException(422, str(e)) from None
 
 
 # --- the app -----------------------------------------------------------------------------------------------
@@ -482,8 +464,8 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
     async def samplers() -> list[dict[str, Any]]:
-        return [SamplerItem(name=a1111_sampler_name(s), aliases=sampler_aliases(s)).model_dump()
-                for s in XLDM_SAMPLERS]
+        return [SamplerItem(name=A1111_SAMPLER_NAMES[s], aliases=sampler_aliases(s)).model_dump()
+                for s in SAMPLER_NAMES]
 
     @app.get("/sdapi/v1/options", tags=["sdapi"])
     async def get_options() -> dict[str, Any]:

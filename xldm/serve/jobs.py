@@ -1,6 +1,6 @@
 """The work behind the API: a bounded FIFO queue, one worker thread, progress, interrupt, the models it may load.
 
-* **Queue** (RELIABILITY 12): at most `max_waiting` jobs wait behind the running one; one more is refused at
+* **Queue**: at most `max_waiting` jobs wait behind the running one; one more is refused at
   once with `QueueFull` (the API answers 503 with Retry-After).  One worker thread runs the jobs one at a time,
   in the order they were accepted, so jobs never compete for the model or the GPU.
 * **Progress**: the pipeline's step callback records the step and the denoised estimate x0; `progress()`
@@ -9,9 +9,9 @@
   `cheap_approximation`): no network runs, a 1024x1024 image gives a 128x128 preview in well under a millisecond.
 * **Interrupt**: sets a flag that the step callback checks after every sampler step, where it raises
   `xldm.pipeline.Interrupted`; the job ends within one step and returns the images of iterations already done.
-* **Out of memory** (RELIABILITY 13): `torch.cuda.OutOfMemoryError` or `MemoryError` fails that job only; its
+* **Out of memory**: `torch.cuda.OutOfMemoryError` or `MemoryError` fails that job only; its
   tensors are dropped, the CUDA cache emptied, and the worker goes on with the next job.
-* **Models** (RELIABILITY 14): only the checkpoints registered at start (`ModelStore`) can be loaded; a request
+* **Models**: only the checkpoints registered at start (`ModelStore`) can be loaded; a request
   names one, it never gives a path.  At most the current model and refiner stay loaded.
 """
 
@@ -49,10 +49,7 @@ class OutOfMemory(Exception):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
-    if hasattr(torch.cuda, "OutOfMemoryError"):
-        oom_types += (torch.cuda.OutOfMemoryError,)
-    return isinstance(error, oom_types)
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
 
 
 def free_memory() -> None:
@@ -250,7 +247,7 @@ class JobQueue:
 
     def preview_png(self, job: Job) -> str | None:
         """The running job's preview as base64 PNG, computed at most once per step."""
-        from xldm.serve.schemas import encode_png
+        from xldm.serve.schemas import png_base64
 
         x0, steps = job.x0, job.steps_done
         if x0 is None:
@@ -258,7 +255,7 @@ class JobQueue:
         cached = self._preview_cache
         if cached is not None and cached[:2] == (job.id, steps):
             return cached[2]
-        png = encode_png(latent_preview(x0, job.preview_kind))
+        png = png_base64(latent_preview(x0, job.preview_kind))
         self._preview_cache = (job.id, steps, png)
         return png
 

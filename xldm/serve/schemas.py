@@ -32,14 +32,15 @@ from typing import Annotated, Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED
-from xldm.pngmeta import A1111_SAMPLER_NAMES
+from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for (RELIABILITY 11).  The request models below take their field
-    bounds from `LIMITS`; a server's own `Limits` sets the body, image and page bounds."""
+    """Bounds on what one request may ask for.  The request models below take their field bounds from `LIMITS`;
+    a server's own `Limits` sets the body, image and page bounds."""
 
     min_side: int = 8  # width/height: multiples of 8 (the VAE's factor) in [min_side, max_side]
     max_side: int = 2048  # SDXL's largest bucket side (SDXL paper, App. I)
@@ -62,29 +63,18 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what an image field may hold; anythin
 
 # --- samplers ------------------------------------------------------------------------------------------------
 
-# The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py), plus the xldm names.
+# The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py); the xldm names work too.
 _ALIASES: dict[str, tuple[str, ...]] = {
-    "euler_a": ("k_euler_a", "k_euler_ancestral"),
-    "euler": ("k_euler",),
-    "heun": ("k_heun",),
-    "dpmpp_2m": ("k_dpmpp_2m",),
-    "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
-    "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
-    "ddim": (),
-    "unipc": (),
+    "euler_a": ("k_euler_a", "k_euler_ancestral"), "euler": ("k_euler",), "heun": ("k_heun",),
+    "dpmpp_2m": ("k_dpmpp_2m",), "dpmpp_2m_karras": ("k_dpmpp_2m_ka",), "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
 }
-XLDM_SAMPLERS = tuple(_ALIASES)
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
 _SCHEDULERS_KEPT = ("", "automatic")
 
 
-def a1111_sampler_name(xldm_name: str) -> str:
-    return A1111_SAMPLER_NAMES[xldm_name]
-
-
 def sampler_aliases(xldm_name: str) -> list[str]:
-    return [*_ALIASES[xldm_name], xldm_name]
+    return [*_ALIASES.get(xldm_name, ()), xldm_name]
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
@@ -96,10 +86,10 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     elif sched not in _SCHEDULERS_KEPT and sched not in _SCHEDULERS_MERGED:
         raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic' or 'Karras'")
     wanted = name.lower()
-    for xname in XLDM_SAMPLERS:
+    for xname in SAMPLER_NAMES:
         if wanted in (a.lower() for a in (A1111_SAMPLER_NAMES[xname], *sampler_aliases(xname))):
             return xname
-    choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in XLDM_SAMPLERS)
+    choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in SAMPLER_NAMES)
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
 
 
@@ -160,16 +150,9 @@ def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Ima
     return image
 
 
-def encode_png(image: Image.Image, text_chunks: dict[str, str] | None = None) -> str:
-    """A PIL image -> base64 PNG, with text chunks (the webui's images carry their `parameters` chunk too)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in (text_chunks or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def png_base64(image: Image.Image, params: dict[str, Any] | None = None) -> str:
+    """A PIL image -> base64 PNG, with the settings' text chunks (the webui's images carry `parameters` too)."""
+    return base64.b64encode(encode_png(image, params)).decode("ascii")
 
 
 # --- requests --------------------------------------------------------------------------------------------------
@@ -178,7 +161,9 @@ def encode_png(image: Image.Image, text_chunks: dict[str, str] | None = None) ->
 _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 # a base64 image of at most max_image_bytes (4 characters per 3 bytes, and room for a data: URL prefix)
 Base64Image = Annotated[str, Field(max_length=(_L.max_image_bytes + 2) // 3 * 4 + 64)]
-Size2 = Annotated[list[int], Field(min_length=2, max_length=2)]  # JSON has no tuples
+# [width, height] with sides in [1, 16384], and [top, left] in [0, 16384] (JSON has no tuples)
+Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=2, max_length=2)]
+Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 _REQUEST_PATH_FIELDS = {"refiner_checkpoint"}  # looked up by name among the registered models only
 
@@ -252,7 +237,7 @@ class GenerationBase(BaseModel):
     script_args: list[Any] = Field(default_factory=list, max_length=0)
     # xldm: SDXL micro-conditioning (SDXL paper, Sec. 2.2), sizes as [width, height], crop as [top, left]
     original_size: Size2 | None = None
-    crop_top_left: Size2 | None = None
+    crop_top_left: Crop2 | None = None
     target_size: Size2 | None = None
     negative_original_size: Size2 | None = None
     negative_target_size: Size2 | None = None
@@ -270,12 +255,6 @@ class GenerationBase(BaseModel):
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
-        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
-            size = getattr(self, name)
-            if size is not None and not all(1 <= v <= 16384 for v in size):
-                raise ValueError(f"{name} must be [width, height] with each side in [1, 16384]")
-        if self.crop_top_left is not None and not all(0 <= v <= 16384 for v in self.crop_top_left):
-            raise ValueError("crop_top_left must be [top, left] with each in [0, 16384]")
         if self.refiner_checkpoint not in (None, "", "None"):
             check_name(self.refiner_checkpoint, "refiner_checkpoint")
         return self
@@ -373,5 +352,5 @@ class PngInfoResponse(BaseModel):
 __all__ = [
     "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
     "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-    "encode_png", "resolve_sampler", "a1111_sampler_name", "sampler_aliases", "check_name", "XLDM_SAMPLERS",
+    "png_base64", "resolve_sampler", "sampler_aliases", "check_name",
 ]
