@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from xldm.config import TINY_SDXL_BASE
-from xldm.serve.app import RunningServer, ServerConfig, create_app
+from xldm.serve.app import ServerConfig, create_app
 from xldm.weights.save import save_single_file
 
+from running_server import RunningServer
 from tiny_models import random_components
 
 CLIENTS = 30

@@ -120,6 +120,17 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Size] = SDXL_BUCKE
     return min(buckets, key=key)
 
 
+def scaled_buckets(side: int, buckets: Iterable[Size] = SDXL_BUCKETS) -> list[Size]:
+    """The buckets of a 1024^2 table scaled to a model of native size `side`, sides rounded to multiples of 8
+    (at least 8), without repeats, in the table's order."""
+    scale, sizes = side / 1024, []
+    for w, h in buckets:
+        size = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
 def format_sizes(buckets: Iterable[Size] = SDXL_BUCKETS) -> str:
     """The table of `xldm generate --list-sizes`: a header, then `WIDTHxHEIGHT  aspect` (w/h, two decimals)."""
     rows = [(f"{w}x{h}", f"{w / h:.2f}") for w, h in buckets]
@@ -190,5 +201,5 @@ def apply_placement(image: Image.Image, placement: Placement, resample: Image.Re
 
 __all__ = [
     "SDXL_BUCKETS", "SDXL_RULE_EXTRA", "Size", "RESAMPLE", "Placement", "apply_placement", "buckets_for_area",
-    "format_sizes", "nearest_bucket", "place", "place_in_bucket", "training_buckets",
+    "format_sizes", "nearest_bucket", "place", "place_in_bucket", "scaled_buckets", "training_buckets",
 ]

@@ -9,7 +9,7 @@
 Needs the `serve` extra (`pip install xldm[serve]`): FastAPI, uvicorn.
 """
 
-__all__ = ["create_app", "ServerConfig", "RunningServer"]
+__all__ = ["create_app", "ServerConfig"]
 
 
 def __getattr__(name: str):

@@ -48,7 +48,7 @@ from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
 from xldm import __version__
-from xldm.buckets import SDXL_BUCKETS
+from xldm.buckets import scaled_buckets
 from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, resolve_request
 from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
@@ -115,36 +115,29 @@ class RequestGuard:
             return await _reply(scope, receive, send, 401, "missing or wrong API key",
                                 {"WWW-Authenticate": 'Basic realm="xldm", charset="UTF-8"'})
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = headers.get("content-length", "0")
+            declared, too_big = headers.get("content-length", "0"), f"the body is over {self.max_body} bytes"
             if not declared.isdigit() or int(declared) > self.max_body:
-                return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
-            chunks, size = [], 0
+                return await _reply(scope, receive, send, 413, too_big)
+            body = bytearray()
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body:
-                    return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
-                chunks.append(chunk)
+                body += message.get("body", b"")
+                if len(body) > self.max_body:
+                    return await _reply(scope, receive, send, 413, too_big)
                 if not message.get("more_body", False):
                     break
-            body = b"".join(chunks)
             content_type = headers.get("content-type", "")
             if body and ("json" in content_type or not content_type):
                 try:
                     json.loads(body, parse_constant=_refuse_constant)
                 except (ValueError, RecursionError) as e:
                     return await _reply(scope, receive, send, 400, f"malformed JSON: {str(e)[:200]}")
-            sent = False
+            unread = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+            async def replay():  # the body once, then whatever the server sends next (a disconnect)
+                return unread.pop() if unread else await receive()
 
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
@@ -201,13 +194,12 @@ class Server:
         self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
         first = config.model or next(iter(self.store.entries))
-        self.options: dict[str, Any] = {
-            "sd_model_checkpoint": self.store.lookup(first).name,
-            "samples_save": True,
-            "samples_format": "png",
-            # webui SDXL settings (modules/shared_options.py); defaults as diffusers' SDXL img2img pipeline's
-            "sdxl_crop_top": 0, "sdxl_crop_left": 0,
-            "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
+        crop = GenerationRequest.crop_top_left
+        self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
+            "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
+            "sdxl_crop_top": crop[0], "sdxl_crop_left": crop[1],
+            "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
+            "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
         }
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
@@ -374,12 +366,7 @@ class Server:
     def page_config(self) -> dict[str, Any]:
         """What the page needs: the aspect buckets scaled to the current model's native size, and more."""
         entry = self.store.entries[self.options["sd_model_checkpoint"]]
-        scale = entry.default_size / 1024
-        sizes = []
-        for w, h in SDXL_BUCKETS:
-            size = [max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)]
-            if size not in sizes:
-                sizes.append(size)
+        sizes = [list(size) for size in scaled_buckets(entry.default_size)]
         return {
             "version": __version__, "model": entry.name,
             "models": [e.name for e in self.store.entries.values() if not e.is_refiner],
@@ -500,38 +487,4 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     return app
 
 
-# --- running ---------------------------------------------------------------------------------------------------
-
-class RunningServer:
-    """A uvicorn server in a background thread (tests, notebooks): `.url`, `.stop()`."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP given explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
-        # socket says its protocol (else every response waits ~40 ms for a delayed ACK)
-        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.port = self.socket.getsockname()[1]
-        self.url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
-
-
-__all__ = ["ServerConfig", "Server", "create_app", "RunningServer", "RequestGuard", "LOOPBACK_HOSTS"]
+__all__ = ["ServerConfig", "Server", "create_app", "RequestGuard", "LOOPBACK_HOSTS"]

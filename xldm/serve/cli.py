@@ -2,7 +2,7 @@
 
 Listens on 127.0.0.1:7860 by default.  Another address (0.0.0.0, a LAN address) needs `--api-key KEY`, or
 `--allow-remote` to listen there without one anyway (with a warning): the webui's API has no authentication by
-default, and open instances have been used to run other people's code (RELIABILITY 14).
+default, and open instances have been used to run other people's code.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def build_config(args: argparse.Namespace):
     if args.refiner:
         models.append(Path(args.refiner))
     if not models:  # the small model bundled with xldm (xldm/data/default), with its refiner
-        from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+        from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
         if not DEFAULT_MODEL_PATH.is_file():
             raise ValueError("give --model PATH (or --models-dir DIR); this copy of xldm has no bundled default model")
@@ -70,11 +70,9 @@ def build_config(args: argparse.Namespace):
         if DEFAULT_REFINER_PATH.is_file():
             args.refiner = str(DEFAULT_REFINER_PATH)
             models.append(DEFAULT_REFINER_PATH)
-    for path in models:
+    for path in models:  # a path, never a preset name (which xldm.weights.info.model_info would also accept)
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
-    if args.queue_size < 0:
-        raise ValueError(f"--queue-size must be >= 0, got {args.queue_size}")
     api_key = args.api_key or os.environ.get("XLDM_API_KEY") or None
     loopback = _is_loopback(args.host)
     if not loopback and api_key is None:

@@ -1,23 +1,20 @@
 """Request and response bodies of the HTTP API, with AUTOMATIC1111's field names, defaults and shapes.
 
-The field names, defaults and response shapes follow stable-diffusion-webui `modules/api/models.py`
-(`StableDiffusionTxt2ImgProcessingAPI`, `StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`,
-`ProgressResponse`, `SDModelItem`, `SamplerItem`, `PNGInfoResponse`), so scripts written for the webui's API
-send the same JSON.  What differs is written down here:
+They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2ImgProcessingAPI`,
+`StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`, `ProgressResponse`, `SDModelItem`, `SamplerItem`,
+`PNGInfoResponse`), so scripts written for the webui's API send the same JSON.  What differs:
 
-* **Bounds.** Every number has a range (`Limits`) and every string a length; out of range is a 422 before any
+* **Bounds.** Every number has a range (`Limits`) and every string a length: out of range is a 422 before any
   work.  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
-* **Unknown keys are ignored**, as the webui's pydantic models ignore them, **except path-like ones** (a key
-  naming a path, folder or file, such as `outpath_samples`): those are refused, since the server's only
-  folders are fixed at start.  Webui features xldm does not have (hires fix, face restoration, tiling, scripts,
-  variation seeds, styles) are refused with a 422 when switched on, never silently dropped.
-* **Empty negative prompt** = no negative prompt: SDXL base's zeroed unconditional embedding (diffusers'
+* **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
+  ...): refused, the server's folders are fixed at start.  Webui features xldm does not have (hires fix, face
+  restoration, tiling, scripts, variation seeds, styles) are refused when switched on, never silently dropped.
+* **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
 * **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
   `aesthetic_score`, `negative_aesthetic_score`; the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
-  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too, through `override_settings`
-  or `/sdapi/v1/options`.
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too (`override_settings`, options).
 """
 
 from __future__ import annotations
@@ -93,7 +90,7 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
 
 
-# --- names that could be paths ---------------------------------------------------------------------------
+# --- names that could be paths (a model name is checked once: looked up among the registered names) -------
 
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
 
@@ -105,14 +102,6 @@ def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
         if bad:
             raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
                              f"be set by a request")
-
-
-def check_name(value: str, what: str = "model name") -> str:
-    """A model name is a name from /sdapi/v1/sd-models, never a path: no separators, no '..', no control chars."""
-    if (not value or len(value) > _L.max_name_chars or "/" in value or "\\" in value or ".." in value
-            or any(ord(c) < 32 for c in value) or "%" in value or value.startswith("~")):
-        raise ValueError(f"{what} {value[:80]!r} is not a name from /sdapi/v1/sd-models (paths are not accepted)")
-    return value
 
 
 # --- images in and out -----------------------------------------------------------------------------------------
@@ -183,8 +172,6 @@ class Settings(BaseModel):
     @classmethod
     def _no_paths(cls, data: Any) -> Any:
         refuse_path_like_keys(data, {"sd_model_checkpoint"})
-        if isinstance(data, dict) and isinstance(data.get("sd_model_checkpoint"), str):
-            check_name(data["sd_model_checkpoint"], "sd_model_checkpoint")
         return data
 
 
@@ -255,8 +242,6 @@ class GenerationBase(BaseModel):
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
-        if self.refiner_checkpoint not in (None, "", "None"):
-            check_name(self.refiner_checkpoint, "refiner_checkpoint")
         return self
 
 
@@ -352,5 +337,5 @@ class PngInfoResponse(BaseModel):
 __all__ = [
     "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
     "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-    "png_base64", "resolve_sampler", "sampler_aliases", "check_name",
+    "png_base64", "resolve_sampler", "sampler_aliases",
 ]
