@@ -1,4 +1,4 @@
-"""`xldm serve` under load (RELIABILITY 12): a real server with a queue of 8 and 30 requests at once.
+"""`xldm serve` under load: a real server with a queue of 8 and 30 requests at once.
 
 The extra requests get 503 with Retry-After at once; the accepted ones all complete, one at a time, in the order
 they were accepted, each with the image of its own seed; an interrupt stops only the running job.

@@ -1,5 +1,5 @@
 """Training data: folders and WebDataset shards, bucketed batches, determinism, rank sharding, exact resume,
-bad files skipped and counted (RELIABILITY items 6, 8, 10).
+bad files skipped and counted.
 
 Batches are compared exactly (torch.equal on pixels and int64 conditioning: max abs diff 0); pixel values of
 converted modes have the tolerance stated next to them (JPEG is lossy).

@@ -1,9 +1,8 @@
 """The ASGI app: AUTOMATIC1111's `/sdapi/v1/*` API over xldm's pipeline, and the web page at `/`.
 
 Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`; GET `progress`,
-`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs: sizes from
-the aspect buckets, models, refiners, limits), `/` and `/static/*` (the page), `/openapi.json`.  The interactive
-`/docs` pages are off: FastAPI builds them from a CDN, and nothing the server sends loads external resources.
+`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and
+`/static/*` (the page), `/openapi.json`; FastAPI's `/docs` pages are off (they load from a CDN).
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (counting over
 all batches) uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's
@@ -11,12 +10,10 @@ all batches) uses `seed + k`, so any image is made again alone from its recorded
 75 tokens the same as plain `xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
 
 Guards, outermost first (`RequestGuard`):
-  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (a DNS-rebinding
-     page cannot reach the API through a name of its own);
-  2. Origin: a browser request from another origin is refused (403), so no web page can use the API, or
-     interrupt it, behind a user's back;
+  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (no DNS rebinding);
+  2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back;
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
-     (the webui's `--api-auth` clients; browsers ask for it themselves on the 401's Basic challenge);
+     (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
   4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
 Then each field's type and range (schemas.py), and the request as the pipeline resolves it
 (`xldm.pipeline.resolve_request`), are checked before any work: 422.
@@ -190,28 +187,23 @@ def _unprocessable():
 
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
-        self.config = config
-        self.limits = config.limits
+        self.config, self.limits = config, config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
         first = config.model or next(iter(self.store.entries))
-        crop = GenerationRequest.crop_top_left
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
             "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
-            "sdxl_crop_top": crop[0], "sdxl_crop_left": crop[1],
+            "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
             "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
             "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
         }
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
-        self._save_lock = threading.Lock()
-        self._next_index = 0
+        self._save_lock, used = threading.Lock(), []
         if self.outputs is not None:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
-            self._next_index = max(used, default=-1) + 1
-
-    # --- settings ---
+        self._next_index = max(used, default=-1) + 1
 
     def model_name(self, name: str) -> str:
         try:
@@ -222,8 +214,6 @@ class Server:
     def apply_settings(self, settings: Settings, target: dict[str, Any]) -> None:
         for key, value in settings.model_dump(exclude_none=True).items():
             target[key] = self.model_name(value) if key == "sd_model_checkpoint" else value
-
-    # --- planning ---
 
     def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
              mask: Image.Image | None = None) -> Plan:
@@ -265,8 +255,6 @@ class Server:
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
         return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None)
 
-    # --- running (worker thread) ---
-
     def execute(self, plan: Plan, job: Job) -> Outcome:
         pipe = self.store.pipeline(plan.model, plan.refiner)
         request = plan.request
@@ -296,8 +284,6 @@ class Server:
         save_png(image, self.outputs / name, params)
         return name
 
-    # --- the endpoint body ---
-
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
         plan = self.plan(body, init_image, mask)
         entry = self.store.entries[plan.model]
@@ -318,7 +304,6 @@ class Server:
         infotexts = [format_a1111_parameters(p) for p in outcome.params]
         images = [png_base64(img, p) for img, p in zip(outcome.images, outcome.params)] if body.send_images else []
         req = plan.request
-        first = outcome.params[0] if outcome.params else {}
         total = body.batch_size * body.n_iter
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * total,
@@ -330,7 +315,7 @@ class Server:
             "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": req.strength,
-            "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": first.get("refiner_start")}
+            "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
@@ -462,7 +447,6 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     async def set_options(body: dict[str, Any]) -> None:
         """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
         server.apply_settings(_settings(body), server.options)
-        return None
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:

@@ -54,7 +54,6 @@ def build_config(args: argparse.Namespace):
     """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
     from xldm.serve.app import LOOPBACK_HOSTS, ServerConfig
     from xldm.serve.jobs import find_models
-    from xldm.serve.schemas import LIMITS
 
     models = [Path(p) for p in args.model]
     if args.models_dir:
@@ -87,7 +86,7 @@ def build_config(args: argparse.Namespace):
     return ServerConfig(
         models=models, model=models[0].name, refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device, limits=LIMITS)
+        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,8 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"pip install 'xldm[serve]'") from None
     from xldm.serve.app import create_app
 
-    config = build_config(args)
-    app = create_app(config)
+    app = create_app(build_config(args))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"xldm serve: http://{host}:{args.port}/  (API: /sdapi/v1/*, OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)

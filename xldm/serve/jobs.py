@@ -46,10 +46,6 @@ class OutOfMemory(Exception):
     """A job ran out of memory; the server has freed what the job held and goes on."""
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
-
-
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -142,11 +138,8 @@ class JobQueue:
         self._durations: deque[float] = deque(maxlen=20)
         self._stopped = False
         self._preview_cache: tuple[int, int, str] | None = None  # (job id, steps_done, base64 PNG)
-        self.completed = 0
         self._worker = threading.Thread(target=self._work, name="xldm-serve-worker", daemon=True)
         self._worker.start()
-
-    # --- submitting ---
 
     def submit(self, run: Callable[[Job], Any], *, n_iter: int = 1, description: str = "",
                preview_kind: str = "sdxl-base") -> Job:
@@ -161,8 +154,6 @@ class JobQueue:
             self._waiting.append(job)
             self._lock.notify()
             return job
-
-    # --- the worker ---
 
     def _work(self) -> None:
         while True:
@@ -186,7 +177,7 @@ class JobQueue:
     @staticmethod
     def _describe(job: Job, error: BaseException) -> BaseException:
         """The exception to hand to the waiting request, holding no frames (so no tensors) of the job."""
-        if is_out_of_memory(error):
+        if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
             log.warning("job %d ran out of memory: %s", job.id, str(error))  # str: a record keeps no frames
             return OutOfMemory(f"out of memory during job {job.id} ({type(error).__name__}); "
                                f"try a smaller size or batch")
@@ -199,7 +190,6 @@ class JobQueue:
         with self._lock:
             self.running = None
             self._durations.append(job.finished_at - (job.started_at or job.finished_at))
-            self.completed += 1
             self._preview_cache = None
         if error is not None:
             job.future.set_exception(error)
@@ -216,8 +206,6 @@ class JobQueue:
         for job in waiting:
             job.future.set_exception(RuntimeError("the server shut down before this job ran"))
         self._worker.join(timeout=30)
-
-    # --- reading ---
 
     def interrupt(self) -> Job | None:
         """Stop the running job after its current step (the webui interrupts the running job only)."""
@@ -328,4 +316,4 @@ class ModelStore:
 
 
 __all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models",
-           "latent_preview", "is_out_of_memory"]
+           "latent_preview"]

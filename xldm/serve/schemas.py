@@ -55,8 +55,6 @@ class Limits:
 LIMITS = Limits()
 _L = LIMITS
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what an image field may hold; anything else is refused
-
 
 # --- samplers ------------------------------------------------------------------------------------------------
 
@@ -67,7 +65,6 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
-_SCHEDULERS_KEPT = ("", "automatic")
 
 
 def sampler_aliases(xldm_name: str) -> list[str]:
@@ -80,7 +77,7 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     sched = (scheduler or "").strip().lower()
     if sched in _SCHEDULERS_MERGED and not name.lower().endswith(_SCHEDULERS_MERGED[sched].lower()):
         name += _SCHEDULERS_MERGED[sched]
-    elif sched not in _SCHEDULERS_KEPT and sched not in _SCHEDULERS_MERGED:
+    elif sched not in ("", "automatic", *_SCHEDULERS_MERGED):
         raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic' or 'Karras'")
     wanted = name.lower()
     for xname in SAMPLER_NAMES:
@@ -127,13 +124,11 @@ def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Ima
     except (binascii.Error, ValueError):
         raise ValueError(f"{what}: not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        image = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))  # anything else is refused
         width, height = image.size
         if width * height > limits.max_image_pixels:  # before decoding a single pixel
             raise ValueError(f"{what}: {width}x{height} has more than {limits.max_image_pixels} pixels")
         image.load()
-    except ValueError:
-        raise
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
     return image
@@ -153,8 +148,6 @@ Base64Image = Annotated[str, Field(max_length=(_L.max_image_bytes + 2) // 3 * 4 
 # [width, height] with sides in [1, 16384], and [top, left] in [0, 16384] (JSON has no tuples)
 Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=2, max_length=2)]
 Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
-
-_REQUEST_PATH_FIELDS = {"refiner_checkpoint"}  # looked up by name among the registered models only
 
 
 class Settings(BaseModel):
@@ -234,7 +227,7 @@ class GenerationBase(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, _REQUEST_PATH_FIELDS)
+        refuse_path_like_keys(data, {"refiner_checkpoint"})  # a name, looked up among the registered models
         return data
 
     @model_validator(mode="after")
