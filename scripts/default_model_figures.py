@@ -57,7 +57,7 @@ def transpose(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:
 def main(argv: list[str] | None = None) -> int:
     import xldm
     from xldm.cascade import CascadePipeline, load_cascade
-    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+    from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)

@@ -3,21 +3,22 @@
 #
 #   scripts/train_default.sh OUT_DIR
 #
-# Stages (each an `xldm train` preset from xldm/default_model.py; each resumes from its checkpoints when the
-# script is run again, and a finished stage is skipped):
-#   0. dataset      xldm data emoji OUT/data/emoji (Twemoji + Noto, CLDR captions), then OUT/data/train without
-#                   the held-out emoji names (xldm.default_model.is_heldout, ~3 %)
+# Stages (each an `xldm train` preset, default-*; each resumes from its checkpoints when the script is run again,
+# and a finished stage is skipped):
+#   0. dataset      datasets/emoji.py OUT/data/emoji (Twemoji + Noto, CLDR captions), then datasets/split.py:
+#                   OUT/data/train without the held-out emoji names (xldm.train.data.is_heldout, ~3 %)
 #   1. default-clip both text encoders, contrastive pre-training against a throw-away image tower (64 px)
 #   2. default-vae  the KL autoencoder (8x down, 4 channels), L1 + KL, EMA of the weights
 #   3. default-base the base UNet on ~128^2 aspect buckets; text encoders (1) and VAE (2) frozen, taken from an
-#                   init file that also carries the VAE's measured latent scale
+#                   init file that also carries the VAE's measured latent scale (scripts/default_model.py compose)
 #  3b. default-base-ft  the base's second stage from (3)'s weights: cached VAE posteriors and text embeddings
 #                   (OUT/cache), zoomed crops, min-SNR weighting
 #   4. default-refiner  the refiner UNet on the 200 low-noise steps, bigG-like encoder and VAE frozen
 #  4b. default-refiner-ft  the refiner's second stage from (4)'s weights, as 3b
 #   5. export       fp16 single files OUT/export/base.safetensors and OUT/export/refiner.safetensors
+#                   (scripts/default_model.py export)
 #
-# Environment: EMOJI_DATA=DIR uses an existing `xldm data emoji` build instead of building one;
+# Environment: EMOJI_DATA=DIR uses an existing datasets/emoji.py build instead of building one;
 # XLDM_THREADS (default 1) sets the CPU threads, FT_THREADS (default 2) those of stages 3b and 4b; CLIP_STEPS,
 # VAE_STEPS, BASE_STEPS, BASE_FT_STEPS, REFINER_STEPS, REFINER_FT_STEPS and CHECKPOINT_EVERY override the presets
 # (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights
@@ -45,6 +46,7 @@ fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 export OMP_NUM_THREADS=${XLDM_THREADS:-1} MKL_NUM_THREADS=${XLDM_THREADS:-1}
 PY=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)  # the repository: datasets/ and scripts/
 log() { echo "[$(date '+%F %T')] $*"; }
 
 # 0. dataset -------------------------------------------------------------------------------------------------
@@ -55,13 +57,13 @@ else
     if [[ ! -f "$OUT/data/emoji.done" ]]; then
         log "building the emoji dataset in $EMOJI"
         rm -rf "$EMOJI"
-        xldm data emoji "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
+        "$PY" "$ROOT/datasets/emoji.py" "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
         touch "$OUT/data/emoji.done"
     fi
 fi
 if [[ ! -f "$OUT/data/train.done" ]]; then
     log "splitting off the held-out names into $OUT/data/train"
-    "$PY" -m xldm.default_model split "$EMOJI" "$OUT/data/train"
+    "$PY" "$ROOT/datasets/split.py" "$EMOJI" "$OUT/data/train"
     touch "$OUT/data/train.done"
 fi
 
@@ -89,7 +91,7 @@ run_stage clip default-clip "$EMOJI" CLIP_STEPS
 run_stage vae default-vae "$OUT/data/train" VAE_STEPS
 # 3. base: init file = text encoders (1) + VAE (2) + measured latent scale
 if [[ ! -f "$OUT/init/base.safetensors" ]]; then
-    "$PY" -m xldm.default_model compose default-base --text-encoders "$OUT/clip/final/model.safetensors" \
+    "$PY" "$ROOT/scripts/default_model.py" compose default-base --text-encoders "$OUT/clip/final/model.safetensors" \
         --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train" --out "$OUT/init/base.safetensors"
 fi
 run_stage base default-base "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
@@ -101,7 +103,7 @@ if [[ ! -f "$OUT/init/refiner.safetensors" ]]; then
     SCALE=$("$PY" -c "import json, sys; from xldm.weights.io import open_checkpoint; \
 print(json.loads(open_checkpoint(sys.argv[1]).metadata['xldm.config'])['vae']['scaling_factor'])" \
         "$OUT/init/base.safetensors")
-    "$PY" -m xldm.default_model compose default-refiner --text-encoders "$OUT/clip/final/model.safetensors" \
+    "$PY" "$ROOT/scripts/default_model.py" compose default-refiner --text-encoders "$OUT/clip/final/model.safetensors" \
         --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE" --out "$OUT/init/refiner.safetensors"
 fi
 run_stage refiner default-refiner "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
@@ -110,9 +112,9 @@ OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
     --init "$OUT/refiner/final/model.safetensors" --set "cache_dir=$OUT/cache"
 
 # 5. export --------------------------------------------------------------------------------------------------
-"$PY" -m xldm.default_model export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
-"$PY" -m xldm.default_model export "$OUT/refiner-ft/final/model.safetensors" "$OUT/export/refiner.safetensors"
+"$PY" "$ROOT/scripts/default_model.py" export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
+"$PY" "$ROOT/scripts/default_model.py" export "$OUT/refiner-ft/final/model.safetensors" "$OUT/export/refiner.safetensors"
 log "done. The default model's files:"
 ls -l "$OUT/export/base.safetensors" "$OUT/export/refiner.safetensors"
 echo "Try: xldm generate \"red heart\" --model $OUT/export/base.safetensors --refiner $OUT/export/refiner.safetensors --out heart.png"
-echo "To ship them: copy both into xldm/data/default/ (xldm.default_model.DEFAULT_MODEL_DIR)."
+echo "To ship them: copy both into xldm/data/default/ (xldm.config.DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH)."

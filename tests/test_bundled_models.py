@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from xldm.cascade import DEFAULT_CASCADE_DIR, CascadePipeline, load_cascade, read_stage_header
-from xldm.default_model import DEFAULT_BASE, DEFAULT_MODEL_PATH, DEFAULT_REFINER, DEFAULT_REFINER_PATH, \
-    SIZE_BUDGET_BYTES
+from xldm.config import DEFAULT_BASE, DEFAULT_MODEL_PATH, DEFAULT_REFINER, DEFAULT_REFINER_PATH
 from xldm.weights.io import open_checkpoint
 
+SIZE_BUDGET_BYTES = 25_000_000  # issue 5: base file + refiner file <= 25 MB
 CASCADE_BUDGET_BYTES = 15_000_000  # issue 6: <= 15 MB on top of the default model
 
 

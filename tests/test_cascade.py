@@ -1,9 +1,8 @@
 """Imagen-style cascade on tiny random stages: augmentation math, SR input assembly, training steps, the pipeline
-end to end, input checks, stage files and the cost model.  Every comparison states its tolerance."""
+end to end, input checks, stage files and the CLI.  Every comparison states its tolerance."""
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import replace
 
@@ -291,67 +290,15 @@ def test_save_load_round_trip(stages, tmp_path):
     assert diff <= 5e-4
 
 
-# --- cost model and CLI -------------------------------------------------------------------------------------------
+# --- CLI (the cost model: tests/test_cascade_cost.py) ----------------------------------------------------------
 
-def test_cost_table_measured_and_sr_cheaper_than_direct():
-    from xldm.cascade_cost import cascade_cost, format_cost_table, unet_flops
-
-    configs = [TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2]
-    cost = cascade_cost(configs, steps=[30, 20, 20], cfg=[5, 4, 1])
-    assert [s.pixels for s in cost.stages] == [256, 1024, 4096] and cost.total_pixels == 5376
-    assert [s.evals for s in cost.stages] == [60, 40, 20]  # steps x 2 with guidance
-    assert all(s.flops_per_eval > 0 for s in cost.stages)
-    # measured, not assumed: a batch of two costs exactly twice one image
-    assert unet_flops(TINY_CASCADE_SR.unet, (32, 32), batch=2) == 2 * cost.stages[1].flops_per_eval
-    # the last SR stage is cheaper than the base network at the same final size, and so is the whole cascade
-    assert cost.stages[-1].flops_per_eval < cost.direct.flops_per_eval
-    assert cost.total_flops < cost.direct.total_flops and cost.ratio < 1
-    table = format_cost_table(cost)
-    assert "cascade / direct" in table and "64x64" in table
-
-
-def test_latent_model_cost_splits_steps_at_the_hand_off_and_counts_the_decode():
-    from xldm.cascade_cost import format_side_by_side, latent_model_cost, unet_flops, vae_decode_flops
-    from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
-    from xldm.diffusion.schedules import split_for_refiner
-
-    parts = latent_model_cost(TINY_SDXL_BASE, TINY_SDXL_REFINER, (64, 64), steps=30, cfg=5.0)
-    base, refiner, decode = parts
-    assert base.steps == split_for_refiner(30, 0.8) and base.steps + refiner.steps == 30
-    assert base.size == refiner.size == (8, 8) and base.evals == 2 * base.steps
-    assert base.flops_per_eval == unet_flops(TINY_SDXL_BASE.unet, (8, 8))
-    assert decode.evals == 1 and decode.total_flops == vae_decode_flops(TINY_SDXL_BASE.vae, (64, 64)) > 0
-    # 4x the area: 4x the convolutions' FLOPs, a little more from the mid-block attention (quadratic in tokens)
-    assert 4 * decode.total_flops <= vae_decode_flops(TINY_SDXL_BASE.vae, (128, 128)) <= 4.1 * decode.total_flops
-    alone = latent_model_cost(TINY_SDXL_BASE, None, (64, 64), steps=30, cfg=1.0)
-    assert [p.steps for p in alone] == [30, 1] and alone[0].evals == 30
-    table = format_side_by_side(cascade_cost_tiny(), parts)
-    assert "latent model total" in table and "pixel cascade total" in table
-
-
-def cascade_cost_tiny():
-    from xldm.cascade_cost import cascade_cost
-
-    return cascade_cost([TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2])
-
-
-def test_cli_generate_and_info(stages, tmp_path):
-    from xldm.cascade_cli import add_cascade_arguments, cmd_generate_cascade, cmd_info_cascade
+def test_cli_generate_and_info(stages, tmp_path, capsys):
+    from xldm.cli import main as cli_main
 
     save_cascade(stages, tmp_path / "c")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("prompt")
-    for flag, default in (("--out", None), ("--negative", None), ("--seed", None), ("--init-image", None),
-                          ("--width", None), ("--height", None), ("--dtype", None), ("--device", None),
-                          ("--sampler", "euler"), ("--model", None)):
-        parser.add_argument(flag, default=default, type=int if flag in ("--seed", "--width", "--height") else str)
-    parser.add_argument("--batch", type=int, default=1)
-    add_cascade_arguments(parser)
     out = tmp_path / "apple.png"
-    args = parser.parse_args([PROMPT, "--cascade", str(tmp_path / "c"), "--cascade-steps", "2,1,1",
-                              "--cascade-cfg", "2,2,1", "--cascade-aug", "0,0.1,0.1", "--seed", "3",
-                              "--out", str(out)])
-    assert cmd_generate_cascade(args) == 0
+    assert cli_main(["generate", PROMPT, "--cascade", str(tmp_path / "c"), "--cascade-steps", "2,1,1",
+                     "--cascade-cfg", "2,2,1", "--cascade-aug", "0,0.1,0.1", "--seed", "3", "--out", str(out)]) == 0
     from PIL import Image
 
     from xldm.images import image_to_tensor
@@ -362,5 +309,7 @@ def test_cli_generate_and_info(stages, tmp_path):
     expected = CascadePipeline(stages)(PROMPT, seed=3, steps=[2, 1, 1], cfg=[2, 2, 1], aug=[0, 0.1, 0.1])
     # the PNG holds the pipeline's image (uint8 rounding: 1/255 in [0, 1] = 2/255 in [-1, 1], plus 1e-4)
     assert (pixels - expected.stage_outputs[-1]).abs().max() <= 2 / 255 + FP32_TOL
-    args = argparse.Namespace(cascade=str(tmp_path / "c"), cascade_steps=None, cascade_cfg=None)
-    assert cmd_info_cascade(args) == 0
+    capsys.readouterr()
+    assert cli_main(["info", "--cascade", str(tmp_path / "c")]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 2: sr x2 32x32 -> 64x64" in printed and "benchmarks/cascade_cost.py" in printed

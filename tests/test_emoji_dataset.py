@@ -1,10 +1,11 @@
-"""The emoji dataset builder (`xldm data emoji`), offline: fake npm tarballs are built here, nothing is downloaded."""
+"""The emoji dataset builder (datasets/emoji.py), offline: fake npm tarballs are built here, nothing is downloaded."""
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,12 +14,22 @@ import pytest
 from PIL import Image
 
 from xldm.buckets import buckets_for_area
-from xldm.datasets import emoji as emoji_mod
-from xldm.datasets.cli import add_data_parser
-from xldm.datasets.emoji import (
-    SOURCES, BuildOptions, EmojiDatasetError, build_emoji_dataset, position_phrase, safe_extract,
-)
 from xldm.errors import UnsafePathError
+
+
+def _load_script(relative: str, name: str):
+    """A script outside the package (datasets/, scripts/), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+emoji_mod = _load_script("datasets/emoji.py", "emoji_dataset")
+SOURCES, BuildOptions, EmojiDatasetError = emoji_mod.SOURCES, emoji_mod.BuildOptions, emoji_mod.EmojiDatasetError
+build_emoji_dataset, position_phrase, safe_extract = (emoji_mod.build_emoji_dataset, emoji_mod.position_phrase,
+                                                      emoji_mod.safe_extract)
 
 GLYPH_PX = 16  # side of the fake source PNGs (the real packages hold 64 px)
 RED = (220, 20, 30)
@@ -205,19 +216,17 @@ def test_deterministic_for_a_seed(tmp_path: Path, cache: Path) -> None:
 
 
 def test_readme_sources_licenses_counts_command(tmp_path: Path, cache: Path) -> None:
-    parser = argparse.ArgumentParser(prog="xldm")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "ds"
-    args = parser.parse_args(["data", "emoji", str(out), "--cache", str(cache), "--offline", "--size", "32",
-                              "--multi-aspect", "4", "--low-res", "3", "--seed", "5", "--limit", "2"])
-    assert args.func(args) == 0
+    assert emoji_mod.main([str(out), "--cache", str(cache), "--offline", "--size", "32",
+                           "--multi-aspect", "4", "--low-res", "3", "--seed", "5", "--limit", "2"]) == 0
     readme = (out / "README.md").read_text(encoding="utf-8")
     for text in ["emoji-datasource-twitter` | 16.0.0", "emoji-datasource-google` | 16.0.0", "emojibase-data` | 17.0.0",
                  "Copyright 2020 Twitter, Inc and other contributors; graphics licensed under CC-BY 4.0",
                  "Apache-2.0", "MIT", "| native / twitter style | 5 |", "| native / google style | 5 |",
                  "| multi_aspect | 4 |", "| low_res | 3 |", "| native names from cldr | 10 |",
                  "| native names from fallback | 0 |",
-                 "| native with a skin tone | 6 |", f"xldm data emoji {out} --sources twitter,google --size 32 "
+                 "| native with a skin tone | 6 |",
+                 f"python datasets/emoji.py {out} --sources twitter,google --size 32 "
                  "--multi-aspect 4 --low-res 3 --low-res-sizes 32,48 --seed 5 --limit 2"]:
         assert text in readme, text
     assert len(_records(out)) == 5 + 5 + 4 + 3  # --limit 2: the hand (with 3 tones) and the apple, per set

@@ -23,11 +23,12 @@ from PIL import Image
 
 from xldm.cli import main as cli_main
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
-from xldm.serve.app import RunningServer, ServerConfig, create_app
+from xldm.serve.app import ServerConfig, create_app
 from xldm.pipeline import Interrupted
 from xldm.serve.jobs import Job, find_models, latent_preview
 from xldm.weights.save import save_single_file
 
+from running_server import RunningServer
 from tiny_models import random_components
 
 PROMPT = "a red heart"

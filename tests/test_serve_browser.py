@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
-from xldm.serve.app import RunningServer, ServerConfig, create_app
+from xldm.serve.app import ServerConfig, create_app
 from xldm.weights.save import save_single_file
 
+from running_server import RunningServer
 from tiny_models import random_components
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -126,7 +127,7 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def bundled_server():
-    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+    from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
     running = cpu_server([DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH], DEFAULT_REFINER_PATH.name)
     yield running

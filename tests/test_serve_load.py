@@ -1,4 +1,4 @@
-"""`xldm serve` under load (RELIABILITY 12): a real server with a queue of 8 and 30 requests at once.
+"""`xldm serve` under load: a real server with a queue of 8 and 30 requests at once.
 
 The extra requests get 503 with Retry-After at once; the accepted ones all complete, one at a time, in the order
 they were accepted, each with the image of its own seed; an interrupt stops only the running job.
@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from xldm.config import TINY_SDXL_BASE
-from xldm.serve.app import RunningServer, ServerConfig, create_app
+from xldm.serve.app import ServerConfig, create_app
 from xldm.weights.save import save_single_file
 
+from running_server import RunningServer
 from tiny_models import random_components
 
 CLIENTS = 30

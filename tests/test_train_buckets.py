@@ -1,4 +1,4 @@
-"""Bucket properties of multi-aspect training (SDXL paper Sec. 2.2-2.3, App. I; RELIABILITY item 10).
+"""Bucket properties of multi-aspect training (SDXL paper Sec. 2.2-2.3, App. I).
 
 For many random input sizes: the bucket is deterministic, within the pixel budget, a multiple of 64, and the
 nearest in aspect ratio; the cover-resize covers the bucket with the excess on one side only; and the crop
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xldm.buckets import SDXL_BUCKETS, buckets_for_area
-from xldm.train.buckets import Placement, apply_placement, choose_bucket, place, place_in_bucket, training_buckets
+from xldm.buckets import (
+    SDXL_BUCKETS, Placement, apply_placement, buckets_for_area, nearest_bucket, place, place_in_bucket,
+    training_buckets,
+)
 
 SDXL_AREA = 1024 * 1024
 
@@ -56,9 +58,9 @@ def test_chosen_bucket_is_deterministic_in_budget_multiple_of_64_and_nearest() -
     shuffled = list(SDXL_BUCKETS)
     random.Random(1).shuffle(shuffled)
     for width, height in random_sizes(600, seed=0):
-        bucket = choose_bucket(width, height, SDXL_BUCKETS)
-        assert bucket == choose_bucket(width, height, SDXL_BUCKETS)  # same call, same answer
-        assert bucket == choose_bucket(width, height, shuffled)  # independent of the table's order
+        bucket = nearest_bucket(width, height, SDXL_BUCKETS)
+        assert bucket == nearest_bucket(width, height, SDXL_BUCKETS)  # same call, same answer
+        assert bucket == nearest_bucket(width, height, shuffled)  # independent of the table's order
         assert bucket in SDXL_BUCKETS
         bucket_width, bucket_height = bucket
         assert bucket_width % 64 == 0 and bucket_height % 64 == 0
@@ -77,7 +79,7 @@ def test_placement_covers_the_bucket_with_the_excess_on_one_side(buckets) -> Non
         p = place(width, height, buckets, rng)
         bucket_width, bucket_height = p.bucket
         resized_height, resized_width = p.resized_size
-        assert p.bucket == choose_bucket(width, height, buckets)
+        assert p.bucket == nearest_bucket(width, height, buckets)
         assert p.target_size == (bucket_height, bucket_width)
         assert p.original_size == (height, width)
         # Cover: both sides >= the bucket, the side that sets the scale exactly on it.

@@ -127,7 +127,7 @@ def test_corrupt_file_is_ignored_and_rebuilt(tmp_path):
 
 
 def test_cached_run_trains_like_uncached_run(tmp_path):
-    from xldm.train.shapes_dataset import make_shapes_dataset
+    from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 4, size=64)
     base = preset("tiny-sdxl-base", data=str(data), steps=6, batch_size=2, checkpoint_every=100, device="cpu",

@@ -1,5 +1,5 @@
 """Training data: folders and WebDataset shards, bucketed batches, determinism, rank sharding, exact resume,
-bad files skipped and counted (RELIABILITY items 6, 8, 10).
+bad files skipped and counted.
 
 Batches are compared exactly (torch.equal on pixels and int64 conditioning: max abs diff 0); pixel values of
 converted modes have the tolerance stated next to them (JPEG is lossy).
@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xldm.train.buckets import Placement, apply_placement, choose_bucket, place_in_bucket, training_buckets
+from xldm.buckets import Placement, apply_placement, nearest_bucket, place_in_bucket, training_buckets
 from xldm.train.data import (
     DEFAULT_AESTHETIC_SCORE,
     Augment,
@@ -35,7 +35,7 @@ from xldm.train.data import (
     open_source,
     probe_size,
 )
-from xldm.train.shapes_dataset import COLOURS, POSITIONS, describe, make_shapes_dataset
+from shapes_dataset import COLOURS, POSITIONS, describe, make_shapes_dataset
 
 BUCKETS = training_buckets(64, 16)  # (128,32) (80,48) (64,64) (48,80) (32,128)
 SIZES = [(64, 64), (96, 96), (80, 48), (100, 60), (48, 80), (30, 50), (70, 66)]  # (width, height)
@@ -141,7 +141,7 @@ def test_order_is_deterministic_per_seed_and_reshuffled_per_epoch(tmp_path: Path
     epoch0_keys = {k for b in epoch0 for k in b["keys"]}
     members: dict = {}
     for sample in source.samples:
-        members.setdefault(choose_bucket(*sample.size, BUCKETS), []).append(sample.key)
+        members.setdefault(nearest_bucket(*sample.size, BUCKETS), []).append(sample.key)
     dropped = [len(keys) - len(epoch0_keys & set(keys)) for keys in members.values()]
     assert all(0 <= n < 2 for n in dropped)  # fewer than one batch (2) per bucket
     # drop_last=False: every image at least once per epoch, every batch still full.

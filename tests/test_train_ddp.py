@@ -31,7 +31,7 @@ def _args(data: Path, out: Path, batch: int) -> list[str]:
 
 
 def test_two_processes_equal_one_with_double_batch(tmp_path):
-    from xldm.train.shapes_dataset import make_shapes_dataset
+    from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 12, size=64)
     ddp = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "xldm.train.cli",

@@ -49,7 +49,7 @@ def _max_diff(a: dict, b: dict, keys: list[str]) -> float:
 def test_fsdp_equals_single_process_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from xldm.train.shapes_dataset import make_shapes_dataset
+    from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 8, size=64)
     fsdp = _torchrun(*_args(data, tmp_path / "fsdp", 1, "--set", "parallel=fsdp"))

@@ -39,7 +39,7 @@ from xldm.models.unet import UNet
 from xldm.models.vae import AutoencoderKL
 from xldm.train.config import preset
 from xldm.train.loop import train
-from xldm.train.shapes_dataset import COLOURS, POSITIONS, caption_for, draw_shape
+from shapes_dataset import COLOURS, POSITIONS, caption_for, draw_shape
 
 torch.set_num_threads(1)
 SIZE = 32  # 32x32 images -> 4x4 latents (the tiny VAE downsamples 8x)

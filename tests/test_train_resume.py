@@ -124,7 +124,7 @@ def _args(data: Path, out: Path, steps: int) -> list[str]:
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    from xldm.train.shapes_dataset import make_shapes_dataset
+    from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 12, size=64)
     steps = 6

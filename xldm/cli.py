@@ -1,8 +1,15 @@
-"""The `xldm` command line: `xldm generate | train | data | serve | info | convert`."""
+"""The `xldm` command line: `xldm generate | train | serve | info | convert`.
+
+`xldm generate --cascade ...` runs a pixel-space cascade (`xldm.cascade`) instead of --model.  The other
+`generate` flags keep their meaning there: PROMPT, --negative, --seed, --batch, --sampler, --dtype, --device, --out;
+--width/--height set the final size; --init-image is the low-res input of a cascade that starts with an SR stage
+(any image with the stage's aspect ratio; it is resized to the expected input).
+"""
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 
 
@@ -18,9 +25,7 @@ def _torch_dtype(name: str | None):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if getattr(args, "cascade", None):
-        from xldm.cascade_cli import cmd_info_cascade
-
+    if args.cascade:
         return cmd_info_cascade(args)
     if args.path is None:
         raise SystemExit("xldm info: error: a PATH (or --cascade DIR) is required")
@@ -67,20 +72,50 @@ def _output_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}.{ext}" for i in range(batch)]
 
 
+def number_list(kind):
+    """Comma-separated numbers (one per cascade stage) -> a list."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
+                                             f"{'30,20,20' if kind is int else '5,4,4'}, got {text!r}") from None
+
+    return parse
+
+
+def _progress_bars():
+    """A step callback drawing one tqdm bar per stage on stderr, and the function that closes them."""
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def update(stage, total: int, desc: str) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        bars[stage].update(1)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.list_sizes:
         from xldm.buckets import SDXL_BUCKETS, format_sizes
 
         print(format_sizes(SDXL_BUCKETS))
         return 0
-    if getattr(args, "cascade", None):
-        from xldm.cascade_cli import cmd_generate_cascade
-
-        return cmd_generate_cascade(args)
     if not args.prompt:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
+    if args.cascade:
+        return cmd_generate_cascade(args)
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
     from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
@@ -114,8 +149,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
                               has_refiner=args.refiner is not None)
 
-    from tqdm import tqdm
-
     from xldm.pipeline import load
     from xldm.pngmeta import save_png
 
@@ -123,21 +156,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 low_memory=args.low_memory)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, i: int, total: int, x, x0) -> None:
-        if stage not in bars:
-            for bar in bars.values():
-                bar.close()
-            bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
-        bars[stage].update(1)
-
-    result = pipe.run(request, callback=progress)
-    for bar in bars.values():
-        bar.close()
+    update, close = _progress_bars()
+    result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage))
+    close()
     for path, image, params in zip(_output_paths(args.out, request.batch), result.images, result.params):
         save_png(image, path, params)
         print(path)
+    return 0
+
+
+def cmd_generate_cascade(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise SystemExit("xldm generate: error: --cascade and --model are exclusive")
+    if (args.width is None) != (args.height is None):
+        raise SystemExit("xldm generate: error: with --cascade give both --width and --height (the final size)")
+    import torch
+
+    from xldm.cascade import CascadePipeline, describe, load_cascade
+    from xldm.images import open_image
+    from xldm.pngmeta import save_png
+
+    dtype = _torch_dtype(args.dtype) or torch.float32
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    init = open_image(args.init_image) if args.init_image else None
+    pipe = CascadePipeline(load_cascade(args.cascade, dtype=dtype, device=device), device=device, dtype=dtype)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    print(f"seed {seed}", file=sys.stderr)
+    update, close = _progress_bars()
+    result = pipe(args.prompt, steps=args.cascade_steps, cfg=args.cascade_cfg, aug=args.cascade_aug, seed=seed,
+                  init_image=init, resize_init_image=True,
+                  size=(args.width, args.height) if args.width is not None else None, negative_prompt=args.negative,
+                  batch=args.batch, sampler=args.sampler,
+                  callback=lambda stage, i, total: update(stage, total,
+                                                          f"stage {stage} ({describe(pipe.configs[stage])})"))
+    close()
+    for path, image, s in zip(_output_paths(args.out, args.batch), result.images, result.seeds):
+        save_png(image, path, {**result.params, "seed": s, "cascade": str(args.cascade)})
+        print(path)
+    return 0
+
+
+def cmd_info_cascade(args: argparse.Namespace) -> int:
+    """The stages of a cascade, from the file headers only: kind, sizes, prediction, scalars, UNet parameters."""
+    import torch
+
+    from xldm.cascade import cascade_files, describe, read_stage_header
+    from xldm.models.unet import UNet
+
+    for i, path in enumerate(cascade_files(args.cascade)):
+        config, has_encoders = read_stage_header(path)
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in UNet(config.unet).parameters())
+        note = "" if has_encoders else (" (text encoders shared with an earlier stage)" if i else
+                                        " (text encoders from the default model)")
+        print(f"stage {i}: {describe(config)}, {config.prediction_type} prediction, scalars "
+              f"{', '.join(config.micro_conditioning) or 'none'}, {parameters:,} UNet parameters, "
+              f"{config.default_size ** 2:,} pixels out{note} [{path.name}]")
+    print(f"FLOPs per stage, against generating the final size directly: "
+          f"python benchmarks/cascade_cost.py --cascade {args.cascade}")
     return 0
 
 
@@ -179,16 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tile-vae", action="store_true", help="decode in tiles (large images, little memory)")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
     gen.add_argument("--out", default=None, metavar="FILE.png")
-    from xldm.cascade_cli import add_cascade_arguments, add_cascade_info_argument
-
-    add_cascade_arguments(gen)
+    gen.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",
+                     help="run a pixel-space cascade instead of --model: a folder of stage_N.safetensors, "
+                          "comma-separated stage files, or 'default'")
+    gen.add_argument("--cascade-steps", type=number_list(int), default=None, metavar="N,N,N",
+                     help="sampling steps per stage (default 30 for a base stage, 20 for SR)")
+    gen.add_argument("--cascade-cfg", type=number_list(float), default=None, metavar="G,G,G",
+                     help="guidance scale per stage (default 5 base, 4 SR)")
+    gen.add_argument("--cascade-aug", type=number_list(float), default=None, metavar="S,S,S",
+                     help="noise augmentation level in [0, 1] of each stage's low-res input (0 for a base stage; "
+                          "default 0.1 for SR)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="what a checkpoint holds: kind, components, parameters, dtypes")
-    info.add_argument("path", nargs="?", help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
+    info.add_argument("path", nargs="?",
+                      help="single-file .safetensors, diffusers folder, or a preset name (e.g. sdxl-base)")
     info.add_argument("--allow-pickle", action="store_true",
                       help="read .ckpt/.pt/.bin pickles (can run code; only for files you trust)")
-    add_cascade_info_argument(info)
+    info.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",
+                      help="show a cascade's stages (the cost: benchmarks/cascade_cost.py --cascade DIR_OR_FILES)")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
@@ -199,12 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
-    from xldm.datasets.cli import add_data_parser
     from xldm.serve.cli import add_serve_parser
     from xldm.train.cli import add_train_parser
 
     add_train_parser(sub)
-    add_data_parser(sub)
     add_serve_parser(sub)
     return parser
 

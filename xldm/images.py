@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Pillow's decompression-bomb guard stays on (RELIABILITY 8): Image.MAX_IMAGE_PIXELS is left at its default.
+# Pillow's decompression-bomb guard stays on: Image.MAX_IMAGE_PIXELS is left at its default.
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -53,7 +53,8 @@ def image_to_tensor(image: Image.Image | torch.Tensor, width: int, height: int) 
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"image tensor must be (B, 3, H, W), got {tuple(image.shape)}")
         if image_size(image) != (width, height):
-            raise ValueError(f"image tensor is {image_size(image)[0]}x{image_size(image)[1]}, expected {width}x{height}")
+            found_w, found_h = image_size(image)
+            raise ValueError(f"image tensor is {found_w}x{found_h}, expected {width}x{height}")
         return image.float() * 2 - 1
     rgb = _resize(image, width, height).convert("RGB")
     array = np.asarray(rgb).astype(np.float32) / 255.0

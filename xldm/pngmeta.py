@@ -25,6 +25,7 @@ refiner_start -> Refiner switch at.  Other settings go to the JSON chunk only.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -196,6 +197,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"setting of type {type(value).__name__} cannot be stored in PNG metadata: {value!r}")
 
 
+def png_text(params: Mapping[str, Any]) -> dict[str, str]:
+    """The two text chunks of a generated image: {"parameters": A1111 infotext, "xldm": every setting as JSON}."""
+    return {A1111_CHUNK: format_a1111_parameters(params),
+            XLDM_CHUNK: json.dumps(dict(params), ensure_ascii=False, default=_json_default)}
+
+
+def encode_png(image: Image.Image, params: Mapping[str, Any] | None = None) -> bytes:
+    """The PNG file of `image` in memory, with the text chunks of `params` (`png_text`; none without)."""
+    info = PngInfo()
+    for key, value in (png_text(params) if params is not None else {}).items():
+        info.add_text(key, value)  # tEXt for Latin-1 text, iTXt (UTF-8) otherwise (Pillow PngInfo.add_text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> Path:
     """Write `image` as a PNG at `path` with the `parameters` (A1111) and `xldm` (JSON) text chunks.
 
@@ -235,6 +252,6 @@ def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = [
-    "A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "format_a1111_parameters",
-    "parse_a1111_parameters", "read_png_params", "read_png_text", "save_png",
+    "A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "encode_png", "format_a1111_parameters",
+    "parse_a1111_parameters", "png_text", "read_png_params", "read_png_text", "save_png",
 ]

@@ -12,7 +12,7 @@ entirely inside the previous one (diffusers starts a tile at every multiple of t
 decoded, so a latent no larger than one tile decodes in one piece, exactly as `decode_latents`.  On every tile
 grid without such a redundant tile the result equals diffusers' (tests/test_vae_tiling.py).
 
-SDXL's VAE overflows in float16 (NaN / inf, i.e. black images; SDXL_SPEC §2, diffusers `force_upcast`):
+SDXL's VAE overflows in float16 (NaN / inf, i.e. black images; diffusers `AutoencoderKL` config `force_upcast`):
 `decode_checked` re-decodes in float32 when a reduced-precision decode is not finite.
 """
 
@@ -162,7 +162,7 @@ def decode_checked(
     (overlap: `overlap`, default a quarter of the tile).
 
     The latents are cast to the VAE's dtype.  If a float16/bfloat16 VAE gives NaN or inf (the SDXL VAE overflows
-    in float16: SDXL_SPEC §2, diffusers `force_upcast`), the VAE is upcast to float32 in place, the latents are
+    in float16: diffusers `force_upcast`), the VAE is upcast to float32 in place, the latents are
     decoded again, a warning says so, and the VAE's parameters get their original dtypes back (lossless: they
     came from that dtype).  The float32 image is then returned.
 

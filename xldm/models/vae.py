@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xldm.config import VAEConfig
+from xldm.diffusion.noise import randn
 
 # ldm Normalize(): GroupNorm(32, C, eps=1e-6, affine=True); diffusers passes eps 1e-6 to every VAE norm.
 GROUP_NORM_EPS = 1e-6
@@ -191,26 +192,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _gaussian_noise(
-    shape: Sequence[int],
-    generator: torch.Generator | Sequence[torch.Generator] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Standard normal noise drawn the way diffusers' `randn_tensor` draws it, so equal seeds give equal noise:
-    a CPU generator draws on the CPU and the result moves to `device`; a list draws one batch item per generator."""
-    if isinstance(generator, Sequence) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, Sequence):
-        if len(generator) != shape[0]:
-            raise ValueError(f"expected one generator per batch item ({shape[0]}), found {len(generator)}")
-        rand_device = "cpu" if generator[0].device.type == "cpu" else device
-        items = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(items).to(device)
-    rand_device = "cpu" if generator is not None and generator.device.type == "cpu" else device
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
 class DiagonalGaussian:
     """The encoder's posterior q(z|x) = N(mean, exp(logvar)) (ldm `DiagonalGaussianDistribution`)."""
 
@@ -220,7 +201,9 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        noise = _gaussian_noise(self.mean.shape, generator, self.mean.device, self.mean.dtype)
+        if isinstance(generator, tuple):
+            generator = list(generator)  # xldm.diffusion.noise.randn takes one generator per row as a list
+        noise = randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)  # as diffusers draws it
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:

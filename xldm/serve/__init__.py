@@ -1,15 +1,9 @@
-"""`xldm serve`: AUTOMATIC1111's HTTP API (`/sdapi/v1/*`) and a web page, over xldm's pipeline.
-
-    app.py      the ASGI app: routes, the request guard (host, origin, API key, body), webui response shapes
-    jobs.py     the bounded FIFO queue, its one worker thread, progress and preview, interrupt, the model store
-    schemas.py  request/response bodies with the webui's field names, and every bound
-    cli.py      the `xldm serve` command
-    static/     the page at `/`: plain HTML, CSS and JavaScript, no external resources
-
-Needs the `serve` extra (`pip install xldm[serve]`): FastAPI, uvicorn.
+"""`xldm serve`: AUTOMATIC1111's HTTP API (`/sdapi/v1/*`) and a web page (`static/`, no external resources), over
+xldm's pipeline: the app (`app`), its job queue and models (`jobs`), the request bodies (`schemas`), the command
+(`cli`).  Needs the `serve` extra (`pip install xldm[serve]`): FastAPI, uvicorn.
 """
 
-__all__ = ["create_app", "ServerConfig", "RunningServer"]
+__all__ = ["create_app", "ServerConfig"]
 
 
 def __getattr__(name: str):

@@ -1,25 +1,22 @@
 """The ASGI app: AUTOMATIC1111's `/sdapi/v1/*` API over xldm's pipeline, and the web page at `/`.
 
 Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`; GET `progress`,
-`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs: sizes from
-the aspect buckets, models, refiners, limits), `/` and `/static/*` (the page), `/openapi.json`.  The interactive
-`/docs` pages are off: FastAPI builds them from a CDN, and nothing the server sends loads external resources.
+`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and
+`/static/*` (the page), `/openapi.json`; FastAPI's `/docs` pages are off (they load from a CDN).
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (counting over
 all batches) uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's
-"(word:1.2)" weighting and 75-token chunks (`weighting=True, long_prompts="chunk"`: the same conditioning as
-`xldm generate --weighting --long-prompts`, and for a plain prompt under 75 tokens the same as plain
-`xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
+"(word:1.2)" weighting and 75-token chunks (as `xldm generate --weighting --long-prompts`; for a plain prompt under
+75 tokens the same as plain `xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
 
-Guards, outermost first (`RequestGuard`, RELIABILITY 11 and 14):
-  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (a DNS-rebinding
-     page cannot reach the API through a name of its own);
-  2. Origin: a browser request from another origin is refused (403), so no web page can use the API, or
-     interrupt it, behind a user's back;
+Guards, outermost first (`RequestGuard`):
+  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (no DNS rebinding);
+  2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back;
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
-     (the webui's `--api-auth` clients; browsers ask for it themselves on the 401's Basic challenge);
+     (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
   4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
-Then each field's type and range (schemas.py) is checked before any work: 422.
+Then each field's type and range (schemas.py), and the request as the pipeline resolves it
+(`xldm.pipeline.resolve_request`), are checked before any work: 422.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ import random
 import re
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -48,14 +45,15 @@ from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
 from xldm import __version__
-from xldm.buckets import SDXL_BUCKETS
+from xldm.buckets import scaled_buckets
+from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, resolve_request
-from xldm.pngmeta import A1111_CHUNK, XLDM_CHUNK, format_a1111_parameters, parse_a1111_parameters, save_png
+from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
 from xldm.serve.schemas import (
     LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, PngInfoRequest, PngInfoResponse,
-    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, XLDM_SAMPLERS,
-    a1111_sampler_name, decode_image, encode_png, resolve_sampler, sampler_aliases,
+    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, decode_image, png_base64,
+    resolve_sampler, sampler_aliases,
 )
 
 log = logging.getLogger("xldm.serve")
@@ -114,36 +112,29 @@ class RequestGuard:
             return await _reply(scope, receive, send, 401, "missing or wrong API key",
                                 {"WWW-Authenticate": 'Basic realm="xldm", charset="UTF-8"'})
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = headers.get("content-length", "0")
+            declared, too_big = headers.get("content-length", "0"), f"the body is over {self.max_body} bytes"
             if not declared.isdigit() or int(declared) > self.max_body:
-                return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
-            chunks, size = [], 0
+                return await _reply(scope, receive, send, 413, too_big)
+            body = bytearray()
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body:
-                    return await _reply(scope, receive, send, 413, f"the body is over {self.max_body} bytes")
-                chunks.append(chunk)
+                body += message.get("body", b"")
+                if len(body) > self.max_body:
+                    return await _reply(scope, receive, send, 413, too_big)
                 if not message.get("more_body", False):
                     break
-            body = b"".join(chunks)
             content_type = headers.get("content-type", "")
             if body and ("json" in content_type or not content_type):
                 try:
                     json.loads(body, parse_constant=_refuse_constant)
                 except (ValueError, RecursionError) as e:
                     return await _reply(scope, receive, send, 400, f"malformed JSON: {str(e)[:200]}")
-            sent = False
+            unread = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+            async def replay():  # the body once, then whatever the server sends next (a disconnect)
+                return unread.pop() if unread else await receive()
 
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
@@ -169,12 +160,11 @@ async def _reply(scope, receive, send, status: int, detail: str, headers: dict[s
 
 @dataclass
 class Plan:
-    """A validated generation, ready for the worker."""
+    """A validated generation, ready for the worker: `request` is resolved (its seed is the first image's)."""
 
     request: GenerationRequest
     model: str
     refiner: str | None
-    seed: int
     n_iter: int
     save: bool
 
@@ -183,38 +173,37 @@ class Plan:
 class Outcome:
     images: list[Image.Image]
     params: list[dict[str, Any]]
-    seeds: list[int]
     saved: list[str]
-    steps_done: int = 0
-    interrupted: bool = False
-    interrupt_steps_done: int | None = None
+
+
+@contextmanager
+def _unprocessable():
+    """A ValueError (an invalid setting, pydantic's ValidationError) or KeyError (an unknown name) as a 422."""
+    try:
+        yield
+    except (ValueError, KeyError) as e:
+        raise HTTPException(422, _messages(e)) from None
 
 
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
-        self.config = config
-        self.limits = config.limits
+        self.config, self.limits = config, config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
         first = config.model or next(iter(self.store.entries))
-        self.options: dict[str, Any] = {
-            "sd_model_checkpoint": self.store.lookup(first).name,
-            "samples_save": True,
-            "samples_format": "png",
-            # webui SDXL settings (modules/shared_options.py), defaults of sgm / SDXL_SPEC 4
-            "sdxl_crop_top": 0, "sdxl_crop_left": 0,
-            "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
+        self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
+            "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
+            "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
+            "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
+            "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
         }
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
-        self._save_lock = threading.Lock()
-        self._next_index = 0
+        self._save_lock, used = threading.Lock(), []
         if self.outputs is not None:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
-            self._next_index = max(used, default=-1) + 1
-
-    # --- settings ---
+        self._next_index = max(used, default=-1) + 1
 
     def model_name(self, name: str) -> str:
         try:
@@ -226,8 +215,6 @@ class Server:
         for key, value in settings.model_dump(exclude_none=True).items():
             target[key] = self.model_name(value) if key == "sd_model_checkpoint" else value
 
-    # --- planning ---
-
     def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
              mask: Image.Image | None = None) -> Plan:
         options = dict(self.options)
@@ -237,70 +224,56 @@ class Server:
             if not body.override_settings_restore_afterwards:
                 self.apply_settings(override, self.options)
         model = options["sd_model_checkpoint"]
-        refiner = None
-        if body.refiner_checkpoint not in (None, "", "None"):
-            refiner = self.model_name(body.refiner_checkpoint)
-        total = body.batch_size * body.n_iter
+        refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
+            else None
+        total = body.batch_size * body.n_iter  # n_iter is the server's: resolve_request sees one batch
         seed = body.seed if body.seed != -1 else random.randint(0, MAX_SEED - total + 1)
         if seed + total - 1 > MAX_SEED:
             raise HTTPException(422, f"seed {seed} + {total} images exceeds {MAX_SEED}")
-        try:
-            sampler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
 
-        def size(value):
-            return None if value is None else (int(value[0]), int(value[1]))
+        def pair(value):
+            return None if value is None else tuple(value)
 
-        crop = size(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"])
-        aesthetic = (options["sdxl_refiner_high_aesthetic_score"] if body.aesthetic_score is None
-                     else body.aesthetic_score)
-        negative_aesthetic = (options["sdxl_refiner_low_aesthetic_score"] if body.negative_aesthetic_score is None
-                              else body.negative_aesthetic_score)
-        request = GenerationRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
-            height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, sampler=sampler,
-            batch=body.batch_size, init_image=init_image, mask=mask,
-            strength=float(body.denoising_strength) if init_image is not None else None,
-            refiner_start=body.refiner_switch_at if refiner else None,
-            original_size=size(body.original_size), crop_top_left=crop, target_size=size(body.target_size),
-            negative_original_size=size(body.negative_original_size),
-            negative_target_size=size(body.negative_target_size),
-            aesthetic_score=float(aesthetic), negative_aesthetic_score=float(negative_aesthetic),
-            long_prompts="chunk", weighting=True,
-        )
-        try:
-            request = resolve_request(request, default_size=self.store.lookup(model).default_size,
-                                      has_refiner=refiner is not None)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+        def given(value, setting: str):
+            return float(options[setting] if value is None else value)
+
+        with _unprocessable():
+            request = resolve_request(GenerationRequest(
+                prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
+                height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, batch=body.batch_size,
+                sampler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+                init_image=init_image, mask=mask,
+                strength=float(body.denoising_strength) if init_image is not None else None,
+                refiner_start=body.refiner_switch_at if refiner else None, original_size=pair(body.original_size),
+                crop_top_left=pair(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"]),
+                target_size=pair(body.target_size), negative_original_size=pair(body.negative_original_size),
+                negative_target_size=pair(body.negative_target_size),
+                aesthetic_score=given(body.aesthetic_score, "sdxl_refiner_high_aesthetic_score"),
+                negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
+                long_prompts="chunk", weighting=True,
+            ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
-        return Plan(request, model, refiner, seed, body.n_iter, save and self.outputs is not None)
-
-    # --- running (worker thread) ---
+        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None)
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
         pipe = self.store.pipeline(plan.model, plan.refiner)
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
-        outcome = Outcome(images=[], params=[], seeds=[], saved=[])
+        outcome = Outcome(images=[], params=[], saved=[])
         for iteration in range(plan.n_iter):
             job.begin_iteration(iteration, stages)
             try:
-                result = pipe.run(replace(request, seed=plan.seed + iteration * request.batch),
-                                       callback=job.step_callback)
+                result = pipe.run(replace(request, seed=request.seed + iteration * request.batch),
+                                  callback=job.step_callback)
             except Interrupted:
                 break
             for image, params in zip(result.images, result.params):
                 params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
                 outcome.images.append(image)
                 outcome.params.append(params)
-                outcome.seeds.append(params["seed"])
                 if plan.save:
                     outcome.saved.append(self._save(image, params))
-        outcome.steps_done, outcome.interrupted = job.steps_done, job.interrupted
-        outcome.interrupt_steps_done = job.interrupt_steps_done
         return outcome
 
     def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
@@ -310,8 +283,6 @@ class Server:
         name = f"{index:05d}-{int(params['seed'])}.png"
         save_png(image, self.outputs / name, params)
         return name
-
-    # --- the endpoint body ---
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
         plan = self.plan(body, init_image, mask)
@@ -323,43 +294,36 @@ class Server:
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         try:
-            outcome: Outcome = await asyncio.wrap_future(job.future)
-        except (ValueError, KeyError) as e:
-            raise HTTPException(422, str(e)) from None
+            with _unprocessable():
+                outcome: Outcome = await asyncio.wrap_future(job.future)
         except OutOfMemory as e:
             raise HTTPException(500, str(e)) from None
         return await run_in_threadpool(self._response, body, plan, job, outcome)
 
     def _response(self, body: GenerationBase, plan: Plan, job: Job, outcome: Outcome) -> dict[str, Any]:
         infotexts = [format_a1111_parameters(p) for p in outcome.params]
-        images = []
-        if body.send_images:
-            images = [encode_png(img, {A1111_CHUNK: text, XLDM_CHUNK: json.dumps(p, default=str)})
-                      for img, text, p in zip(outcome.images, infotexts, outcome.params)]
+        images = [png_base64(img, p) for img, p in zip(outcome.images, outcome.params)] if body.send_images else []
         req = plan.request
-        first = outcome.params[0] if outcome.params else {}
-        width, height = first.get("width", req.width), first.get("height", req.height)
         total = body.batch_size * body.n_iter
-        all_seeds = [plan.seed + k for k in range(total)]
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * total,
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * total,
-            "seed": plan.seed, "all_seeds": all_seeds, "subseed": -1, "all_subseeds": [-1] * total,
-            "subseed_strength": 0, "width": width, "height": height,
-            "sampler_name": a1111_sampler_name(req.sampler), "cfg_scale": body.cfg_scale, "steps": body.steps,
+            "seed": req.seed, "all_seeds": [req.seed + k for k in range(total)], "subseed": -1,
+            "all_subseeds": [-1] * total, "subseed_strength": 0, "width": req.width, "height": req.height,
+            "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": req.strength if req.init_image is not None else None,
-            "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": first.get("refiner_start")}
+            "denoising_strength": req.strength,
+            "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
             "clip_skip": 1, "is_using_inpainting_conditioning": bool(req.mask is not None),
             "version": f"xldm {__version__}",
             "xldm": {"job": job.id, "queued_at": job.queued_at, "started_at": job.started_at,
-                     "finished_at": job.finished_at, "interrupted": outcome.interrupted,
-                     "steps_done": outcome.steps_done, "interrupt_steps_done": outcome.interrupt_steps_done,
+                     "finished_at": job.finished_at, "interrupted": job.interrupted,
+                     "steps_done": job.steps_done, "interrupt_steps_done": job.interrupt_steps_done,
                      "images_done": len(outcome.images), "saved": outcome.saved},
         }
         parameters = body.model_dump()
@@ -387,33 +351,25 @@ class Server:
     def page_config(self) -> dict[str, Any]:
         """What the page needs: the aspect buckets scaled to the current model's native size, and more."""
         entry = self.store.entries[self.options["sd_model_checkpoint"]]
-        scale = entry.default_size / 1024
-        sizes = []
-        for w, h in SDXL_BUCKETS:
-            size = [max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)]
-            if size not in sizes:
-                sizes.append(size)
+        sizes = [list(size) for size in scaled_buckets(entry.default_size)]
         return {
             "version": __version__, "model": entry.name,
             "models": [e.name for e in self.store.entries.values() if not e.is_refiner],
             "refiners": [e.name for e in self.store.entries.values() if e.is_refiner],
             "refiner": self.refiner, "default_size": [entry.default_size, entry.default_size], "sizes": sizes,
-            "samplers": [a1111_sampler_name(s) for s in XLDM_SAMPLERS], "outputs": self.outputs is not None,
-            "limits": {"max_steps": self.limits.max_steps, "max_batch_size": self.limits.max_batch_size,
-                       "max_n_iter": self.limits.max_n_iter, "max_cfg": self.limits.max_cfg,
-                       "max_prompt_chars": self.limits.max_prompt_chars},
+            "samplers": [A1111_SAMPLER_NAMES[s] for s in SAMPLER_NAMES], "outputs": self.outputs is not None,
+            "limits": {name: getattr(self.limits, name)
+                       for name in ("max_steps", "max_batch_size", "max_n_iter", "max_cfg", "max_prompt_chars")},
         }
 
 
 def _settings(data: dict[str, Any]) -> Settings:
-    try:
+    with _unprocessable():
         return Settings.model_validate(data)
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise HTTPException(422, _messages(e)) from None
 
 
 def _messages(error: Exception) -> str:
-    if hasattr(error, "errors"):
+    if hasattr(error, "errors"):  # pydantic's ValidationError
         return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors())
     return str(error)
 
@@ -421,10 +377,8 @@ def _messages(error: Exception) -> str:
 def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
     if text is None:
         return None
-    try:
+    with _unprocessable():
         return decode_image(text, what, limits)
-    except ValueError as e:
-        raise HTTPException(422, str(e)) from None
 
 
 # --- the app -----------------------------------------------------------------------------------------------
@@ -482,8 +436,8 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
     async def samplers() -> list[dict[str, Any]]:
-        return [SamplerItem(name=a1111_sampler_name(s), aliases=sampler_aliases(s)).model_dump()
-                for s in XLDM_SAMPLERS]
+        return [SamplerItem(name=A1111_SAMPLER_NAMES[s], aliases=sampler_aliases(s)).model_dump()
+                for s in SAMPLER_NAMES]
 
     @app.get("/sdapi/v1/options", tags=["sdapi"])
     async def get_options() -> dict[str, Any]:
@@ -493,7 +447,6 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     async def set_options(body: dict[str, Any]) -> None:
         """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
         server.apply_settings(_settings(body), server.options)
-        return None
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:
@@ -518,38 +471,4 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     return app
 
 
-# --- running ---------------------------------------------------------------------------------------------------
-
-class RunningServer:
-    """A uvicorn server in a background thread (tests, notebooks): `.url`, `.stop()`."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP given explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening
-        # socket says its protocol (else every response waits ~40 ms for a delayed ACK)
-        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.port = self.socket.getsockname()[1]
-        self.url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
-
-
-__all__ = ["ServerConfig", "Server", "create_app", "RunningServer", "RequestGuard", "LOOPBACK_HOSTS"]
+__all__ = ["ServerConfig", "Server", "create_app", "RequestGuard", "LOOPBACK_HOSTS"]

@@ -2,7 +2,7 @@
 
 Listens on 127.0.0.1:7860 by default.  Another address (0.0.0.0, a LAN address) needs `--api-key KEY`, or
 `--allow-remote` to listen there without one anyway (with a warning): the webui's API has no authentication by
-default, and open instances have been used to run other people's code (RELIABILITY 14).
+default, and open instances have been used to run other people's code.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def build_config(args: argparse.Namespace):
     """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
     from xldm.serve.app import LOOPBACK_HOSTS, ServerConfig
     from xldm.serve.jobs import find_models
-    from xldm.serve.schemas import LIMITS
 
     models = [Path(p) for p in args.model]
     if args.models_dir:
@@ -62,7 +61,7 @@ def build_config(args: argparse.Namespace):
     if args.refiner:
         models.append(Path(args.refiner))
     if not models:  # the small model bundled with xldm (xldm/data/default), with its refiner
-        from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+        from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
         if not DEFAULT_MODEL_PATH.is_file():
             raise ValueError("give --model PATH (or --models-dir DIR); this copy of xldm has no bundled default model")
@@ -70,11 +69,9 @@ def build_config(args: argparse.Namespace):
         if DEFAULT_REFINER_PATH.is_file():
             args.refiner = str(DEFAULT_REFINER_PATH)
             models.append(DEFAULT_REFINER_PATH)
-    for path in models:
+    for path in models:  # a path, never a preset name (which xldm.weights.info.model_info would also accept)
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
-    if args.queue_size < 0:
-        raise ValueError(f"--queue-size must be >= 0, got {args.queue_size}")
     api_key = args.api_key or os.environ.get("XLDM_API_KEY") or None
     loopback = _is_loopback(args.host)
     if not loopback and api_key is None:
@@ -89,7 +86,7 @@ def build_config(args: argparse.Namespace):
     return ServerConfig(
         models=models, model=models[0].name, refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device, limits=LIMITS)
+        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -101,8 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"pip install 'xldm[serve]'") from None
     from xldm.serve.app import create_app
 
-    config = build_config(args)
-    app = create_app(config)
+    app = create_app(build_config(args))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"xldm serve: http://{host}:{args.port}/  (API: /sdapi/v1/*, OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)

@@ -1,18 +1,16 @@
 """The work behind the API: a bounded FIFO queue, one worker thread, progress, interrupt, the models it may load.
 
-* **Queue** (RELIABILITY 12): at most `max_waiting` jobs wait behind the running one; one more is refused at
-  once with `QueueFull` (the API answers 503 with Retry-After).  One worker thread runs the jobs one at a time,
-  in the order they were accepted, so jobs never compete for the model or the GPU.
-* **Progress**: the pipeline's step callback records the step and the denoised estimate x0; `progress()`
-  reads them without waiting for the worker.  The preview is x0 of the first image put through a 4x3 linear map
-  from latent channels to RGB (the webui's "Approx cheap" decoder, `modules/sd_vae_approx.py`
-  `cheap_approximation`): no network runs, a 1024x1024 image gives a 128x128 preview in well under a millisecond.
-* **Interrupt**: sets a flag that the step callback checks after every sampler step, where it raises
-  `xldm.pipeline.Interrupted`; the job ends within one step and returns the images of iterations already done.
-* **Out of memory** (RELIABILITY 13): `torch.cuda.OutOfMemoryError` or `MemoryError` fails that job only; its
-  tensors are dropped, the CUDA cache emptied, and the worker goes on with the next job.
-* **Models** (RELIABILITY 14): only the checkpoints registered at start (`ModelStore`) can be loaded; a request
-  names one, it never gives a path.  At most the current model and refiner stay loaded.
+* **Queue**: at most `max_waiting` jobs wait behind the running one; one more is refused at once (`QueueFull`,
+  503 with Retry-After).  One worker thread runs the jobs one at a time, in the order they were accepted.
+* **Progress**: the step callback records the step and the denoised estimate x0; the preview is x0 of the first
+  image through a 4x3 linear map from latent channels to RGB (the webui's "Approx cheap" decoder,
+  `modules/sd_vae_approx.py` `cheap_approximation`): no network runs.
+* **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.pipeline.Interrupted`;
+  the job ends within one step and returns the images of the iterations already done.
+* **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
+  the CUDA cache emptied, and the worker goes on.
+* **Models**: only the checkpoints registered at start (`ModelStore`) can be loaded, by name, never by path; at
+  most the current model and refiner stay loaded.
 """
 
 from __future__ import annotations
@@ -46,13 +44,6 @@ class QueueFull(Exception):
 
 class OutOfMemory(Exception):
     """A job ran out of memory; the server has freed what the job held and goes on."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
-    if hasattr(torch.cuda, "OutOfMemoryError"):
-        oom_types += (torch.cuda.OutOfMemoryError,)
-    return isinstance(error, oom_types)
 
 
 def free_memory() -> None:
@@ -141,17 +132,14 @@ class JobQueue:
             raise ValueError(f"queue size must be >= 0, got {max_waiting}")
         self.max_waiting = max_waiting
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self.running: Job | None = None  # written under the lock, by the worker
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._durations: deque[float] = deque(maxlen=20)
         self._stopped = False
         self._preview_cache: tuple[int, int, str] | None = None  # (job id, steps_done, base64 PNG)
-        self.completed = 0
         self._worker = threading.Thread(target=self._work, name="xldm-serve-worker", daemon=True)
         self._worker.start()
-
-    # --- submitting ---
 
     def submit(self, run: Callable[[Job], Any], *, n_iter: int = 1, description: str = "",
                preview_kind: str = "sdxl-base") -> Job:
@@ -159,18 +147,13 @@ class JobQueue:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(len(self._waiting), self._retry_after())
+            if len(self._waiting) >= self.max_waiting:  # retry after one job's typical time: the queue moved on
+                typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
+                raise QueueFull(len(self._waiting), max(1, round(typical)))
             job = Job(id=next(self._ids), run=run, n_iter=n_iter, description=description, preview_kind=preview_kind)
             self._waiting.append(job)
             self._lock.notify()
             return job
-
-    def _retry_after(self) -> int:
-        typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
-        return max(1, round(typical))  # one job's time: by then the head of the queue has moved on
-
-    # --- the worker ---
 
     def _work(self) -> None:
         while True:
@@ -180,25 +163,21 @@ class JobQueue:
                 if self._stopped:
                     return
                 job = self._waiting.popleft()
-                self._running = job
+                self.running = job
                 job.started_at = time.time()
-            failure: BaseException | None = None
             try:
-                result = job.run(job)
+                result, failure = job.run(job), None
             except BaseException as error:  # noqa: BLE001 - every failure ends this job only
-                failure = self._describe(job, error)
+                result, failure = None, self._describe(job, error)
             job.x0 = None
-            if failure is not None:
-                if isinstance(failure, OutOfMemory):
-                    free_memory()  # outside the except block: the failed frames (and their tensors) are gone
-                self._finish(job, error=failure)
-            else:
-                self._finish(job, result=result)
+            if isinstance(failure, OutOfMemory):
+                free_memory()  # outside the except block: the failed frames (and their tensors) are gone
+            self._finish(job, result=result, error=failure)
 
     @staticmethod
     def _describe(job: Job, error: BaseException) -> BaseException:
         """The exception to hand to the waiting request, holding no frames (so no tensors) of the job."""
-        if is_out_of_memory(error):
+        if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
             log.warning("job %d ran out of memory: %s", job.id, str(error))  # str: a record keeps no frames
             return OutOfMemory(f"out of memory during job {job.id} ({type(error).__name__}); "
                                f"try a smaller size or batch")
@@ -209,9 +188,8 @@ class JobQueue:
     def _finish(self, job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
         job.finished_at = time.time()
         with self._lock:
-            self._running = None
+            self.running = None
             self._durations.append(job.finished_at - (job.started_at or job.finished_at))
-            self.completed += 1
             self._preview_cache = None
         if error is not None:
             job.future.set_exception(error)
@@ -222,27 +200,21 @@ class JobQueue:
         with self._lock:
             self._stopped = True
             waiting, self._waiting = list(self._waiting), deque()
-            if self._running is not None:
-                self._running.interrupted = True
+            if self.running is not None:
+                self.running.interrupted = True
             self._lock.notify_all()
         for job in waiting:
             job.future.set_exception(RuntimeError("the server shut down before this job ran"))
         self._worker.join(timeout=30)
 
-    # --- reading ---
-
     def interrupt(self) -> Job | None:
         """Stop the running job after its current step (the webui interrupts the running job only)."""
         with self._lock:
-            job = self._running
+            job = self.running
             if job is not None and not job.interrupted:
                 job.interrupt_steps_done = job.steps_done
                 job.interrupted = True
             return job
-
-    @property
-    def running(self) -> Job | None:
-        return self._running
 
     @property
     def waiting(self) -> int:
@@ -250,7 +222,7 @@ class JobQueue:
 
     def preview_png(self, job: Job) -> str | None:
         """The running job's preview as base64 PNG, computed at most once per step."""
-        from xldm.serve.schemas import encode_png
+        from xldm.serve.schemas import png_base64
 
         x0, steps = job.x0, job.steps_done
         if x0 is None:
@@ -258,7 +230,7 @@ class JobQueue:
         cached = self._preview_cache
         if cached is not None and cached[:2] == (job.id, steps):
             return cached[2]
-        png = encode_png(latent_preview(x0, job.preview_kind))
+        png = png_base64(latent_preview(x0, job.preview_kind))
         self._preview_cache = (job.id, steps, png)
         return png
 
@@ -344,4 +316,4 @@ class ModelStore:
 
 
 __all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models",
-           "latent_preview", "is_out_of_memory"]
+           "latent_preview"]

@@ -1,23 +1,20 @@
 """Request and response bodies of the HTTP API, with AUTOMATIC1111's field names, defaults and shapes.
 
-The field names, defaults and response shapes follow stable-diffusion-webui `modules/api/models.py`
-(`StableDiffusionTxt2ImgProcessingAPI`, `StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`,
-`ProgressResponse`, `SDModelItem`, `SamplerItem`, `PNGInfoResponse`), so scripts written for the webui's API
-send the same JSON.  What differs is written down here:
+They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2ImgProcessingAPI`,
+`StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`, `ProgressResponse`, `SDModelItem`, `SamplerItem`,
+`PNGInfoResponse`), so scripts written for the webui's API send the same JSON.  What differs:
 
-* **Bounds.** Every number has a range (`Limits`) and every string a length; out of range is a 422 before any
+* **Bounds.** Every number has a range (`Limits`) and every string a length: out of range is a 422 before any
   work.  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
-* **Unknown keys are ignored**, as the webui's pydantic models ignore them, **except path-like ones** (a key
-  naming a path, folder or file, such as `outpath_samples`): those are refused, since the server's only
-  folders are fixed at start.  Webui features xldm does not have (hires fix, face restoration, tiling, scripts,
-  variation seeds, styles) are refused with a 422 when switched on, never silently dropped.
-* **Empty negative prompt** = no negative prompt: SDXL base's zeroed unconditional embedding (diffusers'
+* **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
+  ...): refused, the server's folders are fixed at start.  Webui features xldm does not have (hires fix, face
+  restoration, tiling, scripts, variation seeds, styles) are refused when switched on, never silently dropped.
+* **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
 * **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
   `aesthetic_score`, `negative_aesthetic_score`; the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
-  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too, through `override_settings`
-  or `/sdapi/v1/options`.
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too (`override_settings`, options).
 """
 
 from __future__ import annotations
@@ -32,14 +29,15 @@ from typing import Annotated, Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED
-from xldm.pngmeta import A1111_SAMPLER_NAMES
+from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for (RELIABILITY 11).  The request models below take their field
-    bounds from `LIMITS`; a server's own `Limits` sets the body, image and page bounds."""
+    """Bounds on what one request may ask for.  The request models below take their field bounds from `LIMITS`;
+    a server's own `Limits` sets the body, image and page bounds."""
 
     min_side: int = 8  # width/height: multiples of 8 (the VAE's factor) in [min_side, max_side]
     max_side: int = 2048  # SDXL's largest bucket side (SDXL paper, App. I)
@@ -57,34 +55,20 @@ class Limits:
 LIMITS = Limits()
 _L = LIMITS
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what an image field may hold; anything else is refused
-
 
 # --- samplers ------------------------------------------------------------------------------------------------
 
-# The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py), plus the xldm names.
+# The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py); the xldm names work too.
 _ALIASES: dict[str, tuple[str, ...]] = {
-    "euler_a": ("k_euler_a", "k_euler_ancestral"),
-    "euler": ("k_euler",),
-    "heun": ("k_heun",),
-    "dpmpp_2m": ("k_dpmpp_2m",),
-    "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
-    "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
-    "ddim": (),
-    "unipc": (),
+    "euler_a": ("k_euler_a", "k_euler_ancestral"), "euler": ("k_euler",), "heun": ("k_heun",),
+    "dpmpp_2m": ("k_dpmpp_2m",), "dpmpp_2m_karras": ("k_dpmpp_2m_ka",), "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
 }
-XLDM_SAMPLERS = tuple(_ALIASES)
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
-_SCHEDULERS_KEPT = ("", "automatic")
-
-
-def a1111_sampler_name(xldm_name: str) -> str:
-    return A1111_SAMPLER_NAMES[xldm_name]
 
 
 def sampler_aliases(xldm_name: str) -> list[str]:
-    return [*_ALIASES[xldm_name], xldm_name]
+    return [*_ALIASES.get(xldm_name, ()), xldm_name]
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
@@ -93,17 +77,17 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     sched = (scheduler or "").strip().lower()
     if sched in _SCHEDULERS_MERGED and not name.lower().endswith(_SCHEDULERS_MERGED[sched].lower()):
         name += _SCHEDULERS_MERGED[sched]
-    elif sched not in _SCHEDULERS_KEPT and sched not in _SCHEDULERS_MERGED:
+    elif sched not in ("", "automatic", *_SCHEDULERS_MERGED):
         raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic' or 'Karras'")
     wanted = name.lower()
-    for xname in XLDM_SAMPLERS:
+    for xname in SAMPLER_NAMES:
         if wanted in (a.lower() for a in (A1111_SAMPLER_NAMES[xname], *sampler_aliases(xname))):
             return xname
-    choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in XLDM_SAMPLERS)
+    choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in SAMPLER_NAMES)
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
 
 
-# --- names that could be paths ---------------------------------------------------------------------------
+# --- names that could be paths (a model name is checked once: looked up among the registered names) -------
 
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
 
@@ -115,14 +99,6 @@ def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
         if bad:
             raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
                              f"be set by a request")
-
-
-def check_name(value: str, what: str = "model name") -> str:
-    """A model name is a name from /sdapi/v1/sd-models, never a path: no separators, no '..', no control chars."""
-    if (not value or len(value) > _L.max_name_chars or "/" in value or "\\" in value or ".." in value
-            or any(ord(c) < 32 for c in value) or "%" in value or value.startswith("~")):
-        raise ValueError(f"{what} {value[:80]!r} is not a name from /sdapi/v1/sd-models (paths are not accepted)")
-    return value
 
 
 # --- images in and out -----------------------------------------------------------------------------------------
@@ -148,28 +124,19 @@ def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Ima
     except (binascii.Error, ValueError):
         raise ValueError(f"{what}: not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        image = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))  # anything else is refused
         width, height = image.size
         if width * height > limits.max_image_pixels:  # before decoding a single pixel
             raise ValueError(f"{what}: {width}x{height} has more than {limits.max_image_pixels} pixels")
         image.load()
-    except ValueError:
-        raise
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
     return image
 
 
-def encode_png(image: Image.Image, text_chunks: dict[str, str] | None = None) -> str:
-    """A PIL image -> base64 PNG, with text chunks (the webui's images carry their `parameters` chunk too)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in (text_chunks or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def png_base64(image: Image.Image, params: dict[str, Any] | None = None) -> str:
+    """A PIL image -> base64 PNG, with the settings' text chunks (the webui's images carry `parameters` too)."""
+    return base64.b64encode(encode_png(image, params)).decode("ascii")
 
 
 # --- requests --------------------------------------------------------------------------------------------------
@@ -178,9 +145,9 @@ def encode_png(image: Image.Image, text_chunks: dict[str, str] | None = None) ->
 _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 # a base64 image of at most max_image_bytes (4 characters per 3 bytes, and room for a data: URL prefix)
 Base64Image = Annotated[str, Field(max_length=(_L.max_image_bytes + 2) // 3 * 4 + 64)]
-Size2 = Annotated[list[int], Field(min_length=2, max_length=2)]  # JSON has no tuples
-
-_REQUEST_PATH_FIELDS = {"refiner_checkpoint"}  # looked up by name among the registered models only
+# [width, height] with sides in [1, 16384], and [top, left] in [0, 16384] (JSON has no tuples)
+Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=2, max_length=2)]
+Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 
 class Settings(BaseModel):
@@ -198,8 +165,6 @@ class Settings(BaseModel):
     @classmethod
     def _no_paths(cls, data: Any) -> Any:
         refuse_path_like_keys(data, {"sd_model_checkpoint"})
-        if isinstance(data, dict) and isinstance(data.get("sd_model_checkpoint"), str):
-            check_name(data["sd_model_checkpoint"], "sd_model_checkpoint")
         return data
 
 
@@ -252,7 +217,7 @@ class GenerationBase(BaseModel):
     script_args: list[Any] = Field(default_factory=list, max_length=0)
     # xldm: SDXL micro-conditioning (SDXL paper, Sec. 2.2), sizes as [width, height], crop as [top, left]
     original_size: Size2 | None = None
-    crop_top_left: Size2 | None = None
+    crop_top_left: Crop2 | None = None
     target_size: Size2 | None = None
     negative_original_size: Size2 | None = None
     negative_target_size: Size2 | None = None
@@ -262,7 +227,7 @@ class GenerationBase(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, _REQUEST_PATH_FIELDS)
+        refuse_path_like_keys(data, {"refiner_checkpoint"})  # a name, looked up among the registered models
         return data
 
     @model_validator(mode="after")
@@ -270,14 +235,6 @@ class GenerationBase(BaseModel):
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
-        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
-            size = getattr(self, name)
-            if size is not None and not all(1 <= v <= 16384 for v in size):
-                raise ValueError(f"{name} must be [width, height] with each side in [1, 16384]")
-        if self.crop_top_left is not None and not all(0 <= v <= 16384 for v in self.crop_top_left):
-            raise ValueError("crop_top_left must be [top, left] with each in [0, 16384]")
-        if self.refiner_checkpoint not in (None, "", "None"):
-            check_name(self.refiner_checkpoint, "refiner_checkpoint")
         return self
 
 
@@ -373,5 +330,5 @@ class PngInfoResponse(BaseModel):
 __all__ = [
     "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
     "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-    "encode_png", "resolve_sampler", "a1111_sampler_name", "sampler_aliases", "check_name", "XLDM_SAMPLERS",
+    "png_base64", "resolve_sampler", "sampler_aliases",
 ]

@@ -1,3 +1,2 @@
-"""Training SDXL-family models: aspect-ratio buckets and their crop bookkeeping (`buckets`), image-caption
-data from folders and WebDataset shards (`data`), a generated shapes dataset for tests (`shapes_dataset`), and
-the training loop."""
+"""Training SDXL-family models: image-caption data from folders and WebDataset shards, batched by aspect-ratio
+bucket (`data`; the buckets and their crop bookkeeping: `xldm.buckets`), and the training loop."""

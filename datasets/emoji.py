@@ -1,5 +1,7 @@
 """The emoji dataset the bundled default model trains on: Twemoji and Noto emoji with CLDR captions.
 
+    python datasets/emoji.py OUT_DIR [--multi-aspect N] [--low-res N] [--seed S] [--cache DIR --offline] ...
+
 `build_emoji_dataset` turns npm packages into a captioned image folder in the Hugging Face imagefolder layout
 (images plus a `metadata.jsonl` of `{"file_name", "text", ...}`) that `xldm.train.data` reads:
 
@@ -31,14 +33,18 @@ for a seed: every random choice is drawn in one `random.Random(seed)` before any
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -147,7 +153,8 @@ def npm_pack(package: str, version: str, cache_dir: Path, *, offline: bool = Fal
             cwd=cache_dir, capture_output=True, text=True, timeout=900,
         )
     except subprocess.TimeoutExpired:
-        raise EmojiDatasetError(f"`npm pack {package}@{version}` took over 15 minutes; is the registry reachable?") from None
+        raise EmojiDatasetError(f"`npm pack {package}@{version}` took over 15 minutes; is the registry "
+                                "reachable?") from None
     if result.returncode != 0 or not target.is_file():
         raise EmojiDatasetError(f"`npm pack {package}@{version}` failed ({result.returncode}): {result.stderr[-2000:]}")
     return target
@@ -526,7 +533,7 @@ def dataset_readme(summary: BuildSummary, options: BuildOptions) -> str:
     lines = [
         README_TITLE,
         "",
-        "Captioned emoji images built by `xldm data emoji` from npm packages (fetched with `npm pack`, "
+        "Captioned emoji images built by `python datasets/emoji.py` (xldm) from npm packages (fetched with `npm pack`, "
         "never committed). Layout: Hugging Face imagefolder: images plus `metadata.jsonl` with one record per "
         "image: `file_name`, `text` (the caption), `original_size` as [height, width] (SDXL's c_size order), "
         "`kind`, `style`, `source`, `emoji`, `hexcode`, `name`, `name_source`, `skin_tone`, `category`, "
@@ -594,3 +601,87 @@ def dataset_readme(summary: BuildSummary, options: BuildOptions) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,48, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    emoji = argparse.ArgumentParser(
+        prog="datasets/emoji.py",
+        description="Build a captioned emoji image folder (metadata.jsonl + README.md) from the npm packages "
+        "emoji-datasource-twitter / emoji-datasource-google (images) and emojibase-data (CLDR names). "
+        "Needs npm unless --offline with a filled --cache.",
+    )
+    emoji.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
+    emoji.add_argument("--sources", type=_names, default=["twitter", "google"], metavar="LIST",
+                       help="comma list of image sets: twitter, google (default: both)")
+    emoji.add_argument("--size", type=int, default=128, help="side of the native square samples (default 128)")
+    emoji.add_argument("--multi-aspect", type=int, default=0, metavar="N",
+                       help="N extra samples placed at a random scale and offset on non-square bucket canvases")
+    emoji.add_argument("--low-res", type=int, default=0, metavar="N", help="N extra samples stored small")
+    emoji.add_argument("--low-res-sizes", type=_int_list, default=[32, 48], metavar="LIST",
+                       help="canvas sides of the low-res samples (default 32,48)")
+    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--cache", default=None, metavar="DIR",
+                       help="where npm tarballs are kept and unpacked (default ~/.cache/xldm/npm)")
+    emoji.add_argument("--offline", action="store_true", help="use only tarballs already in --cache; never run npm")
+    emoji.add_argument("--limit", type=int, default=None, metavar="N",
+                       help="only the first N emoji of each set (with their skin variants), for quick tests")
+    emoji.add_argument("--no-position-phrase", action="store_true",
+                       help="do not append 'at the top left' etc. to off-centre multi-aspect captions")
+    emoji.add_argument("--workers", type=int, default=2, help="rendering threads (default 2)")
+    return emoji
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The full command with every option explicit, so the README records exactly what was built."""
+    words = ["python", "datasets/emoji.py", args.out_dir, "--sources", ",".join(args.sources),
+             "--size", str(args.size), "--multi-aspect", str(args.multi_aspect), "--low-res", str(args.low_res),
+             "--low-res-sizes", ",".join(map(str, args.low_res_sizes)), "--seed", str(args.seed)]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    if args.no_position_phrase:
+        words.append("--no-position-phrase")
+    return shlex.join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = BuildOptions(
+        out_dir=Path(args.out_dir), sources=args.sources, size=args.size, multi_aspect=args.multi_aspect,
+        low_res=args.low_res, low_res_sizes=args.low_res_sizes, seed=args.seed,
+        cache_dir=Path(args.cache) if args.cache else None, limit=args.limit, offline=args.offline,
+        position_phrases=not args.no_position_phrase, workers=args.workers, command=_command_line(args),
+    )
+    start = time.perf_counter()
+    summary = build_emoji_dataset(options, log=print)
+    for key, value in summary.counts().items():
+        print(f"  {key}: {value}")
+    for key, value in sorted(summary.stats.items()):
+        print(f"  {key}: {value}")
+    print(f"wrote {len(summary.samples)} images, metadata.jsonl and README.md to {args.out_dir} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:  # EmojiDatasetError and UnsafePathError are ValueErrors
+        print(f"datasets/emoji.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -9,29 +9,22 @@ FLOPs(one evaluation at its size) x steps x (2 with classifier-free guidance: th
 The text encoders run once per prompt and are left out.  "Direct" is the base stage's UNet run at the final size
 with the base's steps and guidance.
 
-`python -m xldm.cascade_cost` prints the tables for the tiny and default cascades at their own sizes and at
-Imagen's 64 -> 256 -> 1024.
+    python benchmarks/cascade_cost.py                       # the tiny and default cascades at their own sizes
+                                                            # and at Imagen's 64 -> 256 -> 1024
+    python benchmarks/cascade_cost.py --cascade DIR_OR_FILES [--steps 30,20,20] [--cfg 5,4,4]   # stage files
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from xldm.cascade import (
-    CASCADE_PRESETS,
-    DEFAULT_CFG,
-    DEFAULT_STEPS,
-    CascadeStageConfig,
-    cascade_files,
-    check_stage_order,
-    per_stage,
-    read_stage_header,
-)
-from xldm.config import UNetConfig
+from xldm.cascade import DEFAULT_CFG, DEFAULT_STEPS, cascade_files, check_stage_order, describe, is_sr, per_stage, \
+    read_stage_header
+from xldm.config import CASCADES, ModelConfig, UNetConfig
 
 CONTEXT_LENGTH = 77  # one 77-token chunk of text
 
@@ -99,7 +92,11 @@ class CascadeCost:
         return self.total_flops / self.direct.total_flops
 
 
-def cascade_cost(configs: Sequence[CascadeStageConfig], steps: Sequence[int] | int | None = None,
+def _kind(config: ModelConfig) -> str:
+    return "sr" if is_sr(config) else "base"
+
+
+def cascade_cost(configs: Sequence[ModelConfig], steps: Sequence[int] | int | None = None,
                  cfg: Sequence[float] | float | None = None,
                  sizes: Sequence[tuple[int, int]] | None = None) -> CascadeCost:
     """Cost of a cascade (stage outputs of `sizes`, default each stage's resolution) and of the first stage's
@@ -109,32 +106,34 @@ def cascade_cost(configs: Sequence[CascadeStageConfig], steps: Sequence[int] | i
     if sizes is not None:
         configs = rescaled(configs, sizes)
     check_stage_order(configs)
-    steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[configs[i].kind])
-    cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[configs[i].kind])
-    stages = tuple(StageCost(name=c.describe(), size=c.resolution, steps=int(s), guidance=float(g) > 1,
-                             flops_per_eval=unet_flops(c.unet, c.resolution))
-                   for c, s, g in zip(configs, steps, cfg))
+    steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[_kind(configs[i])])
+    cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[_kind(configs[i])])
+    sides = [(c.default_size, c.default_size) for c in configs]
+    stages = tuple(StageCost(name=describe(c), size=side, steps=int(s), guidance=float(g) > 1,
+                             flops_per_eval=unet_flops(c.unet, side))
+                   for c, side, s, g in zip(configs, sides, steps, cfg))
     first = configs[0]
-    final = configs[-1].resolution
-    direct = StageCost(name=f"direct: {first.kind} UNet at {final[0]}x{final[1]}", size=final, steps=int(steps[0]),
+    final = sides[-1]
+    direct = StageCost(name=f"direct: {_kind(first)} UNet at {final[0]}x{final[1]}", size=final, steps=int(steps[0]),
                        guidance=float(cfg[0]) > 1, flops_per_eval=unet_flops(first.unet, final))
     return CascadeCost(stages=stages, direct=direct)
 
 
-def rescaled(configs: Sequence[CascadeStageConfig], sizes: Sequence[tuple[int, int]]) -> list[CascadeStageConfig]:
-    """The same networks at other output sizes (e.g. Imagen's 64, 256, 1024); SR scales follow the sizes."""
+def rescaled(configs: Sequence[ModelConfig], sizes: Sequence[tuple[int, int]]) -> list[ModelConfig]:
+    """The same networks at other (square) output sizes, e.g. Imagen's 64, 256, 1024; SR scales follow the sizes."""
     if len(sizes) != len(configs):
         raise ValueError(f"expected {len(configs)} sizes (one per stage), found {len(sizes)}")
     out = []
-    for i, (c, size) in enumerate(zip(configs, sizes)):
+    for i, (c, (w, h)) in enumerate(zip(configs, sizes)):
+        if w != h:
+            raise ValueError(f"stage {i}: {w}x{h} is not square; cascade stages are")
         if i == 0:  # a base stage, or an SR stage keeping its scale
-            out.append(c.at_resolution(tuple(size)))
+            out.append(replace(c, default_size=w))
             continue
-        pw, ph = sizes[i - 1]
-        w, h = size
-        if w % pw or h % ph or w // pw != h // ph:
-            raise ValueError(f"stage {i}: {pw}x{ph} -> {w}x{h} is not an integer upscaling")
-        out.append(c.at_resolution((w, h), scale=w // pw))
+        prev = sizes[i - 1][0]
+        if w % prev:
+            raise ValueError(f"stage {i}: {prev}x{prev} -> {w}x{h} is not an integer upscaling")
+        out.append(replace(c, default_size=w, sr_scale=w // prev))
     return out
 
 
@@ -164,21 +163,9 @@ def format_cost_table(cost: CascadeCost, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def cascade_info(spec: str | os.PathLike, steps=None, cfg=None) -> str:
-    """`xldm info --cascade DIR`: the stages of a cascade (from the file headers only) and the cost table."""
-    paths = cascade_files(spec)
-    configs = []
-    lines = []
-    for i, path in enumerate(paths):
-        config, has_encoders = read_stage_header(path)
-        configs.append(config)
-        note = "" if has_encoders else (" (text encoders shared with an earlier stage)" if i else
-                                        " (text encoders from the default model)")
-        lines.append(f"stage {i}: {config.describe()}, {config.prediction_type} prediction, scalars "
-                     f"{', '.join(config.micro_conditioning) or 'none'}{note} [{path.name}]")
-    lines.append("")
-    lines.append(format_cost_table(cascade_cost(configs, steps, cfg)))
-    return "\n".join(lines)
+def files_cost(spec, steps=None, cfg=None) -> CascadeCost:
+    """The cost of the cascade in stage files (`xldm.cascade.cascade_files`), from their headers only."""
+    return cascade_cost([read_stage_header(path)[0] for path in cascade_files(spec)], steps, cfg)
 
 
 IMAGEN_SIZES = ((64, 64), (256, 256), (1024, 1024))  # Saharia et al. 2022, Sec. 2.4
@@ -231,15 +218,25 @@ def format_side_by_side(cascade: CascadeCost, latent: list[StageCost]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    from xldm.default_model import DEFAULT_BASE, DEFAULT_REFINER
+def main(argv: list[str] | None = None) -> None:
+    from xldm.cli import number_list
+    from xldm.config import DEFAULT_BASE, DEFAULT_REFINER
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",
+                        help="the cost of these stage files (a folder, comma-separated files, or 'default')")
+    parser.add_argument("--steps", type=number_list(int), default=None, metavar="N,N,N")
+    parser.add_argument("--cfg", type=number_list(float), default=None, metavar="G,G,G")
+    args = parser.parse_args(argv)
+    if args.cascade is not None:
+        print(format_cost_table(files_cost(args.cascade, args.steps, args.cfg)))
+        return
     print("the default cascade (32 -> 64 -> 128) and the default latent model (base + refiner) at 128x128, "
           "default settings")
-    print(format_side_by_side(cascade_cost(CASCADE_PRESETS["cascade-small"]),
+    print(format_side_by_side(cascade_cost(CASCADES["cascade-small"]),
                               latent_model_cost(DEFAULT_BASE, DEFAULT_REFINER, (128, 128))))
     print()
-    for name, configs in CASCADE_PRESETS.items():
+    for name, configs in CASCADES.items():
         print(format_cost_table(cascade_cost(configs), title=f"{name} at its own sizes"))
         print()
         imagen = cascade_cost(configs, sizes=IMAGEN_SIZES)
@@ -247,7 +244,7 @@ def main() -> None:
         print()
 
 
-__all__ = ["unet_flops", "StageCost", "CascadeCost", "cascade_cost", "rescaled", "format_cost_table", "cascade_info",
+__all__ = ["unet_flops", "StageCost", "CascadeCost", "cascade_cost", "rescaled", "format_cost_table", "files_cost",
            "IMAGEN_SIZES", "vae_decode_flops", "latent_model_cost", "format_side_by_side"]
 
 if __name__ == "__main__":

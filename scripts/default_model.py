@@ -1,0 +1,128 @@
+"""Glue between the stages of the bundled default model's training run (scripts/train_default.sh).
+
+    python scripts/default_model.py compose default-base --text-encoders CLIP.safetensors --vae VAE.safetensors \
+        --data TRAIN_DIR --out INIT.safetensors
+    python scripts/default_model.py export TRAINED.safetensors OUT.safetensors
+
+`compose` builds the init file of the base or refiner stage: the pre-trained text encoders and VAE (no UNet),
+with the VAE's latent scale measured as 1 / std of its latents (the LDM recipe, Rombach et al. 2022,
+Sec. 4.3.2 / App. G) written into the config stored in the file's header, which is what every later stage and
+the loader read (`xldm.config.DEFAULT_VAE` holds a placeholder).  `export` re-saves a trained file in fp16, the
+shipped form.  The dataset split comes before both: datasets/split.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from xldm.config import DEFAULT_VAE, PRESETS, ModelConfig
+
+KINDS = ("default-base", "default-refiner")  # the model presets an init file is composed for
+
+
+def measure_latent_scale(vae, data: str | os.PathLike, *, images: int = 256, seed: int = 0) -> float:
+    """1 / std of the VAE's posterior samples on `images` training images: LDM's rescaling of the latents to
+    unit variance (Rombach et al. 2022, Sec. 4.3.2; SDXL's 0.13025 is this number for its VAE)."""
+    import torch
+
+    from xldm.buckets import training_buckets
+    from xldm.train.data import TrainingBatches
+
+    batches = TrainingBatches(data, buckets=training_buckets(128, 32), batch_size=16, seed=seed, drop_last=False)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    with torch.no_grad():
+        for batch in batches:
+            samples.append(vae.encode(batch["pixels"]).sample(generator).flatten())
+            if sum(s.numel() for s in samples) >= images * 4 * 16 * 16:
+                break
+    return float(1.0 / torch.cat(samples).std())
+
+
+def compose_init_file(kind: str, text_encoders_file: str | os.PathLike, vae_file: str | os.PathLike,
+                      out: str | os.PathLike, *, data: str | os.PathLike | None = None,
+                      scaling_factor: float | None = None) -> float:
+    """A single file holding the pre-trained text encoders and VAE (no UNet) for the `default-base` or
+    `default-refiner` stage (`--init OUT --init-components vae,text_encoders`), with the VAE's measured latent
+    scale in its config.  Returns that scale."""
+    import torch
+    from safetensors.torch import load_file
+
+    from xldm.models.components import Components
+    from xldm.models.vae import AutoencoderKL
+    from xldm.weights.load import load_model
+    from xldm.weights.save import save_single_file
+
+    base = PRESETS[kind]
+    vae = AutoencoderKL(DEFAULT_VAE)
+    vae.load_state_dict(load_file(str(vae_file)), strict=True)
+    vae.eval().requires_grad_(False)
+    if scaling_factor is None:
+        if data is None:
+            raise ValueError("compose: give --data (to measure the latent scale) or --scaling-factor")
+        scaling_factor = round(measure_latent_scale(vae, data), 5)
+    config = replace(base, vae=replace(base.vae, scaling_factor=scaling_factor))
+    encoders = load_model(text_encoders_file, components=["text_encoders"], dtype=torch.float32).text_encoders
+    if kind == "default-refiner":
+        encoders = encoders[-1:]  # the refiner conditions on the bigG-shaped encoder alone (SDXL Sec. 2.5)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(Components(config=config, vae=vae, text_encoders=tuple(encoders)), out)
+    return scaling_factor
+
+
+def export_fp16(src: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Re-save a trained single file in fp16 (the shipped form); returns its size in bytes."""
+    import torch
+
+    from xldm.weights.load import load_model
+    from xldm.weights.save import save_single_file
+
+    model = load_model(src, dtype=torch.float32)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(model, out, dtype=torch.float16)
+    return Path(out).stat().st_size
+
+
+def fp16_bytes(config: ModelConfig) -> int:
+    """fp16 bytes of a full single file (UNet + VAE + text encoders) of `config`, from meta-built modules."""
+    import torch
+
+    from xldm.models.clip import CLIPTextModel
+    from xldm.models.unet import UNet
+    from xldm.models.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        modules = [UNet(config.unet), AutoencoderKL(config.vae), *(CLIPTextModel(te) for te in config.text_encoders)]
+    return 2 * sum(p.numel() for m in modules for p in m.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/default_model.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compose", help="init file (text encoders + VAE) for the base or refiner stage")
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--text-encoders", required=True)
+    p.add_argument("--vae", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="images to measure the latent scale on")
+    p.add_argument("--scaling-factor", type=float, default=None)
+    p = sub.add_parser("export", help="fp16 copy of a trained single file")
+    p.add_argument("src")
+    p.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.command == "compose":
+        scale = compose_init_file(args.kind, args.text_encoders, args.vae, args.out, data=args.data,
+                                  scaling_factor=args.scaling_factor)
+        print(f"wrote {args.out} (latent scaling factor {scale})")
+    else:
+        size = export_fp16(args.src, args.out)
+        print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Training data sources: image-caption folders and WebDataset shards (`open_source`), and image decoding.
+
+* a **folder**: images (`.png .jpg .jpeg .webp`, searched recursively) with a caption `name.txt` beside
+  `name.png`, or a `metadata.jsonl` at the top with one `{"file_name", "text", "aesthetic_score"?}` per line
+  (Hugging Face imagefolder layout; `file_name` relative to the folder and never outside it).  Each image's size is
+  read once from its header (Pillow's `Image.open` is lazy), so every image's bucket is known without decoding it.
+* **WebDataset shards** (the format sgm trains from): a `.tar` path, a folder of `.tar` files, or brace notation
+  `shards/data-{000..009}.tar`.  Members are grouped into samples by key (the name up to the first dot of its
+  basename); a sample has an image (`jpg jpeg png webp`) and a caption (`txt`, or `caption`/`text` in its `json`,
+  which may also hold `aesthetic_score`).  Shards are streamed member by member with the stdlib `tarfile`.
+
+Without an aesthetic score in the metadata a sample gets 6.0, the default positive score of SDXL's refiner
+(diffusers img2img `aesthetic_score=6.0`, sgm `streamlit_helpers.py`).
+
+Bad files never stop a run; they raise `SkipSample` with a reason, and are skipped and counted by it
+(`xldm.train.data.TrainingBatches.stats["skipped"]`):
+`zero_bytes`, `not_an_image`, `too_many_pixels` (Pillow's decompression-bomb warning or error: the limit
+`PIL.Image.MAX_IMAGE_PIXELS` stays on and is never changed here), `truncated` (file or tar member cut short),
+`corrupt` (other decode errors), `unsupported_mode` (float images), `missing_caption`, `missing_image`,
+`bad_metadata`, `unreadable` (the file cannot be opened), `truncated_shard` (a tar that ends mid-member: the
+samples before the damage are used).  A missing caption skips the sample by default; `missing_caption="empty"`
+trains it with an empty caption instead.  Images are converted to RGB: EXIF orientation is applied first (so
+`original_size` is the upright size), transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is
+composited onto white, CMYK/YCbCr/LAB/P/L/1 are converted by Pillow, and 16-bit greyscale (`I;16*`, `I`) is
+scaled by 255/65535 (Pillow's own `convert` would clip it instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from xldm.buckets import Size
+
+DEFAULT_AESTHETIC_SCORE = 6.0  # SDXL refiner default (diffusers StableDiffusionXLImg2ImgPipeline)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+_SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # first present wins
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", *_ALPHA_MODES, *_SIXTEEN_BIT_MODES)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on; `reason` is its key in `stats["skipped"]`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+@contextmanager
+def _skip_on_decode_errors():
+    """Pillow's failures as `SkipSample`, its decompression-bomb warning raised as an error (the limit untouched)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipSample("too_many_pixels", str(e)) from None
+    except UnidentifiedImageError as e:
+        raise SkipSample("not_an_image", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        truncated = isinstance(e, EOFError) or "truncat" in str(e).lower()
+        raise SkipSample("truncated" if truncated else "corrupt", str(e)) from None
+
+
+def _check_not_empty(path: str) -> None:
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise SkipSample("unreadable", str(e)) from None
+    if size == 0:
+        raise SkipSample("zero_bytes")
+
+
+def _orientation_swaps_sides(image: Image.Image) -> bool:
+    """Whether the EXIF orientation (read from the header bytes only, never decoding) is a 90-degree turn."""
+    raw = image.info.get("exif")
+    if not raw:
+        return False
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1) in (5, 6, 7, 8)  # Orientation: the transposed/rotated-by-90 ones
+    except Exception:  # a broken EXIF block: exif_transpose will ignore it too
+        return False
+
+
+def probe_size(path: str) -> Size:
+    """(width, height) of an image file as it will be decoded and EXIF-transposed, read from its header."""
+    _check_not_empty(path)
+    with _skip_on_decode_errors():
+        image = Image.open(path)
+    with image:
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise SkipSample("unsupported_mode", image.mode)
+        width, height = image.size
+        return (height, width) if _orientation_swaps_sides(image) else (width, height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white and 16-bit greyscale scaled down; SkipSample otherwise."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale 0..65535 -> 0..255 (Pillow's convert would clip)
+        array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode not in _CONVERTIBLE_MODES:
+        raise SkipSample("unsupported_mode", mode)
+    if mode in _ALPHA_MODES or "transparency" in image.info:  # composite transparency onto white
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(source: str | bytes) -> Image.Image:
+    """A file path or encoded bytes -> an upright RGB image; raises `SkipSample` with the reason otherwise."""
+    if isinstance(source, bytes):
+        if not source:
+            raise SkipSample("zero_bytes")
+        fp: str | io.BytesIO = io.BytesIO(source)
+    else:
+        _check_not_empty(source)
+        fp = source
+    with _skip_on_decode_errors():
+        image = Image.open(fp)
+        try:
+            image.load()  # Pillow's LOAD_TRUNCATED_IMAGES stays False: a cut-off file raises here
+            return to_rgb(ImageOps.exif_transpose(image))
+        finally:
+            image.close()
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def _check_missing_caption(missing_caption: str) -> None:
+    if missing_caption not in ("skip", "empty"):
+        raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
+
+
+def _fingerprint(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FolderSample:
+    key: str  # path relative to the folder, with extension
+    path: str
+    caption: str
+    aesthetic_score: float
+    size: Size  # (width, height) from the header, EXIF-transposed
+
+
+class FolderSource:
+    """A folder of captioned images, indexed once: keys, captions and header sizes, in sorted key order."""
+
+    def __init__(self, root: str | os.PathLike, *, missing_caption: str = "skip") -> None:
+        _check_missing_caption(missing_caption)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a folder")
+        self.skipped: dict[str, set[str]] = {}
+        entries = self._from_metadata() if (self.root / "metadata.jsonl").is_file() else self._from_sidecars()
+        samples = []
+        for key, path, caption, score in sorted(entries):
+            if caption is None:
+                if missing_caption == "skip":
+                    self._skip("missing_caption", key)
+                    continue
+                caption = ""
+            try:
+                samples.append(FolderSample(key, path, caption, score, probe_size(path)))
+            except SkipSample as e:
+                self._skip(e.reason, key)
+        self.samples: tuple[FolderSample, ...] = tuple(samples)
+        self.fingerprint = _fingerprint([s.key for s in samples])
+
+    def _skip(self, reason: str, key: str) -> None:
+        self.skipped.setdefault(reason, set()).add(key)
+
+    def _from_sidecars(self) -> list[tuple[str, str, str | None, float]]:
+        entries = []
+        for path in self.root.rglob("*"):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                caption_path = path.with_suffix(".txt")
+                caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() \
+                    if caption_path.is_file() else None
+                entries.append((path.relative_to(self.root).as_posix(), str(path), caption, DEFAULT_AESTHETIC_SCORE))
+        return entries
+
+    def _from_metadata(self) -> list[tuple[str, str, str | None, float]]:
+        entries = []
+        root = self.root.resolve()
+        lines = (self.root / "metadata.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                name = record["file_name"]
+                score = float(record.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE))
+                if not isinstance(name, str):
+                    raise TypeError("file_name is not a string")
+            except (ValueError, KeyError, TypeError) as e:
+                self._skip("bad_metadata", f"metadata.jsonl:{number} ({e})")
+                continue
+            path = (root / name).resolve()
+            if not path.is_relative_to(root):  # no `..`, absolute paths or symlinks out of the folder
+                self._skip("bad_metadata", f"metadata.jsonl:{number} ({name} is outside the folder)")
+            elif not path.is_file():
+                self._skip("missing_image", name)
+            else:
+                caption = record.get("text")
+                entries.append((name, str(path), caption if isinstance(caption, str) else None, score))
+        return entries
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset brace notation: `a-{000..002}.tar` -> a-000.tar a-001.tar a-002.tar (zero padding kept);
+    `{x,y}` lists alternatives; several groups expand left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        start, stop = numeric.groups()
+        width = len(start) if start.startswith("0") or len(start) == len(stop) else 0
+        if int(stop) < int(start):
+            raise ValueError(f"empty range in {pattern!r}")
+        options = [str(i).zfill(width) for i in range(int(start), int(stop) + 1)]
+    else:
+        options = body.split(",")
+    return [head + option + rest for option in options for rest in expand_braces(tail)]
+
+
+class ShardSource:
+    """WebDataset tar shards, read sequentially; `shards` is the fixed, ordered list of paths."""
+
+    def __init__(self, shards: Sequence[str], *, missing_caption: str = "skip") -> None:
+        _check_missing_caption(missing_caption)
+        if not shards:
+            raise ValueError("no tar shards given")
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise ValueError(f"{len(missing)} shard(s) not found, first: {missing[0]}")
+        self.shards = tuple(str(s) for s in shards)
+        self.missing_caption = missing_caption
+        self.fingerprint = _fingerprint([os.path.basename(s) for s in self.shards])
+
+
+Source = FolderSource | ShardSource
+
+
+def open_source(path: str | os.PathLike, *, missing_caption: str = "skip") -> Source:
+    """A folder of images, or WebDataset shards (a .tar, a folder holding only .tar files, or brace notation)."""
+    text = os.fspath(path)
+    if "{" in text:
+        return ShardSource(expand_braces(text), missing_caption=missing_caption)
+    if text.endswith(".tar"):
+        return ShardSource([text], missing_caption=missing_caption)
+    folder = Path(text)
+    if not folder.is_dir():
+        raise ValueError(f"{text}: not a folder, a .tar file or a brace pattern of shards")
+    tars = sorted(str(p) for p in folder.iterdir() if p.suffix == ".tar" and p.is_file())
+    has_images = (folder / "metadata.jsonl").is_file() or any(
+        p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
+    if tars and not has_images:
+        return ShardSource(tars, missing_caption=missing_caption)
+    return FolderSource(folder, missing_caption=missing_caption)
+
+
+@dataclass
+class _RawSample:
+    key: str
+    offset: int  # byte offset of the sample's first tar header in its shard
+    end: int  # byte offset just past its last member: where the next sample starts
+    members: dict[str, bytes]
+
+
+def iter_tar_samples(path: str, start: int = 0) -> Iterator[_RawSample]:
+    """Stream the samples of one tar shard from byte `start` (a header boundary), grouping consecutive members
+    by key.  A shard cut short raises `SkipSample("truncated_shard")` after the complete samples before it."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        current: _RawSample | None = None
+        try:
+            with tarfile.open(fileobj=file, mode="r|") as tar:
+                for member in tar:
+                    end = start + member.offset_data + (-(-member.size // tarfile.BLOCKSIZE)) * tarfile.BLOCKSIZE
+                    if not member.isfile():
+                        if current is not None:
+                            current.end = end
+                        continue
+                    # WebDataset's rule: key = directories + basename up to its first dot; extension = the rest
+                    directory, _, base = member.name.removeprefix("./").rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    key = f"{directory}/{stem}" if directory else stem
+                    extracted = tar.extractfile(member)
+                    data = extracted.read() if extracted is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    if current is not None and key != current.key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = _RawSample(key, start + member.offset, end, {})
+                    current.members[extension.lower()] = data
+                    current.end = end
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if current is not None:
+                yield current  # its members were read completely
+            raise SkipSample("truncated_shard", f"{path}: {e}") from None
+        if current is not None:
+            yield current
+
+
+def shard_sample(raw: _RawSample, missing_caption: str) -> tuple[bytes, str, float]:
+    """(encoded image, caption, aesthetic score) of a WebDataset sample: the first image member of
+    `jpg jpeg png webp`, the caption of `txt` or else of the `json`'s `caption`/`text`."""
+    members = raw.members
+    image_key = next((name for name in _SHARD_IMAGE_KEYS if name in members), None)
+    if image_key is None:
+        raise SkipSample("missing_image")
+    meta, score = {}, DEFAULT_AESTHETIC_SCORE
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+            score = float(meta.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise SkipSample("bad_metadata", str(e)) from None
+    if "txt" in members:
+        caption = members["txt"].decode("utf-8", errors="replace").strip()
+    else:
+        caption = meta.get("caption", meta.get("text"))
+        if not isinstance(caption, str):
+            if missing_caption == "skip":
+                raise SkipSample("missing_caption")
+            caption = ""
+    return members[image_key], caption, score
+
+
+__all__ = [
+    "DEFAULT_AESTHETIC_SCORE", "FolderSample", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
+    "Source", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "shard_sample",
+    "to_rgb",
+]
