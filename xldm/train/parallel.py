@@ -43,6 +43,8 @@ processes of all machines (one flat mesh).  NCCL is used on CUDA, gloo on CPU (t
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,12 +52,48 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from xldm.train.loop import Processes, Run
+    from xldm.train.run import Run
+
+
+# --- processes -------------------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    started_here: bool = False  # this call initialised the process group (and will destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(config) -> Processes:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device ("auto": this process's GPU if
+    there is one, else the CPU) and join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+        device = torch.device(config.device if config.device.startswith("cuda:") else f"cuda:{local}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu" if config.device == "auto" else config.device)
+    started = world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank=rank, world_size=world, local_rank=local, device=device, started_here=started)
 
 
 # --- DDP -------------------------------------------------------------------------------------------------
 
-def wrap_ddp(module: nn.Module, procs: "Processes") -> nn.Module:
+def wrap_ddp(module: nn.Module, procs: Processes) -> nn.Module:
     """DistributedDataParallel around `module` when there are several processes, else the module itself."""
     if not procs.distributed:
         return module
@@ -66,12 +104,12 @@ def wrap_ddp(module: nn.Module, procs: "Processes") -> nn.Module:
 
 # --- FSDP2 -----------------------------------------------------------------------------------------------
 
-def uses_fsdp(config, procs: "Processes") -> bool:
+def uses_fsdp(config, procs: Processes) -> bool:
     """FSDP is on when asked for and there is more than one process (one process has nothing to shard over)."""
     return config.parallel == "fsdp" and procs.distributed
 
 
-def shard_unet(unet: nn.Module, procs: "Processes", mixed_precision: str) -> nn.Module:
+def shard_unet(unet: nn.Module, procs: Processes, mixed_precision: str) -> nn.Module:
     """Apply FSDP2 to each block of the UNet, then to the UNet itself (in place; returns it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -126,7 +164,7 @@ def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(n, start + chunk)
 
 
-def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: "Processes", out: dict) -> None:
+def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out: dict) -> None:
     """One all-gather for several Shard(0) DTensors: each process sends its local shards flattened end to end
     (padded to the longest process's length); rank 0 cuts the pieces back out and stacks each tensor's rows."""
     world = procs.world_size
@@ -153,7 +191,7 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: "Processes", o
         out[key] = torch.cat([pieces[r][i] for r in range(world)]).reshape(t.shape)
 
 
-def gather_full(tensors: dict[str, torch.Tensor], procs: "Processes") -> dict[str, torch.Tensor]:
+def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str, torch.Tensor]:
     """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.
 
     A collective: every process must call it with the same keys in the same order (they come from
@@ -198,7 +236,7 @@ def _shard_as(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def shard_checkpoint(run: "Run", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def shard_checkpoint(run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full checkpoint tensors -> the same keys holding this process's shards where the run is sharded: the
     weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and the EMA
     shadows (`ema.*`).  Everything else is returned as is."""
@@ -219,7 +257,7 @@ def shard_checkpoint(run: "Run", tensors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def gather_for_export(run: "Run") -> dict[str, nn.Module] | None:
+def gather_for_export(run: Run) -> dict[str, nn.Module] | None:
     """Unsharded CPU copies of the sharded trained networks, EMA weights applied (raw weights without EMA), on
     rank 0; None on the other ranks.  A collective: every process calls it."""
     from xldm.models.unet import UNet
@@ -246,10 +284,10 @@ def gather_for_export(run: "Run") -> dict[str, nn.Module] | None:
     return exported if run.procs.is_main else None
 
 
-def barrier(procs: "Processes") -> None:
+def barrier(procs: Processes) -> None:
     if procs.distributed:
         dist.barrier()
 
 
-__all__ = ["wrap_ddp", "uses_fsdp", "shard_unet", "clip_grad_norm", "gather_full", "shard_checkpoint",
-           "gather_for_export", "barrier"]
+__all__ = ["Processes", "setup_processes", "wrap_ddp", "uses_fsdp", "shard_unet", "clip_grad_norm", "gather_full",
+           "shard_checkpoint", "gather_for_export", "barrier"]
