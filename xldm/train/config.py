@@ -104,14 +104,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
-        def choice(name: str, allowed: tuple) -> None:
-            check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
         check(self.model in PRESETS, f"unknown model {self.model!r}; expected one of {sorted(PRESETS)}")
         for name, allowed in (("task", TASKS), ("prediction_type", ("", *PREDICTION_TYPES)),
                               ("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION),
                               ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("parallel", PARALLEL_MODES)):
-            choice(name, allowed)
+            check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check(0 <= self.timestep_min <= self.timestep_max < NUM_TRAIN_TIMESTEPS,
               f"need 0 <= timestep_min <= timestep_max < {NUM_TRAIN_TIMESTEPS}, "
               f"got [{self.timestep_min}, {self.timestep_max}]")
@@ -119,34 +116,32 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("text_dropout", "micro_dropout", "aug_level_max"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("offset_noise", "min_snr_gamma", "warmup_steps"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         check(len(self.downscale_sides) == 2, f"downscale_sides must be (min, max), got {self.downscale_sides}")
         try:
             self.augment  # the bounds are Augment's own
         except ValueError as e:
             check(False, str(e))
-        for name in ("offset_noise", "min_snr_gamma", "warmup_steps"):
-            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
-        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         unknown = set(self.init_components) - {"unet", "vae", "text_encoders"}
         check(not unknown, f"unknown init_components {sorted(unknown)}")
         mc = self.model_config
+        check(not self.train_crop or mc.sr_scale > 0, "train_crop applies to super-resolution stages only")
+        check(not self.train_crop or (self.train_crop % mc.sr_scale == 0 and self.train_crop <= mc.default_size),
+              f"train_crop must be a multiple of the scale {mc.sr_scale} and at most {mc.default_size}, "
+              f"got {self.train_crop}")
         if mc.vae is not None:
             check(not self.text_encoders_from, "--text-encoders-from applies to cascade presets only; use --init "
                                                "and --init-components")
-            check(not self.train_crop, "train_crop applies to super-resolution stages only")
             return
-        # a pixel-space cascade stage (xldm.cascade): diffusion on the pixels, in fp32
+        # a pixel-space cascade stage (xldm.cascade): diffusion on the pixels, in fp32, its own --init stage file
         check(self.task == "diffusion", f"task {self.task!r} needs a latent model; {self.model} is a cascade stage")
         for flag, name in (("--mixed-precision", "mixed_precision"), ("--init-components", "init_components"),
                            ("--set cache_dir", "cache_dir")):
-            default = TrainConfig.__dataclass_fields__[name].default
-            check(getattr(self, name) == default, f"{flag} does not apply to a cascade stage ({self.model})")
-        if self.train_crop:
-            check(mc.sr_scale > 0, "train_crop applies to super-resolution stages only")
-            check(self.train_crop % mc.sr_scale == 0 and self.train_crop <= mc.default_size,
-                  f"train_crop must be a multiple of the scale {mc.sr_scale} and at most {mc.default_size}, "
-                  f"got {self.train_crop}")
+            check(getattr(self, name) == TrainConfig.__dataclass_fields__[name].default,
+                  f"{flag} does not apply to a cascade stage ({self.model})")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -197,15 +192,14 @@ def lr_at(config: TrainConfig, step: int) -> float:
 _TINY = dict(resolution=64, bucket_step=64, lr=1e-3, warmup_steps=0, weight_decay=0.0, ema_decay=0.999,
              checkpoint_every=50, keep_checkpoints=2, batch_size=4)
 # The bundled default model's stages (scripts/train_default.sh): rates, steps and batch sizes are our choices for
-# a small model trained from scratch on a 2-core CPU in a few hours.
+# a small model trained from scratch on a 2-core CPU in a few hours; 10 % caption dropout (SD 1.x model card).
 _SMALL = dict(weight_decay=0.0, lr_schedule="cosine", min_lr_ratio=0.1, keep_checkpoints=2, checkpoint_every=250)
 _DEFAULT = dict(resolution=128, batch_size=16, ema_decay=0.999, text_dropout=0.1, **_SMALL)
 _SECOND_STAGE = dict(downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3, zoom_max=1.6)  # see default-base-ft
-# Cascade stages (xldm.cascade; scripts/train_default_cascade.sh): constant rate after warm-up, no weight decay,
-# 10 % caption dropout (SD model card).  The default cascade's rates, steps and batches are our choice for ~1.5 h
-# on one CPU core, EMA horizon ~200 steps to match.  SR stages draw s from [0, 0.5] (ours: sampling uses s <= 0.3;
-# past 0.5 the cosine schedule keeps under half the signal); the 128^2 stage trains on 64^2 crops (a quarter of the
-# cost; its UNet is fully convolutional).
+# Cascade stages (scripts/train_default_cascade.sh): constant rate after warm-up, no weight decay, 10 % caption
+# dropout.  The default cascade's rates, steps and batches are ours for ~1.5 h on one CPU core, EMA horizon ~200
+# steps to match; SR stages draw s from [0, 0.5] (ours: sampling uses s <= 0.3; past 0.5 the cosine schedule keeps
+# under half the signal); the 128^2 stage trains on 64^2 crops (a quarter of the cost; its UNet is convolutional).
 _STAGE = dict(weight_decay=0.0, text_dropout=0.1, lr=1e-4, ema_decay=0.999)
 _TINY_STAGE = dict(_STAGE, lr=1e-3, batch_size=4, checkpoint_every=50, keep_checkpoints=2, ema_decay=0.99)
 _SMALL_STAGE = dict(_STAGE, lr=5e-4, warmup_steps=100, checkpoint_every=100, keep_checkpoints=2, ema_decay=0.995,
@@ -216,60 +210,50 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # The refiner specialises on the first 200 (low-noise) discrete noise scales (SDXL paper Sec. 2.5).
     "tiny-sdxl-refiner": TrainConfig(model="tiny-sdxl-refiner", timestep_max=199, text_dropout=0.1, **_TINY),
     "tiny-vae": TrainConfig(model="tiny-sdxl-base", task="vae", disc_start=100, disc_channels=16, **_TINY),
-    # Full SDXL.  Paper Sec. 2.5: 1000-step discrete schedule; the base's final (multi-aspect, ~1024^2) stage uses
-    # offset noise 0.05 and the App. I buckets; its global batch was 2048 (pretraining at 256^2; set with
-    # --batch-size per process x processes).  The paper gives no learning rate: 1e-5 with 500 warm-up steps is
-    # our fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the text-conditioning
-    # to improve classifier-free guidance sampling" (the SDXL paper does not state its rate).
+    # Full SDXL (paper Sec. 2.5): the base's final multi-aspect ~1024^2 stage uses offset noise 0.05 and the App. I
+    # buckets, global batch 2048 (--batch-size per process x processes).  No learning rate is given: 1e-5 with 500
+    # warm-up steps is our fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the
+    # text-conditioning" (the SDXL paper gives no rate).  The refiner: t in [0, 199], the aesthetic score (sgm
+    # sd_xl_refiner.yaml).
     "sdxl-base": TrainConfig(model="sdxl-base", resolution=1024, bucket_step=64, offset_noise=0.05,
                              text_dropout=0.1, lr=1e-5, warmup_steps=500, mixed_precision="bf16",
                              gradient_checkpointing=True, batch_size=1),
-    # Sec. 2.5: the refiner is a separate LDM in the same latent space, specialised on the first 200 noise scales
-    # (t in [0, 199]) of high-quality data; conditioned on the aesthetic score (sgm sd_xl_refiner.yaml).
     "sdxl-refiner": TrainConfig(model="sdxl-refiner", resolution=1024, bucket_step=64, timestep_max=199,
                                 text_dropout=0.1, lr=1e-5, warmup_steps=500, mixed_precision="bf16",
                                 gradient_checkpointing=True, batch_size=1),
-    # Sec. 2.4: the SD autoencoder architecture trained at batch 256 (vs 9) with an EMA of its weights.  Loss
-    # weights from ldm's autoencoder_kl_32x32x4.yaml (kl 1e-6, discriminator from step 50001, weight 0.5,
-    # base lr 4.5e-6 x batch); 256^2 crops as ldm; Adam betas (0.5, 0.9) as ldm/models/autoencoder.py
-    # configure_optimizers.  The EMA decay is not given; 0.9999 is ours.
+    # Sec. 2.4: the SD autoencoder trained at batch 256 (vs 9) with an EMA (decay ours).  ldm's
+    # autoencoder_kl_32x32x4.yaml: kl 1e-6, discriminator from step 50001, weight 0.5, base lr 4.5e-6 x batch,
+    # 256^2 crops; Adam betas (0.5, 0.9) as ldm/models/autoencoder.py configure_optimizers.
     "sdxl-vae": TrainConfig(model="sdxl-base", task="vae", resolution=256, bucket_step=64, lr=4.5e-6 * 256,
                             kl_weight=1e-6, disc_start=50001, disc_weight=0.5, ema_decay=0.9999,
                             weight_decay=0.0, adam_beta1=0.5, adam_beta2=0.9, grad_clip=0.0, batch_size=8),
-    # Contrastive pre-training of both text encoders against a throw-away image tower (Radford et al. 2021):
-    # 64 px images (the tower only needs colours, shapes, layout); CLIP's weight decay 0.2 (Radford et al.,
-    # App. F); batch 128 as a compromise between negatives per step and CPU time.
+    # Both text encoders against a throw-away image tower (xldm.train.contrastive): 64 px images (the tower only
+    # needs colours, shapes, layout); CLIP's weight decay 0.2 (Radford et al. 2021, App. F); batch 128 (ours).
     "default-clip": TrainConfig(model="default-base", task="clip", resolution=64, batch_size=128, steps=3000,
                                 lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.05,
                                 weight_decay=0.2, adam_beta2=0.98, adam_eps=1e-6, ema_decay=0.0,
                                 checkpoint_every=250, keep_checkpoints=2),
-    # The autoencoder (SDXL Sec. 2.4: with an EMA of its weights).  ldm's loss weights (kl 1e-6) and Adam betas
-    # (0.5, 0.9); the patch discriminator stays off (disc_start beyond the run): on this budget it costs a
-    # third of the step time and the L1 reconstruction of flat emoji colours is what the base model needs.
+    # The autoencoder, with an EMA (SDXL Sec. 2.4), ldm's kl weight and Adam betas; the discriminator stays off
+    # (disc_start beyond the run): it costs a third of the step time, and the L1 reconstruction of flat emoji
+    # colours is what the base model needs.
     "default-vae": TrainConfig(model="default-base", task="vae", resolution=128, bucket_step=32, batch_size=8,
                                steps=2500, lr=5e-4, warmup_steps=100, adam_beta1=0.5, adam_beta2=0.9,
                                kl_weight=1e-6, disc_start=10**9, ema_decay=0.999, grad_clip=0.0, **_SMALL),
-    # The base UNet on ~128^2 aspect buckets (sides in multiples of 32 = 8 x 2^(3 - 1): three UNet levels),
-    # frozen text encoders and VAE from the stages before (--init), offset noise 0.05 (SDXL Sec. 2.5),
-    # 10 % caption dropout for classifier-free guidance (SD model card).
+    # The base UNet on ~128^2 buckets (sides in multiples of 32 = 8 x 2^(3 - 1): three UNet levels), the frozen
+    # text encoders and VAE of the stages before (--init), offset noise 0.05 (SDXL Sec. 2.5).
     "default-base": TrainConfig(model="default-base", bucket_step=32, steps=7000, lr=5e-4, warmup_steps=200,
                                 offset_noise=0.05, init_components=("vae", "text_encoders"), **_DEFAULT),
-    # The base's second stage, from the first one's weights (SDXL also trains its base in stages, Sec. 2.5:
-    # 256^2, then 512^2, then multi-aspect at ~1024^2).  Cached VAE posteriors and text embeddings
-    # (`--set cache_dir=...`: the VAE encoder was 2/3 of a stage-one step on the CPU), so three times the
-    # samples per hour.  Augmentation (downscale, zoom_crops) so that the micro-conditioning carries information
-    # the 16x16 latent can see: 15 % of the images shrunk to 8-24 px first (the dataset's own low-res sources,
-    # 32-48 px, are finer than the latent grid), 30 % of the crops zoomed in by up to 1.6x.  Min-SNR weighting,
-    # gamma 5 (Hang et al. 2023), spends the steps on the high-noise end, where the shapes are decided (the
-    # refiner covers the low-noise end).
+    # The base's second stage, from the first one's weights (SDXL trains its base in stages too, Sec. 2.5), with
+    # the latent and text cache (`--set cache_dir=...`: three times the samples per hour on the CPU) and
+    # augmentation so that the micro-conditioning carries what the 16x16 latent can see: 15 % of the images shrunk
+    # to 8-24 px first, 30 % of the crops zoomed in by up to 1.6x.  Min-SNR weighting, gamma 5 (Hang et al. 2023),
+    # spends the steps on the high-noise end, where the shapes are decided (the refiner covers the low-noise end).
     "default-base-ft": TrainConfig(model="default-base", bucket_step=32, steps=18000, lr=2e-4, warmup_steps=100,
                                    offset_noise=0.05, min_snr_gamma=5.0, **_SECOND_STAGE, **_DEFAULT),
-    # The refiner on the first 200 (low-noise) steps of the schedule (SDXL Sec. 2.5); sides in multiples of
-    # 64 = 8 x 2^(4 - 1) for its four levels.
+    # The refiner on t in [0, 199] (SDXL Sec. 2.5); sides in multiples of 64 = 8 x 2^(4 - 1) for its four levels.
+    # Its second stage as default-base-ft's (the refiner is conditioned on size and crop too).
     "default-refiner": TrainConfig(model="default-refiner", bucket_step=64, steps=1000, lr=5e-4, warmup_steps=200,
                                    timestep_max=199, init_components=("vae", "text_encoders"), **_DEFAULT),
-    # The refiner's second stage, from the first one's weights, as default-base-ft: cached latents and text,
-    # the same augmentation (the refiner is conditioned on size and crop too, SDXL Sec. 2.5).
     "default-refiner-ft": TrainConfig(model="default-refiner", bucket_step=64, steps=3000, lr=2e-4,
                                       warmup_steps=100, timestep_max=199, **_SECOND_STAGE, **_DEFAULT),
     "tiny-cascade-base-16": TrainConfig(model="tiny-cascade-base-16", **_TINY_STAGE),

@@ -1,30 +1,19 @@
-"""Contrastive pre-training of SDXL's two text encoders from scratch, for the bundled default model.
+"""The contrastive task: SDXL's two text encoders pre-trained from scratch, for the bundled default model.
 
-SDXL conditions on two CLIP text encoders pre-trained with the CLIP objective (Radford et al. 2021, "Learning
-Transferable Visual Models From Natural Language Supervision", Sec. 2.3 and Fig. 3): image and text embeddings,
-L2-normalised, scored by cosine similarity times a learned temperature, trained with a symmetric cross-entropy
-over the batch.  No pre-trained CLIP can be downloaded here, so the default model trains its own on the captioned
-emoji images:
+SDXL's text encoders are CLIP's (Radford et al. 2021, Sec. 2.3 and Fig. 3: L2-normalised image and text
+embeddings, cosine similarity times a learned temperature, symmetric cross-entropy over the batch).  None can be
+downloaded here, so the default model trains its own on the captioned emoji: both encoders jointly against one
+small image tower (`ImageTower`, strided convolutions, then a linear map of the flattened 4 x 4 map, so that a
+glyph's position is kept for captions like "at the top left"); each encoder has its own joint space and
+temperature (the bigG-like one through its own `text_projection`, the vector SDXL feeds the UNet; the CLIP-L-like
+one, without a projection in SDXL, through a throw-away head); captions shared by several images of a batch are
+all positives (soft targets).  The tower and heads are kept in `final/clip_evaluator.safetensors`: the project's
+prompt-following measure (`retrieval_accuracy` of a caption among distractors) on the held-out captions
+(`xldm.train.data.is_heldout`: ~3 % of the emoji names, never trained on).
 
-* both text encoders (`xldm.models.clip.CLIPTextModel`, shapes from the model config: the CLIP-L-like one, then
-  the bigG-like one) are trained *jointly* against one small image tower (`ImageTower`: strided convolutions,
-  then a linear map of the flattened 4 x 4 map, so the position of a glyph is kept for captions like "at the
-  top left");
-* each encoder has its own joint space and temperature: the bigG-like encoder's pooled output goes through its
-  own `text_projection` (the vector SDXL feeds the UNet, so it is trained exactly as used); the CLIP-L-like one
-  (which has no projection in SDXL) gets a throw-away linear head; the image tower has one head per encoder;
-* captions shared by several images of a batch are all positives (soft targets), so duplicates are not
-  pushed apart.
-
-The image tower and heads are discarded for generation but kept in `final/clip_evaluator.safetensors`: they give
-the project's prompt-following measure, `retrieval_accuracy` of a caption among distractors, on held-out captions
-(`xldm.train.data.is_heldout`: ~3 % of emoji names never trained on).
-
-Run: `xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR [--resume]` (task "clip", one process).
-Exports: `final/model.safetensors` (the two text encoders alone, SDXL base single-file layout, loadable with
-`load_model(..., components=["text_encoders"])`), `final/clip_evaluator.safetensors` and `final/metrics.json`.
-The batch order and augmentation are pure functions of (seed, step) (`ContrastiveBatches`), so a resumed run sees
-the batches an uninterrupted one would.
+`xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR` (task "clip", one process) also exports
+`final/model.safetensors` (the text encoders alone, SDXL base single-file layout) and `final/metrics.json`.  The
+batches are pure functions of (seed, step) (`ContrastiveBatches`).
 """
 
 from __future__ import annotations
@@ -33,7 +22,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

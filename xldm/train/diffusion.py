@@ -1,22 +1,17 @@
 """The diffusion task: a UNet on VAE latents (SDXL base or refiner), or on pixels (a cascade stage, `vae=None`).
 
-Objective (DDPM, Ho et al. 2020, on SDXL's 1000-step discrete schedule, paper Sec. 2.5; `Denoiser` of the model's
-prediction type, `xldm.diffusion.denoiser`): x0 = the VAE posterior sample x scaling factor of the batch, or the
-pixels in [-1, 1] themselves for a cascade stage; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t uniform in
-[timestep_min, timestep_max]; loss = mean_b w_b * mean_chw (model(x_t, t, c) - target)^2, w_b = 1 or min-SNR-gamma
-(Hang et al. 2023).  Offset noise (Guttenberg 2023): eps += strength * n_bc, one normal draw per sample and channel
-(SDXL Sec. 2.5: 0.05).  Caption and micro-conditioning dropout for classifier-free guidance
-(`xldm.conditioning.training_conditioning`).
+DDPM (Ho et al. 2020) on SDXL's 1000-step discrete schedule (paper Sec. 2.5), through the model's `Denoiser`
+(xldm.diffusion.denoiser): x0 = the VAE posterior sample x scaling factor, or the pixels in [-1, 1] of a cascade
+stage; t uniform in [timestep_min, timestep_max]; optional min-SNR-gamma weights (Hang et al. 2023), offset noise
+(Guttenberg 2023; SDXL Sec. 2.5: 0.05) and caption / micro-conditioning dropout for classifier-free guidance.
+A super-resolution stage trains on pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high = the batch (or a
+random `train_crop` of it, as Imagen's SR models train on crops), low = its box-filtered downsample by
+`sr_scale`, noise-augmented at s ~ U[0, aug_level_max] per image (s in the vector), upsampled and concatenated.
 
-A super-resolution stage trains on (low-res, high-res) pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high =
-the batch at the stage's size (or a random `train_crop` of it, as Imagen's SR models train on crops), low = its
-box-filtered downsample by `sr_scale`, corrupted by noise conditioning augmentation at s ~ U[0, aug_level_max]
-drawn per image, s handed to the model in the vector; the UNet sees cat([x_t, upsample(low)], channels).
-
-Randomness: every sample of every step draws from its own CPU generator seeded by (run seed, step, global sample
-index), in a fixed order: crop offsets (train_crop), `draw_noise`'s draws, then (SR) the level and its noise.  The
-draws then depend neither on the batch split across processes (2 ranks x B == 1 rank x 2B) nor on anything but
-the step, so a resumed run draws exactly what the uninterrupted one did.
+Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample
+index), in a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend
+neither on the split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed
+run draws exactly what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -218,7 +213,7 @@ def loss(run: Run, batch: dict, step: int) -> Tensor:
 
 
 def step(run: Run, batch: dict, step: int) -> StepResult:
-    params = [p for _, p in run.named_trainable_parameters()]
+    params = [p for _, p in run.named_trainable_parameters()]  # before the forward (see run.update)
     return update(run, loss(run, batch, step), step, params)
 
 

@@ -4,24 +4,15 @@
         batch -> task.step (loss -> backward -> skip if non-finite -> clip -> AdamW -> EMA) -> metrics -> checkpoint
     -> task.export (final/)
 
-A task is a module with `build`, `batches`, `step` and `export` (TASKS, by `TrainConfig.task`): `diffusion` (SDXL
-base/refiner on latents, cascade stages on pixels), `vae` (the autoencoder and its discriminator), `contrastive`
-(the text encoders).  Everything else is here, written once.
-
-Exactness: all randomness of a step comes from per-sample generators seeded by (seed, step, global sample index)
-(`diffusion.sample_generators`) or from (seed, step) alone; the learning rate is a pure function of the step
-(`lr_at`); the checkpoint holds weights, EMA (with its update counter), AdamW moments, every global RNG and the
-data position.  So N steps straight and N/2 + kill + resume + N/2 give bit-identical weights on CPU with
-deterministic algorithms on.
-
-Non-finite steps: a step whose loss or gradient norm is NaN/inf (on any rank) leaves weights, AdamW state and EMA
-untouched; `max_nonfinite_steps` of them in a row stop the run with `NonFiniteLossError`.
-
-Distributed: under `torchrun` (WORLD_SIZE > 1) each process trains on its rows of the global batch (rank r gets
-rows r*B:(r+1)*B of the batch one process with W*B would get), the trained network is wrapped in
-DistributedDataParallel, which averages gradients, so W processes x B equal 1 process x W*B up to float summation
-order; or sharded with FSDP2 (`parallel="fsdp"`, xldm.train.parallel).  Rank 0 writes checkpoints, metrics and
-the export.
+A task is a module with `build`, `batches`, `step` and `export`, chosen by `TrainConfig.task` (TASKS): `diffusion`
+(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed,
+step, sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint
+holds weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight
+and N/2 + kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose
+loss or gradient norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` of them in a row stop
+the run (`NonFiniteLossError`).  Under torchrun each process trains on its rows of the global batch (rank r: rows
+r*B:(r+1)*B), the trained network wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B
+equal 1 process x W*B up to float summation order; rank 0 writes checkpoints, metrics and the export.
 """
 
 from __future__ import annotations

@@ -1,34 +1,20 @@
-"""Data parallelism under torchrun: DDP wrapping, and FSDP2 sharding of the trained UNet.
+"""Processes under torchrun, DDP wrapping, and FSDP2 sharding of the trained UNet.
 
 `parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel
-averages gradients.  Enough for the tiny presets and for fine-tuning on GPUs with room for fp32 weights +
-AdamW moments + EMA (about 16 bytes per trained parameter: ~41 GB for SDXL's 2.6B-parameter UNet).
+averages gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter:
+~41 GB for SDXL's 2.6B-parameter UNet).
 
-`parallel="fsdp"`: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP")
-shards the UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (each holds ~1/W):
-
-* `fully_shard` is applied bottom-up to each `UNetBlock` of `input_blocks`, to `middle_block`, to each of
-  `output_blocks`, then to the UNet root (which then owns the rest: time_embed, label_emb, out).  A block's
-  parameters are all-gathered just before its forward (and again for backward), gradients are reduce-scattered
-  (averaged) right after its backward.  With `gradient_checkpointing` the recomputed forward gathers again.
-* bf16 on CUDA: `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the gathered weights and the
-  compute are bf16, gradients are reduced in fp32 into the fp32 sharded master weights (AdamW runs in fp32).
-  On CPU no policy is set (fp32 gathers; bf16 autocast as under DDP when `mixed_precision="bf16"`).
-* Frozen networks (VAE, text encoders) are not sharded: each process holds them (they are small next to the
-  UNet's training state).  Trained text encoders (`train_text_encoders`) stay replicated too, their gradients
-  all-reduced by hand, as under DDP.  The VAE task (84M parameters) trains with DDP only.
-* Gradient clipping: the global norm over all shards (`clip_grad_norm`: the DTensor norms are reduced over the
-  processes; plain tensors' norms are added in), then every shard is scaled by the same factor.
-* EMA: the shadows are built from the sharded parameters, so they are DTensors sharded alike and every update is
-  local (no communication).
-* Checkpoints keep the one no-pickle format of `xldm.train.checkpoint`: at save time every sharded tensor
-  (weights, AdamW moments, EMA shadows) is gathered tensor by tensor (`DTensor.full_tensor`, a collective all
-  processes join) and only rank 0 keeps the full copy (on the CPU) and writes the file, which is therefore
-  identical in layout to a DDP or single-process checkpoint: an FSDP run can be resumed without FSDP and
-  vice versa.  On resume every process reads the file and keeps its own shard of each tensor
-  (`distribute_tensor(..., src_data_rank=None)`: no communication).  Cost: rank 0 needs host memory for the full
-  training state (~41 GB for SDXL base) while saving; each process reads the whole file when resuming.
-* The final export gathers the EMA (or raw) weights the same way into an unsharded UNet on rank 0.
+`parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP") shards the
+UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W each).  `fully_shard` is
+applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root (which owns
+the rest); a block's parameters are all-gathered for its forward and backward, its gradients reduce-scattered.
+bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW in fp32).  Frozen
+networks and trained text encoders stay replicated (the latter all-reduced by hand, as under DDP); the VAE task
+trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA shadows are
+sharded like the parameters, so updates are local.  Checkpoints keep the one format of `xldm.train.checkpoint`:
+every sharded tensor is gathered to rank 0 (`gather_full`), so a file is the same as a DDP or one-process one
+(resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`, no
+communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
 
 Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights):
 
@@ -36,9 +22,8 @@ Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, fr
         --init sd_xl_base_1.0.safetensors --data shards/{00000..00999}.tar --batch-size 4 --steps 10000 \\
         --out runs/sdxl --set parallel=fsdp
 
-(`--batch-size` is per process: a global batch of 32 here.)  Several machines: the same command with torchrun's
-`--nnodes N --node_rank R --rdzv_endpoint HOST:PORT` instead of `--standalone`; the sharding then spans all
-processes of all machines (one flat mesh).  NCCL is used on CUDA, gloo on CPU (the tests run 2 CPU processes).
+(`--batch-size` is per process: a global batch of 32.)  Several machines: torchrun's `--nnodes N --node_rank R
+--rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from xldm.models.components import Components
 from xldm.train import parallel
 from xldm.train.config import TrainConfig, lr_at
 from xldm.train.diffusion import batches, build_model, sample_generators  # noqa: F401  (batches: as diffusion's)
-from xldm.train.run import Run, StepResult, apply_update, make_optimizer
+from xldm.train.run import Run, StepResult, apply_update, make_optimizer, update
 
 
 class PatchDiscriminator(nn.Module):
@@ -130,12 +130,9 @@ def step(run: Run, batch: dict, step: int) -> StepResult:
         d_weight = adaptive_disc_weight(nll, g_loss, vae.decoder.conv_out.weight, config.disc_weight)
         loss = loss + d_weight * g_loss
         extra.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
-    params = [p for _, p in run.named_trainable_parameters()]
-    applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(config, step))
-    disc_optimizer.zero_grad(set_to_none=True)
-    if applied and run.ema is not None:
-        run.ema.update(run.named_trainable_parameters())
-    if adversarial and applied:
+    result = update(run, loss, step, [p for _, p in run.named_trainable_parameters()], extra=extra)
+    disc_optimizer.zero_grad(set_to_none=True)  # the generator loss's gradients in the discriminator
+    if adversarial and result.applied:
         with run.autocast():
             logits_real = run.forward["discriminator"](x)
             logits_fake = run.forward["discriminator"](x_hat.detach())
@@ -143,7 +140,7 @@ def step(run: Run, batch: dict, step: int) -> StepResult:
         disc_lr = (config.disc_lr or config.lr) * lr_at(config, step) / config.lr
         d_applied, d_value, _ = apply_update(run, d_loss, disc_optimizer, list(disc.parameters()), disc_lr)
         extra.update(d_loss=d_value, d_applied=float(d_applied))
-    return StepResult(loss=value, applied=applied, grad_norm=norm, extra=extra)
+    return result
 
 
 def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
