@@ -1,3 +1,3 @@
-"""Training SDXL-family models: aspect-ratio buckets and their crop bookkeeping (`buckets`), image-caption
-data from folders and WebDataset shards (`data`), a generated shapes dataset for tests (`shapes_dataset`), and
-the training loop."""
+"""Training SDXL-family models: the one loop (`loop`) and its tasks (`diffusion`: latent models and cascade stages;
+`vae`; `contrastive`: the text encoders), their settings and presets (`config`), data from folders and WebDataset
+shards (`data`, `buckets`), checkpoints, DDP/FSDP (`parallel`) and a generated shapes dataset for tests."""

@@ -41,8 +41,7 @@ INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (same s
 EVAL_DISTRACTORS = 15  # retrieval among 16 captions: chance = 1/16
 
 
-# --- the image tower ---------------------------------------------------------------------------------------
-
+# --- the model ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
@@ -70,12 +69,6 @@ class ImageTower(nn.Module):
         return self.fc(self.convs(pixels).flatten(1))
 
 
-def joint_dim(encoders: tuple[TextEncoderConfig, ...]) -> int:
-    """Width of the joint embedding spaces: the last (bigG-like) encoder's projection width, else its width."""
-    last = encoders[-1]
-    return last.projection_dim or last.width
-
-
 class ContrastiveModel(nn.Module):
     """The text encoders, the image tower and the heads that map both into one joint space per encoder."""
 
@@ -83,7 +76,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.encoder_configs = encoders
         self.tower_config = tower
-        dim = joint_dim(encoders)
+        dim = encoders[-1].projection_dim or encoders[-1].width  # the joint spaces: the bigG-like encoder's width
         self.text_encoders = nn.ModuleList(CLIPTextModel(te) for te in encoders)
         # An encoder with its own projection of the right width (bigG) uses it; others get a head (discarded).
         self.text_heads = nn.ModuleList(
@@ -145,7 +138,6 @@ def distractor_candidates(targets: torch.Tensor, num_captions: int, distractors:
 
 
 # --- data ---------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class CaptionedImages:
@@ -244,25 +236,19 @@ def augment(pixels: torch.Tensor, seed: int, step: int, shift: int = 4) -> torch
 
 # --- evaluation ---------------------------------------------------------------------------------------------
 
-
 @torch.no_grad()
 def embed(model: ContrastiveModel, data: CaptionedImages, device: torch.device,
           batch_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(image embeddings, caption embeddings), one (N, D) / (M, D) tensor per encoder."""
     model.eval()
-    images: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
-    for start in range(0, len(data.pixels), batch_size):
-        pixels = data.pixels[start:start + batch_size].to(device).float() / 127.5 - 1.0
-        for out, e in zip(images, model.encode_images(pixels)):
-            out.append(e.cpu())
-    texts: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
     ids = tokenize_captions(data.captions, model.encoder_configs)
-    for start in range(0, len(data.captions), batch_size):
-        chunk = [trim_ids(x[start:start + batch_size]).to(device) for x in ids]
-        for out, e in zip(texts, model.encode_texts(chunk)):
-            out.append(e.cpu())
+    images = [[e.cpu() for e in model.encode_images(data.pixels[i:i + batch_size].to(device).float() / 127.5 - 1.0)]
+              for i in range(0, len(data.pixels), batch_size)]
+    texts = [[e.cpu() for e in model.encode_texts([trim_ids(x[i:i + batch_size]).to(device) for x in ids])]
+             for i in range(0, len(data.captions), batch_size)]
     model.train()
-    return [torch.cat(x) for x in images], [torch.cat(x) for x in texts]
+    return ([torch.cat([chunk[k] for chunk in images]) for k in range(len(ids))],
+            [torch.cat([chunk[k] for chunk in texts]) for k in range(len(ids))])
 
 
 def evaluate(model: ContrastiveModel, data: CaptionedImages, device: torch.device, *, seed: int = 0,
@@ -333,7 +319,6 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
 
 # --- the task -----------------------------------------------------------------------------------------------
 
-
 class ContrastiveBatches:
     """The captioned images of `config.data` split by `is_heldout`; batch of step s = rows `batch_indices(s)` of the
     training part, `augment`ed for s.  Position = the last step served (the resumable state)."""
@@ -371,7 +356,8 @@ def build(config: TrainConfig, procs: Processes, model: ContrastiveModel | None 
         raise NotImplementedError("contrastive pre-training runs in one process")
     if model is None:
         torch.manual_seed(config.seed)
-        model = ContrastiveModel(tuple(config.model_config.text_encoders), ImageTowerConfig(image_size=config.resolution))
+        model = ContrastiveModel(tuple(config.model_config.text_encoders),
+                                 ImageTowerConfig(image_size=config.resolution))
     model = model.to(procs.device).train()
     # CLIP: no weight decay on gains, biases and the temperature (Radford et al. 2021, App. F); here: on no
     # tensor with fewer than two dimensions.

@@ -30,15 +30,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 from torch import nn
-
-if TYPE_CHECKING:
-    from xldm.train.run import Run
-
 
 # --- processes -------------------------------------------------------------------------------------------
 
@@ -221,10 +215,10 @@ def _shard_as(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def shard_checkpoint(run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full checkpoint tensors -> the same keys holding this process's shards where the run is sharded: the
-    weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and the EMA
-    shadows (`ema.*`).  Everything else is returned as is."""
+def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full checkpoint tensors -> the same keys holding this process's shards where the run (xldm.train.run.Run)
+    is sharded: the weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and
+    the EMA shadows (`ema.*`).  Everything else is returned as is."""
     targets: dict[str, torch.Tensor] = {}
     for name, module in run.trainable.items():
         targets.update({f"model.{name}.{k}": v for k, v in module.state_dict().items()})
@@ -242,7 +236,7 @@ def shard_checkpoint(run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def gather_for_export(run: Run) -> dict[str, nn.Module] | None:
+def gather_for_export(run) -> dict[str, nn.Module] | None:
     """Unsharded CPU copies of the sharded trained networks, EMA weights applied (raw weights without EMA), on
     rank 0; None on the other ranks.  A collective: every process calls it."""
     from xldm.models.unet import UNet

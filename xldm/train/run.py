@@ -1,9 +1,8 @@
-"""What a training step works on (`Run`) and the update every task shares (`update`, `apply_update`).
+"""What a training step works on (`Run`) and the update every task shares.
 
-An update is: backward; then, only if the loss and the gradient norm are finite on every rank, clip to
-`grad_clip` (the global norm over all processes' shards), AdamW at `lr_at(step)`, the task's `after` hook, EMA.
-A skipped step zeroes the gradients and changes nothing else (weights, AdamW moments, EMA); backward always
-runs, so DDP ranks stay in lockstep.
+An update: backward; then, only if the loss and the gradient norm are finite on every rank, clip to `grad_clip`
+(global norm over all shards), AdamW at `lr_at(step)`, the task's `after` hook, EMA.  A skipped step zeroes the
+gradients and changes nothing else; backward always runs, so DDP ranks stay in lockstep.
 """
 
 from __future__ import annotations
@@ -89,9 +88,8 @@ def make_optimizer(config: TrainConfig, params, lr: float | None = None) -> torc
 
 def apply_update(run: Run, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                  lr: float, *, unwrapped: list[nn.Module] = ()) -> tuple[bool, float, float]:
-    """backward, then (only if loss and gradient norm are finite on every rank) clip and step; returns
-    (applied, global mean loss, gradient norm).  `unwrapped`: trained networks outside DDP (their gradients are
-    averaged over the processes here)."""
+    """backward, then clip and step if finite everywhere: (applied, global mean loss, gradient norm).
+    `unwrapped`: trained networks outside DDP (their gradients are averaged over the processes here)."""
     procs = run.procs
     loss.backward()
     if procs.distributed:
