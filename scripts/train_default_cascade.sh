@@ -7,7 +7,7 @@
 # DEFAULT_RUN_DIR is a scripts/train_default.sh run whose data (DEFAULT_RUN_DIR/data/train, the held-out names
 # split off) and text encoders (DEFAULT_RUN_DIR/clip/final) are used; without it the dataset is built here and
 # the encoders are those of the installed default model (xldm/data/default/base.safetensors).
-# Stages (`xldm train` presets in xldm/cascade_train.py; each resumes from its checkpoints when run again):
+# Stages (`xldm train` presets in xldm/train/config.py; each resumes from its checkpoints when run again):
 #   1. cascade-base-32   text -> 32^2 pixels
 #   2. cascade-sr-64     32^2 -> 64^2, noise-augmented low-res input
 #   3. cascade-sr-128    64^2 -> 128^2, trained on 64^2 crops
@@ -30,6 +30,7 @@ if [[ $# -lt 1 || $# -gt 2 ]]; then
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)  # the repository: datasets/ and scripts/
 export OMP_NUM_THREADS=${XLDM_THREADS:-1} MKL_NUM_THREADS=${XLDM_THREADS:-1}
 PY=${PYTHON:-python}
 log() { echo "[$(date '+%F %T')] $*"; }
@@ -39,7 +40,7 @@ if [[ $# -eq 2 ]]; then
     DATA="$RUN/data/train"
     # the encoders as the default model ships them (fp16), so that training sees what generation will use
     if [[ ! -f "$OUT/encoders.safetensors" ]]; then
-        "$PY" -m xldm.default_model export "$RUN/clip/final/model.safetensors" "$OUT/encoders.safetensors"
+        "$PY" "$ROOT/scripts/default_model.py" export "$RUN/clip/final/model.safetensors" "$OUT/encoders.safetensors"
     fi
     ENCODERS="$OUT/encoders.safetensors"
 else
@@ -47,8 +48,8 @@ else
     if [[ ! -f "$OUT/data/train.done" ]]; then
         log "building the emoji dataset in $OUT/data/emoji"
         rm -rf "$OUT/data/emoji"
-        xldm data emoji "$OUT/data/emoji" --multi-aspect 4000 --low-res 2000 --seed 0
-        "$PY" -m xldm.default_model split "$OUT/data/emoji" "$DATA"
+        "$PY" "$ROOT/datasets/emoji.py" "$OUT/data/emoji" --multi-aspect 4000 --low-res 2000 --seed 0
+        "$PY" "$ROOT/datasets/split.py" "$OUT/data/emoji" "$DATA"
         touch "$OUT/data/train.done"
     fi
     ENCODERS=default
@@ -65,8 +66,20 @@ for preset in cascade-base-32 cascade-sr-64 cascade-sr-128; do
     touch "$dir/DONE"
 done
 
-"$PY" -m xldm.cascade_train export "$OUT/export" "$OUT/cascade-base-32/final/stage.safetensors" \
-    "$OUT/cascade-sr-64/final/stage.safetensors" "$OUT/cascade-sr-128/final/stage.safetensors"
+# fp16 stage_N.safetensors in cascade order, without text encoders (xldm.cascade.load_cascade takes the default
+# model's when loading them)
+"$PY" - "$OUT/export" "$OUT/cascade-base-32/final/stage.safetensors" "$OUT/cascade-sr-64/final/stage.safetensors" \
+    "$OUT/cascade-sr-128/final/stage.safetensors" <<'EOF'
+import sys
+
+import torch
+
+from xldm.cascade import load_cascade, save_cascade
+
+stages = load_cascade(sys.argv[2:], dtype=torch.float32)
+for path in save_cascade(stages, sys.argv[1], dtype=torch.float16, text_encoders="none"):
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+EOF
 log "done:"
 ls -l "$OUT"/export/stage_*.safetensors
 echo "To ship them: copy them into xldm/data/cascade/ (xldm.cascade.DEFAULT_CASCADE_DIR)."

@@ -145,11 +145,14 @@ def _batch(size: int) -> dict:
 
 @pytest.mark.parametrize("preset", ["tiny-cascade-base-16", "tiny-cascade-sr-32"])
 def test_training_step_lowers_loss(preset):
-    from xldm.cascade_train import build_stage_run, cascade_train_preset, stage_loss, stage_step
+    from xldm.train.config import preset as cascade_train_preset
+    from xldm.train.diffusion import loss as stage_loss
+    from xldm.train.loop import build_run
+    from xldm.train.loop import training_step as stage_step
 
-    config = cascade_train_preset(preset, ema_decay=0.0, text_dropout=0.0, lr=3e-3)
-    run = build_stage_run(config, device="cpu")
-    batch = _batch(config.stage_config.default_size)
+    config = cascade_train_preset(preset, ema_decay=0.0, text_dropout=0.0, lr=3e-3, device="cpu")
+    run = build_run(config)
+    batch = _batch(config.model_config.default_size)
     with torch.no_grad():
         before = float(stage_loss(run, batch, 1))
     for _ in range(8):  # the same batch and the same draws (step 1) every time
@@ -180,7 +183,8 @@ class _ListData:
 
 
 def test_train_stage_resume_is_exact_and_exports_a_loadable_stage(tmp_path):
-    from xldm.cascade_train import cascade_train_preset, train_stage
+    from xldm.train.config import preset as cascade_train_preset
+    from xldm.train.loop import train as train_stage
 
     batches = [_batch(32), {k: v[::-1] if isinstance(v, list) else v.flip(0) for k, v in _batch(32).items()}]
     common = dict(steps=3, checkpoint_every=1, ema_decay=0.9)

@@ -9,22 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-import xldm.default_model
+import xldm.cascade
 from xldm.cascade import (
-    TINY_CASCADE_BASE,
-    TINY_CASCADE_SR,
-    TINY_CASCADE_SR2,
     CascadePipeline,
-    CascadeStage,
     load_cascade,
     load_stage,
+    random_stage,
     read_stage_header,
+    save_cascade,
     save_stage,
 )
-from xldm.cascade_train import cascade_train_preset, export_cascade, random_crops
-from xldm.config import TINY_OPENCLIP_BIGG, TINY_SDXL_BASE
+from xldm.config import TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2, TINY_OPENCLIP_BIGG, TINY_SDXL_BASE
 from xldm.train.cli import main as train_main
-from xldm.train.objective import sample_generators
+from xldm.train.config import preset as cascade_train_preset
+from xldm.train.diffusion import random_crops, sample_generators
 
 FP16_TOL = 1e-3  # fp16 storage of weights of size ~0.1: relative rounding 2^-11
 
@@ -47,7 +45,7 @@ def image_folder(tmp_path):
 
 
 def test_train_cli_runs_a_cascade_preset_and_resumes_exactly(image_folder, tmp_path):
-    donor = CascadeStage.random(TINY_CASCADE_BASE, seed=5)
+    donor = random_stage(TINY_CASCADE_BASE, seed=5)
     donor_file = save_stage(donor, tmp_path / "donor.safetensors")
     common = ["--preset", "tiny-cascade-sr-32", "--data", str(image_folder), "--checkpoint-every", "1",
               "--text-encoders-from", str(donor_file), "--set", "train_crop=16", "--batch-size", "2", "--no-progress"]
@@ -61,7 +59,7 @@ def test_train_cli_runs_a_cascade_preset_and_resumes_exactly(image_folder, tmp_p
         assert torch.equal(va, vb), k  # exact: same draws (crops included), same data position
     for k, v in donor.text_encoders[0].state_dict().items():  # the frozen encoder is the donor's, unchanged
         assert torch.equal(a.text_encoders[0].state_dict()[k], v), k
-    fresh = CascadeStage.random(TINY_CASCADE_SR, seed=0)
+    fresh = random_stage(TINY_CASCADE_SR, seed=0)
     assert any(not torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), fresh.unet.state_dict().values()))
 
 
@@ -96,16 +94,16 @@ def test_random_crops_are_seeded_and_on_the_8_pixel_grid():
     assert len(offsets) > 1  # the offsets change from step to step
 
 
-def _bigg_stages() -> list[CascadeStage]:
+def _bigg_stages() -> list:
     """Tiny stages whose one encoder has the config of TINY_SDXL_BASE's bigG-shaped encoder."""
     te = TINY_OPENCLIP_BIGG
     configs = []
     for c in (TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2):
-        n = len(c.micro_conditioning) * (2 if c.kind == "base" else 1)  # two values per size scalar
+        n = len(c.micro_conditioning) * (2 if c.kind == "cascade-base" else 1)  # two values per size scalar
         unet = replace(c.unet, context_dim=te.width, adm_in_channels=te.projection_dim + n * c.micro_conditioning_dim)
         configs.append(replace(c, text_encoders=(te,), unet=unet))
-    base = CascadeStage.random(configs[0], seed=0)
-    return [base] + [CascadeStage.random(c, seed=i + 1, text_encoders=base.text_encoders)
+    base = random_stage(configs[0], seed=0)
+    return [base] + [random_stage(c, seed=i + 1, text_encoders=base.text_encoders)
                      for i, c in enumerate(configs[1:])]
 
 
@@ -117,14 +115,16 @@ def test_shipped_cascade_borrows_the_default_models_encoder(tmp_path, monkeypatc
     model = random_components(TINY_SDXL_BASE, seed=3)
     stages = [replace(s, text_encoders=(model.text_encoders[1],)) for s in stages]
     trained = [save_stage(s, tmp_path / f"trained_{i}.safetensors") for i, s in enumerate(stages)]
-    paths = export_cascade(trained, tmp_path / "shipped")
+    # the shipped form (scripts/train_default_cascade.sh): fp16, no text encoders
+    paths = save_cascade(load_cascade(trained, dtype=torch.float32), tmp_path / "shipped", dtype=torch.float16,
+                         text_encoders="none")
     assert [p.name for p in paths] == ["stage_0.safetensors", "stage_1.safetensors", "stage_2.safetensors"]
     assert all(not read_stage_header(p)[1] for p in paths)  # UNets only
     with pytest.raises(ValueError, match="nor the default model"):
-        monkeypatch.setattr(xldm.default_model, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
+        monkeypatch.setattr(xldm.cascade, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
         load_cascade(tmp_path / "shipped")
     default_file = save_single_file(model, tmp_path / "default_base.safetensors", dtype=torch.float16)
-    monkeypatch.setattr(xldm.default_model, "DEFAULT_MODEL_PATH", default_file)
+    monkeypatch.setattr(xldm.cascade, "DEFAULT_MODEL_PATH", default_file)
     loaded = load_cascade(tmp_path / "shipped")
     assert all(s.text_encoders[0] is loaded[0].text_encoders[0] for s in loaded)  # one encoder, shared
     expected = model.text_encoders[1].state_dict()

@@ -1,17 +1,25 @@
-"""The prompt-following measure (`xldm.prompt_following`) on a tiny evaluator and a small emoji-style folder."""
+"""The prompt-following measure (scripts/prompt_following.py) on a tiny evaluator and a small emoji-style folder."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from xldm.config import TINY_CLIP_L, TINY_OPENCLIP_BIGG
-from xldm.default_model import is_heldout
-from xldm.prompt_following import caption_sets, measure, to_evaluator_pixels
-from xldm.train.clip_pretrain import ContrastiveModel, ImageTowerConfig
+from xldm.train.contrastive import ContrastiveModel, ImageTowerConfig
+from xldm.train.data import is_heldout
+
+_spec = importlib.util.spec_from_file_location(
+    "prompt_following", Path(__file__).resolve().parents[1] / "scripts" / "prompt_following.py")
+prompt_following = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prompt_following)
+caption_sets, measure, to_evaluator_pixels = (prompt_following.caption_sets, prompt_following.measure,
+                                              prompt_following.to_evaluator_pixels)
 
 
 @pytest.fixture

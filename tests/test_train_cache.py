@@ -14,7 +14,7 @@ from xldm.conditioning import encode_prompts
 from xldm.train.cache import EmbeddingCache, tensor_checksum
 from xldm.train.config import preset
 from xldm.train.loop import train
-from xldm.train.objective import sample_generators
+from xldm.train.diffusion import sample_generators
 
 torch.set_num_threads(1)
 # A hit returns the stored fp32 values of the same computation: exact (tolerance 0) within one batch layout.

@@ -11,11 +11,12 @@ from xldm.config import TINY_SDXL_BASE
 from xldm.diffusion.schedules import alphas_cumprod
 from xldm.train.config import TrainConfig, preset
 from xldm.train.ema import EMA
-from xldm.train.loop import NonFiniteLossError, build_run, diffusion_loss_for_batch, lr_at, train, training_step
+from xldm.train.loop import NonFiniteLossError, build_run, lr_at, train, training_step
 from xldm.conditioning import training_conditioning
 from xldm.diffusion.denoiser import Denoiser
-from xldm.train.objective import draw_noise, sample_generators
-from xldm.train.vae_loop import kl_loss, reconstruction_loss
+from xldm.train.diffusion import draw_noise, sample_generators
+from xldm.train.diffusion import loss as diffusion_loss_for_batch
+from xldm.train.vae import kl_loss, reconstruction_loss
 
 torch.set_num_threads(1)
 

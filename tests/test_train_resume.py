@@ -1,4 +1,4 @@
-"""Crash-consistent checkpoints and exact resume after SIGKILL (RELIABILITY 6 and 7)."""
+"""Crash-consistent checkpoints and exact resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -194,8 +194,9 @@ def test_a_run_directory_with_checkpoints_is_refused_unless_resuming(tmp_path: P
         run = lambda: train(replace(TRAIN_PRESETS["default-clip"], out=str(out), data=str(tmp_path)))  # noqa: E731
     else:
         from dataclasses import replace
-        from xldm.cascade_train import CASCADE_TRAIN_PRESETS, train_stage
-        run = lambda: train_stage(replace(CASCADE_TRAIN_PRESETS["cascade-base-32"], out=str(out),  # noqa: E731
-                                          data=str(tmp_path)))
+        from xldm.train.config import TRAIN_PRESETS
+        from xldm.train.loop import train
+        run = lambda: train(replace(TRAIN_PRESETS["cascade-base-32"], out=str(out),  # noqa: E731
+                                    data=str(tmp_path)))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         run()

@@ -1,2 +1,3 @@
-"""Training SDXL-family models: image-caption data from folders and WebDataset shards, batched by aspect-ratio
-bucket (`data`; the buckets and their crop bookkeeping: `xldm.buckets`), and the training loop."""
+"""Training SDXL-family models: the one loop (`loop`) and its tasks (`diffusion`: latent models and cascade stages;
+`vae`; `contrastive`: the text encoders), their settings and presets (`config`), data from folders and WebDataset
+shards (`sources`, `data`; aspect-ratio buckets: `xldm.buckets`), the latent cache, checkpoints, DDP/FSDP."""

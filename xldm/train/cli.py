@@ -5,11 +5,9 @@
     xldm train CONFIG.toml [flags]
     xldm train --preset cascade-base-32 --data DIR --out RUN_DIR [--text-encoders-from MODEL_OR_STAGE] [flags]
 
-A cascade preset (`xldm.cascade_train.CASCADE_TRAIN_PRESETS`: one stage of a pixel-space cascade) runs
-`xldm.cascade_train.train_stage` instead; --set then takes `CascadeTrainConfig` fields, --init a stage file.
-
-The TOML file holds data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level
-(`steps = 1000`, `lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
+A cascade preset trains one stage of a pixel-space cascade (--init then takes a stage file).  The TOML file holds
+data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level (`steps = 1000`,
+`lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
 Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`.
 """
 
@@ -21,23 +19,22 @@ import sys
 import tomllib
 from typing import Any
 
-from xldm.train.config import PRESET_NOTES, TRAIN_PRESETS, TrainConfig
+from xldm.train.config import TRAIN_PRESETS, TrainConfig
 
 # flag -> TrainConfig field, for the flags that set a field directly.
-_FIELD_FLAGS = {"data": "data", "steps": "steps", "batch_size": "batch_size", "out": "out",
-                "checkpoint_every": "checkpoint_every", "seed": "seed", "lr": "lr", "init": "init",
-                "keep_checkpoints": "keep_checkpoints", "mixed_precision": "mixed_precision", "device": "device"}
+_FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed", "lr", "init", "keep_checkpoints",
+                "mixed_precision", "device", "text_encoders_from")
+RANDOM_INIT_NOTE = ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
+                    "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
+                    "diffusers folder)")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `train` sub-command to an `argparse` sub-parsers object."""
-    from xldm.cascade_train import CASCADE_TRAIN_PRESETS
-
-    presets = ", ".join(sorted(TRAIN_PRESETS) + sorted(CASCADE_TRAIN_PRESETS))
-    p = subparsers.add_parser("train", help="train or fine-tune a base, refiner or VAE",
+    p = subparsers.add_parser("train", help="train or fine-tune a base, refiner, VAE, text encoders or cascade stage",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML file of TrainConfig fields")
-    p.add_argument("--preset", default=None, help=f"starting settings: {presets} (no --init: random init)")
+    p.add_argument("--preset", default=None, help=f"starting settings: {', '.join(sorted(TRAIN_PRESETS))}")
     p.add_argument("--data", default=None, help="image folder (name.txt captions or metadata.jsonl) or .tar shards")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps (resumed ones included)")
     p.add_argument("--batch-size", type=int, default=None, help="per process")
@@ -47,7 +44,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest loadable checkpoint")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--init", default=None, metavar="PATH", help="starting weights: single file or diffusers folder")
+    p.add_argument("--init", default=None, metavar="PATH", help="starting weights: single file or diffusers folder "
+                                                                "(cascade presets: a stage file)")
     p.add_argument("--init-components", default=None, metavar="LIST",
                    help="comma-separated subset of unet,vae,text_encoders to take from --init (default: all)")
     p.add_argument("--text-encoders-from", default=None, metavar="MODEL_OR_STAGE",
@@ -83,112 +81,43 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
     return text
 
 
-def _copy_flags(args: argparse.Namespace, flags: dict[str, str], values: dict[str, Any]) -> None:
-    """values[field] = the flag's value, for each flag that was given."""
-    for flag, name in flags.items():
-        if getattr(args, flag) is not None:
-            values[name] = getattr(args, flag)
-
-
-def _apply_set(items: list[str], fields: dict[str, dataclasses.Field], values: dict[str, Any]) -> None:
-    """`--set FIELD=VALUE` items into values, each parsed as its field's type."""
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
-        values[name] = _parse_value(fields[name], text)
-
-
-def _preset_name(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
-    """(preset, TOML values without it)."""
-    file_values: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            file_values = tomllib.load(f)
-    name = args.preset or file_values.get("preset")
-    file_values.pop("preset", None)
-    return name, file_values
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """preset < TOML < flags."""
-    preset_name, values = _preset_name(args)
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            values = tomllib.load(f)
+    file_preset = values.pop("preset", None)
+    name = args.preset or file_preset
     base = TrainConfig()
-    if preset_name is not None:
-        if preset_name not in TRAIN_PRESETS:
-            raise ValueError(f"unknown training preset {preset_name!r}; expected one of {sorted(TRAIN_PRESETS)}")
-        base = TRAIN_PRESETS[preset_name]
-    _copy_flags(args, _FIELD_FLAGS, values)
+    if name is not None:
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+        base = TRAIN_PRESETS[name]
+    values.update({flag: getattr(args, flag) for flag in _FIELD_FLAGS if getattr(args, flag) is not None})
     if args.init_components is not None:
         values["init_components"] = tuple(c for c in args.init_components.split(",") if c)
     if args.deterministic:
         values["deterministic"] = True
-    _apply_set(args.set, {f.name: f for f in dataclasses.fields(TrainConfig)}, values)
-    merged = base.to_dict()
-    merged.update(values)
-    return TrainConfig.from_dict(merged)
-
-
-# flag -> CascadeTrainConfig field
-_CASCADE_FLAGS = {"data": "data", "steps": "steps", "batch_size": "batch_size", "out": "out",
-                  "checkpoint_every": "checkpoint_every", "seed": "seed", "lr": "lr", "init": "init",
-                  "keep_checkpoints": "keep_checkpoints", "device": "device",
-                  "text_encoders_from": "text_encoders_from"}
-
-
-def cascade_config_from_args(args: argparse.Namespace):
-    """A cascade stage's `CascadeTrainConfig`: preset < TOML < flags."""
-    from xldm.cascade_train import CascadeTrainConfig, cascade_train_preset
-
-    name, values = _preset_name(args)
-    for flag in ("mixed_precision", "init_components"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} does not apply to a cascade stage (preset {name})")
-    _copy_flags(args, _CASCADE_FLAGS, values)
-    if values.get("text_encoders_from") == "default":
-        from xldm.default_model import DEFAULT_MODEL_PATH
-
-        values["text_encoders_from"] = str(DEFAULT_MODEL_PATH)
-    fields = {f.name: f for f in dataclasses.fields(CascadeTrainConfig)}
-    _apply_set(args.set, fields, values)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{args.config}: {unknown} are not cascade training fields; expected some of {sorted(fields)}")
-    return cascade_train_preset(name, **values)
-
-
-def cmd_train_cascade(args: argparse.Namespace) -> int:
-    from xldm.cascade_train import train_stage
-
-    config = cascade_config_from_args(args)
-    if not config.data:
-        raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
-    if not config.out:
-        raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
-    if args.deterministic:
-        import torch
-
-        torch.use_deterministic_algorithms(True)
-    result = train_stage(config, resume=args.resume, progress=not args.no_progress)
-    print(f"step {result.step}: wrote {result.final_path}")
-    return 0
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for item in args.set:
+        field, sep, text = item.partition("=")
+        if not sep or field not in fields:
+            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        values[field] = _parse_value(fields[field], text)
+    return TrainConfig.from_dict({**base.to_dict(), **values})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from xldm.cascade_train import CASCADE_TRAIN_PRESETS
     from xldm.train.loop import train
 
-    if _preset_name(args)[0] in CASCADE_TRAIN_PRESETS:
-        return cmd_train_cascade(args)
-    if args.text_encoders_from is not None:
-        raise ValueError("--text-encoders-from applies to cascade presets only; use --init and --init-components")
     config = config_from_args(args)
     if not config.data:
         raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
     if not config.out:
         raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
-    if args.preset and not config.init:
-        print(f"xldm train: preset {args.preset}: {PRESET_NOTES[args.preset]}", file=sys.stderr)
+    if args.preset and not config.init and not config.text_encoders_from:
+        print(f"xldm train: preset {args.preset}: {RANDOM_INIT_NOTE}", file=sys.stderr)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.final_path is not None:
         print(f"step {result.step}: wrote {result.final_path}")

@@ -1,19 +1,20 @@
-"""`TrainConfig`: every setting of a training run in one frozen dataclass, and the named presets.
+"""`TrainConfig`: every setting of a training run in one frozen dataclass, the named presets, and `lr_at`.
 
-A run is `train(TrainConfig)`; the command line and TOML files only fill this dataclass (ARCHITECTURE rule 1: data,
-never class names).  Numbers a preset takes from a paper cite it; numbers the papers do not give are marked as
-our choice.  `batch_size` is per process: the global batch is `batch_size x world size`.
+A run is `train(TrainConfig)`; the command line and TOML files only fill this dataclass.  Numbers a preset takes
+from a paper cite it; numbers the papers do not give are marked as our choice.  `batch_size` is per process: the
+global batch is `batch_size x world size`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from xldm.config import PRESETS, ModelConfig
+from xldm.config import PREDICTION_TYPES, PRESETS, ModelConfig
 
-TASKS = ("diffusion", "vae", "clip")  # "clip": xldm.train.clip_pretrain (the default model's text encoders)
+TASKS = ("diffusion", "vae", "clip")  # "clip": contrastive pre-training of the text encoders (xldm.train.contrastive)
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -26,10 +27,11 @@ class TrainConfig:
     """One training run.  Defaults are a small, safe fine-tuning setup; the presets below set the rest."""
 
     # --- what is trained --------------------------------------------------------------------------------
-    model: str = "tiny-sdxl-base"  # architecture: a name in xldm.config.PRESETS
-    task: str = "diffusion"  # "diffusion" (base or refiner UNet, by `model`) or "vae" (the autoencoder)
-    init: str | None = None  # starting weights: single file or diffusers folder; None = random init
+    model: str = "tiny-sdxl-base"  # architecture: a name in xldm.config.PRESETS (pixel-space cascade stages too)
+    task: str = "diffusion"  # "diffusion" (UNet of `model`), "vae" (the autoencoder) or "clip" (text encoders)
+    init: str | None = None  # starting weights: single file or diffusers folder (a stage file for a cascade stage)
     init_components: tuple[str, ...] = ()  # subset of ("unet", "vae", "text_encoders"); () = all the file has
+    text_encoders_from: str | None = None  # cascade stage: frozen encoders of a stage file or xldm model, or "default"
     train_text_encoders: bool = False  # SDXL keeps both text encoders frozen
 
     # --- data and run ----------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 4  # per process
     seed: int = 0
-    resolution: int = 1024  # bucket base size: buckets of ~resolution^2 pixels (SDXL paper App. I)
+    resolution: int = 1024  # bucket base size: buckets of ~resolution^2 pixels (SDXL paper App. I); stages: theirs
     bucket_step: int = 64  # bucket sides are multiples of this (App. I: 64)
     center_crop: bool = False  # SDXL: random crops, with the crop handed to the model (Sec. 2.2)
     # On-disk cache of VAE posteriors and text embeddings (xldm.train.cache); "" = off.  When set, each sample
@@ -47,23 +49,24 @@ class TrainConfig:
     # Augmentation (ours, xldm.train.data.Augment) for data that lacks what the micro-conditioning describes:
     # this share of the images shrunk to a long side in `downscale_sides` first (c_size), and this share of the
     # crops taken from the image resized up to `zoom_max` x beyond the cover, so a crop can cut into the subject
-    # on any side (c_crop).  SDXL's web data has both by nature (paper Sec. 2.2); square, centred, full-size
-    # emoji have neither.
+    # on any side (c_crop).  SDXL's web data has both by nature (paper Sec. 2.2); emoji have neither.
     downscale: float = 0.0
     downscale_sides: tuple[int, int] = (8, 24)
     zoom_crops: float = 0.0
     zoom_max: float = 1.5
 
     # --- diffusion objective ---------------------------------------------------------------------------
-    prediction_type: str = "epsilon"  # or "v" (Salimans & Ho 2022)
+    prediction_type: str = ""  # "" = the model's (ModelConfig.prediction_type); else trained and exported so
     timestep_min: int = 0
     timestep_max: int = NUM_TRAIN_TIMESTEPS - 1
     offset_noise: float = 0.0  # Guttenberg 2023; SDXL uses 0.05 in its multi-aspect stage (paper Sec. 2.5)
     min_snr_gamma: float = 0.0  # 0 = off; Hang et al. 2023 recommend gamma = 5
     text_dropout: float = 0.0  # probability of dropping the caption (zero context and pooled) for CFG
     micro_dropout: float = 0.0  # probability of dropping the micro-conditioning embedding (sgm ucg_rate)
+    aug_level_max: float = 1.0  # cascade SR stage: noise augmentation level s ~ U[0, aug_level_max] (Imagen 2.4)
+    train_crop: int = 0  # cascade SR stage: random crops of this side of the stage's images; 0 = whole images
 
-    # --- VAE objective (ldm LPIPSWithDiscriminator without LPIPS, see vae_loop) --------------------------
+    # --- VAE objective (ldm LPIPSWithDiscriminator without LPIPS, see xldm.train.vae) -------------------
     reconstruction_loss: str = "l1"
     kl_weight: float = 1e-6  # ldm configs/autoencoder/autoencoder_kl_32x32x4.yaml
     disc_start: int = 50001  # same file: the patch discriminator joins after this many steps
@@ -102,37 +105,43 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {message}")
 
         check(self.model in PRESETS, f"unknown model {self.model!r}; expected one of {sorted(PRESETS)}")
-        check(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
-        check(self.prediction_type in ("epsilon", "v"), f"prediction_type must be 'epsilon' or 'v', "
-                                                        f"got {self.prediction_type!r}")
+        for name, allowed in (("task", TASKS), ("prediction_type", ("", *PREDICTION_TYPES)),
+                              ("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION),
+                              ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("parallel", PARALLEL_MODES)):
+            check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check(0 <= self.timestep_min <= self.timestep_max < NUM_TRAIN_TIMESTEPS,
               f"need 0 <= timestep_min <= timestep_max < {NUM_TRAIN_TIMESTEPS}, "
               f"got [{self.timestep_min}, {self.timestep_max}]")
-        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.micro_dropout <= 1.0,
-              f"dropout rates must lie in [0, 1], got text {self.text_dropout}, micro {self.micro_dropout}")
+        for name in ("steps", "batch_size", "max_nonfinite_steps", "checkpoint_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("text_dropout", "micro_dropout", "aug_level_max"):
+            check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("offset_noise", "min_snr_gamma", "warmup_steps"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
+        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         check(len(self.downscale_sides) == 2, f"downscale_sides must be (min, max), got {self.downscale_sides}")
         try:
             self.augment  # the bounds are Augment's own
         except ValueError as e:
             check(False, str(e))
-        check(self.offset_noise >= 0.0, f"offset_noise must be >= 0, got {self.offset_noise}")
-        check(self.min_snr_gamma >= 0.0, f"min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
-        check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
-        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        check(self.mixed_precision in MIXED_PRECISION,
-              f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        check(self.reconstruction_loss in RECONSTRUCTION_LOSSES,
-              f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction_loss!r}")
-        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        check(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        check(self.parallel in PARALLEL_MODES, f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         unknown = set(self.init_components) - {"unet", "vae", "text_encoders"}
         check(not unknown, f"unknown init_components {sorted(unknown)}")
+        mc = self.model_config
+        check(not self.train_crop or mc.sr_scale > 0, "train_crop applies to super-resolution stages only")
+        check(not self.train_crop or (self.train_crop % mc.sr_scale == 0 and self.train_crop <= mc.default_size),
+              f"train_crop must be a multiple of the scale {mc.sr_scale} and at most {mc.default_size}, "
+              f"got {self.train_crop}")
+        if mc.vae is not None:
+            check(not self.text_encoders_from, "--text-encoders-from applies to cascade presets only; use --init "
+                                               "and --init-components")
+            return
+        # a pixel-space cascade stage (xldm.cascade): diffusion on the pixels, in fp32, its own --init stage file
+        check(self.task == "diffusion", f"task {self.task!r} needs a latent model; {self.model} is a cascade stage")
+        for flag, name in (("--mixed-precision", "mixed_precision"), ("--init-components", "init_components"),
+                           ("--set cache_dir", "cache_dir")):
+            check(getattr(self, name) == TrainConfig.__dataclass_fields__[name].default,
+                  f"{flag} does not apply to a cascade stage ({self.model})")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -141,6 +150,13 @@ class TrainConfig:
     @property
     def is_refiner(self) -> bool:
         return self.task == "diffusion" and "aesthetic_score" in self.model_config.micro_conditioning
+
+    @property
+    def augment(self):
+        """The data augmentation these fields describe (xldm.train.data.Augment)."""
+        from xldm.train.data import Augment
+
+        return Augment(self.downscale, tuple(self.downscale_sides), self.zoom_crops, self.zoom_max)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists); `from_dict(to_dict())` round-trips."""
@@ -154,61 +170,100 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(names)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fixed)
-
-    @property
-    def augment(self):
-        """The data augmentation these fields describe (xldm.train.data.Augment)."""
-        from xldm.train.data import Augment
-
-        return Augment(self.downscale, tuple(self.downscale_sides), self.zoom_crops, self.zoom_max)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of (1-based) `step`: linear warm-up to `lr`, then constant or cosine to min_lr_ratio x lr."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # --- presets ---------------------------------------------------------------------------------------------
 # Tiny presets train in seconds on a CPU (tests, demos); their rates are ours, chosen to learn fast.
 _TINY = dict(resolution=64, bucket_step=64, lr=1e-3, warmup_steps=0, weight_decay=0.0, ema_decay=0.999,
              checkpoint_every=50, keep_checkpoints=2, batch_size=4)
+# The bundled default model's stages (scripts/train_default.sh): rates, steps and batch sizes are our choices for
+# a small model trained from scratch on a 2-core CPU in a few hours; 10 % caption dropout (SD 1.x model card).
+_SMALL = dict(weight_decay=0.0, lr_schedule="cosine", min_lr_ratio=0.1, keep_checkpoints=2, checkpoint_every=250)
+_DEFAULT = dict(resolution=128, batch_size=16, ema_decay=0.999, text_dropout=0.1, **_SMALL)
+_SECOND_STAGE = dict(downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3, zoom_max=1.6)  # see default-base-ft
+# Cascade stages (scripts/train_default_cascade.sh): constant rate after warm-up, no weight decay, 10 % caption
+# dropout.  The default cascade's rates, steps and batches are ours for ~1.5 h on one CPU core, EMA horizon ~200
+# steps to match; SR stages draw s from [0, 0.5] (ours: sampling uses s <= 0.3; past 0.5 the cosine schedule keeps
+# under half the signal); the 128^2 stage trains on 64^2 crops (a quarter of the cost; its UNet is convolutional).
+_STAGE = dict(weight_decay=0.0, text_dropout=0.1, lr=1e-4, ema_decay=0.999)
+_TINY_STAGE = dict(_STAGE, lr=1e-3, batch_size=4, checkpoint_every=50, keep_checkpoints=2, ema_decay=0.99)
+_SMALL_STAGE = dict(_STAGE, lr=5e-4, warmup_steps=100, checkpoint_every=100, keep_checkpoints=2, ema_decay=0.995,
+                    min_snr_gamma=5.0)
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny-sdxl-base": TrainConfig(model="tiny-sdxl-base", text_dropout=0.1, **_TINY),
     # The refiner specialises on the first 200 (low-noise) discrete noise scales (SDXL paper Sec. 2.5).
     "tiny-sdxl-refiner": TrainConfig(model="tiny-sdxl-refiner", timestep_max=199, text_dropout=0.1, **_TINY),
     "tiny-vae": TrainConfig(model="tiny-sdxl-base", task="vae", disc_start=100, disc_channels=16, **_TINY),
-    # Full SDXL.  Paper Sec. 2.5: 1000-step discrete schedule; the base's final (multi-aspect, ~1024^2) stage uses
-    # offset noise 0.05 and the App. I buckets; its global batch was 2048 (pretraining at 256^2; set with
-    # --batch-size per process x processes).  The paper gives no learning rate: 1e-5 with 500 warm-up steps is
-    # our fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the text-conditioning
-    # to improve classifier-free guidance sampling" (the SDXL paper does not state its rate).
+    # Full SDXL (paper Sec. 2.5): the base's final multi-aspect ~1024^2 stage uses offset noise 0.05 and the App. I
+    # buckets, global batch 2048 (--batch-size per process x processes).  No learning rate is given: 1e-5 with 500
+    # warm-up steps is our fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the
+    # text-conditioning" (the SDXL paper gives no rate).  The refiner: t in [0, 199], the aesthetic score (sgm
+    # sd_xl_refiner.yaml).
     "sdxl-base": TrainConfig(model="sdxl-base", resolution=1024, bucket_step=64, offset_noise=0.05,
                              text_dropout=0.1, lr=1e-5, warmup_steps=500, mixed_precision="bf16",
                              gradient_checkpointing=True, batch_size=1),
-    # Sec. 2.5: the refiner is a separate LDM in the same latent space, specialised on the first 200 noise scales
-    # (t in [0, 199]) of high-quality data; conditioned on the aesthetic score (sgm sd_xl_refiner.yaml).
     "sdxl-refiner": TrainConfig(model="sdxl-refiner", resolution=1024, bucket_step=64, timestep_max=199,
                                 text_dropout=0.1, lr=1e-5, warmup_steps=500, mixed_precision="bf16",
                                 gradient_checkpointing=True, batch_size=1),
-    # Sec. 2.4: the SD autoencoder architecture trained at batch 256 (vs 9) with an EMA of its weights.  Loss
-    # weights from ldm's autoencoder_kl_32x32x4.yaml (kl 1e-6, discriminator from step 50001, weight 0.5,
-    # base lr 4.5e-6 x batch); 256^2 crops as ldm.  The EMA decay is not given; 0.9999 is ours.
+    # Sec. 2.4: the SD autoencoder trained at batch 256 (vs 9) with an EMA (decay ours).  ldm's
+    # autoencoder_kl_32x32x4.yaml: kl 1e-6, discriminator from step 50001, weight 0.5, base lr 4.5e-6 x batch,
+    # 256^2 crops; Adam betas (0.5, 0.9) as ldm/models/autoencoder.py configure_optimizers.
     "sdxl-vae": TrainConfig(model="sdxl-base", task="vae", resolution=256, bucket_step=64, lr=4.5e-6 * 256,
                             kl_weight=1e-6, disc_start=50001, disc_weight=0.5, ema_decay=0.9999,
                             weight_decay=0.0, adam_beta1=0.5, adam_beta2=0.9, grad_clip=0.0, batch_size=8),
-}
-# ldm's autoencoder trains with Adam(betas=(0.5, 0.9)) (ldm/models/autoencoder.py configure_optimizers).
-# The bundled default model's four stages (xldm.default_model; it also registers its model presets).
-from xldm.default_model import default_train_presets  # noqa: E402  (needs TrainConfig above)
-
-TRAIN_PRESETS.update(default_train_presets())
-
-PRESET_NOTES = {
-    name: ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
-           "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
-           "diffusers folder)")
-    for name in TRAIN_PRESETS
+    # Both text encoders against a throw-away image tower (xldm.train.contrastive): 64 px images (the tower only
+    # needs colours, shapes, layout); CLIP's weight decay 0.2 (Radford et al. 2021, App. F); batch 128 (ours).
+    "default-clip": TrainConfig(model="default-base", task="clip", resolution=64, batch_size=128, steps=3000,
+                                lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.05,
+                                weight_decay=0.2, adam_beta2=0.98, adam_eps=1e-6, ema_decay=0.0,
+                                checkpoint_every=250, keep_checkpoints=2),
+    # The autoencoder, with an EMA (SDXL Sec. 2.4), ldm's kl weight and Adam betas; the discriminator stays off
+    # (disc_start beyond the run): it costs a third of the step time, and the L1 reconstruction of flat emoji
+    # colours is what the base model needs.
+    "default-vae": TrainConfig(model="default-base", task="vae", resolution=128, bucket_step=32, batch_size=8,
+                               steps=2500, lr=5e-4, warmup_steps=100, adam_beta1=0.5, adam_beta2=0.9,
+                               kl_weight=1e-6, disc_start=10**9, ema_decay=0.999, grad_clip=0.0, **_SMALL),
+    # The base UNet on ~128^2 buckets (sides in multiples of 32 = 8 x 2^(3 - 1): three UNet levels), the frozen
+    # text encoders and VAE of the stages before (--init), offset noise 0.05 (SDXL Sec. 2.5).
+    "default-base": TrainConfig(model="default-base", bucket_step=32, steps=7000, lr=5e-4, warmup_steps=200,
+                                offset_noise=0.05, init_components=("vae", "text_encoders"), **_DEFAULT),
+    # The base's second stage, from the first one's weights (SDXL trains its base in stages too, Sec. 2.5), with
+    # the latent and text cache (`--set cache_dir=...`: three times the samples per hour on the CPU) and
+    # augmentation so that the micro-conditioning carries what the 16x16 latent can see: 15 % of the images shrunk
+    # to 8-24 px first, 30 % of the crops zoomed in by up to 1.6x.  Min-SNR weighting, gamma 5 (Hang et al. 2023),
+    # spends the steps on the high-noise end, where the shapes are decided (the refiner covers the low-noise end).
+    "default-base-ft": TrainConfig(model="default-base", bucket_step=32, steps=18000, lr=2e-4, warmup_steps=100,
+                                   offset_noise=0.05, min_snr_gamma=5.0, **_SECOND_STAGE, **_DEFAULT),
+    # The refiner on t in [0, 199] (SDXL Sec. 2.5); sides in multiples of 64 = 8 x 2^(4 - 1) for its four levels.
+    # Its second stage as default-base-ft's (the refiner is conditioned on size and crop too).
+    "default-refiner": TrainConfig(model="default-refiner", bucket_step=64, steps=1000, lr=5e-4, warmup_steps=200,
+                                   timestep_max=199, init_components=("vae", "text_encoders"), **_DEFAULT),
+    "default-refiner-ft": TrainConfig(model="default-refiner", bucket_step=64, steps=3000, lr=2e-4,
+                                      warmup_steps=100, timestep_max=199, **_SECOND_STAGE, **_DEFAULT),
+    "tiny-cascade-base-16": TrainConfig(model="tiny-cascade-base-16", **_TINY_STAGE),
+    "tiny-cascade-sr-32": TrainConfig(model="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY_STAGE),
+    "tiny-cascade-sr-64": TrainConfig(model="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY_STAGE),
+    "cascade-base-32": TrainConfig(model="cascade-base-32", steps=1500, batch_size=32, **_SMALL_STAGE),
+    "cascade-sr-64": TrainConfig(model="cascade-sr-64", steps=1200, batch_size=16, aug_level_max=0.5,
+                                 **_SMALL_STAGE),
+    "cascade-sr-128": TrainConfig(model="cascade-sr-128", steps=1000, batch_size=16, aug_level_max=0.5,
+                                  train_crop=64, **_SMALL_STAGE),
 }
 
 
@@ -218,4 +273,4 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return replace(TRAIN_PRESETS[name], **overrides) if overrides else TRAIN_PRESETS[name]
 
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "preset", "PRESET_NOTES"]
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "preset", "lr_at", "TASKS"]

@@ -1,10 +1,8 @@
-"""Exponential moving average of weights, with its own decay warm-up and a step counter kept in checkpoints.
+"""Exponential moving average of weights, with a decay warm-up and its update counter (kept in checkpoints).
 
-After n updates the next one uses
-    decay_n = min(decay, (1 + n) / (10 + n))        (warm-up on; diffusers `EMAModel`, use_ema_warmup=False)
-    decay_n = decay                                  (warm-up off)
-and sets shadow <- decay_n * shadow + (1 - decay_n) * param.  The counter n is part of the state: resuming without
-it would restart the warm-up (lightly-train #892, RELIABILITY 6).  Shadows are fp32 whatever the model's dtype.
+After n updates the next one uses decay_n = min(decay, (1 + n) / (10 + n)) with warm-up (diffusers `EMAModel`,
+use_ema_warmup=False), else decay, and sets shadow <- decay_n * shadow + (1 - decay_n) * param.  Resuming
+without n would restart the warm-up.  Shadows are fp32 whatever the model's dtype.
 """
 
 from __future__ import annotations

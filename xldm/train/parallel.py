@@ -1,34 +1,20 @@
-"""Data parallelism under torchrun: DDP wrapping, and FSDP2 sharding of the trained UNet.
+"""Processes under torchrun, DDP wrapping, and FSDP2 sharding of the trained UNet.
 
 `parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel
-averages gradients.  Enough for the tiny presets and for fine-tuning on GPUs with room for fp32 weights +
-AdamW moments + EMA (about 16 bytes per trained parameter: ~41 GB for SDXL's 2.6B-parameter UNet).
+averages gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter:
+~41 GB for SDXL's 2.6B-parameter UNet).
 
-`parallel="fsdp"`: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP")
-shards the UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (each holds ~1/W):
-
-* `fully_shard` is applied bottom-up to each `UNetBlock` of `input_blocks`, to `middle_block`, to each of
-  `output_blocks`, then to the UNet root (which then owns the rest: time_embed, label_emb, out).  A block's
-  parameters are all-gathered just before its forward (and again for backward), gradients are reduce-scattered
-  (averaged) right after its backward.  With `gradient_checkpointing` the recomputed forward gathers again.
-* bf16 on CUDA: `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the gathered weights and the
-  compute are bf16, gradients are reduced in fp32 into the fp32 sharded master weights (AdamW runs in fp32).
-  On CPU no policy is set (fp32 gathers; bf16 autocast as under DDP when `mixed_precision="bf16"`).
-* Frozen networks (VAE, text encoders) are not sharded: each process holds them (they are small next to the
-  UNet's training state).  Trained text encoders (`train_text_encoders`) stay replicated too, their gradients
-  all-reduced by hand, as under DDP.  The VAE task (84M parameters) trains with DDP only.
-* Gradient clipping: the global norm over all shards (`clip_grad_norm`: the DTensor norms are reduced over the
-  processes; plain tensors' norms are added in), then every shard is scaled by the same factor.
-* EMA: the shadows are built from the sharded parameters, so they are DTensors sharded alike and every update is
-  local (no communication).
-* Checkpoints keep the one no-pickle format of `xldm.train.checkpoint`: at save time every sharded tensor
-  (weights, AdamW moments, EMA shadows) is gathered tensor by tensor (`DTensor.full_tensor`, a collective all
-  processes join) and only rank 0 keeps the full copy (on the CPU) and writes the file, which is therefore
-  identical in layout to a DDP or single-process checkpoint: an FSDP run can be resumed without FSDP and
-  vice versa.  On resume every process reads the file and keeps its own shard of each tensor
-  (`distribute_tensor(..., src_data_rank=None)`: no communication).  Cost: rank 0 needs host memory for the full
-  training state (~41 GB for SDXL base) while saving; each process reads the whole file when resuming.
-* The final export gathers the EMA (or raw) weights the same way into an unsharded UNet on rank 0.
+`parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP") shards the
+UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W each).  `fully_shard` is
+applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root (which owns
+the rest); a block's parameters are all-gathered for its forward and backward, its gradients reduce-scattered.
+bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW in fp32).  Frozen
+networks and trained text encoders stay replicated (the latter all-reduced by hand, as under DDP); the VAE task
+trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA shadows are
+sharded like the parameters, so updates are local.  Checkpoints keep the one format of `xldm.train.checkpoint`:
+every sharded tensor is gathered to rank 0 (`gather_full`), so a file is the same as a DDP or one-process one
+(resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`, no
+communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
 
 Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights):
 
@@ -36,26 +22,57 @@ Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, fr
         --init sd_xl_base_1.0.safetensors --data shards/{00000..00999}.tar --batch-size 4 --steps 10000 \\
         --out runs/sdxl --set parallel=fsdp
 
-(`--batch-size` is per process: a global batch of 32 here.)  Several machines: the same command with torchrun's
-`--nnodes N --node_rank R --rdzv_endpoint HOST:PORT` instead of `--standalone`; the sharding then spans all
-processes of all machines (one flat mesh).  NCCL is used on CUDA, gloo on CPU (the tests run 2 CPU processes).
+(`--batch-size` is per process: a global batch of 32.)  Several machines: torchrun's `--nnodes N --node_rank R
+--rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import os
+from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:
-    from xldm.train.loop import Processes, Run
+# --- processes -------------------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    started_here: bool = False  # this call initialised the process group (and will destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(config) -> Processes:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device ("auto": this process's GPU if
+    there is one, else the CPU) and join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+        device = torch.device(config.device if config.device.startswith("cuda:") else f"cuda:{local}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu" if config.device == "auto" else config.device)
+    started = world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank=rank, world_size=world, local_rank=local, device=device, started_here=started)
 
 
 # --- DDP -------------------------------------------------------------------------------------------------
 
-def wrap_ddp(module: nn.Module, procs: "Processes") -> nn.Module:
+def wrap_ddp(module: nn.Module, procs: Processes) -> nn.Module:
     """DistributedDataParallel around `module` when there are several processes, else the module itself."""
     if not procs.distributed:
         return module
@@ -66,12 +83,12 @@ def wrap_ddp(module: nn.Module, procs: "Processes") -> nn.Module:
 
 # --- FSDP2 -----------------------------------------------------------------------------------------------
 
-def uses_fsdp(config, procs: "Processes") -> bool:
+def uses_fsdp(config, procs: Processes) -> bool:
     """FSDP is on when asked for and there is more than one process (one process has nothing to shard over)."""
     return config.parallel == "fsdp" and procs.distributed
 
 
-def shard_unet(unet: nn.Module, procs: "Processes", mixed_precision: str) -> nn.Module:
+def shard_unet(unet: nn.Module, procs: Processes, mixed_precision: str) -> nn.Module:
     """Apply FSDP2 to each block of the UNet, then to the UNet itself (in place; returns it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -126,7 +143,7 @@ def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(n, start + chunk)
 
 
-def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: "Processes", out: dict) -> None:
+def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out: dict) -> None:
     """One all-gather for several Shard(0) DTensors: each process sends its local shards flattened end to end
     (padded to the longest process's length); rank 0 cuts the pieces back out and stacks each tensor's rows."""
     world = procs.world_size
@@ -153,7 +170,7 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: "Processes", o
         out[key] = torch.cat([pieces[r][i] for r in range(world)]).reshape(t.shape)
 
 
-def gather_full(tensors: dict[str, torch.Tensor], procs: "Processes") -> dict[str, torch.Tensor]:
+def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str, torch.Tensor]:
     """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.
 
     A collective: every process must call it with the same keys in the same order (they come from
@@ -198,10 +215,10 @@ def _shard_as(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def shard_checkpoint(run: "Run", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full checkpoint tensors -> the same keys holding this process's shards where the run is sharded: the
-    weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and the EMA
-    shadows (`ema.*`).  Everything else is returned as is."""
+def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full checkpoint tensors -> the same keys holding this process's shards where the run (xldm.train.run.Run)
+    is sharded: the weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and
+    the EMA shadows (`ema.*`).  Everything else is returned as is."""
     targets: dict[str, torch.Tensor] = {}
     for name, module in run.trainable.items():
         targets.update({f"model.{name}.{k}": v for k, v in module.state_dict().items()})
@@ -219,7 +236,7 @@ def shard_checkpoint(run: "Run", tensors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def gather_for_export(run: "Run") -> dict[str, nn.Module] | None:
+def gather_for_export(run) -> dict[str, nn.Module] | None:
     """Unsharded CPU copies of the sharded trained networks, EMA weights applied (raw weights without EMA), on
     rank 0; None on the other ranks.  A collective: every process calls it."""
     from xldm.models.unet import UNet
@@ -246,10 +263,10 @@ def gather_for_export(run: "Run") -> dict[str, nn.Module] | None:
     return exported if run.procs.is_main else None
 
 
-def barrier(procs: "Processes") -> None:
+def barrier(procs: Processes) -> None:
     if procs.distributed:
         dist.barrier()
 
 
-__all__ = ["wrap_ddp", "uses_fsdp", "shard_unet", "clip_grad_norm", "gather_full", "shard_checkpoint",
-           "gather_for_export", "barrier"]
+__all__ = ["Processes", "setup_processes", "wrap_ddp", "uses_fsdp", "shard_unet", "clip_grad_norm", "gather_full",
+           "shard_checkpoint", "gather_for_export", "barrier"]

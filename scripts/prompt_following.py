@@ -1,15 +1,15 @@
 """How well generated images follow their prompts: the project's own measure for the default model and cascade.
 
-The contrastive model pre-trained with the default model's text encoders (`xldm.train.clip_pretrain`, saved as
+The contrastive model pre-trained with the default model's text encoders (`xldm.train.contrastive`, saved as
 `clip/final/clip_evaluator.safetensors` by scripts/train_default.sh) scores each image against its caption and 15
 distractor captions of the same set (chance 1/16).  The same figure on the real emoji images of those captions is
 the ceiling to compare with.  Two caption sets, native emoji only (one canonical image per caption):
 
-- held out: the emoji names that no training stage ever saw (`xldm.default_model.is_heldout`), so the prompt's
+- held out: the emoji names that no training stage ever saw (`xldm.train.data.is_heldout`), so the prompt's
   words were never paired with its picture;
 - train: a seeded sample of the training captions.
 
-    python -m xldm.prompt_following --evaluator clip_evaluator.safetensors --data EMOJI_DIR [--model BASE
+    python scripts/prompt_following.py --evaluator clip_evaluator.safetensors --data EMOJI_DIR [--model BASE
         [--refiner REFINER] | --cascade default] [--count 256] [--out results.json]
 """
 
@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xldm.default_model import is_heldout
-from xldm.train.clip_pretrain import CaptionedImages, evaluate, letterbox, load_evaluator
-from xldm.train.data import to_rgb
+from xldm.train.contrastive import CaptionedImages, evaluate, letterbox, load_evaluator
+from xldm.train.data import is_heldout, to_rgb
 
 Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
 
@@ -54,7 +53,7 @@ def caption_sets(data: str | Path, *, count: int = 256, seed: int = 0) -> dict[s
 
 def to_evaluator_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     """(N, 3, size, size) uint8: each image on white (alpha composited), letterboxed square, Lanczos-resized, as
-    the evaluator was trained (`xldm.train.clip_pretrain.load_images`)."""
+    the evaluator was trained (`xldm.train.contrastive.load_images`)."""
     arrays = [letterbox(to_rgb(image), size) for image in images]
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
 
@@ -118,7 +117,7 @@ def cascade_generator(spec: str) -> Generate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xldm.prompt_following", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/prompt_following.py", description=__doc__.split("\n")[0])
     parser.add_argument("--evaluator", required=True, help="clip_evaluator.safetensors of the default model's run")
     parser.add_argument("--data", required=True, help="the `xldm data emoji` folder (metadata.jsonl)")
     parser.add_argument("--model", default=None, help="a latent model (default: none, real images only)")

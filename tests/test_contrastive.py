@@ -1,4 +1,4 @@
-"""Contrastive text-encoder pre-training (xldm.train.clip_pretrain) and the default model's presets."""
+"""Contrastive text-encoder pre-training (xldm.train.contrastive) and the default model's presets."""
 
 from __future__ import annotations
 
@@ -11,31 +11,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xldm.config import TINY_CLIP_L, TINY_OPENCLIP_BIGG
-from xldm.default_model import (
-    DEFAULT_BASE,
-    DEFAULT_BIGG,
-    DEFAULT_CLIP_L,
-    DEFAULT_REFINER,
-    SIZE_BUDGET_BYTES,
-    caption_group,
-    is_heldout,
-    split_dataset,
-)
-from xldm.train.clip_pretrain import (
+from xldm.config import DEFAULT_BASE, DEFAULT_BIGG, DEFAULT_CLIP_L, DEFAULT_REFINER, TINY_CLIP_L, TINY_OPENCLIP_BIGG
+from conftest import load_script
+from test_bundled_models import SIZE_BUDGET_BYTES
+from xldm.train.config import TRAIN_PRESETS, TrainConfig
+from xldm.train.contrastive import (
     ContrastiveModel,
     ImageTowerConfig,
-    _optimizer,
     clip_loss,
-    contrastive_step,
     distractor_candidates,
     export_text_encoders,
     load_evaluator,
     retrieval_accuracy,
     tokenize_captions,
-    train_clip,
 )
-from xldm.train.config import TRAIN_PRESETS, TrainConfig
+from xldm.train.data import caption_group, is_heldout
+from xldm.train.loop import build_run, training_step
+from xldm.train.loop import train as train_clip
 from xldm.weights.load import load_model
 
 TINY_ENCODERS = (TINY_CLIP_L, TINY_OPENCLIP_BIGG)
@@ -86,12 +78,14 @@ def test_contrastive_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = ContrastiveModel(TINY_ENCODERS, TINY_TOWER)
     config = TrainConfig(model="tiny-sdxl-base", task="clip", lr=3e-3, weight_decay=0.0)
-    optimizer = _optimizer(model, config)
+    run = build_run(config, model=model)
     captions = ["red heart", "blue circle", "green apple", "yellow star", "black cat", "white flag"]
     ids = tokenize_captions(captions, TINY_ENCODERS)
     pixels = torch.rand(len(captions), 3, 32, 32) * 2 - 1
     caption_ids = torch.arange(len(captions))
-    losses = [contrastive_step(model, optimizer, pixels, ids, caption_ids, config.lr, 1.0)[0] for _ in range(25)]
+    batch = {"pixels": pixels, "ids": ids, "caption_ids": caption_ids}
+    # the same batch at step 1 every time: lr = config.lr (no warm-up), gradient clipping at 1.0 (the default)
+    losses = [training_step(run, batch, 1).loss for _ in range(25)]
     # At init the loss is near two encoders x log(6) = 3.58 (temperature 1/0.07 makes it a little higher);
     # 25 AdamW steps on a batch this small must at least halve it, and go below chance.
     assert losses[-1] < 0.5 * losses[0]
@@ -218,7 +212,7 @@ def test_stage_presets_are_registered_and_round_trip():
 def test_split_holds_out_whole_names(tmp_path):
     captions = _named_captions(20)
     _image_folder(tmp_path / "src", captions)
-    counts = split_dataset(tmp_path / "src", tmp_path / "dst")
+    counts = load_script("datasets/split.py", "emoji_split").split_dataset(tmp_path / "src", tmp_path / "dst")
     assert counts == {"train": 16, "heldout": 4, "heldout_names": 2}
     train = [json.loads(l)["text"] for l in (tmp_path / "dst" / "metadata.jsonl").read_text().splitlines()]
     held = [json.loads(l)["text"] for l in (tmp_path / "dst" / "heldout.jsonl").read_text().splitlines()]

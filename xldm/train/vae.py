@@ -17,13 +17,17 @@ with GroupNorm instead of BatchNorm, so each sample is judged alone and DDP need
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xldm.models.components import Components
-from xldm.train.config import TrainConfig
-from xldm.train.ema import EMA
+from xldm.train import parallel
+from xldm.train.config import TrainConfig, lr_at
+from xldm.train.diffusion import batches, build_model, sample_generators  # noqa: F401  (batches: as diffusion's)
+from xldm.train.run import Run, StepResult, apply_update, make_optimizer, update
 
 
 class PatchDiscriminator(nn.Module):
@@ -90,32 +94,29 @@ def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     return weight * disc_weight
 
 
-def build_vae_run(config: TrainConfig, procs, model: Components):
-    from xldm.train.loop import Run, _wrap, make_optimizer
-
+def build(config: TrainConfig, procs: parallel.Processes, model: Components | None = None) -> Run:
+    """The VAE trained, with the patch discriminator (seeded by `seed + 1`) and its own AdamW as an extra."""
+    if parallel.uses_fsdp(config, procs):
+        raise NotImplementedError("parallel='fsdp' shards the diffusion UNet; train the VAE with parallel='ddp'")
+    model = model or build_model(config)
+    model.to(device=procs.device)
     vae = model.vae.requires_grad_(True).train()
     torch.manual_seed(config.seed + 1)
     disc = PatchDiscriminator(model.config.vae.out_channels, config.disc_channels).to(procs.device)
     disc_optimizer = make_optimizer(config, disc.parameters(), lr=config.disc_lr or config.lr)
-    run = Run(config=config, model=model, trainable={"vae": vae},
-              forward={"vae": _wrap(Reconstruction(vae), procs), "discriminator": _wrap(disc, procs)},
-              optimizer=make_optimizer(config, vae.parameters()), ema=None, procs=procs,
-              extras={"discriminator": (disc, disc_optimizer)})
-    if config.ema_decay > 0:
-        run.ema = EMA(run.named_trainable_parameters(), config.ema_decay, warmup=config.ema_warmup)
-    return run
+    return Run(config=config, procs=procs, model=model, trainable={"vae": vae},
+               forward={"vae": parallel.wrap_ddp(Reconstruction(vae), procs),
+                        "discriminator": parallel.wrap_ddp(disc, procs)},
+               optimizer=make_optimizer(config, vae.parameters()), extras={"discriminator": (disc, disc_optimizer)})
 
 
-def vae_step(run, batch: dict, step: int):
+def step(run: Run, batch: dict, step: int) -> StepResult:
     """One autoencoder step, then (after `disc_start`) one discriminator step on the same batch."""
-    from xldm.train.loop import StepResult, _batch_rows, apply_update, lr_at
-    from xldm.train.objective import sample_generators
-
     config = run.config
     vae = run.trainable["vae"]
     disc, disc_optimizer = run.extras["discriminator"]
     adversarial = step >= config.disc_start  # ldm adopt_weight: the discriminator joins at disc_start
-    gens = sample_generators(config.seed, step, _batch_rows(run, batch))
+    gens = sample_generators(config.seed, step, run.rows(batch))
     x = batch["pixels"].to(device=run.device, dtype=torch.float32)
     with run.autocast():
         x_hat, mean, logvar = run.forward["vae"](x, gens)
@@ -129,12 +130,9 @@ def vae_step(run, batch: dict, step: int):
         d_weight = adaptive_disc_weight(nll, g_loss, vae.decoder.conv_out.weight, config.disc_weight)
         loss = loss + d_weight * g_loss
         extra.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
-    params = [p for _, p in run.named_trainable_parameters()]
-    applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(config, step))
-    disc_optimizer.zero_grad(set_to_none=True)
-    if applied and run.ema is not None:
-        run.ema.update(run.named_trainable_parameters())
-    if adversarial and applied:
+    result = update(run, loss, step, [p for _, p in run.named_trainable_parameters()], extra=extra)
+    disc_optimizer.zero_grad(set_to_none=True)  # the generator loss's gradients in the discriminator
+    if adversarial and result.applied:
         with run.autocast():
             logits_real = run.forward["discriminator"](x)
             logits_fake = run.forward["discriminator"](x_hat.detach())
@@ -142,8 +140,18 @@ def vae_step(run, batch: dict, step: int):
         disc_lr = (config.disc_lr or config.lr) * lr_at(config, step) / config.lr
         d_applied, d_value, _ = apply_update(run, d_loss, disc_optimizer, list(disc.parameters()), disc_lr)
         extra.update(d_loss=d_value, d_applied=float(d_applied))
-    return StepResult(loss=value, applied=applied, grad_norm=norm, extra=extra)
+    return result
+
+
+def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
+    """`final/model.safetensors`: the EMA weights (raw weights without EMA) in the bare VAE layout (`encoder.*`,
+    `decoder.*`, as the released sdxl_vae.safetensors)."""
+    from xldm.weights.io import save_file
+
+    final.mkdir(parents=True, exist_ok=True)
+    save_file(run.averaged("vae").state_dict(), final / "model.safetensors", metadata={"format": "pt"})
+    return final / "model.safetensors"
 
 
 __all__ = ["PatchDiscriminator", "Reconstruction", "reconstruction_loss", "kl_loss", "hinge_d_loss",
-           "adaptive_disc_weight", "build_vae_run", "vae_step"]
+           "adaptive_disc_weight", "build", "step", "batches", "export"]

@@ -1,31 +1,19 @@
-"""Contrastive pre-training of SDXL's two text encoders from scratch, for the bundled default model.
+"""The contrastive task: SDXL's two text encoders pre-trained from scratch, for the bundled default model.
 
-SDXL conditions on two CLIP text encoders pre-trained with the CLIP objective (Radford et al. 2021, "Learning
-Transferable Visual Models From Natural Language Supervision", Sec. 2.3 and Fig. 3): image and text embeddings,
-L2-normalised, scored by cosine similarity times a learned temperature, trained with a symmetric cross-entropy
-over the batch.  No pre-trained CLIP can be downloaded here, so the default model trains its own on the captioned
-emoji images:
+SDXL's text encoders are CLIP's (Radford et al. 2021, Sec. 2.3 and Fig. 3: L2-normalised image and text
+embeddings, cosine similarity times a learned temperature, symmetric cross-entropy over the batch).  None can be
+downloaded here, so the default model trains its own on the captioned emoji: both encoders jointly against one
+small image tower (`ImageTower`, strided convolutions, then a linear map of the flattened 4 x 4 map, so that a
+glyph's position is kept for captions like "at the top left"); each encoder has its own joint space and
+temperature (the bigG-like one through its own `text_projection`, the vector SDXL feeds the UNet; the CLIP-L-like
+one, without a projection in SDXL, through a throw-away head); captions shared by several images of a batch are
+all positives (soft targets).  The tower and heads are kept in `final/clip_evaluator.safetensors`: the project's
+prompt-following measure (`retrieval_accuracy` of a caption among distractors) on the held-out captions
+(`xldm.train.data.is_heldout`: ~3 % of the emoji names, never trained on).
 
-* both text encoders (`xldm.models.clip.CLIPTextModel`, shapes from the model config: the CLIP-L-like one, then
-  the bigG-like one) are trained *jointly* against one small image tower (`ImageTower`: strided convolutions,
-  then a linear map of the flattened 4 x 4 map, so the position of a glyph is kept for captions like "at the
-  top left");
-* each encoder has its own joint space and temperature: the bigG-like encoder's pooled output goes through its
-  own `text_projection` (the vector SDXL feeds the UNet, so it is trained exactly as used); the CLIP-L-like one
-  (which has no projection in SDXL) gets a throw-away linear head; the image tower has one head per encoder;
-* captions shared by several images of a batch are all positives (soft targets), so duplicates are not
-  pushed apart.
-
-The image tower and heads are discarded for generation but kept in `final/clip_evaluator.safetensors`: they give
-the project's prompt-following measure, `retrieval_accuracy` of a caption among distractors, on held-out captions
-(`xldm.default_model.is_heldout`: ~3 % of emoji names never trained on).
-
-Run: `xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR [--resume]` (TrainConfig task "clip").
-Outputs: `final/model.safetensors` (the two text encoders alone, SDXL base single-file layout, loadable with
-`load_model(..., components=["text_encoders"])`), `final/clip_evaluator.safetensors`, `final/metrics.json`,
-`metrics.jsonl` (per step) and `checkpoints/` (every `checkpoint_every` steps; `--resume` continues from the newest).
-The batch order and augmentation are pure functions of (seed, step), so a resumed run sees the batches an
-uninterrupted one would.
+`xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR` (task "clip", one process) also exports
+`final/model.safetensors` (the text encoders alone, SDXL base single-file layout) and `final/metrics.json`.  The
+batches are pure functions of (seed, step) (`ContrastiveBatches`).
 """
 
 from __future__ import annotations
@@ -34,7 +22,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,16 +32,16 @@ from torch import nn
 
 from xldm.config import ModelConfig, TextEncoderConfig
 from xldm.models.clip import CLIPTextModel
-from xldm.train import checkpoint as ckpt
 from xldm.train.config import TrainConfig
+from xldm.train.parallel import Processes
+from xldm.train.run import Run, StepResult, make_optimizer, update
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (same section)
 EVAL_DISTRACTORS = 15  # retrieval among 16 captions: chance = 1/16
 
 
-# --- the image tower ---------------------------------------------------------------------------------------
-
+# --- the model ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
@@ -82,12 +69,6 @@ class ImageTower(nn.Module):
         return self.fc(self.convs(pixels).flatten(1))
 
 
-def joint_dim(encoders: tuple[TextEncoderConfig, ...]) -> int:
-    """Width of the joint embedding spaces: the last (bigG-like) encoder's projection width, else its width."""
-    last = encoders[-1]
-    return last.projection_dim or last.width
-
-
 class ContrastiveModel(nn.Module):
     """The text encoders, the image tower and the heads that map both into one joint space per encoder."""
 
@@ -95,7 +76,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.encoder_configs = encoders
         self.tower_config = tower
-        dim = joint_dim(encoders)
+        dim = encoders[-1].projection_dim or encoders[-1].width  # the joint spaces: the bigG-like encoder's width
         self.text_encoders = nn.ModuleList(CLIPTextModel(te) for te in encoders)
         # An encoder with its own projection of the right width (bigG) uses it; others get a head (discarded).
         self.text_heads = nn.ModuleList(
@@ -158,7 +139,6 @@ def distractor_candidates(targets: torch.Tensor, num_captions: int, distractors:
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-
 @dataclass
 class CaptionedImages:
     """Images as (N, 3, S, S) uint8 (padded to square with white, then resized), with caption indices."""
@@ -208,8 +188,8 @@ def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None)
 
 
 def split_heldout(pixels: torch.Tensor, captions: list[str]) -> tuple[CaptionedImages, CaptionedImages]:
-    """(training part, held-out part) by `xldm.default_model.is_heldout`."""
-    from xldm.default_model import is_heldout
+    """(training part, held-out part) by `xldm.train.data.is_heldout`."""
+    from xldm.train.data import is_heldout
 
     def part(keep: list[int]) -> CaptionedImages:
         texts = sorted({captions[i] for i in keep})
@@ -256,25 +236,19 @@ def augment(pixels: torch.Tensor, seed: int, step: int, shift: int = 4) -> torch
 
 # --- evaluation ---------------------------------------------------------------------------------------------
 
-
 @torch.no_grad()
 def embed(model: ContrastiveModel, data: CaptionedImages, device: torch.device,
           batch_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(image embeddings, caption embeddings), one (N, D) / (M, D) tensor per encoder."""
     model.eval()
-    images: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
-    for start in range(0, len(data.pixels), batch_size):
-        pixels = data.pixels[start:start + batch_size].to(device).float() / 127.5 - 1.0
-        for out, e in zip(images, model.encode_images(pixels)):
-            out.append(e.cpu())
-    texts: list[list[torch.Tensor]] = [[] for _ in model.text_encoders]
     ids = tokenize_captions(data.captions, model.encoder_configs)
-    for start in range(0, len(data.captions), batch_size):
-        chunk = [trim_ids(x[start:start + batch_size]).to(device) for x in ids]
-        for out, e in zip(texts, model.encode_texts(chunk)):
-            out.append(e.cpu())
+    images = [[e.cpu() for e in model.encode_images(data.pixels[i:i + batch_size].to(device).float() / 127.5 - 1.0)]
+              for i in range(0, len(data.pixels), batch_size)]
+    texts = [[e.cpu() for e in model.encode_texts([trim_ids(x[i:i + batch_size]).to(device) for x in ids])]
+             for i in range(0, len(data.captions), batch_size)]
     model.train()
-    return [torch.cat(x) for x in images], [torch.cat(x) for x in texts]
+    return ([torch.cat([chunk[k] for chunk in images]) for k in range(len(ids))],
+            [torch.cat([chunk[k] for chunk in texts]) for k in range(len(ids))])
 
 
 def evaluate(model: ContrastiveModel, data: CaptionedImages, device: torch.device, *, seed: int = 0,
@@ -331,11 +305,11 @@ def save_evaluator(model: ContrastiveModel, path: str | os.PathLike) -> Path:
 
 def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
     """The contrastive model saved by `save_evaluator` (for measuring how well images follow their prompts)."""
-    from safetensors import safe_open
+    from xldm.weights.io import open_checkpoint
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()[EVALUATOR_KEY])
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    checkpoint = open_checkpoint(path)
+    meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
+    state = checkpoint.tensors()
     encoders = tuple(TextEncoderConfig(**te) for te in meta["encoders"])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
     model = ContrastiveModel(encoders, tower)
@@ -343,118 +317,102 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
     return model.eval()
 
 
-# --- the loop -----------------------------------------------------------------------------------------------
+# --- the task -----------------------------------------------------------------------------------------------
+
+class ContrastiveBatches:
+    """The captioned images of `config.data` split by `is_heldout`; batch of step s = rows `batch_indices(s)` of the
+    training part, `augment`ed for s.  Position = the last step served (the resumable state)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        pixels, captions = load_images(config.data, config.resolution, cache=Path(config.out) / "cache")
+        self.train, self.heldout = split_heldout(pixels, captions)
+        self.ids = tokenize_captions(self.train.captions, tuple(config.model_config.text_encoders))
+        self.batch_size, self.seed, self.position = config.batch_size, config.seed, 0
+
+    def __iter__(self):
+        while True:
+            self.position += 1
+            rows = batch_indices(len(self.train.pixels), self.batch_size, self.seed, self.position)
+            caption_ids = self.train.caption_index[rows]
+            yield {"pixels": augment(self.train.pixels[rows], self.seed, self.position),
+                   "ids": [x[caption_ids] for x in self.ids], "caption_ids": caption_ids}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
 
 
-def _optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim.Optimizer:
-    # CLIP: no weight decay on gains, biases and the temperature (Radford et al. 2021, App. F); here: on no
-    # tensor with fewer than two dimensions.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                             foreach=False)
-
-
-def contrastive_step(model: ContrastiveModel, optimizer: torch.optim.Optimizer, pixels: torch.Tensor,
-                     ids: list[torch.Tensor], caption_ids: torch.Tensor, lr: float,
-                     grad_clip: float) -> tuple[float, list[float]]:
-    """One AdamW step on the sum of the per-encoder CLIP losses; returns (total, per-encoder losses)."""
-    images = model.encode_images(pixels)
-    texts = model.encode_texts([trim_ids(x) for x in ids])
-    losses = [clip_loss(i, t, s, caption_ids) for i, t, s in zip(images, texts, model.logit_scales)]
-    total = sum(losses)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    with torch.no_grad():
-        model.logit_scales.clamp_(max=MAX_LOGIT_SCALE)
-    return float(total.detach()), [float(x.detach()) for x in losses]
-
-
-def train_clip(config: TrainConfig, *, resume: bool = False, progress: bool = True):
-    """Run the `default-clip` stage described in the module docstring; returns a `loop.TrainResult`."""
-    from tqdm import tqdm
-
-    from xldm.train.loop import TrainResult, lr_at
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NotImplementedError("contrastive pre-training runs in one process")
+def batches(config: TrainConfig, procs: Processes) -> ContrastiveBatches:
     if not config.data:
         raise ValueError("no training data: set --data IMAGE_FOLDER")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
-    out = Path(config.out)
-    checkpoints = ckpt.checkpoints_dir(out, resume)
-    model_config = config.model_config
-    encoders = tuple(model_config.text_encoders)
+    return ContrastiveBatches(config)
 
-    pixels, captions = load_images(config.data, config.resolution, cache=out / "cache")
-    train_set, heldout_set = split_heldout(pixels, captions)
-    train_ids = tokenize_captions(train_set.captions, encoders)
 
-    torch.manual_seed(config.seed)
-    model = ContrastiveModel(encoders, ImageTowerConfig(image_size=config.resolution)).to(device).train()
-    optimizer = _optimizer(model, config)
-    start = 0
-    if resume and (found := ckpt.load_latest(checkpoints)) is not None:
-        path, tensors, state = found
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        ckpt.load_optimizer_state(optimizer, "optimizer", tensors, state["optimizer"])
-        start = state["step"]
-        print(f"resuming from {path} (step {start})", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    ckpt.trim_metrics(metrics_path, start)
+def build(config: TrainConfig, procs: Processes, model: ContrastiveModel | None = None) -> Run:
+    """The text encoders and the image tower, seeded by `config.seed`, all trained."""
+    if procs.distributed:
+        raise NotImplementedError("contrastive pre-training runs in one process")
+    if model is None:
+        torch.manual_seed(config.seed)
+        model = ContrastiveModel(tuple(config.model_config.text_encoders),
+                                 ImageTowerConfig(image_size=config.resolution))
+    model = model.to(procs.device).train()
+    # CLIP: no weight decay on gains, biases and the temperature (Radford et al. 2021, App. F); here: on no
+    # tensor with fewer than two dimensions.
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return Run(config=config, procs=procs, model=model, trainable={"contrastive": model},
+               forward={"contrastive": model}, optimizer=make_optimizer(config, groups))
 
-    bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, disable=not progress)
-    losses: list[float] = []
-    step = start
-    for step in range(start + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        rows = batch_indices(len(train_set.pixels), config.batch_size, config.seed, step)
-        caption_ids = train_set.caption_index[rows]
-        batch_pixels = augment(train_set.pixels[rows], config.seed, step).to(device)
-        ids = [x[caption_ids].to(device) for x in train_ids]
-        lr = lr_at(config, step)
-        total, parts = contrastive_step(model, optimizer, batch_pixels, ids, caption_ids.to(device), lr,
-                                        config.grad_clip)
-        losses.append(total)
-        record = {"step": step, "loss": total, **{f"loss_{k}": v for k, v in enumerate(parts)}, "lr": lr,
-                  "temperature": [round(float(s), 3) for s in model.logit_scales.detach().exp()],
-                  "it_per_s": 1.0 / (time.perf_counter() - t0)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{total:.3f}")
-        bar.update(1)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            opt_tensors, opt_meta = ckpt.optimizer_state(optimizer, "optimizer")
-            tensors.update(opt_tensors)
-            ckpt.save_checkpoint(checkpoints, step, tensors,
-                                 {"step": step, "task": "clip", "config": config.to_dict(), "optimizer": opt_meta},
-                                 keep=config.keep_checkpoints)
-    bar.close()
 
-    final = out / "final"
-    metrics = {"step": step,
-               "heldout": evaluate(model, heldout_set, device, seed=config.seed) if len(heldout_set.captions) > 1
-               else None,
-               "train_sample": evaluate(model, subset(train_set, max(len(heldout_set.pixels), 64), config.seed),
-                                        device, seed=config.seed)}
+def loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(sum of the per-encoder CLIP losses, the per-encoder losses) of a batch."""
+    model = run.forward["contrastive"]
+    caption_ids = batch["caption_ids"].to(run.device)
+    with run.autocast():
+        images = model.encode_images(batch["pixels"].to(run.device))
+        texts = model.encode_texts([trim_ids(x).to(run.device) for x in batch["ids"]])
+    losses = [clip_loss(i, t, s, caption_ids) for i, t, s in zip(images, texts, model.logit_scales)]
+    return sum(losses), losses
+
+
+def step(run: Run, batch: dict, step: int) -> StepResult:
+    """One AdamW step on the summed loss; the temperatures then clamped (CLIP, Radford et al. 2021, Sec. 2.5)."""
+    model = run.trainable["contrastive"]
+    params = [p for _, p in run.named_trainable_parameters()]
+    total, parts = loss(run, batch, step)
+
+    def clamp() -> None:
+        with torch.no_grad():
+            model.logit_scales.clamp_(max=MAX_LOGIT_SCALE)
+
+    result = update(run, total, step, params, extra={f"loss_{k}": float(x.detach()) for k, x in enumerate(parts)},
+                    after=clamp)
+    result.extra["temperature"] = [round(float(s), 3) for s in model.logit_scales.detach().exp()]
+    return result
+
+
+def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | None = None) -> Path:
+    """`final/metrics.json` (retrieval accuracy on the held-out part and on a sample of the training part),
+    `final/clip_evaluator.safetensors` and `final/model.safetensors` (the text encoders), of the EMA weights (raw
+    weights without EMA)."""
+    config, device = run.config, run.device
+    model = run.averaged("contrastive", device)
+    heldout, train = data.heldout, data.train
+    metrics = {"step": config.steps,
+               "heldout": evaluate(model, heldout, device, seed=config.seed) if len(heldout.captions) > 1 else None,
+               "train_sample": evaluate(model, subset(train, max(len(heldout.pixels), 64), config.seed), device,
+                                        seed=config.seed)}
     final.mkdir(parents=True, exist_ok=True)
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     save_evaluator(model, final / "clip_evaluator.safetensors")
-    path = export_text_encoders(list(model.text_encoders), model_config, final / "model.safetensors")
     print(f"retrieval accuracy (1 of {1 + EVAL_DISTRACTORS}): {json.dumps(metrics)}", file=sys.stderr)
-    return TrainResult(step=step, lr=lr_at(config, step), final_path=path, losses=losses, skipped_steps=0)
+    return export_text_encoders(list(model.text_encoders), config.model_config, final / "model.safetensors")
 
 
 __all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
-           "distractor_candidates", "evaluate", "train_clip", "export_text_encoders", "save_evaluator",
-           "load_evaluator", "load_images", "letterbox", "split_heldout", "contrastive_step"]
+           "distractor_candidates", "evaluate", "export_text_encoders", "save_evaluator", "load_evaluator",
+           "load_images", "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step",
+           "export"]
