@@ -11,12 +11,7 @@ import pytest
 import torch
 
 from xldm.cascade import (
-    AUG_LEVEL_EMBED_SCALE,
-    TINY_CASCADE_BASE,
-    TINY_CASCADE_SR,
-    TINY_CASCADE_SR2,
     CascadePipeline,
-    CascadeStage,
     aug_alpha,
     augment,
     cascade_files,
@@ -25,13 +20,14 @@ from xldm.cascade import (
     load_cascade,
     load_stage,
     plan_sizes,
+    random_stage,
     read_stage_header,
     save_cascade,
-    sr_model_input,
-    stage_scalars,
-    stage_vector,
     upsample_low_res,
 )
+from xldm.conditioning import AUG_LEVEL_EMBED_SCALE, concat_channels, micro_ids, vector_conditioning
+from xldm.config import TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2
+from xldm.models.components import Components
 
 PROMPT = "red apple"
 EXACT = 0.0
@@ -41,7 +37,7 @@ FP32_TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _randomise(stage: CascadeStage, seed: int) -> CascadeStage:
+def _randomise(stage: Components, seed: int) -> Components:
     """Random values everywhere (a layer left at zero, e.g. a bias, cannot hide a wiring mistake)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -51,10 +47,10 @@ def _randomise(stage: CascadeStage, seed: int) -> CascadeStage:
 
 
 @pytest.fixture(scope="module")
-def stages() -> list[CascadeStage]:
-    base = CascadeStage.random(TINY_CASCADE_BASE, seed=0)
-    sr1 = CascadeStage.random(TINY_CASCADE_SR, seed=1, text_encoders=base.text_encoders)
-    sr2 = CascadeStage.random(TINY_CASCADE_SR2, seed=2, text_encoders=base.text_encoders)
+def stages() -> list[Components]:
+    base = random_stage(TINY_CASCADE_BASE, seed=0)
+    sr1 = random_stage(TINY_CASCADE_SR, seed=1, text_encoders=base.text_encoders)
+    sr2 = random_stage(TINY_CASCADE_SR2, seed=2, text_encoders=base.text_encoders)
     return [_randomise(s, i) for i, s in enumerate((base, sr1, sr2))]
 
 
@@ -99,10 +95,10 @@ def test_aug_level_embedding_reaches_the_model(stages):
     pooled = torch.randn(2, 16, generator=g)
     outs, vectors = [], []
     for s in (0.0, 0.1, 0.4):
-        v = stage_vector(cfg, pooled, stage_scalars(cfg, 2, {"aug_level": s}))
+        v = vector_conditioning(cfg, pooled, micro_ids(cfg, {"aug_level": s}, 2))
         vectors.append(v)
         with torch.no_grad():
-            outs.append(sr.unet(sr_model_input(noisy, up), torch.tensor(500.0), context, v))
+            outs.append(sr.unet(concat_channels(noisy, up), torch.tensor(500.0), context, v))
     # only the aug-level columns of the vector change, and they hold fourier(1000 s)
     assert torch.equal(vectors[0][:, :16], vectors[1][:, :16])
     assert float(vectors[1][0, 16]) == pytest.approx(math.cos(0.1 * AUG_LEVEL_EMBED_SCALE), abs=1e-5)
@@ -121,11 +117,11 @@ def test_sr_input_assembly_non_square(stages):
     row = upsample_low_res(torch.tensor([[[[1.0, 3.0]]]]).expand(1, 3, 1, 2), (4, 1))[0, 0, 0]
     assert (row - torch.tensor([1.0, 1.5, 2.5, 3.0])).abs().max() <= 1e-6
     noisy = torch.randn(2, 3, 24, 40, generator=g)
-    x = sr_model_input(noisy, up)
+    x = concat_channels(noisy, up)
     assert x.shape == (2, 6, 24, 40)
     assert torch.equal(x[:, :3], noisy) and torch.equal(x[:, 3:], up)  # noisy first, then the condition
     cfg = stages[1].config
-    v = stage_vector(cfg, torch.zeros(2, 16), stage_scalars(cfg, 2, {"aug_level": 0.1}))
+    v = vector_conditioning(cfg, torch.zeros(2, 16), micro_ids(cfg, {"aug_level": 0.1}, 2))
     with torch.no_grad():
         out = stages[1].unet(x, torch.tensor(10.0), torch.zeros(2, 77, 16), v)
     assert out.shape == (2, 3, 24, 40)
@@ -133,7 +129,7 @@ def test_sr_input_assembly_non_square(stages):
     with pytest.raises(ValueError, match=r"expects a low-res image of 20x12, found 20x10 \(aspect ratio 2:1"):
         check_low_res(cfg, low[..., :10, :], (40, 24))
     with pytest.raises(ValueError, match="must have the same batch and size"):
-        sr_model_input(noisy, up[..., :20])
+        concat_channels(noisy, up[..., :20])
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -154,7 +150,7 @@ def test_training_step_lowers_loss(preset):
 
     config = cascade_train_preset(preset, ema_decay=0.0, text_dropout=0.0, lr=3e-3)
     run = build_stage_run(config, device="cpu")
-    batch = _batch(config.stage_config.resolution[0])
+    batch = _batch(config.stage_config.default_size)
     with torch.no_grad():
         before = float(stage_loss(run, batch, 1))
     for _ in range(8):  # the same batch and the same draws (step 1) every time

@@ -17,8 +17,8 @@ import torch
 from xldm.conditioning import (
     TextEmbeddings,
     encode_prompts,
-    micro_conditioning_ids,
-    sdxl_conditioning,
+    micro_ids,
+    sampling_conditioning,
     vector_conditioning,
     zero_embeddings_like,
 )
@@ -127,20 +127,20 @@ def test_encode_prompts_matches_diffusers_refiner(refiner):
 
 def test_time_ids_match_diffusers(base, refiner):
     _, pipe = base
-    ours = micro_conditioning_ids(TINY_SDXL_BASE, original_size=(512, 768), crop_top_left=(16, 32),
-                                  target_size=(1024, 960))
+    ours = micro_ids(TINY_SDXL_BASE, dict(original_size=(512, 768), crop_top_left=(16, 32),
+                                          target_size=(1024, 960))).tolist()
     ref = pipe._get_add_time_ids((512, 768), (16, 32), (1024, 960), dtype=torch.float32,
                                  text_encoder_projection_dim=48)
-    assert ref.tolist() == [ours] == [[512.0, 768.0, 16.0, 32.0, 1024.0, 960.0]]
+    assert ref.tolist() == ours == [[512.0, 768.0, 16.0, 32.0, 1024.0, 960.0]]
     _, pipe_r = refiner
-    ours_pos = micro_conditioning_ids(TINY_SDXL_REFINER, original_size=(512, 768), crop_top_left=(16, 32),
-                                      aesthetic_score=7.5)
-    ours_neg = micro_conditioning_ids(TINY_SDXL_REFINER, original_size=(640, 640), crop_top_left=(0, 8),
-                                      aesthetic_score=2.0)
+    ours_pos = micro_ids(TINY_SDXL_REFINER, dict(original_size=(512, 768), crop_top_left=(16, 32),
+                                                 aesthetic_score=7.5)).tolist()
+    ours_neg = micro_ids(TINY_SDXL_REFINER, dict(original_size=(640, 640), crop_top_left=(0, 8),
+                                                 aesthetic_score=2.0)).tolist()
     pos, neg = pipe_r._get_add_time_ids((512, 768), (16, 32), (64, 64), 7.5, 2.0, (640, 640), (0, 8), (64, 64),
                                         dtype=torch.float32, text_encoder_projection_dim=48)
-    assert pos.tolist() == [ours_pos] and neg.tolist() == [ours_neg]
-    assert ours_pos == [512.0, 768.0, 16.0, 32.0, 7.5]
+    assert pos.tolist() == ours_pos and neg.tolist() == ours_neg
+    assert ours_pos == [[512.0, 768.0, 16.0, 32.0, 7.5]]
 
 
 # --- sdxl_conditioning vs what the pipelines feed the UNet --------------------------------------------------------
@@ -153,14 +153,6 @@ BASE_CASES = {
                                dict(prompts=["a red apple"], negative_prompts=[""])),
     "batch-of-two": (dict(prompt=["a red apple", "a blue pear!"], original_size=(32, 48), target_size=(72, 56)),
                      dict(prompts=["a red apple", "a blue pear!"], original_size=(32, 48), target_size=(72, 56))),
-    # Distinct negative sizes with B = 2: diffusers' time-id rows alternate neg, pos, neg, pos.
-    "negative-sizes-row-order": (
-        dict(prompt=["a red apple", "a blue pear"], negative_prompt=["ugly", "bad"], original_size=(128, 96),
-             crops_coords_top_left=(4, 8), negative_original_size=(256, 200), negative_crops_coords_top_left=(12, 0),
-             negative_target_size=(40, 80)),
-        dict(prompts=["a red apple", "a blue pear"], negative_prompts=["ugly", "bad"], original_size=(128, 96),
-             crop_top_left=(4, 8), negative_original_size=(256, 200), negative_crop_top_left=(12, 0),
-             negative_target_size=(40, 80))),
     # A lone negative size is ignored by diffusers (the negative ids stay the positive ones).
     "lone-negative-size-ignored": (dict(prompt="a red apple", negative_original_size=(256, 200)),
                                    dict(prompts=["a red apple"], negative_original_size=(256, 200))),
@@ -171,6 +163,19 @@ BASE_CASES = {
 }
 
 
+# Distinct negative sizes with B = 2: diffusers' time-id rows alternate neg, pos, neg, pos (see
+# test_batch_rows_are_conditioned_as_when_alone; xldm lays them out like the text rows).
+NEGATIVE_SIZES = {
+    "negative-sizes-row-order": (
+        dict(prompt=["a red apple", "a blue pear"], negative_prompt=["ugly", "bad"], original_size=(128, 96),
+             crops_coords_top_left=(4, 8), negative_original_size=(256, 200), negative_crops_coords_top_left=(12, 0),
+             negative_target_size=(40, 80)),
+        dict(prompts=["a red apple", "a blue pear"], negative_prompts=["ugly", "bad"], original_size=(128, 96),
+             crop_top_left=(4, 8), negative_original_size=(256, 200), negative_crop_top_left=(12, 0),
+             negative_target_size=(40, 80))),
+}
+
+
 @pytest.mark.parametrize("case", list(BASE_CASES))
 def test_sdxl_conditioning_matches_base_pipeline(base, case):
     model, pipe = base
@@ -178,7 +183,7 @@ def test_sdxl_conditioning_matches_base_pipeline(base, case):
     got = unet_inputs(pipe, height=64, width=64, num_inference_steps=1, guidance_scale=call.pop("guidance_scale", 5.0),
                       **call)
     with torch.no_grad():
-        ours = sdxl_conditioning(model, height=64, width=64, **kwargs)
+        ours = sampling_conditioning(model, height=64, width=64, **kwargs)
     batch = 1 if isinstance(kwargs["prompts"], str) else len(kwargs["prompts"])
     rows = batch if kwargs.get("guidance") is False else 2 * batch
     assert ours.context.shape == (rows, 77, 80) and ours.vector.shape == (rows, 96)
@@ -186,8 +191,6 @@ def test_sdxl_conditioning_matches_base_pipeline(base, case):
     assert maxdiff(ours.vector, got["vector"]) <= TOL
     if case == "prompt-only-zeros":
         assert ours.context[0].abs().max().item() == 0.0 and ours.vector[0, :48].abs().max().item() == 0.0
-    if case == "negative-sizes-row-order":
-        assert got["added"]["time_ids"][:, 0].tolist() == [256.0, 128.0, 256.0, 128.0]  # the quirk is really there
 
 
 REFINER_CASES = {
@@ -213,19 +216,41 @@ def test_sdxl_conditioning_matches_refiner_pipeline(refiner, case):
     got = unet_inputs(pipe, image=latents, strength=0.5, num_inference_steps=2,
                       guidance_scale=call.pop("guidance_scale", 5.0), **call)
     with torch.no_grad():
-        ours = sdxl_conditioning(model, height=64, width=64, **kwargs)
+        ours = sampling_conditioning(model, height=64, width=64, **kwargs)
     rows = batch if kwargs.get("guidance") is False else 2 * batch
     assert ours.context.shape == (rows, 77, 48) and ours.vector.shape == (rows, 88)
     assert maxdiff(ours.context, got["context"]) <= TOL
     assert maxdiff(ours.vector, got["vector"]) <= TOL
 
 
-def test_unet_output_with_our_conditioning_matches_diffusers(base):
+def test_batch_rows_are_conditioned_as_when_alone(base):
+    """Image i of a batch gets exactly the conditioning it gets alone, also with negative sizes: xldm's time-id
+    rows are [neg]*B + [pos]*B like the text rows.  diffusers repeats the (neg, pos) pair B times
+    (pipeline_stable_diffusion_xl.py:1157), so with B = 2 its negative of image 1 gets the positive sizes and its
+    positive of image 0 the negative ones: its vector differs from ours in those rows, its context does not."""
     model, pipe = base
-    call, kwargs = BASE_CASES["negative-sizes-row-order"]
+    call, kwargs = NEGATIVE_SIZES["negative-sizes-row-order"]
     got = unet_inputs(pipe, height=64, width=64, num_inference_steps=1, **call)
     with torch.no_grad():
-        cond = sdxl_conditioning(model, height=64, width=64, **kwargs)
+        ours = sampling_conditioning(model, height=64, width=64, **kwargs)
+        alone = [sampling_conditioning(model, height=64, width=64, **dict(kwargs, prompts=[p], negative_prompts=[n]))
+                 for p, n in zip(kwargs["prompts"], kwargs["negative_prompts"])]
+    for i, single in enumerate(alone):  # rows [neg 0, neg 1, pos 0, pos 1]
+        assert maxdiff(ours.context[[i, 2 + i]], single.context) <= TOL
+        assert maxdiff(ours.vector[[i, 2 + i]], single.vector) <= TOL
+    assert maxdiff(ours.context, got["context"]) <= TOL
+    assert got["added"]["time_ids"][:, 0].tolist() == [256.0, 128.0, 256.0, 128.0]  # the quirk is really there
+    assert maxdiff(ours.vector[[0, 3]], got["vector"][[0, 3]]) <= TOL  # rows whose ids agree
+    assert maxdiff(ours.vector[[1, 2]], got["vector"][[1, 2]]) > 0.1  # rows diffusers pairs with the other ids
+
+
+def test_unet_output_with_our_conditioning_matches_diffusers(base):
+    model, pipe = base
+    call, kwargs = BASE_CASES["batch-of-two"]
+    call, kwargs = dict(call, negative_prompt=["ugly", "bad"]), dict(kwargs, negative_prompts=["ugly", "bad"])
+    got = unet_inputs(pipe, height=64, width=64, num_inference_steps=1, **call)
+    with torch.no_grad():
+        cond = sampling_conditioning(model, height=64, width=64, **kwargs)
         torch.manual_seed(3)
         x = torch.randn(4, 4, 8, 8)
         ref = pipe.unet(x, 981.0, encoder_hidden_states=got["context"], added_cond_kwargs=got["added"]).sample
@@ -236,10 +261,10 @@ def test_unet_output_with_our_conditioning_matches_diffusers(base):
 def test_force_zeros_override(base, refiner):
     model, _ = base
     with torch.no_grad():
-        encoded = sdxl_conditioning(model, "a cat", height=64, width=64, force_zeros_for_empty_prompt=False)
+        encoded = sampling_conditioning(model, "a cat", height=64, width=64, force_zeros_for_empty_prompt=False)
         empty = encode_prompts(model.text_encoders, None, model.config, [""])
         ref_model, _ = refiner
-        zeroed = sdxl_conditioning(ref_model, "a cat", height=64, width=64, force_zeros_for_empty_prompt=True)
+        zeroed = sampling_conditioning(ref_model, "a cat", height=64, width=64, force_zeros_for_empty_prompt=True)
     assert maxdiff(encoded.context[:1], empty.context) == 0.0
     assert maxdiff(encoded.vector[:1, :48], empty.pooled) == 0.0
     assert zeroed.context[0].abs().max().item() == 0.0 and zeroed.vector[0, :48].abs().max().item() == 0.0
@@ -267,11 +292,11 @@ def test_sd15_matches_stable_diffusion_pipeline(tmp_path):
         ours_skip = encode_prompts(model.text_encoders, None, model.config, prompts, clip_skip=1)
         assert maxdiff(ours_skip.context, ref_skip) <= TOL
         ref_pos, ref_neg = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=None)
-        cond = sdxl_conditioning(model, prompts, None, height=64, width=64)
+        cond = sampling_conditioning(model, prompts, None, height=64, width=64)
     assert cond.vector is None
     assert maxdiff(cond.context, torch.cat([ref_neg, ref_pos])) <= TOL  # "" encoded for the missing negative
     with pytest.raises(ValueError, match="sd15 has no micro-conditioning; found original_size"):
-        sdxl_conditioning(model, prompts, height=64, width=64, original_size=(64, 64))
+        sampling_conditioning(model, prompts, height=64, width=64, original_size=(64, 64))
 
 
 def test_sd21_penultimate_with_final_norm_matches_23_layer_transformers_encoder():
@@ -318,21 +343,21 @@ def test_vector_conditioning_layout_and_errors():
         vector_conditioning(TINY_SD15, pooled, ids)
 
 
-def test_micro_conditioning_ids_errors():
+def test_micro_ids_errors():
     with pytest.raises(ValueError, match="sdxl-base has no aesthetic_score conditioning"):
-        micro_conditioning_ids(TINY_SDXL_BASE, original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64),
-                               aesthetic_score=6.0)
+        micro_ids(TINY_SDXL_BASE, dict(original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64),
+                                       aesthetic_score=6.0))
     with pytest.raises(ValueError, match="sdxl-refiner has no target_size conditioning"):
-        micro_conditioning_ids(TINY_SDXL_REFINER, original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64),
-                               aesthetic_score=6.0)
+        micro_ids(TINY_SDXL_REFINER, dict(original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64),
+                                          aesthetic_score=6.0))
     with pytest.raises(ValueError, match="sdxl-base needs target_size, found None"):
-        micro_conditioning_ids(TINY_SDXL_BASE, original_size=(64, 64), crop_top_left=(0, 0))
+        micro_ids(TINY_SDXL_BASE, dict(original_size=(64, 64), crop_top_left=(0, 0)))
     with pytest.raises(ValueError, match="sdxl-refiner needs aesthetic_score"):
-        micro_conditioning_ids(TINY_SDXL_REFINER, original_size=(64, 64), crop_top_left=(0, 0))
+        micro_ids(TINY_SDXL_REFINER, dict(original_size=(64, 64), crop_top_left=(0, 0)))
     with pytest.raises(ValueError, match="original_size must be a pair"):
-        micro_conditioning_ids(TINY_SDXL_BASE, original_size=(64,), crop_top_left=(0, 0), target_size=(64, 64))
+        micro_ids(TINY_SDXL_BASE, dict(original_size=(64,), crop_top_left=(0, 0), target_size=(64, 64)))
     with pytest.raises(ValueError, match="sd15 has no micro-conditioning"):
-        micro_conditioning_ids(TINY_SD15, original_size=(64, 64), crop_top_left=(0, 0))
+        micro_ids(TINY_SD15, dict(original_size=(64, 64), crop_top_left=(0, 0)))
 
 
 def test_mismatched_encoders_are_named(base, refiner):
@@ -345,9 +370,9 @@ def test_mismatched_encoders_are_named(base, refiner):
     with pytest.raises(ValueError, match="text encoder 0 has width 32, but the config expects 48"):
         encode_prompts(model.text_encoders[:1], ref_model.tokenizers(), ref_model.config, ["a"])
     with pytest.raises(ValueError, match="sdxl-refiner has no target_size conditioning"):
-        sdxl_conditioning(ref_model, "a", height=64, width=64, target_size=(64, 64))
+        sampling_conditioning(ref_model, "a", height=64, width=64, target_size=(64, 64))
     with pytest.raises(ValueError, match="negative_prompts: expected 2"):
-        sdxl_conditioning(model, ["a", "b"], ["c"], height=64, width=64)
+        sampling_conditioning(model, ["a", "b"], ["c"], height=64, width=64)
 
 
 def test_zero_embeddings_like():
@@ -365,7 +390,7 @@ def test_dtypes_follow_the_last_text_encoder():
     encoders[1].to(torch.bfloat16)
     model = Components(config=TINY_SDXL_BASE, text_encoders=encoders)
     with torch.no_grad():
-        cond = sdxl_conditioning(model, ["a cat"], ["a dog"], height=64, width=64, original_size=(2047, 333))
+        cond = sampling_conditioning(model, ["a cat"], ["a dog"], height=64, width=64, original_size=(2047, 333))
         pooled = encode_prompts(encoders, None, TINY_SDXL_BASE, ["a cat"]).pooled
     # context in the last encoder's dtype (diffusers casts to text_encoder_2.dtype); the vector is built in
     # float32 from ids rounded to that dtype, as diffusers does before the UNet casts it.
@@ -411,9 +436,9 @@ def test_chunked_long_prompt(base):
 def test_chunk_mode_pads_negative_to_positive_length(base):
     model, _ = base
     with torch.no_grad():
-        cond = sdxl_conditioning(model, [LONG], ["blurry"], height=64, width=64, long_prompts="chunk")
+        cond = sampling_conditioning(model, [LONG], ["blurry"], height=64, width=64, long_prompts="chunk")
         neg = encode_prompts(model.text_encoders, None, model.config, ["blurry"])
-        zeros = sdxl_conditioning(model, [LONG], None, height=64, width=64, long_prompts="chunk")
+        zeros = sampling_conditioning(model, [LONG], None, height=64, width=64, long_prompts="chunk")
     n = cond.context.shape[1]
     assert n == 154 and zeros.context.shape == (2, 154, 80) and zeros.context[0].abs().max().item() == 0.0
     assert maxdiff(cond.context[0, :77], neg.context[0]) <= 1e-6

@@ -69,8 +69,8 @@ def test_detect_full_size_from_shapes(preset):
 
 def test_official_key_counts_full_size():
     sd = single_file_state_dict(meta_components(SDXL_BASE))
-    assert sum(k.startswith("model.diffusion_model.") for k in sd) == 1680  # SDXL_SPEC 1.1
-    assert sum(k.startswith("first_stage_model.") for k in sd) == 248  # SDXL_SPEC 2
+    assert sum(k.startswith("model.diffusion_model.") for k in sd) == 1680  # keys of sd_xl_base_1.0.safetensors (sgm layout)
+    assert sum(k.startswith("first_stage_model.") for k in sd) == 248  # same file
     assert sum(k.startswith("conditioner.embedders.1.model.") for k in sd) == 389  # 390 in the file, less logit_scale
     refiner = single_file_state_dict(meta_components(SDXL_REFINER))
     assert sum(k.startswith("model.diffusion_model.") for k in refiner) == 1220
@@ -258,7 +258,7 @@ def test_cli_info_and_convert(tmp_path, capsys):
 def test_cli_info_preset_full_size(capsys):
     assert cli_main(["info", "sdxl-base"]) == 0
     out = capsys.readouterr().out
-    assert "2,567,463,684" in out  # SDXL base UNet parameters (SDXL_SPEC 1.1)
+    assert "2,567,463,684" in out  # SDXL base UNet parameters (diffusers UNet2DConditionModel of SDXL base)
     assert "83,653,863" in out  # VAE
     assert "694,659,840" in out  # OpenCLIP bigG text tower with projection
 

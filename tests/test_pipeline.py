@@ -288,3 +288,27 @@ def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path):
         ours = Pipeline(loaded, device="cpu", dtype=torch.float32)(
             PROMPT, init_image=image, mask=mask, strength=strength, steps=6, seed=SEED).images
         assert_pixels_close(ours, expected)
+
+
+def test_image_of_a_batch_equals_the_image_generated_alone_with_negative_sizes(models, ref_base):
+    """Image i of a batch is image i generated alone (seed + i), also with negative size conditioning: xldm lays
+    the negative time ids out like the text rows.  diffusers pairs image 0's positive half with the negative sizes
+    when they differ (see tests/test_conditioning.py::test_batch_rows_are_conditioned_as_when_alone), so its batch
+    of two does not give its own single image back."""
+    base = models[0]
+    pipe = Pipeline(base, device="cpu", dtype=torch.float32)
+    settings = dict(prompt=PROMPT, negative_prompt="blurry", steps=4, width=64, height=64,
+                    original_size=(96, 128), negative_original_size=(32, 24), negative_target_size=(48, 40))
+    batch = pipe.generate(GenerationRequest(seed=SEED, batch=2, **settings), output="latent").latents
+    for i in range(2):
+        alone = pipe.generate(GenerationRequest(seed=SEED + i, **settings), output="latent").latents
+        assert (batch[i] - alone[0]).abs().max().item() <= LATENT_TOL
+    # diffusers, same weights and seeds: its batch of two differs from its single image by over 10x that bound
+    common = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4, width=64, height=64,
+                  original_size=(128, 96), negative_original_size=(24, 32), negative_target_size=(40, 48),
+                  output_type="latent")
+    ref_batch = ref_base(**common, num_images_per_prompt=2,
+                         generator=[torch.Generator().manual_seed(SEED + i) for i in range(2)]).images
+    ref_alone = ref_base(**common, generator=[torch.Generator().manual_seed(SEED)]).images
+    assert (ref_batch[0] - ref_alone[0]).abs().max().item() > 10 * LATENT_TOL
+    assert (batch[0] - ref_alone[0]).abs().max().item() <= LATENT_TOL  # ... and our image is diffusers' single one

@@ -23,7 +23,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from xldm.diffusion import noise as noise_lib
-from xldm.diffusion.denoiser import model_denoiser
+from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import SAMPLERS, sample
 from xldm.diffusion.schedules import (
     SAMPLER_NAMES,
@@ -109,8 +109,11 @@ def diffusers_loop(sched, net, latents, timesteps, generator, hook=None):
     return latents
 
 
+OURS = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers' prediction_type names -> xldm's
+
+
 def ours(name: str, schedule: Schedule, net, x, generator, prediction_type="epsilon", **kw):
-    return sample(name, model_denoiser(net, prediction_type), x, schedule, generator=generator, **kw)
+    return sample(name, Denoiser(OURS[prediction_type], net), x, schedule, generator=generator, **kw)
 
 
 def to_vp(name: str, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -140,7 +143,7 @@ def run_both(name: str, num_steps: int, prediction_type="epsilon", seed=0, shape
     latents = randn_tensor(shape, generator=g_ref, dtype=torch.float32) * ref_sched.init_noise_sigma
     ref = diffusers_loop(ref_sched, net, latents, ref_sched.timesteps, g_ref)
 
-    schedule = make_schedule(name, num_steps, prediction_type=prediction_type)
+    schedule = make_schedule(name, num_steps, prediction_type=OURS[prediction_type])
     g = gens(seed)
     x = noise_lib.randn(shape, g, "cpu", torch.float32) * schedule.init_noise_sigma
     out = ours(name, schedule, net, x, g, prediction_type)
@@ -328,10 +331,10 @@ def test_model_denoiser_equals_diffusers_pred_original_sample(prediction_type: s
     x_in = sched.scale_model_input(x, t)
     ref_x0 = sched.step(net(x_in, t), t, x, return_dict=True).pred_original_sample
     s = make_schedule("euler", 20)
-    ours_x0 = model_denoiser(net, prediction_type)(x, s.sigmas[5], s.timesteps[5])
+    ours_x0 = Denoiser(OURS[prediction_type], net)(x, s.sigmas[5], s.timesteps[5])
     assert torch.equal(ours_x0, ref_x0)
     with pytest.raises(ValueError):
-        model_denoiser(net, "sample")
+        Denoiser("sample", net)
 
 
 def test_randn_matches_randn_tensor():
@@ -349,3 +352,25 @@ def test_randn_matches_randn_tensor():
     assert half.dtype == torch.float16
     with pytest.raises(ValueError):
         noise_lib.randn(shape, gens([1, 2]), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "x0"])
+def test_one_denoiser_for_training_and_sampling(prediction_type: str):
+    """The training side of `Denoiser` equals diffusers' DDPMScheduler (`add_noise`, `get_velocity`), and its
+    sampling side inverts it: the training target fed back as the network output gives the clean sample."""
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 999])
+    d = Denoiser(prediction_type)
+    noisy = d.noised(x0, noise, t)
+    assert torch.equal(noisy, ddpm.add_noise(x0, noise, t))
+    target = {"epsilon": noise, "v": ddpm.get_velocity(x0, noise, t), "x0": x0}[prediction_type]
+    assert (d.target(x0, noise, t) - target).abs().max().item() <= 1e-6
+    abar = ddpm.alphas_cumprod[t][:, None, None, None]
+    sigma = ((1 - abar) / abar) ** 0.5  # the same point in VE coordinates: x = noisy / sqrt(abar)
+    back = d.denoised(noisy / abar.sqrt(), sigma, d.target(x0, noise, t))
+    assert (back - x0).abs().max().item() <= 1e-4
+    assert d.loss(d.target(x0, noise, t), x0, noise, t).item() == 0.0

@@ -377,15 +377,15 @@ def test_out_of_memory_fails_that_job_only(client, server, monkeypatch):
     def pipeline_running_out_of_memory(model, refiner):
         pipe = real(model, refiner)
 
-        def generate(request, callback=None):
+        def run(request, callback=None):
             if request.prompt == "too big":
                 big = torch.ones(64, 2**20)  # 256 MiB the job holds when it fails
                 held.append(weakref.ref(big))
                 callback("base", 0, 2, big[:1, :256].reshape(1, 4, 8, 8), big[:1, :256].reshape(1, 4, 8, 8))
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-            return type(pipe).generate(pipe, request, callback=callback)
+            return type(pipe).run(pipe, request, callback=callback)
 
-        pipe.generate = generate
+        pipe.run = run
         return pipe
 
     monkeypatch.setattr(store, "pipeline", pipeline_running_out_of_memory)

@@ -12,13 +12,9 @@ from xldm.diffusion.schedules import alphas_cumprod
 from xldm.train.config import TrainConfig, preset
 from xldm.train.ema import EMA
 from xldm.train.loop import NonFiniteLossError, build_run, diffusion_loss_for_batch, lr_at, train, training_step
-from xldm.train.objective import (
-    DiscreteSchedule,
-    draw_noise,
-    min_snr_weights,
-    sample_generators,
-    training_conditioning,
-)
+from xldm.conditioning import training_conditioning
+from xldm.diffusion.denoiser import Denoiser
+from xldm.train.objective import draw_noise, sample_generators
 from xldm.train.vae_loop import kl_loss, reconstruction_loss
 
 torch.set_num_threads(1)
@@ -146,26 +142,25 @@ def test_min_snr_weights_match_formula():
     abar = alphas_cumprod().double()
     t = torch.tensor([0, 10, 100, 250, 500, 999])
     snr = abar[t] / (1 - abar[t])
-    schedule = DiscreteSchedule()
+    cpu = torch.device("cpu")
     for prediction, denominator in (("epsilon", snr), ("v", snr + 1)):
         expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / denominator
-        got = min_snr_weights(schedule.snr(t), 5.0, prediction).double()
+        got = Denoiser(prediction).min_snr_weights(t, 5.0, cpu).double()
         assert torch.allclose(got, expected, rtol=1e-5, atol=0), (prediction, got, expected)
-    assert float(min_snr_weights(schedule.snr(torch.tensor([999])), 5.0, "epsilon")) == pytest.approx(1.0, abs=1e-6)
+    assert float(Denoiser("epsilon").min_snr_weights(torch.tensor([999]), 5.0, cpu)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_noising_and_v_target():
-    schedule = DiscreteSchedule()
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 400, 999])
     abar = alphas_cumprod()[t][:, None, None, None]
-    xt = schedule.add_noise(x0, eps, t)
-    v = schedule.target(x0, eps, t, "v")
+    xt = Denoiser("v").noised(x0, eps, t)
+    v = Denoiser("v").target(x0, eps, t)
     assert (xt - (abar.sqrt() * x0 + (1 - abar).sqrt() * eps)).abs().max() < 1e-6
     # x0 = sqrt(abar) x_t - sqrt(1 - abar) v (Salimans & Ho 2022)
     assert (abar.sqrt() * xt - (1 - abar).sqrt() * v - x0).abs().max() < 1e-5
-    assert torch.equal(schedule.target(x0, eps, t, "epsilon"), eps)
+    assert torch.equal(Denoiser("epsilon").target(x0, eps, t), eps)
 
 
 def test_ema_formula_warmup_and_state():

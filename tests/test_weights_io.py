@@ -1,7 +1,7 @@
 """Weight file I/O: safetensors round trips, header validation, pickle refusal, strict loading, atomic save.
 
-Covers design/RELIABILITY.md items 1-3.  Oracle: the `safetensors` library must read what xldm writes
-and xldm must read what the library writes, bit for bit (exact equality, tolerance 0).
+Oracle: the `safetensors` library must read what xldm writes and xldm must read what the library writes, bit for
+bit (exact equality, tolerance 0).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_header_only_access_reads_no_tensor_data(tmp_path, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
-    monkeypatch.setattr(io._Reader, "read", no_reading)
+    monkeypatch.setattr(io.Checkpoint, "_read", no_reading)
     start = time.perf_counter()
     ckpt = open_checkpoint(path)
     assert ckpt.shape("big") == (1024, n // 1024) and ckpt.dtype("big") == torch.float32
@@ -148,7 +148,7 @@ def test_header_only_access_reads_no_tensor_data(tmp_path, monkeypatch):
     assert time.perf_counter() - start < FAST
 
 
-# --- RELIABILITY 1: pickles are code ----------------------------------------------------------------
+# --- pickles are code -------------------------------------------------------------------------------
 
 
 class WritesMarker:
@@ -235,7 +235,7 @@ def test_pickle_with_non_tensor_entries_is_an_error(tmp_path):
         open_checkpoint(path, allow_pickle=True)
 
 
-# --- RELIABILITY 2: corrupt safetensors are rejected fast -------------------------------------------
+# --- corrupt safetensors are rejected fast ----------------------------------------------------------
 
 HUGE = 50_000_000_000  # BF16 elements: a 100 GB tensor
 
@@ -330,7 +330,7 @@ def test_file_truncated_after_opening_is_reported(tmp_path):
         ckpt.tensors()
 
 
-# --- RELIABILITY 3: strict loading ------------------------------------------------------------------
+# --- strict loading ---------------------------------------------------------------------------------
 
 
 class Small(nn.Module):
@@ -490,6 +490,21 @@ def test_atomic_save_replaces_and_leaves_no_temp_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["w.safetensors"]
     assert same_bits(open_checkpoint(path).tensor("a"), torch.ones(3))
+
+
+def test_atomic_write_helper(tmp_path):
+    path = tmp_path / "out.bin"
+    with io.atomic_write(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.bin.") and tmp.exists()
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would create it
+    with pytest.raises(RuntimeError, match="interrupted"), io.atomic_write(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
 
 
 def test_save_handles_shared_and_strided_tensors(tmp_path):

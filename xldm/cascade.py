@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,19 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xldm.conditioning import Conditioning, encode_prompts
-from xldm.config import TextEncoderConfig, UNetConfig
-from xldm.default_model import DEFAULT_BIGG
-from xldm.diffusion import make_schedule, model_denoiser, randn, sample
-from xldm.diffusion.guidance import guided_model_fn
-from xldm.models.layers import timestep_embedding
+from xldm.conditioning import sampling_conditioning
+from xldm.config import DEFAULT_CASCADE_DIR, DEFAULT_MODEL_PATH, ModelConfig, TextEncoderConfig, UNetConfig
+from xldm.diffusion import make_schedule, randn
+from xldm.models.components import Components
+from xldm.pipeline import denoise
 
-STAGE_KINDS = ("base", "sr")
-# Scalars a stage can take in its vector, and how many numbers each is (sizes are (height, width) pairs, SDXL).
-SCALAR_WIDTHS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aug_level": 1}
-# s in [0, 1] is embedded as 1000 s, the range of the diffusion timesteps the same sinusoids embed (our choice;
-# Imagen conditions on the augmentation level "similar to the timestep", Sec. 2.4).
-AUG_LEVEL_EMBED_SCALE = 1000.0
 # Sampling-time augmentation of an SR stage's input.  Imagen sweeps s at inference (Sec. 2.4) and gives no single
 # value; 0.1 is our default, between the SD x4 upscaler's noise_level 20/1000 and DeepFloyd IF stage II's 250/1000
 # (diffusers StableDiffusionUpscalePipeline / IFSuperResolutionPipeline defaults).
@@ -55,205 +48,43 @@ STAGE_METADATA_KEY = "xldm.cascade_stage"
 STAGE_FORMAT_VERSION = 1
 
 
-# --- configuration ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CascadeStageConfig:
-    """One stage of a cascade.  `resolution` is the (width, height) the stage is trained at (its output); an SR
-    stage's input is `resolution / scale`.  Passed as `config` to `xldm.conditioning.encode_prompts` (it has the
-    `kind`, `unet` and `text_encoders` that function reads)."""
-
-    kind: str  # "base" | "sr"
-    resolution: tuple[int, int]
-    unet: UNetConfig
-    text_encoders: tuple[TextEncoderConfig, ...]
-    scale: int = 1  # SR upscaling factor; 1 for the base stage
-    micro_conditioning: tuple[str, ...] = ()  # scalars in the vector, in order; an SR stage ends with "aug_level"
-    micro_conditioning_dim: int = 32  # Fourier width per scalar
-    prediction_type: str = "v"  # "epsilon" | "v"
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"CascadeStageConfig ({self.kind}): {message}")
-
-        check(self.kind in STAGE_KINDS, f"kind must be one of {STAGE_KINDS}, got {self.kind!r}")
-        check(self.prediction_type in ("epsilon", "v"), f"prediction_type must be 'epsilon' or 'v', "
-                                                         f"got {self.prediction_type!r}")
-        w, h = self.resolution
-        check(w > 0 and h > 0, f"resolution must be positive, got {self.resolution}")
-        in_ch = 3 if self.kind == "base" else 6
-        check(self.unet.in_channels == in_ch and self.unet.out_channels == 3,
-              f"UNet channels must be in {in_ch} / out 3, found in {self.unet.in_channels} / out "
-              f"{self.unet.out_channels}")
-        if self.kind == "base":
-            check(self.scale == 1, f"a base stage has scale 1, got {self.scale}")
-            check("aug_level" not in self.micro_conditioning, "a base stage has no low-res input to augment")
-        else:
-            check(self.scale >= 2, f"an SR stage upscales by an integer scale >= 2, got {self.scale}")
-            check(w % self.scale == 0 and h % self.scale == 0,
-                  f"resolution {w}x{h} is not divisible by scale {self.scale}")
-            check(self.micro_conditioning[-1:] == ("aug_level",),
-                  f"an SR stage's scalars must end with 'aug_level', got {self.micro_conditioning}")
-        unknown = [n for n in self.micro_conditioning if n not in SCALAR_WIDTHS]
-        check(not unknown, f"unknown scalars {unknown}; expected names from {sorted(SCALAR_WIDTHS)}")
-        check(len(set(self.micro_conditioning)) == len(self.micro_conditioning),
-              f"repeated scalars in {self.micro_conditioning}")
-        check(len(self.text_encoders) >= 1, "needs at least one text encoder")
-        pooled = self.text_encoders[-1].projection_dim
-        check(pooled > 0, "the last text encoder needs a projection (its pooled output enters the vector)")
-        expected = pooled + self.num_scalars * self.micro_conditioning_dim
-        check(self.unet.adm_in_channels == expected,
-              f"UNet adm_in_channels is {self.unet.adm_in_channels}, but pooled text ({pooled}) + "
-              f"{self.num_scalars} scalars x {self.micro_conditioning_dim} = {expected}")
-        context = sum(te.width for te in self.text_encoders)
-        check(self.unet.context_dim == context,
-              f"UNet context_dim is {self.unet.context_dim}, but the text encoders give {context}")
-
-    @property
-    def num_scalars(self) -> int:
-        return sum(SCALAR_WIDTHS[n] for n in self.micro_conditioning)
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:
-        """(width, height) of the low-res image an SR stage expects; None for a base stage."""
-        if self.kind == "base":
-            return None
-        return self.resolution[0] // self.scale, self.resolution[1] // self.scale
-
-    def describe(self) -> str:
-        w, h = self.resolution
-        if self.kind == "base":
-            return f"base {w}x{h}"
-        iw, ih = self.input_size
-        return f"sr x{self.scale} {iw}x{ih} -> {w}x{h}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CascadeStageConfig":
-        def tup(v):
-            return tuple(v) if isinstance(v, list) else v
-
-        unet = UNetConfig(**{k: tup(v) for k, v in d["unet"].items()})
-        encoders = tuple(TextEncoderConfig(**te) for te in d["text_encoders"])
-        rest = {k: tup(v) for k, v in d.items() if k not in ("unet", "text_encoders")}
-        return cls(unet=unet, text_encoders=encoders, **rest)
-
-    def at_resolution(self, resolution: tuple[int, int], scale: int | None = None) -> "CascadeStageConfig":
-        """The same network at another (width, height) (and, for SR, another scale): cost tables, other sizes."""
-        return replace(self, resolution=tuple(resolution), scale=self.scale if scale is None else scale)
+def is_sr(config: ModelConfig) -> bool:
+    return config.sr_scale > 0
 
 
-def _unet(in_channels: int, *, block_out_channels: tuple[int, ...], transformer_depth: tuple[int, ...],
-          num_res_blocks: int, head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
-    return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=block_out_channels,
-                      num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
-                      transformer_depth_middle=1, num_head_channels=head_channels, context_dim=context_dim,
-                      adm_in_channels=adm, norm_groups=groups)
+def input_size(config: ModelConfig, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(width, height) of the low-res image an SR stage making `size` (default: its own) expects; None for a base."""
+    if not is_sr(config):
+        return None
+    w, h = size or (config.default_size, config.default_size)
+    return w // config.sr_scale, h // config.sr_scale
 
 
-# --- presets ---------------------------------------------------------------------------------------------------
-# Tiny stages for tests: 16 -> 32 -> 64, one small text encoder shared by all stages.
-TINY_CASCADE_TEXT_ENCODER = TextEncoderConfig(width=16, layers=2, heads=2, intermediate_size=32, activation="gelu",
-                                              projection_dim=16, pad_token_id=0)
-_TINY_BASE_MICRO = ("original_size", "crop_top_left")
-TINY_CASCADE_BASE = CascadeStageConfig(
-    kind="base", resolution=(16, 16), text_encoders=(TINY_CASCADE_TEXT_ENCODER,),
-    micro_conditioning=_TINY_BASE_MICRO, micro_conditioning_dim=8,
-    unet=_unet(3, block_out_channels=(16, 32), transformer_depth=(0, 1), num_res_blocks=1,
-               head_channels=16, context_dim=16, adm=16 + 4 * 8, groups=8),
-)
-TINY_CASCADE_SR = CascadeStageConfig(
-    kind="sr", resolution=(32, 32), scale=2, text_encoders=(TINY_CASCADE_TEXT_ENCODER,),
-    micro_conditioning=("aug_level",), micro_conditioning_dim=8,
-    unet=_unet(6, block_out_channels=(16, 32), transformer_depth=(0, 0), num_res_blocks=1,
-               head_channels=16, context_dim=16, adm=16 + 8, groups=8),
-)
-TINY_CASCADE_SR2 = TINY_CASCADE_SR.at_resolution((64, 64))
-
-# The default small cascade, 32 -> 64 -> 128 (the emoji data's 128^2 in three stages).  Its one text encoder is the
-# default latent model's bigG-shaped encoder (`xldm.default_model.DEFAULT_BIGG`, pre-trained contrastively and
-# frozen), shared by all stages and shipped once, inside the default model's file: the cascade's own files hold
-# only UNets (`load_cascade("default")`).  Widths are ours, sized for <= 15 MB of fp16 UNet weights.  The SR UNets
-# attend only at their lowest resolution, as Imagen's Efficient U-Net does for its super-resolution models
-# (Saharia et al. 2022, appendix).
-CASCADE_TEXT_ENCODER = DEFAULT_BIGG
-_CTX = CASCADE_TEXT_ENCODER.width
-_POOLED = CASCADE_TEXT_ENCODER.projection_dim
-CASCADE_BASE_32 = CascadeStageConfig(
-    kind="base", resolution=(32, 32), text_encoders=(CASCADE_TEXT_ENCODER,),
-    micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=32,
-    unet=_unet(3, block_out_channels=(48, 96, 96), transformer_depth=(0, 1, 1), num_res_blocks=1,
-               head_channels=32, context_dim=_CTX, adm=_POOLED + 4 * 32, groups=16),
-)
-CASCADE_SR_64 = CascadeStageConfig(
-    kind="sr", resolution=(64, 64), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
-    micro_conditioning=("aug_level",), micro_conditioning_dim=32,
-    unet=_unet(6, block_out_channels=(24, 48, 48), transformer_depth=(0, 0, 1), num_res_blocks=1,
-               head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
-)
-CASCADE_SR_128 = CascadeStageConfig(
-    kind="sr", resolution=(128, 128), scale=2, text_encoders=(CASCADE_TEXT_ENCODER,),
-    micro_conditioning=("aug_level",), micro_conditioning_dim=32,
-    unet=_unet(6, block_out_channels=(24, 24, 48, 48), transformer_depth=(0, 0, 0, 1), num_res_blocks=1,
-               head_channels=24, context_dim=_CTX, adm=_POOLED + 32, groups=8),
-)
-
-CASCADE_STAGE_PRESETS: dict[str, CascadeStageConfig] = {
-    "tiny-cascade-base-16": TINY_CASCADE_BASE,
-    "tiny-cascade-sr-32": TINY_CASCADE_SR,
-    "tiny-cascade-sr-64": TINY_CASCADE_SR2,
-    "cascade-base-32": CASCADE_BASE_32,
-    "cascade-sr-64": CASCADE_SR_64,
-    "cascade-sr-128": CASCADE_SR_128,
-}
-CASCADE_PRESETS: dict[str, tuple[CascadeStageConfig, ...]] = {
-    "tiny-cascade": (TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2),
-    "cascade-small": (CASCADE_BASE_32, CASCADE_SR_64, CASCADE_SR_128),
-}
+def describe(config: ModelConfig) -> str:
+    s = config.default_size
+    if not is_sr(config):
+        return f"base {s}x{s}"
+    i = s // config.sr_scale
+    return f"sr x{config.sr_scale} {i}x{i} -> {s}x{s}"
 
 
-# --- a loaded stage ----------------------------------------------------------------------------------------------
+def random_stage(config: ModelConfig, seed: int = 0, text_encoders: Sequence[nn.Module] | None = None) -> Components:
+    """A stage with freshly initialised networks (seeded); `text_encoders` reuses given (e.g. pretrained) ones."""
+    from xldm.models.clip import CLIPTextModel
+    from xldm.models.unet import UNet
 
-@dataclass
-class CascadeStage:
-    """A stage's networks: its UNet and its (frozen) text encoders, in `config.text_encoders` order."""
-
-    config: CascadeStageConfig
-    unet: nn.Module
-    text_encoders: tuple[nn.Module, ...]
-
-    @classmethod
-    def random(cls, config: CascadeStageConfig, seed: int = 0,
-               text_encoders: Sequence[nn.Module] | None = None) -> "CascadeStage":
-        """Freshly initialised networks (seeded); `text_encoders` reuses given (e.g. pretrained) encoders."""
-        from xldm.models.clip import CLIPTextModel
-        from xldm.models.unet import UNet
-
-        torch.manual_seed(seed)
-        unet = UNet(config.unet)
-        encoders = tuple(text_encoders) if text_encoders is not None else tuple(
-            CLIPTextModel(te) for te in config.text_encoders)
-        _check_encoder_configs(config, encoders, "text_encoders")
-        return cls(config=config, unet=unet, text_encoders=encoders)
-
-    def tokenizers(self) -> tuple:
-        from xldm.tokenizer import CLIPTokenizer
-
-        return tuple(CLIPTokenizer.for_encoder(te) for te in self.config.text_encoders)
-
-    def to(self, device=None, dtype=None) -> "CascadeStage":
-        for module in (self.unet, *self.text_encoders):
-            module.to(device=device, dtype=dtype)
-        return self
+    torch.manual_seed(seed)
+    unet = UNet(config.unet)
+    encoders = tuple(text_encoders) if text_encoders is not None else tuple(
+        CLIPTextModel(te) for te in config.text_encoders)
+    _check_encoder_configs(config, encoders, "text_encoders")
+    return Components(config=config, unet=unet, text_encoders=encoders)
 
 
-def _check_encoder_configs(config: CascadeStageConfig, encoders: Sequence[nn.Module], where: str) -> None:
+def _check_encoder_configs(config: ModelConfig, encoders: Sequence[nn.Module], where: str) -> None:
     found = tuple(getattr(e, "cfg", None) for e in encoders)
     if found != config.text_encoders:
-        raise ValueError(f"{where}: the stage ({config.describe()}) expects text encoders {config.text_encoders}, "
+        raise ValueError(f"{where}: the stage ({describe(config)}) expects text encoders {config.text_encoders}, "
                          f"found {found}")
 
 
@@ -296,19 +127,20 @@ def augment(x: Tensor, s: float | Tensor, generator=None, *, noise: Tensor | Non
 
 # --- the SR stage's input ------------------------------------------------------------------------------------------
 
-def check_low_res(config: CascadeStageConfig, low_res: Tensor, target_size: tuple[int, int]) -> None:
+def check_low_res(config: ModelConfig, low_res: Tensor, target_size: tuple[int, int]) -> None:
     """An SR stage making a `target_size` (width, height) image needs a (B, 3, H / scale, W / scale) low-res image:
     a wrong size or aspect ratio is a ValueError naming both."""
     tw, th = target_size
-    expected = (tw // config.scale, th // config.scale)
+    scale = config.sr_scale
+    expected = (tw // scale, th // scale)
     if low_res.ndim != 4 or low_res.shape[1] != 3:
-        raise ValueError(f"{config.describe()}: the low-res image must be a (B, 3, H, W) tensor, found shape "
+        raise ValueError(f"{describe(config)}: the low-res image must be a (B, 3, H, W) tensor, found shape "
                          f"{tuple(low_res.shape)}")
     found = (int(low_res.shape[-1]), int(low_res.shape[-2]))
-    if found != expected or tw % config.scale or th % config.scale:
+    if found != expected or tw % scale or th % scale:
         ratio = "" if found[0] * expected[1] == found[1] * expected[0] else \
             f" (aspect ratio {_ratio(*found)} instead of {_ratio(*expected)})"
-        raise ValueError(f"{config.describe()}: to make a {tw}x{th} image it expects a low-res image of "
+        raise ValueError(f"{describe(config)}: to make a {tw}x{th} image it expects a low-res image of "
                          f"{expected[0]}x{expected[1]}, found {found[0]}x{found[1]}{ratio}")
 
 
@@ -322,14 +154,6 @@ def upsample_low_res(low_res: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(low_res.float(), size=(size[1], size[0]), mode="bilinear", align_corners=False)
 
 
-def sr_model_input(noisy: Tensor, low_res_upsampled: Tensor) -> Tensor:
-    """cat([noisy target (B, 3, H, W), upsampled low-res (B, 3, H, W)], channels) -> (B, 6, H, W)."""
-    if noisy.shape[0] != low_res_upsampled.shape[0] or noisy.shape[-2:] != low_res_upsampled.shape[-2:]:
-        raise ValueError(f"SR input: the noisy target {tuple(noisy.shape)} and the upsampled low-res image "
-                         f"{tuple(low_res_upsampled.shape)} must have the same batch and size")
-    return torch.cat([noisy, low_res_upsampled.to(noisy.dtype)], dim=1)
-
-
 def downsample_for_sr(high_res: Tensor, scale: int) -> Tensor:
     """The low-res half of a training pair: box-filter (area) downsampling by `scale` (our choice)."""
     h, w = high_res.shape[-2:]
@@ -338,109 +162,52 @@ def downsample_for_sr(high_res: Tensor, scale: int) -> Tensor:
     return F.avg_pool2d(high_res.float(), scale)
 
 
-# --- the vector ----------------------------------------------------------------------------------------------------
-
-def stage_scalars(config: CascadeStageConfig, batch: int, values: dict[str, Any]) -> Tensor:
-    """(B, num_scalars) float32 in `config.micro_conditioning` order.  Each value is a number / pair or a per-image
-    tensor ((B,) or (B, 2)); "aug_level" is the level s in [0, 1] (embedded as 1000 s)."""
-    columns = []
-    for name in config.micro_conditioning:
-        if values.get(name) is None:
-            raise ValueError(f"{config.describe()} needs the scalar {name!r}, found none")
-        width = SCALAR_WIDTHS[name]
-        v = torch.as_tensor(values[name], dtype=torch.float32).cpu()
-        if v.ndim <= 1 and v.numel() == width:
-            v = v.reshape(1, width).expand(batch, width)
-        v = v.reshape(batch, width) if v.numel() == batch * width else None
-        if v is None:
-            raise ValueError(f"{config.describe()}: scalar {name!r} must hold {width} number(s) or one row per "
-                             f"image ({batch}, {width}), found {values[name]!r}")
-        columns.append(v * AUG_LEVEL_EMBED_SCALE if name == "aug_level" else v)
-    return torch.cat(columns, dim=1) if columns else torch.zeros(batch, 0)
-
-
-def stage_vector(config: CascadeStageConfig, pooled: Tensor, scalars: Tensor,
-                 keep_micro: Tensor | None = None) -> Tensor:
-    """(B, adm_in_channels) = cat([pooled, fourier(scalar_1), ...]) as `xldm.conditioning.vector_conditioning`
-    (same `timestep_embedding`, [cos | sin]).  `keep_micro` (B,) bool zeroes the embeddings of the scalars other
-    than aug_level (conditioning dropout, sgm ucg_rate); the augmentation level is never dropped."""
-    dim = config.micro_conditioning_dim
-    n = scalars.shape[1]
-    if n != config.num_scalars or scalars.shape[0] != pooled.shape[0]:
-        raise ValueError(f"{config.describe()}: scalars expected shape ({pooled.shape[0]}, {config.num_scalars}), "
-                         f"found {tuple(scalars.shape)}")
-    emb = timestep_embedding(scalars.reshape(-1).to(pooled.device), dim).reshape(scalars.shape[0], n * dim)
-    if keep_micro is not None:
-        micro = n - (1 if config.kind == "sr" else 0)
-        mask = torch.ones_like(emb)
-        mask[:, : micro * dim] = keep_micro.to(emb)[:, None]
-        emb = emb * mask
-    dtype = torch.promote_types(pooled.dtype, torch.float32)
-    return torch.cat([pooled.to(dtype), emb.to(dtype)], dim=1)
-
-
-def stage_conditioning(stage: CascadeStage, prompts: list[str], negative_prompts: list[str] | None,
-                       scalars: Tensor, *, guidance: bool) -> Conditioning:
-    """Context and vector for one sampling run; with guidance the batch is [negatives, positives].  No negative
-    prompt means zero context and pooled text, the unconditional input the stage saw under caption dropout."""
-    tokenizers = stage.tokenizers()
-    pos = encode_prompts(stage.text_encoders, tokenizers, stage.config, prompts)
-    context, pooled = pos.context, pos.pooled
-    if guidance:
-        if negative_prompts is None:
-            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        else:
-            neg = encode_prompts(stage.text_encoders, tokenizers, stage.config, negative_prompts)
-            neg_context, neg_pooled = neg.context, neg.pooled
-        context, pooled = torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
-        scalars = torch.cat([scalars, scalars])
-    return Conditioning(context=context, vector=stage_vector(stage.config, pooled, scalars))
-
-
 # --- ordering and sizes --------------------------------------------------------------------------------------------
 
-def check_stage_order(configs: Sequence[CascadeStageConfig], *, has_init_image: bool | None = None) -> None:
+def check_stage_order(configs: Sequence[ModelConfig], *, has_init_image: bool | None = None) -> None:
     """A cascade is [base?, sr, sr, ...] with each SR stage's input the previous stage's output and resolutions
     increasing.  `has_init_image` (when known): a cascade starting with an SR stage needs one, a base-first
     cascade takes none.  Violations are ValueErrors naming what was expected and found."""
     if not configs:
         raise ValueError("a cascade needs at least one stage, found none")
     for i, cfg in enumerate(configs):
-        if cfg.kind == "base" and i > 0:
-            raise ValueError(f"stage {i} is a base stage ({cfg.describe()}); a base stage can only come first, "
-                             f"found after {configs[i - 1].describe()}")
+        if cfg.vae is not None:
+            raise ValueError(f"stage {i} is a latent model ({cfg.kind}); a cascade's stages are pixel-space models")
+        if not is_sr(cfg) and i > 0:
+            raise ValueError(f"stage {i} is a base stage ({describe(cfg)}); a base stage can only come first, "
+                             f"found after {describe(configs[i - 1])}")
     for i in range(1, len(configs)):
         prev, cur = configs[i - 1], configs[i]
-        if cur.resolution[0] <= prev.resolution[0] or cur.resolution[1] <= prev.resolution[1]:
-            raise ValueError(f"stages out of order: resolutions must increase, but stage {i} ({cur.describe()}) "
-                             f"follows stage {i - 1} ({prev.describe()})")
+        if cur.default_size <= prev.default_size:
+            raise ValueError(f"stages out of order: resolutions must increase, but stage {i} ({describe(cur)}) "
+                             f"follows stage {i - 1} ({describe(prev)})")
     for i in range(1, len(configs)):
         prev, cur = configs[i - 1], configs[i]
-        pw, ph = prev.resolution
-        if cur.input_size != prev.resolution:
-            raise ValueError(f"stage {i} ({cur.describe()}) expects a {cur.input_size[0]}x{cur.input_size[1]} input, "
-                             f"but stage {i - 1} ({prev.describe()}) makes {pw}x{ph}")
-    if has_init_image is True and configs[0].kind == "base":
-        raise ValueError(f"init_image given, but stage 0 is a base stage ({configs[0].describe()}); an input image "
+        if input_size(cur)[0] != prev.default_size:
+            iw, ih = input_size(cur)
+            raise ValueError(f"stage {i} ({describe(cur)}) expects a {iw}x{ih} input, but stage {i - 1} "
+                             f"({describe(prev)}) makes {prev.default_size}x{prev.default_size}")
+    if has_init_image is True and not is_sr(configs[0]):
+        raise ValueError(f"init_image given, but stage 0 is a base stage ({describe(configs[0])}); an input image "
                          f"needs a cascade that starts with an SR stage")
-    if has_init_image is False and configs[0].kind == "sr":
-        raise ValueError(f"stage 0 is an SR stage ({configs[0].describe()}) and expects a low-res input image; "
+    if has_init_image is False and is_sr(configs[0]):
+        raise ValueError(f"stage 0 is an SR stage ({describe(configs[0])}) and expects a low-res input image; "
                          f"found no init_image (or put a base stage first)")
 
 
-def plan_sizes(configs: Sequence[CascadeStageConfig], size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+def plan_sizes(configs: Sequence[ModelConfig], size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """(width, height) of each stage's output: the last one `size` (default: the last stage's resolution), each
     earlier one the next one divided by that stage's scale (must divide exactly).  Any aspect ratio works: the
     UNets are convolutional."""
-    final = tuple(size) if size is not None else configs[-1].resolution
+    final = tuple(size) if size is not None else (configs[-1].default_size,) * 2
     if len(final) != 2 or not all(isinstance(v, int) and v > 0 for v in final):
         raise ValueError(f"size must be (width, height) of positive ints, found {size!r}")
     sizes = [final]
     for cfg in reversed(configs[1:]):
         w, h = sizes[0]
-        if w % cfg.scale or h % cfg.scale:
-            raise ValueError(f"output size {w}x{h} is not divisible by the scale {cfg.scale} of {cfg.describe()}")
-        sizes.insert(0, (w // cfg.scale, h // cfg.scale))
+        if w % cfg.sr_scale or h % cfg.sr_scale:
+            raise ValueError(f"output size {w}x{h} is not divisible by the scale {cfg.sr_scale} of {describe(cfg)}")
+        sizes.insert(0, (w // cfg.sr_scale, h // cfg.sr_scale))
     return sizes
 
 
@@ -479,13 +246,14 @@ class CascadeResult:
 class CascadePipeline:
     """`CascadePipeline(stages)(prompt, steps=[30, 20, 20], cfg=[5, 4, 4], aug=[0, 0.1, 0.1], seed=1)`.
 
-    Runs base -> SR -> SR: each stage samples its image with the guided denoiser of its UNet; an SR stage is
-    conditioned on the previous output, clipped to [-1, 1] and noise-augmented at its level s.  A cascade whose
-    first stage is an SR stage upscales `init_image` (any image with the expected aspect ratio when
-    `resize_init_image`, e.g. an SDXL output; exactly the expected size otherwise).
+    Runs base -> SR -> SR, each stage through the sampling loop of every model (`xldm.pipeline.denoise`) with the
+    conditioner's CFG batch; an SR stage is conditioned on the previous output, clipped to [-1, 1] and
+    noise-augmented at its level s.  A cascade whose first stage is an SR stage upscales `init_image` (any image
+    with the expected aspect ratio when `resize_init_image`, e.g. an SDXL output; exactly the expected size
+    otherwise).  `stages` are `Components` of pixel-space models (`load_cascade`, `random_stage`).
     """
 
-    def __init__(self, stages: Sequence[CascadeStage], *, device: torch.device | str | None = None,
+    def __init__(self, stages: Sequence[Components], *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         self.stages = list(stages)
         check_stage_order([s.config for s in self.stages])
@@ -493,11 +261,11 @@ class CascadePipeline:
         self.dtype = dtype or torch.float32
         for stage in self.stages:
             stage.to(device=self.device, dtype=self.dtype)
-            for module in (stage.unet, *stage.text_encoders):
+            for module in stage.modules().values():
                 module.eval().requires_grad_(False)
 
     @property
-    def configs(self) -> list[CascadeStageConfig]:
+    def configs(self) -> list[ModelConfig]:
         return [s.config for s in self.stages]
 
     def _init_tensor(self, init_image, expected: tuple[int, int], resize: bool, batch: int) -> Tensor:
@@ -510,7 +278,7 @@ class CascadePipeline:
                 hint = " (pass resize_init_image=True to rescale an image of the same aspect ratio)" \
                     if same_ratio else ""
                 raise ValueError(
-                    f"stage 0 ({self.configs[0].describe()}) expects a low-res image of {expected[0]}x{expected[1]} "
+                    f"stage 0 ({describe(self.configs[0])}) expects a low-res image of {expected[0]}x{expected[1]} "
                     f"(aspect ratio {_ratio(*expected)}), found {found[0]}x{found[1]} (aspect ratio "
                     f"{_ratio(*found)}){hint}")
             if isinstance(init_image, Tensor):  # [0, 1] tensor: antialiased resize to the expected size
@@ -545,15 +313,16 @@ class CascadePipeline:
             raise ValueError(f"prompt must be a non-empty string, found {prompt!r}")
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, found {batch!r}")
-        steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[configs[i].kind])
-        cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[configs[i].kind])
-        aug = per_stage(aug, n, "aug", lambda i: 0.0 if configs[i].kind == "base" else DEFAULT_SR_AUG_LEVEL)
-        for i, c in enumerate(configs):
+        kinds = ["sr" if is_sr(c) else "base" for c in configs]
+        steps = per_stage(steps, n, "steps", lambda i: DEFAULT_STEPS[kinds[i]])
+        cfg = per_stage(cfg, n, "cfg", lambda i: DEFAULT_CFG[kinds[i]])
+        aug = per_stage(aug, n, "aug", lambda i: 0.0 if kinds[i] == "base" else DEFAULT_SR_AUG_LEVEL)
+        for i in range(n):
             if not isinstance(steps[i], int) or steps[i] < 1:
                 raise ValueError(f"steps for stage {i} must be a positive int, found {steps[i]!r}")
             if not math.isfinite(float(cfg[i])) or float(cfg[i]) < 0:
                 raise ValueError(f"cfg for stage {i} must be a finite number >= 0, found {cfg[i]!r}")
-            if c.kind == "base" and aug[i]:
+            if kinds[i] == "base" and aug[i]:
                 raise ValueError(f"stage {i} is a base stage and takes no augmentation level; found {aug[i]}")
             if not 0.0 <= float(aug[i]) <= 1.0:
                 raise ValueError(f"aug for stage {i} must lie in [0, 1], found {aug[i]!r}")
@@ -565,35 +334,26 @@ class CascadePipeline:
 
         low = None
         if init_image is not None:
-            first = configs[0]
-            expected = (sizes[0][0] // first.scale, sizes[0][1] // first.scale)
-            low = self._init_tensor(init_image, expected, resize_init_image, batch)
+            low = self._init_tensor(init_image, input_size(configs[0], sizes[0]), resize_init_image, batch)
         outputs: list[Tensor] = []
         for i, (stage, (w, h)) in enumerate(zip(self.stages, sizes)):
             c = stage.config
             gens = stage_generators(seeds, (w, h))
-            values = {"original_size": original_size or (final_h, final_w), "crop_top_left": crop_top_left,
-                      "target_size": (h, w), "aug_level": float(aug[i])}
+            micro = {"original_size": original_size or (final_h, final_w), "crop_top_left": crop_top_left} \
+                if kinds[i] == "base" else {"aug_level": float(aug[i])}
             with torch.no_grad():
-                cond = stage_conditioning(stage, prompts, negatives, stage_scalars(c, batch, values),
-                                          guidance=cfg[i] > 1)
-                extra = None
-                if c.kind == "sr":
-                    check_low_res(c, low, (w, h))
-                    # the low-res input is augmented once, before sampling (Imagen Sec. 2.4), with this stage's noise
-                    up = upsample_low_res(augment(low, float(aug[i]), gens), (w, h)).to(self.dtype)
-                    extra = torch.cat([up] * 2) if cfg[i] > 1 else up
-                pred = "v_prediction" if c.prediction_type == "v" else "epsilon"
-                schedule = make_schedule(sampler, steps[i], prediction_type=pred)
-                x = randn((batch, 3, h, w), gens, self.device, self.dtype) * schedule.init_noise_sigma
-                fn = guided_model_fn(stage.unet, cond.context, cond.vector, float(cfg[i]), extra)
-                denoiser = model_denoiser(fn, pred)
-                step_cb = None if callback is None else (lambda k, total, *_, i=i: callback(i, k, total))
-                x = sample(sampler, denoiser, x, schedule, generator=gens, callback=step_cb)
-            if not torch.isfinite(x).all():
-                from xldm.errors import NonFiniteError
-
-                raise NonFiniteError(f"stage {i} ({c.describe()}) produced NaN/inf pixels; try float32")
+                cond = sampling_conditioning(stage, prompts, negatives, height=h, width=w, guidance=cfg[i] > 1,
+                                             **micro)
+            up = None
+            if kinds[i] == "sr":
+                check_low_res(c, low, (w, h))
+                # the low-res input is augmented once, before sampling (Imagen Sec. 2.4), with this stage's noise
+                up = upsample_low_res(augment(low, float(aug[i]), gens), (w, h)).to(self.dtype)
+            schedule = make_schedule(sampler, steps[i], prediction_type=c.prediction_type)
+            x = randn((batch, 3, h, w), gens, self.device, self.dtype) * schedule.init_noise_sigma
+            step_cb = None if callback is None else (lambda k, total, *_, i=i: callback(i, k, total))
+            x = denoise(stage.unet, cond, c.prediction_type, sampler, float(cfg[i]), x, schedule, gens,
+                        extra_channels=up, callback=step_cb, name=f"stage {i} ({describe(c)})")
             low = x.float().clamp(-1, 1)  # Imagen clips each stage's output to the data range
             outputs.append(low)
         from xldm.images import tensor_to_images
@@ -602,13 +362,37 @@ class CascadePipeline:
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "sampler": sampler, "width": final_w,
                   "height": final_h, "cascade_steps": steps, "cascade_cfg": [float(v) for v in cfg],
                   "cascade_aug": [float(v) for v in aug], "cascade_sizes": [list(s) for s in sizes],
-                  "cascade_stages": [c.describe() for c in configs], "init_image": init_image is not None}
+                  "cascade_stages": [describe(c) for c in configs], "init_image": init_image is not None}
         return CascadeResult(images=tensor_to_images(outputs[-1]), stage_outputs=outputs, seeds=seeds, params=params)
 
 
-# --- files ------------------------------------------------------------------------------------------------------------
+# --- files: one stage per safetensors file, its config in the header ------------------------------------------------
 
-def stage_state_dict(stage: CascadeStage, *, include_text_encoders: bool = True) -> dict[str, Tensor]:
+def stage_header(config: ModelConfig) -> dict[str, Any]:
+    """The header config of a stage file (format 1): kind "base" | "sr", resolution (w, h), scale, and the rest."""
+    return {"kind": "sr" if is_sr(config) else "base", "resolution": [config.default_size] * 2,
+            "unet": asdict(config.unet), "text_encoders": [asdict(te) for te in config.text_encoders],
+            "scale": max(config.sr_scale, 1), "micro_conditioning": list(config.micro_conditioning),
+            "micro_conditioning_dim": config.micro_conditioning_dim, "prediction_type": config.prediction_type}
+
+
+def stage_config(header: dict[str, Any]) -> ModelConfig:
+    """The `ModelConfig` of a stage file's header config (`stage_header`'s inverse)."""
+    def tup(v):
+        return tuple(v) if isinstance(v, list) else v
+
+    w, h = header["resolution"]
+    if w != h:
+        raise ValueError(f"cascade stage resolution {w}x{h}: only square stages are supported")
+    sr = header["kind"] == "sr"
+    return ModelConfig(
+        kind=f"cascade-{header['kind']}", vae=None, unet=UNetConfig(**{k: tup(v) for k, v in header["unet"].items()}),
+        text_encoders=tuple(TextEncoderConfig(**te) for te in header["text_encoders"]),
+        prediction_type=header["prediction_type"], micro_conditioning=tuple(header["micro_conditioning"]),
+        micro_conditioning_dim=header["micro_conditioning_dim"], default_size=w, sr_scale=header["scale"] if sr else 0)
+
+
+def stage_state_dict(stage: Components, *, include_text_encoders: bool = True) -> dict[str, Tensor]:
     """`unet.*` and `text_encoders.{i}.*` (xldm's CLIP layout)."""
     out = {f"unet.{k}": v for k, v in stage.unet.state_dict().items()}
     if include_text_encoders:
@@ -617,7 +401,7 @@ def stage_state_dict(stage: CascadeStage, *, include_text_encoders: bool = True)
     return out
 
 
-def save_stage(stage: CascadeStage, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def save_stage(stage: Components, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                include_text_encoders: bool = True) -> Path:
     """One stage as a safetensors file (atomic write), its config JSON in the header under `xldm.cascade_stage`.
     Without its text encoders the file needs them from elsewhere when loaded (`load_stage(text_encoders=...)`)."""
@@ -627,31 +411,30 @@ def save_stage(stage: CascadeStage, path: str | os.PathLike, *, dtype: torch.dty
     tensors = stage_state_dict(stage, include_text_encoders=include_text_encoders)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    meta = {"format_version": STAGE_FORMAT_VERSION, "config": stage.config.to_dict(),
+    meta = {"format_version": STAGE_FORMAT_VERSION, "config": stage_header(stage.config),
             "has_text_encoders": include_text_encoders}
     save_file(tensors, path, metadata={STAGE_METADATA_KEY: json.dumps(meta), "format": "pt"})
     return path
 
 
-def read_stage_header(path: str | os.PathLike) -> tuple[CascadeStageConfig, bool]:
+def read_stage_header(path: str | os.PathLike) -> tuple[ModelConfig, bool]:
     """(config, whether the file holds the text encoders), from the header only."""
     from xldm.weights.io import open_checkpoint
 
-    ckpt = open_checkpoint(path)
-    return _parse_header(path, ckpt.metadata)
+    return _parse_header(path, open_checkpoint(path).metadata)
 
 
-def _parse_header(path, metadata: dict[str, str]) -> tuple[CascadeStageConfig, bool]:
+def _parse_header(path, metadata: dict[str, str]) -> tuple[ModelConfig, bool]:
     if STAGE_METADATA_KEY not in metadata:
         raise ValueError(f"{path}: not a cascade stage file (no '{STAGE_METADATA_KEY}' in its header metadata)")
     meta = json.loads(metadata[STAGE_METADATA_KEY])
     if meta.get("format_version") != STAGE_FORMAT_VERSION:
         raise ValueError(f"{path}: cascade stage format {meta.get('format_version')}, expected {STAGE_FORMAT_VERSION}")
-    return CascadeStageConfig.from_dict(meta["config"]), bool(meta["has_text_encoders"])
+    return stage_config(meta["config"]), bool(meta["has_text_encoders"])
 
 
 def load_stage(path: str | os.PathLike, *, text_encoders: Sequence[nn.Module] | None = None,
-               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CascadeStage:
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Components:
     """Load a stage strictly (every key used, every parameter present).  `text_encoders` supplies them for a file
     saved without its own (and overrides a file's own)."""
     from xldm.models.clip import CLIPTextModel
@@ -660,8 +443,7 @@ def load_stage(path: str | os.PathLike, *, text_encoders: Sequence[nn.Module] | 
 
     ckpt = open_checkpoint(path)
     config, has_encoders = _parse_header(path, ckpt.metadata)
-    n = len(config.text_encoders)
-    allowed = ("unet.",) + tuple(f"text_encoders.{i}." for i in range(n))
+    allowed = ("unet.",) + tuple(f"text_encoders.{i}." for i in range(len(config.text_encoders)))
     unknown = [k for k in ckpt.keys() if not k.startswith(allowed)]
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} keys belong to no part of a cascade stage: {sorted(unknown)[:10]}")
@@ -680,13 +462,12 @@ def load_stage(path: str | os.PathLike, *, text_encoders: Sequence[nn.Module] | 
     else:
         raise ValueError(f"{path}: this stage file holds no text encoders (they are stored with an earlier stage "
                          f"of its cascade); load the whole cascade, or pass text_encoders=")
-    stage = CascadeStage(config=config, unet=unet, text_encoders=encoders)
     for module in (unet, *encoders):
         module.eval().requires_grad_(False)
-    return stage.to(device=device, dtype=dtype)
+    return Components(config=config, unet=unet, text_encoders=encoders).to(device=device, dtype=dtype)
 
 
-def _same_encoders(a: CascadeStage, b: CascadeStage) -> bool:
+def _same_encoders(a: Components, b: Components) -> bool:
     if a.config.text_encoders != b.config.text_encoders:
         return False
     for ea, eb in zip(a.text_encoders, b.text_encoders):
@@ -698,21 +479,17 @@ def _same_encoders(a: CascadeStage, b: CascadeStage) -> bool:
     return True
 
 
-def save_cascade(stages: Sequence[CascadeStage], folder: str | os.PathLike, *,
-                 dtype: torch.dtype | None = None) -> list[Path]:
-    """`folder/stage_0.safetensors`, `stage_1...`; a stage whose text encoders equal stage 0's (configs and
-    weights) is saved without them, so shared encoders are stored once."""
+def save_cascade(stages: Sequence[Components], folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 text_encoders: str = "shared") -> list[Path]:
+    """`folder/stage_0.safetensors`, `stage_1...`.  text_encoders="shared": a stage whose encoders equal stage 0's
+    (configs and weights) is saved without them, so shared encoders are stored once; "none": no stage holds them
+    (the default cascade: `load_cascade` then takes the default model's)."""
     check_stage_order([s.config for s in stages])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, stage in enumerate(stages):
-        include = i == 0 or not _same_encoders(stages[0], stage)
-        paths.append(save_stage(stage, folder / f"stage_{i}.safetensors", dtype=dtype, include_text_encoders=include))
-    return paths
-
-
-DEFAULT_CASCADE_DIR = Path(__file__).parent / "data" / "cascade"
+    return [save_stage(stage, folder / f"stage_{i}.safetensors", dtype=dtype,
+                       include_text_encoders=text_encoders == "shared" and (i == 0 or not _same_encoders(stages[0], stage)))
+            for i, stage in enumerate(stages)]
 
 
 def cascade_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -721,8 +498,7 @@ def cascade_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if not isinstance(spec, (str, os.PathLike)):
         paths = [Path(p) for p in spec]
     elif str(spec) == "default":
-        paths = _folder_stages(DEFAULT_CASCADE_DIR, hint="the default cascade is not installed with this copy of "
-                                                         "xldm")
+        paths = _folder_stages(DEFAULT_CASCADE_DIR, hint="the default cascade is not installed with this copy of xldm")
     elif Path(spec).is_dir():
         paths = _folder_stages(Path(spec))
     else:
@@ -753,24 +529,6 @@ def _folder_stages(folder: Path, hint: str = "") -> list[Path]:
     return [p for _, p in found]
 
 
-def default_model_encoders(configs: Sequence[TextEncoderConfig], *, dtype: torch.dtype | None = None,
-                           device: torch.device | str | None = None) -> tuple[nn.Module, ...] | None:
-    """The text encoders of the bundled default latent model (`xldm.default_model`) with these configs, in this
-    order; None when the default model is not installed or has no such encoders.  The default cascade ships
-    without an encoder of its own and uses the default model's bigG-shaped one."""
-    from xldm.default_model import DEFAULT_MODEL_PATH
-    from xldm.weights.load import load_model
-
-    if not DEFAULT_MODEL_PATH.is_file():
-        return None
-    encoders = load_model(DEFAULT_MODEL_PATH, components=["text_encoders"], dtype=dtype or torch.float32,
-                          device=device).text_encoders
-    try:
-        return pick_encoders(encoders, configs, str(DEFAULT_MODEL_PATH))
-    except ValueError:
-        return None
-
-
 def pick_encoders(encoders: Sequence[nn.Module], configs: Sequence[TextEncoderConfig],
                   where: str) -> tuple[nn.Module, ...]:
     """The encoders with these configs, in this order, out of a model's (e.g. the bigG-shaped one of an SDXL-style
@@ -784,12 +542,27 @@ def pick_encoders(encoders: Sequence[nn.Module], configs: Sequence[TextEncoderCo
     return tuple(picked)
 
 
+def encoders_from(path: str | os.PathLike, configs: Sequence[TextEncoderConfig], *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> tuple[nn.Module, ...]:
+    """Text encoders with these configs from a stage file, or from an xldm model file / folder (matched by config)."""
+    from xldm.weights.load import load_model
+
+    dtype = dtype or torch.float32
+    try:
+        read_stage_header(path)
+    except (ValueError, FileNotFoundError, IsADirectoryError):
+        encoders = load_model(path, components=["text_encoders"], dtype=dtype, device=device).text_encoders
+    else:
+        encoders = load_stage(path, dtype=dtype, device=device).text_encoders
+    return pick_encoders(encoders, configs, str(path))
+
+
 def load_cascade(spec, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> list[CascadeStage]:
+                 device: torch.device | str | None = None) -> list[Components]:
     """Load every stage of `spec` (see `cascade_files`); a stage saved without text encoders borrows those of an
     earlier stage with the same encoder configs, of the `stage_0.safetensors` in its folder, or of the bundled
-    default model (`default_model_encoders`)."""
-    stages: list[CascadeStage] = []
+    default model (the default cascade ships without an encoder of its own)."""
+    stages: list[Components] = []
     for path in cascade_files(spec):
         config, has_encoders = read_stage_header(path)
         shared = None
@@ -800,9 +573,11 @@ def load_cascade(spec, *, dtype: torch.dtype | None = None,
                 sibling_config, sibling_has = read_stage_header(sibling)
                 if sibling_has and sibling_config.text_encoders == config.text_encoders:
                     donors = [load_stage(sibling, dtype=dtype, device=device).text_encoders]
-            if not donors:
-                found = default_model_encoders(config.text_encoders, dtype=dtype, device=device)
-                donors = [found] if found is not None else []
+            if not donors and DEFAULT_MODEL_PATH.is_file():
+                try:
+                    donors = [encoders_from(DEFAULT_MODEL_PATH, config.text_encoders, dtype=dtype, device=device)]
+                except ValueError:
+                    pass
             if not donors:
                 raise ValueError(f"{path}: holds no text encoders, and neither an earlier stage, {sibling.name} "
                                  f"beside it nor the default model has encoders of the same configs")
@@ -813,12 +588,9 @@ def load_cascade(spec, *, dtype: torch.dtype | None = None,
 
 
 __all__ = [
-    "CascadeStageConfig", "CascadeStage", "CascadePipeline", "CascadeResult", "CASCADE_PRESETS",
-    "CASCADE_STAGE_PRESETS", "augment", "aug_alpha", "check_low_res", "upsample_low_res", "sr_model_input",
-    "downsample_for_sr", "stage_scalars", "stage_vector", "stage_conditioning", "check_stage_order", "plan_sizes",
-    "stage_generators", "save_stage", "load_stage", "read_stage_header", "save_cascade", "load_cascade",
-    "cascade_files", "per_stage", "default_model_encoders", "pick_encoders", "DEFAULT_SR_AUG_LEVEL",
-    "AUG_LEVEL_EMBED_SCALE", "DEFAULT_CASCADE_DIR", "DEFAULT_STEPS",
-    "DEFAULT_CFG", "TINY_CASCADE_TEXT_ENCODER", "TINY_CASCADE_BASE", "TINY_CASCADE_SR", "TINY_CASCADE_SR2",
-    "CASCADE_TEXT_ENCODER", "CASCADE_BASE_32", "CASCADE_SR_64", "CASCADE_SR_128",
+    "CascadePipeline", "CascadeResult", "augment", "aug_alpha", "check_low_res", "upsample_low_res",
+    "downsample_for_sr", "check_stage_order", "plan_sizes", "stage_generators", "save_stage", "load_stage",
+    "read_stage_header", "save_cascade", "load_cascade", "cascade_files", "per_stage", "pick_encoders",
+    "encoders_from", "random_stage", "describe", "is_sr", "input_size", "stage_header", "stage_config",
+    "DEFAULT_SR_AUG_LEVEL", "DEFAULT_STEPS", "DEFAULT_CFG",
 ]

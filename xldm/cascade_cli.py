@@ -68,7 +68,7 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from xldm.cascade import CascadePipeline, load_cascade
+    from xldm.cascade import CascadePipeline, describe, load_cascade
     from xldm.images import open_image
     from xldm.pngmeta import save_png
 
@@ -86,7 +86,7 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
         if stage not in bars:
             for bar in bars.values():
                 bar.close()
-            bars[stage] = tqdm(total=total, desc=f"stage {stage} ({pipe.configs[stage].describe()})", unit="step",
+            bars[stage] = tqdm(total=total, desc=f"stage {stage} ({describe(pipe.configs[stage])})", unit="step",
                                file=sys.stderr)
         bars[stage].update(1)
 

@@ -32,24 +32,18 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from xldm.cascade import (
-    CASCADE_STAGE_PRESETS,
-    CascadeStage,
-    CascadeStageConfig,
-    augment,
-    downsample_for_sr,
-    pick_encoders,
-    save_stage,
-    sr_model_input,
-    stage_scalars,
-    stage_vector,
-    upsample_low_res,
-)
-from xldm.conditioning import encode_prompts
+from xldm.cascade import augment, downsample_for_sr, encoders_from, random_stage, save_stage, upsample_low_res
+from xldm.conditioning import concat_channels, training_conditioning
+from xldm.config import PRESETS, ModelConfig
+from xldm.diffusion.denoiser import Denoiser
 from xldm.errors import NonFiniteError
+from xldm.models.components import Components
 from xldm.train import checkpoint as ckpt
 from xldm.train.ema import EMA
-from xldm.train.objective import DiscreteSchedule, diffusion_loss, draw_noise, min_snr_weights, sample_generators
+from xldm.train.objective import draw_noise, sample_generators
+
+CASCADE_STAGE_PRESETS = {k: v for k, v in PRESETS.items() if v.vae is None}
+CascadeStageConfig = ModelConfig
 
 
 @dataclass(frozen=True)
@@ -99,9 +93,9 @@ class CascadeTrainConfig:
         check(0.0 <= self.aug_level_max <= 1.0, f"aug_level_max must lie in [0, 1], got {self.aug_level_max}")
         sc = CASCADE_STAGE_PRESETS.get(self.stage)
         if self.train_crop:
-            check(sc is not None and sc.kind == "sr", "train_crop applies to super-resolution stages only")
-            check(self.train_crop % sc.scale == 0 and self.train_crop <= min(sc.resolution),
-                  f"train_crop must be a multiple of the scale {sc.scale} and at most {min(sc.resolution)}, "
+            check(sc is not None and sc.sr_scale > 0, "train_crop applies to super-resolution stages only")
+            check(self.train_crop % sc.sr_scale == 0 and self.train_crop <= sc.default_size,
+                  f"train_crop must be a multiple of the scale {sc.sr_scale} and at most {sc.default_size}, "
                   f"got {self.train_crop}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         check(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints "
@@ -145,10 +139,10 @@ def cascade_train_preset(name: str, **overrides: Any) -> CascadeTrainConfig:
 @dataclass
 class StageRun:
     config: CascadeTrainConfig
-    stage: CascadeStage
+    stage: Components
     optimizer: torch.optim.Optimizer
     ema: EMA | None
-    schedule: DiscreteSchedule
+    denoiser: Denoiser
     tokenizers: tuple
     device: torch.device
 
@@ -169,27 +163,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _frozen_encoders(path: str, config: CascadeStageConfig) -> tuple[nn.Module, ...]:
-    """Text encoders from a stage file, or from an xldm model file / folder (matched by config); fp32 for training."""
-    from xldm.cascade import read_stage_header
-
-    try:
-        read_stage_header(path)
-        is_stage = True
-    except (ValueError, FileNotFoundError, IsADirectoryError):
-        is_stage = False
-    if is_stage:
-        from xldm.cascade import load_stage
-
-        encoders = load_stage(path, dtype=torch.float32).text_encoders
-    else:
-        from xldm.weights.load import load_model
-
-        encoders = load_model(path, components=["text_encoders"], dtype=torch.float32).text_encoders
-    return pick_encoders(encoders, config.text_encoders, str(path))
-
-
-def build_stage_run(config: CascadeTrainConfig, stage: CascadeStage | None = None,
+def build_stage_run(config: CascadeTrainConfig, stage: Components | None = None,
                     device: torch.device | str | None = None) -> StageRun:
     """UNet (trainable), frozen text encoders, AdamW, EMA and the discrete schedule for `config`."""
     device = torch.device(device) if device is not None else _device(config.device)
@@ -199,12 +173,14 @@ def build_stage_run(config: CascadeTrainConfig, stage: CascadeStage | None = Non
 
             stage = load_stage(config.init, dtype=torch.float32)
             if stage.config != config.stage_config:
-                raise ValueError(f"--init {config.init} holds {stage.config.describe()}, but the preset trains "
-                                 f"{config.stage_config.describe()} (configs differ)")
+                from xldm.cascade import describe
+
+                raise ValueError(f"--init {config.init} holds {describe(stage.config)}, but the preset trains "
+                                 f"{describe(config.stage_config)} (configs differ)")
         else:
-            encoders = _frozen_encoders(config.text_encoders_from, config.stage_config) \
+            encoders = encoders_from(config.text_encoders_from, config.stage_config.text_encoders) \
                 if config.text_encoders_from else None
-            stage = CascadeStage.random(config.stage_config, seed=config.seed, text_encoders=encoders)
+            stage = random_stage(config.stage_config, seed=config.seed, text_encoders=encoders)
     stage.to(device=device, dtype=torch.float32)
     for te in stage.text_encoders:
         te.eval().requires_grad_(False)
@@ -212,7 +188,8 @@ def build_stage_run(config: CascadeTrainConfig, stage: CascadeStage | None = Non
     # foreach=False: the single-tensor AdamW path (as xldm.train.loop), independent of tensor grouping.
     optimizer = torch.optim.AdamW(stage.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   foreach=False)
-    run = StageRun(config=config, stage=stage, optimizer=optimizer, ema=None, schedule=DiscreteSchedule(device),
+    run = StageRun(config=config, stage=stage, optimizer=optimizer, ema=None,
+                   denoiser=Denoiser(stage.config.prediction_type),
                    tokenizers=stage.tokenizers(), device=device)
     if config.ema_decay > 0:
         run.ema = EMA(run.named_parameters(), config.ema_decay, warmup=config.ema_warmup)
@@ -228,12 +205,12 @@ def lr_at(config: CascadeTrainConfig, step: int) -> float:
 
 # --- one step ----------------------------------------------------------------------------------------------------
 
-def training_pair(config: CascadeStageConfig, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+def training_pair(config: ModelConfig, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
     """(high-res target, low-res input or None for a base stage) from a batch of images in [-1, 1]."""
     high = pixels.float()
-    if config.kind == "base":
+    if config.sr_scale == 0:
         return high, None
-    return high, downsample_for_sr(high, config.scale)
+    return high, downsample_for_sr(high, config.sr_scale)
 
 
 def random_crops(pixels: Tensor, side: int, generators: Sequence[torch.Generator]) -> Tensor:
@@ -264,7 +241,7 @@ def stage_loss(run: StageRun, batch: dict, step: int) -> Tensor:
     timesteps, noise = draw.timesteps.to(run.device), draw.noise.to(run.device)
     values: dict[str, Any] = {
         "original_size": batch.get("original_size", (h, w)), "crop_top_left": batch.get("crop_top_left", (0, 0)),
-        "target_size": batch.get("target_size", (h, w)),
+        "target_size": batch.get("target_size", (h, w)), "captions": batch["captions"],
     }
     up = None
     if low is not None:  # after draw_noise, per sample: the augmentation level, then its noise
@@ -274,20 +251,12 @@ def stage_loss(run: StageRun, batch: dict, step: int) -> Tensor:
         values["aug_level"] = levels
 
     with torch.no_grad():
-        emb = encode_prompts(stage.text_encoders, run.tokenizers, sc, list(batch["captions"]))
-    keep = draw.keep_text.to(run.device, emb.context.dtype)
-    context = emb.context * keep[:, None, None]  # a dropped caption: zero context and pooled (the CFG negative)
-    pooled = emb.pooled * keep[:, None]
-    vector = stage_vector(sc, pooled, stage_scalars(sc, b, values), keep_micro=draw.keep_micro.to(run.device))
-
-    noisy = run.schedule.add_noise(x0, noise, timesteps)
-    target = run.schedule.target(x0, noise, timesteps, sc.prediction_type)
-    model_input = noisy if up is None else sr_model_input(noisy, up)
+        context, vector = training_conditioning(sc, stage.text_encoders, run.tokenizers, values, draw.keep_text,
+                                                draw.keep_micro, device=run.device)
+    noisy = run.denoiser.noised(x0, noise, timesteps)
+    model_input = noisy if up is None else concat_channels(noisy, up)
     prediction = stage.unet(model_input, timesteps, context, vector)
-    weights = None
-    if config.min_snr_gamma > 0:
-        weights = min_snr_weights(run.schedule.snr(timesteps), config.min_snr_gamma, sc.prediction_type)
-    return diffusion_loss(prediction, target, weights)
+    return run.denoiser.loss(prediction, x0, noise, timesteps, config.min_snr_gamma)
 
 
 def stage_step(run: StageRun, batch: dict, step: int) -> StageStep:
@@ -342,7 +311,7 @@ def export_stage(run: StageRun, path: str | Path, *, dtype: torch.dtype | None =
     unet = copy.deepcopy(run.stage.unet).cpu().eval()
     if run.ema is not None:
         run.ema.copy_to(unet, prefix="unet.")
-    stage = CascadeStage(config=run.stage.config, unet=unet, text_encoders=run.stage.text_encoders)
+    stage = Components(config=run.stage.config, unet=unet, text_encoders=run.stage.text_encoders)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_stage(stage, path, dtype=dtype)
@@ -364,7 +333,7 @@ def make_stage_batches(config: CascadeTrainConfig):
 
     if not config.data:
         raise ValueError("no training data: set data (an image folder or WebDataset shards)")
-    return TrainingBatches(open_source(config.data), buckets=[config.stage_config.resolution],
+    return TrainingBatches(open_source(config.data), buckets=[(config.stage_config.default_size,) * 2],
                            batch_size=config.batch_size, seed=config.seed, center_crop=config.center_crop)
 
 
@@ -432,14 +401,10 @@ def export_cascade(stage_files: Sequence[str | Path], out: str | Path, *,
     in fp16, the shipped form.  Without text encoders by default: a cascade whose encoder is the default model's
     takes it from there when loaded (`xldm.cascade.load_cascade`); `with_text_encoders` stores them once, in
     stage_0 (the stages' encoders must be the same, as `train_stage` with one `text_encoders_from` gives)."""
-    from xldm.cascade import check_stage_order, load_cascade, save_stage
+    from xldm.cascade import load_cascade, save_cascade
 
     stages = load_cascade([Path(p) for p in stage_files], dtype=torch.float32)
-    check_stage_order([s.config for s in stages])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return [save_stage(stage, out / f"stage_{i}.safetensors", dtype=torch.float16,
-                       include_text_encoders=with_text_encoders and i == 0) for i, stage in enumerate(stages)]
+    return save_cascade(stages, out, dtype=torch.float16, text_encoders="shared" if with_text_encoders else "none")
 
 
 def main(argv: list[str] | None = None) -> int:

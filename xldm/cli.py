@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
-    from xldm.default_model import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
+    from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
     for flag, value, bundled in (("--model", args.model or "default", DEFAULT_MODEL_PATH),
                                  ("--refiner", args.refiner, DEFAULT_REFINER_PATH)):
@@ -96,7 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.refiner = str(DEFAULT_REFINER_PATH)
 
     from xldm.images import open_image
-    from xldm.pipeline import GenerationRequest, check_request
+    from xldm.pipeline import GenerationRequest, resolve_request
+    from xldm.weights.info import model_info
 
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, width=args.width, height=args.height,
@@ -109,7 +110,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
         tile_vae=True if args.tile_vae else None,
     )
-    check_request(request, has_refiner=args.refiner is not None)  # before anything is loaded
+    # resolved and checked once, from the header alone, before anything is loaded
+    request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
+                              has_refiner=args.refiner is not None)
 
     from tqdm import tqdm
 
@@ -118,7 +121,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = load(args.model, refiner=args.refiner, dtype=_torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory)
-    request = pipe.validate(request)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
     bars: dict[str, tqdm] = {}
@@ -130,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
         bars[stage].update(1)
 
-    result = pipe.generate(request, callback=progress)
+    result = pipe.run(request, callback=progress)
     for bar in bars.values():
         bar.close()
     for path, image, params in zip(_output_paths(args.out, request.batch), result.images, result.params):

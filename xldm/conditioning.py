@@ -1,30 +1,29 @@
-"""Prompts and micro-conditioning -> what the UNet takes: the cross-attention `context` and the `vector`.
+"""The conditioner: prompts and micro-conditioning -> what the UNet takes, for sampling and for training.
 
-SDXL (SDXL_SPEC 3.2, 3.4, 4; diffusers `StableDiffusionXLPipeline.encode_prompt` and `__call__`):
+This module is the only place that knows how the UNet's inputs are laid out (SDXL paper Sec. 2.1-2.2; diffusers
+`StableDiffusionXLPipeline.encode_prompt`, `_get_add_time_ids`; sgm `GeneralConditioner`):
 
-* context = cat([CLIP-L hidden_states[-2], bigG hidden_states[-2]], -1) (no final LayerNorm), (B, 77, 2048);
-  the refiner uses bigG only (B, 77, 1280). SD 1.x: last layer + final LN; SD 2.x: penultimate + final LN
-  (whatever each `TextEncoderConfig` says, through `CLIPTextModel.context`).
-* pooled = bigG's projected EOS state (`text_embeds`), only for models with vector conditioning.
-* vector = cat([pooled, fourier(each micro-conditioning scalar)]) (B, 2816) base / (B, 2560) refiner, with the
-  scalars (orig_h, orig_w, crop_top, crop_left, target_h, target_w) or (..., aesthetic_score).
+* context = the text encoders' features concatenated along channels, (B, 77, 2048) for the SDXL base (CLIP-L and
+  bigG penultimate layers, no final LayerNorm), whatever each `TextEncoderConfig` says for other models;
+* vector = cat([pooled bigG text, fourier(each micro-conditioning scalar)]) ((B, 2816) base, (B, 2560) refiner);
+* the classifier-free-guidance batch is `[negative..., positive...]` (2B rows) and is combined by
+  `Conditioning.model_fn` as u + g (c - u), side by side with where it is built (sgm `VanillaCFG`);
+* training drops the caption (zero context and pooled) and the micro-conditioning embedding per sample
+  (`training_conditioning`; sgm `ucg_rate`), never a cascade stage's augmentation level.
 
-`sdxl_conditioning` reproduces what the diffusers pipelines hand the UNet for a classifier-free-guidance batch
-`[negative..., positive...]`, quirks included (zeroed negatives, negative time ids, the base's row order).
 Long prompts can be cut at 77 tokens ("truncate", as diffusers) or split into 75-token chunks ("chunk", as the
 AUTOMATIC1111 webui); `weighting=True` reads the webui's "(word:1.2)" syntax (`xldm.prompt_weighting`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from xldm.config import ModelConfig
+from xldm.config import SCALAR_WIDTHS, ModelConfig
 from xldm.models.layers import timestep_embedding
 from xldm.prompt_weighting import BREAK, apply_token_weights, parse_weighted_prompt
 
@@ -41,10 +40,44 @@ class TextEmbeddings:
 
 @dataclass
 class Conditioning:
-    """What one UNet call needs for a CFG batch `[negative..., positive...]` (or only the positives)."""
+    """What one sampling run's UNet calls need: the CFG batch `[negative..., positive...]` when `guided`, else the
+    positives only."""
 
     context: Tensor  # (2B or B, L, context_dim)
     vector: Tensor | None  # (2B or B, adm_in_channels), or None for models without vector conditioning (SD 1.x/2.x)
+    guided: bool = False
+
+    def model_fn(self, network: nn.Module, cfg: float, extra_channels: Tensor | None = None):
+        """(x_in, t) -> network output for `xldm.diffusion.Denoiser`: on a guided batch the network runs once on
+        [x, x] and the halves are combined as u + cfg (c - u) on the raw output (eps or v), as diffusers' SDXL
+        pipelines do.  `extra_channels` (B rows) are concatenated after the sample along channels: the mask and
+        masked-image latents of a 9-channel inpainting UNet, or a cascade SR stage's upsampled low-res image."""
+        guided = self.guided
+        dtype = next(network.parameters()).dtype
+        if extra_channels is not None and guided:
+            extra_channels = torch.cat([extra_channels] * 2)
+
+        def fn(x_in: Tensor, t: Tensor) -> Tensor:
+            x = torch.cat([x_in] * 2) if guided else x_in
+            if extra_channels is not None:
+                x = concat_channels(x, extra_channels)
+            out = network(x.to(dtype), t, self.context, self.vector)
+            if guided:
+                uncond, text = out.chunk(2)
+                out = uncond + cfg * (text - uncond)
+            return out
+
+        return fn
+
+
+def concat_channels(x: Tensor, extra: Tensor) -> Tensor:
+    """cat([sample, extra], channels): the UNet input of a model conditioned by concatenation (a 9-channel
+    inpainting UNet's mask and masked-image latents, a cascade SR stage's upsampled low-res image), in sampling and
+    in training alike."""
+    if extra.shape[0] != x.shape[0] or extra.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"the extra input channels {tuple(extra.shape)} and the sample {tuple(x.shape)} must have "
+                         f"the same batch and size")
+    return torch.cat([x, extra.to(x.dtype)], dim=1)
 
 
 # --- tokens and chunks ----------------------------------------------------------------------------------------
@@ -256,72 +289,57 @@ def zero_embeddings_like(e: TextEmbeddings) -> TextEmbeddings:
 
 # --- micro-conditioning ---------------------------------------------------------------------------------------
 
-def _pair(value, name: str) -> list[float]:
-    try:
-        items = list(value)
-    except TypeError:
-        items = None
-    if items is None or len(items) != 2 or not all(_is_number(v) for v in items):
-        raise ValueError(f"{name} must be a pair of numbers (height, width) / (top, left), found {value!r}")
-    return [float(v) for v in items]
+# A cascade SR stage's augmentation level s in [0, 1] is embedded as 1000 s, the range of the diffusion timesteps
+# the same sinusoids embed (our choice; Imagen conditions on it "similar to the timestep", Saharia et al. 2022,
+# Sec. 2.4).
+AUG_LEVEL_EMBED_SCALE = 1000.0
+_NAMES = {2: "a pair of numbers (height, width) / (top, left)", 1: "a finite number"}
 
 
-def _is_number(v) -> bool:
-    if isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
+def micro_ids(config: ModelConfig, values: dict, batch: int = 1) -> Tensor:
+    """(B, n) float32 scalars in `config.micro_conditioning` order (SDXL paper Sec. 2.2; diffusers
+    `_get_add_time_ids`): base `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`, refiner
+    `[orig_h, orig_w, crop_top, crop_left, aesthetic_score]`, a cascade SR stage `[..., 1000 * aug_level]`.
 
-
-def micro_conditioning_ids(config: ModelConfig, *, original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                           target_size: tuple[int, int] | None = None,
-                           aesthetic_score: float | None = None) -> list[float]:
-    """The scalars Fourier-embedded into the vector, in the model's order (SDXL paper Sec. 2.2, SDXL_SPEC 4).
-
-    Sizes are (height, width). Base: `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`;
-    refiner: `[orig_h, orig_w, crop_top, crop_left, aesthetic_score]`. A value the model has no slot for, or a
-    missing one it needs, is a ValueError.
-    """
+    Each value is one number / pair for every row, or one per row ((B,) or (B, 2) tensors, as a training batch has
+    them).  A value the model has no slot for (given, not None), or a missing one it needs, is a ValueError."""
     names = config.micro_conditioning
     if not names:
         raise ValueError(f"{config.kind} has no micro-conditioning (no vector conditioning in its UNet)")
-    if target_size is not None and "target_size" not in names:
-        raise ValueError(f"{config.kind} has no target_size conditioning (it takes {', '.join(names)}); "
-                         f"found target_size={target_size!r}")
-    if aesthetic_score is not None and "aesthetic_score" not in names:
-        raise ValueError(f"{config.kind} has no aesthetic_score conditioning (it takes {', '.join(names)}); "
-                         f"found aesthetic_score={aesthetic_score!r}")
-    values = {"original_size": original_size, "crop_top_left": crop_top_left,
-              "target_size": target_size, "aesthetic_score": aesthetic_score}
-    ids: list[float] = []
+    for name, value in values.items():
+        if value is not None and name not in names:
+            raise ValueError(f"{config.kind} has no {name} conditioning (it takes {', '.join(names)}); "
+                             f"found {name}={value!r}")
+    columns = []
     for name in names:
-        if name not in values:
-            raise ValueError(f"{config.kind}: unknown micro-conditioning {name!r}")
-        value = values[name]
+        value, width = values.get(name), SCALAR_WIDTHS[name]
         if value is None:
             raise ValueError(f"{config.kind} needs {name}, found None")
-        if name == "aesthetic_score":
-            if not _is_number(value):
-                raise ValueError(f"aesthetic_score must be a finite number, found {value!r}")
-            ids.append(float(value))
-        else:
-            ids.extend(_pair(value, name))
-    return ids
+        try:
+            bad = isinstance(value, bool) or any(isinstance(v, bool) for v in value)
+        except TypeError:
+            bad = False
+        try:
+            t = torch.as_tensor(value, dtype=torch.float32).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            bad, t = True, torch.zeros(0)
+        if not bad and t.numel() == width:
+            t = t.reshape(1, width).expand(batch, width)
+        elif not bad and t.numel() == batch * width:
+            t = t.reshape(batch, width)
+        if bad or t.shape != (batch, width) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be {_NAMES[width]} (or one per image), found {value!r}")
+        columns.append(t * AUG_LEVEL_EMBED_SCALE if name == "aug_level" else t)
+    return torch.cat(columns, dim=1)
 
 
-def _num_micro_scalars(config: ModelConfig) -> int:
-    return sum(1 if name == "aesthetic_score" else 2 for name in config.micro_conditioning)
-
-
-def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor) -> Tensor:
+def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor, keep_micro: Tensor | None = None) -> Tensor:
     """(B, adm_in_channels) = cat([pooled, fourier(id_1), ..., fourier(id_n)], -1).
 
     fourier = `timestep_embedding(id, config.micro_conditioning_dim)` ([cos | sin], diffusers
     `Timesteps(256, flip_sin_to_cos=True, shift=0)` on `time_ids.flatten()`, unet_2d_condition.py:906-922; sgm
-    ConcatTimestepEmbedderND). The ids are embedded in float32 and the result is float32 (or wider), as diffusers
-    concatenates before casting to the UNet dtype; the UNet casts it.
+    ConcatTimestepEmbedderND), in float32 or wider, as diffusers concatenates before the UNet casts.
+    `keep_micro` (B,) bool zeroes the embeddings of the scalars of dropped rows (training), an "aug_level" never.
     """
     unet_width = config.unet.adm_in_channels
     if unet_width <= 0:
@@ -331,7 +349,7 @@ def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor) -> Ten
     expected_pooled = config.text_encoders[-1].projection_dim
     if pooled.shape[1] != expected_pooled:
         raise ValueError(f"{config.kind}: pooled text width expected {expected_pooled}, found {pooled.shape[1]}")
-    n_ids = _num_micro_scalars(config)
+    n_ids = config.num_scalars
     if ids.ndim != 2 or ids.shape != (pooled.shape[0], n_ids):
         raise ValueError(
             f"{config.kind}: micro-conditioning ids expected shape ({pooled.shape[0]}, {n_ids}) "
@@ -339,50 +357,49 @@ def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor) -> Ten
         )
     dim = config.micro_conditioning_dim
     emb = timestep_embedding(ids.reshape(-1).to(pooled.device), dim).reshape(ids.shape[0], n_ids * dim)
+    if keep_micro is not None:
+        kept = (n_ids - 1) * dim if config.micro_conditioning[-1] == "aug_level" else n_ids * dim
+        mask = torch.ones_like(emb)
+        mask[:, :kept] = keep_micro.to(emb)[:, None]
+        emb = emb * mask
     dtype = torch.promote_types(pooled.dtype, torch.float32)
-    vector = torch.cat([pooled.to(dtype), emb.to(dtype)], dim=-1)
-    if vector.shape[1] != unet_width:
-        raise ValueError(
-            f"{config.kind}: vector width {vector.shape[1]} (pooled {expected_pooled} + {n_ids} x {dim}), "
-            f"but the UNet expects adm_in_channels {unet_width}"
-        )
-    return vector
+    return torch.cat([pooled.to(dtype), emb.to(dtype)], dim=-1)
 
 
-# --- the whole conditioning of one sampling run ---------------------------------------------------------------
+# --- sampling: the CFG batch ------------------------------------------------------------------------------------
 
-def sdxl_conditioning(model, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
-                      height: int, width: int,
-                      original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
-                      target_size: tuple[int, int] | None = None,
-                      negative_original_size: tuple[int, int] | None = None,
-                      negative_crop_top_left: tuple[int, int] = (0, 0),
-                      negative_target_size: tuple[int, int] | None = None,
-                      aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-                      guidance: bool = True, force_zeros_for_empty_prompt: bool | None = None,
-                      long_prompts: str = "truncate", weighting: bool = False, clip_skip: int | None = None,
-                      tokenizers: Sequence | None = None) -> Conditioning:
-    """Context and vector for one UNet call, exactly as the diffusers pipelines build them.
+def sampling_conditioning(model, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                          *, height: int, width: int,
+                          original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                          target_size: tuple[int, int] | None = None,
+                          negative_original_size: tuple[int, int] | None = None,
+                          negative_crop_top_left: tuple[int, int] = (0, 0),
+                          negative_target_size: tuple[int, int] | None = None,
+                          aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                          aug_level: float | None = None, guidance: bool = True,
+                          force_zeros_for_empty_prompt: bool | None = None, long_prompts: str = "truncate",
+                          weighting: bool = False, clip_skip: int | None = None,
+                          tokenizers: Sequence | None = None) -> Conditioning:
+    """Context and vector of one sampling run, as the diffusers pipelines build them.
 
-    `model` is a `xldm.models.components.Components` (its `config` and `text_encoders` are used; its tokenizers
-    are `model.tokenizers()` unless `tokenizers` is given). With `guidance` the batch is `[negatives, positives]`
-    (2B rows), else the B positives only. Sizes are (height, width); `height`/`width` are the output image size.
+    `model` is a `xldm.models.components.Components` (its config, text encoders and tokenizers). With `guidance`
+    the batch is `[negatives, positives]` (2B rows), else the B positives only. Sizes are (height, width);
+    `height`/`width` are the output size.
 
-    SDXL base (`StableDiffusionXLPipeline`):
-      * `negative_prompts=None` and `force_zeros_for_empty_prompt` (default True for "sdxl-base", False otherwise,
-        the hub `model_index.json` values): negative context AND pooled are zeros; otherwise the negative prompts
-        ("" when None) are encoded. A str is used for every row.
-      * original_size / target_size default to (height, width). The negative time ids equal the positive ones
-        unless BOTH negative_original_size and negative_target_size are given (then negative_crop_top_left counts).
-      * diffusers' row order: time ids are `cat([neg, pos]).repeat(B, 1)`, i.e. rows alternate neg, pos, neg, pos
-        while the text rows are `[neg]*B + [pos]*B` (visible only with B > 1 and distinct negative sizes).
-    SDXL refiner (`StableDiffusionXLImg2ImgPipeline`, requires_aesthetics_score=True): ids are
-      `[orig, crop, aesthetic_score]` and `[negative_orig (default orig), negative_crop, negative_aesthetic_score]`,
-      in the block order `[neg]*B + [pos]*B`. It has no target size: passing one is a ValueError.
-    SD 1.x / 2.x (`StableDiffusionPipeline`): vector None; the negative is "" when None. Size arguments are errors.
+    * No negative prompt and `force_zeros_for_empty_prompt` (default `config.force_zeros_for_empty_prompt`: the
+      SDXL base, a cascade stage): negative context AND pooled are zeros; otherwise the negative prompts ("" when
+      None) are encoded. A str is used for every row. `clip_skip` applies to the prompts only (as diffusers).
+    * SDXL base (`StableDiffusionXLPipeline`): original_size / target_size default to (height, width); the negative
+      ids equal the positive ones unless BOTH negative_original_size and negative_target_size are given.
+    * Refiner (`StableDiffusionXLImg2ImgPipeline`, requires_aesthetics_score): `[orig, crop, aesthetic_score]`
+      and `[negative_orig (default orig), negative_crop, negative_aesthetic_score]`; a target size is an error.
+      `aesthetic_score`s are ignored by models without that conditioning.
+    * A cascade SR stage takes `aug_level`; SD 1.x / 2.x have no vector, so size arguments are errors there.
 
-    `clip_skip` applies to the prompts only, not the negatives (as diffusers: the negative always uses the
-    default layer). `aesthetic_score`s are ignored by models without that conditioning (the base).
+    The ids are laid out `[neg]*B + [pos]*B` like the text rows, so image i of a batch is conditioned exactly as
+    when generated alone.  diffusers repeats the pair instead (`add_time_ids.repeat(B, 1)`,
+    pipeline_stable_diffusion_xl.py:1157), which pairs some images with another row's time ids when the negative
+    sizes differ from the positive ones; xldm does not copy that.
     """
     config: ModelConfig = model.config
     prompts = _as_prompt_list(prompts, "prompts")
@@ -395,7 +412,18 @@ def sdxl_conditioning(model, prompts: str | Sequence[str], negative_prompts: str
     if not isinstance(height, int) or not isinstance(width, int) or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive ints, found {height!r} x {width!r}")
     if force_zeros_for_empty_prompt is None:
-        force_zeros_for_empty_prompt = config.kind == "sdxl-base"
+        force_zeros_for_empty_prompt = config.force_zeros_for_empty_prompt
+    names = config.micro_conditioning
+    if not names:
+        given = {"original_size": original_size, "target_size": target_size, "crop_top_left": crop_top_left,
+                 "negative_original_size": negative_original_size, "negative_target_size": negative_target_size,
+                 "negative_crop_top_left": negative_crop_top_left, "aug_level": aug_level}
+        given = [k for k, v in given.items() if v is not None and v != (0, 0)]
+        if given:
+            raise ValueError(f"{config.kind} has no micro-conditioning; found {', '.join(given)}")
+    elif "aesthetic_score" in names and negative_target_size is not None:
+        raise ValueError(f"{config.kind} has no target_size conditioning; found negative_target_size="
+                         f"{negative_target_size!r}")
 
     text_encoders = tuple(model.text_encoders)
     tokenizers = tuple(model.tokenizers()) if tokenizers is None else tuple(tokenizers)
@@ -403,7 +431,6 @@ def sdxl_conditioning(model, prompts: str | Sequence[str], negative_prompts: str
     encode_negative = guidance and not zero_negative
     if encode_negative and negative_prompts is None:
         negative_prompts = [""] * batch
-
     # Positive and negative sequences must have the same length for the CFG batch.
     num_chunks = None
     if long_prompts == "chunk" and encode_negative:
@@ -411,64 +438,71 @@ def sdxl_conditioning(model, prompts: str | Sequence[str], negative_prompts: str
                                    weighting=weighting)
     common = dict(long_prompts=long_prompts, weighting=weighting, num_chunks=num_chunks)
     positive = _encode(text_encoders, tokenizers, config, prompts, clip_skip=clip_skip, **common)
-    if not guidance:
-        negative = None
-    elif zero_negative:
+    negative = None
+    if zero_negative:
         negative = zero_embeddings_like(positive)
-    else:
+    elif encode_negative:
         negative = _encode(text_encoders, tokenizers, config, negative_prompts, clip_skip=None, **common)
-
     context = positive.context if negative is None else torch.cat([negative.context, positive.context])
-    sizes = dict(original_size=original_size, crop_top_left=crop_top_left, target_size=target_size,
-                 negative_original_size=negative_original_size, negative_crop_top_left=negative_crop_top_left,
-                 negative_target_size=negative_target_size)
-    if config.unet.adm_in_channels <= 0:
-        given = [k for k, v in sizes.items() if v is not None and v != (0, 0)]
-        if given:
-            raise ValueError(f"{config.kind} has no micro-conditioning; found {', '.join(given)}")
-        return Conditioning(context=context, vector=None)
+    if not names:
+        return Conditioning(context=context, vector=None, guided=guidance)
 
-    rows = _time_id_rows(config, batch, guidance, height=height, width=width, aesthetic_score=aesthetic_score,
-                         negative_aesthetic_score=negative_aesthetic_score, **sizes)
-    # diffusers builds the ids in the prompt dtype (pipeline_stable_diffusion_xl.py:746).
-    ids = torch.tensor(rows, dtype=context.dtype, device=context.device)
-    pooled = positive.pooled if negative is None else torch.cat([negative.pooled, positive.pooled])
-    return Conditioning(context=context, vector=vector_conditioning(config, pooled, ids))
-
-
-def _time_id_rows(config: ModelConfig, batch: int, guidance: bool, *, height: int, width: int,
-                  original_size, crop_top_left, target_size, negative_original_size, negative_crop_top_left,
-                  negative_target_size, aesthetic_score, negative_aesthetic_score) -> list[list[float]]:
     original_size = original_size or (height, width)
-    if "aesthetic_score" in config.micro_conditioning:
-        # StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score (pipeline_..._img2img.py:1307-1336).
-        if negative_target_size is not None:
-            raise ValueError(f"{config.kind} has no target_size conditioning; found negative_target_size="
-                             f"{negative_target_size!r}")
-        positive = micro_conditioning_ids(config, original_size=original_size, crop_top_left=crop_top_left,
-                                          target_size=target_size, aesthetic_score=aesthetic_score)
-        if not guidance:
-            return [positive] * batch
-        negative = micro_conditioning_ids(config, original_size=negative_original_size or original_size,
-                                          crop_top_left=negative_crop_top_left,
-                                          aesthetic_score=negative_aesthetic_score)
-        return [negative] * batch + [positive] * batch
-    # StableDiffusionXLPipeline (pipeline_stable_diffusion_xl.py:1132-1157).
-    target_size = target_size or (height, width)
-    positive = micro_conditioning_ids(config, original_size=original_size, crop_top_left=crop_top_left,
-                                      target_size=target_size)
-    if not guidance:
-        return [positive] * batch
-    if negative_original_size is not None and negative_target_size is not None:
-        negative = micro_conditioning_ids(config, original_size=negative_original_size,
-                                          crop_top_left=negative_crop_top_left, target_size=negative_target_size)
-    else:
-        negative = positive  # a lone negative size or crop is ignored, as in diffusers
-    # cat([neg, pos]).repeat(B, 1): alternating rows, while the text rows are blocked [neg]*B + [pos]*B.
-    return [negative, positive] * batch
+    # what the model takes (an aesthetic score or size it has no slot for is the default, and dropped), plus what
+    # was given for a slot it lacks (an error in `micro_ids`)
+    pos_values = {"original_size": original_size, "crop_top_left": crop_top_left,
+                  "target_size": target_size or (height, width), "aesthetic_score": aesthetic_score,
+                  "aug_level": aug_level}
+    pos_values = {k: v for k, v in pos_values.items() if k in names}
+    pos_values.update({k: v for k, v in (("target_size", target_size), ("aug_level", aug_level))
+                       if v is not None and k not in names})
+    ids = micro_ids(config, pos_values, batch)
+    pooled = positive.pooled
+    if negative is not None:
+        neg_values = pos_values
+        if "aesthetic_score" in names:  # pipeline_stable_diffusion_xl_img2img.py `_get_add_time_ids`
+            neg_values = dict(pos_values, original_size=negative_original_size or original_size,
+                              crop_top_left=negative_crop_top_left, aesthetic_score=negative_aesthetic_score)
+        elif negative_original_size is not None and negative_target_size is not None:
+            neg_values = dict(pos_values, original_size=negative_original_size,
+                              crop_top_left=negative_crop_top_left, target_size=negative_target_size)
+        # (a lone negative size or crop is ignored, as in diffusers)
+        ids = torch.cat([micro_ids(config, neg_values, batch), ids])
+        pooled = torch.cat([negative.pooled, pooled])
+    # diffusers builds the ids in the prompt dtype (pipeline_stable_diffusion_xl.py:746).
+    vector = vector_conditioning(config, pooled, ids.to(device=context.device, dtype=context.dtype))
+    return Conditioning(context=context, vector=vector, guided=guidance)
+
+
+# --- training: conditioning dropout ------------------------------------------------------------------------------
+
+def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenizers: Sequence, batch: dict,
+                          keep_text: Tensor, keep_micro: Tensor, *, device: torch.device,
+                          train_text_encoders: bool = False, embeddings: TextEmbeddings | None = None
+                          ) -> tuple[Tensor, Tensor | None]:
+    """(context, vector) of a training batch, with conditioning dropout for classifier-free guidance.
+
+    A dropped caption gives zero context and zero pooled text, the unconditional input of sampling
+    (`force_zeros_for_empty_prompt`); a dropped micro-conditioning zeroes its Fourier embedding, as sgm's
+    `ucg_rate` zeroes an embedder's output.  The scalars are the batch's own (what the data pipeline really did,
+    SDXL paper Sec. 2.2), one row per sample.  Text encoders run under no_grad unless trained.  `embeddings`: the
+    captions' `TextEmbeddings` computed already (the latent/text cache, xldm.train.cache).
+    """
+    emb = embeddings
+    if emb is None:
+        with torch.set_grad_enabled(train_text_encoders and torch.is_grad_enabled()):
+            emb = encode_prompts(text_encoders, tokenizers, config, list(batch["captions"]))
+    keep_t = keep_text.to(device=device, dtype=emb.context.dtype)
+    context = emb.context.to(device) * keep_t[:, None, None]
+    if config.unet.adm_in_channels <= 0:
+        return context, None
+    pooled = emb.pooled.to(device) * keep_t[:, None]
+    rows = context.shape[0]
+    ids = micro_ids(config, {name: batch[name] for name in config.micro_conditioning}, rows)
+    return context, vector_conditioning(config, pooled, ids.to(device), keep_micro=keep_micro.to(device))
 
 
 __all__ = [
-    "TextEmbeddings", "Conditioning", "encode_prompts", "zero_embeddings_like", "micro_conditioning_ids",
-    "vector_conditioning", "sdxl_conditioning", "LONG_PROMPT_MODES",
+    "TextEmbeddings", "Conditioning", "concat_channels", "encode_prompts", "zero_embeddings_like", "micro_ids", "vector_conditioning",
+    "sampling_conditioning", "training_conditioning", "LONG_PROMPT_MODES", "AUG_LEVEL_EMBED_SCALE",
 ]

@@ -9,6 +9,10 @@ so a reader can hold a preset next to those YAML files.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+PREDICTION_TYPES = ("epsilon", "v", "x0")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
     # Which hidden state feeds cross-attention: "last" (SD 1.x) or "penultimate" (SD 2.x, SDXL) ...
     layer: str = "penultimate"
-    # ... and whether final_layer_norm is applied to it (SD 1.x/2.x: yes; SDXL: no, SDXL_SPEC 3.2).
+    # ... and whether final_layer_norm is applied to it (SD 1.x/2.x: yes; SDXL: no; sgm
+    # FrozenCLIPEmbedder(layer="hidden", layer_idx=11) / FrozenOpenCLIPEmbedder2(layer="penultimate")).
     final_norm_on_hidden: bool = False
     # Token id used for padding to 77: EOS (49407) for CLIP-L, 0 ("!") for the SDXL bigG tokenizer.
     pad_token_id: int = 49407
@@ -122,41 +127,85 @@ class TextEncoderConfig:
             raise ValueError(f"layer must be 'last' or 'penultimate', got {self.layer!r}")
 
 
+# Numbers each micro-conditioning scalar contributes to the vector, by name (SDXL paper Sec. 2.2: sizes and crops
+# are (height, width) / (top, left) pairs; the refiner's aesthetic score, Sec. 2.5, and a cascade SR stage's
+# noise-augmentation level, Imagen Sec. 2.4, are single numbers).
+SCALAR_WIDTHS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aesthetic_score": 1, "aug_level": 1}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole latent diffusion model: UNet, VAE and text encoders, plus how they are wired."""
+    """A whole diffusion model: UNet, VAE and text encoders, plus how they are wired.
+
+    `vae=None` is a pixel-space model, a stage of an Imagen-style cascade (`xldm.cascade`): its UNet denoises RGB
+    images directly.  A super-resolution stage (`sr_scale` >= 2) takes the noisy image concatenated with the
+    bilinearly upsampled low-resolution image (UNet in_channels = 2 x out_channels) and ends its scalars with
+    the noise-augmentation level "aug_level"; its `default_size` is its output side."""
 
     kind: str
     unet: UNetConfig
-    vae: VAEConfig
+    vae: VAEConfig | None
     text_encoders: tuple[TextEncoderConfig, ...]
-    prediction_type: str = "epsilon"  # or "v" (SD 2.x 768-v)
-    # Scalars Fourier-embedded into the vector conditioning, in order (SDXL paper, Sec. 2.2;
-    # each is a pair except the aesthetic score).
+    prediction_type: str = "epsilon"  # "epsilon", "v" (SD 2.x 768-v, the cascade stages) or "x0"
+    # Scalars Fourier-embedded into the vector conditioning, in order (SDXL paper, Sec. 2.2); see SCALAR_WIDTHS.
     micro_conditioning: tuple[str, ...] = ()
     micro_conditioning_dim: int = 256  # per scalar (sgm ConcatTimestepEmbedderND(outdim=256))
     default_size: int = 1024
+    sr_scale: int = 0  # a cascade super-resolution stage: its output is sr_scale x its low-res input; 0 = none
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in ("epsilon", "v"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {self.prediction_type!r}")
-        n_scalars = sum(1 if name == "aesthetic_score" else 2 for name in self.micro_conditioning)
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"{self.kind}: {message}")
+
+        check(self.prediction_type in PREDICTION_TYPES,
+              f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        unknown = [n for n in self.micro_conditioning if n not in SCALAR_WIDTHS]
+        check(not unknown, f"unknown micro-conditioning {unknown}; expected names from {sorted(SCALAR_WIDTHS)}")
+        check(len(set(self.micro_conditioning)) == len(self.micro_conditioning),
+              f"repeated micro-conditioning in {self.micro_conditioning}")
         pooled = self.text_encoders[-1].projection_dim if self.micro_conditioning else 0
-        expected = pooled + n_scalars * self.micro_conditioning_dim
-        if self.unet.adm_in_channels != expected:
-            raise ValueError(
-                f"{self.kind}: UNet adm_in_channels is {self.unet.adm_in_channels}, but pooled text "
-                f"({pooled}) + {n_scalars} micro-conditioning scalars x {self.micro_conditioning_dim} = {expected}"
-            )
+        expected = pooled + self.num_scalars * self.micro_conditioning_dim
+        check(self.unet.adm_in_channels == expected,
+              f"UNet adm_in_channels is {self.unet.adm_in_channels}, but pooled text ({pooled}) + "
+              f"{self.num_scalars} micro-conditioning scalars x {self.micro_conditioning_dim} = {expected}")
         context = sum(te.width for te in self.text_encoders)
-        if self.unet.context_dim != context:
-            raise ValueError(
-                f"{self.kind}: UNet context_dim is {self.unet.context_dim}, but the text encoders give {context}"
-            )
+        check(self.unet.context_dim == context,
+              f"UNet context_dim is {self.unet.context_dim}, but the text encoders give {context}")
+        is_sr = self.sr_scale != 0
+        check(not is_sr or (self.vae is None and self.sr_scale >= 2),
+              f"a super-resolution stage is a pixel-space model (no VAE) with sr_scale >= 2, got {self.sr_scale}")
+        check(is_sr == (self.micro_conditioning[-1:] == ("aug_level",)) and
+              self.micro_conditioning.count("aug_level") <= 1,
+              f"exactly the super-resolution stages end their scalars with 'aug_level', got {self.micro_conditioning}")
+        if self.vae is None:
+            inputs = self.unet.out_channels * (2 if is_sr else 1)
+            check(self.unet.in_channels == inputs,
+                  f"a pixel-space {'SR ' if is_sr else ''}stage's UNet takes {inputs} channels, found "
+                  f"{self.unet.in_channels}")
+            check(is_sr or pooled > 0 or not self.micro_conditioning, "needs a pooled text projection")
+            check(self.default_size % max(self.sr_scale, 1) == 0,
+                  f"size {self.default_size} is not divisible by sr_scale {self.sr_scale}")
+
+    @property
+    def num_scalars(self) -> int:
+        return sum(SCALAR_WIDTHS[name] for name in self.micro_conditioning)
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.z_channels
+        """Channels of what the UNet denoises: the VAE's latents, or RGB for a pixel-space model."""
+        return self.vae.z_channels if self.vae is not None else self.unet.out_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor if self.vae is not None else 1
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """No negative prompt means zero context and pooled text: the SDXL base's hub setting (diffusers
+        `force_zeros_for_empty_prompt`, model_index.json of stabilityai/stable-diffusion-xl-base-1.0) and the
+        unconditional input a cascade stage saw under caption dropout; other models encode ""."""
+        return self.kind == "sdxl-base" or self.vae is None
 
 
 BASE_MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")
@@ -226,7 +275,7 @@ SD21 = ModelConfig(
     default_size=768,
 )
 
-# --- tiny presets for tests (SDXL_SPEC 7.2: same structure, small widths) -------------------------
+# --- tiny presets for tests: the same structures at small widths ------------------------------------
 TINY_CLIP_L = TextEncoderConfig(width=32, layers=3, heads=4, intermediate_size=64, activation="quick_gelu")
 TINY_OPENCLIP_BIGG = TextEncoderConfig(
     width=48, layers=3, heads=4, intermediate_size=192, activation="gelu", projection_dim=48, pad_token_id=0
@@ -270,6 +319,89 @@ TINY_SD15 = ModelConfig(
     default_size=64,
 )
 
+# --- the bundled default model (xldm/data/default, trained by scripts/train_default.sh) -------------------
+# SDXL's design in miniature (Podell et al. 2023): both text encoder shapes (Sec. 2.1) with CLIP's full BPE
+# vocabulary, a KL autoencoder with 8x downsampling and 4 latent channels (Sec. 2.4), a base UNet with SDXL's
+# structure (three levels, no attention at the highest, heterogeneous depth (0, 1, 2); SDXL: (0, 2, 10)) and a
+# refiner conditioned on bigG alone and the aesthetic score (Sec. 2.5); native size 128 (latent 16 x 16).  Widths
+# are ours, sized for two fp16 files within 25 MB.  The VAE's scaling factor in the shipped files' headers is the
+# measured 1 / std of its latents (LDM recipe, Rombach et al. 2022, Sec. 4.3.2); 0.13025 here is a placeholder.
+DEFAULT_CLIP_L = TextEncoderConfig(width=32, layers=4, heads=4, intermediate_size=128, activation="quick_gelu")
+DEFAULT_BIGG = TextEncoderConfig(width=48, layers=5, heads=4, intermediate_size=192, activation="gelu",
+                                 projection_dim=48, pad_token_id=0)
+DEFAULT_MICRO_DIM = 32  # Fourier channels per micro-conditioning scalar (SDXL: 256)
+# 8 groups: 32 would leave fewer than one channel per group at width 24.
+DEFAULT_VAE = VAEConfig(ch=24, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025)
+DEFAULT_BASE = ModelConfig(
+    kind="sdxl-base",
+    unet=UNetConfig(
+        block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
+        transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
+        context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * 32,
+    ),
+    vae=DEFAULT_VAE, text_encoders=(DEFAULT_CLIP_L, DEFAULT_BIGG), micro_conditioning=BASE_MICRO_CONDITIONING,
+    micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
+)
+DEFAULT_REFINER = ModelConfig(
+    kind="sdxl-refiner",
+    unet=UNetConfig(
+        block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
+        transformer_depth_middle=1, num_head_channels=24, norm_groups=8,
+        context_dim=DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * 32,
+    ),
+    vae=DEFAULT_VAE, text_encoders=(DEFAULT_BIGG,), micro_conditioning=REFINER_MICRO_CONDITIONING,
+    micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
+)
+
+
+# --- pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen") ------------------------------------
+def _stage_unet(in_channels: int, *, widths: tuple[int, ...], transformer_depth: tuple[int, ...],
+                head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
+    return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=widths, num_res_blocks=1,
+                      transformer_depth=transformer_depth,
+                      transformer_depth_middle=1, num_head_channels=head_channels, context_dim=context_dim,
+                      adm_in_channels=adm, norm_groups=groups)
+
+
+# Tiny stages for tests: 16 -> 32 -> 64, one small text encoder shared by all stages.
+TINY_CASCADE_TEXT_ENCODER = TextEncoderConfig(width=16, layers=2, heads=2, intermediate_size=32, activation="gelu",
+                                              projection_dim=16, pad_token_id=0)
+TINY_CASCADE_BASE = ModelConfig(
+    kind="cascade-base", vae=None, text_encoders=(TINY_CASCADE_TEXT_ENCODER,), prediction_type="v",
+    micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=8, default_size=16,
+    unet=_stage_unet(3, widths=(16, 32), transformer_depth=(0, 1), head_channels=16,
+                     context_dim=16, adm=16 + 4 * 8, groups=8),
+)
+TINY_CASCADE_SR = ModelConfig(
+    kind="cascade-sr", vae=None, text_encoders=(TINY_CASCADE_TEXT_ENCODER,), prediction_type="v",
+    micro_conditioning=("aug_level",), micro_conditioning_dim=8, default_size=32, sr_scale=2,
+    unet=_stage_unet(6, widths=(16, 32), transformer_depth=(0, 0), head_channels=16,
+                     context_dim=16, adm=16 + 8, groups=8),
+)
+TINY_CASCADE_SR2 = replace(TINY_CASCADE_SR, default_size=64)
+# The default cascade, 32 -> 64 -> 128 (xldm/data/cascade, scripts/train_default_cascade.sh).  Its one text encoder
+# is the default model's bigG-shaped one, shared by all stages and shipped once, inside the default model's file.
+# Widths are ours, sized for <= 15 MB of fp16 UNets; the SR UNets attend only at their lowest resolution, as
+# Imagen's Efficient U-Net does for its super-resolution models (Saharia et al. 2022, appendix).
+CASCADE_BASE_32 = ModelConfig(
+    kind="cascade-base", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
+    micro_conditioning=("original_size", "crop_top_left"), micro_conditioning_dim=32, default_size=32,
+    unet=_stage_unet(3, widths=(48, 96, 96), transformer_depth=(0, 1, 1), head_channels=32,
+                     context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 4 * 32, groups=16),
+)
+CASCADE_SR_64 = ModelConfig(
+    kind="cascade-sr", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
+    micro_conditioning=("aug_level",), micro_conditioning_dim=32, default_size=64, sr_scale=2,
+    unet=_stage_unet(6, widths=(24, 48, 48), transformer_depth=(0, 0, 1), head_channels=24,
+                     context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 32, groups=8),
+)
+CASCADE_SR_128 = ModelConfig(
+    kind="cascade-sr", vae=None, text_encoders=(DEFAULT_BIGG,), prediction_type="v",
+    micro_conditioning=("aug_level",), micro_conditioning_dim=32, default_size=128, sr_scale=2,
+    unet=_stage_unet(6, widths=(24, 24, 48, 48), transformer_depth=(0, 0, 0, 1),
+                     head_channels=24, context_dim=DEFAULT_BIGG.width, adm=DEFAULT_BIGG.projection_dim + 32, groups=8),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sdxl-base": SDXL_BASE,
     "sdxl-refiner": SDXL_REFINER,
@@ -278,10 +410,30 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-sdxl-base": TINY_SDXL_BASE,
     "tiny-sdxl-refiner": TINY_SDXL_REFINER,
     "tiny-sd15": TINY_SD15,
+    "default-base": DEFAULT_BASE,
+    "default-refiner": DEFAULT_REFINER,
+    "tiny-cascade-base-16": TINY_CASCADE_BASE,
+    "tiny-cascade-sr-32": TINY_CASCADE_SR,
+    "tiny-cascade-sr-64": TINY_CASCADE_SR2,
+    "cascade-base-32": CASCADE_BASE_32,
+    "cascade-sr-64": CASCADE_SR_64,
+    "cascade-sr-128": CASCADE_SR_128,
+}
+# Cascades by name: their stages in order.
+CASCADES: dict[str, tuple[ModelConfig, ...]] = {
+    "tiny-cascade": (TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2),
+    "cascade-small": (CASCADE_BASE_32, CASCADE_SR_64, CASCADE_SR_128),
 }
 
+# Where the bundled models' weights sit (package data; absent until trained weights are copied there).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_MODEL_PATH = DATA_DIR / "default" / "base.safetensors"
+DEFAULT_REFINER_PATH = DATA_DIR / "default" / "refiner.safetensors"
+DEFAULT_CASCADE_DIR = DATA_DIR / "cascade"
+
 __all__ = [
-    "UNetConfig", "VAEConfig", "TextEncoderConfig", "ModelConfig", "PRESETS",
+    "UNetConfig", "VAEConfig", "TextEncoderConfig", "ModelConfig", "PRESETS", "CASCADES", "SCALAR_WIDTHS",
     "SDXL_BASE", "SDXL_REFINER", "SD15", "SD21", "TINY_SDXL_BASE", "TINY_SDXL_REFINER", "TINY_SD15",
-    "CLIP_L", "OPENCLIP_BIGG", "OPENCLIP_H", "SDXL_VAE",
+    "CLIP_L", "OPENCLIP_BIGG", "OPENCLIP_H", "SDXL_VAE", "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_BIGG",
+    "DEFAULT_MODEL_PATH", "DEFAULT_REFINER_PATH", "DEFAULT_CASCADE_DIR",
 ]

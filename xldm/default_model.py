@@ -47,61 +47,14 @@ from xldm.config import (
     VAEConfig,
 )
 
-# --- architecture ------------------------------------------------------------------------------------------
-
-# CLIP ViT-L/14's text tower in miniature: width 768 -> 32, 12 -> 4 layers, quick_gelu, no projection (SDXL uses
-# its penultimate hidden states only), padded with EOS 49407 (SDXL_SPEC 3.1).
-DEFAULT_CLIP_L = TextEncoderConfig(width=32, layers=4, heads=4, intermediate_size=128, activation="quick_gelu")
-# OpenCLIP ViT-bigG/14's text tower in miniature: wider and deeper than the L one (1280 vs 768, 32 vs 12 layers
-# in the original), exact gelu, a pooled projection (its output is SDXL's pooled text vector), pad id 0.
-DEFAULT_BIGG = TextEncoderConfig(width=48, layers=5, heads=4, intermediate_size=192, activation="gelu",
-                                 projection_dim=48, pad_token_id=0)
-MICRO_CONDITIONING_DIM = 32  # Fourier channels per micro-conditioning scalar (SDXL: 256)
-
-# 8x downsampling (ch_mult has four levels = three downsamplers), 4 latent channels, as SDXL's VAE (ch 128,
-# (1, 2, 4, 4), 2 res blocks); 8 groups since 32 would leave fewer than one channel per group at width 24.
-DEFAULT_VAE = VAEConfig(ch=24, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025)
-
-DEFAULT_BASE = ModelConfig(
-    kind="sdxl-base",
-    unet=UNetConfig(
-        block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
-        transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
-        context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width,
-        adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * MICRO_CONDITIONING_DIM,
-    ),
-    vae=DEFAULT_VAE,
-    text_encoders=(DEFAULT_CLIP_L, DEFAULT_BIGG),
-    micro_conditioning=BASE_MICRO_CONDITIONING,
-    micro_conditioning_dim=MICRO_CONDITIONING_DIM,
-    default_size=128,
+from xldm.config import (  # noqa: E402,F401  (moved to xldm.config)
+    DEFAULT_BASE, DEFAULT_BIGG, DEFAULT_CLIP_L, DEFAULT_MODEL_PATH, DEFAULT_REFINER, DEFAULT_REFINER_PATH, DEFAULT_VAE,
 )
 
-DEFAULT_REFINER = ModelConfig(
-    kind="sdxl-refiner",
-    unet=UNetConfig(
-        block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
-        transformer_depth_middle=1, num_head_channels=24, norm_groups=8,
-        context_dim=DEFAULT_BIGG.width,
-        adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * MICRO_CONDITIONING_DIM,
-    ),
-    vae=DEFAULT_VAE,
-    text_encoders=(DEFAULT_BIGG,),
-    micro_conditioning=REFINER_MICRO_CONDITIONING,
-    micro_conditioning_dim=MICRO_CONDITIONING_DIM,
-    default_size=128,
-)
-
-# Model presets by name, so that `TrainConfig(model="default-base")` validates (registered into xldm.config.PRESETS
-# below; the lead may move these two lines into that dict).
 MODEL_PRESETS: dict[str, ModelConfig] = {"default-base": DEFAULT_BASE, "default-refiner": DEFAULT_REFINER}
-for _name, _cfg in MODEL_PRESETS.items():
-    PRESETS.setdefault(_name, _cfg)
 
 # The shipped fp16 single files (package data; absent until a trained model is copied there).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "data" / "default"
-DEFAULT_MODEL_PATH = DEFAULT_MODEL_DIR / "base.safetensors"
-DEFAULT_REFINER_PATH = DEFAULT_MODEL_DIR / "refiner.safetensors"
+DEFAULT_MODEL_DIR = DEFAULT_MODEL_PATH.parent
 SIZE_BUDGET_BYTES = 25_000_000  # issue 5: base file + refiner file <= 25 MB
 
 # --- held-out captions -------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class CorruptCheckpointError(CheckpointError):
     """A weight file is malformed: bad header, offsets outside the file, truncated data, ..."""
 
 
+class CheckpointLoadError(CheckpointError):
+    """A training checkpoint cannot be resumed from (unreadable file, no training state, other format)."""
+
+
 class PickleRefusedError(CheckpointError):
     """A pickle-based weight file (.ckpt/.pt/.pth/.bin) was refused because loading it could run code."""
 
@@ -104,6 +108,7 @@ __all__ = [
     "XldmError",
     "CheckpointError",
     "CorruptCheckpointError",
+    "CheckpointLoadError",
     "PickleRefusedError",
     "StateDictMismatchError",
     "UnsafePathError",

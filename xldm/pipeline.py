@@ -3,7 +3,8 @@
 Every step reproduces diffusers' `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and
 `StableDiffusionXLInpaintPipeline` (diffusers 0.42.1) so the same weights, seed and settings give the same
 pixels: per-image CPU generators seeded `seed + i` (diffusers with a list of generators), the posterior
-sample drawn before the noise, the refiner continuing the base's schedule (SDXL_SPEC 5.2, 5.3, 7.4).
+sample drawn before the noise, the refiner continuing the base's schedule (`denoising_end` / `denoising_start`).
+A request is resolved and checked once, at the boundary (`resolve_request`); `Pipeline.run` trusts it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xldm.conditioning import Conditioning, sampling_conditioning
 from xldm.config import ModelConfig
-from xldm.errors import NonFiniteError
-from xldm.conditioning import Conditioning, sdxl_conditioning
 from xldm.diffusion import noise as noise_lib
-from xldm.diffusion.denoiser import model_denoiser
-from xldm.diffusion.guidance import guided_model_fn
+from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
+from xldm.errors import NonFiniteError
 from xldm.diffusion.schedules import (
     SAMPLER_NAMES,
     Schedule,
@@ -72,7 +72,7 @@ class GenerationRequest:
     negative_original_size: tuple[int, int] | None = None
     negative_crop_top_left: tuple[int, int] = (0, 0)
     negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0  # refiner only (sgm defaults, SDXL_SPEC 4)
+    aesthetic_score: float = 6.0  # refiner only (diffusers StableDiffusionXLImg2ImgPipeline defaults)
     negative_aesthetic_score: float = 2.5
     # prompt handling beyond diffusers' defaults
     long_prompts: str = "truncate"
@@ -167,8 +167,12 @@ def _check_size(name: str, size: tuple[int, int] | None) -> None:
         raise ValueError(f"{name} must be two positive integers (width, height), got {size!r}")
 
 
-def check_request(req: GenerationRequest, *, has_refiner: bool) -> None:
-    """Every check that needs no model: run before anything is loaded.  Raises ValueError naming the problem."""
+def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], int],
+                    has_refiner: bool) -> GenerationRequest:
+    """The request with every default filled in (seed, size, strength, refiner start) and every setting checked:
+    the one validation of a request, made before anything is loaded.  `default_size` is the main model's native
+    side, or a function that reads it (from the file's header), called only once the settings that need no
+    model have passed.  Raises ValueError naming the problem."""
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     if req.sampler not in SAMPLER_NAMES:
@@ -197,7 +201,6 @@ def check_request(req: GenerationRequest, *, has_refiner: bool) -> None:
             raise ValueError(f"refiner_start must be in (0, 1), got {req.refiner_start}")
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
-
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
         mw, mh = image_size(req.mask)
         iw, ih = image_size(req.init_image)
@@ -206,6 +209,47 @@ def check_request(req: GenerationRequest, *, has_refiner: bool) -> None:
         v = getattr(req, name)
         if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
             raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+    width, height = req.width, req.height
+    if req.init_image is not None:  # the init image's size, rounded to multiples of 8
+        iw, ih = round_to_multiple(*image_size(req.init_image))
+        width, height = width or iw, height or ih
+    if width is None or height is None:
+        default_size = default_size() if callable(default_size) else default_size
+        width, height = width or default_size, height or default_size
+    strength = req.strength
+    if req.init_image is not None and strength is None:
+        strength = 0.9999 if req.mask is not None else 0.3
+    if strength is not None and min(int(req.steps * strength), req.steps) < 1:
+        raise ValueError(f"strength {strength} with {req.steps} steps leaves no denoising step; "
+                         f"raise steps or strength")
+    refiner_start = req.refiner_start
+    if has_refiner and refiner_start is None:
+        refiner_start = 0.8
+    if has_refiner and strength is not None:
+        start = img2img_start(req.steps, strength)
+        end = split_for_refiner(req.steps, refiner_start, req.sampler)
+        if end <= start:
+            raise ValueError(f"the refiner would take over at step {end}, before the image-to-image start "
+                             f"at step {start}; lower strength or raise refiner_start")
+    seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED - req.batch)
+    if seed + req.batch - 1 > MAX_SEED:
+        raise ValueError(f"seed {seed} + batch {req.batch} exceeds {MAX_SEED}")
+    return replace(req, width=width, height=height, strength=strength, refiner_start=refiner_start, seed=seed)
+
+
+def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
+            x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
+            step_hook=None, callback=None, name: str = "") -> torch.Tensor:
+    """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet.
+    NaN/inf results are an error that says where, never a silent black image."""
+    denoiser = Denoiser(prediction_type, cond.model_fn(unet, cfg, extra_channels))
+    with torch.no_grad():
+        out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook)
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise NonFiniteError(f"{name}: sampling ({sampler}, {len(schedule)} steps, {out.dtype}) produced NaN/inf "
+                             f"for batch item(s) {bad}; try --dtype fp32 or bf16")
+    return out
 
 
 class Pipeline:
@@ -227,33 +271,8 @@ class Pipeline:
         if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
 
-    # --- checks --------------------------------------------------------------------------------
-
-    def validate(self, req: GenerationRequest) -> GenerationRequest:
-        """Check every setting before any work; fill in defaults.  Raises ValueError naming the problem."""
-        check_request(req, has_refiner=self.refiner is not None)
-        width, height = req.width, req.height
-        if req.init_image is not None:
-            iw, ih = round_to_multiple(*image_size(req.init_image))
-            width, height = width or iw, height or ih
-        width = width or self.model.config.default_size
-        height = height or self.model.config.default_size
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or v < 8 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-        strength = req.strength
-        if req.init_image is not None and strength is None:
-            strength = 0.9999 if req.mask is not None else 0.3
-        if strength is not None and min(int(req.steps * strength), req.steps) < 1:
-            raise ValueError(f"strength {strength} with {req.steps} steps leaves no denoising step; "
-                             f"raise steps or strength")
-        refiner_start = req.refiner_start
-        if self.refiner is not None and refiner_start is None:
-            refiner_start = 0.8
-        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED - req.batch)
-        if seed + req.batch - 1 > MAX_SEED:
-            raise ValueError(f"seed {seed} + batch {req.batch} exceeds {MAX_SEED}")
-        return replace(req, width=width, height=height, strength=strength, refiner_start=refiner_start, seed=seed)
+    def resolve(self, req: GenerationRequest) -> GenerationRequest:
+        return resolve_request(req, default_size=self.model.config.default_size, has_refiner=self.refiner is not None)
 
     # --- the pieces -------------------------------------------------------------------------------
 
@@ -264,7 +283,7 @@ class Pipeline:
 
         with handle.use("text_encoders") as comps:
             with torch.no_grad():
-                return sdxl_conditioning(
+                return sampling_conditioning(
                     comps, batch_prompts, negatives, height=height, width=width,
                     original_size=hw(req.original_size), crop_top_left=req.crop_top_left,
                     target_size=hw(req.target_size),
@@ -294,21 +313,10 @@ class Pipeline:
             return torch.cat(rows).to(self.dtype) * vae.cfg.scaling_factor
 
     def _denoise(self, handle: ModelHandle, cond: Conditioning, req: GenerationRequest, x: torch.Tensor,
-                 schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None, step_hook=None,
-                 callback=None) -> torch.Tensor:
-        """The loop, once: a sampler over the guided denoiser of one UNet."""
+                 schedule: Schedule, generators: list[torch.Generator], **kw) -> torch.Tensor:
         with handle.use("unet") as comps:
-            fn = guided_model_fn(comps.unet, cond.context, cond.vector, req.cfg, extra_channels)
-            denoiser = model_denoiser(fn, _prediction(handle.config))
-            with torch.no_grad():
-                out = sample(req.sampler, denoiser, x, schedule, generator=generators,
-                             callback=callback, step_hook=step_hook)
-        if not torch.isfinite(out).all():  # RELIABILITY 4: say where, never a silent black image
-            bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise NonFiniteError(
-                f"{handle.name}: sampling ({req.sampler}, {len(schedule)} steps, {self.dtype}) produced NaN/inf "
-                f"latents for batch item(s) {bad}; try --dtype fp32 or bf16")
-        return out
+            return denoise(comps.unet, cond, handle.config.prediction_type, req.sampler, req.cfg, x, schedule,
+                           generators, name=handle.name, **kw)
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -317,9 +325,12 @@ class Pipeline:
 
     def generate(self, req: GenerationRequest, *, callback: Callable | None = None,
                  output: str = "pil") -> GenerationResult:
-        """Run one request.  `callback(stage, i, total, x, x0)` after each step (raise Interrupted to stop).
-        `output="latent"` returns latents without decoding (images empty)."""
-        req = self.validate(req)
+        """Resolve and run one request (see `run`)."""
+        return self.run(self.resolve(req), callback=callback, output=output)
+
+    def run(self, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil") -> GenerationResult:
+        """Run a request resolved by `resolve_request`.  `callback(stage, i, total, x, x0)` after each step (raise
+        Interrupted to stop).  `output="latent"` returns latents without decoding (images empty)."""
         width, height = req.width, req.height
         batch = req.batch
         seeds = [req.seed + i for i in range(batch)]
@@ -329,12 +340,9 @@ class Pipeline:
         base = self.model
         lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
 
-        full = make_schedule(req.sampler, req.steps, prediction_type=_prediction(base.config))
+        full = make_schedule(req.sampler, req.steps, prediction_type=base.config.prediction_type)
         start = img2img_start(req.steps, req.strength) if req.init_image is not None else 0
         end = split_for_refiner(req.steps, req.refiner_start, req.sampler) if self.refiner is not None else req.steps
-        if self.refiner is not None and end <= start:
-            raise ValueError(f"the refiner would take over at step {end}, before the image-to-image start "
-                             f"at step {start}; lower strength or raise refiner_start")
 
         def stage_callback(stage: str):
             if callback is None:
@@ -364,8 +372,7 @@ class Pipeline:
                 mask_lat = F.interpolate(mask, size=(height // 8, width // 8)).to(self.device, self.dtype)
                 if inpaint_unet:
                     masked = self._encode_images(base, image * (mask < 0.5), generators)
-                    pair = [mask_lat, masked]
-                    extra = torch.cat([torch.cat([m] * 2) if req.cfg > 1 else m for m in pair], dim=1)
+                    extra = torch.cat([mask_lat, masked], dim=1)
                 else:
                     hook = lambda sched: _inpaint_blend(image_latents, noise, mask_lat, sched)  # noqa: E731
 
@@ -376,7 +383,7 @@ class Pipeline:
         if self.refiner is not None:
             ref = self.refiner
             ref_cond = self._conditioning(ref, req, prompts, negatives, width, height)
-            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=_prediction(ref.config))
+            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=ref.config.prediction_type)
             # diffusers' refiner start (Heun repeats the base's last step: its "+1 if even" rule)
             ref_schedule = ref_schedule.tail(refiner_start(req.steps, req.refiner_start, req.sampler))
             # (a 4-channel inpaint keeps blending the known region during the refiner's steps too)
@@ -404,11 +411,6 @@ class Pipeline:
         if req.init_image is None:
             common.pop("strength", None)
         return [dict(common, seed=s) for s in seeds]
-
-
-def _prediction(config: ModelConfig) -> str:
-    """ModelConfig's "epsilon" / "v" in diffusers' spelling, which xldm.diffusion uses."""
-    return "v_prediction" if config.prediction_type == "v" else "epsilon"
 
 
 def _inpaint_blend(image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, schedule: Schedule):
@@ -442,4 +444,5 @@ def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dt
     return Pipeline(model, ref, dtype=dt, device=dev)
 
 
-__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "Interrupted", "load", "ModelHandle"]
+__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "Interrupted", "load", "ModelHandle", "resolve_request",
+           "denoise"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -200,8 +199,8 @@ def _json_default(value: Any) -> Any:
 def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> Path:
     """Write `image` as a PNG at `path` with the `parameters` (A1111) and `xldm` (JSON) text chunks.
 
-    The file appears atomically: it is written to a temporary file in the same folder and renamed over `path`
-    (os.replace), so a reader never sees half a PNG and an interrupted save leaves no partial file.
+    The file appears atomically (`xldm.weights.io.atomic_write`): a reader never sees half a PNG and an interrupted
+    save leaves no partial file.
     JSON turns tuples into lists; `read_png_params` returns them as lists.  Returns the path written.
     """
     path = Path(path)
@@ -209,21 +208,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, A
     # add_text writes tEXt for Latin-1 text and switches to iTXt (UTF-8) otherwise (Pillow PngInfo.add_text).
     info.add_text(A1111_CHUNK, format_a1111_parameters(params))
     info.add_text(XLDM_CHUNK, json.dumps(dict(params), ensure_ascii=False, default=_json_default))
-    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with mode 0o666 gives the permissions of a normally created file (the umask applies), unlike mkstemp.
-    handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    from xldm.weights.io import atomic_write  # here: reading PNG metadata needs no torch
+
+    with atomic_write(path) as temp, open(temp, "wb") as file:
+        image.save(file, format="PNG", pnginfo=info)
     return path
 
 

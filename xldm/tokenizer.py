@@ -2,7 +2,7 @@
 
 The vocabulary is OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT, see data/LICENSE-CLIP-BPE.txt),
 shipped in `xldm/data/`. Ids equal those of transformers' `CLIPTokenizer` as the SDXL pipeline sets
-it up (SDXL_SPEC 3.3):
+it up (transformers `CLIPTokenizer`, OpenAI CLIP `simple_tokenizer.py`):
 
 * tokenizer 1 (CLIP ViT-L): padded with EOS `<|endoftext|>` (49407);
 * tokenizer 2 (OpenCLIP bigG): padded with "!" (id 0), and because "!" is then a *special* token,
@@ -53,7 +53,7 @@ def _byte_symbols() -> list[str]:
 
 
 def _load_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary (49408 tokens) and merges (48894) exactly as OpenAI CLIP builds them (SDXL_SPEC 3.3)."""
+    """Vocabulary (49408 tokens) and merges (48894) exactly as OpenAI CLIP builds them (`simple_tokenizer.py`)."""
     compressed = resources.files("xldm").joinpath("data").joinpath(_BPE_FILE).read_bytes()
     # Line 0 is a version header; CLIP keeps the first 48894 merges that follow. Only about a fifth of the
     # file is needed, so decompress just that much (start-up time).
@@ -153,7 +153,7 @@ class CLIPTokenizer:
 
     def save_pretrained(self, folder) -> None:
         """Write the hub layout transformers' `CLIPTokenizer.from_pretrained` reads: vocab.json, merges.txt,
-        tokenizer_config.json (model_max_length 77 and the pad token: SDXL_SPEC 3.3), special_tokens_map.json."""
+        tokenizer_config.json (model_max_length 77 and the pad token), special_tokens_map.json."""
         import json
         from pathlib import Path
 

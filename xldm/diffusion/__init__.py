@@ -4,7 +4,7 @@ The schedules and samplers reproduce the diffusers schedulers at SDXL's settings
 `samplers` for which one matches which.
 """
 
-from xldm.diffusion.denoiser import Denoiser, model_denoiser
+from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.noise import randn
 from xldm.diffusion.samplers import (
     SAMPLERS,
@@ -28,7 +28,7 @@ from xldm.diffusion.schedules import (
 )
 
 __all__ = [
-    "Denoiser", "model_denoiser", "randn", "SAMPLERS", "sample", "sample_ddim", "sample_dpmpp_2m",
+    "Denoiser", "randn", "SAMPLERS", "sample", "sample_ddim", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_unipc",
     "SAMPLER_NAMES", "Schedule", "alphas_cumprod", "img2img_start", "make_schedule", "refiner_start",
     "split_for_refiner",

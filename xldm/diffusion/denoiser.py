@@ -1,7 +1,17 @@
-"""Denoisers: a network's raw output turned into a prediction of the clean latents, D(x, sigma) -> x0.
+"""The denoiser: what a network's raw output means, settled once for sampling and for training.
 
-Samplers only ever see a denoiser (Karras et al. 2022, sec. 2; k-diffusion); whether the network predicts
-noise (eps) or velocity (v) is settled here, once.  Classifier-free guidance lives in `model_output_fn`.
+One `Denoiser` per parameterisation, as k-diffusion's `external.py` (`DiscreteEpsDDPMDenoiser`, `VDenoiser`): it
+turns the output into the clean sample for the samplers, D(x, sigma, t) -> x0 (Karras et al. 2022, Sec. 2), and
+gives the training target and loss on SDXL's discrete schedule (DDPM, Ho et al. 2020; SDXL paper Sec. 2.5):
+
+    sampling (VE, x = x0 + sigma eps, network input x / sqrt(sigma^2 + 1)):
+        epsilon  x0 = x - sigma * out                      (float32, as diffusers EulerDiscreteScheduler.step)
+        v        x0 = x / (sigma^2 + 1) - out * sigma / sqrt(sigma^2 + 1)   (Salimans & Ho 2022, in VE terms)
+        x0       x0 = out
+    training (VP, abar_t of `schedules.alphas_cumprod`):
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+        target = eps | sqrt(abar_t) eps - sqrt(1 - abar_t) x0 | x0
+        loss = mean_b w_b * mean_chw (out - target)^2, w_b = 1 or min-SNR-gamma (Hang et al. 2023, eq. 9-10)
 """
 
 from __future__ import annotations
@@ -9,39 +19,91 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""D(x, sigma, t) -> x0: x in VE coordinates at noise level sigma (0-d float32 tensor), t the model time
-(0-d float32 tensor) passed to the network."""
+from xldm.config import PREDICTION_TYPES
+from xldm.diffusion.schedules import alphas_cumprod
 
-ModelOutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""f(x_in, t) -> raw network output (eps or v) for the scaled input x_in = x / sqrt(sigma^2 + 1)."""
+ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
+"""f(x_in, t) -> raw network output for the scaled input x_in = x / sqrt(sigma^2 + 1) at model time t."""
 
 
-def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def scale_input(x: Tensor, sigma: Tensor) -> Tensor:
     """The network's input x / sqrt(sigma^2 + 1): unit variance, and equal to the VP sample
     (diffusers `scale_model_input` of the Euler-family schedulers)."""
     return x / ((sigma**2 + 1) ** 0.5)
 
 
-def model_denoiser(model_output_fn: ModelOutputFn, prediction_type: str) -> Denoiser:
-    """Wrap a network into D(x, sigma, t).
+class Denoiser:
+    """`Denoiser(prediction_type, model_fn)(x, sigma, t) -> x0` for the samplers; `noised`, `target` and `loss`
+    for training (`model_fn` is then not needed: the training loop calls the network itself)."""
 
-    epsilon:       x0 = x - sigma * eps               (in float32, as diffusers EulerDiscreteScheduler.step)
-    v_prediction:  x0 = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1)
-                   (Salimans & Ho 2022 v = alpha * eps - sigma_vp * x0, rewritten in VE coordinates; the same
-                   expression diffusers' Euler step uses)
-    """
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    def __init__(self, prediction_type: str, model_fn: ModelOutputFn | None = None) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.model_fn = model_fn
+        self._abar: dict[torch.device, Tensor] = {}
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model_output_fn(scale_input(x, sigma), t)
+    # --- sampling -----------------------------------------------------------------------------------------
+
+    def __call__(self, x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
+        out = self.model_fn(scale_input(x, sigma), t)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for a sample of shape {tuple(x.shape)}")
-        x = x.float()
-        if prediction_type == "epsilon":
-            return x - sigma * out
-        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        return self.denoised(x, sigma, out)
 
-    return denoise
+    def denoised(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        x = x.float()
+        if self.prediction_type == "epsilon":
+            return x - sigma * out
+        if self.prediction_type == "v":
+            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        return out.float()
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def alphas_cumprod(self, device: torch.device) -> Tensor:
+        if device not in self._abar:
+            self._abar[device] = alphas_cumprod().to(device=device, dtype=torch.float32)
+        return self._abar[device]
+
+    def _abar_at(self, timesteps: Tensor, device: torch.device) -> Tensor:
+        return self.alphas_cumprod(device)[timesteps.to(device)][:, None, None, None]
+
+    def noised(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        abar = self._abar_at(timesteps, x0.device)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v":
+            abar = self._abar_at(timesteps, x0.device)
+            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return x0
+
+    def snr(self, timesteps: Tensor, device: torch.device) -> Tensor:
+        abar = self.alphas_cumprod(device)[timesteps.to(device)]
+        return abar / (1 - abar)
+
+    def min_snr_weights(self, timesteps: Tensor, gamma: float, device: torch.device) -> Tensor:
+        """Hang et al. 2023, eq. 9-10: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), min(SNR, gamma) (x0)."""
+        snr = self.snr(timesteps, device)
+        clipped = torch.clamp(snr, max=gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        return clipped / (snr + 1) if self.prediction_type == "v" else clipped
+
+    def loss(self, prediction: Tensor, x0: Tensor, noise: Tensor, timesteps: Tensor,
+             min_snr_gamma: float = 0.0) -> Tensor:
+        """Mean over the batch of the (min-SNR weighted) per-sample MSE to the target, in float32."""
+        target = self.target(x0, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma > 0:
+            per_sample = per_sample * self.min_snr_weights(timesteps, min_snr_gamma, x0.device).to(per_sample)
+        return per_sample.mean()
+
+
+__all__ = ["Denoiser", "ModelOutputFn", "scale_input"]

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xldm.config import PREDICTION_TYPES
+
 SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # SDXL scheduler_config.json
@@ -154,7 +155,7 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
 def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler") -> int:
     """Number of base steps when the base hands over at `fraction` of the denoising (ensemble of experts).
 
-    diffusers (SDXL_SPEC 5.2): cutoff = int(round(T - fraction * T)); the base runs the timesteps >= cutoff
+    diffusers (pipeline_stable_diffusion_xl.py:1178): cutoff = int(round(T - fraction * T)); the base runs the timesteps >= cutoff
     (`denoising_end`), the refiner the rest (`denoising_start`, t_start = N - #(t < cutoff)).  The count
     depends on the sampler's timesteps (the Karras ones differ), so pass the sampler in use.
     """
@@ -175,7 +176,8 @@ def refiner_start(num_steps: int, fraction: float, sampler: str = "euler") -> in
 
 
 def img2img_start(num_steps: int, strength: float) -> int:
-    """First step of an img2img/SDEdit run: t_start = N - min(int(N * strength), N) (SDXL_SPEC 5.3; the
+    """First step of an img2img/SDEdit run: t_start = N - min(int(N * strength), N) (diffusers
+    pipeline_stable_diffusion_xl_img2img.py:652, `get_timesteps`; the
     int() truncates, so N=100, strength=0.29 runs 28 steps)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")

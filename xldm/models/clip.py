@@ -5,7 +5,7 @@ Parameter names are the HF transformers layout that the original SDXL single-fil
 `conditioner.embedders.0.transformer.` (`text_model.embeddings.token_embedding.weight`, ...), so that part
 loads strictly without renaming; the open_clip layout goes through `xldm.weights.keys_clip`.
 
-Numerics follow transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` (SDXL_SPEC 3.1, 3.2):
+Numerics follow transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` (transformers models/clip/modeling_clip.py):
 pre-LayerNorm blocks, causal self-attention and no padding mask, pooled = final-LN state at the EOS
 position (= argmax of the ids, as in the hub configs with eos_token_id 2), then `text_projection`.
 """

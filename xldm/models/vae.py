@@ -4,7 +4,7 @@ Parameter names are the original ldm/sgm checkpoint names without the `first_sta
 (`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`),
 so the VAE inside an official single-file checkpoint loads with one strict `load_state_dict`.
 The layout follows ldm `modules/diffusionmodules/model.py` (`Encoder`, `Decoder`); the numerics
-follow diffusers `AutoencoderKL` (SDXL_SPEC §2): every GroupNorm uses eps 1e-6, the encoder
+follow diffusers `AutoencoderKL` (models/autoencoders/autoencoder_kl.py): every GroupNorm uses eps 1e-6, the encoder
 downsamples with an asymmetric (0, 1, 0, 1) pad, and the single-head mid attention adds its residual inside.
 """
 
@@ -168,7 +168,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """ldm `Decoder`: z -> image. `up[i]` is resolution level i (i = 0 is full size); it runs from the last level
-    down to 0, so the ldm keys are in the reverse order of diffusers' `up_blocks` (SDXL_SPEC §2)."""
+    down to 0, so the ldm keys are in the reverse order of diffusers' `up_blocks`."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -283,7 +283,7 @@ class AutoencoderKL(nn.Module):
         return z * self.cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNet latents -> image: `decode(latents / scaling_factor)` (diffusers pipelines, SDXL_SPEC §2)."""
+        """UNet latents -> image: `decode(latents / scaling_factor)` (diffusers pipelines, `vae.decode(latents / scaling_factor)`)."""
         return self.decode(latents / self.cfg.scaling_factor)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:

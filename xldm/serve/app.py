@@ -49,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from xldm import __version__
 from xldm.buckets import SDXL_BUCKETS
-from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, check_request
+from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, resolve_request
 from xldm.pngmeta import A1111_CHUNK, XLDM_CHUNK, format_a1111_parameters, parse_a1111_parameters, save_png
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
 from xldm.serve.schemas import (
@@ -270,7 +270,8 @@ class Server:
             long_prompts="chunk", weighting=True,
         )
         try:
-            check_request(request, has_refiner=refiner is not None)
+            request = resolve_request(request, default_size=self.store.lookup(model).default_size,
+                                      has_refiner=refiner is not None)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
@@ -280,14 +281,14 @@ class Server:
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
         pipe = self.store.pipeline(plan.model, plan.refiner)
-        request = pipe.validate(plan.request)
+        request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
         outcome = Outcome(images=[], params=[], seeds=[], saved=[])
         for iteration in range(plan.n_iter):
             job.begin_iteration(iteration, stages)
             try:
-                result = pipe.generate(replace(request, seed=plan.seed + iteration * request.batch),
+                result = pipe.run(replace(request, seed=plan.seed + iteration * request.batch),
                                        callback=job.step_callback)
             except Interrupted:
                 break

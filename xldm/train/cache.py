@@ -9,11 +9,11 @@ computed once and read back in later epochs.  What is cached:
 * per caption: the context sequence and the pooled vector of the text encoders (fp32).
 
 Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file each
-(no pickles), named by a hash of their key and written atomically (temporary file in the same folder, then
-`os.replace`).  A latent entry is keyed by the sample key, its bucket (target size), the crop taken, the original
-size and a digest of the cropped pixels (so an image edited under the same name is a miss, not a stale hit); a
-text entry by the caption.  Each file repeats its key and fingerprint in its metadata and is used only if they
-match; a file that cannot be read (truncated, corrupt) is ignored with a warning, recomputed and rewritten.
+(no pickles), named by a hash of their key, read and written (atomically) by `xldm.weights.io`.  A latent entry
+is keyed by the sample key, its bucket (target size), the crop taken, the original size and a digest of the
+cropped pixels (so an image edited under the same name is a miss, not a stale hit); a text entry by the caption.
+Each file repeats its key and fingerprint in its metadata and is used only if they match; a file that cannot be
+read (truncated, corrupt) is ignored with a warning, recomputed and rewritten.
 
 Invalidation: the fingerprint of the VAE covers its architecture (VAEConfig), every weight tensor's name, shape,
 dtype and contents, the mixed-precision setting and the device type the encoder runs on; the text fingerprint
@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from xldm.weights.io import open_checkpoint, save_file
 
 CACHE_FORMAT = 1
 _CHECKSUM_CHUNK = 1 << 24  # elements per pass of the checksum (bounds its temporary int64 memory)
@@ -105,16 +106,12 @@ class EmbeddingCache:
 
     # --- files -------------------------------------------------------------------------------------------
     def _read(self, path: Path, identity: dict) -> dict[str, Tensor] | None:
-        from safetensors import safe_open
-
         if not path.exists():
             return None
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            stored = json.loads(meta["xldm.cache"])
-        except Exception as e:  # truncated or corrupt: safetensors raises several types
+            entry = open_checkpoint(path)
+            tensors, stored = entry.tensors(), json.loads(entry.metadata["xldm.cache"])
+        except (OSError, KeyError, ValueError) as e:  # truncated or corrupt (xldm's CheckpointError is a ValueError)
             self.stats["corrupt"] += 1
             warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); recomputing it",
                           RuntimeWarning, stacklevel=3)
@@ -123,17 +120,9 @@ class EmbeddingCache:
 
     @staticmethod
     def _write(path: Path, tensors: dict[str, Tensor], identity: dict) -> None:
-        from safetensors.torch import save_file
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={"xldm.cache": json.dumps(identity), "format": "pt"})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_file({k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}, path,
+                  metadata={"xldm.cache": json.dumps(identity), "format": "pt"})
 
     # --- VAE posteriors ----------------------------------------------------------------------------------
     def _latent_identity(self, batch: dict, row: int) -> dict:

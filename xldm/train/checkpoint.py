@@ -3,10 +3,8 @@
 A checkpoint `checkpoints/step_00001000.safetensors` holds every tensor of the training state (trainable weights,
 EMA shadows, optimizer moments, RNG states) and, in its header metadata under `xldm.train.state`, a JSON document
 with the rest (step, config, data position, optimizer hyper-parameters, Python/numpy RNG scalars).  Loading it
-runs no code: safetensors + `json.loads` only (RELIABILITY 1).
-
-Writes follow RELIABILITY 7: the file is streamed to a temporary name in the same folder, flushed and fsynced,
-renamed over the final name with `os.replace`, and the folder is fsynced.  A kill at any moment leaves the
+runs no code: `xldm.weights.io.open_checkpoint` + `json.loads` only.  Saves go through `xldm.weights.io.save_file`
+(temporary file in the same folder, fsync, `os.replace`, fsync of the folder): a kill at any moment leaves the
 earlier checkpoints intact; a leftover temporary file is never mistaken for a checkpoint and is removed by the
 next save.  Only the newest `keep` checkpoints are kept.
 """
@@ -17,34 +15,24 @@ import json
 import os
 import random
 import re
-import secrets
-import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from xldm.errors import CheckpointLoadError
+from xldm.weights.io import open_checkpoint, save_file
+
 STATE_KEY = "xldm.train.state"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
-_TMP_SUFFIX = ".tmp"
 
-# safetensors dtype names (the format's spec: safetensors/README "Format").
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-# Called as hook(path_of_temp_file, bytes_written) after each tensor is written; tests use it to kill a process
-# in the middle of a save.  None in normal runs.
+# Called as hook(path_of_temp_file, bytes_written) once the temporary file is complete, before it replaces the
+# checkpoint; tests use it to kill a process in the middle of a save.  None in normal runs.
 write_hook: Callable[[Path, int], None] | None = None
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint file cannot be read (truncated, corrupt, wrong format)."""
 
 
 def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
@@ -65,51 +53,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = []
-    for path in directory.iterdir():
-        match = _NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _stream_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str], tmp: Path) -> None:
-    """Write the safetensors format tensor by tensor (no second copy of the whole state in memory)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    prepared = []
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"checkpoint tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        prepared.append(tensor)
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the reference writer pads the header to 8 bytes
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    written = 8 + len(encoded)
-    for tensor in prepared:
-        if tensor.numel():
-            data = tensor.reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
-            written += data.nbytes
-        if write_hook is not None:
-            f.flush()
-            write_hook(tmp, written)
+    return sorted((int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name)))
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
@@ -117,21 +61,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
     """Atomically write checkpoint `step` and delete all but the newest `keep` ones; returns its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(f".step_*{_TMP_SUFFIX}"):  # left by a process killed mid-save
+    for stale in directory.glob(".step_*.tmp"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
     path = directory / checkpoint_name(step)
     metadata = {STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **state}), "format": "pt"}
-    tmp = directory / f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as f:
-            _stream_safetensors(f, tensors, metadata, tmp)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    hook = write_hook
+    save_file(tensors, path, metadata, on_written=None if hook is None else lambda tmp: hook(tmp, tmp.stat().st_size))
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -139,21 +74,14 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, state) of one checkpoint; any defect is a `CheckpointLoadError` naming the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        state = json.loads(metadata[STATE_KEY])
-    except Exception as e:  # safetensors raises several types for truncated / corrupt files
+        ckpt = open_checkpoint(path)
+        tensors, state = ckpt.tensors(), json.loads(ckpt.metadata[STATE_KEY])
+    except (OSError, KeyError, ValueError) as e:  # xldm's CheckpointError is a ValueError
         raise CheckpointLoadError(f"{path}: not a loadable training checkpoint ({type(e).__name__}: {e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointLoadError(f"{path}: checkpoint format {state.get('format_version')}, "
-                                  f"expected {FORMAT_VERSION}")
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointLoadError(f"{path}: checkpoint format {version!r}, expected {FORMAT_VERSION}")
     return tensors, state
 
 

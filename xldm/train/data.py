@@ -781,4 +781,22 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
 __all__ = [
     "Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
     "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "to_rgb",
+    "caption_group", "is_heldout",
 ]
+
+
+# --- the held-out caption split of the bundled model's data ----------------------------------------------------
+
+HELDOUT_PER_MILLE = 30  # ~3 % of the emoji names never enter any training stage (our choice)
+
+
+def caption_group(caption: str) -> str:
+    """The name a caption is about (its text before the first comma): all styles, skin tones and placements of one
+    emoji name are held out together, so a held-out caption's words were never paired with its picture."""
+    return caption.split(",", 1)[0].strip().lower()
+
+
+def is_heldout(caption: str) -> bool:
+    digest = hashlib.sha256(("xldm-heldout:" + caption_group(caption)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
+

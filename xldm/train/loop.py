@@ -52,14 +52,9 @@ from xldm.train import checkpoint as ckpt
 from xldm.train import parallel
 from xldm.train.config import TrainConfig
 from xldm.train.ema import EMA
-from xldm.train.objective import (
-    DiscreteSchedule,
-    diffusion_loss,
-    draw_noise,
-    min_snr_weights,
-    sample_generators,
-    training_conditioning,
-)
+from xldm.conditioning import training_conditioning
+from xldm.diffusion.denoiser import Denoiser
+from xldm.train.objective import draw_noise, sample_generators
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -116,7 +111,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     procs: Processes
-    schedule: DiscreteSchedule | None = None
+    denoiser: Denoiser | None = None
     tokenizers: tuple = ()
     # Extra (network, optimizer) pairs trained alongside, checkpointed but not exported (the VAE's discriminator).
     extras: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
@@ -219,7 +214,7 @@ def build_run(config: TrainConfig, procs: Processes | None = None, model: Compon
     params = [p for m in trainable.values() for p in m.parameters()]
     run = Run(config=config, model=model, trainable=trainable, forward=forward,
               optimizer=make_optimizer(config, params), ema=None, procs=procs,
-              schedule=DiscreteSchedule(procs.device), tokenizers=model.tokenizers())
+              denoiser=Denoiser(config.prediction_type), tokenizers=model.tokenizers())
     if config.ema_decay > 0:
         run.ema = EMA(run.named_trainable_parameters(), config.ema_decay, warmup=config.ema_warmup)
     from xldm.train.cache import open_cache
@@ -266,14 +261,10 @@ def diffusion_loss_for_batch(run: Run, batch: dict, step: int) -> torch.Tensor:
     context, vector = training_conditioning(
         model.config, model.text_encoders, run.tokenizers, batch, draw.keep_text, draw.keep_micro,
         device=run.device, train_text_encoders=config.train_text_encoders, embeddings=cached_text)
-    noisy = run.schedule.add_noise(latents, noise, timesteps)
-    target = run.schedule.target(latents, noise, timesteps, config.prediction_type)
+    noisy = run.denoiser.noised(latents, noise, timesteps)
     with run.autocast():
         prediction = run.forward["unet"](noisy, timesteps, context, vector)
-    weights = None
-    if config.min_snr_gamma > 0:
-        weights = min_snr_weights(run.schedule.snr(timesteps), config.min_snr_gamma, config.prediction_type)
-    return diffusion_loss(prediction, target, weights)
+    return run.denoiser.loss(prediction, latents, noise, timesteps, config.min_snr_gamma)
 
 
 def _all_reduce_grads(modules: list[nn.Module], procs: Processes) -> None:

@@ -1,7 +1,7 @@
 """VAE state-dict key maps: original ldm/sgm names <-> diffusers `AutoencoderKL` names, and the config in both.
 
 Keys are given without the `first_stage_model.` prefix of a single-file checkpoint.  The rules are those of
-diffusers' `convert_ldm_vae_checkpoint` (loaders/single_file_utils.py; SDXL_SPEC §2):
+diffusers' `convert_ldm_vae_checkpoint` (loaders/single_file_utils.py):
   norm_out -> conv_norm_out,  encoder.down.i.block.j -> encoder.down_blocks.i.resnets.j,
   encoder.down.i.downsample.conv -> encoder.down_blocks.i.downsamplers.0.conv,
   decoder.up.(L-1-i).block.j -> decoder.up_blocks.i.resnets.j   (reversed level order),
@@ -127,7 +127,7 @@ _UP_BLOCK = "UpDecoderBlock2D"
 
 
 def vae_diffusers_config(cfg: VAEConfig, sample_size: int = 1024) -> dict[str, Any]:
-    """The diffusers `AutoencoderKL` config.json dict for `cfg` (SDXL_SPEC §2; `sample_size` is the image size
+    """The diffusers `AutoencoderKL` config.json dict for `cfg` (`sample_size` is the image size
     the VAE was trained for, 1024 for SDXL, 512 for SD 1.x, and only affects diffusers' tiling)."""
     levels = len(cfg.ch_mult)
     return {
@@ -146,7 +146,7 @@ def vae_diffusers_config(cfg: VAEConfig, sample_size: int = 1024) -> dict[str, A
         "shift_factor": None,
         "latents_mean": None,
         "latents_std": None,
-        # The SDXL VAE overflows in fp16; diffusers upcasts it to fp32 when this is set (SDXL_SPEC §2).
+        # The SDXL VAE overflows in fp16; diffusers upcasts it to fp32 when this is set (diffusers AutoencoderKL `force_upcast`).
         "force_upcast": True,
         "use_quant_conv": True,
         "use_post_quant_conv": True,
