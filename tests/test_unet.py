@@ -311,7 +311,8 @@ def test_config_claiming_other_widths_is_refused_before_reading(tmp_path, monkey
 
     monkeypatch.setattr(load_module, "_float_dtype", no_reads)
     config_path.write_text(json.dumps(dict(honest, block_out_channels=[3200, 4800, 8000])))
-    with pytest.raises(StateDictMismatchError, match=r"input_blocks\.0\.0\.weight expected \(3200, 4, 3, 3\), found \(32, 4"):
+    mismatch = r"input_blocks\.0\.0\.weight expected \(3200, 4, 3, 3\), found \(32, 4"
+    with pytest.raises(StateDictMismatchError, match=mismatch):
         load_module.load_model(folder, components=["unet"])
     config_path.write_text(json.dumps(dict(honest, layers_per_block=10**9)))
     with pytest.raises(CheckpointError, match="the config describes a network of at least"):

@@ -1,9 +1,9 @@
 """Which model a checkpoint holds, and its configuration, from key names and shapes only.
 
-Never reads tensor data (as ComfyUI `model_detection.py` and stable-diffusion.cpp
-`detect_from_weights`): the input is a mapping key -> shape, which a safetensors
-header gives without touching the data.  Files written by xldm also carry their exact config in the
-safetensors metadata (`xldm.config`), which wins where shapes cannot tell (head counts of tiny models).
+Never reads tensor data (as ComfyUI `model_detection.py` and stable-diffusion.cpp `detect_from_weights`): the
+input is a mapping key -> shape, which a safetensors header gives without touching the data.  Files written by
+xldm also carry their exact config in the safetensors metadata (`xldm.config`), which wins where shapes cannot
+tell (head counts of tiny models).
 """
 
 from __future__ import annotations
@@ -13,14 +13,7 @@ import re
 from dataclasses import asdict, replace
 from typing import Mapping
 
-from xldm.config import (
-    BASE_MICRO_CONDITIONING,
-    REFINER_MICRO_CONDITIONING,
-    ModelConfig,
-    TextEncoderConfig,
-    UNetConfig,
-    VAEConfig,
-)
+from xldm.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from xldm.errors import CheckpointError, UnknownModelError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -73,11 +66,6 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
     not show, is that of the official checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm
     v1-inference.yaml num_heads: 8), 64-wide heads otherwise (SD 2.x / SDXL num_head_channels: 64).
     """
-    try:
-        in_channels = shapes["input_blocks.0.0.weight"][1]
-        out_channels = shapes["out.2.weight"][0]
-    except KeyError as e:
-        raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; this is not an SD/SDXL UNet") from None
     n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
     downsamples = sum(1 for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
     levels = downsamples + 1
@@ -86,9 +74,10 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
         raise UnknownModelError(f"UNet has {n_in} input blocks and {downsamples} downsamplers: not a UNet layout")
     firsts = [1 + level * (num_res_blocks + 1) for level in range(levels)]
     try:
+        in_channels, out_channels = shapes["input_blocks.0.0.weight"][1], shapes["out.2.weight"][0]
         widths = tuple(shapes[f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in firsts)
     except KeyError as e:
-        raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; not an SD/SDXL UNet layout") from None
+        raise UnknownModelError(f"UNet keys lack {e.args[0]!r}; this is not an SD/SDXL UNet") from None
     depth = tuple(_count_indexed(shapes, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.") for i in firsts)
     attn_keys = [k for k in shapes if k.endswith("attn2.to_k.weight")]
     if not attn_keys:
@@ -191,12 +180,6 @@ def detect_kind(shapes: Shapes) -> str:
     )
 
 
-def _preset(kind: str) -> ModelConfig:
-    from xldm.config import PRESETS
-
-    return PRESETS[kind]
-
-
 def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | None:
     """The exact ModelConfig xldm stored in a file's safetensors metadata, if any."""
     if not metadata or METADATA_KEY not in metadata:
@@ -232,19 +215,14 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
     if stored is not None:
         return stored
     kind = detect_kind(shapes)
-    preset = _preset(kind)
-    unet_shapes = _sub(shapes, UNET_PREFIX)
-    unet = detect_unet(unet_shapes) if unet_shapes else preset.unet
-    vae_shapes = _sub(shapes, VAE_PREFIX)
-    vae = detect_vae(vae_shapes, preset.vae.scaling_factor) if vae_shapes else preset.vae
-    encoders = []
-    for (prefix, layout), base in zip(TEXT_ENCODER_LAYOUTS[kind], preset.text_encoders):
-        te_shapes = _sub(shapes, prefix)
-        encoders.append(detect_text_encoder(te_shapes, layout, base) if te_shapes else base)
-    micro = preset.micro_conditioning
+    preset = PRESETS[kind]
+    unet = detect_unet(sub) if (sub := _sub(shapes, UNET_PREFIX)) else preset.unet
+    vae = detect_vae(sub, preset.vae.scaling_factor) if (sub := _sub(shapes, VAE_PREFIX)) else preset.vae
+    encoders = [detect_text_encoder(sub, layout, base) if (sub := _sub(shapes, prefix)) else base
+                for (prefix, layout), base in zip(TEXT_ENCODER_LAYOUTS[kind], preset.text_encoders)]
     micro_dim = preset.micro_conditioning_dim
-    if unet.adm_in_channels and micro:
-        n_scalars = sum(1 if m == "aesthetic_score" else 2 for m in micro)
+    if unet.adm_in_channels and preset.micro_conditioning:
+        n_scalars = sum(1 if m == "aesthetic_score" else 2 for m in preset.micro_conditioning)
         micro_dim = (unet.adm_in_channels - encoders[-1].projection_dim) // n_scalars
     return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), micro_conditioning_dim=micro_dim)
 
@@ -252,5 +230,5 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
 __all__ = [
     "detect_config", "detect_kind", "detect_unet", "detect_vae", "detect_text_encoder", "is_ignorable",
     "TEXT_ENCODER_LAYOUTS", "UNET_PREFIX", "VAE_PREFIX", "METADATA_KEY", "config_from_metadata",
-    "model_config_to_dict", "model_config_from_dict", "BASE_MICRO_CONDITIONING", "REFINER_MICRO_CONDITIONING",
+    "model_config_to_dict", "model_config_from_dict",
 ]

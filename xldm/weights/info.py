@@ -40,9 +40,7 @@ class ModelInfo:
     def lines(self) -> list[str]:
         cfg = self.config
         out = [
-            f"source      {self.source}",
-            f"format      {self.format}",
-            f"kind        {cfg.kind}",
+            f"source      {self.source}", f"format      {self.format}", f"kind        {cfg.kind}",
             f"prediction  {cfg.prediction_type}",
             f"unet        widths {list(cfg.unet.block_out_channels)}, "
             f"transformer depth {list(cfg.unet.transformer_depth)} / mid {cfg.unet.transformer_depth_middle}, "
@@ -57,8 +55,7 @@ class ModelInfo:
             )
         if cfg.micro_conditioning:
             out.append(f"conditioning {', '.join(cfg.micro_conditioning)} (Fourier {cfg.micro_conditioning_dim}-d each)")
-        out.append("")
-        out.append(f"{'component':<16}{'parameters':>16}{'tensors':>9}  dtypes")
+        out += ["", f"{'component':<16}{'parameters':>16}{'tensors':>9}  dtypes"]
         for c in self.components:
             dtypes = ", ".join(f"{d} x{n}" for d, n in sorted(c.dtypes.items()))
             out.append(f"{c.name:<16}{c.parameters:>16,}{c.tensors:>9}  {dtypes}")
@@ -68,16 +65,12 @@ class ModelInfo:
         return out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _summarize(name: str, entries: list[tuple[tuple[int, ...], torch.dtype]], layout: str = "") -> ComponentInfo:
     return ComponentInfo(
         name=name,
         parameters=sum(math.prod(shape) for shape, _ in entries),
         tensors=len(entries),
-        dtypes=dict(Counter(_dtype_name(d) for _, d in entries)),
+        dtypes=dict(Counter(str(d).removeprefix("torch.") for _, d in entries)),
         layout=layout,
     )
 

@@ -3,8 +3,8 @@
 Pure dict -> dict renames: the tensors are passed through untouched (no copies, no reshapes; every UNet
 tensor has the same shape in both layouts, SD 1.x 1x1-conv proj_in/proj_out included).  Original keys are
 given WITHOUT the `model.diffusion_model.` prefix.  The rules are those of diffusers'
-`convert_ldm_unet_checkpoint` (diffusers `loaders/single_file_utils.py`), written out per block from the config, including the
-upsampler index quirk: `output_blocks.N.1.conv` for an up block without attention, `.2.conv` with it.
+`convert_ldm_unet_checkpoint` (`loaders/single_file_utils.py`), written out per block from the config, with
+the upsampler index quirk: `output_blocks.N.1.conv` for an up block without attention, `.2.conv` with it.
 
 Also here: the diffusers `UNet2DConditionModel` config dict for a `UNetConfig`, and its inverse.
 """
@@ -21,25 +21,16 @@ T = TypeVar("T")
 
 # ResBlock inner names: sgm -> diffusers ResnetBlock2D (single_file_utils.update_unet_resnet_ldm_to_diffusers).
 _RESNET_ORIGINAL_TO_DIFFUSERS = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+    "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
 }
 _RESNET_DIFFUSERS_TO_ORIGINAL = {v: k for k, v in _RESNET_ORIGINAL_TO_DIFFUSERS.items()}
 
 # SpatialTransformer inner names are identical in both layouts; these are the ones that exist.
 _ATTENTION_OUTER = re.compile(r"^(norm|proj_in|proj_out)\.(weight|bias)$")
 _ATTENTION_BLOCK = re.compile(
-    r"^transformer_blocks\.(\d+)\.("
-    r"norm[123]\.(weight|bias)"
-    r"|attn[12]\.to_[qkv]\.weight"
-    r"|attn[12]\.to_out\.0\.(weight|bias)"
-    r"|ff\.net\.0\.proj\.(weight|bias)"
-    r"|ff\.net\.2\.(weight|bias)"
-    r")$"
+    r"^transformer_blocks\.(\d+)\.(norm[123]\.(weight|bias)|attn[12]\.to_[qkv]\.weight"
+    r"|attn[12]\.to_out\.0\.(weight|bias)|ff\.net\.0\.proj\.(weight|bias)|ff\.net\.2\.(weight|bias))$"
 )
 _LEAF = re.compile(r"^(weight|bias)$")
 
@@ -178,10 +169,9 @@ def _diffusers_depths(cfg: UNetConfig) -> int | list[int]:
     if {d for d in depths if d > 0} <= {cfg.transformer_depth_middle}:
         return cfg.transformer_depth_middle
     if depths[-1] > 0 and depths[-1] != cfg.transformer_depth_middle:
-        raise ValueError(
-            f"diffusers cannot express transformer_depth[-1]={depths[-1]} with a different "
-            f"transformer_depth_middle={cfg.transformer_depth_middle} (its mid block takes the last level's depth)"
-        )
+        raise ValueError(f"diffusers cannot express transformer_depth[-1]={depths[-1]} with a different "
+                         f"transformer_depth_middle={cfg.transformer_depth_middle} (its mid block takes the last "
+                         f"level's depth)")
     return [d if d > 0 else 1 for d in depths[:-1]] + [cfg.transformer_depth_middle]
 
 
@@ -198,23 +188,17 @@ def unet_diffusers_config(cfg: UNetConfig, *, addition_time_embed_dim: int = 256
     attention = [d > 0 for d in cfg.transformer_depth]
     adm = cfg.adm_in_channels if cfg.adm_in_channels > 0 else None
     return {k: v[0] for k, v in _FIXED.items()} | {
-        "sample_size": sample_size,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        "sample_size": sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "block_out_channels": widths,
-        "layers_per_block": cfg.num_res_blocks,
-        "dropout": 0.0,
-        "norm_num_groups": cfg.norm_groups,
-        "cross_attention_dim": cfg.context_dim,
+        "block_out_channels": widths, "layers_per_block": cfg.num_res_blocks, "dropout": 0.0,
+        "norm_num_groups": cfg.norm_groups, "cross_attention_dim": cfg.context_dim,
         "transformer_layers_per_block": _diffusers_depths(cfg),
         "attention_head_dim": cfg.num_heads if cfg.num_heads > 0 else [w // cfg.num_head_channels for w in widths],
-        "use_linear_projection": cfg.use_linear_in_transformer,
+        "use_linear_projection": cfg.use_linear_in_transformer, "upcast_attention": False,
         "addition_embed_type": "text_time" if adm else None,
         "addition_time_embed_dim": addition_time_embed_dim if adm else None,
         "projection_class_embeddings_input_dim": adm,
-        "upcast_attention": False,
     }
 
 
@@ -237,12 +221,19 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         value = d.get(key, default)
         return list(value) if isinstance(value, tuple) else value
 
+    def one(key: str, default: int) -> int:
+        value = d.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be one positive int, found {value!r}")
+        return value
+
     for key, accepted in _FIXED.items():
         if key in d and d[key] not in accepted:
             raise ValueError(f"unsupported diffusers UNet setting {key}={d[key]!r}; expected one of {accepted}")
     widths = get("block_out_channels", [320, 640, 1280, 1280])
-    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ValueError(f"block_out_channels must be a list of positive ints, found {widths!r}")
+    if not isinstance(widths, list) or not widths:
+        raise ValueError(f"block_out_channels must be a list of widths, one per level, found {widths!r}")
+    widths = _ints("block_out_channels", widths, len(widths))
     n = len(widths)
     down = get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     up = get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
@@ -255,9 +246,6 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
     if up != expected_up:
         raise ValueError(f"up_block_types: expected {expected_up} (mirror of the down blocks), found {up}")
-    layers = get("layers_per_block", 2)
-    if not isinstance(layers, int):
-        raise ValueError(f"layers_per_block must be one int, found {layers!r}")
     depths = _ints("transformer_layers_per_block", get("transformer_layers_per_block", 1), n)
 
     heads_setting = get("attention_head_dim", 8)  # the head COUNT per level, see unet_diffusers_config
@@ -270,25 +258,17 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     elif len(set(heads)) == 1:
         num_heads, num_head_channels = heads[0], -1
     else:
-        raise ValueError(
-            f"attention_head_dim {heads_setting} gives neither one head count nor one head width "
-            f"for block_out_channels {widths}"
-        )
-
-    cross = get("cross_attention_dim", 1280)
-    if not isinstance(cross, int):
-        raise ValueError(f"cross_attention_dim must be one int, found {cross!r}")
-    adm = 0
-    if d.get("addition_embed_type") == "text_time":
-        adm = d.get("projection_class_embeddings_input_dim")
-        if not isinstance(adm, int) or adm <= 0:
-            raise ValueError(f"text_time conditioning needs projection_class_embeddings_input_dim, found {adm!r}")
+        raise ValueError(f"attention_head_dim {heads_setting} gives neither one head count nor one head width "
+                         f"for block_out_channels {widths}")
+    text_time = d.get("addition_embed_type") == "text_time"
     return UNetConfig(
-        in_channels=get("in_channels", 4), out_channels=get("out_channels", 4), block_out_channels=tuple(widths),
-        num_res_blocks=layers, transformer_depth=tuple(dep if a else 0 for dep, a in zip(depths, attention)),
+        in_channels=one("in_channels", 4), out_channels=one("out_channels", 4), block_out_channels=tuple(widths),
+        num_res_blocks=one("layers_per_block", 2),
+        transformer_depth=tuple(dep if a else 0 for dep, a in zip(depths, attention)),
         transformer_depth_middle=depths[-1], num_head_channels=num_head_channels, num_heads=num_heads,
-        context_dim=cross, adm_in_channels=adm, use_linear_in_transformer=bool(get("use_linear_projection", False)),
-        norm_groups=get("norm_num_groups", 32),
+        context_dim=one("cross_attention_dim", 1280),
+        adm_in_channels=one("projection_class_embeddings_input_dim", 0) if text_time else 0,
+        use_linear_in_transformer=bool(get("use_linear_projection", False)), norm_groups=one("norm_num_groups", 32),
     )
 
 

@@ -1,11 +1,10 @@
 """Load a whole model, or some of its components, from an original single file or a diffusers folder.
 
 Loading is strict: every key of the file must be used by a component or be a known non-inference key
-(`detect.is_ignorable`), and every parameter of a component must come from the file.  A component's
-config (detected, or claimed by a config.json or the header metadata) is checked against the header's
-shapes before any tensor is read or any parameter allocated, so a config that claims a bigger network
-than the file holds is refused instead of allocated.  Tensors are then assigned in place as they are
-read, in the requested dtype: a model never exists twice in memory.
+(`detect.is_ignorable`), and every parameter of a component must come from the file.  A component's config
+(detected, or claimed by a config.json or the header metadata) is checked against the header's shapes before
+any tensor is read or parameter allocated, so a config claiming a bigger network than the file holds is refused.
+Tensors are then assigned in place as they are read, in the requested dtype: a model never exists twice in memory.
 """
 
 from __future__ import annotations
@@ -105,9 +104,7 @@ def build_text_encoder(te: TextEncoderConfig, header: Header, read: Reader, name
 
 def _float_dtype(ckpt: Checkpoint, key: str, dtype: torch.dtype | None) -> torch.dtype | None:
     """Cast floating tensors to `dtype`; integer tensors keep theirs."""
-    if dtype is None or not ckpt.dtype(key).is_floating_point:
-        return None
-    return dtype
+    return dtype if dtype is not None and ckpt.dtype(key).is_floating_point else None
 
 
 def _part(ckpt: Checkpoint, prefix: str, dtype, device, ignorable=is_ignorable) -> tuple[Header, Reader]:
@@ -141,10 +138,8 @@ def load_single_file(
     prefixes = [UNET_PREFIX, VAE_PREFIX] + [p for p, _ in layouts]
     unknown = [k for k in keys if not k.startswith(tuple(prefixes)) and not is_ignorable(k)]
     if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} keys belong to no component of a {config.kind} checkpoint "
-            f"(expected prefixes {prefixes}): {sorted(unknown)[:10]}"
-        )
+        raise CheckpointError(f"{path}: {len(unknown)} keys belong to no component of a {config.kind} checkpoint "
+                              f"(expected prefixes {prefixes}): {sorted(unknown)[:10]}")
     wanted = _wanted(components)
 
     def need(name: str, prefix: str) -> bool:
@@ -174,12 +169,8 @@ def load_single_file(
 
 # --- diffusers folder -----------------------------------------------------------------------------
 
-WEIGHT_NAMES = {
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-    "text_encoder_2": "model",
-}
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
 
 def _inside(folder: Path, path: Path) -> Path:
@@ -198,10 +189,10 @@ def _read_json(folder: Path, name: str) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def component_weights(folder: Path, sub: str, *, variant: str | None = None) -> Path:
-    """The weights file of a diffusers component folder: `<name>[.variant].safetensors`, a sharded
-    `<name>.safetensors.index.json`, or a pickle `.bin` (refused later unless allowed)."""
-    base = WEIGHT_NAMES[sub]
+def component_weights(folder: Path, sub: str, *, variant: str | None = None, base: str | None = None) -> Path:
+    """The weights file of a diffusers component folder `folder/sub`: `<base>[.variant].safetensors`, a sharded
+    `<base>.safetensors.index.json`, or a pickle `.bin` (refused later unless allowed)."""
+    base = base or WEIGHT_NAMES[sub]
     subdir = _inside(folder, folder / sub)
     names = []
     if variant:
@@ -339,20 +330,15 @@ def load_vae(
             return load_diffusers(path, components=["vae"], dtype=dtype, device=device,
                                   allow_pickle=allow_pickle).vae
         vae_cfg = vae_config_from_diffusers(_read_json(path, "config.json"))
-        names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin"]
-        weights = next((_inside(path, path / n) for n in names if (path / n).exists()), None)
-        if weights is None:
-            raise CheckpointError(f"{path}: no diffusion_pytorch_model weights in this VAE folder")
+        weights = component_weights(path, ".", base=WEIGHT_NAMES["vae"])
         header, read = _part(open_checkpoint(weights, allow_pickle=allow_pickle), "", dtype, device, lambda k: False)
         convert = lambda sd: vae_diffusers_to_original(sd, vae_cfg)  # noqa: E731
     else:
         ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()) else ""
+        scale = SDXL_VAE.scaling_factor  # bare VAE files: SDXL's
         if prefix:
             scale = detect_config({k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.metadata).vae.scaling_factor
-        else:
-            scale = SDXL_VAE.scaling_factor
         (header, read), convert = _part(ckpt, prefix, dtype, device), None
         vae_cfg = detect_vae({k: tuple(v.shape) for k, v in header.items()}, scale)
     if scaling_factor is not None:

@@ -16,9 +16,7 @@ from xldm.weights.io import save_file
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    if dtype is None:
-        return tensors
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def single_file_state_dict(model: Components) -> dict[str, torch.Tensor]:
@@ -52,38 +50,25 @@ def save_single_file(model: Components, path: str | os.PathLike, *, dtype: torch
 
 # --- diffusers folder -----------------------------------------------------------------------------
 
-# SDXL / SD scheduler as the hub folders configure it (SDXL_SPEC 5.1: leading spacing, offset 1; the
-# hub file also carries clip_sample=false and set_alpha_to_one=false, which DDIM picks up via from_config).
+# SDXL / SD scheduler as the hub folders configure it (sdxl-base scheduler/scheduler_config.json: leading
+# spacing, offset 1; clip_sample=false and set_alpha_to_one=false are for DDIM, which picks them up via from_config).
 def scheduler_config(config: ModelConfig) -> dict:
     return {
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "sample_max_value": 1.0,
-        "skip_prk_steps": True,
-        "trained_betas": None,
-        "_class_name": "EulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
+        "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "interpolation_type": "linear",
         "prediction_type": "v_prediction" if config.prediction_type == "v" else "epsilon",
-        "interpolation_type": "linear",
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-        "use_karras_sigmas": False,
+        "timestep_spacing": "leading", "steps_offset": 1, "use_karras_sigmas": False, "clip_sample": False,
+        "set_alpha_to_one": False, "sample_max_value": 1.0, "skip_prk_steps": True, "trained_betas": None,
     }
 
 
-def _pipeline_class(config: ModelConfig) -> str:
-    return {
-        "sdxl-base": "StableDiffusionXLPipeline",
-        "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
-    }.get(config.kind, "StableDiffusionPipeline")
+_PIPELINES = {"sdxl-base": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
 def model_index(model: Components) -> dict:
     config = model.config
-    index: dict = {"_class_name": _pipeline_class(config), "_diffusers_version": "0.42.1"}
+    index: dict = {"_class_name": _PIPELINES.get(config.kind, "StableDiffusionPipeline"),
+                   "_diffusers_version": "0.42.1"}
     if model.unet is not None:
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
     if model.vae is not None:
@@ -98,7 +83,8 @@ def model_index(model: Components) -> dict:
     if not config.kind.startswith("sdxl"):
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     if config.kind == "sdxl-refiner":
-        # the hub refiner: bigG only, aesthetic score on, "" encoded for the negative (SDXL_SPEC 3.4)
+        # the hub refiner (stable-diffusion-xl-refiner-1.0 model_index.json): bigG only, aesthetic score on,
+        # "" encoded for the negative
         index.update(text_encoder=[None, None], tokenizer=[None, None],
                      requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     elif config.kind == "sdxl-base":
