@@ -121,12 +121,7 @@ class ModelHandle:
         from xldm.weights.load import load_model
 
         part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
-        if component == "unet":
-            self.loaded.unet = part.unet
-        elif component == "vae":
-            self.loaded.vae = part.vae
-        else:
-            self.loaded.text_encoders = part.text_encoders
+        setattr(self.loaded, component, getattr(part, component))
 
     def has(self, component: str) -> bool:
         """Whether the model has this component (loaded, or in its file)."""
@@ -141,9 +136,7 @@ class ModelHandle:
     @contextmanager
     def use(self, component: str) -> Iterator[Components]:
         """Components with `component` ("unet", "vae" or "text_encoders") present for the block's duration."""
-        present = {"unet": self.loaded.unet is not None, "vae": self.loaded.vae is not None,
-                   "text_encoders": bool(self.loaded.text_encoders)}[component]
-        if not present:
+        if getattr(self.loaded, component) in (None, ()):
             if self.path is None:
                 raise ValueError(f"{self.name}: the model has no {component} and no file to load it from")
             self._load(component)
@@ -151,12 +144,7 @@ class ModelHandle:
             yield self.loaded
         finally:
             if self.low_memory and self.path is not None:
-                if component == "unet":
-                    self.loaded.unet = None
-                elif component == "vae":
-                    self.loaded.vae = None
-                else:
-                    self.loaded.text_encoders = ()
+                setattr(self.loaded, component, () if component == "text_encoders" else None)
                 gc.collect()
 
 
