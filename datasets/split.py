@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from xldm.train.data import caption_group, is_heldout
+from xldm.weights.io import atomic_write
 
 
 def split_dataset(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
@@ -36,9 +37,8 @@ def split_dataset(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, i
             os.link(src / record["file_name"], target)
         except OSError:
             shutil.copyfile(src / record["file_name"], target)
-    tmp = dst / "metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train))
-    os.replace(tmp, dst / "metadata.jsonl")
+    with atomic_write(dst / "metadata.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train))
     (dst / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout))
     return {"train": len(train), "heldout": len(heldout),
             "heldout_names": len({caption_group(r["text"]) for r in heldout})}

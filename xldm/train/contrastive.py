@@ -180,10 +180,11 @@ def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None)
         arrays.append(letterbox(image, size))
     pixels = np.stack(arrays).transpose(0, 3, 1, 2).copy()
     if cache is not None:
+        from xldm.weights.io import atomic_write
+
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{path.name}.tmp.npy"
-        np.save(tmp, pixels)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:  # (np.save to a path would append ".npy")
+            np.save(f, pixels)
     return torch.from_numpy(pixels), captions
 
 
