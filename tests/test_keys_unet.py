@@ -70,7 +70,7 @@ def test_full_size_keys_through_diffusers_converter(name: str, preset: ModelConf
 
 
 def test_upsampler_index_quirk() -> None:
-    """An up block with attention has its Upsample at slot 2, one without at slot 1 (SDXL_SPEC 1.4)."""
+    """An up block with attention has its Upsample at slot 2, one without at slot 1 (sgm openaimodel.py `UNetModel.output_blocks`)."""
     cfg = SDXL_REFINER.unet
     names = {"up_blocks.0.upsamplers.0.conv.weight": 0, "up_blocks.1.upsamplers.0.conv.weight": 1}
     original = unet_diffusers_to_original(names, cfg)
@@ -97,7 +97,7 @@ def test_unmappable_keys_are_listed() -> None:
 
 def test_diffusers_config_values_for_presets() -> None:
     base = unet_diffusers_config(SDXL_BASE.unet)
-    assert base["attention_head_dim"] == [5, 10, 20]  # number of heads (SDXL_SPEC 1.1)
+    assert base["attention_head_dim"] == [5, 10, 20]  # number of heads (diffusers' naming)
     assert base["transformer_layers_per_block"] == [1, 2, 10]
     assert base["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert base["up_block_types"] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]

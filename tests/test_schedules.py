@@ -107,7 +107,7 @@ def test_schedule_matches_diffusers(name: str, num_steps: int):
 def test_sdxl_spec_examples():
     s = make_schedule("euler", 50)
     assert s.timesteps[0].item() == 981.0 and s.timesteps[-1].item() == 1.0
-    assert abs(s.init_noise_sigma - 13.158469) < 1e-5  # SDXL_SPEC 5.1: not the training max 14.6146
+    assert abs(s.init_noise_sigma - 13.158469) < 1e-5  # sqrt(sigma_max^2 + 1), not the training max 14.6146
     s30 = make_schedule("euler", 30)
     assert s30.timesteps[0].item() == 958.0 and s30.timesteps[-1].item() == 1.0
     assert s30.sigmas[-1].item() == 0.0

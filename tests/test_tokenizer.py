@@ -1,4 +1,4 @@
-"""xldm.tokenizer vs transformers' CLIPTokenizer set up as the SDXL pipeline has it (SDXL_SPEC 3.3).
+"""xldm.tokenizer vs transformers' CLIPTokenizer set up as the SDXL pipeline has it.
 
 Oracle: transformers.CLIPTokenizer built from the same BPE file with its own vocabulary construction
 (transformers' bytes_to_unicode), model_max_length=77, pad_token="!" for tokenizer 2, called with
@@ -123,7 +123,7 @@ def test_unpadded_tokenize_equals_transformers(hf_tokenizers, variant):
 
 
 def test_bang_quirk_known_ids():
-    # SDXL_SPEC 3.3 / diffusers issue #4153: tokenizer 2 splits every "!" into id 0.
+    # diffusers issue #4153: tokenizer 2 splits every "!" into id 0.
     tok1, tok2 = CLIPTokenizer(49407), CLIPTokenizer(0)
     assert tok2("wow!! amazing!")[0, :8].tolist() == [49406, 2781, 0, 0, 1370, 0, 49407, 0]
     assert tok1("wow!! amazing!")[0, :7].tolist() == [49406, 2781, 748, 1370, 256, 49407, 49407]

@@ -69,7 +69,7 @@ def _inputs(preset: ModelConfig, height: int, width: int, batch: int = 2, seed: 
         return x, t, context, None, {}
     pooled = torch.randn(batch, preset.text_encoders[-1].projection_dim, generator=g)
     ids = _time_ids(preset, batch)
-    # xldm side: y = [pooled | fourier(each scalar)], one timestep_embedding per scalar (SDXL_SPEC 4).
+    # xldm side: y = [pooled | fourier(each scalar)], one timestep_embedding per scalar (diffusers unet_2d_condition.py `add_time_proj`).
     fourier = timestep_embedding(ids, preset.micro_conditioning_dim).reshape(batch, -1)
     y = torch.cat([pooled, fourier], dim=-1)
     return x, t, context, y, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}

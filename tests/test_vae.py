@@ -101,7 +101,7 @@ def test_full_size_keys_and_shapes_match_diffusers(cfg: VAEConfig) -> None:
         ours = AutoencoderKL(cfg)
         reference = diffusers_vae(cfg)
     ours_sd = ours.state_dict()
-    assert sum(p.numel() for p in ours.parameters()) == 83_653_863  # SDXL_SPEC §8, same VAE shape for SD 1.x/2.x
+    assert sum(p.numel() for p in ours.parameters()) == 83_653_863  # the released SDXL VAE; same shape for SD 1.x/2.x
     assert len(ours_sd) == 248
 
     mapped = vae_diffusers_to_original(reference.state_dict(), cfg)

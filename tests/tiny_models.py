@@ -1,4 +1,4 @@
-"""Tiny random models shared by the tests (SDXL structure, small widths; SDXL_SPEC 7.2)."""
+"""Tiny random models shared by the tests (SDXL structure, small widths)."""
 
 from __future__ import annotations
 

@@ -48,10 +48,9 @@ class Conditioning:
     guided: bool = False
 
     def model_fn(self, network: nn.Module, cfg: float, extra_channels: Tensor | None = None):
-        """(x_in, t) -> network output for `xldm.diffusion.Denoiser`: on a guided batch the network runs once on
-        [x, x] and the halves are combined as u + cfg (c - u) on the raw output (eps or v), as diffusers' SDXL
-        pipelines do.  `extra_channels` (B rows) are concatenated after the sample along channels: the mask and
-        masked-image latents of a 9-channel inpainting UNet, or a cascade SR stage's upsampled low-res image."""
+        """(x_in, t) -> network output for `xldm.diffusion.Denoiser`: a guided batch runs the network once on
+        [x, x] and combines the halves as u + cfg (c - u) on the raw output, as diffusers' SDXL pipelines do.
+        `extra_channels` (B rows) go after the sample along channels (`concat_channels`)."""
         guided = self.guided
         dtype = next(network.parameters()).dtype
         if extra_channels is not None and guided:
@@ -97,11 +96,8 @@ def _as_prompt_list(prompts: str | Sequence[str], name: str) -> list[str]:
 
 
 def _split_chunks(pieces: list[tuple[list[int], float] | None], size: int) -> list[_Chunk]:
-    """Token pieces (None = BREAK) -> chunks of at most `size` tokens.
-
-    As the webui: a full chunk is closed only when another token arrives, BREAK closes the current chunk (even an
-    empty one), and a prompt always has at least one chunk.
-    """
+    """Token pieces (None = BREAK) -> chunks of at most `size` tokens.  As the webui: a full chunk closes only when
+    another token arrives, BREAK closes the current one (even empty), a prompt has at least one chunk."""
     chunks: list[_Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -255,18 +251,15 @@ def _encode(text_encoders: Sequence[nn.Module], tokenizers: Sequence, config: Mo
 def encode_prompts(text_encoders: Sequence[nn.Module], tokenizers: Sequence | None, config: ModelConfig,
                    prompts: str | Sequence[str], *, long_prompts: str = "truncate", weighting: bool = False,
                    clip_skip: int | None = None) -> TextEmbeddings:
-    """Encode prompts with the model's text encoders (in `config.text_encoders` order) and their tokenizers.
+    """Encode prompts with the model's text encoders (in `config.text_encoders` order) and tokenizers (None: the
+    matching `CLIPTokenizer`s); outputs in the last encoder's dtype, on its device (as diffusers).
 
-    * `long_prompts="truncate"`: `[BOS] + first 75 tokens + [EOS] + padding` (diffusers); `"chunk"`: every 75
-      tokens form a chunk wrapped the same way, the chunks' features are concatenated along the sequence
-      (L = 77 * chunks, padded with empty chunks to the longest prompt of the batch); pooled from the first chunk.
-    * `weighting=True`: parse "(word:1.2)" etc. (`xldm.prompt_weighting`), weight the context, restore its mean
-      per prompt and chunk; the pooled vector is not weighted. "BREAK" starts a new chunk (in "truncate" mode
-      only the first chunk is kept, so text after a BREAK is dropped).
-    * `clip_skip=k` takes the features k layers further back (diffusers' `clip_skip`: SDXL `hidden_states[-(k+2)]`).
-    * `tokenizers=None` builds the matching `CLIPTokenizer` for each encoder config.
-
-    The outputs are cast to the dtype of the last text encoder, on its device (as diffusers).
+    * "truncate": `[BOS] + first 75 tokens + [EOS] + padding` (diffusers); "chunk": every 75 tokens a chunk wrapped
+      the same way, concatenated along the sequence (L = 77 * chunks, the batch padded with empty chunks); the
+      pooled vector is the first chunk's.
+    * `weighting`: "(word:1.2)" etc. (`xldm.prompt_weighting`) weight the context, its mean restored per prompt and
+      chunk; the pooled vector is not weighted; "BREAK" starts a new chunk (dropped in "truncate" mode).
+    * `clip_skip=k`: k layers further back (diffusers' `clip_skip`: SDXL `hidden_states[-(k+2)]`).
     """
     prompts = _as_prompt_list(prompts, "prompts")
     tokenizers = _default_tokenizers(config) if tokenizers is None else tuple(tokenizers)
