@@ -1,21 +1,17 @@
 """Imagen-style cascaded pixel diffusion: a small base model at low resolution, then super-resolution stages.
 
 A cascade (Ho et al. 2021, "Cascaded Diffusion Models"; Saharia et al. 2022, "Imagen", Sec. 2.4) is a list of
-pixel-space diffusion models, each the same `UNet` class, configured:
-
-* base stage: UNet(in 3, out 3) on the noisy RGB image, text conditioning as SDXL's conditioner builds it
-  (context = the text encoders' features, vector = pooled text + Fourier-embedded scalars);
-* super-resolution (SR) stage: UNet(in 6, out 3) on cat([noisy target, upsample(low-res)], channels), the
-  low-res image upsampled bilinearly (align_corners=False) to the target size, same text conditioning, plus the
-  noise-augmentation level s of the low-res image as one more Fourier-embedded scalar in the vector (the
-  mechanism of SDXL's micro-conditioning).
+pixel-space models (`ModelConfig` without a VAE, `xldm.config`), conditioned by `xldm.conditioning` and sampled by
+`xldm.pipeline.denoise` like the latent models: a base stage (UNet in 3 / out 3 on the noisy RGB image) and
+super-resolution (SR) stages (UNet in 6 / out 3 on cat([noisy target, bilinear upsample(low-res)]), the low-res
+image's noise-augmentation level s one more Fourier-embedded scalar in the vector, as SDXL's micro-conditioning).
 
 Noise conditioning augmentation (Imagen Sec. 2.4; CDM Sec. 4.1): in training the low-res image is corrupted as
     z = sqrt(alpha_s) x + sqrt(1 - alpha_s) eps,  alpha_s = cos^2(pi s / 2),  s ~ U[0, s_max]
 (the continuous cosine variance-preserving schedule, Nichol & Dhariwal 2021 eq. 17 without the offset), and s
 is given to the model; at sampling s is a user setting (`DEFAULT_SR_AUG_LEVEL`).  s = 0 leaves x unchanged.
 
-Every stage runs on SDXL's discrete schedule and samplers (`xldm.diffusion`), so all samplers work here too.
+Every stage runs on SDXL's discrete schedule and samplers, so all samplers work here too.
 """
 
 from __future__ import annotations
@@ -246,12 +242,9 @@ class CascadeResult:
 class CascadePipeline:
     """`CascadePipeline(stages)(prompt, steps=[30, 20, 20], cfg=[5, 4, 4], aug=[0, 0.1, 0.1], seed=1)`.
 
-    Runs base -> SR -> SR, each stage through the sampling loop of every model (`xldm.pipeline.denoise`) with the
-    conditioner's CFG batch; an SR stage is conditioned on the previous output, clipped to [-1, 1] and
-    noise-augmented at its level s.  A cascade whose first stage is an SR stage upscales `init_image` (any image
-    with the expected aspect ratio when `resize_init_image`, e.g. an SDXL output; exactly the expected size
-    otherwise).  `stages` are `Components` of pixel-space models (`load_cascade`, `random_stage`).
-    """
+    Runs base -> SR -> SR; an SR stage is conditioned on the previous output, clipped to [-1, 1] and noise-augmented
+    at its level s.  A cascade starting with an SR stage upscales `init_image` (of the expected size, or of its
+    aspect ratio with `resize_init_image`, e.g. an SDXL output).  `stages`: `Components` (`load_cascade`)."""
 
     def __init__(self, stages: Sequence[Components], *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
