@@ -1,7 +1,7 @@
 """Samplers: pure functions over a denoiser D(x, sigma, t) -> x0, in VE coordinates (k-diffusion style).
 
-Each reproduces one diffusers scheduler driven by the SDXL pipelines' loop (same noise levels, order rules
-and random draws), so a seed gives diffusers' image.  Arguments:
+Each reproduces one diffusers scheduler in the SDXL pipelines' loop (noise levels, order rules, random draws),
+so a seed gives diffusers' image.  Arguments:
 
     denoiser   D(x, sigma, t) -> x0 (`denoiser.Denoiser`)
     x          the start in VE coordinates: noise * schedule.init_noise_sigma, a noised image (img2img), or
@@ -14,9 +14,8 @@ and random draws), so a seed gives diffusers' image.  Arguments:
                pipeline does after each `scheduler.step`); sampling continues from the hooked sample
     callback   callback(i, n, x, x0) after each step (and after step_hook); i counts steps of this slice
 
-and return the sample at schedule.sigmas[-1].  Arithmetic is float32; each step's result is cast back to the
-dtype of `x`, as diffusers casts to the model's dtype.
-"""
+and return the sample at schedule.sigmas[-1]; float32 arithmetic, each step cast back to `x.dtype` (as diffusers
+casts to the model's dtype)."""
 
 from __future__ import annotations
 
@@ -32,14 +31,10 @@ StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _model_time(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-    return schedule.timesteps[i].to(x.device)
-
-
 def _euler_slope(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, i: int):
     """(sigma, sigma_next, x in float32, x0, d = (x - x0) / sigma): the opening of diffusers' Euler-family `step`."""
     sigma = schedule.sigmas[i]
-    x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+    x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
     xf = x.float()
     return sigma, schedule.sigmas[i + 1], xf, x0, (xf - x0) / sigma
 
@@ -96,13 +91,10 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
     for i in range(n):
         sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
         dt = sigma_next - sigma
-        if i == n - 1:
-            x = (xf + d * dt).to(dtype)
-        else:
-            x_mid = (xf + d * dt).to(dtype)
-            if step_hook is not None:
-                x_mid = step_hook(i, x_mid)
-            x0 = denoiser(x_mid, sigma_next, _model_time(schedule, i + 1, x))
+        x = (xf + d * dt).to(dtype)
+        if i < n - 1:  # x is the intermediate Euler point at sigma_next
+            x_mid = x if step_hook is None else step_hook(i, x)
+            x0 = denoiser(x_mid, sigma_next, schedule.timesteps[i + 1].to(x.device))
             d_mid = (x_mid.float() - x0) / sigma_next
             x = (xf + (d + d_mid) / 2 * dt).to(dtype)
         x = _after_step(i, n, x, x0, step_hook, callback)
@@ -137,7 +129,7 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: b
     x0_prev = None
     for i in range(n):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
         xf = x.float()
         noise = randn(x.shape, generator, x.device, torch.float32) if sde else None  # drawn every step
         if sigma_next == 0:
@@ -202,7 +194,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gen
     prev_order = 0
     for i in range(n):
         sigma, sigma_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
 
         if i > 0:  # UniC corrector, from sig[i-1] to sig[i], of the previous predictor's order
             h = _lam(sigma) - _lam(sig[i - 1])

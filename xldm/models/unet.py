@@ -63,9 +63,7 @@ class UNet(nn.Module):
 
         # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ SpatialTransformer]), then Downsample.
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
-        skip_widths = [mc]
-        ch = mc
-        last = config.num_levels - 1
+        skip_widths, ch = [mc], mc
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, ted, width, groups)]
@@ -74,7 +72,7 @@ class UNet(nn.Module):
                     layers.append(transformer(ch, config.transformer_depth[level]))
                 self.input_blocks.append(UNetBlock(layers))
                 skip_widths.append(ch)
-            if level != last:
+            if level != config.num_levels - 1:
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
                 skip_widths.append(ch)
 
@@ -113,7 +111,8 @@ class UNet(nn.Module):
             raise ValueError(f"context: expected shape ({batch}, L, {cfg.context_dim}), found {tuple(context.shape)}")
         if cfg.adm_in_channels > 0:
             if y is None:
-                raise ValueError(f"y: expected vector conditioning of shape ({batch}, {cfg.adm_in_channels}), found None")
+                raise ValueError(f"y: expected vector conditioning of shape ({batch}, {cfg.adm_in_channels}), "
+                                 "found None")
             if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != cfg.adm_in_channels:
                 raise ValueError(f"y: expected shape ({batch}, {cfg.adm_in_channels}), found {tuple(y.shape)}")
         elif y is not None:
