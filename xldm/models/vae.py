@@ -10,6 +10,7 @@ each encoder downsampling, and a single-head mid attention that adds its residua
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -81,17 +82,11 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class MidBlock(nn.Module):
+def _mid_block(channels: int, groups: int) -> nn.Sequential:
     """`mid.block_1 -> mid.attn_1 -> mid.block_2` at the lowest resolution (ldm Encoder/Decoder `mid`)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = VAEResBlock(channels, channels, groups)
-        self.attn_1 = VAEAttention(channels, groups)
-        self.block_2 = VAEResBlock(channels, channels, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    return nn.Sequential(OrderedDict(block_1=VAEResBlock(channels, channels, groups),
+                                     attn_1=VAEAttention(channels, groups),
+                                     block_2=VAEResBlock(channels, channels, groups)))
 
 
 class VAELevel(nn.Module):
@@ -127,7 +122,7 @@ class Encoder(nn.Module):
                      "downsample" if i != len(widths) - 1 else None)
             for i in range(len(widths))
         )
-        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.mid = _mid_block(widths[-1], cfg.norm_groups)
         self.norm_out = _group_norm(cfg.norm_groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
@@ -147,7 +142,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.mid = _mid_block(widths[-1], cfg.norm_groups)
         in_widths = widths[1:] + [widths[-1]]  # level i takes level i+1's width (the mid width at the last level)
         self.up = nn.ModuleList(
             VAELevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, cfg.norm_groups, "upsample" if i != 0 else None)
@@ -201,12 +196,14 @@ class AutoencoderKL(nn.Module):
 
     def _check_latents(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.cfg.z_channels:
-            raise ValueError(f"VAE decode expects latents (B, {self.cfg.z_channels}, h, w), found shape {tuple(z.shape)}")
+            raise ValueError(f"VAE decode expects latents (B, {self.cfg.z_channels}, h, w), "
+                             f"found shape {tuple(z.shape)}")
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         f = self.cfg.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"VAE encode expects images (B, {self.cfg.in_channels}, H, W), found shape {tuple(x.shape)}")
+            raise ValueError(f"VAE encode expects images (B, {self.cfg.in_channels}, H, W), "
+                             f"found shape {tuple(x.shape)}")
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(
                 f"VAE encode expects height and width that are multiples of {f}, found {x.shape[2]}x{x.shape[3]}")
