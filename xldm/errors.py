@@ -49,10 +49,6 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def _plural(count: int, singular: str, plural: str) -> str:
-    return f"{count} {singular if count == 1 else plural}"
-
-
 def _listing(items: Sequence[str]) -> str:
     shown = ", ".join(items[:_LISTED_PER_CATEGORY])
     hidden = len(items) - _LISTED_PER_CATEGORY
@@ -60,22 +56,11 @@ def _listing(items: Sequence[str]) -> str:
 
 
 class StateDictMismatchError(CheckpointError):
-    """A state dict does not fit a module: missing, unexpected or misshaped keys.
+    """A state dict does not fit a module (`component`: "UNet", "VAE", ...): keys the module has and the dict lacks
+    (`missing`), the other way round (`unexpected`), and (key, expected_shape, found_shape) (`mismatched`)."""
 
-    Attributes:
-        component: which part of the model was being loaded ("UNet", "VAE", ...).
-        missing: keys the module has and the state dict lacks.
-        unexpected: keys the state dict has and the module lacks.
-        mismatched: (key, expected_shape, found_shape) for keys present on both sides with different shapes.
-    """
-
-    def __init__(
-        self,
-        component: str,
-        missing: Sequence[str] = (),
-        unexpected: Sequence[str] = (),
-        mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
-    ) -> None:
+    def __init__(self, component: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
+                 mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = ()) -> None:
         self.component = component
         self.missing = list(missing)
         self.unexpected = list(unexpected)
@@ -83,34 +68,17 @@ class StateDictMismatchError(CheckpointError):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"{_plural(len(self.missing), 'missing key', 'missing keys')}: {_listing(self.missing)}")
-        if self.unexpected:
-            parts.append(
-                f"{_plural(len(self.unexpected), 'unexpected key', 'unexpected keys')}: {_listing(self.unexpected)}"
-            )
-        if self.mismatched:
-            described = [
-                f"{key} expected {_shape_text(expected)}, found {_shape_text(found)}"
-                for key, expected, found in self.mismatched
-            ]
-            parts.append(
-                f"{_plural(len(self.mismatched), 'shape mismatch', 'shape mismatches')}: {_listing(described)}"
-            )
+        described = [f"{key} expected {_shape_text(expected)}, found {_shape_text(found)}"
+                     for key, expected, found in self.mismatched]
+        parts = [f"{len(items)} {one if len(items) == 1 else many}: {_listing(items)}"
+                 for items, one, many in ((self.missing, "missing key", "missing keys"),
+                                          (self.unexpected, "unexpected key", "unexpected keys"),
+                                          (described, "shape mismatch", "shape mismatches")) if items]
         return f"{self.component}: " + ("; ".join(parts) if parts else "state dict does not match")
 
     def __reduce__(self):  # keep the attributes when the error crosses a process boundary
         return (type(self), (self.component, self.missing, self.unexpected, self.mismatched))
 
 
-__all__ = [
-    "XldmError",
-    "CheckpointError",
-    "CorruptCheckpointError",
-    "CheckpointLoadError",
-    "PickleRefusedError",
-    "StateDictMismatchError",
-    "UnsafePathError",
-    "UnknownModelError",
-]
+__all__ = ["XldmError", "CheckpointError", "CorruptCheckpointError", "CheckpointLoadError", "PickleRefusedError",
+           "StateDictMismatchError", "UnsafePathError", "UnknownModelError"]

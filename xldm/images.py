@@ -1,8 +1,6 @@
-"""Images in and out of the pipeline: PIL <-> tensors in [-1, 1], masks, the same rules as diffusers.
-
-Matches diffusers' `VaeImageProcessor` as the SDXL pipelines use it: Lanczos resize, pixels / 255,
-`2x - 1`; masks converted to grayscale, resized, binarised at 0.5; output `(x / 2 + 0.5).clamp(0, 1)`,
-then `(x * 255).round()` to uint8.
+"""Images in and out of the pipeline as diffusers' `VaeImageProcessor` in the SDXL pipelines: Lanczos resize,
+pixels / 255, `2x - 1`; masks grayscale, resized, binarised at 0.5; output `(x / 2 + 0.5).clamp(0, 1)`, then
+`(x * 255).round()` to uint8.  Pillow's decompression-bomb guard (Image.MAX_IMAGE_PIXELS) stays at its default.
 """
 
 from __future__ import annotations
@@ -12,8 +10,6 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-
-# Pillow's decompression-bomb guard stays on: Image.MAX_IMAGE_PIXELS is left at its default.
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -45,16 +41,13 @@ def _resize(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def image_to_tensor(image: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """An RGB image -> (1, 3, height, width) float32 in [-1, 1], Lanczos-resized when its size differs.
-
-    A tensor is taken as already in [0, 1] with shape (B, 3, H, W) and must have the requested size.
-    """
+    """An RGB image -> (1, 3, height, width) float32 in [-1, 1], Lanczos-resized; a tensor is taken as
+    (B, 3, H, W) in [0, 1] of the requested size."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"image tensor must be (B, 3, H, W), got {tuple(image.shape)}")
-        if image_size(image) != (width, height):
-            found_w, found_h = image_size(image)
-            raise ValueError(f"image tensor is {found_w}x{found_h}, expected {width}x{height}")
+        if (found := image_size(image)) != (width, height):
+            raise ValueError(f"image tensor is {found[0]}x{found[1]}, expected {width}x{height}")
         return image.float() * 2 - 1
     rgb = _resize(image, width, height).convert("RGB")
     array = np.asarray(rgb).astype(np.float32) / 255.0
@@ -69,8 +62,8 @@ def mask_to_tensor(mask: Image.Image | torch.Tensor, width: int, height: int) ->
             m = m[None, None]
         elif m.ndim == 3:
             m = m[:, None] if m.shape[0] != 1 else m[None]
-        if image_size(m) != (width, height):
-            raise ValueError(f"mask is {image_size(m)[0]}x{image_size(m)[1]}, expected {width}x{height}")
+        if (found := image_size(m)) != (width, height):
+            raise ValueError(f"mask is {found[0]}x{found[1]}, expected {width}x{height}")
     else:
         gray = _resize(mask, width, height).convert("L")
         m = torch.from_numpy(np.asarray(gray).astype(np.float32) / 255.0)[None, None]

@@ -59,38 +59,32 @@ def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
     i, n = 0, len(prompt)
     while i < n:
         c = prompt[i]
+        i += 1  # past `c`; the branches below that read more move `i` on themselves
         if c == "\\":
-            if i + 1 < n and prompt[i + 1] in _ESCAPABLE:
-                pieces.append([prompt[i + 1], 1.0, False])
-                i += 2
-            else:
-                i += 1  # a lone backslash is dropped
+            if i < n and prompt[i] in _ESCAPABLE:
+                pieces.append([prompt[i], 1.0, False])
+                i += 1
+            # else: a lone backslash is dropped
         elif c == "(":
             round_open.append(len(pieces))
-            i += 1
         elif c == "[":
             square_open.append(len(pieces))
-            i += 1
         elif c == ")" and round_open:
             scale_from(round_open.pop(), ROUND_BRACKET_FACTOR)
-            i += 1
         elif c == "]" and square_open:
             scale_from(square_open.pop(), SQUARE_BRACKET_FACTOR)
-            i += 1
         elif c == ":":
-            match = _WEIGHT_THEN_CLOSE.match(prompt, i)
+            match = _WEIGHT_THEN_CLOSE.match(prompt, i - 1)
             weight = _parse_float(match.group(1)) if match and round_open else None
             if weight is not None:
                 scale_from(round_open.pop(), weight)
                 i = match.end()
             else:
                 add_text(":")  # an ordinary colon (or a weight with no "(" open: literal text)
-                i += 1
         elif c in ")]":
             add_text(c)  # closes nothing: literal
-            i += 1
         else:
-            match = _PLAIN_TEXT.match(prompt, i)
+            match = _PLAIN_TEXT.match(prompt, i - 1)
             add_text(match.group(0))
             i = match.end()
 
@@ -123,16 +117,12 @@ def _parse_float(text: str) -> float | None:
 def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weight each token's features and restore each row's mean (the webui's emphasis, per prompt and chunk).
 
-    `hidden` (N, L, D) is one encoder's output for N chunks of L tokens, `weights` (N, L). Each row becomes
-    `hidden * w * (mean(hidden) / mean(hidden * w))`, means over (L, D), computed in float32. The webui takes the
-    means over the whole batch of a chunk; taking them per row makes a prompt's embedding independent of the
-    other prompts in its batch (identical for a batch of one).
-    """
+    `hidden` (N, L, D) is one encoder's output for N chunks, `weights` (N, L); each row becomes
+    `hidden * w * (mean(hidden) / mean(hidden * w))`, means over (L, D) in float32.  The webui takes the means
+    over the whole batch; per row, a prompt's embedding does not depend on the other prompts in its batch."""
     if hidden.ndim != 3 or weights.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"weights must have shape {tuple(hidden.shape[:2])} (chunks, tokens) to match hidden states "
-            f"{tuple(hidden.shape)}, found {tuple(weights.shape)}"
-        )
+        raise ValueError(f"weights must have shape {tuple(hidden.shape[:2])} (chunks, tokens) to match hidden states "
+                         f"{tuple(hidden.shape)}, found {tuple(weights.shape)}")
     h = hidden.float()
     original_mean = h.mean(dim=(1, 2), keepdim=True)
     weighted = h * weights.to(device=h.device, dtype=torch.float32)[:, :, None]

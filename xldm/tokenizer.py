@@ -1,8 +1,7 @@
 """CLIP byte-level BPE tokenizer, both SDXL padding variants, built offline on HF `tokenizers`.
 
-The vocabulary is OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT, see data/LICENSE-CLIP-BPE.txt),
-shipped in `xldm/data/`. Ids equal those of transformers' `CLIPTokenizer` as the SDXL pipeline sets
-it up (transformers `CLIPTokenizer`, OpenAI CLIP `simple_tokenizer.py`):
+The vocabulary is OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` in `xldm/data/` (MIT, data/LICENSE-CLIP-BPE.txt).
+Ids equal transformers' `CLIPTokenizer` as the SDXL pipeline sets it up (and OpenAI CLIP `simple_tokenizer.py`):
 
 * tokenizer 1 (CLIP ViT-L): padded with EOS `<|endoftext|>` (49407);
 * tokenizer 2 (OpenCLIP bigG): padded with "!" (id 0), and because "!" is then a *special* token,
@@ -14,9 +13,11 @@ A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_leng
 
 from __future__ import annotations
 
+import json
 import zlib
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
@@ -41,11 +42,8 @@ _CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll
 
 
 def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE, in vocabulary order.
-
-    Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, in that order; the
-    remaining 68 bytes (controls, space, ...) follow, mapped to code points 256, 257, ... in byte order.
-    """
+    """The 256 stand-ins for bytes of GPT-2/CLIP byte-level BPE, in vocabulary order: printable Latin-1 bytes
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 follow as code points 256, 257, ..."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     printable_set = set(printable)
     others = [b for b in range(256) if b not in printable_set]
@@ -101,11 +99,8 @@ def _backend(split_bang: bool) -> Tokenizer:
 
 
 class CLIPTokenizer:
-    """Prompts -> (B, 77) CLIP token ids.
-
-    `pad_token_id=49407` pads with EOS (SDXL tokenizer 1); `pad_token_id=0` pads with "!" and splits every
-    literal "!" into id 0 (SDXL tokenizer 2, as diffusers/transformers with `pad_token="!"`).
-    """
+    """Prompts -> (B, 77) CLIP token ids; `pad_token_id=49407` pads with EOS (SDXL tokenizer 1), `pad_token_id=0`
+    with "!", splitting every literal "!" into id 0 (SDXL tokenizer 2, transformers with `pad_token="!"`)."""
 
     def __init__(self, pad_token_id: int = EOS_ID, max_length: int = MAX_LENGTH) -> None:
         if pad_token_id not in (EOS_ID, BANG_ID):
@@ -137,10 +132,8 @@ class CLIPTokenizer:
         return [e.ids for e in self._tokenizer.encode_batch(prompts, add_special_tokens=False)]
 
     def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
-        """(B, max_length) int64 ids: `[BOS] + first max_length-2 tokens + [EOS] + padding`.
-
-        Same truncation as transformers `padding="max_length", truncation=True` with a BOS/EOS post-processor.
-        """
+        """(B, max_length) int64 ids `[BOS] + first max_length-2 tokens + [EOS] + padding` (transformers
+        `padding="max_length", truncation=True` with a BOS/EOS post-processor)."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         if not batch:
             raise ValueError("prompts is empty; expected a string or a non-empty list of strings")
@@ -154,9 +147,6 @@ class CLIPTokenizer:
     def save_pretrained(self, folder) -> None:
         """Write the hub layout transformers' `CLIPTokenizer.from_pretrained` reads: vocab.json, merges.txt,
         tokenizer_config.json (model_max_length 77 and the pad token), special_tokens_map.json."""
-        import json
-        from pathlib import Path
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab, merges = _load_vocab_and_merges()

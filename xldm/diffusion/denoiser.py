@@ -30,8 +30,7 @@ ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def scale_input(x: Tensor, sigma: Tensor) -> Tensor:
-    """The network's input x / sqrt(sigma^2 + 1): unit variance, and equal to the VP sample
-    (diffusers `scale_model_input` of the Euler-family schedulers)."""
+    """The network's input x / sqrt(sigma^2 + 1), the VP sample (diffusers Euler-family `scale_model_input`)."""
     return x / ((sigma**2 + 1) ** 0.5)
 
 
@@ -46,8 +45,6 @@ class Denoiser:
         self.model_fn = model_fn
         self._abar: dict[torch.device, Tensor] = {}
 
-    # --- sampling -----------------------------------------------------------------------------------------
-
     def __call__(self, x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
         out = self.model_fn(scale_input(x, sigma), t)
         if out.shape != x.shape:
@@ -61,8 +58,6 @@ class Denoiser:
         if self.prediction_type == "v":
             return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
         return out.float()
-
-    # --- training -----------------------------------------------------------------------------------------
 
     def alphas_cumprod(self, device: torch.device) -> Tensor:
         if device not in self._abar:
@@ -84,13 +79,10 @@ class Denoiser:
             return abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return x0
 
-    def snr(self, timesteps: Tensor, device: torch.device) -> Tensor:
-        abar = self.alphas_cumprod(device)[timesteps.to(device)]
-        return abar / (1 - abar)
-
     def min_snr_weights(self, timesteps: Tensor, gamma: float, device: torch.device) -> Tensor:
         """Hang et al. 2023, eq. 9-10: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), min(SNR, gamma) (x0)."""
-        snr = self.snr(timesteps, device)
+        abar = self.alphas_cumprod(device)[timesteps.to(device)]
+        snr = abar / (1 - abar)
         clipped = torch.clamp(snr, max=gamma)
         if self.prediction_type == "epsilon":
             return clipped / snr

@@ -1,8 +1,4 @@
-"""Seeded Gaussian noise, drawn exactly as diffusers draws it (`diffusers.utils.torch_utils.randn_tensor`).
-
-Reproducing a diffusers image needs the same random numbers in the same order: a CPU generator draws on
-the CPU and the result is moved to the target device; a list of generators draws one batch row each.
-"""
+"""Seeded Gaussian noise, drawn exactly as diffusers draws it (`diffusers.utils.torch_utils.randn_tensor`)."""
 
 from __future__ import annotations
 
@@ -12,14 +8,9 @@ Generator = torch.Generator | list[torch.Generator] | None
 
 
 def randn(shape, generator: Generator, device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Standard normal tensor of `shape` on `device`, equal to diffusers'
-    `randn_tensor(shape, generator=generator, device=device, dtype=dtype)`.
-
-    - a CPU generator with a non-CPU `device`: draw on the CPU, then move (so seeds give the same numbers on
-      every device); a CUDA generator with a CPU `device` is an error, as in diffusers;
-    - a list of generators: row i is `randn((1, *shape[1:]), generator=generators[i])`, rows concatenated;
-      a list of length 1 behaves like the single generator.
-    """
+    """Standard normal tensor of `shape` on `device`, equal to diffusers' `randn_tensor`: a CPU generator draws on
+    the CPU, then moves (same numbers on every device; a CUDA generator for a CPU tensor is an error); a list of
+    generators draws row i from generators[i] (a list of one acts as the single generator)."""
     shape = tuple(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draw_device = device

@@ -1,23 +1,21 @@
 """Samplers: pure functions over a denoiser D(x, sigma, t) -> x0, in VE coordinates (k-diffusion style).
 
-Each reproduces one diffusers scheduler driven by the SDXL pipelines' loop (same noise levels, same order
-rules, same random draws), so a seed gives diffusers' image.  Every sampler takes
+Each reproduces one diffusers scheduler in the SDXL pipelines' loop (noise levels, order rules, random draws),
+so a seed gives diffusers' image.  Arguments:
 
-    denoiser   D(x, sigma, t) -> x0 (see `denoiser.model_denoiser`)
-    x          the start, in VE coordinates: noise * schedule.init_noise_sigma, a noised image (img2img), or
+    denoiser   D(x, sigma, t) -> x0 (`denoiser.Denoiser`)
+    x          the start in VE coordinates: noise * schedule.init_noise_sigma, a noised image (img2img), or
                the base model's latents (refiner)
-    schedule   a `Schedule` (or a slice of one: `head`/`tail`); a slice starts with empty solver history,
-               like a freshly set diffusers scheduler with `set_begin_index`
-    generator  torch.Generator or one per batch row; stochastic samplers draw with `noise.randn` at the
-               moments diffusers' `scheduler.step` draws
-    step_hook  step_hook(i, x) -> x, applied to the sample after step i (inpainting puts back the known
-               region here, as diffusers' inpaint pipeline does after each `scheduler.step`); the sampler
-               then continues from the hooked sample exactly as diffusers continues from blended latents
+    schedule   a `Schedule` or a slice of one (`head`/`tail`); a slice starts with empty solver history, like
+               a freshly set diffusers scheduler with `set_begin_index`
+    generator  torch.Generator or one per batch row; stochastic samplers draw with `noise.randn` when
+               diffusers' `scheduler.step` draws
+    step_hook  step_hook(i, x) -> x after step i (inpainting puts back the known region, as diffusers' inpaint
+               pipeline does after each `scheduler.step`); sampling continues from the hooked sample
     callback   callback(i, n, x, x0) after each step (and after step_hook); i counts steps of this slice
 
-and returns the sample at schedule.sigmas[-1] (the clean latents for a complete schedule).  Arithmetic is
-float32; the result of each step is cast back to the dtype of `x`, as diffusers casts to the model's dtype.
-"""
+and return the sample at schedule.sigmas[-1]; float32 arithmetic, each step cast back to `x.dtype` (as diffusers
+casts to the model's dtype)."""
 
 from __future__ import annotations
 
@@ -33,8 +31,12 @@ StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _model_time(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-    return schedule.timesteps[i].to(x.device)
+def _euler_slope(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, i: int):
+    """(sigma, sigma_next, x in float32, x0, d = (x - x0) / sigma): the opening of diffusers' Euler-family `step`."""
+    sigma = schedule.sigmas[i]
+    x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
+    xf = x.float()
+    return sigma, schedule.sigmas[i + 1], xf, x0, (xf - x0) / sigma
 
 
 def _after_step(i: int, n: int, x: torch.Tensor, x0: torch.Tensor, step_hook: StepHook | None,
@@ -47,71 +49,52 @@ def _after_step(i: int, n: int, x: torch.Tensor, x0: torch.Tensor, step_hook: St
 
 
 def _lam(sigma: torch.Tensor) -> torch.Tensor:
-    """Log signal-to-noise half-ratio lambda = log(alpha / sigma_vp) = -log(sigma_ve) (DPM-Solver's time)."""
+    """DPM-Solver's time lambda = log(alpha / sigma_vp) = -log(sigma_ve)."""
     return -torch.log(sigma)
-
-
-# --- Euler family ---------------------------------------------------------------------------------------------
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                  callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022,
-    Alg. 2 without churn).  Arithmetic of diffusers EulerDiscreteScheduler.step (s_churn=0):
-    d = (x - x0) / sigma; x += d * (sigma_next - sigma)  (x + eps*dt differs by ~1 ulp)."""
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 2, no churn), with
+    diffusers EulerDiscreteScheduler.step's arithmetic: x += d * (sigma_next - sigma) (x + eps*dt differs by ~1 ulp)."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
-        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
-        xf = x.float()
-        d = (xf - x0) / sigma
-        x = (xf + d * (sigma_next - sigma)).to(dtype)
-        x = _after_step(i, n, x, x0, step_hook, callback)
+        sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
+        x = _after_step(i, n, (xf + d * (sigma_next - sigma)).to(dtype), x0, step_hook, callback)
     return x
 
 
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                            callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Ancestral Euler (eta = 1): an Euler step down to sigma_down, then fresh noise of std sigma_up, with
-    sigma_down^2 + sigma_up^2 = sigma_next^2 (diffusers EulerAncestralDiscreteScheduler; k-diffusion
-    `get_ancestral_step`).  Noise is drawn on every step, the last one (sigma_up = 0) included."""
+    """Ancestral Euler (eta = 1): Euler to sigma_down, then fresh noise of std sigma_up, sigma_down^2 + sigma_up^2 =
+    sigma_next^2 (diffusers EulerAncestralDiscreteScheduler; k-diffusion `get_ancestral_step`).  Noise is drawn
+    on every step, the last one (sigma_up = 0) included."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
-        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        xf = x.float()
-        d = (xf - x0) / sigma
         xf = xf + d * (sigma_down - sigma)
         noise = randn(x.shape, generator, x.device, dtype)  # diffusers: model_output.dtype
-        x = (xf + noise * sigma_up).to(dtype)
-        x = _after_step(i, n, x, x0, step_hook, callback)
+        x = _after_step(i, n, (xf + noise * sigma_up).to(dtype), x0, step_hook, callback)
     return x
 
 
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                 callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn), as diffusers HeunDiscreteScheduler:
-    an Euler step to sigma_next, a second evaluation there (at the next step's model time), then the
-    averaged slope from the start.  The last step of the slice is a plain Euler step (diffusers' interleaved
-    list ends on a first-order half: to sigma 0 for a full schedule, and at the base's `denoising_end`).
-    Network calls: 2n - 1.  step_hook also runs on the intermediate Euler point (it sits at sigma_next, and
-    diffusers' inpaint loop blends after each half step)."""
+    """Heun's method (Karras et al. 2022, Alg. 1, no churn) as diffusers HeunDiscreteScheduler: Euler to sigma_next,
+    a second evaluation there (at the next step's model time), then the averaged slope from the start.  The last
+    step is plain Euler (diffusers' interleaved list ends on a first-order half: at sigma 0, or at the base's
+    `denoising_end`); 2n - 1 network calls.  step_hook also runs on the intermediate point (diffusers' inpaint
+    loop blends after each half step)."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
-        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
-        xf = x.float()
-        d = (xf - x0) / sigma
+        sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
         dt = sigma_next - sigma
-        if i == n - 1:
-            x = (xf + d * dt).to(dtype)
-        else:
-            x_mid = (xf + d * dt).to(dtype)
-            if step_hook is not None:
-                x_mid = step_hook(i, x_mid)
-            x0 = denoiser(x_mid, sigma_next, _model_time(schedule, i + 1, x))
+        x = (xf + d * dt).to(dtype)
+        if i < n - 1:  # x is the intermediate Euler point at sigma_next
+            x_mid = x if step_hook is None else step_hook(i, x)
+            x0 = denoiser(x_mid, sigma_next, schedule.timesteps[i + 1].to(x.device))
             d_mid = (x_mid.float() - x0) / sigma_next
             x = (xf + (d + d_mid) / 2 * dt).to(dtype)
         x = _after_step(i, n, x, x0, step_hook, callback)
@@ -120,18 +103,13 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
 
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                 callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """DDIM with eta = 0 (Song et al. 2021, eq. 12), diffusers DDIMScheduler as the SDXL pipeline calls it.
-    In VE coordinates the update is x_next = x0 + sigma_next * eps with eps = (x - x0) / sigma.
-
-    SDXL's config has set_alpha_to_one=False, so the last step lands on abar_0 (sigma 0.0292), not on clean
-    latents.  diffusers hands that VP sample sqrt(abar_0) * x0 + sqrt(1 - abar_0) * eps to the VAE; when
-    this slice ends the schedule, the result (and the last step_hook/callback) is therefore that VP sample,
-    x / sqrt(sigma_end^2 + 1), so decoding it reproduces diffusers' image."""
+    """DDIM, eta = 0 (Song et al. 2021, eq. 12) as the SDXL pipeline calls diffusers DDIMScheduler; in VE terms
+    x_next = x0 + sigma_next * eps, eps = (x - x0) / sigma.  set_alpha_to_one=False makes the last step land on
+    abar_0 (sigma 0.0292) and diffusers decodes that VP sample; so when this slice ends the schedule, the result
+    (and the last step_hook/callback) is x / sqrt(sigma_end^2 + 1), and decoding it gives diffusers' image."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
-        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
-        eps = (x.float() - x0) / sigma
+        _, sigma_next, _, x0, eps = _euler_slope(denoiser, x, schedule, i)
         xf = x0 + sigma_next * eps
         if i == n - 1 and schedule.ends_schedule and sigma_next > 0:
             xf = xf / ((sigma_next**2 + 1) ** 0.5)
@@ -139,13 +117,9 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
     return x
 
 
-# --- DPM-Solver++ ---------------------------------------------------------------------------------------------
-
-
 def _is_first_order(schedule: Schedule, i: int) -> bool:
-    """DPMSolverMultistepScheduler(solver_order=2) falls back to first order on the first step after
-    set_timesteps (no history: lower_order_nums < 1) and on the last step of the full schedule
-    (lower_order_final / final_sigmas_type="zero")."""
+    """DPMSolverMultistepScheduler(solver_order=2) steps at first order right after set_timesteps (no history:
+    lower_order_nums < 1) and on the last step of the full schedule (lower_order_final, final_sigmas_type="zero")."""
     return i == 0 or schedule.offset + i == schedule.total - 1
 
 
@@ -155,12 +129,11 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: b
     x0_prev = None
     for i in range(n):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
         xf = x.float()
         noise = randn(x.shape, generator, x.device, torch.float32) if sde else None  # drawn every step
         if sigma_next == 0:
-            # h = inf: every formula below reduces to x0 (diffusers computes 0 * x + 1 * x0).
-            x_next = x0
+            x_next = x0  # h = inf: every formula below reduces to x0 (diffusers computes 0 * x + 1 * x0)
         else:
             h = _lam(sigma_next) - _lam(sigma)
             if _is_first_order(schedule, i):
@@ -180,28 +153,22 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: b
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                     callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M), multistep midpoint (Lu et al. 2022b, Alg. 2): diffusers DPMSolverMultistepScheduler
-    defaults (algorithm_type="dpmsolver++", solver_order=2, lower_order_final).  In VE coordinates with
-    lambda = -log sigma, h = lambda_next - lambda:
-    x_next = (sigma_next / sigma) x - (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)),  r = h_prev / h."""
+    """DPM-Solver++(2M), multistep midpoint (Lu et al. 2022b, Alg. 2) at diffusers DPMSolverMultistepScheduler's
+    defaults; with lambda = -log sigma, h = lambda_next - lambda, r = h_prev / h:
+    x_next = (sigma_next / sigma) x - (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r))."""
     return _dpmpp_2m(denoiser, x, schedule, sde=False, generator=generator, callback=callback, step_hook=step_hook)
 
 
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                         callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """SDE-DPM-Solver++(2M), midpoint: diffusers DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").
-    x_next = (sigma_next / sigma) e^-h x + (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, with float32 noise z
-    drawn on every step."""
+    """SDE-DPM-Solver++(2M), midpoint (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")):
+    x_next = (sigma_next / sigma) e^-h x + (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, float32 z every step."""
     return _dpmpp_2m(denoiser, x, schedule, sde=True, generator=generator, callback=callback, step_hook=step_hook)
 
 
-# --- UniPC ------------------------------------------------------------------------------------------------------
-
-
 def _unipc_corrector_weights(rk: torch.Tensor | None, hh: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
-    """rho_c of UniC-p (Zhao et al. 2023, Alg. 2, B(h) = e^h - 1 "bh2"): p = 1 uses the fixed 1/2, p = 2
-    solves R rho = b with R = [[1, 1], [r1, 1]], b_k = k! phi_{k+1}(hh) / B(h) (diffusers
-    `multistep_uni_c_bh_update`)."""
+    """rho_c of UniC-p (Zhao et al. 2023, Alg. 2, B(h) = e^h - 1 "bh2"): 1/2 for p = 1; for p = 2 the solution of
+    R rho = b, R = [[1, 1], [r1, 1]], b_k = k! phi_{k+1}(hh) / B(h) (diffusers `multistep_uni_c_bh_update`)."""
     if rk is None:
         return torch.tensor([0.5], dtype=torch.float32)
     phi = torch.expm1(hh) / hh - 1  # h * phi_2 in diffusers' normalisation
@@ -215,13 +182,11 @@ def _unipc_corrector_weights(rk: torch.Tensor | None, hh: torch.Tensor, b_h: tor
 
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                  callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """UniPC, data prediction, B(h) = e^h - 1 (Zhao et al. 2023): diffusers UniPCMultistepScheduler defaults
-    (solver_order=2, solver_type="bh2", predict_x0, lower_order_final).
+    """UniPC, data prediction, B(h) = e^h - 1 (Zhao et al. 2023) at diffusers UniPCMultistepScheduler's defaults.
 
-    Step i: evaluate x0 at the current sample; if i > 0, the corrector UniC recomputes the current sample from
-    the previous one using the new x0 (the sample handed out after step i-1, hooked or not, only enters
-    through that evaluation, as in diffusers); then the predictor UniP of order min(2, steps left, i + 1)
-    moves to sigma_next.  The returned sample is the last predictor's (no network call follows it)."""
+    Step i evaluates x0 at the current sample; for i > 0 the corrector UniC recomputes the current sample from
+    the previous one with the new x0 (the handed-out sample, hooked or not, enters only through that evaluation,
+    as in diffusers); then the predictor UniP of order min(2, steps left, i + 1) moves to sigma_next."""
     dtype, n = x.dtype, len(schedule)
     sig = schedule.sigmas
     x0s: list[torch.Tensor] = []
@@ -229,7 +194,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gen
     prev_order = 0
     for i in range(n):
         sigma, sigma_next = sig[i], sig[i + 1]
-        x0 = denoiser(x, sigma, _model_time(schedule, i, x))
+        x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
 
         if i > 0:  # UniC corrector, from sig[i-1] to sig[i], of the previous predictor's order
             h = _lam(sigma) - _lam(sig[i - 1])

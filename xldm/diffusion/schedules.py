@@ -1,12 +1,10 @@
 """Noise schedules: which noise levels a sampler visits, equal to the diffusers schedulers at SDXL's settings.
 
-Everything is expressed in VE ("variance exploding", k-diffusion) terms: a latent at noise level sigma is
-`x = x0 + sigma * eps`, and the network sees `x / sqrt(sigma^2 + 1)`.  The VP schedulers of diffusers (DDIM,
-DPM-Solver, UniPC) keep `x_vp = x / sqrt(sigma^2 + 1)` instead; the two are the same trajectory.
-
-SDXL's scheduler config (hub `scheduler/scheduler_config.json`, diffusers `SCHEDULER_DEFAULT_CONFIG`):
-scaled_linear betas 0.00085..0.012 over 1000 steps, timestep_spacing="leading", steps_offset=1,
-clip_sample=False, set_alpha_to_one=False; every other scheduler is `X.from_config(that config, **extra)`.
+In VE (k-diffusion) terms a latent at noise level sigma is `x = x0 + sigma * eps` and the network sees
+`x / sqrt(sigma^2 + 1)`, which diffusers' VP schedulers (DDIM, DPM-Solver, UniPC) keep as `x_vp`: same trajectory.
+SDXL's hub `scheduler/scheduler_config.json`: scaled_linear betas 0.00085..0.012 over 1000 steps,
+timestep_spacing="leading", steps_offset=1, clip_sample=False, set_alpha_to_one=False; every other scheduler
+is `X.from_config(that config, **extra)`.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
 def alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
                    beta_end: float = BETA_END) -> torch.Tensor:
-    """alpha-bar_t of the "scaled_linear" schedule, computed in float32 as diffusers does
-    (betas = linspace(sqrt(b0), sqrt(b1), T)**2; cumprod(1 - betas))."""
+    """alpha-bar_t of "scaled_linear", float32 as diffusers: cumprod(1 - linspace(sqrt(b0), sqrt(b1), T)**2)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
@@ -42,10 +39,9 @@ def train_sigmas() -> np.ndarray:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The noise levels one sampler run visits: step i goes from sigmas[i] to sigmas[i+1], evaluating the
-    network at model time timesteps[i].  A slice of a longer schedule (base/refiner split, img2img start)
-    keeps `offset` (index of sigmas[0] in the full schedule) and `total` (step count of the full schedule),
-    which multistep solvers need for their final-step order rules."""
+    """Step i goes from sigmas[i] to sigmas[i+1], evaluating the network at timesteps[i].  A slice (refiner split,
+    img2img start) keeps `offset` (index of sigmas[0] in the full schedule) and `total` (the full step count),
+    which the multistep solvers' final-step order rules need."""
 
     sigmas: torch.Tensor  # (n+1,) float32
     timesteps: torch.Tensor  # (n,) float32
@@ -87,9 +83,8 @@ class Schedule:
 
 
 def _leading_timesteps(num_steps: int, grid: int) -> np.ndarray:
-    """diffusers "leading" spacing with steps_offset: multiples of T // grid, descending, plus the offset.
-    Euler/Heun/DDIM use grid = N (N=50 -> 981..1); DPM-Solver/UniPC build N+1 points and drop the last
-    (grid = N + 1; N=25 -> 951..39)."""
+    """diffusers "leading" spacing: multiples of T // grid, descending, + steps_offset.  Euler/Heun/DDIM: grid = N
+    (N=50 -> 981..1); DPM-Solver/UniPC build N+1 points and drop the last (grid = N + 1; N=25 -> 951..39)."""
     ratio = NUM_TRAIN_TIMESTEPS // grid
     return (np.arange(grid - num_steps, grid) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
 
@@ -102,8 +97,7 @@ def _karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.nda
 
 
 def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timestep of each sigma: linear interpolation in log-sigma between the two
-    neighbouring training levels (diffusers `_sigma_to_t`)."""
+    """Fractional training timestep of each sigma, interpolated in log-sigma (diffusers `_sigma_to_t`)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma[None, :] - log_sigmas[:, None]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
@@ -114,8 +108,8 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 def _build(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
     sig = torch.from_numpy(np.asarray(sigmas).astype(np.float32))
-    # Euler "leading": init_noise_sigma = sqrt(max(sigmas)^2 + 1) (diffusers EulerDiscreteScheduler).
-    # VP schedulers start from unit-variance x_vp = noise, i.e. x_ve = noise * sqrt(sigma_0^2 + 1): same value.
+    # init_noise_sigma = sqrt(max(sigmas)^2 + 1) (diffusers EulerDiscreteScheduler, "leading"); the VP schedulers'
+    # unit-variance x_vp = noise is x_ve = noise * sqrt(sigma_0^2 + 1): the same value.
     init = float((sig.max() ** 2 + 1) ** 0.5)
     return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), init)
 
@@ -123,14 +117,11 @@ def _build(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
 def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsilon") -> Schedule:
     """The schedule the matching diffusers scheduler builds from SDXL's config with `set_timesteps(num_steps)`.
 
-    euler, euler_a, heun: T//N leading grid (N=50: 981..1), sigmas by exact table lookup, final sigma 0
-        (EulerDiscrete / EulerAncestralDiscrete / HeunDiscrete; Heun's interleaving is the sampler's job).
+    euler, euler_a, heun (Euler/EulerAncestral/HeunDiscrete): T//N leading grid (N=50: 981..1), table sigmas, final 0.
     ddim: the same grid; the last step lands on abar_0 (set_alpha_to_one=False), sigma 0.0292, not 0.
     dpmpp_2m, unipc: T//(N+1) leading grid (DPMSolverMultistep / UniPCMultistep), final sigma 0.
-    dpmpp_2m_karras, dpmpp_2m_sde_karras: Karras sigmas between the training extremes, timesteps rounded
-        from log-sigma interpolation, final sigma 0 (use_karras_sigmas=True).
-    `prediction_type` does not change any of these (discrete timesteps); it is checked only.
-    """
+    *_karras: Karras sigmas between the training extremes (use_karras_sigmas=True), timesteps rounded from
+    log-sigma interpolation, final sigma 0.  `prediction_type` changes none of these; it is only checked."""
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     if prediction_type not in PREDICTION_TYPES:
@@ -153,12 +144,9 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
 
 
 def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler") -> int:
-    """Number of base steps when the base hands over at `fraction` of the denoising (ensemble of experts).
-
-    diffusers (pipeline_stable_diffusion_xl.py:1178): cutoff = int(round(T - fraction * T)); the base runs the timesteps >= cutoff
-    (`denoising_end`), the refiner the rest (`denoising_start`, t_start = N - #(t < cutoff)).  The count
-    depends on the sampler's timesteps (the Karras ones differ), so pass the sampler in use.
-    """
+    """Base steps when the base hands over at `fraction` (ensemble of experts): diffusers
+    pipeline_stable_diffusion_xl.py:1178, cutoff = int(round(T - fraction * T)); the base runs the timesteps >=
+    cutoff (`denoising_end`), the refiner the rest.  Depends on the sampler's timesteps (Karras ones differ)."""
     if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
         raise ValueError(f"the hand-off fraction must be a float strictly between 0 and 1, got {fraction!r}")
     cutoff = int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
@@ -177,8 +165,7 @@ def refiner_start(num_steps: int, fraction: float, sampler: str = "euler") -> in
 
 def img2img_start(num_steps: int, strength: float) -> int:
     """First step of an img2img/SDEdit run: t_start = N - min(int(N * strength), N) (diffusers
-    pipeline_stable_diffusion_xl_img2img.py:652, `get_timesteps`; the
-    int() truncates, so N=100, strength=0.29 runs 28 steps)."""
+    pipeline_stable_diffusion_xl_img2img.py:652, `get_timesteps`; int() truncates: N=100, strength=0.29 runs 28)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
     init_steps = min(int(num_steps * strength), num_steps)

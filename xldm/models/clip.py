@@ -1,13 +1,10 @@
 """CLIP text transformer: OpenAI CLIP ViT-L/14 (SDXL text encoder 1) and OpenCLIP ViT-H/bigG (encoder 2).
 
-One class for both, configured by `TextEncoderConfig` (activation quick_gelu vs gelu, projection or not).
-Parameter names are the HF transformers layout that the original SDXL single-file checkpoint uses under
-`conditioner.embedders.0.transformer.` (`text_model.embeddings.token_embedding.weight`, ...), so that part
-loads strictly without renaming; the open_clip layout goes through `xldm.weights.keys_clip`.
-
-Numerics follow transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` (transformers models/clip/modeling_clip.py):
-pre-LayerNorm blocks, causal self-attention and no padding mask, pooled = final-LN state at the EOS
-position (= argmax of the ids, as in the hub configs with eos_token_id 2), then `text_projection`.
+One class for both, configured by `TextEncoderConfig`.  Parameter names are the transformers layout that the SDXL
+single-file checkpoint uses under `conditioner.embedders.0.transformer.`, so that part loads strictly; the
+open_clip layout goes through `xldm.weights.keys_clip`.  Numerics follow transformers models/clip/modeling_clip.py
+(`CLIPTextModel`, `CLIPTextModelWithProjection`): pre-LN blocks, causal attention without padding mask, pooled =
+final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`.
 """
 
 from __future__ import annotations
@@ -22,13 +19,11 @@ from xldm.config import TextEncoderConfig
 
 
 class CLIPTextOutput(NamedTuple):
-    """What a CLIP text encoder returns for (B, L) ids."""
+    """For (B, L) ids: `hidden_states` (layers + 1 of (B, L, width); 0 = embeddings, i = block i's output, no final
+    LN), `last_hidden_state` = final_layer_norm(hidden_states[-1]), `pooled` (B, projection_dim or width)."""
 
-    # layers + 1 tensors (B, L, width); index 0 = embeddings, index i = output of block i (no final LN).
     hidden_states: tuple[torch.Tensor, ...]
-    # (B, L, width): final_layer_norm(hidden_states[-1]).
     last_hidden_state: torch.Tensor
-    # (B, projection_dim or width): last_hidden_state at argmax(ids) per row, then text_projection if any.
     pooled: torch.Tensor
 
 
@@ -41,8 +36,7 @@ class CLIPTextEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        # Learned absolute positions; the position ids are made on the fly (no `position_ids` buffer,
-        # which some checkpoints carry and the loader drops).
+        # Position ids are made on the fly (no `position_ids` buffer; the loader drops it where checkpoints have one).
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -70,8 +64,7 @@ class CLIPAttention(nn.Module):
             return t.view(b, length, self.heads, width // self.heads).transpose(1, 2)
 
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        # Scale 1/sqrt(head_dim) (SDPA default = transformers CLIPAttention.scale); causal mask as in CLIP.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim) = CLIPAttention.scale
         return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
 
 
@@ -84,8 +77,7 @@ class CLIPMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(h) if self.exact_gelu else quick_gelu(h)
-        return self.fc2(h)
+        return self.fc2(F.gelu(h) if self.exact_gelu else quick_gelu(h))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -120,11 +112,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text encoder for SD/SDXL; `CLIPTextModel(CLIP_L)` or `CLIPTextModel(OPENCLIP_BIGG)`.
-
-    `forward(ids)` gives all hidden states, the final-LN sequence and the pooled vector;
-    `context(output)` picks the cross-attention features the config asks for.
-    """
+    """CLIP text encoder for SD/SDXL: `forward(ids)` -> `CLIPTextOutput`; `context(output)` picks the
+    cross-attention features the config asks for."""
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
@@ -136,17 +125,15 @@ class CLIPTextModel(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         cfg = self.cfg
         if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= cfg.max_positions:
-            raise ValueError(
-                f"input_ids must have shape (batch, length <= {cfg.max_positions}), found {tuple(input_ids.shape)}"
-            )
+            raise ValueError(f"input_ids must have shape (batch, length <= {cfg.max_positions}), "
+                             f"found {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
         if input_ids.device.type != "meta" and input_ids.numel() > 0:
             low, high = (int(v) for v in torch.aminmax(input_ids))  # one device sync; avoids CUDA index asserts
             if low < 0 or high >= cfg.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), found values in [{low}, {high}]"
-                )
+                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), "
+                                 f"found values in [{low}, {high}]")
 
     def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         self._check_ids(input_ids)

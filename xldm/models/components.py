@@ -12,10 +12,8 @@ from xldm.config import ModelConfig
 
 @dataclass
 class Components:
-    """The networks of one latent diffusion model.  Absent components are None / empty.
-
-    `text_encoders` follow `config.text_encoders` in order (SDXL base: CLIP ViT-L, then OpenCLIP bigG).
-    """
+    """The networks of one latent diffusion model (absent ones None / empty); `text_encoders` follow
+    `config.text_encoders` in order (SDXL base: CLIP ViT-L, then OpenCLIP bigG)."""
 
     config: ModelConfig
     unet: nn.Module | None = None
@@ -30,14 +28,8 @@ class Components:
 
     def modules(self) -> dict[str, nn.Module]:
         """Present networks by name: unet, vae, text_encoder, text_encoder_2 (diffusers' names)."""
-        named: dict[str, nn.Module] = {}
-        if self.unet is not None:
-            named["unet"] = self.unet
-        if self.vae is not None:
-            named["vae"] = self.vae
-        for i, te in enumerate(self.text_encoders):
-            named[text_encoder_name(self.config, i)] = te
-        return named
+        named = {name: m for name, m in (("unet", self.unet), ("vae", self.vae)) if m is not None}
+        return named | {text_encoder_name(self.config, i): te for i, te in enumerate(self.text_encoders)}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Components":
         for module in self.modules().values():

@@ -16,12 +16,9 @@ from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of `t` (any shape) -> `t.shape + (dim,)`, laid out `[cos | sin]`, in float32.
-
-    Matches diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` and sgm
-    `timestep_embedding`: frequencies exp(-ln(max_period) * i / half) for i < half (the exponent is divided
-    by half, no shift).  An odd `dim` gets a trailing zero column, as in diffusers.
-    """
+    """Sinusoidal embedding of `t` (any shape) -> `t.shape + (dim,)`, `[cos | sin]`, float32: diffusers
+    `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` = sgm `timestep_embedding`, frequencies
+    exp(-ln(max_period) * i / half), i < half; an odd `dim` gets a trailing zero column, as in diffusers."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t[..., None].float() * torch.exp(exponent)
@@ -32,31 +29,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """sgm `ResBlock` == diffusers `ResnetBlock2D` (GroupNorm eps 1e-5, SiLU, additive time embedding).
-
-    h = conv(SiLU(GN(x))); h += Linear(SiLU(emb)); h = conv(dropout(SiLU(GN(h)))); out = skip(x) + h,
-    with a 1x1 convolution as skip when the channel count changes.
-    """
+    """sgm `ResBlock` == diffusers `ResnetBlock2D` (GroupNorm eps 1e-5): h = conv(SiLU(GN(x))) + Linear(SiLU(emb));
+    out = skip(x) + conv(dropout(SiLU(GN(h)))), skip a 1x1 convolution when the channel count changes."""
 
     def __init__(self, in_channels: int, emb_channels: int, out_channels: int, groups: int = 32,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, in_channels, eps=1e-5),
-            nn.SiLU(),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        )
+            nn.GroupNorm(groups, in_channels, eps=1e-5), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels, eps=1e-5),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
-        )
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # No parameters (and so no checkpoint key) when the widths agree, as in sgm.
-        self.skip_connection = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -66,11 +51,9 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head (cross-)attention: q/k/v without bias, output projection with bias (diffusers `Attention`).
-
-    Scores use `F.scaled_dot_product_attention` with its default scale 1/sqrt(head_dim) (diffusers
-    `AttnProcessor2_0`); heads are split as view(B, L, heads, head_dim).transpose(1, 2).
-    """
+    """Multi-head (cross-)attention, q/k/v without bias, output projection with bias (diffusers `Attention`), SDPA
+    with its default scale 1/sqrt(head_dim), heads split as view(B, L, heads, head_dim).transpose(1, 2)
+    (diffusers `AttnProcessor2_0`)."""
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
                  dropout: float = 0.0) -> None:
@@ -121,10 +104,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm block: self-attention, cross-attention to the text context, GEGLU feed-forward.
-
-    x += attn1(LN1(x)); x += attn2(LN2(x), context); x += ff(LN3(x)); LayerNorm eps 1e-5 (diffusers default).
-    """
+    """Pre-LN block: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += ff(LN3(x)); LN eps 1e-5 (diffusers)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -143,12 +123,9 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Transformer over the H*W positions of a feature map (sgm `SpatialTransformer`, diffusers `Transformer2DModel`).
-
-    GroupNorm (eps 1e-6) -> proj_in -> `depth` transformer blocks -> proj_out -> + input.  SD 2.x/SDXL project
-    with Linear layers after flattening to (B, HW, C); SD 1.x with 1x1 convolutions before flattening
-    (and proj_out before un-flattening), exactly as diffusers `Transformer2DModel` orders them.
-    """
+    """Transformer over the H*W positions (sgm `SpatialTransformer`, diffusers `Transformer2DModel`): GroupNorm (eps
+    1e-6), proj_in, `depth` blocks, proj_out, + input.  SD 2.x/SDXL project with Linear layers on (B, HW, C); SD 1.x
+    with 1x1 convolutions before flattening (proj_out after un-flattening), in diffusers' order."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
                  use_linear: bool, groups: int = 32, dropout: float = 0.0) -> None:
@@ -156,17 +133,11 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        if use_linear:
-            self.proj_in: nn.Module = nn.Linear(channels, inner)
-        else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout=dropout) for _ in range(depth)
         )
-        if use_linear:
-            self.proj_out: nn.Module = nn.Linear(inner, channels)
-        else:
-            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -198,11 +169,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 convolution (sgm `Upsample`).
-
-    `output_size` forces the interpolated size, so a latent whose sides are not multiples of
-    2**(levels-1) still lines up with its skip connections (diffusers `Upsample2D(output_size=...)`).
-    """
+    """Nearest-neighbour x2, then 3x3 convolution (sgm `Upsample`).  `output_size` forces the size, so sides that
+    are not multiples of 2**(levels-1) still meet their skip connections (diffusers `Upsample2D(output_size=...)`)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -210,13 +178,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         if output_size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(output_size), mode="nearest")
-        return self.conv(x)
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(output_size), mode="nearest"))
 
 
-__all__ = [
-    "timestep_embedding", "ResBlock", "Attention", "GEGLU", "FeedForward", "BasicTransformerBlock",
-    "SpatialTransformer", "Downsample", "Upsample",
-]
+__all__ = ["timestep_embedding", "ResBlock", "Attention", "GEGLU", "FeedForward", "BasicTransformerBlock",
+           "SpatialTransformer", "Downsample", "Upsample"]

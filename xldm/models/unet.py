@@ -1,10 +1,8 @@
-"""The SD/SDXL UNet (sgm `UNetModel`), built from a `UNetConfig` alone.
+"""The SD/SDXL UNet (sgm `UNetModel`), built from a `UNetConfig` alone: SDXL base and refiner, SD 1.5, SD 2.1.
 
-Parameter names are the original checkpoint names without the `model.diffusion_model.` prefix
-(`time_embed.0`, `label_emb.0.0`, `input_blocks.N.M...`, `middle_block.{0,1,2}`, `output_blocks.N.M...`,
-`out.{0,2}`), so `UNet(cfg).load_state_dict(original_unet_dict, strict=True)` works.  The same class is
-SDXL base, SDXL refiner, SD 1.5 and SD 2.1 (see `xldm.config`); numerics follow diffusers
-`UNet2DConditionModel` (diffusers `models/unets/unet_2d_condition.py`), the oracle of the parity tests.
+Parameter names are the checkpoint names without the `model.diffusion_model.` prefix (`time_embed.0`,
+`label_emb.0.0`, `input_blocks.N.M...`, `middle_block.{0,1,2}`, `output_blocks.N.M...`, `out.{0,2}`), so an
+original UNet state dict loads strictly.  Numerics follow diffusers `models/unets/unet_2d_condition.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from xldm.models.layers import Downsample, ResBlock, SpatialTransformer, Upsampl
 
 
 class UNetBlock(nn.ModuleList):
-    """One `input_blocks.N` / `middle_block` / `output_blocks.N` entry (sgm `TimestepEmbedSequential`):
-    runs its layers in order, handing each the input it needs."""
+    """One `input_blocks.N` / `middle_block` / `output_blocks.N` entry (sgm `TimestepEmbedSequential`)."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                 output_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -50,10 +47,8 @@ class UNet(nn.Module):
         for width in config.attention_widths:
             config.heads_for(width)  # raises if the width does not split into heads
         if config.transformer_depth_middle < 1:
-            raise ValueError(
-                f"transformer_depth_middle must be >= 1 (the SD/SDXL mid block always has attention), "
-                f"got {config.transformer_depth_middle}"
-            )
+            raise ValueError(f"transformer_depth_middle must be >= 1 (the SD/SDXL mid block always has attention), "
+                             f"got {config.transformer_depth_middle}")
 
         def transformer(width: int, depth: int) -> SpatialTransformer:
             heads, head_dim = config.heads_for(width)
@@ -63,15 +58,12 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if config.adm_in_channels > 0:
             # sgm num_classes="sequential": label_emb.0 = Linear, SiLU, Linear.
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(config.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-            )
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, ted), nn.SiLU(),
+                                                         nn.Linear(ted, ted)))
 
         # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ SpatialTransformer]), then Downsample.
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
-        skip_widths = [mc]
-        ch = mc
-        last = config.num_levels - 1
+        skip_widths, ch = [mc], mc
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, ted, width, groups)]
@@ -80,7 +72,7 @@ class UNet(nn.Module):
                     layers.append(transformer(ch, config.transformer_depth[level]))
                 self.input_blocks.append(UNetBlock(layers))
                 skip_widths.append(ch)
-            if level != last:
+            if level != config.num_levels - 1:
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
                 skip_widths.append(ch)
 
@@ -104,39 +96,28 @@ class UNet(nn.Module):
                 self.output_blocks.append(UNetBlock(layers))
 
         # diffusers conv_norm_out uses norm_eps 1e-5.
-        self.out = nn.Sequential(
-            nn.GroupNorm(groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
-        )
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch, eps=1e-5), nn.SiLU(),
+                                 nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    # ------------------------------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                       y: torch.Tensor | None) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"x: expected shape (B, {cfg.in_channels}, H, W), found {tuple(x.shape)}"
-            )
+            raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), found {tuple(x.shape)}")
         batch = x.shape[0]
         if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
             raise ValueError(f"timesteps: expected shape () or ({batch},), found {tuple(timesteps.shape)}")
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
-            raise ValueError(
-                f"context: expected shape ({batch}, L, {cfg.context_dim}), found {tuple(context.shape)}"
-            )
+            raise ValueError(f"context: expected shape ({batch}, L, {cfg.context_dim}), found {tuple(context.shape)}")
         if cfg.adm_in_channels > 0:
             if y is None:
-                raise ValueError(
-                    f"y: expected vector conditioning of shape ({batch}, {cfg.adm_in_channels}), found None"
-                )
+                raise ValueError(f"y: expected vector conditioning of shape ({batch}, {cfg.adm_in_channels}), "
+                                 "found None")
             if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != cfg.adm_in_channels:
-                raise ValueError(
-                    f"y: expected shape ({batch}, {cfg.adm_in_channels}), found {tuple(y.shape)}"
-                )
+                raise ValueError(f"y: expected shape ({batch}, {cfg.adm_in_channels}), found {tuple(y.shape)}")
         elif y is not None:
-            raise ValueError(
-                f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
-                f"{tuple(y.shape)}"
-            )
+            raise ValueError(f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
+                             f"{tuple(y.shape)}")
 
     def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
              output_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -146,12 +127,9 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d, float).
-
-        `context` is the cross-attention text sequence (B, L, context_dim); `y` the vector conditioning
-        (B, adm_in_channels), already holding pooled text + Fourier micro-conditioning.  Any H, W >= 1
-        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path).
-        """
+        """Network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d), text `context` (B, L, context_dim)
+        and vector conditioning `y` (B, adm_in_channels: pooled text + Fourier micro-conditioning).  Any H, W >= 1
+        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path)."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         self._check_inputs(x, timesteps, context, y)
         dtype = self.time_embed[0].weight.dtype

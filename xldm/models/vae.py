@@ -1,15 +1,16 @@
 """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
 
-Parameter names are the original ldm/sgm checkpoint names without the `first_stage_model.` prefix
-(`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`),
-so the VAE inside an official single-file checkpoint loads with one strict `load_state_dict`.
-The layout follows ldm `modules/diffusionmodules/model.py` (`Encoder`, `Decoder`); the numerics
-follow diffusers `AutoencoderKL` (models/autoencoders/autoencoder_kl.py): every GroupNorm uses eps 1e-6, the encoder
-downsamples with an asymmetric (0, 1, 0, 1) pad, and the single-head mid attention adds its residual inside.
+Parameter names are the ldm/sgm checkpoint names without the `first_stage_model.` prefix
+(`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`), so
+the VAE of an official single-file checkpoint loads with one strict `load_state_dict`.  Layout: ldm
+`modules/diffusionmodules/model.py` (`Encoder`, `Decoder`); numerics: diffusers `AutoencoderKL`
+(models/autoencoders/autoencoder_kl.py): GroupNorm eps 1e-6 everywhere, an asymmetric (0, 1, 0, 1) pad before
+each encoder downsampling, and a single-head mid attention that adds its residual inside.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -18,21 +19,17 @@ from torch import nn
 
 from xldm.config import VAEConfig
 from xldm.diffusion.noise import randn
-
-# ldm Normalize(): GroupNorm(32, C, eps=1e-6, affine=True); diffusers passes eps 1e-6 to every VAE norm.
-GROUP_NORM_EPS = 1e-6
+from xldm.models.layers import Upsample  # ldm `Upsample(with_conv=True)`: nearest x2, 3x3 conv (key `conv`)
 
 
 def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
+    # ldm Normalize(): GroupNorm(32, C, eps=1e-6, affine=True); diffusers passes eps 1e-6 to every VAE norm.
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class VAEResBlock(nn.Module):
-    """ldm `ResnetBlock` without a time embedding (temb_channels=0) and with dropout 0.
-
-    out = x' + conv2(silu(norm2(conv1(silu(norm1(x)))))) where x' is x, or a 1x1 conv of x
-    (`nin_shortcut`) when the width changes.
-    """
+    """ldm `ResnetBlock` without time embedding, dropout 0: x' + conv2(silu(norm2(conv1(silu(norm1(x)))))), x' = x or
+    a 1x1 conv of x (`nin_shortcut`) when the width changes."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
@@ -50,10 +47,8 @@ class VAEResBlock(nn.Module):
 
 
 class VAEAttention(nn.Module):
-    """ldm `AttnBlock`: single-head self-attention over all pixels, q/k/v/proj_out as 1x1 convolutions.
-
-    The scale is 1/sqrt(C) (diffusers: one head of width C); the residual is added inside the block.
-    """
+    """ldm `AttnBlock`: single-head self-attention over all pixels, q/k/v/proj_out as 1x1 convolutions, scale
+    1/sqrt(C) (diffusers: one head of width C), residual added inside."""
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -76,71 +71,42 @@ class VAEAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """ldm `Downsample(with_conv=True)`: pad right/bottom by one, then a 3x3 conv, stride 2, no padding."""
+    """ldm `Downsample(with_conv=True)` = diffusers `Downsample2D(padding=0)`: pad right/bottom by one, then a
+    3x3 conv, stride 2, no padding."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Asymmetric pad: ldm model.py Downsample, diffusers Downsample2D(padding=0).
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
-    """ldm `Upsample(with_conv=True)`: nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class MidBlock(nn.Module):
+def _mid_block(channels: int, groups: int) -> nn.Sequential:
     """`mid.block_1 -> mid.attn_1 -> mid.block_2` at the lowest resolution (ldm Encoder/Decoder `mid`)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = VAEResBlock(channels, channels, groups)
-        self.attn_1 = VAEAttention(channels, groups)
-        self.block_2 = VAEResBlock(channels, channels, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    return nn.Sequential(OrderedDict(block_1=VAEResBlock(channels, channels, groups),
+                                     attn_1=VAEAttention(channels, groups),
+                                     block_2=VAEResBlock(channels, channels, groups)))
 
 
-class EncoderLevel(nn.Module):
-    """One resolution of the encoder: `num_res_blocks` ResBlocks, then a Downsample except at the last level."""
+class VAELevel(nn.Module):
+    """One resolution: `num_blocks` ResBlocks (`block.j`), then the resampling layer `resample` ("downsample":
+    encoder, all but the last level; "upsample": decoder, all but level 0; None: none)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool, groups: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int,
+                 resample: str | None) -> None:
         super().__init__()
         self.block = nn.ModuleList(
             VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_blocks)
         )
-        self.downsample = Downsample(out_channels) if downsample else None
+        self.resample = resample
+        if resample is not None:
+            self.add_module(resample, (Downsample if resample == "downsample" else Upsample)(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class DecoderLevel(nn.Module):
-    """One resolution of the decoder: `num_res_blocks + 1` ResBlocks, then an Upsample except at level 0."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, groups: int) -> None:
-        super().__init__()
-        self.block = nn.ModuleList(
-            VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_blocks)
-        )
-        self.upsample = Upsample(out_channels) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return x if self.upsample is None else self.upsample(x)
+        return x if self.resample is None else getattr(self, self.resample)(x)
 
 
 class Encoder(nn.Module):
@@ -152,10 +118,11 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_widths = [cfg.ch] + widths[:-1]  # ldm in_ch_mult = (1,) + ch_mult
         self.down = nn.ModuleList(
-            EncoderLevel(in_widths[i], widths[i], cfg.num_res_blocks, i != len(widths) - 1, cfg.norm_groups)
+            VAELevel(in_widths[i], widths[i], cfg.num_res_blocks, cfg.norm_groups,
+                     "downsample" if i != len(widths) - 1 else None)
             for i in range(len(widths))
         )
-        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.mid = _mid_block(widths[-1], cfg.norm_groups)
         self.norm_out = _group_norm(cfg.norm_groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
@@ -168,18 +135,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """ldm `Decoder`: z -> image. `up[i]` is resolution level i (i = 0 is full size); it runs from the last level
-    down to 0, so the ldm keys are in the reverse order of diffusers' `up_blocks`."""
+    """ldm `Decoder`: z -> image. `up[i]` is resolution level i (0 = full size) and runs from the last level down
+    to 0, so the ldm keys are in the reverse order of diffusers' `up_blocks`."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], cfg.norm_groups)
-        # Level i takes the width of level i+1 (or the mid width at the last level) and outputs widths[i].
-        in_widths = widths[1:] + [widths[-1]]
+        self.mid = _mid_block(widths[-1], cfg.norm_groups)
+        in_widths = widths[1:] + [widths[-1]]  # level i takes level i+1's width (the mid width at the last level)
         self.up = nn.ModuleList(
-            DecoderLevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, i != 0, cfg.norm_groups)
+            VAELevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, cfg.norm_groups, "upsample" if i != 0 else None)
             for i in range(len(widths))
         )
         self.norm_out = _group_norm(cfg.norm_groups, widths[0])
@@ -202,7 +168,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
         if isinstance(generator, tuple):
-            generator = list(generator)  # xldm.diffusion.noise.randn takes one generator per row as a list
+            generator = list(generator)  # noise.randn takes one generator per row as a list
         noise = randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)  # as diffusers draws it
         return self.mean + self.std * noise
 
@@ -228,25 +194,19 @@ class AutoencoderKL(nn.Module):
     def scaling_factor(self) -> float:
         return self.cfg.scaling_factor
 
-    def _check_images(self, x: torch.Tensor) -> None:
-        f = self.cfg.downsample_factor
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"VAE encode expects images (B, {self.cfg.in_channels}, H, W), found shape {tuple(x.shape)}"
-            )
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
-                f"VAE encode expects height and width that are multiples of {f}, found {x.shape[2]}x{x.shape[3]}"
-            )
-
     def _check_latents(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.cfg.z_channels:
-            raise ValueError(
-                f"VAE decode expects latents (B, {self.cfg.z_channels}, h, w), found shape {tuple(z.shape)}"
-            )
+            raise ValueError(f"VAE decode expects latents (B, {self.cfg.z_channels}, h, w), "
+                             f"found shape {tuple(z.shape)}")
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        self._check_images(x)
+        f = self.cfg.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"VAE encode expects images (B, {self.cfg.in_channels}, H, W), "
+                             f"found shape {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"VAE encode expects height and width that are multiples of {f}, found {x.shape[2]}x{x.shape[3]}")
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -254,19 +214,15 @@ class AutoencoderKL(nn.Module):
         self._check_latents(z)
         return self.decoder(self.post_quant_conv(z))
 
-    def encode_latents(
-        self,
-        images: torch.Tensor,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        sample: bool = True,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] -> latents as the UNet sees them: `scaling_factor * z`, z sampled or the posterior mean."""
+    def encode_latents(self, images: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                       sample: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] -> UNet latents `scaling_factor * z`, z sampled or the posterior mean."""
         posterior = self.encode(images)
         z = posterior.sample(generator) if sample else posterior.mode()
         return z * self.cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNet latents -> image: `decode(latents / scaling_factor)` (diffusers pipelines, `vae.decode(latents / scaling_factor)`)."""
+        """UNet latents -> image, as diffusers pipelines' `vae.decode(latents / scaling_factor)`."""
         return self.decode(latents / self.cfg.scaling_factor)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
