@@ -16,11 +16,8 @@ The infotext layout follows A1111 `modules/processing.py` `create_infotext` and 
 The last line is `key: value` pairs joined by ", " in A1111's key order; a value holding a comma, a colon or a
 newline is written as a JSON string (A1111 `quote`).  Sizes are WIDTHxHEIGHT.
 
-xldm setting names (the `params` dict, as the pipeline's `GenerationResult.params` has them) and their A1111 keys:
-prompt, negative_prompt, steps -> Steps, sampler -> Sampler (via `A1111_SAMPLER_NAMES`), schedule -> Schedule type,
-cfg -> CFG scale, seed -> Seed, width/height -> Size, model_hash -> Model hash, model -> Model, vae -> VAE,
-strength -> Denoising strength (img2img only), clip_skip -> Clip skip, refiner -> Refiner,
-refiner_start -> Refiner switch at.  Other settings go to the JSON chunk only.
+xldm settings (`params`, named as in the pipeline's `GenerationResult.params`) map to A1111 keys by `_BEFORE_SIZE`
+and `_AFTER_SIZE` (width/height -> Size, sampler names via `A1111_SAMPLER_NAMES`); others go to the JSON chunk only.
 """
 
 from __future__ import annotations
@@ -44,22 +41,17 @@ XLDM_CHUNK = "xldm"
 
 # xldm sampler name -> A1111 sampler name (A1111 modules/sd_samplers_kdiffusion.py samplers_k_diffusion labels,
 # in the combined "<sampler> <schedule>" form every infotext reader accepts).
-_SAMPLERS_TO_A1111 = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-}
+_SAMPLERS_TO_A1111 = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+                      "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+                      "ddim": "DDIM", "unipc": "UniPC"}
 # Both directions in one dict: xldm name -> A1111 name, and A1111 name -> xldm name (the two name sets are disjoint).
 A1111_SAMPLER_NAMES: dict[str, str] = {**_SAMPLERS_TO_A1111, **{v: k for k, v in _SAMPLERS_TO_A1111.items()}}
 
 # xldm schedule names -> A1111 "Schedule type" labels (A1111 modules/sd_schedulers.py); others are written as is.
 _SCHEDULES_TO_A1111 = {"karras": "Karras", "exponential": "Exponential", "uniform": "Uniform",
                        "sgm_uniform": "SGM Uniform", "simple": "Simple", "normal": "Normal", "ddim": "DDIM"}
+_SCHEDULES_FROM_A1111 = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
+_NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start")
 
 # (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
 _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedule type"), ("cfg", "CFG scale"),
@@ -68,39 +60,32 @@ _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae", "VAE"),
                ("strength", "Denoising strength"), ("clip_skip", "Clip skip"),
                # extra_generation_params of A1111's refiner (modules/sd_models_xl / processing refiner options)
                ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"))
-NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
+_NEGATIVE = "Negative prompt:"
 
 # One `key: value` pair of the settings line: a key of word characters, spaces, '-' and '/', then either a JSON
 # string or everything up to the next comma (the grammar of A1111 infotext_utils.re_param).
 _PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-# A1111 treats the last line as settings only if it holds at least three pairs.
-_MIN_PAIRS_IN_SETTINGS_LINE = 3
 
 
 def _quote(value: Any) -> str:
     """A1111 `quote`: a value with ',', ':' or a newline becomes a JSON string; others are written as str()."""
     text = str(value)
-    if "," in text or ":" in text or "\n" in text:
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def _unquote(text: str) -> str:
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    return text
+    try:
+        return json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
+    except json.JSONDecodeError:
+        return text
 
 
-def _a1111_value(setting: str, value: Any) -> Any:
+def _translate(setting: str, value: Any, schedules: Mapping[str, str]) -> Any:
+    """Sampler and schedule names into the other program's names (`A1111_SAMPLER_NAMES` maps both ways)."""
     if setting == "sampler":
         return A1111_SAMPLER_NAMES.get(value, value)
-    if setting == "schedule":
-        return _SCHEDULES_TO_A1111.get(value, value)
-    return value
+    return schedules.get(value, value) if setting == "schedule" else value
 
 
 def format_a1111_parameters(params: Mapping[str, Any]) -> str:
@@ -110,7 +95,7 @@ def format_a1111_parameters(params: Mapping[str, Any]) -> str:
     def add(table: tuple[tuple[str, str], ...]) -> None:
         for setting, key in table:
             if params.get(setting) is not None:
-                pairs.append((key, _a1111_value(setting, params[setting])))
+                pairs.append((key, _translate(setting, params[setting], _SCHEDULES_TO_A1111)))
 
     add(_BEFORE_SIZE)
     if params.get("width") is not None and params.get("height") is not None:
@@ -122,7 +107,7 @@ def format_a1111_parameters(params: Mapping[str, Any]) -> str:
     text = str(params.get("prompt") or "")
     negative = params.get("negative_prompt")
     if negative:
-        text += f"\n{NEGATIVE_PROMPT_PREFIX} {negative}"
+        text += f"\n{_NEGATIVE} {negative}"
     text += "\n" + ", ".join(f"{key}: {_quote(value)}" for key, value in pairs)
     return text.strip()
 
@@ -136,7 +121,7 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     prompt.  The last line is the settings line only if it has at least three `key: value` pairs (A1111's test).
     """
     *lines, last = text.strip().split("\n")
-    if len(_PAIR.findall(last)) < _MIN_PAIRS_IN_SETTINGS_LINE:
+    if len(_PAIR.findall(last)) < 3:
         lines.append(last)
         last = ""
 
@@ -145,9 +130,9 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     in_negative = False
     for line in lines:
         line = line.strip()
-        if not in_negative and line.startswith(NEGATIVE_PROMPT_PREFIX):
+        if not in_negative and line.startswith(_NEGATIVE):
             in_negative = True
-            line = line[len(NEGATIVE_PROMPT_PREFIX):].strip()
+            line = line[len(_NEGATIVE):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
 
     fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
@@ -170,19 +155,11 @@ def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
     params: dict[str, Any] = {"prompt": fields.get("Prompt", "")}
     if fields.get("Negative prompt"):
         params["negative_prompt"] = fields["Negative prompt"]
-    schedules_back = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
     for setting, key in _BEFORE_SIZE + _AFTER_SIZE:
-        if key not in fields:
-            continue
-        value = fields[key]
-        if setting == "sampler":
-            params[setting] = A1111_SAMPLER_NAMES.get(value, value)
-        elif setting == "schedule":
-            params[setting] = schedules_back.get(value, value)
-        elif setting in ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start"):
-            params[setting] = _number(value)
-        else:
-            params[setting] = value
+        if key in fields:
+            value = fields[key]
+            params[setting] = _number(value) if setting in _NUMBERS else _translate(setting, value,
+                                                                                     _SCHEDULES_FROM_A1111)
     size = _SIZE.match(fields.get("Size", ""))
     if size:
         params["width"], params["height"] = int(size.group(1)), int(size.group(2))
@@ -214,22 +191,14 @@ def encode_png(image: Image.Image, params: Mapping[str, Any] | None = None) -> b
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> Path:
-    """Write `image` as a PNG at `path` with the `parameters` (A1111) and `xldm` (JSON) text chunks.
-
-    The file appears atomically (`xldm.weights.io.atomic_write`): a reader never sees half a PNG and an interrupted
-    save leaves no partial file.
-    JSON turns tuples into lists; `read_png_params` returns them as lists.  Returns the path written.
-    """
-    path = Path(path)
-    info = PngInfo()
-    # add_text writes tEXt for Latin-1 text and switches to iTXt (UTF-8) otherwise (Pillow PngInfo.add_text).
-    info.add_text(A1111_CHUNK, format_a1111_parameters(params))
-    info.add_text(XLDM_CHUNK, json.dumps(dict(params), ensure_ascii=False, default=_json_default))
+    """`encode_png(image, params)` written atomically at `path` (`xldm.weights.io.atomic_write`: no reader sees
+    half a PNG, an interrupted save leaves no partial file); returns the path.  JSON stores tuples as lists."""
     from xldm.weights.io import atomic_write  # here: reading PNG metadata needs no torch
 
-    with atomic_write(path) as temp, open(temp, "wb") as file:
-        image.save(file, format="PNG", pnginfo=info)
-    return path
+    data = encode_png(image, params)
+    with atomic_write(path) as temp:
+        temp.write_bytes(data)
+    return Path(path)
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
