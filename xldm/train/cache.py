@@ -5,7 +5,8 @@ computed once and read back in later epochs.  What is cached:
 
 * per image row: the VAE posterior's parameters `cat(mean, logvar)` (fp32), *not* a sampled latent: every step
   still draws z = mean + std * eps with that step's per-sample generator
-  (`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an uncached run would (tests/test_train_cache.py checks the losses);
+  (`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an uncached run
+  would (tests/test_train_cache.py checks the losses);
 * per caption: the context sequence and the pooled vector of the text encoders (fp32).
 
 Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file each
