@@ -480,8 +480,8 @@ def save_cascade(stages: Sequence[Components], folder: str | os.PathLike, *, dty
     check_stage_order([s.config for s in stages])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [save_stage(stage, folder / f"stage_{i}.safetensors", dtype=dtype,
-                       include_text_encoders=text_encoders == "shared" and (i == 0 or not _same_encoders(stages[0], stage)))
+    own = [text_encoders == "shared" and (i == 0 or not _same_encoders(stages[0], s)) for i, s in enumerate(stages)]
+    return [save_stage(stage, folder / f"stage_{i}.safetensors", dtype=dtype, include_text_encoders=own[i])
             for i, stage in enumerate(stages)]
 
 

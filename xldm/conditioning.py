@@ -496,6 +496,6 @@ def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenize
 
 
 __all__ = [
-    "TextEmbeddings", "Conditioning", "concat_channels", "encode_prompts", "zero_embeddings_like", "micro_ids", "vector_conditioning",
-    "sampling_conditioning", "training_conditioning", "LONG_PROMPT_MODES", "AUG_LEVEL_EMBED_SCALE",
+    "TextEmbeddings", "Conditioning", "concat_channels", "encode_prompts", "zero_embeddings_like", "micro_ids",
+    "vector_conditioning", "sampling_conditioning", "training_conditioning", "LONG_PROMPT_MODES", "AUG_LEVEL_EMBED_SCALE",
 ]

@@ -282,7 +282,8 @@ class Pipeline:
                     guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
                 )
 
-    def _encode_images(self, handle: ModelHandle, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def _encode_images(self, handle: ModelHandle, images: torch.Tensor,
+                       generators: list[torch.Generator]) -> torch.Tensor:
         """Posterior samples, one generator per image (diffusers `retrieve_latents` per row), scaled.
         Encoded in float32 when the model runs in fp16 (diffusers `force_upcast`)."""
         with handle.use("vae") as comps:

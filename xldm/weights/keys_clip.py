@@ -8,7 +8,8 @@ single file stores CLIP-L under `conditioner.embedders.0.transformer.`:
     text_model.final_layer_norm.{weight,bias}
     text_projection.weight                                  (only with a projection)
 
-The open_clip text tower (SDXL file: `conditioner.embedders.1.model.` base / `.0.model.` refiner; sgm `FrozenOpenCLIPEmbedder2`):
+The open_clip text tower (SDXL file: `conditioner.embedders.1.model.` base / `.0.model.` refiner; sgm
+`FrozenOpenCLIPEmbedder2`):
 
     token_embedding.weight, positional_embedding            (no ".weight")
     transformer.resblocks.N.{ln_1, attn.in_proj_weight [3W, W] / in_proj_bias [3W] (q|k|v along dim 0),
@@ -79,7 +80,8 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict
                 raise ValueError(
                     f"{key}: expected shape {(w, cfg.projection_dim)} ([width, proj]), found {tuple(value.shape)}"
                 )
-            # open_clip applies x @ P; nn.Linear computes x @ W.T, so W = P.T (diffusers single_file_utils `convert_open_clip_checkpoint`).
+            # open_clip applies x @ P; nn.Linear computes x @ W.T, so W = P.T (diffusers single_file_utils
+            # `convert_open_clip_checkpoint`).
             out["text_projection.weight"] = value.t().contiguous()
         elif (m := _OC_IN_PROJ.match(key)) is not None:
             layer, kind = int(m.group(1)), m.group(2)

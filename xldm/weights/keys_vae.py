@@ -146,7 +146,7 @@ def vae_diffusers_config(cfg: VAEConfig, sample_size: int = 1024) -> dict[str, A
         "shift_factor": None,
         "latents_mean": None,
         "latents_std": None,
-        # The SDXL VAE overflows in fp16; diffusers upcasts it to fp32 when this is set (diffusers AutoencoderKL `force_upcast`).
+        # The SDXL VAE overflows in fp16; diffusers upcasts it to fp32 when this is set (AutoencoderKL `force_upcast`).
         "force_upcast": True,
         "use_quant_conv": True,
         "use_post_quant_conv": True,
