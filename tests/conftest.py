@@ -16,6 +16,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six small captioned images (two aspect ratios) for short runs of the training presets."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("emoji")
+    for i in range(6):
+        img = Image.new("RGB", (128, 96 if i % 2 else 128), (255, 255, 255))
+        img.paste(Image.new("RGB", (48, 48), (40 * i, 200 - 30 * i, 90)), (10 * i, 20))
+        img.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"thing {i}, twitter style")
+    return folder
+
+
 def load_script(relative: str, name: str):
     """A script outside the package (datasets/, scripts/, benchmarks/), imported from its file."""
     import importlib.util

@@ -3,24 +3,17 @@ for tiny cascade stages and the tiny latent model."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from xldm.config import TINY_CASCADE_BASE, TINY_CASCADE_SR, TINY_CASCADE_SR2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cascade_cost.py"
-    spec = importlib.util.spec_from_file_location("cascade_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/cascade_cost.py", "cascade_cost")
 
 
 _cost = _load_benchmark()

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from xldm.train.cli import main as train_main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("emoji")
-    for i in range(6):
-        img = Image.new("RGB", (128, 96 if i % 2 else 128), (255, 255, 255))
-        img.paste(Image.new("RGB", (48, 48), (40 * i, 200 - 30 * i, 90)), (10 * i, 20))
-        img.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"thing {i}, twitter style")
-    return folder
 
 
 @pytest.mark.parametrize("preset,final", [

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,20 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from xldm.buckets import buckets_for_area
 from xldm.errors import UnsafePathError
 
 
-def _load_script(relative: str, name: str):
-    """A script outside the package (datasets/, scripts/), imported from its file."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-emoji_mod = _load_script("datasets/emoji.py", "emoji_dataset")
+emoji_mod = load_script("datasets/emoji.py", "emoji_dataset")
 SOURCES, BuildOptions, EmojiDatasetError = emoji_mod.SOURCES, emoji_mod.BuildOptions, emoji_mod.EmojiDatasetError
 build_emoji_dataset, position_phrase, safe_extract = (emoji_mod.build_emoji_dataset, emoji_mod.position_phrase,
                                                       emoji_mod.safe_extract)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from xldm.train.cli import main as train_main
@@ -49,17 +48,6 @@ def weights_digest(path: Path) -> str:
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("emoji")
-    for i in range(6):
-        img = Image.new("RGB", (128, 96 if i % 2 else 128), (255, 255, 255))
-        img.paste(Image.new("RGB", (48, 48), (40 * i, 200 - 30 * i, 90)), (10 * i, 20))
-        img.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"thing {i}, twitter style")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script
 from xldm.config import TINY_CLIP_L, TINY_OPENCLIP_BIGG
 from xldm.train.contrastive import ContrastiveModel, ImageTowerConfig
 from xldm.train.data import is_heldout
 
-_spec = importlib.util.spec_from_file_location(
-    "prompt_following", Path(__file__).resolve().parents[1] / "scripts" / "prompt_following.py")
-prompt_following = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prompt_following)
+prompt_following = load_script("scripts/prompt_following.py", "prompt_following")
 caption_sets, measure, to_evaluator_pixels = (prompt_following.caption_sets, prompt_following.measure,
                                               prompt_following.to_evaluator_pixels)
 
