@@ -12,16 +12,7 @@ import argparse
 import random
 import sys
 
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _torch_dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from xldm.serve.cli import DTYPES, add_serve_parser, torch_dtype
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -39,27 +30,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from xldm.weights.save import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=_torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
+    out = convert(args.src, args.dst, to=args.to, dtype=torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
     print(f"wrote {out}")
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT -> (width, height)."""
-    try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}") from None
+def _int_pair(separator: str, form: str, example: str):
+    """WIDTHxHEIGHT -> (width, height), TOP,LEFT -> (top, left)."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            a, b = text.lower().split(separator)
+            return int(a), int(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {form} such as {example}, got {text!r}") from None
+
+    return parse
 
 
-def _crop(text: str) -> tuple[int, int]:
-    """TOP,LEFT -> (top, left)."""
-    try:
-        t, left = text.split(",")
-        return int(t), int(left)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TOP,LEFT such as 0,0, got {text!r}") from None
+_size, _crop = _int_pair("x", "WIDTHxHEIGHT", "1024x768"), _int_pair(",", "TOP,LEFT", "0,0")
 
 
 def _output_paths(out: str, batch: int) -> list[str]:
@@ -152,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.pipeline import load
     from xldm.pngmeta import save_png
 
-    pipe = load(args.model, refiner=args.refiner, dtype=_torch_dtype(args.dtype), device=args.device,
+    pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
@@ -176,7 +164,7 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
     from xldm.images import open_image
     from xldm.pngmeta import save_png
 
-    dtype = _torch_dtype(args.dtype) or torch.float32
+    dtype = torch_dtype(args.dtype) or torch.float32
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     init = open_image(args.init_image) if args.init_image else None
     pipe = CascadePipeline(load_cascade(args.cascade, dtype=dtype, device=device), device=device, dtype=dtype)
@@ -284,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
-    from xldm.serve.cli import add_serve_parser
     from xldm.train.cli import add_train_parser
 
     add_train_parser(sub)

@@ -56,8 +56,6 @@ LIMITS = Limits()
 _L = LIMITS
 
 
-# --- samplers ------------------------------------------------------------------------------------------------
-
 # The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py); the xldm names work too.
 _ALIASES: dict[str, tuple[str, ...]] = {
     "euler_a": ("k_euler_a", "k_euler_ancestral"), "euler": ("k_euler",), "heun": ("k_heun",),
@@ -87,21 +85,18 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
 
 
-# --- names that could be paths (a model name is checked once: looked up among the registered names) -------
-
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
 
 
 def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
-    """Raise ValueError if `data` (a JSON object) has a key naming a path/folder/file outside `allowed`."""
+    """Raise ValueError if `data` (a JSON object) has a key naming a path/folder/file outside `allowed` (a model
+    name is no path: it is looked up among the registered names)."""
     if isinstance(data, dict):
         bad = sorted(k for k in data if isinstance(k, str) and k not in allowed and _PATH_LIKE_KEY.search(k))
         if bad:
             raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
                              f"be set by a request")
 
-
-# --- images in and out -----------------------------------------------------------------------------------------
 
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
@@ -138,8 +133,6 @@ def png_base64(image: Image.Image, params: dict[str, Any] | None = None) -> str:
     """A PIL image -> base64 PNG, with the settings' text chunks (the webui's images carry `parameters` too)."""
     return base64.b64encode(encode_png(image, params)).decode("ascii")
 
-
-# --- requests --------------------------------------------------------------------------------------------------
 
 # strict: "5" is not 5 and 1 is not true (wrong types are refused, not coerced); ints are accepted as floats.
 _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
@@ -275,8 +268,6 @@ class PngInfoRequest(BaseModel):
     model_config = _STRICT
     image: Base64Image = Field(description="base64 PNG")
 
-
-# --- responses -------------------------------------------------------------------------------------------------
 
 class GenerationResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs, each with its `parameters` text chunk")
