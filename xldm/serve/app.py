@@ -24,11 +24,11 @@ import asyncio
 import base64
 import binascii
 import hmac
+import itertools
 import json
 import logging
 import random
 import re
-import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -188,7 +188,7 @@ def _unprocessable():
 
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
-        self.config, self.limits = config, config.limits
+        self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
         first = config.model or next(iter(self.store.entries))
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
@@ -200,11 +200,11 @@ class Server:
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
-        self._save_lock, used = threading.Lock(), []
+        used = []
         if self.outputs is not None:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
-        self._next_index = max(used, default=-1) + 1
+        self._indices = itertools.count(max(used, default=-1) + 1)  # taken on the worker thread only
 
     def model_name(self, name: str) -> str:
         try:
@@ -212,18 +212,21 @@ class Server:
         except KeyError:
             raise HTTPException(422, f"model {name!r} not found; see /sdapi/v1/sd-models") from None
 
-    def apply_settings(self, settings: Settings, target: dict[str, Any]) -> None:
+    def apply_settings(self, data: dict[str, Any], *targets: dict[str, Any]) -> None:
+        """Validate webui settings (`Settings`) and set them in each of `targets`."""
+        with _unprocessable():
+            settings = Settings.model_validate(data)
         for key, value in settings.model_dump(exclude_none=True).items():
-            target[key] = self.model_name(value) if key == "sd_model_checkpoint" else value
+            value = self.model_name(value) if key == "sd_model_checkpoint" else value
+            for target in targets:
+                target[key] = value
 
     def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
              mask: Image.Image | None = None) -> Plan:
         options = dict(self.options)
         if body.override_settings:
-            override = _settings(body.override_settings)
-            self.apply_settings(override, options)
-            if not body.override_settings_restore_afterwards:
-                self.apply_settings(override, self.options)
+            self.apply_settings(body.override_settings, options,
+                                *(() if body.override_settings_restore_afterwards else (self.options,)))
         model = options["sd_model_checkpoint"]
         refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
             else None
@@ -279,9 +282,7 @@ class Server:
 
     def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
         """Write under --outputs only, under a name the server makes (the webui's "00012-SEED.png")."""
-        with self._save_lock:
-            index, self._next_index = self._next_index, self._next_index + 1
-        name = f"{index:05d}-{int(params['seed'])}.png"
+        name = f"{next(self._indices):05d}-{int(params['seed'])}.png"
         save_png(image, self.outputs / name, params)
         return name
 
@@ -362,11 +363,6 @@ class Server:
         }
 
 
-def _settings(data: dict[str, Any]) -> Settings:
-    with _unprocessable():
-        return Settings.model_validate(data)
-
-
 def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
     if text is None:
         return None
@@ -437,7 +433,7 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(body: dict[str, Any]) -> None:
         """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
-        server.apply_settings(_settings(body), server.options)
+        server.apply_settings(body, server.options)
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:

@@ -26,15 +26,6 @@ def torch_dtype(name: str | None):
     return getattr(torch, DTYPES[name])
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the `xldm` command's subparsers."""
     serve = subparsers.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API and a web page")
@@ -85,7 +76,10 @@ def build_config(args: argparse.Namespace):
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
     api_key = args.api_key or os.environ.get("XLDM_API_KEY") or None
-    loopback = _is_loopback(args.host)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
     if not loopback and api_key is None:
         if not args.allow_remote:
             raise ValueError(f"refusing to listen on {args.host} without --api-key: anyone who can reach it could "

@@ -2,15 +2,14 @@
 
 * **Queue**: at most `max_waiting` jobs wait behind the running one; one more is refused at once (`QueueFull`,
   503 with Retry-After).  One worker thread runs the jobs one at a time, in the order they were accepted.
-* **Progress**: the step callback records the step and the denoised estimate x0; the preview is x0 of the first
-  image through a 4x3 linear map from latent channels to RGB (the webui's "Approx cheap" decoder,
-  `modules/sd_vae_approx.py` `cheap_approximation`): no network runs.
+* **Progress**: the step callback records the step and the denoised estimate x0, previewed through the webui's
+  "Approx cheap" linear map (`latent_preview`): no network runs.
 * **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.pipeline.Interrupted`;
   the job ends within one step and returns the images of the iterations already done.
 * **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
   the CUDA cache emptied, and the worker goes on.
-* **Models**: only the checkpoints registered at start (`ModelStore`) can be loaded, by name, never by path; at
-  most the current model and refiner stay loaded.
+* **Models**: only the checkpoints registered at start (`ModelStore`) load, by name, never by path; at most the
+  current model and refiner stay loaded.
 """
 
 from __future__ import annotations

@@ -4,17 +4,17 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
 `StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`, `ProgressResponse`, `SDModelItem`, `SamplerItem`,
 `PNGInfoResponse`), so scripts written for the webui's API send the same JSON.  What differs:
 
-* **Bounds.** Every number has a range (`Limits`) and every string a length: out of range is a 422 before any
-  work.  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
+* **Bounds.** Every number has a range (`Limits`), every string a length: out of range is a 422 before any work.
+  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
 * **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
-  ...): refused, the server's folders are fixed at start.  Webui features xldm does not have (hires fix, face
-  restoration, tiling, scripts, variation seeds, styles) are refused when switched on, never silently dropped.
+  ...): the server's folders are fixed at start.  Webui features xldm lacks (hires fix, face restoration, tiling,
+  scripts, variation seeds, styles) are refused when switched on, never silently dropped.
 * **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
 * **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
-  `aesthetic_score`, `negative_aesthetic_score`; the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
-  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too (`override_settings`, options).
+  `aesthetic_score`, `negative_aesthetic_score`, and the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` (`override_settings`, options).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for.  The request models below take their field bounds from `LIMITS`;
-    a server's own `Limits` sets the body, image and page bounds."""
+    """Bounds on one request.  The request models take their field bounds from `LIMITS`; a server's own `Limits`
+    sets the body, image and page bounds."""
 
     min_side: int = 8  # width/height: multiples of 8 (the VAE's factor) in [min_side, max_side]
     max_side: int = 2048  # SDXL's largest bucket side (SDXL paper, App. I)
@@ -318,8 +318,6 @@ class PngInfoResponse(BaseModel):
     parameters: dict[str, Any] = Field(description="the infotext parsed into fields")
 
 
-__all__ = [
-    "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
-    "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-    "png_base64", "resolve_sampler", "sampler_aliases",
-]
+__all__ = ["LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
+           "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
+           "png_base64", "resolve_sampler", "sampler_aliases"]
