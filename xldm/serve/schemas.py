@@ -24,7 +24,7 @@ import binascii
 import io
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,16 +88,6 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
 
 
-def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
-    """Raise ValueError if `data` (a JSON object) has a key naming a path/folder/file outside `allowed` (a model
-    name is no path: it is looked up among the registered names)."""
-    if isinstance(data, dict):
-        bad = sorted(k for k in data if isinstance(k, str) and k not in allowed and _PATH_LIKE_KEY.search(k))
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
-                             f"be set by a request")
-
-
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -143,10 +133,28 @@ Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=
 Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 
-class Settings(BaseModel):
-    """The settings (webui "options") the server knows; usable in `override_settings` and `/sdapi/v1/options`."""
+class _NoPaths(BaseModel):
+    """A body that refuses keys naming a path/folder/file, but for `names` (a model name is no path: it is looked up
+    among the registered names)."""
 
     model_config = _STRICT
+    names: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = sorted(k for k in data if isinstance(k, str) and k not in cls.names and _PATH_LIKE_KEY.search(k))
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
+                                 f"be set by a request")
+        return data
+
+
+class Settings(_NoPaths):
+    """The settings (webui "options") the server knows; usable in `override_settings` and `/sdapi/v1/options`."""
+
+    names = frozenset({"sd_model_checkpoint"})
     sd_model_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars)
     samples_save: bool | None = None
     sdxl_crop_top: int | None = Field(default=None, ge=0, le=16384)
@@ -154,17 +162,11 @@ class Settings(BaseModel):
     sdxl_refiner_high_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
     sdxl_refiner_low_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, {"sd_model_checkpoint"})
-        return data
 
-
-class GenerationBase(BaseModel):
+class GenerationBase(_NoPaths):
     """Fields shared by txt2img and img2img (webui `StableDiffusionProcessing` as its API exposes it)."""
 
-    model_config = _STRICT
+    names = frozenset({"refiner_checkpoint"})
     prompt: str = Field(default="", max_length=_L.max_prompt_chars)
     negative_prompt: str = Field(default="", max_length=_L.max_prompt_chars, description='"": none (zeros)')
     styles: list[str] = Field(default_factory=list, max_length=0,
@@ -217,17 +219,13 @@ class GenerationBase(BaseModel):
     aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner conditioning (6.0)")
     negative_aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner (2.5)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, {"refiner_checkpoint"})  # a name, looked up among the registered models
-        return data
-
     @model_validator(mode="after")
     def _supported(self) -> "GenerationBase":
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
+        if getattr(self, "enable_hr", False):  # Txt2ImgRequest's
+            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
         return self
 
 
@@ -239,12 +237,6 @@ class Txt2ImgRequest(GenerationBase):
     hr_second_pass_steps: int = Field(default=0, ge=0, le=_L.max_steps)
     hr_resize_x: int = Field(default=0, ge=0, le=_L.max_side)
     hr_resize_y: int = Field(default=0, ge=0, le=_L.max_side)
-
-    @model_validator(mode="after")
-    def _no_hires(self) -> "Txt2ImgRequest":
-        if self.enable_hr:
-            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
-        return self
 
 
 class Img2ImgRequest(GenerationBase):
