@@ -276,23 +276,17 @@ class Server:
                 params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
                 outcome.images.append(image)
                 outcome.params.append(params)
-                if plan.save:
-                    outcome.saved.append(self._save(image, params))
+                if plan.save:  # under --outputs only, named by the server as the webui does ("00012-SEED.png")
+                    outcome.saved.append(f"{next(self._indices):05d}-{int(params['seed'])}.png")
+                    save_png(image, self.outputs / outcome.saved[-1], params)
         return outcome
-
-    def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
-        """Write under --outputs only, under a name the server makes (the webui's "00012-SEED.png")."""
-        name = f"{next(self._indices):05d}-{int(params['seed'])}.png"
-        save_png(image, self.outputs / name, params)
-        return name
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
         plan = self.plan(body, init_image, mask)
-        entry = self.store.entries[plan.model]
         try:
             job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
-                                    description=f"{'img2img' if init_image is not None else 'txt2img'}",
-                                    preview_kind=entry.kind)
+                                    description="img2img" if init_image is not None else "txt2img",
+                                    preview_kind=self.store.entries[plan.model].kind)
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         try:

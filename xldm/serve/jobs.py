@@ -157,8 +157,7 @@ class JobQueue:
                     self._lock.wait()
                 if self._stopped:
                     return
-                job = self._waiting.popleft()
-                self.running = job
+                job = self.running = self._waiting.popleft()
                 job.started_at = time.time()
             try:
                 result, failure = job.run(job), None
@@ -169,9 +168,8 @@ class JobQueue:
                 free_memory()  # outside the except block: the failed frames (and their tensors) are gone
             job.finished_at = time.time()
             with self._lock:
-                self.running = None
+                self.running, self._preview_cache = None, None
                 self._durations.append(job.finished_at - job.started_at)
-                self._preview_cache = None
             if failure is not None:
                 job.future.set_exception(failure)
             else:
@@ -204,8 +202,7 @@ class JobQueue:
         with self._lock:
             job = self.running
             if job is not None and not job.interrupted:
-                job.interrupt_steps_done = job.steps_done
-                job.interrupted = True
+                job.interrupt_steps_done, job.interrupted = job.steps_done, True
             return job
 
     @property
