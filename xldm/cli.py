@@ -35,21 +35,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_pair(separator: str, form: str, example: str):
-    """WIDTHxHEIGHT -> (width, height), TOP,LEFT -> (top, left)."""
-    def parse(text: str) -> tuple[int, int]:
-        try:
-            a, b = text.lower().split(separator)
-            return int(a), int(b)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {form} such as {example}, got {text!r}") from None
-
-    return parse
-
-
-_size, _crop = _int_pair("x", "WIDTHxHEIGHT", "1024x768"), _int_pair(",", "TOP,LEFT", "0,0")
-
-
 def _output_paths(out: str, batch: int) -> list[str]:
     """FILE.png for one image; FILE_0.png ... FILE_{N-1}.png for a batch."""
     if batch == 1:
@@ -60,16 +45,25 @@ def _output_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}.{ext}" for i in range(batch)]
 
 
-def number_list(kind):
-    """Comma-separated numbers (one per cascade stage) -> a list."""
-    def parse(text: str) -> list:
+def number_list(kind, separator: str = ",", length: int | None = None, expected: str | None = None):
+    """An argparse type: numbers joined by `separator` -> a list (one per cascade stage), or a tuple of exactly
+    `length` numbers (WIDTHxHEIGHT, TOP,LEFT)."""
+    expected = expected or f"comma-separated {kind.__name__}s such as {'30,20,20' if kind is int else '5,4,4'}"
+
+    def parse(text: str):
         try:
-            return [kind(v) for v in text.split(",")]
+            values = [kind(v) for v in text.lower().split(separator)]
+            if length is None or len(values) == length:
+                return values if length is None else tuple(values)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
-                                             f"{'30,20,20' if kind is int else '5,4,4'}, got {text!r}") from None
+            pass
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
+
+
+_size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768")
+_crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0")
 
 
 def _progress_bars():
@@ -78,16 +72,15 @@ def _progress_bars():
 
     bars: dict = {}
 
-    def update(stage, total: int, desc: str) -> None:
-        if stage not in bars:
-            for bar in bars.values():
-                bar.close()
-            bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
-        bars[stage].update(1)
-
     def close() -> None:
         for bar in bars.values():
             bar.close()
+
+    def update(stage, total: int, desc: str) -> None:
+        if stage not in bars:
+            close()
+            bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        bars[stage].update(1)
 
     return update, close
 
