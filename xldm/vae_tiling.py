@@ -133,17 +133,12 @@ def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | in
                    overlap: int | None = None) -> torch.Tensor:
     """Decode UNet latents to an image (B, 3, H, W), nominally in [-1, 1], making sure the result is finite.
 
-    tile: None decodes in tiles only when the latent area exceeds `AUTO_TILE_LATENT_AREA`; False never tiles;
-    True tiles with `DEFAULT_TILE_LATENT` / `DEFAULT_OVERLAP_LATENT`; an int is the tile size in latent pixels
-    (overlap: `overlap`, default a quarter of the tile).
-
-    The latents are cast to the VAE's dtype.  If a float16/bfloat16 VAE gives NaN or inf (the SDXL VAE overflows
-    in float16: diffusers `force_upcast`), the VAE is upcast to float32 in place, the latents are decoded again, a
-    warning says so, and the VAE's parameters get their original dtypes back (lossless: they came from that dtype).
-    The float32 image is then returned.
-
-    Raises NonFiniteError (an XldmError / ValueError) when the latents themselves are not finite (a diverged
-    sampler: no decode can fix that) or when the float32 decode is still not finite, saying where.
+    tile: None tiles only above `AUTO_TILE_LATENT_AREA`; False never; True with `DEFAULT_TILE_LATENT` /
+    `DEFAULT_OVERLAP_LATENT`; an int is the tile side in latents (overlap: `overlap`, default a quarter of it).
+    The latents are cast to the VAE's dtype.  A float16/bfloat16 decode with NaN or inf (diffusers `force_upcast`)
+    is redone, with a warning, on the VAE upcast to float32 in place (its parameters get their dtypes back after,
+    losslessly), and the float32 image is returned.  Raises NonFiniteError (an XldmError / ValueError), saying
+    where, when the latents are not finite (a diverged sampler: no decode can fix that) or the float32 decode is not.
     """
     if not latents_are_finite(latents):
         raise NonFiniteError(f"the latents to decode are not finite (the sampler diverged): "
