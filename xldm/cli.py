@@ -100,16 +100,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
     from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
+    no_model = args.model is None
     for flag, value, bundled in (("--model", args.model or "default", DEFAULT_MODEL_PATH),
                                  ("--refiner", args.refiner, DEFAULT_REFINER_PATH)):
         if value == "default" and not bundled.exists():
-            raise SystemExit(f"xldm generate: error: {'no --model given and ' if args.model is None else ''}the "
-                             f"bundled default {flag[2:]} is not in this copy of xldm (retrain it with "
+            raise SystemExit(f"xldm generate: error: {'no --model given and ' if no_model else ''}the bundled "
+                             f"default {flag[2:]} is not in this copy of xldm (retrain it with "
                              f"scripts/train_default.sh); pass {flag} PATH")
-    if args.model in (None, "default"):
-        args.model = str(DEFAULT_MODEL_PATH)
-    if args.refiner == "default":
-        args.refiner = str(DEFAULT_REFINER_PATH)
+        if value == "default":
+            setattr(args, flag[2:], str(bundled))
 
     from xldm.images import open_image
     from xldm.pipeline import GenerationRequest, resolve_request
