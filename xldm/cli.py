@@ -12,16 +12,7 @@ import argparse
 import random
 import sys
 
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _torch_dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from xldm.serve.cli import DTYPES, add_serve_parser, torch_dtype
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -39,27 +30,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from xldm.weights.save import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=_torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
+    out = convert(args.src, args.dst, to=args.to, dtype=torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
     print(f"wrote {out}")
     return 0
-
-
-def _size(text: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT -> (width, height)."""
-    try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}") from None
-
-
-def _crop(text: str) -> tuple[int, int]:
-    """TOP,LEFT -> (top, left)."""
-    try:
-        t, left = text.split(",")
-        return int(t), int(left)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TOP,LEFT such as 0,0, got {text!r}") from None
 
 
 def _output_paths(out: str, batch: int) -> list[str]:
@@ -72,16 +45,25 @@ def _output_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}.{ext}" for i in range(batch)]
 
 
-def number_list(kind):
-    """Comma-separated numbers (one per cascade stage) -> a list."""
-    def parse(text: str) -> list:
+def number_list(kind, separator: str = ",", length: int | None = None, expected: str | None = None):
+    """An argparse type: numbers joined by `separator` -> a list (one per cascade stage), or a tuple of exactly
+    `length` numbers (WIDTHxHEIGHT, TOP,LEFT)."""
+    expected = expected or f"comma-separated {kind.__name__}s such as {'30,20,20' if kind is int else '5,4,4'}"
+
+    def parse(text: str):
         try:
-            return [kind(v) for v in text.split(",")]
+            values = [kind(v) for v in text.lower().split(separator)]
+            if length is None or len(values) == length:
+                return values if length is None else tuple(values)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as "
-                                             f"{'30,20,20' if kind is int else '5,4,4'}, got {text!r}") from None
+            pass
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
+
+
+_size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768")
+_crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0")
 
 
 def _progress_bars():
@@ -90,16 +72,15 @@ def _progress_bars():
 
     bars: dict = {}
 
-    def update(stage, total: int, desc: str) -> None:
-        if stage not in bars:
-            for bar in bars.values():
-                bar.close()
-            bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
-        bars[stage].update(1)
-
     def close() -> None:
         for bar in bars.values():
             bar.close()
+
+    def update(stage, total: int, desc: str) -> None:
+        if stage not in bars:
+            close()
+            bars[stage] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        bars[stage].update(1)
 
     return update, close
 
@@ -119,16 +100,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
     from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
+    no_model = args.model is None
     for flag, value, bundled in (("--model", args.model or "default", DEFAULT_MODEL_PATH),
                                  ("--refiner", args.refiner, DEFAULT_REFINER_PATH)):
         if value == "default" and not bundled.exists():
-            raise SystemExit(f"xldm generate: error: {'no --model given and ' if args.model is None else ''}the "
-                             f"bundled default {flag[2:]} is not in this copy of xldm (retrain it with "
+            raise SystemExit(f"xldm generate: error: {'no --model given and ' if no_model else ''}the bundled "
+                             f"default {flag[2:]} is not in this copy of xldm (retrain it with "
                              f"scripts/train_default.sh); pass {flag} PATH")
-    if args.model in (None, "default"):
-        args.model = str(DEFAULT_MODEL_PATH)
-    if args.refiner == "default":
-        args.refiner = str(DEFAULT_REFINER_PATH)
+        if value == "default":
+            setattr(args, flag[2:], str(bundled))
 
     from xldm.images import open_image
     from xldm.pipeline import GenerationRequest, resolve_request
@@ -152,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.pipeline import load
     from xldm.pngmeta import save_png
 
-    pipe = load(args.model, refiner=args.refiner, dtype=_torch_dtype(args.dtype), device=args.device,
+    pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
@@ -176,7 +156,7 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
     from xldm.images import open_image
     from xldm.pngmeta import save_png
 
-    dtype = _torch_dtype(args.dtype) or torch.float32
+    dtype = torch_dtype(args.dtype) or torch.float32
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     init = open_image(args.init_image) if args.init_image else None
     pipe = CascadePipeline(load_cascade(args.cascade, dtype=dtype, device=device), device=device, dtype=dtype)
@@ -284,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
-    from xldm.serve.cli import add_serve_parser
     from xldm.train.cli import add_train_parser
 
     add_train_parser(sub)

@@ -125,17 +125,16 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
         lines.append(last)
         last = ""
 
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
+    prompt_and_negative: tuple[list[str], list[str]] = ([], [])
     in_negative = False
     for line in lines:
         line = line.strip()
         if not in_negative and line.startswith(_NEGATIVE):
             in_negative = True
             line = line[len(_NEGATIVE):].strip()
-        (negative_lines if in_negative else prompt_lines).append(line)
+        prompt_and_negative[in_negative].append(line)
 
-    fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    fields = {"Prompt": "\n".join(prompt_and_negative[0]), "Negative prompt": "\n".join(prompt_and_negative[1])}
     for key, value in _PAIR.findall(last):
         fields[key] = _unquote(value.strip())
     return fields
@@ -157,11 +156,9 @@ def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
         params["negative_prompt"] = fields["Negative prompt"]
     for setting, key in _BEFORE_SIZE + _AFTER_SIZE:
         if key in fields:
-            value = fields[key]
-            params[setting] = _number(value) if setting in _NUMBERS else _translate(setting, value,
-                                                                                     _SCHEDULES_FROM_A1111)
-    size = _SIZE.match(fields.get("Size", ""))
-    if size:
+            params[setting] = (_number(fields[key]) if setting in _NUMBERS
+                               else _translate(setting, fields[key], _SCHEDULES_FROM_A1111))
+    if size := _SIZE.match(fields.get("Size", "")):
         params["width"], params["height"] = int(size.group(1)), int(size.group(2))
     return params
 
@@ -220,7 +217,6 @@ def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
                      f"{XLDM_CHUNK!r} or {A1111_CHUNK!r}, found {sorted(text) or 'none'})")
 
 
-__all__ = [
-    "A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "encode_png", "format_a1111_parameters",
-    "parse_a1111_parameters", "png_text", "read_png_params", "read_png_text", "save_png",
-]
+__all__ = ["A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "encode_png",
+           "format_a1111_parameters", "parse_a1111_parameters", "png_text", "read_png_params", "read_png_text",
+           "save_png"]

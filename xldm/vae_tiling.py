@@ -31,8 +31,6 @@ DEFAULT_OVERLAP_LATENT = 16  # a quarter of the tile, as diffusers' tile_overlap
 # image (128 x 128 latents) still decodes in one piece, exactly like diffusers' default (tiling off).
 AUTO_TILE_LATENT_AREA = 192 * 192
 
-_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def latents_are_finite(t: torch.Tensor) -> bool:
     """True when every element of `t` is finite (no NaN, no +-inf)."""
@@ -47,38 +45,22 @@ def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def _ramp(extent: int, like: torch.Tensor) -> torch.Tensor:
-    """Weights y / extent, y = 0 .. extent-1, of the new tile across an overlap (diffusers blend_v / blend_h)."""
-    return torch.arange(extent, device=like.device, dtype=torch.float32) / extent
-
-
 def _blend(previous_edge: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> None:
-    """In place: the first `extent` rows (dim=2) or columns (dim=3) of `tile` become
-    previous * (1 - w) + tile * w, w = y / extent, where `previous_edge` holds the neighbour's last `extent`."""
+    """In place: the first `extent` rows (dim=2) or columns (dim=3) of `tile` become previous * (1 - w) + tile * w,
+    w = y / extent (diffusers blend_v / blend_h), where `previous_edge` holds the neighbour's last `extent`."""
     if extent == 0:
         return
     head = tile.narrow(dim, 0, extent)
-    weight = _ramp(extent, tile).view((1, 1, extent, 1) if dim == 2 else (1, 1, 1, extent))
+    weight = torch.arange(extent, device=tile.device, dtype=torch.float32) / extent
+    weight = weight.view((1, 1, extent, 1) if dim == 2 else (1, 1, 1, extent))
     # Blend in float32 so a bf16/fp16 decode loses no precision in the weights, then store in the tile's dtype.
     mixed = previous_edge.float() * (1 - weight) + head.float() * weight
     head.copy_(mixed.to(tile.dtype))
 
 
-def _check_tiling(tile_latent: int, overlap_latent: int) -> None:
-    if tile_latent < 1:
-        raise ValueError(f"tile_latent must be at least 1, got {tile_latent}")
-    if not 0 <= overlap_latent < tile_latent:
-        raise ValueError(f"overlap_latent must be in [0, tile_latent={tile_latent}), got {overlap_latent}")
-
-
 @torch.no_grad()
-def decode_tiled(
-    vae: AutoencoderKL,
-    latents: torch.Tensor,
-    *,
-    tile_latent: int = DEFAULT_TILE_LATENT,
-    overlap_latent: int = DEFAULT_OVERLAP_LATENT,
-) -> torch.Tensor:
+def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, *, tile_latent: int = DEFAULT_TILE_LATENT,
+                 overlap_latent: int = DEFAULT_OVERLAP_LATENT) -> torch.Tensor:
     """UNet latents (B, z, h, w) -> image (B, 3, h*f, w*f), like `vae.decode_latents(latents)` but one
     `tile_latent x tile_latent` latent tile at a time, with `overlap_latent` latent rows/columns of overlap
     blended linearly (the rule of diffusers' tiled_decode; see the module docstring).
@@ -86,7 +68,10 @@ def decode_tiled(
     Works for any latent size (edge tiles are smaller), any batch size, device and dtype; the output has the
     latents' device and the decoder's dtype.  Peak memory is one tile's decode plus the output image.
     """
-    _check_tiling(tile_latent, overlap_latent)
+    if tile_latent < 1:
+        raise ValueError(f"tile_latent must be at least 1, got {tile_latent}")
+    if not 0 <= overlap_latent < tile_latent:
+        raise ValueError(f"overlap_latent must be in [0, tile_latent={tile_latent}), got {overlap_latent}")
     vae._check_latents(latents)
     f = vae.cfg.downsample_factor
     z = latents / vae.scaling_factor  # the same division as AutoencoderKL.decode_latents
@@ -144,48 +129,30 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor, tile: bool | int | None, 
     return decode_tiled(vae, latents, tile_latent=tile_latent, overlap_latent=overlap_latent)
 
 
-def _vae_dtype(vae: AutoencoderKL) -> torch.dtype:
-    return next(vae.parameters()).dtype
-
-
-def decode_checked(
-    vae: AutoencoderKL,
-    latents: torch.Tensor,
-    *,
-    tile: bool | int | None = None,
-    overlap: int | None = None,
-) -> torch.Tensor:
+def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | int | None = None,
+                   overlap: int | None = None) -> torch.Tensor:
     """Decode UNet latents to an image (B, 3, H, W), nominally in [-1, 1], making sure the result is finite.
 
-    tile: None decodes in tiles only when the latent area exceeds `AUTO_TILE_LATENT_AREA`; False never tiles;
-    True tiles with `DEFAULT_TILE_LATENT` / `DEFAULT_OVERLAP_LATENT`; an int is the tile size in latent pixels
-    (overlap: `overlap`, default a quarter of the tile).
-
-    The latents are cast to the VAE's dtype.  If a float16/bfloat16 VAE gives NaN or inf (the SDXL VAE overflows
-    in float16: diffusers `force_upcast`), the VAE is upcast to float32 in place, the latents are
-    decoded again, a warning says so, and the VAE's parameters get their original dtypes back (lossless: they
-    came from that dtype).  The float32 image is then returned.
-
-    Raises NonFiniteError (an XldmError / ValueError) when the latents themselves are not finite (a diverged
-    sampler: no decode can fix that) or when the float32 decode is still not finite, saying where.
+    tile: None tiles only above `AUTO_TILE_LATENT_AREA`; False never; True with `DEFAULT_TILE_LATENT` /
+    `DEFAULT_OVERLAP_LATENT`; an int is the tile side in latents (overlap: `overlap`, default a quarter of it).
+    The latents are cast to the VAE's dtype.  A float16/bfloat16 decode with NaN or inf (diffusers `force_upcast`)
+    is redone, with a warning, on the VAE upcast to float32 in place (its parameters get their dtypes back after,
+    losslessly), and the float32 image is returned.  Raises NonFiniteError (an XldmError / ValueError), saying
+    where, when the latents are not finite (a diverged sampler: no decode can fix that) or the float32 decode is not.
     """
     if not latents_are_finite(latents):
-        raise NonFiniteError(
-            f"the latents to decode are not finite (the sampler diverged): {_where_not_finite(latents)}"
-        )
-    dtype = _vae_dtype(vae)
+        raise NonFiniteError(f"the latents to decode are not finite (the sampler diverged): "
+                             f"{_where_not_finite(latents)}")
+    dtype = next(vae.parameters()).dtype
     image = _decode(vae, latents.to(dtype), tile, overlap)
     if latents_are_finite(image):
         return image
-    if dtype not in _REDUCED_PRECISION:
+    if dtype not in (torch.float16, torch.bfloat16):
         raise NonFiniteError(f"VAE decode in {dtype} produced non-finite values: {_where_not_finite(image)}")
 
-    warnings.warn(
-        f"VAE decode in {dtype} produced non-finite values ({_where_not_finite(image)}); decoding again in float32 "
-        "(the SDXL VAE overflows in float16; an fp16-fixed VAE avoids this retry)",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    warnings.warn(f"VAE decode in {dtype} produced non-finite values ({_where_not_finite(image)}); decoding again "
+                  "in float32 (the SDXL VAE overflows in float16; an fp16-fixed VAE avoids this retry)",
+                  RuntimeWarning, stacklevel=2)
     del image  # free the failed decode before the float32 one
     original = {name: t.dtype for name, t in [*vae.named_parameters(), *vae.named_buffers()]}
     try:
@@ -195,13 +162,10 @@ def decode_checked(
         for name, t in [*vae.named_parameters(), *vae.named_buffers()]:
             t.data = t.data.to(original[name])
     if not latents_are_finite(image):
-        raise NonFiniteError(
-            f"VAE decode produced non-finite values in {dtype} and again in float32: {_where_not_finite(image)}"
-        )
+        raise NonFiniteError(f"VAE decode produced non-finite values in {dtype} and again in float32: "
+                             f"{_where_not_finite(image)}")
     return image
 
 
-__all__ = [
-    "AUTO_TILE_LATENT_AREA", "DEFAULT_OVERLAP_LATENT", "DEFAULT_TILE_LATENT", "NonFiniteError",
-    "decode_checked", "decode_tiled", "latents_are_finite",
-]
+__all__ = ["AUTO_TILE_LATENT_AREA", "DEFAULT_OVERLAP_LATENT", "DEFAULT_TILE_LATENT", "NonFiniteError",
+           "decode_checked", "decode_tiled", "latents_are_finite"]

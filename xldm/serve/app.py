@@ -4,10 +4,9 @@ Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-inf
 `sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and
 `/static/*` (the page), `/openapi.json`; FastAPI's `/docs` pages are off (they load from a CDN).
 
-Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (counting over
-all batches) uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's
-"(word:1.2)" weighting and 75-token chunks (as `xldm generate --weighting --long-prompts`; for a plain prompt under
-75 tokens the same as plain `xldm generate`); the same seed and settings give the same pixels as `xldm generate`.
+Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (over all batches)
+uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's "(word:1.2)"
+weighting and 75-token chunks: the same pixels as `xldm generate --weighting --long-prompts` with the same settings.
 
 Guards, outermost first (`RequestGuard`):
   1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (no DNS rebinding);
@@ -25,11 +24,11 @@ import asyncio
 import base64
 import binascii
 import hmac
+import itertools
 import json
 import logging
 import random
 import re
-import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -79,7 +78,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=lambda: LIMITS)
 
 
-# --- the guard in front of every route ---------------------------------------------------------------------
+def _timestamp(seconds: float) -> str:  # the webui's job_timestamp
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(seconds))
+
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
@@ -156,8 +157,6 @@ async def _reply(scope, receive, send, status: int, detail: str, headers: dict[s
     await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
 
 
-# --- the server's state -------------------------------------------------------------------------------------
-
 @dataclass
 class Plan:
     """A validated generation, ready for the worker: `request` is resolved (its seed is the first image's)."""
@@ -182,12 +181,14 @@ def _unprocessable():
     try:
         yield
     except (ValueError, KeyError) as e:
-        raise HTTPException(422, _messages(e)) from None
+        detail = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+                           for err in e.errors()) if hasattr(e, "errors") else str(e)  # pydantic's ValidationError
+        raise HTTPException(422, detail) from None
 
 
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
-        self.config, self.limits = config, config.limits
+        self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
         first = config.model or next(iter(self.store.entries))
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
@@ -199,11 +200,11 @@ class Server:
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
-        self._save_lock, used = threading.Lock(), []
+        used = []
         if self.outputs is not None:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
-        self._next_index = max(used, default=-1) + 1
+        self._indices = itertools.count(max(used, default=-1) + 1)  # taken on the worker thread only
 
     def model_name(self, name: str) -> str:
         try:
@@ -211,18 +212,21 @@ class Server:
         except KeyError:
             raise HTTPException(422, f"model {name!r} not found; see /sdapi/v1/sd-models") from None
 
-    def apply_settings(self, settings: Settings, target: dict[str, Any]) -> None:
+    def apply_settings(self, data: dict[str, Any], *targets: dict[str, Any]) -> None:
+        """Validate webui settings (`Settings`) and set them in each of `targets`."""
+        with _unprocessable():
+            settings = Settings.model_validate(data)
         for key, value in settings.model_dump(exclude_none=True).items():
-            target[key] = self.model_name(value) if key == "sd_model_checkpoint" else value
+            value = self.model_name(value) if key == "sd_model_checkpoint" else value
+            for target in targets:
+                target[key] = value
 
     def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
              mask: Image.Image | None = None) -> Plan:
         options = dict(self.options)
         if body.override_settings:
-            override = _settings(body.override_settings)
-            self.apply_settings(override, options)
-            if not body.override_settings_restore_afterwards:
-                self.apply_settings(override, self.options)
+            self.apply_settings(body.override_settings, options,
+                                *(() if body.override_settings_restore_afterwards else (self.options,)))
         model = options["sd_model_checkpoint"]
         refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
             else None
@@ -272,25 +276,17 @@ class Server:
                 params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
                 outcome.images.append(image)
                 outcome.params.append(params)
-                if plan.save:
-                    outcome.saved.append(self._save(image, params))
+                if plan.save:  # under --outputs only, named by the server as the webui does ("00012-SEED.png")
+                    outcome.saved.append(f"{next(self._indices):05d}-{int(params['seed'])}.png")
+                    save_png(image, self.outputs / outcome.saved[-1], params)
         return outcome
-
-    def _save(self, image: Image.Image, params: dict[str, Any]) -> str:
-        """Write under --outputs only, under a name the server makes (the webui's "00012-SEED.png")."""
-        with self._save_lock:
-            index, self._next_index = self._next_index, self._next_index + 1
-        name = f"{index:05d}-{int(params['seed'])}.png"
-        save_png(image, self.outputs / name, params)
-        return name
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
         plan = self.plan(body, init_image, mask)
-        entry = self.store.entries[plan.model]
         try:
             job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
-                                    description=f"{'img2img' if init_image is not None else 'txt2img'}",
-                                    preview_kind=entry.kind)
+                                    description="img2img" if init_image is not None else "txt2img",
+                                    preview_kind=self.store.entries[plan.model].kind)
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         try:
@@ -305,26 +301,24 @@ class Server:
         images = [png_base64(img, p) for img, p in zip(outcome.images, outcome.params)] if body.send_images else []
         req = plan.request
         total = body.batch_size * body.n_iter
-        info = {
-            "prompt": body.prompt, "all_prompts": [body.prompt] * total,
-            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * total,
-            "seed": req.seed, "all_seeds": [req.seed + k for k in range(total)], "subseed": -1,
-            "all_subseeds": [-1] * total, "subseed_strength": 0, "width": req.width, "height": req.height,
+        info = {  # the fields of the webui's `Processed.js` (modules/processing.py), in its order
+            "prompt": body.prompt, "all_prompts": [body.prompt] * total, "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * total, "seed": req.seed,
+            "all_seeds": [req.seed + k for k in range(total)], "subseed": -1, "all_subseeds": [-1] * total,
+            "subseed_strength": 0, "width": req.width, "height": req.height,
             "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None,
-            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": req.strength,
+            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
-            "clip_skip": 1, "is_using_inpainting_conditioning": bool(req.mask is not None),
-            "version": f"xldm {__version__}",
+            "job_timestamp": _timestamp(job.started_at or time.time()), "clip_skip": 1,
+            "is_using_inpainting_conditioning": bool(req.mask is not None), "version": f"xldm {__version__}",
             "xldm": {"job": job.id, "queued_at": job.queued_at, "started_at": job.started_at,
-                     "finished_at": job.finished_at, "interrupted": job.interrupted,
-                     "steps_done": job.steps_done, "interrupt_steps_done": job.interrupt_steps_done,
-                     "images_done": len(outcome.images), "saved": outcome.saved},
+                     "finished_at": job.finished_at, "interrupted": job.interrupted, "steps_done": job.steps_done,
+                     "interrupt_steps_done": job.interrupt_steps_done, "images_done": len(outcome.images),
+                     "saved": outcome.saved},
         }
         parameters = body.model_dump()
         if isinstance(body, Img2ImgRequest) and not body.include_init_images:
@@ -341,7 +335,7 @@ class Server:
         eta = elapsed / progress - elapsed if progress > 0 else 0.0
         state = ProgressState(
             interrupted=job.interrupted, job=f"{job.description} {job.id}", job_count=job.n_iter,
-            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at)), job_no=job.iteration,
+            job_timestamp=_timestamp(job.started_at), job_no=job.iteration,
             sampling_step=job.step, sampling_steps=job.stage_steps, queued=self.queue.waiting)
         preview = None if skip_current_image else self.queue.preview_png(job)
         text = f"{job.stage or 'starting'}: step {job.step}/{job.stage_steps}, batch {job.iteration + 1}/{job.n_iter}"
@@ -363,25 +357,12 @@ class Server:
         }
 
 
-def _settings(data: dict[str, Any]) -> Settings:
-    with _unprocessable():
-        return Settings.model_validate(data)
-
-
-def _messages(error: Exception) -> str:
-    if hasattr(error, "errors"):  # pydantic's ValidationError
-        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors())
-    return str(error)
-
-
 def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
     if text is None:
         return None
     with _unprocessable():
         return decode_image(text, what, limits)
 
-
-# --- the app -----------------------------------------------------------------------------------------------
 
 def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI:
     server = Server(config, store)
@@ -446,7 +427,7 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(body: dict[str, Any]) -> None:
         """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
-        server.apply_settings(_settings(body), server.options)
+        server.apply_settings(body, server.options)
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:

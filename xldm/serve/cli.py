@@ -13,14 +13,17 @@ import os
 import sys
 from pathlib import Path
 
+# --dtype names of every xldm command (`xldm generate`, `convert`, `serve`); here, where `xldm.cli` can import them.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+
+def torch_dtype(name: str | None):
+    """A --dtype name -> the torch dtype; None stays None (the command's default)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, DTYPES[name])
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="jobs that may wait behind the running one; more get 503 with Retry-After")
     serve.add_argument("--outputs", default=None, metavar="DIR",
                        help="folder for images of requests with save_images (default: nothing is written)")
-    serve.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+    serve.add_argument("--dtype", choices=list(DTYPES), default=None,
                        help="default: fp32 on CPU, bf16 on GPU")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     serve.set_defaults(func=cmd_serve)
@@ -73,20 +76,20 @@ def build_config(args: argparse.Namespace):
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
     api_key = args.api_key or os.environ.get("XLDM_API_KEY") or None
-    loopback = _is_loopback(args.host)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
     if not loopback and api_key is None:
         if not args.allow_remote:
             raise ValueError(f"refusing to listen on {args.host} without --api-key: anyone who can reach it could "
                              f"use it; give --api-key KEY, or --allow-remote to do it anyway")
         print(f"xldm serve: WARNING: listening on {args.host} with no API key: anyone who can reach this "
               f"address can use the server", file=sys.stderr)
-    import torch
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     return ServerConfig(
         models=models, model=models[0].name, refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=dtype, device=args.device)
+        allowed_hosts=LOOPBACK_HOSTS if loopback else None, dtype=torch_dtype(args.dtype), device=args.device)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,4 +108,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "cmd_serve", "build_config"]
+__all__ = ["DTYPES", "add_serve_parser", "build_config", "cmd_serve", "torch_dtype"]

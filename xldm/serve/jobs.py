@@ -2,15 +2,14 @@
 
 * **Queue**: at most `max_waiting` jobs wait behind the running one; one more is refused at once (`QueueFull`,
   503 with Retry-After).  One worker thread runs the jobs one at a time, in the order they were accepted.
-* **Progress**: the step callback records the step and the denoised estimate x0; the preview is x0 of the first
-  image through a 4x3 linear map from latent channels to RGB (the webui's "Approx cheap" decoder,
-  `modules/sd_vae_approx.py` `cheap_approximation`): no network runs.
+* **Progress**: the step callback records the step and the denoised estimate x0, previewed through the webui's
+  "Approx cheap" linear map (`latent_preview`): no network runs.
 * **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.pipeline.Interrupted`;
   the job ends within one step and returns the images of the iterations already done.
 * **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
   the CUDA cache emptied, and the worker goes on.
-* **Models**: only the checkpoints registered at start (`ModelStore`) can be loaded, by name, never by path; at
-  most the current model and refiner stay loaded.
+* **Models**: only the checkpoints registered at start (`ModelStore`) load, by name, never by path; at most the
+  current model and refiner stay loaded.
 """
 
 from __future__ import annotations
@@ -52,8 +51,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# --- preview ----------------------------------------------------------------------------------------------------
-
 # Latent channel -> RGB factors of the webui's "Approx cheap" preview (modules/sd_vae_approx.py
 # cheap_approximation): rows are the 4 latent channels, columns R, G, B; output in about [-1, 1].
 SDXL_LATENT_RGB = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250),
@@ -72,8 +69,6 @@ def latent_preview(x0: torch.Tensor, kind: str) -> Image.Image:
     array = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     return Image.fromarray(array, "RGB")
 
-
-# --- jobs -------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Job:
@@ -120,8 +115,8 @@ class Job:
 
     def begin_iteration(self, iteration: int, stages: dict[str, tuple[float, float]]) -> None:
         """Start image batch `iteration`; `stages` maps "base"/"refiner" to its (start, width) in [0, 1]."""
-        self.iteration, self.stages, self.stage, self.step, self.stage_steps = iteration, stages, "", 0, 0
-        self.stage_share = (0.0, 0.0)
+        self.iteration, self.stages, self.stage, self.stage_share = iteration, stages, "", (0.0, 0.0)
+        self.step = self.stage_steps = 0
 
 
 class JobQueue:
@@ -162,8 +157,7 @@ class JobQueue:
                     self._lock.wait()
                 if self._stopped:
                     return
-                job = self._waiting.popleft()
-                self.running = job
+                job = self.running = self._waiting.popleft()
                 job.started_at = time.time()
             try:
                 result, failure = job.run(job), None
@@ -172,7 +166,14 @@ class JobQueue:
             job.x0 = None
             if isinstance(failure, OutOfMemory):
                 free_memory()  # outside the except block: the failed frames (and their tensors) are gone
-            self._finish(job, result=result, error=failure)
+            job.finished_at = time.time()
+            with self._lock:
+                self.running, self._preview_cache = None, None
+                self._durations.append(job.finished_at - job.started_at)
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
+                job.future.set_result(result)
 
     @staticmethod
     def _describe(job: Job, error: BaseException) -> BaseException:
@@ -184,17 +185,6 @@ class JobQueue:
         if not isinstance(error, (ValueError, KeyError, Interrupted)):
             log.error("job %d failed", job.id, exc_info=error)
         return error.with_traceback(None)
-
-    def _finish(self, job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
-        job.finished_at = time.time()
-        with self._lock:
-            self.running = None
-            self._durations.append(job.finished_at - (job.started_at or job.finished_at))
-            self._preview_cache = None
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
 
     def stop(self) -> None:
         with self._lock:
@@ -212,8 +202,7 @@ class JobQueue:
         with self._lock:
             job = self.running
             if job is not None and not job.interrupted:
-                job.interrupt_steps_done = job.steps_done
-                job.interrupted = True
+                job.interrupt_steps_done, job.interrupted = job.steps_done, True
             return job
 
     @property
@@ -224,18 +213,13 @@ class JobQueue:
         """The running job's preview as base64 PNG, computed at most once per step."""
         from xldm.serve.schemas import png_base64
 
-        x0, steps = job.x0, job.steps_done
+        x0, steps, cached = job.x0, job.steps_done, self._preview_cache
         if x0 is None:
             return None
-        cached = self._preview_cache
-        if cached is not None and cached[:2] == (job.id, steps):
-            return cached[2]
-        png = png_base64(latent_preview(x0, job.preview_kind))
-        self._preview_cache = (job.id, steps, png)
-        return png
+        if cached is None or cached[:2] != (job.id, steps):
+            cached = self._preview_cache = (job.id, steps, png_base64(latent_preview(x0, job.preview_kind)))
+        return cached[2]
 
-
-# --- models ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -315,5 +299,4 @@ class ModelStore:
                         dtype=self.dtype, device=self.device)
 
 
-__all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models",
-           "latent_preview"]
+__all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models", "latent_preview"]

@@ -4,17 +4,17 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
 `StableDiffusionImg2ImgProcessingAPI`, `TextToImageResponse`, `ProgressResponse`, `SDModelItem`, `SamplerItem`,
 `PNGInfoResponse`), so scripts written for the webui's API send the same JSON.  What differs:
 
-* **Bounds.** Every number has a range (`Limits`) and every string a length: out of range is a 422 before any
-  work.  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
+* **Bounds.** Every number has a range (`Limits`), every string a length: out of range is a 422 before any work.
+  NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
 * **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
-  ...): refused, the server's folders are fixed at start.  Webui features xldm does not have (hires fix, face
-  restoration, tiling, scripts, variation seeds, styles) are refused when switched on, never silently dropped.
+  ...): the server's folders are fixed at start.  Webui features xldm lacks (hires fix, face restoration, tiling,
+  scripts, variation seeds, styles) are refused when switched on, never silently dropped.
 * **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
 * **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
-  `aesthetic_score`, `negative_aesthetic_score`; the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
-  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` work too (`override_settings`, options).
+  `aesthetic_score`, `negative_aesthetic_score`, and the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` (`override_settings`, options).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import binascii
 import io
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,8 +36,8 @@ from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for.  The request models below take their field bounds from `LIMITS`;
-    a server's own `Limits` sets the body, image and page bounds."""
+    """Bounds on one request.  The request models take their field bounds from `LIMITS`; a server's own `Limits`
+    sets the body, image and page bounds."""
 
     min_side: int = 8  # width/height: multiples of 8 (the VAE's factor) in [min_side, max_side]
     max_side: int = 2048  # SDXL's largest bucket side (SDXL paper, App. I)
@@ -55,8 +55,6 @@ class Limits:
 LIMITS = Limits()
 _L = LIMITS
 
-
-# --- samplers ------------------------------------------------------------------------------------------------
 
 # The webui's aliases (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py); the xldm names work too.
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -87,21 +85,8 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
 
 
-# --- names that could be paths (a model name is checked once: looked up among the registered names) -------
-
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
 
-
-def refuse_path_like_keys(data: Any, allowed: set[str]) -> None:
-    """Raise ValueError if `data` (a JSON object) has a key naming a path/folder/file outside `allowed`."""
-    if isinstance(data, dict):
-        bad = sorted(k for k in data if isinstance(k, str) and k not in allowed and _PATH_LIKE_KEY.search(k))
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
-                             f"be set by a request")
-
-
-# --- images in and out -----------------------------------------------------------------------------------------
 
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
@@ -139,8 +124,6 @@ def png_base64(image: Image.Image, params: dict[str, Any] | None = None) -> str:
     return base64.b64encode(encode_png(image, params)).decode("ascii")
 
 
-# --- requests --------------------------------------------------------------------------------------------------
-
 # strict: "5" is not 5 and 1 is not true (wrong types are refused, not coerced); ints are accepted as floats.
 _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 # a base64 image of at most max_image_bytes (4 characters per 3 bytes, and room for a data: URL prefix)
@@ -150,10 +133,28 @@ Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=
 Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 
-class Settings(BaseModel):
-    """The settings (webui "options") the server knows; usable in `override_settings` and `/sdapi/v1/options`."""
+class _NoPaths(BaseModel):
+    """A body that refuses keys naming a path/folder/file, but for `names` (a model name is no path: it is looked up
+    among the registered names)."""
 
     model_config = _STRICT
+    names: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = sorted(k for k in data if isinstance(k, str) and k not in cls.names and _PATH_LIKE_KEY.search(k))
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: the server's files and folders are fixed at start and cannot "
+                                 f"be set by a request")
+        return data
+
+
+class Settings(_NoPaths):
+    """The settings (webui "options") the server knows; usable in `override_settings` and `/sdapi/v1/options`."""
+
+    names = frozenset({"sd_model_checkpoint"})
     sd_model_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars)
     samples_save: bool | None = None
     sdxl_crop_top: int | None = Field(default=None, ge=0, le=16384)
@@ -161,17 +162,11 @@ class Settings(BaseModel):
     sdxl_refiner_high_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
     sdxl_refiner_low_aesthetic_score: float | None = Field(default=None, ge=0, le=10)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, {"sd_model_checkpoint"})
-        return data
 
-
-class GenerationBase(BaseModel):
+class GenerationBase(_NoPaths):
     """Fields shared by txt2img and img2img (webui `StableDiffusionProcessing` as its API exposes it)."""
 
-    model_config = _STRICT
+    names = frozenset({"refiner_checkpoint"})
     prompt: str = Field(default="", max_length=_L.max_prompt_chars)
     negative_prompt: str = Field(default="", max_length=_L.max_prompt_chars, description='"": none (zeros)')
     styles: list[str] = Field(default_factory=list, max_length=0,
@@ -224,17 +219,13 @@ class GenerationBase(BaseModel):
     aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner conditioning (6.0)")
     negative_aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner (2.5)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_paths(cls, data: Any) -> Any:
-        refuse_path_like_keys(data, {"refiner_checkpoint"})  # a name, looked up among the registered models
-        return data
-
     @model_validator(mode="after")
     def _supported(self) -> "GenerationBase":
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
+        if getattr(self, "enable_hr", False):  # Txt2ImgRequest's
+            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
         return self
 
 
@@ -246,12 +237,6 @@ class Txt2ImgRequest(GenerationBase):
     hr_second_pass_steps: int = Field(default=0, ge=0, le=_L.max_steps)
     hr_resize_x: int = Field(default=0, ge=0, le=_L.max_side)
     hr_resize_y: int = Field(default=0, ge=0, le=_L.max_side)
-
-    @model_validator(mode="after")
-    def _no_hires(self) -> "Txt2ImgRequest":
-        if self.enable_hr:
-            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
-        return self
 
 
 class Img2ImgRequest(GenerationBase):
@@ -275,8 +260,6 @@ class PngInfoRequest(BaseModel):
     model_config = _STRICT
     image: Base64Image = Field(description="base64 PNG")
 
-
-# --- responses -------------------------------------------------------------------------------------------------
 
 class GenerationResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs, each with its `parameters` text chunk")
@@ -327,8 +310,6 @@ class PngInfoResponse(BaseModel):
     parameters: dict[str, Any] = Field(description="the infotext parsed into fields")
 
 
-__all__ = [
-    "LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
-    "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-    "png_base64", "resolve_sampler", "sampler_aliases",
-]
+__all__ = ["LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
+           "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
+           "png_base64", "resolve_sampler", "sampler_aliases"]
