@@ -17,6 +17,7 @@ from xldm.weights.save import save_single_file
 from tiny_models import random_components
 
 PROMPT = "a red heart"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,13 @@ def test_batch_with_refiner_files_and_regeneration(files, tmp_path):
     first, second = tmp_path / "img_0.png", tmp_path / "img_1.png"
     assert read_png_params(first)["seed"] == 100 and read_png_params(second)["seed"] == 101
     assert read_png_params(second)["refiner_start"] == 0.7
-    # image 1 of the batch regenerated alone from its recorded seed
+    # image 1 of the batch regenerated alone from its recorded seed: equal to 1/255 (a batch of 2 runs the
+    # matmuls with other blocking than a batch of 1, about 1e-6 apart in the latents; README, "Batches")
     solo = tmp_path / "solo.png"
     assert cli_main(["generate", PROMPT, "--model", str(base), "--refiner", str(refiner), "--refiner-start", "0.7",
                      "--steps", "4", "--width", "64", "--height", "64", "--seed", "101", "--out", str(solo)]) == 0
-    assert np.array_equal(pixels(solo), pixels(second))
+    difference = np.abs(pixels(solo).astype(int) - pixels(second).astype(int))
+    assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.001 * difference.size
 
 
 def test_low_memory_mode_gives_the_same_image(files):
