@@ -1,9 +1,6 @@
-"""`xldm serve`: start the API and the page.
-
-Listens on 127.0.0.1:7860 by default.  Another address (0.0.0.0, a LAN address) needs `--api-key KEY`, or
-`--allow-remote` to listen there without one anyway (with a warning): the webui's API has no authentication by
-default, and open instances have been used to run other people's code.
-"""
+"""`xldm serve`: the API and the page, on 127.0.0.1:7860 by default.  Another address needs `--api-key KEY` (or
+`--allow-remote`, with a warning): the webui's API has no authentication by default, and open instances have been
+used to run other people's code."""
 
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ def torch_dtype(name: str | None):
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `serve` to the `xldm` command's subparsers."""
     serve = subparsers.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API and a web page")
     serve.add_argument("--model", action="append", default=[], metavar="PATH",
                        help="checkpoint (single file or diffusers folder); repeat for more; the first is current "

@@ -66,13 +66,8 @@ class ModelInfo:
 
 
 def _summarize(name: str, entries: list[tuple[tuple[int, ...], torch.dtype]], layout: str = "") -> ComponentInfo:
-    return ComponentInfo(
-        name=name,
-        parameters=sum(math.prod(shape) for shape, _ in entries),
-        tensors=len(entries),
-        dtypes=dict(Counter(str(d).removeprefix("torch.") for _, d in entries)),
-        layout=layout,
-    )
+    return ComponentInfo(name=name, parameters=sum(math.prod(shape) for shape, _ in entries), tensors=len(entries),
+                         dtypes=dict(Counter(str(d).removeprefix("torch.") for _, d in entries)), layout=layout)
 
 
 def single_file_info(path: str | os.PathLike, *, allow_pickle: bool = False) -> ModelInfo:
@@ -98,9 +93,7 @@ def diffusers_info(folder: str | os.PathLike, *, allow_pickle: bool = False) -> 
     config = diffusers_config(folder)
     info = ModelInfo(source=str(folder), format="diffusers", config=config)
     names = ["unet", "vae"] + [text_encoder_name(config, i) for i in range(len(config.text_encoders))]
-    for name in names:
-        if not (folder / name).is_dir():
-            continue
+    for name in [n for n in names if (folder / n).is_dir()]:
         ckpt = open_checkpoint(component_weights(folder, name), allow_pickle=allow_pickle)
         entries = [(ckpt.shape(k), ckpt.dtype(k)) for k in ckpt.keys() if not is_ignorable("." + k)]
         info.components.append(_summarize(name, entries))
@@ -126,9 +119,9 @@ def preset_info(name: str) -> ModelInfo:
 
 def model_info(path: str | os.PathLike, *, allow_pickle: bool = False) -> ModelInfo:
     """Describe a single file, a diffusers folder, or (given a preset name) a preset."""
-    if str(path) in PRESETS and not Path(path).exists():
-        return preset_info(str(path))
     p = Path(path)
+    if str(path) in PRESETS and not p.exists():
+        return preset_info(str(path))
     if p.is_dir():
         return diffusers_info(p, allow_pickle=allow_pickle)
     if not p.exists():

@@ -38,17 +38,13 @@ def single_file_state_dict(model: Components) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(model: Components, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
-    """Write an original-layout `.safetensors` that xldm, diffusers `from_single_file`, ComfyUI and A1111 read.
-
-    The exact config goes into the header metadata (`xldm.config`), so tiny models round-trip exactly.
-    """
+    """Write an original-layout `.safetensors` that xldm, diffusers `from_single_file`, ComfyUI and A1111 read; the
+    exact config goes into the header metadata (`xldm.config`), so tiny models round-trip exactly."""
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps(model_config_to_dict(model.config)), "format": "pt"}
     save_file(_cast(single_file_state_dict(model), dtype), path, metadata=metadata)
     return path
 
-
-# --- diffusers folder -----------------------------------------------------------------------------
 
 # SDXL / SD scheduler as the hub folders configure it (sdxl-base scheduler/scheduler_config.json: leading
 # spacing, offset 1; clip_sample=false and set_alpha_to_one=false are for DDIM, which picks them up via from_config).
@@ -125,8 +121,7 @@ def save_diffusers(model: Components, folder: str | os.PathLike, *, dtype: torch
             last = te_cfg.layers - 1
             state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
             te_cfg = replace(te_cfg, layers=last, layer="last")
-        hf_cfg = clip_hf_config(te_cfg)
-        _write_json(folder / name / "config.json", hf_cfg)
+        _write_json(folder / name / "config.json", clip_hf_config(te_cfg))
         save_file(_cast(state, dtype), folder / name / "model.safetensors", metadata={"format": "pt"})
         CLIPTokenizer.for_encoder(te_cfg).save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(config))
@@ -136,16 +131,13 @@ def save_diffusers(model: Components, folder: str | os.PathLike, *, dtype: torch
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dtype: torch.dtype | None = None,
             allow_pickle: bool = False) -> Path:
-    """Convert a checkpoint (single file, diffusers folder or, with allow_pickle, a pickle) to `to`:
-    "single-file" or "diffusers"."""
+    """Convert a checkpoint (single file, diffusers folder, or with allow_pickle a pickle) to `to`."""
     from xldm.weights.load import load_model
 
     if to not in ("single-file", "diffusers"):
         raise ValueError(f"--to must be 'single-file' or 'diffusers', got {to!r}")
     model = load_model(src, allow_pickle=allow_pickle)
-    if to == "single-file":
-        return save_single_file(model, dst, dtype=dtype)
-    return save_diffusers(model, dst, dtype=dtype)
+    return (save_single_file if to == "single-file" else save_diffusers)(model, dst, dtype=dtype)
 
 
 __all__ = ["save_single_file", "save_diffusers", "convert", "single_file_state_dict", "model_index"]
