@@ -15,8 +15,7 @@ height first and is transposed here.  The three conditioning pairs are (height, 
 The rule that reproduces the table (`buckets_for_area`): every (width, height) with both sides multiples of `step`,
 an aspect ratio between 1:4 and 4:1, and an area in [0.9 * base^2, base^2].  For base 1024 and step 64 it gives 41
 sizes: the paper's 40 plus 704x1344, the portrait mirror of the paper's 1344x704, which App. I leaves out (sgm's
-demo list `SD_XL_BASE_RATIOS` has it, as "1.91": (1344, 704) in its (W, H) order).
-"""
+demo list `SD_XL_BASE_RATIOS` has it, as "1.91": (1344, 704) in its (W, H) order)."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def buckets_for_area(base: int = 1024, step: int = 64, *, min_area_fraction: flo
     aspect ratio between 1:max_aspect and max_aspect:1, ordered like the paper (by height/width, ascending).
 
     `buckets_for_area(1024, 64)` is `SDXL_BUCKETS` plus `SDXL_RULE_EXTRA`; `buckets_for_area(128, 8)` is that
-    divided by 8; a coarser step (e.g. 16) gives fewer buckets.  `base x base` is included when `step` divides it.
-    """
+    divided by 8; a coarser step (e.g. 16) gives fewer buckets.  `base x base` is included when `step` divides it."""
     if base <= 0 or step <= 0:
         raise ValueError(f"base and step must be positive, got base={base}, step={step}")
     if not 0.0 < min_area_fraction <= 1.0:

@@ -11,8 +11,7 @@ Noise conditioning augmentation (Imagen Sec. 2.4; CDM Sec. 4.1): in training the
 (the continuous cosine variance-preserving schedule, Nichol & Dhariwal 2021 eq. 17 without the offset), and s
 is given to the model; at sampling s is a user setting (`DEFAULT_SR_AUG_LEVEL`).  s = 0 leaves x unchanged.
 
-Every stage runs on SDXL's discrete schedule and samplers, so all samplers work here too.
-"""
+Every stage runs on SDXL's discrete schedule and samplers, so all samplers work here too."""
 
 from __future__ import annotations
 
@@ -84,8 +83,6 @@ def _check_encoder_configs(config: ModelConfig, encoders: Sequence[nn.Module], w
                          f"found {found}")
 
 
-# --- noise conditioning augmentation -----------------------------------------------------------------------------
-
 def aug_alpha(s: Tensor) -> Tensor:
     """alpha_s = cos^2(pi s / 2): signal variance kept at augmentation level s in [0, 1] (cosine VP schedule,
     Nichol & Dhariwal 2021 eq. 17 with offset 0); alpha_0 = 1 exactly, alpha_1 ~ 0."""
@@ -108,8 +105,7 @@ def augment(x: Tensor, s: float | Tensor, generator=None, *, noise: Tensor | Non
 
     `s` is one level or one per image (B,), in [0, 1]; eps is `noise` or drawn from `generator` (one
     torch.Generator, or one per image, as `xldm.diffusion.randn`).  Images with s = 0 are returned unchanged,
-    bit for bit (no noise is added).  The result is float32.
-    """
+    bit for bit (no noise is added).  The result is float32."""
     levels = _levels(s, x.shape[0], x.device)
     if noise is None:
         noise = randn(x.shape, generator, x.device, torch.float32)
@@ -120,8 +116,6 @@ def augment(x: Tensor, s: float | Tensor, generator=None, *, noise: Tensor | Non
     z = alpha.sqrt() * x + (1 - alpha).sqrt() * noise.to(x)
     return torch.where((levels == 0)[:, None, None, None], x, z)
 
-
-# --- the SR stage's input ------------------------------------------------------------------------------------------
 
 def check_low_res(config: ModelConfig, low_res: Tensor, target_size: tuple[int, int]) -> None:
     """An SR stage making a `target_size` (width, height) image needs a (B, 3, H / scale, W / scale) low-res image:
@@ -157,8 +151,6 @@ def downsample_for_sr(high_res: Tensor, scale: int) -> Tensor:
         raise ValueError(f"a {w}x{h} image cannot be downsampled by {scale}: sides must be multiples of it")
     return F.avg_pool2d(high_res.float(), scale)
 
-
-# --- ordering and sizes --------------------------------------------------------------------------------------------
 
 def check_stage_order(configs: Sequence[ModelConfig], *, has_init_image: bool | None = None) -> None:
     """A cascade is [base?, sr, sr, ...] with each SR stage's input the previous stage's output and resolutions
@@ -229,8 +221,6 @@ def per_stage(values, n: int, name: str, default: Callable[[int], Any]) -> list:
     return values
 
 
-# --- the pipeline ---------------------------------------------------------------------------------------------------
-
 @dataclass
 class CascadeResult:
     images: list  # PIL images of the last stage
@@ -297,8 +287,7 @@ class CascadePipeline:
         `DEFAULT_SR_AUG_LEVEL` for an SR stage; a base stage's aug must be 0.  `original_size` / `crop_top_left`
         ((height, width) / (top, left), SDXL order) feed a stage that takes them; original_size defaults to the
         final output size.  `init_image` (PIL, or a (B, 3, H, W) tensor in [0, 1]) is the low-res input of a
-        cascade that starts with an SR stage.  Image i uses seed + i.  `callback(stage, step, total)`.
-        """
+        cascade that starts with an SR stage.  Image i uses seed + i.  `callback(stage, step, total)`."""
         configs = self.configs
         n = len(configs)
         check_stage_order(configs, has_init_image=init_image is not None)
@@ -358,8 +347,6 @@ class CascadePipeline:
                   "cascade_stages": [describe(c) for c in configs], "init_image": init_image is not None}
         return CascadeResult(images=tensor_to_images(outputs[-1]), stage_outputs=outputs, seeds=seeds, params=params)
 
-
-# --- files: one stage per safetensors file, its config in the header ------------------------------------------------
 
 def stage_header(config: ModelConfig) -> dict[str, Any]:
     """The header config of a stage file (format 1): kind "base" | "sr", resolution (w, h), scale, and the rest."""

@@ -3,8 +3,7 @@
 `xldm generate --cascade ...` runs a pixel-space cascade (`xldm.cascade`) instead of --model.  The other
 `generate` flags keep their meaning there: PROMPT, --negative, --seed, --batch, --sampler, --dtype, --device, --out;
 --width/--height set the final size; --init-image is the low-res input of a cascade that starts with an SR stage
-(any image with the stage's aspect ratio; it is resized to the expected input).
-"""
+(any image with the stage's aspect ratio; it is resized to the expected input)."""
 
 from __future__ import annotations
 

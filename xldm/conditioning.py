@@ -12,8 +12,7 @@ This module is the only place that knows how the UNet's inputs are laid out (SDX
   (`training_conditioning`; sgm `ucg_rate`), never a cascade stage's augmentation level.
 
 Long prompts can be cut at 77 tokens ("truncate", as diffusers) or split into 75-token chunks ("chunk", as the
-AUTOMATIC1111 webui); `weighting=True` reads the webui's "(word:1.2)" syntax (`xldm.prompt_weighting`).
-"""
+AUTOMATIC1111 webui); `weighting=True` reads the webui's "(word:1.2)" syntax (`xldm.prompt_weighting`)."""
 
 from __future__ import annotations
 
@@ -78,8 +77,6 @@ def concat_channels(x: Tensor, extra: Tensor) -> Tensor:
                          f"the same batch and size")
     return torch.cat([x, extra.to(x.dtype)], dim=1)
 
-
-# --- tokens and chunks ----------------------------------------------------------------------------------------
 
 # One chunk of a prompt: up to (max_length - 2) token ids and their weights (before BOS/EOS/padding).
 _Chunk = tuple[list[int], list[float]]
@@ -151,8 +148,6 @@ def _chunk_ids(tokenizer, chunks: list[list[_Chunk]], num_chunks: int) -> tuple[
             weights[row, 1 : len(tokens) + 1] = torch.tensor(token_weights, dtype=torch.float32)
     return ids, weights
 
-
-# --- text encoders --------------------------------------------------------------------------------------------
 
 def _module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     p = next(module.parameters())
@@ -259,8 +254,7 @@ def encode_prompts(text_encoders: Sequence[nn.Module], tokenizers: Sequence | No
       pooled vector is the first chunk's.
     * `weighting`: "(word:1.2)" etc. (`xldm.prompt_weighting`) weight the context, its mean restored per prompt and
       chunk; the pooled vector is not weighted; "BREAK" starts a new chunk (dropped in "truncate" mode).
-    * `clip_skip=k`: k layers further back (diffusers' `clip_skip`: SDXL `hidden_states[-(k+2)]`).
-    """
+    * `clip_skip=k`: k layers further back (diffusers' `clip_skip`: SDXL `hidden_states[-(k+2)]`)."""
     prompts = _as_prompt_list(prompts, "prompts")
     tokenizers = _default_tokenizers(config) if tokenizers is None else tuple(tokenizers)
     return _encode(tuple(text_encoders), tokenizers, config, prompts, long_prompts=long_prompts,
@@ -279,8 +273,6 @@ def zero_embeddings_like(e: TextEmbeddings) -> TextEmbeddings:
         context=torch.zeros_like(e.context), pooled=None if e.pooled is None else torch.zeros_like(e.pooled)
     )
 
-
-# --- micro-conditioning ---------------------------------------------------------------------------------------
 
 # A cascade SR stage's augmentation level s in [0, 1] is embedded as 1000 s, the range of the diffusion timesteps
 # the same sinusoids embed (our choice; Imagen conditions on it "similar to the timestep", Saharia et al. 2022,
@@ -332,8 +324,7 @@ def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor, keep_m
     fourier = `timestep_embedding(id, config.micro_conditioning_dim)` ([cos | sin], diffusers
     `Timesteps(256, flip_sin_to_cos=True, shift=0)` on `time_ids.flatten()`, unet_2d_condition.py:906-922; sgm
     ConcatTimestepEmbedderND), in float32 or wider, as diffusers concatenates before the UNet casts.
-    `keep_micro` (B,) bool zeroes the embeddings of the scalars of dropped rows (training), an "aug_level" never.
-    """
+    `keep_micro` (B,) bool zeroes the embeddings of the scalars of dropped rows (training), an "aug_level" never."""
     unet_width = config.unet.adm_in_channels
     if unet_width <= 0:
         raise ValueError(f"{config.kind} has no vector conditioning (UNet adm_in_channels = 0)")
@@ -358,8 +349,6 @@ def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor, keep_m
     dtype = torch.promote_types(pooled.dtype, torch.float32)
     return torch.cat([pooled.to(dtype), emb.to(dtype)], dim=-1)
 
-
-# --- sampling: the CFG batch ------------------------------------------------------------------------------------
 
 def sampling_conditioning(model, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                           *, height: int, width: int,
@@ -392,8 +381,7 @@ def sampling_conditioning(model, prompts: str | Sequence[str], negative_prompts:
     The ids are laid out `[neg]*B + [pos]*B` like the text rows, so image i of a batch is conditioned exactly as
     when generated alone.  diffusers repeats the pair instead (`add_time_ids.repeat(B, 1)`,
     pipeline_stable_diffusion_xl.py:1157), which pairs some images with another row's time ids when the negative
-    sizes differ from the positive ones; xldm does not copy that.
-    """
+    sizes differ from the positive ones; xldm does not copy that."""
     config: ModelConfig = model.config
     prompts = _as_prompt_list(prompts, "prompts")
     batch = len(prompts)
@@ -467,8 +455,6 @@ def sampling_conditioning(model, prompts: str | Sequence[str], negative_prompts:
     return Conditioning(context=context, vector=vector, guided=guidance)
 
 
-# --- training: conditioning dropout ------------------------------------------------------------------------------
-
 def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenizers: Sequence, batch: dict,
                           keep_text: Tensor, keep_micro: Tensor, *, device: torch.device,
                           train_text_encoders: bool = False, embeddings: TextEmbeddings | None = None
@@ -479,8 +465,7 @@ def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenize
     (`force_zeros_for_empty_prompt`); a dropped micro-conditioning zeroes its Fourier embedding, as sgm's
     `ucg_rate` zeroes an embedder's output.  The scalars are the batch's own (what the data pipeline really did,
     SDXL paper Sec. 2.2), one row per sample.  Text encoders run under no_grad unless trained.  `embeddings`: the
-    captions' `TextEmbeddings` computed already (the latent/text cache, xldm.train.cache).
-    """
+    captions' `TextEmbeddings` computed already (the latent/text cache, xldm.train.cache)."""
     emb = embeddings
     if emb is None:
         with torch.set_grad_enabled(train_text_encoders and torch.is_grad_enabled()):

@@ -3,8 +3,7 @@
 Every number in a preset cites where it comes from: the original sgm / ldm inference configs
 (`configs/inference/sd_xl_base.yaml`, `sd_xl_refiner.yaml`, `v1-inference.yaml`, `v2-inference-v.yaml`)
 and the SDXL paper (Podell et al. 2023).  The field names follow the original (sgm) UNet arguments,
-so a reader can hold a preset next to those YAML files.
-"""
+so a reader can hold a preset next to those YAML files."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ class UNetConfig:
     `UNet2DConditionModel.block_out_channels`; any widths divisible by `norm_groups`.
     `transformer_depth[i]` is the number of transformer blocks in each attention layer of level i;
     0 means that level has no attention at all.
-    SDXL base: (0, 2, 10), "heterogeneous transformer depth, no 8x level" (SDXL paper, Sec. 2.1).
-    """
+    SDXL base: (0, 2, 10), "heterogeneous transformer depth, no 8x level" (SDXL paper, Sec. 2.1)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -211,7 +209,6 @@ class ModelConfig:
 BASE_MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")
 REFINER_MICRO_CONDITIONING = ("original_size", "crop_top_left", "aesthetic_score")
 
-# --- text encoders -------------------------------------------------------------------------------
 # OpenAI CLIP ViT-L/14 text tower (transformers CLIPTextConfig of openai/clip-vit-large-patch14).
 CLIP_L = TextEncoderConfig(width=768, layers=12, heads=12, intermediate_size=3072, activation="quick_gelu")
 # OpenCLIP ViT-bigG/14 text tower (open_clip model_configs/ViT-bigG-14.json), projection 1280.
@@ -225,7 +222,7 @@ OPENCLIP_H = TextEncoderConfig(
     final_norm_on_hidden=True, pad_token_id=0,
 )
 
-# --- SDXL 1.0 (sgm configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml) ------------------------
+# SDXL 1.0 (sgm configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml)
 SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 
 SDXL_BASE = ModelConfig(
@@ -250,7 +247,7 @@ SDXL_REFINER = ModelConfig(
     micro_conditioning=REFINER_MICRO_CONDITIONING,
 )
 
-# --- SD 1.5 (ldm configs/stable-diffusion/v1-inference.yaml) -------------------------------------
+# SD 1.5 (ldm configs/stable-diffusion/v1-inference.yaml)
 SD15 = ModelConfig(
     kind="sd15",
     unet=UNetConfig(
@@ -262,7 +259,7 @@ SD15 = ModelConfig(
     default_size=512,
 )
 
-# --- SD 2.1 768-v (stablediffusion configs/stable-diffusion/v2-inference-v.yaml) -----------------
+# SD 2.1 768-v (stablediffusion configs/stable-diffusion/v2-inference-v.yaml)
 SD21 = ModelConfig(
     kind="sd21",
     unet=UNetConfig(
@@ -275,7 +272,6 @@ SD21 = ModelConfig(
     default_size=768,
 )
 
-# --- tiny presets for tests: the same structures at small widths ------------------------------------
 TINY_CLIP_L = TextEncoderConfig(width=32, layers=3, heads=4, intermediate_size=64, activation="quick_gelu")
 TINY_OPENCLIP_BIGG = TextEncoderConfig(
     width=48, layers=3, heads=4, intermediate_size=192, activation="gelu", projection_dim=48, pad_token_id=0
@@ -319,7 +315,7 @@ TINY_SD15 = ModelConfig(
     default_size=64,
 )
 
-# --- the bundled default model (xldm/data/default, trained by scripts/train_default.sh) -------------------
+# The bundled default model (xldm/data/default, trained by scripts/train_default.sh)
 # SDXL's design in miniature (Podell et al. 2023): both text encoder shapes (Sec. 2.1) with CLIP's full BPE
 # vocabulary, a KL autoencoder with 8x downsampling and 4 latent channels (Sec. 2.4), a base UNet with SDXL's
 # structure (three levels, no attention at the highest, heterogeneous depth (0, 1, 2); SDXL: (0, 2, 10)) and a
@@ -354,7 +350,7 @@ DEFAULT_REFINER = ModelConfig(
 )
 
 
-# --- pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen") ------------------------------------
+# Pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen")
 def _stage_unet(in_channels: int, *, widths: tuple[int, ...], transformer_depth: tuple[int, ...],
                 head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
     return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=widths, num_res_blocks=1,

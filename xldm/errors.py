@@ -2,8 +2,7 @@
 
 Every error is a `ValueError` (through `XldmError`), so existing `except ValueError` code keeps
 working, while callers that care can catch one kind precisely.  Messages say what was expected and
-what was found, so that the message alone is enough to fix the problem.
-"""
+what was found, so that the message alone is enough to fix the problem."""
 
 from __future__ import annotations
 

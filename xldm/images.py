@@ -1,7 +1,6 @@
 """Images in and out of the pipeline as diffusers' `VaeImageProcessor` in the SDXL pipelines: Lanczos resize,
 pixels / 255, `2x - 1`; masks grayscale, resized, binarised at 0.5; output `(x / 2 + 0.5).clamp(0, 1)`, then
-`(x * 255).round()` to uint8.  Pillow's decompression-bomb guard (Image.MAX_IMAGE_PIXELS) stays at its default.
-"""
+`(x * 255).round()` to uint8.  Pillow's decompression-bomb guard (Image.MAX_IMAGE_PIXELS) stays at its default."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ Every step reproduces diffusers' `StableDiffusionXLPipeline`, `StableDiffusionXL
 `StableDiffusionXLInpaintPipeline` (diffusers 0.42.1) so the same weights, seed and settings give the same
 pixels: per-image CPU generators seeded `seed + i` (diffusers with a list of generators), the posterior
 sample drawn before the noise, the refiner continuing the base's schedule (`denoising_end` / `denoising_start`).
-A request is resolved and checked once, at the boundary (`resolve_request`); `Pipeline.run` trusts it.
-"""
+A request is resolved and checked once, at the boundary (`resolve_request`); `Pipeline.run` trusts it."""
 
 from __future__ import annotations
 
@@ -245,8 +244,7 @@ class Pipeline:
 
     `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder).
     With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
-    base + refiner run where only one UNet fits in memory.
-    """
+    base + refiner run where only one UNet fits in memory."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -261,8 +259,6 @@ class Pipeline:
 
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
         return resolve_request(req, default_size=self.model.config.default_size, has_refiner=self.refiner is not None)
-
-    # --- the pieces -------------------------------------------------------------------------------
 
     def _conditioning(self, handle: ModelHandle, req: GenerationRequest, batch_prompts: list[str],
                       negatives: list[str] | None, width: int, height: int) -> Conditioning:
@@ -306,8 +302,6 @@ class Pipeline:
         with handle.use("unet") as comps:
             return denoise(comps.unet, cond, handle.config.prediction_type, req.sampler, req.cfg, x, schedule,
                            generators, name=handle.name, **kw)
-
-    # --- generation -------------------------------------------------------------------------------
 
     def __call__(self, prompt: str, **settings: Any) -> GenerationResult:
         return self.generate(GenerationRequest(prompt=prompt, **settings))

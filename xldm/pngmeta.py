@@ -17,8 +17,7 @@ The last line is `key: value` pairs joined by ", " in A1111's key order; a value
 newline is written as a JSON string (A1111 `quote`).  Sizes are WIDTHxHEIGHT.
 
 xldm settings (`params`, named as in the pipeline's `GenerationResult.params`) map to A1111 keys by `_BEFORE_SIZE`
-and `_AFTER_SIZE` (width/height -> Size, sampler names via `A1111_SAMPLER_NAMES`); others go to the JSON chunk only.
-"""
+and `_AFTER_SIZE` (width/height -> Size, sampler names via `A1111_SAMPLER_NAMES`); others go to the JSON chunk only."""
 
 from __future__ import annotations
 
@@ -118,8 +117,7 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     Values stay strings, as A1111 `parse_generation_parameters` keeps them; JSON-quoted values are unquoted, so
     a value may hold commas, colons and newlines.  Prompts may span several lines: every line before the one
     starting with "Negative prompt:" is the prompt, the lines from there to the settings line are the negative
-    prompt.  The last line is the settings line only if it has at least three `key: value` pairs (A1111's test).
-    """
+    prompt.  The last line is the settings line only if it has at least three `key: value` pairs (A1111's test)."""
     *lines, last = text.strip().split("\n")
     if len(_PAIR.findall(last)) < 3:
         lines.append(last)

@@ -11,8 +11,7 @@ Syntax (the stable-diffusion-webui "attention/emphasis" rules, `modules/prompt_p
 
 The weights act on the text encoder's output, not its input: every token's hidden state is multiplied by its
 weight, then the whole chunk is rescaled so that its mean is what it was before weighting (`apply_token_weights`).
-That keeps the overall magnitude of the context, so "(cat:1.5)" shifts emphasis rather than loudness.
-"""
+That keeps the overall magnitude of the context, so "(cat:1.5)" shifts emphasis rather than loudness."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
     """Split `prompt` into `(text, weight)` pieces, with `BREAK` entries where the prompt says BREAK.
 
     >>> parse_weighted_prompt("a (red:1.5) [cat]")
-    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]
-    """
+    [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('cat', 0.9090909090909091)]"""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     pieces: list[list] = []  # [text, weight, is_break]

@@ -8,8 +8,7 @@ Ids equal transformers' `CLIPTokenizer` as the SDXL pipeline sets it up (and Ope
   every literal "!" in a prompt becomes its own id 0 instead of being BPE-merged
   (diffusers issue #4153: "wow!!" -> [2781, 0, 0], where open_clip gives [2781, 748]).
 
-A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`).
-"""
+A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ decoded, so a latent no larger than one tile decodes in one piece, exactly as `d
 grid without such a redundant tile the result equals diffusers' (tests/test_vae_tiling.py).
 
 SDXL's VAE overflows in float16 (NaN / inf, i.e. black images; diffusers `AutoencoderKL` config `force_upcast`):
-`decode_checked` re-decodes in float32 when a reduced-precision decode is not finite.
-"""
+`decode_checked` re-decodes in float32 when a reduced-precision decode is not finite."""
 
 from __future__ import annotations
 
@@ -66,8 +65,7 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, *, tile_latent: int 
     blended linearly (the rule of diffusers' tiled_decode; see the module docstring).
 
     Works for any latent size (edge tiles are smaller), any batch size, device and dtype; the output has the
-    latents' device and the decoder's dtype.  Peak memory is one tile's decode plus the output image.
-    """
+    latents' device and the decoder's dtype.  Peak memory is one tile's decode plus the output image."""
     if tile_latent < 1:
         raise ValueError(f"tile_latent must be at least 1, got {tile_latent}")
     if not 0 <= overlap_latent < tile_latent:
@@ -138,8 +136,7 @@ def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | in
     The latents are cast to the VAE's dtype.  A float16/bfloat16 decode with NaN or inf (diffusers `force_upcast`)
     is redone, with a warning, on the VAE upcast to float32 in place (its parameters get their dtypes back after,
     losslessly), and the float32 image is returned.  Raises NonFiniteError (an XldmError / ValueError), saying
-    where, when the latents are not finite (a diverged sampler: no decode can fix that) or the float32 decode is not.
-    """
+    where, when the latents are not finite (a diverged sampler: no decode can fix that) or the float32 decode is not."""
     if not latents_are_finite(latents):
         raise NonFiniteError(f"the latents to decode are not finite (the sampler diverged): "
                              f"{_where_not_finite(latents)}")

@@ -11,8 +11,7 @@ gives the training target and loss on SDXL's discrete schedule (DDPM, Ho et al. 
     training (VP, abar_t of `schedules.alphas_cumprod`):
         x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
         target = eps | sqrt(abar_t) eps - sqrt(1 - abar_t) x0 | x0
-        loss = mean_b w_b * mean_chw (out - target)^2, w_b = 1 or min-SNR-gamma (Hang et al. 2023, eq. 9-10)
-"""
+        loss = mean_b w_b * mean_chw (out - target)^2, w_b = 1 or min-SNR-gamma (Hang et al. 2023, eq. 9-10)"""
 
 from __future__ import annotations
 

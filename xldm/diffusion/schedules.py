@@ -4,8 +4,7 @@ In VE (k-diffusion) terms a latent at noise level sigma is `x = x0 + sigma * eps
 `x / sqrt(sigma^2 + 1)`, which diffusers' VP schedulers (DDIM, DPM-Solver, UniPC) keep as `x_vp`: same trajectory.
 SDXL's hub `scheduler/scheduler_config.json`: scaled_linear betas 0.00085..0.012 over 1000 steps,
 timestep_spacing="leading", steps_offset=1, clip_sample=False, set_alpha_to_one=False; every other scheduler
-is `X.from_config(that config, **extra)`.
-"""
+is `X.from_config(that config, **extra)`."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ One class for both, configured by `TextEncoderConfig`.  Parameter names are the 
 single-file checkpoint uses under `conditioner.embedders.0.transformer.`, so that part loads strictly; the
 open_clip layout goes through `xldm.weights.keys_clip`.  Numerics follow transformers models/clip/modeling_clip.py
 (`CLIPTextModel`, `CLIPTextModelWithProjection`): pre-LN blocks, causal attention without padding mask, pooled =
-final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`.
-"""
+final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Parameter names follow the original ldm/sgm checkpoints (`in_layers.0`, `emb_layers.1`, `op`, ...), so an
 official single-file checkpoint loads with no renaming.  The arithmetic follows diffusers 0.42.1
 (`ResnetBlock2D`, `Transformer2DModel`, `BasicTransformerBlock`, `AttnProcessor2_0`, `Downsample2D`,
-`Upsample2D`), which the parity tests use as the oracle.
-"""
+`Upsample2D`), which the parity tests use as the oracle."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Parameter names are the checkpoint names without the `model.diffusion_model.` prefix (`time_embed.0`,
 `label_emb.0.0`, `input_blocks.N.M...`, `middle_block.{0,1,2}`, `output_blocks.N.M...`, `out.{0,2}`), so an
-original UNet state dict loads strictly.  Numerics follow diffusers `models/unets/unet_2d_condition.py`.
-"""
+original UNet state dict loads strictly.  Numerics follow diffusers `models/unets/unet_2d_condition.py`."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ Parameter names are the ldm/sgm checkpoint names without the `first_stage_model.
 the VAE of an official single-file checkpoint loads with one strict `load_state_dict`.  Layout: ldm
 `modules/diffusionmodules/model.py` (`Encoder`, `Decoder`); numerics: diffusers `AutoencoderKL`
 (models/autoencoders/autoencoder_kl.py): GroupNorm eps 1e-6 everywhere, an asymmetric (0, 1, 0, 1) pad before
-each encoder downsampling, and a single-head mid attention that adds its residual inside.
-"""
+each encoder downsampling, and a single-head mid attention that adds its residual inside."""
 
 from __future__ import annotations
 

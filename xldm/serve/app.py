@@ -15,8 +15,7 @@ Guards, outermost first (`RequestGuard`):
      (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
   4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
 Then each field's type and range (schemas.py), and the request as the pipeline resolves it
-(`xldm.pipeline.resolve_request`), are checked before any work: 422.
-"""
+(`xldm.pipeline.resolve_request`), are checked before any work: 422."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-# --dtype names of every xldm command (`xldm generate`, `convert`, `serve`); here, where `xldm.cli` can import them.
+# Dtype names of every xldm command (`xldm generate`, `convert`, `serve`); here, where `xldm.cli` can import them.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 

@@ -9,8 +9,7 @@
 * **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
   the CUDA cache emptied, and the worker goes on.
 * **Models**: only the checkpoints registered at start (`ModelStore`) load, by name, never by path; at most the
-  current model and refiner stay loaded.
-"""
+  current model and refiner stay loaded."""
 
 from __future__ import annotations
 

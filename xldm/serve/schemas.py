@@ -14,8 +14,7 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
 * **SDXL micro-conditioning** (not in the webui's request): `original_size`, `crop_top_left`, `target_size`,
   `aesthetic_score`, `negative_aesthetic_score`, and the webui's settings `sdxl_crop_top`, `sdxl_crop_left`,
-  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` (`override_settings`, options).
-"""
+  `sdxl_refiner_high_aesthetic_score`, `sdxl_refiner_low_aesthetic_score` (`override_settings`, options)."""
 
 from __future__ import annotations
 

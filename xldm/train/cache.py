@@ -33,8 +33,7 @@ takes one crop per sample: the centre crop with `center_crop=True`, else a rando
 key) (`TrainingBatches(fixed_crops=True)`), instead of a fresh crop per epoch.  The micro-conditioning still
 reports the crop actually taken.  The images are still decoded every step; the cache saves the VAE encoder and
 the text encoders.  It is off when the text encoders are trained (their outputs change every step; latents are
-still cached then).
-"""
+still cached then)."""
 
 from __future__ import annotations
 
@@ -105,7 +104,6 @@ class EmbeddingCache:
             self.text_dir = self.root / f"text-{self.text_fingerprint[:16]}"
         self.stats = {"latent_hits": 0, "latent_misses": 0, "text_hits": 0, "text_misses": 0, "corrupt": 0}
 
-    # --- files -------------------------------------------------------------------------------------------
     def _read(self, path: Path, identity: dict) -> dict[str, Tensor] | None:
         if not path.exists():
             return None
@@ -125,7 +123,6 @@ class EmbeddingCache:
         save_file({k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}, path,
                   metadata={"xldm.cache": json.dumps(identity), "format": "pt"})
 
-    # --- VAE posteriors ----------------------------------------------------------------------------------
     def _latent_identity(self, batch: dict, row: int) -> dict:
         pixels = batch["pixels"][row].detach().to("cpu", torch.float32).contiguous()
         return {"key": str(batch["keys"][row]), "target_size": batch["target_size"][row].tolist(),
@@ -159,7 +156,6 @@ class EmbeddingCache:
         posterior = DiagonalGaussian(self.posterior_moments(vae, pixels, batch))
         return posterior.sample(generators) * vae.cfg.scaling_factor
 
-    # --- text embeddings ---------------------------------------------------------------------------------
     @torch.no_grad()
     def text_embeddings(self, text_encoders, tokenizers, config, captions: Sequence[str]):
         """`encode_prompts(text_encoders, tokenizers, config, captions)`, per caption from the cache."""

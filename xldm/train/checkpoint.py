@@ -6,8 +6,7 @@ with the rest (step, config, data position, optimizer hyper-parameters, Python/n
 runs no code: `xldm.weights.io.open_checkpoint` + `json.loads` only.  Saves go through `xldm.weights.io.save_file`
 (temporary file in the same folder, fsync, `os.replace`, fsync of the folder): a kill at any moment leaves the
 earlier checkpoints intact; a leftover temporary file is never mistaken for a checkpoint and is removed by the
-next save.  Only the newest `keep` checkpoints are kept.
-"""
+next save.  Only the newest `keep` checkpoints are kept."""
 
 from __future__ import annotations
 
@@ -106,8 +105,6 @@ def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Ten
         return path, tensors, state
     return None
 
-
-# --- state that is not a module: optimizer, RNGs ----------------------------------------------------------
 
 def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Split `optimizer.state_dict()` into tensors (`prefix.state.<index>.<name>`) and JSON (groups, scalars)."""

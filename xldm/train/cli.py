@@ -8,8 +8,7 @@
 A cascade preset trains one stage of a pixel-space cascade (--init then takes a stage file).  The TOML file holds
 data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level (`steps = 1000`,
 `lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
-Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`.
-"""
+Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 A run is `train(TrainConfig)`; the command line and TOML files only fill this dataclass.  Numbers a preset takes
 from a paper cite it; numbers the papers do not give are marked as our choice.  `batch_size` is per process: the
-global batch is `batch_size x world size`.
-"""
+global batch is `batch_size x world size`."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ NUM_TRAIN_TIMESTEPS = 1000  # SDXL paper Sec. 2.5: "a discrete-time diffusion sc
 class TrainConfig:
     """One training run.  Defaults are a small, safe fine-tuning setup; the presets below set the rest."""
 
-    # --- what is trained --------------------------------------------------------------------------------
     model: str = "tiny-sdxl-base"  # architecture: a name in xldm.config.PRESETS (pixel-space cascade stages too)
     task: str = "diffusion"  # "diffusion" (UNet of `model`), "vae" (the autoencoder) or "clip" (text encoders)
     init: str | None = None  # starting weights: single file or diffusers folder (a stage file for a cascade stage)
@@ -34,7 +32,6 @@ class TrainConfig:
     text_encoders_from: str | None = None  # cascade stage: frozen encoders of a stage file or xldm model, or "default"
     train_text_encoders: bool = False  # SDXL keeps both text encoders frozen
 
-    # --- data and run ----------------------------------------------------------------------------------
     data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
     out: str = ""  # run directory: checkpoints/, metrics.jsonl, final/
     steps: int = 1000
@@ -55,7 +52,6 @@ class TrainConfig:
     zoom_crops: float = 0.0
     zoom_max: float = 1.5
 
-    # --- diffusion objective ---------------------------------------------------------------------------
     prediction_type: str = ""  # "" = the model's (ModelConfig.prediction_type); else trained and exported so
     timestep_min: int = 0
     timestep_max: int = NUM_TRAIN_TIMESTEPS - 1
@@ -66,7 +62,7 @@ class TrainConfig:
     aug_level_max: float = 1.0  # cascade SR stage: noise augmentation level s ~ U[0, aug_level_max] (Imagen 2.4)
     train_crop: int = 0  # cascade SR stage: random crops of this side of the stage's images; 0 = whole images
 
-    # --- VAE objective (ldm LPIPSWithDiscriminator without LPIPS, see xldm.train.vae) -------------------
+    # VAE objective (ldm LPIPSWithDiscriminator without LPIPS, see xldm.train.vae)
     reconstruction_loss: str = "l1"
     kl_weight: float = 1e-6  # ldm configs/autoencoder/autoencoder_kl_32x32x4.yaml
     disc_start: int = 50001  # same file: the patch discriminator joins after this many steps
@@ -74,7 +70,6 @@ class TrainConfig:
     disc_lr: float = 0.0  # 0 = same as lr
     disc_channels: int = 64  # width of the first patch-discriminator layer (pix2pix / taming: 64)
 
-    # --- optimisation ----------------------------------------------------------------------------------
     lr: float = 1e-5
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (down to min_lr_ratio x lr)
@@ -87,11 +82,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast on the trained network (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
 
-    # --- EMA (SDXL paper Sec. 2.4 tracks the autoencoder with an EMA) ------------------------------------
+    # EMA (SDXL paper Sec. 2.4 tracks the autoencoder with an EMA)
     ema_decay: float = 0.9999  # 0 = no EMA (the final export then uses the raw weights)
     ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)) after n updates
 
-    # --- robustness, checkpoints, logging ---------------------------------------------------------------
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -187,7 +181,6 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# --- presets ---------------------------------------------------------------------------------------------
 # Tiny presets train in seconds on a CPU (tests, demos); their rates are ours, chosen to learn fast.
 _TINY = dict(resolution=64, bucket_step=64, lr=1e-3, warmup_steps=0, weight_decay=0.0, ema_decay=0.999,
              checkpoint_every=50, keep_checkpoints=2, batch_size=4)

@@ -13,8 +13,7 @@ prompt-following measure (`retrieval_accuracy` of a caption among distractors) o
 
 `xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR` (task "clip", one process) also exports
 `final/model.safetensors` (the text encoders alone, SDXL base single-file layout) and `final/metrics.json`.  The
-batches are pure functions of (seed, step) (`ContrastiveBatches`).
-"""
+batches are pure functions of (seed, step) (`ContrastiveBatches`)."""
 
 from __future__ import annotations
 
@@ -40,8 +39,6 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (same section)
 EVAL_DISTRACTORS = 15  # retrieval among 16 captions: chance = 1/16
 
-
-# --- the model ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
@@ -101,8 +98,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
               caption_ids: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3), with every row of the same caption a positive.
 
-    image, text: (B, D) unit vectors of the same B pairs; caption_ids: (B,) ids, equal for equal captions.
-    """
+    image, text: (B, D) unit vectors of the same B pairs; caption_ids: (B,) ids, equal for equal captions."""
     logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.t()
     same = (caption_ids[:, None] == caption_ids[None, :]).float()
     targets = same / same.sum(dim=1, keepdim=True)
@@ -116,8 +112,7 @@ def retrieval_accuracy(similarity: torch.Tensor, targets: torch.Tensor, candidat
 
     similarity: (N images, M captions); targets: (N,) the right caption of each image; candidates: optional
     (N, K) caption indices each image chooses among (its target included); None = all M captions.
-    A tie counts as a miss unless the target is the first of the tied candidates.
-    """
+    A tie counts as a miss unless the target is the first of the tied candidates."""
     if candidates is None:
         candidates = torch.arange(similarity.shape[1]).expand(similarity.shape[0], -1)
     scores = similarity.gather(1, candidates)
@@ -136,8 +131,6 @@ def distractor_candidates(targets: torch.Tensor, num_captions: int, distractors:
         rows.append(torch.cat([torch.tensor([target]), others]))
     return torch.stack(rows)
 
-
-# --- data ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class CaptionedImages:
@@ -235,8 +228,6 @@ def augment(pixels: torch.Tensor, seed: int, step: int, shift: int = 4) -> torch
     return moved / 127.5 - 1.0
 
 
-# --- evaluation ---------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def embed(model: ContrastiveModel, data: CaptionedImages, device: torch.device,
           batch_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -274,8 +265,6 @@ def subset(data: CaptionedImages, count: int, seed: int) -> CaptionedImages:
     return CaptionedImages(data.pixels[keep], torch.tensor([remap[int(data.caption_index[i])] for i in keep]),
                            [data.captions[i] for i in used])
 
-
-# --- export -------------------------------------------------------------------------------------------------
 
 EVALUATOR_KEY = "xldm.clip_evaluator"
 
@@ -317,8 +306,6 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
     model.load_state_dict(state, strict=True)
     return model.eval()
 
-
-# --- the task -----------------------------------------------------------------------------------------------
 
 class ContrastiveBatches:
     """The captioned images of `config.data` split by `is_heldout`; batch of step s = rows `batch_indices(s)` of the

@@ -1,7 +1,6 @@
 """Training batches of one aspect-ratio bucket each, from image folders or WebDataset shards (`xldm.train.sources`):
 deterministic per (seed, epoch), sharded over ranks, resumable exactly (`TrainingBatches`), bad files skipped and
-counted; and the held-out caption split of the bundled model's data (`is_heldout`).
-"""
+counted; and the held-out caption split of the bundled model's data (`is_heldout`)."""
 
 from __future__ import annotations
 
@@ -50,8 +49,7 @@ class Augment:
     * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a
       genuinely low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
     * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover,
-      so the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5).
-    """
+      so the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5)."""
 
     downscale: float = 0.0
     downscale_sides: tuple[int, int] = (8, 24)
@@ -137,8 +135,7 @@ class TrainingBatches:
     rank and world size required).  With shards "W processes x B" matches "1 process x W*B" in distribution only.
 
     `fixed_crops`: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache needs
-    one crop per sample, xldm.train.cache); `center_crop` wins over it.
-    """
+    one crop per sample, xldm.train.cache); `center_crop` wins over it."""
 
     def __init__(self, source: Source | str | os.PathLike, *, buckets: Sequence[Size], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, center_crop: bool = False,
@@ -177,7 +174,6 @@ class TrainingBatches:
             self._buffers: dict[Size, list[_Item]] = {}
             self._pending: list[dict] | None = None  # buffered samples to re-read after load_state_dict
 
-    # ---- common ----------------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         return self._epoch
@@ -238,7 +234,6 @@ class TrainingBatches:
             self._buffers = {}
             self._pending = [dict(entry) for entry in state["buffered"]]
 
-    # ---- folders ---------------------------------------------------------------------------------------
     def _plan(self, epoch: int) -> list[tuple[Size, list[int]]]:
         """The epoch's global batches: (bucket, sample indices), identical on every rank."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
@@ -291,7 +286,6 @@ class TrainingBatches:
                 return
             self._epoch, self._next_batch = epoch + 1, 0
 
-    # ---- shards ----------------------------------------------------------------------------------------
     def _shard_item(self, raw: _RawSample, shard: int, epoch: int) -> tuple[Size, _Item]:
         encoded, caption, score = shard_sample(raw, self.source.missing_caption)
         image = decode_image(encoded)
@@ -373,8 +367,6 @@ class TrainingBatches:
                                    f"(skipped: {self.stats['skipped']})")
             self._epoch, self._shard_position, self._offset = epoch + 1, 0, 0
 
-
-# --- the held-out caption split of the bundled model's data ----------------------------------------------------
 
 HELDOUT_PER_MILLE = 30  # ~3 % of the emoji names never enter any training stage (our choice)
 

@@ -11,8 +11,7 @@ random `train_crop` of it, as Imagen's SR models train on crops), low = its box-
 Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample
 index), in a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend
 neither on the split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed
-run draws exactly what the uninterrupted one did.
-"""
+run draws exactly what the uninterrupted one did."""
 
 from __future__ import annotations
 
@@ -80,8 +79,6 @@ def random_crops(pixels: Tensor, side: int, generators: Sequence[torch.Generator
         crops.append(image[:, top:top + side, left:left + side])
     return torch.stack(crops)
 
-
-# --- the networks ------------------------------------------------------------------------------------------
 
 def build_model(config: TrainConfig) -> Components:
     """The networks of the task: `config.init` where it has them (a cascade stage: a stage file; else a single file
@@ -169,8 +166,6 @@ def batches(config: TrainConfig, procs: parallel.Processes):
                            augment=config.augment)
 
 
-# --- one step ----------------------------------------------------------------------------------------------
-
 def loss(run: Run, batch: dict, step: int) -> Tensor:
     """The (weighted) diffusion loss of this process's rows at `step`."""
     from xldm.cascade import augment, downsample_for_sr, upsample_low_res
@@ -216,8 +211,6 @@ def step(run: Run, batch: dict, step: int) -> StepResult:
     params = [p for _, p in run.named_trainable_parameters()]  # before the forward (see run.update)
     return update(run, loss(run, batch, step), step, params)
 
-
-# --- export ------------------------------------------------------------------------------------------------
 
 def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     """The EMA weights of the trained networks (raw weights without EMA) with the frozen ones: `final/model.safetensors`

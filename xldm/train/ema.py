@@ -2,8 +2,7 @@
 
 After n updates the next one uses decay_n = min(decay, (1 + n) / (10 + n)) with warm-up (diffusers `EMAModel`,
 use_ema_warmup=False), else decay, and sets shadow <- decay_n * shadow + (1 - decay_n) * param.  Resuming
-without n would restart the warm-up.  Shadows are fp32 whatever the model's dtype.
-"""
+without n would restart the warm-up.  Shadows are fp32 whatever the model's dtype."""
 
 from __future__ import annotations
 

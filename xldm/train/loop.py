@@ -12,8 +12,7 @@ and N/2 + kill + resume + N/2 give bit-identical weights on CPU with determinist
 loss or gradient norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` of them in a row stop
 the run (`NonFiniteLossError`).  Under torchrun each process trains on its rows of the global batch (rank r: rows
 r*B:(r+1)*B), the trained network wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B
-equal 1 process x W*B up to float summation order; rank 0 writes checkpoints, metrics and the export.
-"""
+equal 1 process x W*B up to float summation order; rank 0 writes checkpoints, metrics and the export."""
 
 from __future__ import annotations
 
@@ -53,8 +52,6 @@ def training_step(run: Run, batch: dict, step: int) -> StepResult:
     """One optimisation step of whichever task the run trains."""
     return TASKS[run.config.task].step(run, batch, step)
 
-
-# --- checkpoints ----------------------------------------------------------------------------------------
 
 def checkpoint_contents(run: Run, step: int, data_states: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
@@ -102,8 +99,6 @@ def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> in
     return int(state["step"])
 
 
-# --- the loop ---------------------------------------------------------------------------------------------
-
 @dataclass
 class TrainResult:
     step: int
@@ -126,8 +121,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, d
     `resume=True` continues from the newest loadable checkpoint in `config.out`/checkpoints (a corrupt newest one
     is skipped with a warning); without it, a run directory that already holds checkpoints is an error.
     `data` replaces the task's batches (any iterable with the TrainingBatches interface: state_dict,
-    load_state_dict).  `on_step(step, run)` is called after every step (tests use it).
-    """
+    load_state_dict).  `on_step(step, run)` is called after every step (tests use it)."""
     if not config.out:
         raise ValueError("no run directory: set --out RUN_DIR")
     checkpoints = ckpt.checkpoints_dir(Path(config.out), resume)  # refuses a used directory before anything

@@ -23,8 +23,7 @@ Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, fr
         --out runs/sdxl --set parallel=fsdp
 
 (`--batch-size` is per process: a global batch of 32.)  Several machines: torchrun's `--nnodes N --node_rank R
---rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes).
-"""
+--rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes)."""
 
 from __future__ import annotations
 
@@ -33,8 +32,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-
-# --- processes -------------------------------------------------------------------------------------------
 
 @dataclass
 class Processes:
@@ -70,8 +67,6 @@ def setup_processes(config) -> Processes:
     return Processes(rank=rank, world_size=world, local_rank=local, device=device, started_here=started)
 
 
-# --- DDP -------------------------------------------------------------------------------------------------
-
 def wrap_ddp(module: nn.Module, procs: Processes) -> nn.Module:
     """DistributedDataParallel around `module` when there are several processes, else the module itself."""
     if not procs.distributed:
@@ -80,8 +75,6 @@ def wrap_ddp(module: nn.Module, procs: Processes) -> nn.Module:
 
     return DistributedDataParallel(module, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
-
-# --- FSDP2 -----------------------------------------------------------------------------------------------
 
 def uses_fsdp(config, procs: Processes) -> bool:
     """FSDP is on when asked for and there is more than one process (one process has nothing to shard over)."""

@@ -2,8 +2,7 @@
 
 An update: backward; then, only if the loss and the gradient norm are finite on every rank, clip to `grad_clip`
 (global norm over all shards), AdamW at `lr_at(step)`, the task's `after` hook, EMA.  A skipped step zeroes the
-gradients and changes nothing else; backward always runs, so DDP ranks stay in lockstep.
-"""
+gradients and changes nothing else; backward always runs, so DDP ranks stay in lockstep."""
 
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ samples before the damage are used).  A missing caption skips the sample by defa
 trains it with an empty caption instead.  Images are converted to RGB: EXIF orientation is applied first (so
 `original_size` is the upright size), transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is
 composited onto white, CMYK/YCbCr/LAB/P/L/1 are converted by Pillow, and 16-bit greyscale (`I;16*`, `I`) is
-scaled by 255/65535 (Pillow's own `convert` would clip it instead).
-"""
+scaled by 255/65535 (Pillow's own `convert` would clip it instead)."""
 
 from __future__ import annotations
 
@@ -59,8 +58,6 @@ class SkipSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
-
-# ---------------------------------------------------------------------------------------------------- images
 
 
 @contextmanager
@@ -144,8 +141,6 @@ def decode_image(source: str | bytes) -> Image.Image:
         finally:
             image.close()
 
-
-# --------------------------------------------------------------------------------------------------- sources
 
 
 def _check_missing_caption(missing_caption: str) -> None:

@@ -12,8 +12,7 @@ SDXL trains "the same autoencoder architecture used for the original Stable Diff
     discriminator: hinge loss 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))), its own AdamW
 
 The patch discriminator is pix2pix's NLayerDiscriminator (Isola et al. 2017; 3 layers, 4x4 convs, LeakyReLU 0.2)
-with GroupNorm instead of BatchNorm, so each sample is judged alone and DDP needs no synced statistics.
-"""
+with GroupNorm instead of BatchNorm, so each sample is judged alone and DDP needs no synced statistics."""
 
 from __future__ import annotations
 

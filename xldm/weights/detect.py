@@ -3,8 +3,7 @@
 Never reads tensor data (as ComfyUI `model_detection.py` and stable-diffusion.cpp `detect_from_weights`): the
 input is a mapping key -> shape, which a safetensors header gives without touching the data.  Files written by
 xldm also carry their exact config in the safetensors metadata (`xldm.config`), which wins where shapes cannot
-tell (head counts of tiny models).
-"""
+tell (head counts of tiny models)."""
 
 from __future__ import annotations
 
@@ -64,8 +63,7 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
 
     Level widths are the output widths of each level's first ResBlock; the head layout, which shapes do
     not show, is that of the official checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm
-    v1-inference.yaml num_heads: 8), 64-wide heads otherwise (SD 2.x / SDXL num_head_channels: 64).
-    """
+    v1-inference.yaml num_heads: 8), 64-wide heads otherwise (SD 2.x / SDXL num_head_channels: 64)."""
     n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
     downsamples = sum(1 for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
     levels = downsamples + 1
@@ -125,8 +123,7 @@ def detect_text_encoder(shapes: Shapes, layout: str, base: TextEncoderConfig) ->
     """TextEncoderConfig from one encoder's keys, in "hf" or "open_clip" layout.
 
     `base` supplies what shapes cannot tell: activation, which layer feeds the UNet, padding id.
-    Head count is width / 64 for every released CLIP text tower (L: 12, H: 16, bigG: 20).
-    """
+    Head count is width / 64 for every released CLIP text tower (L: 12, H: 16, bigG: 20)."""
     if layout == "hf":
         shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
         try:
@@ -209,8 +206,7 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
     """ModelConfig of an original-layout single-file checkpoint, from key names and shapes.
 
     Components that are absent from the file keep the family preset's config (so a UNet-only file
-    still says which VAE and text encoders it expects).
-    """
+    still says which VAE and text encoders it expects)."""
     stored = config_from_metadata(metadata)
     if stored is not None:
         return stored

@@ -5,8 +5,7 @@ a fresh buffer of the file's dtype, cast one at a time, no file mapping, so a mo
 once in memory (benchmarks/load_memory.py).  First the header length is bounded (nothing of the size a corrupt
 header claims is read) and the JSON header parsed once, to refuse duplicate keys and, when `safe_open` rejects a
 file, to say which tensor is wrong and how.  Pickles can run code: refused unless asked for, then read only with
-`torch.load(weights_only=True)` on torch >= 2.6 (CVE-2025-32434).  Shards must lie inside their index's folder.
-"""
+`torch.load(weights_only=True)` on torch >= 2.6 (CVE-2025-32434).  Shards must lie inside their index's folder."""
 
 from __future__ import annotations
 

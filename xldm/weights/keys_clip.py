@@ -18,8 +18,7 @@ The open_clip text tower (SDXL file: `conditioner.embedders.1.model.` base / `.0
 
 All functions take and return dicts of tensors with the prefixes above already stripped; they never copy
 tensor data except where the layouts force it (q|k|v concatenation; the projection transpose, which is made
-contiguous so the result can be written to safetensors directly). The q/k/v splits are views.
-"""
+contiguous so the result can be written to safetensors directly). The q/k/v splits are views."""
 
 from __future__ import annotations
 
@@ -107,8 +106,7 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict
 def hf_to_open_clip(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """xldm/HF layout (after `hf_normalize_keys`) -> open_clip text tower (no prefix, no logit_scale).
 
-    Each block needs all of q/k/v weight and bias to build `in_proj_*`; a missing part raises ValueError.
-    """
+    Each block needs all of q/k/v weight and bias to build `in_proj_*`; a missing part raises ValueError."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
@@ -144,8 +142,7 @@ def hf_normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     transformers-5 `CLIPTextModel` saves `embeddings.*` / `encoder.*` / `final_layer_norm.*` without the prefix,
     as do old SD 1.x files (`cond_stage_model.transformer.embeddings...` once the caller strips its prefix).
-    Other keys (e.g. `text_projection.weight`) pass through unchanged, so a strict load reports strays.
-    """
+    Other keys (e.g. `text_projection.weight`) pass through unchanged, so a strict load reports strays."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key.endswith("position_ids"):
@@ -159,8 +156,7 @@ def clip_hf_config(cfg: TextEncoderConfig) -> dict[str, Any]:
 
     bos/eos/pad = 0/2/1 as in the hub configs (pre transformers PR #24773), which makes transformers pool at
     argmax(input_ids), like xldm. Encoders with a projection are `CLIPTextModelWithProjection`; without one,
-    `CLIPTextModel` with projection_dim = width (unused; openai/clip-vit-large-patch14 has 768).
-    """
+    `CLIPTextModel` with projection_dim = width (unused; openai/clip-vit-large-patch14 has 768)."""
     with_projection = cfg.projection_dim > 0
     return {
         "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
@@ -188,8 +184,7 @@ def clip_config_from_hf(d: dict[str, Any], **overrides: Any) -> TextEncoderConfi
 
     config.json does not say how a pipeline uses the encoder; defaults are SDXL's (penultimate layer, no final
     LN on it). The tokenizer padding follows the model family: OpenCLIP (gelu) towers go with "!" padding
-    (id 0), OpenAI CLIP (quick_gelu) with EOS. Pass e.g. `layer="last", final_norm_on_hidden=True` for SD 1.x.
-    """
+    (id 0), OpenAI CLIP (quick_gelu) with EOS. Pass e.g. `layer="last", final_norm_on_hidden=True` for SD 1.x."""
     architectures = d.get("architectures") or ["CLIPTextModel"]
     with_projection = any(a.endswith("WithProjection") for a in architectures)
     # transformers' CLIPTextConfig defaults apply to keys missing from the file (hidden_act quick_gelu, ...).

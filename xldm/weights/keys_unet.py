@@ -6,8 +6,7 @@ given WITHOUT the `model.diffusion_model.` prefix.  The rules are those of diffu
 `convert_ldm_unet_checkpoint` (`loaders/single_file_utils.py`), written out per block from the config, with
 the upsampler index quirk: `output_blocks.N.1.conv` for an up block without attention, `.2.conv` with it.
 
-Also here: the diffusers `UNet2DConditionModel` config dict for a `UNetConfig`, and its inverse.
-"""
+Also here: the diffusers `UNet2DConditionModel` config dict for a `UNetConfig`, and its inverse."""
 
 from __future__ import annotations
 
@@ -141,7 +140,6 @@ def unet_diffusers_to_original(sd: Mapping[str, T], cfg: UNetConfig) -> dict[str
     return _convert(sd, cfg, to_diffusers=False)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Configs
 
 # Settings of a diffusers UNet config that this UNet does not implement: key -> accepted values (the first
@@ -182,8 +180,7 @@ def unet_diffusers_config(cfg: UNetConfig, *, addition_time_embed_dim: int = 256
     `attention_head_dim` is, despite its name, the number of heads per level (diffusers sets
     `num_attention_heads = num_attention_heads or attention_head_dim`): a list ([5, 10, 20] for SDXL base)
     when the head width is fixed, an int (8 for SD 1.5) when the head count is.
-    `addition_time_embed_dim` is the Fourier width per micro-conditioning scalar (256 for SDXL).
-    """
+    `addition_time_embed_dim` is the Fourier width per micro-conditioning scalar (256 for SDXL)."""
     widths = list(cfg.block_out_channels)
     attention = [d > 0 for d in cfg.transformer_depth]
     adm = cfg.adm_in_channels if cfg.adm_in_channels > 0 else None
@@ -215,8 +212,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
 
     Missing keys take diffusers' constructor defaults (as hub config.json files rely on); settings outside
     the SD/SDXL family (other block types, per-block lists where this UNet has one value, ...) raise a
-    ValueError naming them.
-    """
+    ValueError naming them."""
     def get(key: str, default: Any) -> Any:
         value = d.get(key, default)
         return list(value) if isinstance(value, tuple) else value

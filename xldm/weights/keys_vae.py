@@ -9,8 +9,7 @@ diffusers' `convert_ldm_vae_checkpoint` (loaders/single_file_utils.py):
   mid.block_{1,2} -> mid_block.resnets.{0,1},  nin_shortcut -> conv_shortcut,
   mid.attn_1.{norm,q,k,v,proj_out} -> mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0},
   with the attention's 1x1-conv weights [C, C, 1, 1] stored as Linear weights [C, C] in diffusers.
-The maps are pure: tensors are passed through (the attention weights as reshape views), never copied.
-"""
+The maps are pure: tensors are passed through (the attention weights as reshape views), never copied."""
 
 from __future__ import annotations
 
@@ -119,8 +118,6 @@ def vae_diffusers_to_original(sd: dict[str, torch.Tensor], cfg: VAEConfig) -> di
         out[original] = value
     return out
 
-
-# --- configs -------------------------------------------------------------------------------------
 
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"

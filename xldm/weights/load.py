@@ -4,8 +4,7 @@ Loading is strict: every key of the file must be used by a component or be a kno
 (`detect.is_ignorable`), and every parameter of a component must come from the file.  A component's config
 (detected, or claimed by a config.json or the header metadata) is checked against the header's shapes before
 any tensor is read or parameter allocated, so a config claiming a bigger network than the file holds is refused.
-Tensors are then assigned in place as they are read, in the requested dtype: a model never exists twice in memory.
-"""
+Tensors are then assigned in place as they are read, in the requested dtype: a model never exists twice in memory."""
 
 from __future__ import annotations
 
@@ -118,8 +117,6 @@ def _part(ckpt: Checkpoint, prefix: str, dtype, device, ignorable=is_ignorable) 
     return {k[len(prefix):]: torch.empty(ckpt.shape(k), device="meta") for k in keys}, read
 
 
-# --- original single file -------------------------------------------------------------------------
-
 
 def load_single_file(
     path: str | os.PathLike,
@@ -166,8 +163,6 @@ def load_single_file(
         result.text_encoders = tuple(encoders)
     return result
 
-
-# --- diffusers folder -----------------------------------------------------------------------------
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                 "text_encoder_2": "model"}
@@ -295,8 +290,7 @@ def load_model(
     """Load a single-file checkpoint or a diffusers folder, whichever `path` is.
 
     `components`: any of "unet", "vae", "text_encoders" (default: all the source has).
-    `dtype`: cast floating weights as they are read (default: keep the file's dtype).
-    """
+    `dtype`: cast floating weights as they are read (default: keep the file's dtype)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -319,8 +313,7 @@ def load_vae(
     a full single file (its `first_stage_model.*`), or a diffusers `vae/` folder (config.json).
 
     `scaling_factor` overrides the latent scale (SDXL 0.13025, SD 1.x/2.x 0.18215); by default it comes
-    from the diffusers config or the detected model family (bare files: SDXL's).
-    """
+    from the diffusers config or the detected model family (bare files: SDXL's)."""
     from xldm.config import SDXL_VAE
     from xldm.weights.keys_vae import vae_config_from_diffusers, vae_diffusers_to_original
 
