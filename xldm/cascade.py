@@ -288,8 +288,7 @@ class CascadePipeline:
         ((height, width) / (top, left), SDXL order) feed a stage that takes them; original_size defaults to the
         final output size.  `init_image` (PIL, or a (B, 3, H, W) tensor in [0, 1]) is the low-res input of a
         cascade that starts with an SR stage.  Image i uses seed + i.  `callback(stage, step, total)`."""
-        configs = self.configs
-        n = len(configs)
+        configs, n = self.configs, len(self.configs)
         check_stage_order(configs, has_init_image=init_image is not None)
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt must be a non-empty string, found {prompt!r}")
@@ -433,12 +432,9 @@ def load_stage(path: str | os.PathLike, *, text_encoders: Sequence[nn.Module] | 
         encoders = tuple(text_encoders)
         _check_encoder_configs(config, encoders, f"{path}: text_encoders")
     elif has_encoders:
-        encoders = []
-        for i, te_cfg in enumerate(config.text_encoders):
-            te = CLIPTextModel(te_cfg)
+        encoders = tuple(CLIPTextModel(te_cfg) for te_cfg in config.text_encoders)
+        for i, te in enumerate(encoders):
             load_strict(te, ckpt.tensors(f"text_encoders.{i}.", dtype=dtype), component=f"{path}: text encoder {i}")
-            encoders.append(te)
-        encoders = tuple(encoders)
     else:
         raise ValueError(f"{path}: this stage file holds no text encoders (they are stored with an earlier stage "
                          f"of its cascade); load the whole cascade, or pass text_encoders=")

@@ -122,10 +122,8 @@ def _prompt_chunks(tokenizer, prompts: list[str], *, long_prompts: str, weightin
         parsed = [parse_weighted_prompt(p) for p in prompts]
         texts = [text for pieces in parsed for text, weight in pieces if (text, weight) != BREAK]
         token_lists = iter(tokenizer.tokenize_batch(texts)) if texts else iter(())
-        all_pieces = [
-            [None if (text, weight) == BREAK else (next(token_lists), weight) for text, weight in pieces]
-            for pieces in parsed
-        ]
+        all_pieces = [[None if (text, weight) == BREAK else (next(token_lists), weight) for text, weight in pieces]
+                      for pieces in parsed]
     else:
         all_pieces = [[(ids, 1.0)] for ids in tokenizer.tokenize_batch(prompts)]
     chunks = [_split_chunks(pieces, size) for pieces in all_pieces]
@@ -163,10 +161,8 @@ def _select_hidden(encoder: nn.Module, output, clip_skip: int | None, index: int
     default = -2 if cfg.layer == "penultimate" else -1
     layer = default - clip_skip
     if -layer > len(output.hidden_states):  # diffusers allows going back as far as the embeddings (index 0)
-        raise ValueError(
-            f"clip_skip={clip_skip} goes past the embeddings of text encoder {index} "
-            f"({cfg.layers} layers): expected at most {len(output.hidden_states) + default}"
-        )
+        raise ValueError(f"clip_skip={clip_skip} goes past the embeddings of text encoder {index} "
+                         f"({cfg.layers} layers): expected at most {len(output.hidden_states) + default}")
     h = output.hidden_states[layer]
     return encoder.text_model.final_layer_norm(h) if cfg.final_norm_on_hidden else h
 
@@ -180,17 +176,13 @@ def _check_encoders(text_encoders: Sequence[nn.Module], tokenizers: Sequence, co
     for i, (encoder, te_cfg) in enumerate(zip(text_encoders, config.text_encoders)):
         found = getattr(getattr(encoder, "cfg", None), "width", te_cfg.width)
         if found != te_cfg.width:
-            raise ValueError(
-                f"{config.kind}: text encoder {i} has width {found}, but the config expects {te_cfg.width}"
-            )
+            raise ValueError(f"{config.kind}: text encoder {i} has width {found}, but the config expects "
+                             f"{te_cfg.width}")
 
 
 def _count_chunks(tokenizers: Sequence, prompts: list[str], *, long_prompts: str, weighting: bool) -> int:
-    return max(
-        len(c)
-        for tok in tokenizers
-        for c in _prompt_chunks(tok, prompts, long_prompts=long_prompts, weighting=weighting)
-    )
+    return max(len(c) for tok in tokenizers
+               for c in _prompt_chunks(tok, prompts, long_prompts=long_prompts, weighting=weighting))
 
 
 def _encode(text_encoders: Sequence[nn.Module], tokenizers: Sequence, config: ModelConfig, prompts: list[str], *,
@@ -227,16 +219,13 @@ def _encode(text_encoders: Sequence[nn.Module], tokenizers: Sequence, config: Mo
     # diffusers casts the prompt embeddings to text_encoder_2's dtype (pipeline_stable_diffusion_xl.py:482).
     context = torch.cat(contexts, dim=-1).to(out_dtype)
     if context.shape[-1] != config.unet.context_dim:
-        raise ValueError(
-            f"{config.kind}: the text encoders give context width {context.shape[-1]}, but the UNet expects "
-            f"{config.unet.context_dim}"
-        )
+        raise ValueError(f"{config.kind}: the text encoders give context width {context.shape[-1]}, but the UNet "
+                         f"expects {config.unet.context_dim}")
     if config.unet.adm_in_channels > 0:
         expected = config.text_encoders[-1].projection_dim
         if pooled.shape[-1] != expected:
-            raise ValueError(
-                f"{config.kind}: pooled text width {pooled.shape[-1]} from the last text encoder, expected {expected}"
-            )
+            raise ValueError(f"{config.kind}: pooled text width {pooled.shape[-1]} from the last text encoder, "
+                             f"expected {expected}")
         pooled = pooled.to(device=out_device, dtype=out_dtype)
     else:
         pooled = None
@@ -269,9 +258,7 @@ def _default_tokenizers(config: ModelConfig) -> tuple:
 
 def zero_embeddings_like(e: TextEmbeddings) -> TextEmbeddings:
     """All-zero embeddings of the same shapes: SDXL base's "no negative prompt" (`force_zeros_for_empty_prompt`)."""
-    return TextEmbeddings(
-        context=torch.zeros_like(e.context), pooled=None if e.pooled is None else torch.zeros_like(e.pooled)
-    )
+    return TextEmbeddings(torch.zeros_like(e.context), None if e.pooled is None else torch.zeros_like(e.pooled))
 
 
 # A cascade SR stage's augmentation level s in [0, 1] is embedded as 1000 s, the range of the diffusion timesteps
@@ -335,10 +322,8 @@ def vector_conditioning(config: ModelConfig, pooled: Tensor, ids: Tensor, keep_m
         raise ValueError(f"{config.kind}: pooled text width expected {expected_pooled}, found {pooled.shape[1]}")
     n_ids = config.num_scalars
     if ids.ndim != 2 or ids.shape != (pooled.shape[0], n_ids):
-        raise ValueError(
-            f"{config.kind}: micro-conditioning ids expected shape ({pooled.shape[0]}, {n_ids}) "
-            f"({', '.join(config.micro_conditioning)}), found {tuple(ids.shape)}"
-        )
+        raise ValueError(f"{config.kind}: micro-conditioning ids expected shape ({pooled.shape[0]}, {n_ids}) "
+                         f"({', '.join(config.micro_conditioning)}), found {tuple(ids.shape)}")
     dim = config.micro_conditioning_dim
     emb = timestep_embedding(ids.reshape(-1).to(pooled.device), dim).reshape(ids.shape[0], n_ids * dim)
     if keep_micro is not None:
@@ -475,8 +460,7 @@ def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenize
     if config.unet.adm_in_channels <= 0:
         return context, None
     pooled = emb.pooled.to(device) * keep_t[:, None]
-    rows = context.shape[0]
-    ids = micro_ids(config, {name: batch[name] for name in config.micro_conditioning}, rows)
+    ids = micro_ids(config, {name: batch[name] for name in config.micro_conditioning}, context.shape[0])
     return context, vector_conditioning(config, pooled, ids.to(device), keep_micro=keep_micro.to(device))
 
 

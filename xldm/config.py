@@ -42,10 +42,8 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         if len(self.transformer_depth) != len(self.block_out_channels):
-            raise ValueError(
-                f"transformer_depth has {len(self.transformer_depth)} entries, expected one per level "
-                f"({len(self.block_out_channels)})"
-            )
+            raise ValueError(f"transformer_depth has {len(self.transformer_depth)} entries, expected one per level "
+                             f"({len(self.block_out_channels)})")
         if (self.num_heads > 0) == (self.num_head_channels > 0):
             raise ValueError("set exactly one of num_heads and num_head_channels to a positive value")
 
@@ -212,108 +210,61 @@ REFINER_MICRO_CONDITIONING = ("original_size", "crop_top_left", "aesthetic_score
 # OpenAI CLIP ViT-L/14 text tower (transformers CLIPTextConfig of openai/clip-vit-large-patch14).
 CLIP_L = TextEncoderConfig(width=768, layers=12, heads=12, intermediate_size=3072, activation="quick_gelu")
 # OpenCLIP ViT-bigG/14 text tower (open_clip model_configs/ViT-bigG-14.json), projection 1280.
-OPENCLIP_BIGG = TextEncoderConfig(
-    width=1280, layers=32, heads=20, intermediate_size=5120, activation="gelu", projection_dim=1280, pad_token_id=0
-)
+OPENCLIP_BIGG = TextEncoderConfig(width=1280, layers=32, heads=20, intermediate_size=5120, activation="gelu",
+                                  projection_dim=1280, pad_token_id=0)
 # OpenCLIP ViT-H/14 text tower (open_clip ViT-H-14.json), as SD 2.x uses it: penultimate layer + ln_final
 # (ldm FrozenOpenCLIPEmbedder(layer="penultimate")).
-OPENCLIP_H = TextEncoderConfig(
-    width=1024, layers=24, heads=16, intermediate_size=4096, activation="gelu", projection_dim=1024,
-    final_norm_on_hidden=True, pad_token_id=0,
-)
+OPENCLIP_H = TextEncoderConfig(width=1024, layers=24, heads=16, intermediate_size=4096, activation="gelu",
+                               projection_dim=1024, final_norm_on_hidden=True, pad_token_id=0)
 
 # SDXL 1.0 (sgm configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml)
 SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 
 SDXL_BASE = ModelConfig(
-    kind="sdxl-base",
-    unet=UNetConfig(
-        block_out_channels=(320, 640, 1280), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
-        num_head_channels=64, context_dim=2048, adm_in_channels=2816,
-    ),
-    vae=SDXL_VAE,
-    text_encoders=(CLIP_L, OPENCLIP_BIGG),
-    micro_conditioning=BASE_MICRO_CONDITIONING,
-)
-
+    kind="sdxl-base", vae=SDXL_VAE, text_encoders=(CLIP_L, OPENCLIP_BIGG), micro_conditioning=BASE_MICRO_CONDITIONING,
+    unet=UNetConfig(block_out_channels=(320, 640, 1280), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+                    num_head_channels=64, context_dim=2048, adm_in_channels=2816))
 SDXL_REFINER = ModelConfig(
-    kind="sdxl-refiner",
-    unet=UNetConfig(
-        block_out_channels=(384, 768, 1536, 1536), transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
-        num_head_channels=64, context_dim=1280, adm_in_channels=2560,
-    ),
-    vae=SDXL_VAE,
-    text_encoders=(OPENCLIP_BIGG,),
-    micro_conditioning=REFINER_MICRO_CONDITIONING,
-)
+    kind="sdxl-refiner", vae=SDXL_VAE, text_encoders=(OPENCLIP_BIGG,), micro_conditioning=REFINER_MICRO_CONDITIONING,
+    unet=UNetConfig(block_out_channels=(384, 768, 1536, 1536), transformer_depth=(0, 4, 4, 0),
+                    transformer_depth_middle=4, num_head_channels=64, context_dim=1280, adm_in_channels=2560))
 
 # SD 1.5 (ldm configs/stable-diffusion/v1-inference.yaml)
 SD15 = ModelConfig(
-    kind="sd15",
-    unet=UNetConfig(
-        block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
-        num_head_channels=-1, num_heads=8, context_dim=768, adm_in_channels=0, use_linear_in_transformer=False,
-    ),
-    vae=VAEConfig(scaling_factor=0.18215),
+    kind="sd15", vae=VAEConfig(scaling_factor=0.18215), default_size=512,
     text_encoders=(replace(CLIP_L, layer="last", final_norm_on_hidden=True),),
-    default_size=512,
-)
+    unet=UNetConfig(block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0),
+                    transformer_depth_middle=1, num_head_channels=-1, num_heads=8, context_dim=768, adm_in_channels=0,
+                    use_linear_in_transformer=False))
 
 # SD 2.1 768-v (stablediffusion configs/stable-diffusion/v2-inference-v.yaml)
 SD21 = ModelConfig(
-    kind="sd21",
-    unet=UNetConfig(
-        block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
-        num_head_channels=64, context_dim=1024, adm_in_channels=0, use_linear_in_transformer=True,
-    ),
-    vae=VAEConfig(scaling_factor=0.18215),
-    text_encoders=(OPENCLIP_H,),
-    prediction_type="v",
+    kind="sd21", vae=VAEConfig(scaling_factor=0.18215), text_encoders=(OPENCLIP_H,), prediction_type="v",
     default_size=768,
-)
+    unet=UNetConfig(block_out_channels=(320, 640, 1280, 1280), transformer_depth=(1, 1, 1, 0),
+                    transformer_depth_middle=1, num_head_channels=64, context_dim=1024, adm_in_channels=0,
+                    use_linear_in_transformer=True))
 
 TINY_CLIP_L = TextEncoderConfig(width=32, layers=3, heads=4, intermediate_size=64, activation="quick_gelu")
-TINY_OPENCLIP_BIGG = TextEncoderConfig(
-    width=48, layers=3, heads=4, intermediate_size=192, activation="gelu", projection_dim=48, pad_token_id=0
-)
+TINY_OPENCLIP_BIGG = TextEncoderConfig(width=48, layers=3, heads=4, intermediate_size=192, activation="gelu",
+                                       projection_dim=48, pad_token_id=0)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scaling_factor=0.13025)
-
 TINY_SDXL_BASE = ModelConfig(
-    kind="sdxl-base",
-    unet=UNetConfig(
-        block_out_channels=(32, 64, 128), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
-        num_head_channels=32, context_dim=32 + 48, adm_in_channels=48 + 6 * 8,
-    ),
-    vae=TINY_VAE,
-    text_encoders=(TINY_CLIP_L, TINY_OPENCLIP_BIGG),
-    micro_conditioning=BASE_MICRO_CONDITIONING,
-    micro_conditioning_dim=8,
-    default_size=64,
-)
-
+    kind="sdxl-base", vae=TINY_VAE, text_encoders=(TINY_CLIP_L, TINY_OPENCLIP_BIGG),
+    micro_conditioning=BASE_MICRO_CONDITIONING, micro_conditioning_dim=8, default_size=64,
+    unet=UNetConfig(block_out_channels=(32, 64, 128), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
+                    num_head_channels=32, context_dim=32 + 48, adm_in_channels=48 + 6 * 8))
 TINY_SDXL_REFINER = ModelConfig(
-    kind="sdxl-refiner",
-    unet=UNetConfig(
-        block_out_channels=(32, 64, 128, 128), transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2,
-        num_head_channels=32, context_dim=48, adm_in_channels=48 + 5 * 8,
-    ),
-    vae=TINY_VAE,
-    text_encoders=(TINY_OPENCLIP_BIGG,),
-    micro_conditioning=REFINER_MICRO_CONDITIONING,
-    micro_conditioning_dim=8,
-    default_size=64,
-)
-
+    kind="sdxl-refiner", vae=TINY_VAE, text_encoders=(TINY_OPENCLIP_BIGG,),
+    micro_conditioning=REFINER_MICRO_CONDITIONING, micro_conditioning_dim=8, default_size=64,
+    unet=UNetConfig(block_out_channels=(32, 64, 128, 128), transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2,
+                    num_head_channels=32, context_dim=48, adm_in_channels=48 + 5 * 8))
 TINY_SD15 = ModelConfig(
-    kind="sd15",
-    unet=UNetConfig(
-        block_out_channels=(32, 64, 64, 64), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
-        num_head_channels=-1, num_heads=2, context_dim=32, adm_in_channels=0, use_linear_in_transformer=False,
-    ),
-    vae=replace(TINY_VAE, scaling_factor=0.18215),
+    kind="sd15", vae=replace(TINY_VAE, scaling_factor=0.18215), default_size=64,
     text_encoders=(replace(TINY_CLIP_L, layer="last", final_norm_on_hidden=True),),
-    default_size=64,
-)
+    unet=UNetConfig(block_out_channels=(32, 64, 64, 64), transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1,
+                    num_head_channels=-1, num_heads=2, context_dim=32, adm_in_channels=0,
+                    use_linear_in_transformer=False))
 
 # The bundled default model (xldm/data/default, trained by scripts/train_default.sh)
 # SDXL's design in miniature (Podell et al. 2023): both text encoder shapes (Sec. 2.1) with CLIP's full BPE
@@ -330,21 +281,18 @@ DEFAULT_MICRO_DIM = 32  # Fourier channels per micro-conditioning scalar (SDXL: 
 DEFAULT_VAE = VAEConfig(ch=24, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025)
 DEFAULT_BASE = ModelConfig(
     kind="sdxl-base",
-    unet=UNetConfig(
-        block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
-        transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
-        context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * 32,
-    ),
+    unet=UNetConfig(block_out_channels=(32, 64, 64), num_res_blocks=1, transformer_depth=(0, 1, 2),
+                    transformer_depth_middle=2, num_head_channels=32, norm_groups=8,
+                    context_dim=DEFAULT_CLIP_L.width + DEFAULT_BIGG.width,
+                    adm_in_channels=DEFAULT_BIGG.projection_dim + 6 * 32),
     vae=DEFAULT_VAE, text_encoders=(DEFAULT_CLIP_L, DEFAULT_BIGG), micro_conditioning=BASE_MICRO_CONDITIONING,
     micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
 )
 DEFAULT_REFINER = ModelConfig(
     kind="sdxl-refiner",
-    unet=UNetConfig(
-        block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
-        transformer_depth_middle=1, num_head_channels=24, norm_groups=8,
-        context_dim=DEFAULT_BIGG.width, adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * 32,
-    ),
+    unet=UNetConfig(block_out_channels=(24, 48, 48, 48), num_res_blocks=2, transformer_depth=(0, 1, 1, 0),
+                    transformer_depth_middle=1, num_head_channels=24, norm_groups=8, context_dim=DEFAULT_BIGG.width,
+                    adm_in_channels=DEFAULT_BIGG.projection_dim + 5 * 32),
     vae=DEFAULT_VAE, text_encoders=(DEFAULT_BIGG,), micro_conditioning=REFINER_MICRO_CONDITIONING,
     micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
 )
@@ -354,9 +302,8 @@ DEFAULT_REFINER = ModelConfig(
 def _stage_unet(in_channels: int, *, widths: tuple[int, ...], transformer_depth: tuple[int, ...],
                 head_channels: int, context_dim: int, adm: int, groups: int) -> UNetConfig:
     return UNetConfig(in_channels=in_channels, out_channels=3, block_out_channels=widths, num_res_blocks=1,
-                      transformer_depth=transformer_depth,
-                      transformer_depth_middle=1, num_head_channels=head_channels, context_dim=context_dim,
-                      adm_in_channels=adm, norm_groups=groups)
+                      transformer_depth=transformer_depth, transformer_depth_middle=1,
+                      num_head_channels=head_channels, context_dim=context_dim, adm_in_channels=adm, norm_groups=groups)
 
 
 # Tiny stages for tests: 16 -> 32 -> 64, one small text encoder shared by all stages.
@@ -399,21 +346,11 @@ CASCADE_SR_128 = ModelConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {
-    "sdxl-base": SDXL_BASE,
-    "sdxl-refiner": SDXL_REFINER,
-    "sd15": SD15,
-    "sd21": SD21,
-    "tiny-sdxl-base": TINY_SDXL_BASE,
-    "tiny-sdxl-refiner": TINY_SDXL_REFINER,
-    "tiny-sd15": TINY_SD15,
-    "default-base": DEFAULT_BASE,
-    "default-refiner": DEFAULT_REFINER,
-    "tiny-cascade-base-16": TINY_CASCADE_BASE,
-    "tiny-cascade-sr-32": TINY_CASCADE_SR,
-    "tiny-cascade-sr-64": TINY_CASCADE_SR2,
-    "cascade-base-32": CASCADE_BASE_32,
-    "cascade-sr-64": CASCADE_SR_64,
-    "cascade-sr-128": CASCADE_SR_128,
+    "sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER, "sd15": SD15, "sd21": SD21, "tiny-sdxl-base": TINY_SDXL_BASE,
+    "tiny-sdxl-refiner": TINY_SDXL_REFINER, "tiny-sd15": TINY_SD15, "default-base": DEFAULT_BASE,
+    "default-refiner": DEFAULT_REFINER, "tiny-cascade-base-16": TINY_CASCADE_BASE,
+    "tiny-cascade-sr-32": TINY_CASCADE_SR, "tiny-cascade-sr-64": TINY_CASCADE_SR2, "cascade-base-32": CASCADE_BASE_32,
+    "cascade-sr-64": CASCADE_SR_64, "cascade-sr-128": CASCADE_SR_128,
 }
 # Cascades by name: their stages in order.
 CASCADES: dict[str, tuple[ModelConfig, ...]] = {

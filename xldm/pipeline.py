@@ -26,14 +26,8 @@ from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
 from xldm.errors import NonFiniteError
-from xldm.diffusion.schedules import (
-    SAMPLER_NAMES,
-    Schedule,
-    img2img_start,
-    make_schedule,
-    refiner_start,
-    split_for_refiner,
-)
+from xldm.diffusion.schedules import (SAMPLER_NAMES, Schedule, img2img_start, make_schedule, refiner_start,
+                                      split_for_refiner)
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
 from xldm.vae_tiling import decode_checked
@@ -189,8 +183,7 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
-        mw, mh = image_size(req.mask)
-        iw, ih = image_size(req.init_image)
+        (mw, mh), (iw, ih) = image_size(req.mask), image_size(req.init_image)
         raise ValueError(f"mask is {mw}x{mh} but the init image is {iw}x{ih}; they must match")
     for name in ("width", "height"):
         v = getattr(req, name)
@@ -268,15 +261,13 @@ class Pipeline:
         with handle.use("text_encoders") as comps:
             with torch.no_grad():
                 return sampling_conditioning(
-                    comps, batch_prompts, negatives, height=height, width=width,
-                    original_size=hw(req.original_size), crop_top_left=req.crop_top_left,
-                    target_size=hw(req.target_size),
+                    comps, batch_prompts, negatives, height=height, width=width, original_size=hw(req.original_size),
+                    crop_top_left=req.crop_top_left, target_size=hw(req.target_size),
                     negative_original_size=hw(req.negative_original_size),
                     negative_crop_top_left=req.negative_crop_top_left,
                     negative_target_size=hw(req.negative_target_size),
                     aesthetic_score=req.aesthetic_score, negative_aesthetic_score=req.negative_aesthetic_score,
-                    guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
-                )
+                    guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting)
 
     def _encode_images(self, handle: ModelHandle, images: torch.Tensor,
                        generators: list[torch.Generator]) -> torch.Tensor:
@@ -314,8 +305,7 @@ class Pipeline:
     def run(self, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil") -> GenerationResult:
         """Run a request resolved by `resolve_request`.  `callback(stage, i, total, x, x0)` after each step (raise
         Interrupted to stop).  `output="latent"` returns latents without decoding (images empty)."""
-        width, height = req.width, req.height
-        batch = req.batch
+        width, height, batch = req.width, req.height, req.batch
         seeds = [req.seed + i for i in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         prompts = [req.prompt] * batch
@@ -403,10 +393,7 @@ def _inpaint_blend(image_latents: torch.Tensor, noise: torch.Tensor, mask: torch
     last = len(schedule) - 1
 
     def hook(i: int, x: torch.Tensor) -> torch.Tensor:
-        if i < last:
-            known = image_latents + noise * schedule.sigmas[i + 1].to(noise.dtype)
-        else:
-            known = image_latents
+        known = image_latents + noise * schedule.sigmas[i + 1].to(noise.dtype) if i < last else image_latents
         return (1 - mask) * known + mask * x
 
     return hook
