@@ -146,8 +146,7 @@ class CLIPTextModel(nn.Module):
         last = tm.final_layer_norm(h)
         # EOS position = argmax of the ids (EOS 49407 is the largest id; the first one wins on ties),
         # transformers CLIPTextModel with eos_token_id == 2 (SDXL hub configs), open_clip pool_type "argmax".
-        rows = torch.arange(last.shape[0], device=last.device)
-        pooled = last[rows, input_ids.argmax(dim=-1)]
+        pooled = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled)

@@ -75,11 +75,8 @@ class UNet(nn.Module):
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
                 skip_widths.append(ch)
 
-        self.middle_block = UNetBlock([
-            ResBlock(ch, ted, ch, groups),
-            transformer(ch, config.transformer_depth_middle),
-            ResBlock(ch, ted, ch, groups),
-        ])
+        self.middle_block = UNetBlock([ResBlock(ch, ted, ch, groups), transformer(ch, config.transformer_depth_middle),
+                                       ResBlock(ch, ted, ch, groups)])
 
         # Decoder: per level (deepest first) num_res_blocks+1 x (ResBlock on [h, skip] [+ ST]), Upsample last.
         self.output_blocks = nn.ModuleList()
