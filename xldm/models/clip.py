@@ -121,7 +121,7 @@ class CLIPTextModel(nn.Module):
         # Present only for encoders whose pooled output is used (OpenCLIP bigG/H): Linear without bias.
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim > 0 else None
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         cfg = self.cfg
         if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= cfg.max_positions:
             raise ValueError(f"input_ids must have shape (batch, length <= {cfg.max_positions}), "
@@ -133,9 +133,6 @@ class CLIPTextModel(nn.Module):
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), "
                                  f"found values in [{low}, {high}]")
-
-    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
-        self._check_ids(input_ids)
         input_ids = input_ids.long()
         tm = self.text_model
         h = tm.embeddings(input_ids)
