@@ -32,23 +32,13 @@ Size = tuple[int, int]  # (width, height), or (height, width) / (top, left) wher
 # SDXL paper (arXiv 2307.01952), App. I: rows (height, width, height/width) from 512x2048 (0.25) to 2048x512 (4.0),
 # transposed to (width, height) and kept in the paper's row order, from the widest landscape to the tallest portrait.
 SDXL_BUCKETS: tuple[Size, ...] = (
-    (2048, 512), (1984, 512), (1920, 512), (1856, 512),
-    (1792, 576), (1728, 576), (1664, 576),
-    (1600, 640), (1536, 640),
-    (1472, 704), (1408, 704), (1344, 704),
-    (1344, 768), (1280, 768),
-    (1216, 832), (1152, 832),
-    (1152, 896), (1088, 896),
-    (1088, 960), (1024, 960),
+    (2048, 512), (1984, 512), (1920, 512), (1856, 512), (1792, 576), (1728, 576), (1664, 576),
+    (1600, 640), (1536, 640), (1472, 704), (1408, 704), (1344, 704), (1344, 768), (1280, 768),
+    (1216, 832), (1152, 832), (1152, 896), (1088, 896), (1088, 960), (1024, 960),
     (1024, 1024),
-    (960, 1024), (960, 1088),
-    (896, 1088), (896, 1152),
-    (832, 1152), (832, 1216),
-    (768, 1280), (768, 1344),
-    (704, 1408), (704, 1472),
-    (640, 1536), (640, 1600),
-    (576, 1664), (576, 1728), (576, 1792),
-    (512, 1856), (512, 1920), (512, 1984), (512, 2048),
+    (960, 1024), (960, 1088), (896, 1088), (896, 1152), (832, 1152), (832, 1216),
+    (768, 1280), (768, 1344), (704, 1408), (704, 1472), (640, 1536), (640, 1600),
+    (576, 1664), (576, 1728), (576, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048),
 )
 SDXL_RULE_EXTRA: Size = (704, 1344)  # the one size of the area rule that App. I does not list
 
@@ -76,8 +66,7 @@ def buckets_for_area(base: int = 1024, step: int = 64, *, min_area_fraction: flo
     if max_aspect < 1.0:
         raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
     max_area = base * base
-    min_area = min_area_fraction * max_area
-    sizes = []
+    min_area, sizes = min_area_fraction * max_area, []
     # No side can exceed base * sqrt(max_aspect): then the other side would be too short for the aspect limit.
     for height in range(step, int(base * math.sqrt(max_aspect)) + 1, step):
         # The widest width that keeps the area <= base^2, then narrower ones while the area stays large enough.
@@ -134,8 +123,7 @@ def format_sizes(buckets: Iterable[Size] = SDXL_BUCKETS) -> str:
     rows = [(f"{w}x{h}", f"{w / h:.2f}") for w, h in buckets]
     size_width = max([len("size (WxH)")] + [len(size) for size, _ in rows])
     lines = [f"{'size (WxH)':<{size_width}}  aspect (w/h)"]
-    lines += [f"{size:<{size_width}}  {aspect:>5}" for size, aspect in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"{size:<{size_width}}  {aspect:>5}" for size, aspect in rows])
 
 
 @dataclass(frozen=True)

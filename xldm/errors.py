@@ -49,9 +49,8 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LISTED_PER_CATEGORY])
     hidden = len(items) - _LISTED_PER_CATEGORY
-    return shown + (f", ... ({hidden} more)" if hidden > 0 else "")
+    return ", ".join(items[:_LISTED_PER_CATEGORY]) + (f", ... ({hidden} more)" if hidden > 0 else "")
 
 
 class StateDictMismatchError(CheckpointError):

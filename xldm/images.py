@@ -48,8 +48,7 @@ def image_to_tensor(image: Image.Image | torch.Tensor, width: int, height: int) 
         if (found := image_size(image)) != (width, height):
             raise ValueError(f"image tensor is {found[0]}x{found[1]}, expected {width}x{height}")
         return image.float() * 2 - 1
-    rgb = _resize(image, width, height).convert("RGB")
-    array = np.asarray(rgb).astype(np.float32) / 255.0
+    array = np.asarray(_resize(image, width, height).convert("RGB")).astype(np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
 
 
@@ -71,8 +70,7 @@ def mask_to_tensor(mask: Image.Image | torch.Tensor, width: int, height: int) ->
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) decoder output in [-1, 1] -> PIL images (diffusers `postprocess(output_type="pil")`)."""
-    x = (x / 2 + 0.5).clamp(0, 1)
-    array = x.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    array = (x / 2 + 0.5).clamp(0, 1).detach().cpu().permute(0, 2, 3, 1).float().numpy()
     array = (array * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in array]
 

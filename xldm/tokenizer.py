@@ -44,9 +44,7 @@ def _byte_symbols() -> list[str]:
     """The 256 stand-ins for bytes of GPT-2/CLIP byte-level BPE, in vocabulary order: printable Latin-1 bytes
     ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 follow as code points 256, 257, ..."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    printable_set = set(printable)
-    others = [b for b in range(256) if b not in printable_set]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
 def _load_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -84,9 +82,8 @@ def _backend(split_bang: bool) -> Tokenizer:
     tokenizer = Tokenizer(_bpe_model())
     # CLIP normalization as in transformers' CLIPTokenizer: NFC, whitespace runs -> one space, lowercase.
     # (open_clip additionally runs ftfy + html.unescape; SDXL's diffusers pipeline does not.)
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -106,10 +103,8 @@ class CLIPTokenizer:
             raise ValueError(f"pad_token_id must be {EOS_ID} (EOS) or {BANG_ID} ('!'), got {pad_token_id}")
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS (>= 2), got {max_length}")
-        self.pad_token_id = pad_token_id
-        self.max_length = max_length
-        self.bos_token_id = BOS_ID
-        self.eos_token_id = EOS_ID
+        self.pad_token_id, self.max_length = pad_token_id, max_length
+        self.bos_token_id, self.eos_token_id = BOS_ID, EOS_ID
         self._tokenizer = _backend(split_bang=pad_token_id == BANG_ID)
 
     @classmethod
@@ -137,9 +132,8 @@ class CLIPTokenizer:
         if not batch:
             raise ValueError("prompts is empty; expected a string or a non-empty list of strings")
         ids = torch.full((len(batch), self.max_length), self.pad_token_id, dtype=torch.long)
-        keep = self.max_length - 2
         for row, tokens in enumerate(self.tokenize_batch(batch)):
-            body = tokens[:keep]
+            body = tokens[: self.max_length - 2]
             ids[row, : len(body) + 2] = torch.tensor([BOS_ID, *body, EOS_ID], dtype=torch.long)
         return ids  # type: ignore[return-value]
 

@@ -53,8 +53,7 @@ def _blend(previous_edge: torch.Tensor, tile: torch.Tensor, extent: int, dim: in
     weight = torch.arange(extent, device=tile.device, dtype=torch.float32) / extent
     weight = weight.view((1, 1, extent, 1) if dim == 2 else (1, 1, 1, extent))
     # Blend in float32 so a bf16/fp16 decode loses no precision in the weights, then store in the tile's dtype.
-    mixed = previous_edge.float() * (1 - weight) + head.float() * weight
-    head.copy_(mixed.to(tile.dtype))
+    head.copy_((previous_edge.float() * (1 - weight) + head.float() * weight).to(tile.dtype))
 
 
 @torch.no_grad()
@@ -75,8 +74,7 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, *, tile_latent: int 
     z = latents / vae.scaling_factor  # the same division as AutoencoderKL.decode_latents
     height, width = z.shape[-2:]
     stride = tile_latent - overlap_latent
-    rows = _tile_starts(height, tile_latent, stride)
-    cols = _tile_starts(width, tile_latent, stride)
+    rows, cols = _tile_starts(height, tile_latent, stride), _tile_starts(width, tile_latent, stride)
     if len(rows) == 1 and len(cols) == 1:
         return vae.decode(z)
 
@@ -122,8 +120,7 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor, tile: bool | int | None, 
         with torch.no_grad():
             return vae.decode_latents(latents)
     tile_latent = DEFAULT_TILE_LATENT if tile is True else int(tile)
-    overlap_latent = overlap if overlap is not None else (
-        DEFAULT_OVERLAP_LATENT if tile is True else tile_latent // 4)
+    overlap_latent = overlap if overlap is not None else (DEFAULT_OVERLAP_LATENT if tile is True else tile_latent // 4)
     return decode_tiled(vae, latents, tile_latent=tile_latent, overlap_latent=overlap_latent)
 
 

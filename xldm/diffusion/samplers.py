@@ -117,12 +117,6 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
     return x
 
 
-def _is_first_order(schedule: Schedule, i: int) -> bool:
-    """DPMSolverMultistepScheduler(solver_order=2) steps at first order right after set_timesteps (no history:
-    lower_order_nums < 1) and on the last step of the full schedule (lower_order_final, final_sigmas_type="zero")."""
-    return i == 0 or schedule.offset + i == schedule.total - 1
-
-
 def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: bool, generator, callback,
               step_hook) -> torch.Tensor:
     dtype, n = x.dtype, len(schedule)
@@ -136,7 +130,9 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: b
             x_next = x0  # h = inf: every formula below reduces to x0 (diffusers computes 0 * x + 1 * x0)
         else:
             h = _lam(sigma_next) - _lam(sigma)
-            if _is_first_order(schedule, i):
+            # DPMSolverMultistepScheduler(solver_order=2) steps at first order right after set_timesteps (no history:
+            # lower_order_nums < 1) and on the full schedule's last step (lower_order_final, final_sigmas_type="zero").
+            if i == 0 or schedule.offset + i == schedule.total - 1:
                 d = x0
             else:
                 r = (_lam(sigma) - _lam(schedule.sigmas[i - 1])) / h
@@ -230,14 +226,9 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gen
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_karras": sample_dpmpp_2m,  # Karras variants differ only in the schedule
-    "dpmpp_2m_sde_karras": sample_dpmpp_2m_sde,
-    "ddim": sample_ddim,
-    "unipc": sample_unipc,
+    "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m, "dpmpp_2m_sde_karras": sample_dpmpp_2m_sde,  # Karras: only the schedule differs
+    "ddim": sample_ddim, "unipc": sample_unipc,
 }
 
 

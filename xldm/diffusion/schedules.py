@@ -88,13 +88,6 @@ def _leading_timesteps(num_steps: int, grid: int) -> np.ndarray:
     return (np.arange(grid - num_steps, grid) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
 
 
-def _karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
-    """Karras et al. 2022, eq. 5 (rho = 7), float64 as in diffusers `_convert_to_karras`."""
-    ramp = np.linspace(0, 1, num_steps)
-    min_inv, max_inv = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
-    return (max_inv + ramp * (min_inv - max_inv)) ** KARRAS_RHO
-
-
 def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, interpolated in log-sigma (diffusers `_sigma_to_t`)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
@@ -109,8 +102,7 @@ def _build(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
     sig = torch.from_numpy(np.asarray(sigmas).astype(np.float32))
     # init_noise_sigma = sqrt(max(sigmas)^2 + 1) (diffusers EulerDiscreteScheduler, "leading"); the VP schedulers'
     # unit-variance x_vp = noise is x_ve = noise * sqrt(sigma_0^2 + 1): the same value.
-    init = float((sig.max() ** 2 + 1) ** 0.5)
-    return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), init)
+    return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), float((sig.max() ** 2 + 1) ** 0.5))
 
 
 def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsilon") -> Schedule:
@@ -136,8 +128,10 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
     if sampler in ("dpmpp_2m", "unipc"):
         ts = _leading_timesteps(num_steps, num_steps + 1)
         return _build(np.concatenate([table[ts], [0.0]]), ts)
-    # Karras variants (DPMSolverMultistepScheduler(use_karras_sigmas=True)).
-    sig = _karras_sigmas(float(table[0]), float(table[-1]), num_steps)
+    # Karras variants (DPMSolverMultistepScheduler(use_karras_sigmas=True)): Karras et al. 2022, eq. 5 (rho = 7),
+    # float64 as in diffusers `_convert_to_karras`, from sigma_min = table[0] to sigma_max = table[-1].
+    min_inv, max_inv = float(table[0]) ** (1 / KARRAS_RHO), float(table[-1]) ** (1 / KARRAS_RHO)
+    sig = (max_inv + np.linspace(0, 1, num_steps) * (min_inv - max_inv)) ** KARRAS_RHO
     ts = _sigma_to_t(sig, np.log(table)).round()
     return _build(np.concatenate([sig, [0.0]]), ts)
 
@@ -149,8 +143,7 @@ def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler") -
     if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
         raise ValueError(f"the hand-off fraction must be a float strictly between 0 and 1, got {fraction!r}")
     cutoff = int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
-    timesteps = make_schedule(sampler, num_steps).timesteps
-    return int((timesteps >= cutoff).sum())
+    return int((make_schedule(sampler, num_steps).timesteps >= cutoff).sum())
 
 
 def refiner_start(num_steps: int, fraction: float, sampler: str = "euler") -> int:
@@ -167,5 +160,4 @@ def img2img_start(num_steps: int, strength: float) -> int:
     pipeline_stable_diffusion_xl_img2img.py:652, `get_timesteps`; int() truncates: N=100, strength=0.29 runs 28)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-    init_steps = min(int(num_steps * strength), num_steps)
-    return max(num_steps - init_steps, 0)
+    return max(num_steps - min(int(num_steps * strength), num_steps), 0)

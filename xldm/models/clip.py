@@ -121,7 +121,7 @@ class CLIPTextModel(nn.Module):
         # Present only for encoders whose pooled output is used (OpenCLIP bigG/H): Linear without bias.
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim > 0 else None
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         cfg = self.cfg
         if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= cfg.max_positions:
             raise ValueError(f"input_ids must have shape (batch, length <= {cfg.max_positions}), "
@@ -133,9 +133,6 @@ class CLIPTextModel(nn.Module):
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), "
                                  f"found values in [{low}, {high}]")
-
-    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
-        self._check_ids(input_ids)
         input_ids = input_ids.long()
         tm = self.text_model
         h = tm.embeddings(input_ids)
@@ -146,8 +143,7 @@ class CLIPTextModel(nn.Module):
         last = tm.final_layer_norm(h)
         # EOS position = argmax of the ids (EOS 49407 is the largest id; the first one wins on ties),
         # transformers CLIPTextModel with eos_token_id == 2 (SDXL hub configs), open_clip pool_type "argmax".
-        rows = torch.arange(last.shape[0], device=last.device)
-        pooled = last[rows, input_ids.argmax(dim=-1)]
+        pooled = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled)

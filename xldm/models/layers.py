@@ -43,9 +43,7 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        h = self.out_layers(h)
+        h = self.out_layers(self.in_layers(x) + self.emb_layers(emb)[:, :, None, None])
         return self.skip_connection(x) + h
 
 
@@ -59,8 +57,7 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads = heads
-        self.head_dim = head_dim
+        self.heads, self.head_dim = heads, head_dim
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -69,10 +66,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         batch = x.shape[0]
-        q, k, v = (
-            proj(src).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-            for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
-        )
+        q, k, v = (proj(src).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
+                   for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)
         return self.to_out[1](self.to_out[0](out))
@@ -134,8 +129,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout=dropout) for _ in range(depth)
-        )
+            BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout=dropout) for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

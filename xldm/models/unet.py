@@ -75,11 +75,8 @@ class UNet(nn.Module):
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
                 skip_widths.append(ch)
 
-        self.middle_block = UNetBlock([
-            ResBlock(ch, ted, ch, groups),
-            transformer(ch, config.transformer_depth_middle),
-            ResBlock(ch, ted, ch, groups),
-        ])
+        self.middle_block = UNetBlock([ResBlock(ch, ted, ch, groups), transformer(ch, config.transformer_depth_middle),
+                                       ResBlock(ch, ted, ch, groups)])
 
         # Decoder: per level (deepest first) num_res_blocks+1 x (ResBlock on [h, skip] [+ ST]), Upsample last.
         self.output_blocks = nn.ModuleList()
@@ -98,8 +95,18 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch, eps=1e-5), nn.SiLU(),
                                  nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                      y: torch.Tensor | None) -> None:
+    def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+             output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, output_size, use_reentrant=False)
+        return block(h, emb, context, output_size)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d), text `context` (B, L, context_dim)
+        and vector conditioning `y` (B, adm_in_channels: pooled text + Fourier micro-conditioning).  Any H, W >= 1
+        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path)."""
+        timesteps = torch.as_tensor(timesteps, device=x.device)
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), found {tuple(x.shape)}")
@@ -117,22 +124,7 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError(f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
                              f"{tuple(y.shape)}")
-
-    def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-             output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, output_size, use_reentrant=False)
-        return block(h, emb, context, output_size)
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """Network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d), text `context` (B, L, context_dim)
-        and vector conditioning `y` (B, adm_in_channels: pooled text + Fourier micro-conditioning).  Any H, W >= 1
-        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path)."""
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        self._check_inputs(x, timesteps, context, y)
         dtype = self.time_embed[0].weight.dtype
-        batch = x.shape[0]
         timesteps = timesteps.reshape(-1).expand(batch)
 
         # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).

@@ -41,8 +41,7 @@ class VAEResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
 class VAEAttention(nn.Module):
@@ -95,9 +94,8 @@ class VAELevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int,
                  resample: str | None) -> None:
         super().__init__()
-        self.block = nn.ModuleList(
-            VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_blocks)
-        )
+        self.block = nn.ModuleList(VAEResBlock(in_channels if j == 0 else out_channels, out_channels, groups)
+                                   for j in range(num_blocks))
         self.resample = resample
         if resample is not None:
             self.add_module(resample, (Downsample if resample == "downsample" else Upsample)(out_channels))
@@ -116,11 +114,8 @@ class Encoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_widths = [cfg.ch] + widths[:-1]  # ldm in_ch_mult = (1,) + ch_mult
-        self.down = nn.ModuleList(
-            VAELevel(in_widths[i], widths[i], cfg.num_res_blocks, cfg.norm_groups,
-                     "downsample" if i != len(widths) - 1 else None)
-            for i in range(len(widths))
-        )
+        self.down = nn.ModuleList(VAELevel(in_widths[i], widths[i], cfg.num_res_blocks, cfg.norm_groups,
+                                           "downsample" if i != len(widths) - 1 else None) for i in range(len(widths)))
         self.mid = _mid_block(widths[-1], cfg.norm_groups)
         self.norm_out = _group_norm(cfg.norm_groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
@@ -129,8 +124,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -143,10 +137,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = _mid_block(widths[-1], cfg.norm_groups)
         in_widths = widths[1:] + [widths[-1]]  # level i takes level i+1's width (the mid width at the last level)
-        self.up = nn.ModuleList(
-            VAELevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, cfg.norm_groups, "upsample" if i != 0 else None)
-            for i in range(len(widths))
-        )
+        self.up = nn.ModuleList(VAELevel(in_widths[i], widths[i], cfg.num_res_blocks + 1, cfg.norm_groups,
+                                         "upsample" if i != 0 else None) for i in range(len(widths)))
         self.norm_out = _group_norm(cfg.norm_groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
@@ -217,8 +209,7 @@ class AutoencoderKL(nn.Module):
                        sample: bool = True) -> torch.Tensor:
         """Images in [-1, 1] -> UNet latents `scaling_factor * z`, z sampled or the posterior mean."""
         posterior = self.encode(images)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return z * self.cfg.scaling_factor
+        return (posterior.sample(generator) if sample else posterior.mode()) * self.cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """UNet latents -> image, as diffusers pipelines' `vae.decode(latents / scaling_factor)`."""
