@@ -26,7 +26,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from xldm.errors import (
-    CheckpointError, CorruptCheckpointError, PickleRefusedError, StateDictMismatchError, UnsafePathError,
+    CheckpointError,
+    CorruptCheckpointError,
+    PickleRefusedError,
+    StateDictMismatchError,
+    UnsafePathError,
 )
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
