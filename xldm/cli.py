@@ -21,8 +21,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise SystemExit("xldm info: error: a PATH (or --cascade DIR) is required")
     from xldm.weights.info import model_info
 
-    info = model_info(args.path, allow_pickle=args.allow_pickle)
-    print("\n".join(info.lines()))
+    print("\n".join(model_info(args.path, allow_pickle=args.allow_pickle).lines()))
     return 0
 
 

@@ -112,12 +112,11 @@ def format_a1111_parameters(params: Mapping[str, Any]) -> str:
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
-    """Parse an A1111 infotext into {"Prompt": ..., "Negative prompt": ..., "Steps": "30", ...}.
-
-    Values stay strings, as A1111 `parse_generation_parameters` keeps them; JSON-quoted values are unquoted, so
-    a value may hold commas, colons and newlines.  Prompts may span several lines: every line before the one
-    starting with "Negative prompt:" is the prompt, the lines from there to the settings line are the negative
-    prompt.  The last line is the settings line only if it has at least three `key: value` pairs (A1111's test)."""
+    """Parse an A1111 infotext into {"Prompt": ..., "Negative prompt": ..., "Steps": "30", ...}.  Values stay strings,
+    as A1111 `parse_generation_parameters` keeps them; JSON-quoted values are unquoted, so a value may hold commas,
+    colons and newlines.  Prompts may span several lines: every line before the one starting with "Negative prompt:"
+    is the prompt, the lines from there to the settings line are the negative prompt.  The last line is the
+    settings line only if it has at least three `key: value` pairs (A1111's test)."""
     *lines, last = text.strip().split("\n")
     if len(_PAIR.findall(last)) < 3:
         lines.append(last)

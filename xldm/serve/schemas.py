@@ -85,16 +85,13 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
 
 
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
-
-
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
 def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Image.Image:
-    """A base64 image (optionally a `data:image/...;base64,` URL) -> a loaded PIL image.
-
-    URLs and paths are refused, never fetched or opened (the webui fetches http URLs when allowed; xldm never).
-    Raises ValueError with the reason: not base64, too many bytes, too many pixels, not PNG/JPEG/WebP."""
+    """A base64 image (optionally a `data:image/...;base64,` URL) -> a loaded PIL image.  URLs and paths are refused,
+    never fetched or opened (the webui fetches http URLs when allowed; xldm never).  Raises ValueError with the
+    reason: not base64, too many bytes, too many pixels, not PNG/JPEG/WebP."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"{what}: expected a base64-encoded image")
     head = text[:16].lower()

@@ -59,11 +59,10 @@ def _count_indexed(keys, pattern: str) -> int:
 
 
 def detect_unet(shapes: Shapes) -> UNetConfig:
-    """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix).
-
-    Level widths are the output widths of each level's first ResBlock; the head layout, which shapes do
-    not show, is that of the official checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm
-    v1-inference.yaml num_heads: 8), 64-wide heads otherwise (SD 2.x / SDXL num_head_channels: 64)."""
+    """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix).  Level widths are the output
+    widths of each level's first ResBlock; the head layout, which shapes do not show, is that of the official
+    checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm v1-inference.yaml num_heads: 8), 64-wide heads
+    otherwise (SD 2.x / SDXL num_head_channels: 64)."""
     n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
     downsamples = sum(1 for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
     levels = downsamples + 1
@@ -84,20 +83,17 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
     linear = len(next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))) == 2
     heads = dict(num_heads=8, num_head_channels=-1) if not linear and context_dim == 768 else {}
     cfg = UNetConfig(
-        in_channels=in_channels, out_channels=out_channels, block_out_channels=widths,
-        num_res_blocks=num_res_blocks, transformer_depth=depth,
+        in_channels=in_channels, out_channels=out_channels, block_out_channels=widths, num_res_blocks=num_res_blocks,
+        transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=linear,
         transformer_depth_middle=_count_indexed(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=context_dim, adm_in_channels=shapes.get("label_emb.0.0.weight", (0, 0))[1],
-        use_linear_in_transformer=linear, **heads,
-    )
+        adm_in_channels=shapes.get("label_emb.0.0.weight", (0, 0))[1], **heads)
     try:
         for width in cfg.attention_widths:
             cfg.heads_for(width)
     except ValueError as e:
-        raise UnknownModelError(
-            f"UNet attention {e} (the official checkpoints' head layout); the head layout cannot be read from "
-            f"shapes: load this model from a diffusers folder or a file written by xldm (its header holds the config)"
-        ) from None
+        raise UnknownModelError(f"UNet attention {e} (the official checkpoints' head layout); the head layout cannot "
+                                f"be read from shapes: load this model from a diffusers folder or a file written by "
+                                f"xldm (its header holds the config)") from None
     return cfg
 
 
@@ -113,17 +109,14 @@ def detect_vae(shapes: Shapes, scaling_factor: float) -> VAEConfig:
     levels = _count_indexed(shapes, r"encoder\.down\.(\d+)\.")
     num_res_blocks = _count_indexed(shapes, r"encoder\.down\.0\.block\.(\d+)\.")
     ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
-    return VAEConfig(
-        in_channels=in_channels, out_channels=out_channels, z_channels=z, ch=ch, ch_mult=ch_mult,
-        num_res_blocks=num_res_blocks, scaling_factor=scaling_factor,
-    )
+    return VAEConfig(in_channels=in_channels, out_channels=out_channels, z_channels=z, ch=ch, ch_mult=ch_mult,
+                     num_res_blocks=num_res_blocks, scaling_factor=scaling_factor)
 
 
 def detect_text_encoder(shapes: Shapes, layout: str, base: TextEncoderConfig) -> TextEncoderConfig:
-    """TextEncoderConfig from one encoder's keys, in "hf" or "open_clip" layout.
-
-    `base` supplies what shapes cannot tell: activation, which layer feeds the UNet, padding id.
-    Head count is width / 64 for every released CLIP text tower (L: 12, H: 16, bigG: 20)."""
+    """TextEncoderConfig from one encoder's keys, in "hf" or "open_clip" layout.  `base` supplies what shapes cannot
+    tell: activation, which layer feeds the UNet, padding id.  Head count is width / 64 for every released CLIP text
+    tower (L: 12, H: 16, bigG: 20)."""
     if layout == "hf":
         shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
         try:
@@ -146,10 +139,8 @@ def detect_text_encoder(shapes: Shapes, layout: str, base: TextEncoderConfig) ->
     else:
         raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
     heads = width // 64 if width % 64 == 0 else base.heads
-    return replace(
-        base, width=width, layers=layers, heads=heads, intermediate_size=intermediate, vocab_size=vocab,
-        max_positions=positions, projection_dim=projection,
-    )
+    return replace(base, width=width, layers=layers, heads=heads, intermediate_size=intermediate, vocab_size=vocab,
+                   max_positions=positions, projection_dim=projection)
 
 
 def detect_kind(shapes: Shapes) -> str:
@@ -171,10 +162,9 @@ def detect_kind(shapes: Shapes) -> str:
             return "sdxl-refiner" if adm[1] == 2560 else "sdxl-base"
         ctx = [v for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
         return "sd21" if ctx and ctx[0][1] == 1024 else "sd15"
-    raise UnknownModelError(
-        "no known component prefix (model.diffusion_model., first_stage_model., conditioner.embedders., "
-        f"cond_stage_model.) among {len(shapes)} keys; first keys: {sorted(keys)[:5]}"
-    )
+    raise UnknownModelError("no known component prefix (model.diffusion_model., first_stage_model., "
+                            f"conditioner.embedders., cond_stage_model.) among {len(shapes)} keys; "
+                            f"first keys: {sorted(keys)[:5]}")
 
 
 def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | None:
@@ -203,10 +193,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> ModelConfig:
-    """ModelConfig of an original-layout single-file checkpoint, from key names and shapes.
-
-    Components that are absent from the file keep the family preset's config (so a UNet-only file
-    still says which VAE and text encoders it expects)."""
+    """ModelConfig of an original-layout single-file checkpoint, from key names and shapes; absent components keep
+    the family preset's config (so a UNet-only file still says which VAE and text encoders it expects)."""
     stored = config_from_metadata(metadata)
     if stored is not None:
         return stored
@@ -223,8 +211,6 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
     return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), micro_conditioning_dim=micro_dim)
 
 
-__all__ = [
-    "detect_config", "detect_kind", "detect_unet", "detect_vae", "detect_text_encoder", "is_ignorable",
-    "TEXT_ENCODER_LAYOUTS", "UNET_PREFIX", "VAE_PREFIX", "METADATA_KEY", "config_from_metadata",
-    "model_config_to_dict", "model_config_from_dict",
-]
+__all__ = ["detect_config", "detect_kind", "detect_unet", "detect_vae", "detect_text_encoder", "is_ignorable",
+           "TEXT_ENCODER_LAYOUTS", "UNET_PREFIX", "VAE_PREFIX", "METADATA_KEY", "config_from_metadata",
+           "model_config_to_dict", "model_config_from_dict"]

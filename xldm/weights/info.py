@@ -49,10 +49,8 @@ class ModelInfo:
             f"scale {cfg.vae.scaling_factor}",
         ]
         for i, te in enumerate(cfg.text_encoders):
-            out.append(
-                f"{text_encoder_name(cfg, i):<12}width {te.width}, {te.layers} layers, {te.heads} heads, "
-                f"{te.activation}, {te.layer} layer, projection {te.projection_dim or 'none'}"
-            )
+            out.append(f"{text_encoder_name(cfg, i):<12}width {te.width}, {te.layers} layers, {te.heads} heads, "
+                       f"{te.activation}, {te.layer} layer, projection {te.projection_dim or 'none'}")
         if cfg.micro_conditioning:
             out.append(f"conditioning {', '.join(cfg.micro_conditioning)} (Fourier {cfg.micro_conditioning_dim}-d each)")
         out += ["", f"{'component':<16}{'parameters':>16}{'tensors':>9}  dtypes"]
@@ -112,8 +110,7 @@ def preset_info(name: str) -> ModelInfo:
         modules = [("unet", UNet(config.unet)), ("vae", AutoencoderKL(config.vae))]
         modules += [(text_encoder_name(config, i), CLIPTextModel(te)) for i, te in enumerate(config.text_encoders)]
     for comp, module in modules:
-        entries = [(tuple(t.shape), t.dtype) for t in module.state_dict().values()]
-        info.components.append(_summarize(comp, entries))
+        info.components.append(_summarize(comp, [(tuple(t.shape), t.dtype) for t in module.state_dict().values()]))
     return info
 
 

@@ -32,20 +32,13 @@ from xldm.config import TextEncoderConfig
 
 # open_clip names -> HF names inside one residual block (open_clip transformer.py ResidualAttentionBlock;
 # HF CLIPEncoderLayer); the q/k/v split of in_proj is handled separately.
-_BLOCK_OPEN_CLIP_TO_HF = {
-    "ln_1": "layer_norm1",
-    "attn.out_proj": "self_attn.out_proj",
-    "ln_2": "layer_norm2",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
+_BLOCK_OPEN_CLIP_TO_HF = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+                          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _BLOCK_HF_TO_OPEN_CLIP = {hf: oc for oc, hf in _BLOCK_OPEN_CLIP_TO_HF.items()}
-_TOP_OPEN_CLIP_TO_HF = {
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight",
-    "ln_final.bias": "text_model.final_layer_norm.bias",
-}
+_TOP_OPEN_CLIP_TO_HF = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                        "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                        "ln_final.weight": "text_model.final_layer_norm.weight",
+                        "ln_final.bias": "text_model.final_layer_norm.bias"}
 _TOP_HF_TO_OPEN_CLIP = {hf: oc for oc, hf in _TOP_OPEN_CLIP_TO_HF.items()}
 # Keys of the open_clip text tower that have no HF counterpart and are dropped.
 _OPEN_CLIP_IGNORED = {"logit_scale", "attn_mask"}
@@ -76,11 +69,9 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict
             if cfg.projection_dim <= 0:
                 raise ValueError(f"{key} found, but the config has no projection (projection_dim=0)")
             if tuple(value.shape) != (w, cfg.projection_dim):
-                raise ValueError(
-                    f"{key}: expected shape {(w, cfg.projection_dim)} ([width, proj]), found {tuple(value.shape)}"
-                )
-            # open_clip applies x @ P; nn.Linear computes x @ W.T, so W = P.T (diffusers single_file_utils
-            # `convert_open_clip_checkpoint`).
+                raise ValueError(f"{key}: expected shape {(w, cfg.projection_dim)} ([width, proj]), "
+                                 f"found {tuple(value.shape)}")
+            # open_clip: x @ P, nn.Linear: x @ W.T; W = P.T (diffusers single_file_utils convert_open_clip_checkpoint)
             out["text_projection.weight"] = value.t().contiguous()
         elif (m := _OC_IN_PROJ.match(key)) is not None:
             layer, kind = int(m.group(1)), m.group(2)
@@ -160,21 +151,11 @@ def clip_hf_config(cfg: TextEncoderConfig) -> dict[str, Any]:
     with_projection = cfg.projection_dim > 0
     return {
         "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-        "hidden_act": cfg.activation,
-        "hidden_size": cfg.width,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": cfg.intermediate_size,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "max_position_embeddings": cfg.max_positions,
-        "num_attention_heads": cfg.heads,
-        "num_hidden_layers": cfg.layers,
-        "projection_dim": cfg.projection_dim if with_projection else cfg.width,
+        "model_type": "clip_text_model", "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 2,
+        "pad_token_id": 1, "hidden_act": cfg.activation, "hidden_size": cfg.width, "initializer_factor": 1.0,
+        "initializer_range": 0.02, "intermediate_size": cfg.intermediate_size, "layer_norm_eps": cfg.layer_norm_eps,
+        "max_position_embeddings": cfg.max_positions, "num_attention_heads": cfg.heads,
+        "num_hidden_layers": cfg.layers, "projection_dim": cfg.projection_dim if with_projection else cfg.width,
         "vocab_size": cfg.vocab_size,
     }
 
@@ -190,16 +171,11 @@ def clip_config_from_hf(d: dict[str, Any], **overrides: Any) -> TextEncoderConfi
     # transformers' CLIPTextConfig defaults apply to keys missing from the file (hidden_act quick_gelu, ...).
     activation = d.get("hidden_act", "quick_gelu")
     cfg = TextEncoderConfig(
-        width=int(d.get("hidden_size", 512)),
-        layers=int(d.get("num_hidden_layers", 12)),
-        heads=int(d.get("num_attention_heads", 8)),
-        intermediate_size=int(d.get("intermediate_size", 2048)),
-        vocab_size=int(d.get("vocab_size", 49408)),
-        max_positions=int(d.get("max_position_embeddings", 77)),
-        activation=activation,
-        projection_dim=int(d.get("projection_dim", 512)) if with_projection else 0,
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-        pad_token_id=0 if activation == "gelu" else 49407,
+        width=int(d.get("hidden_size", 512)), layers=int(d.get("num_hidden_layers", 12)),
+        heads=int(d.get("num_attention_heads", 8)), intermediate_size=int(d.get("intermediate_size", 2048)),
+        vocab_size=int(d.get("vocab_size", 49408)), max_positions=int(d.get("max_position_embeddings", 77)),
+        activation=activation, projection_dim=int(d.get("projection_dim", 512)) if with_projection else 0,
+        layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)), pad_token_id=0 if activation == "gelu" else 49407,
     )
     return replace(cfg, **overrides) if overrides else cfg
 

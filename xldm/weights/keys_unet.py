@@ -19,10 +19,8 @@ from xldm.config import UNetConfig
 T = TypeVar("T")
 
 # ResBlock inner names: sgm -> diffusers ResnetBlock2D (single_file_utils.update_unet_resnet_ldm_to_diffusers).
-_RESNET_ORIGINAL_TO_DIFFUSERS = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-    "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
-}
+_RESNET_ORIGINAL_TO_DIFFUSERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _RESNET_DIFFUSERS_TO_ORIGINAL = {v: k for k, v in _RESNET_ORIGINAL_TO_DIFFUSERS.items()}
 
 # SpatialTransformer inner names are identical in both layouts; these are the ones that exist.
@@ -39,19 +37,14 @@ _Block = tuple[str, str, str, int]
 
 def _blocks(cfg: UNetConfig) -> list[_Block]:
     """Every parameter-holding module of the UNet as (original, diffusers, kind, depth)."""
-    blocks: list[_Block] = [
-        ("time_embed.0", "time_embedding.linear_1", "plain", 0),
-        ("time_embed.2", "time_embedding.linear_2", "plain", 0),
-        ("input_blocks.0.0", "conv_in", "plain", 0),
-        ("out.0", "conv_norm_out", "plain", 0),
-        ("out.2", "conv_out", "plain", 0),
-    ]
+    blocks: list[_Block] = [("time_embed.0", "time_embedding.linear_1", "plain", 0),
+                            ("time_embed.2", "time_embedding.linear_2", "plain", 0),
+                            ("input_blocks.0.0", "conv_in", "plain", 0), ("out.0", "conv_norm_out", "plain", 0),
+                            ("out.2", "conv_out", "plain", 0)]
     if cfg.adm_in_channels > 0:
         # addition_embed_type="text_time" (SDXL); sgm label_emb.0 = Sequential(Linear, SiLU, Linear).
-        blocks += [
-            ("label_emb.0.0", "add_embedding.linear_1", "plain", 0),
-            ("label_emb.0.2", "add_embedding.linear_2", "plain", 0),
-        ]
+        blocks += [("label_emb.0.0", "add_embedding.linear_1", "plain", 0),
+                   ("label_emb.0.2", "add_embedding.linear_2", "plain", 0)]
     nr, last = cfg.num_res_blocks, cfg.num_levels - 1
     index = 1
     for level in range(cfg.num_levels):
@@ -64,11 +57,9 @@ def _blocks(cfg: UNetConfig) -> list[_Block]:
         if level != last:
             blocks.append((f"input_blocks.{index}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "plain", 0))
             index += 1
-    blocks += [
-        ("middle_block.0", "mid_block.resnets.0", "resnet", 0),
-        ("middle_block.1", "mid_block.attentions.0", "attention", cfg.transformer_depth_middle),
-        ("middle_block.2", "mid_block.resnets.1", "resnet", 0),
-    ]
+    blocks += [("middle_block.0", "mid_block.resnets.0", "resnet", 0),
+               ("middle_block.1", "mid_block.attentions.0", "attention", cfg.transformer_depth_middle),
+               ("middle_block.2", "mid_block.resnets.1", "resnet", 0)]
     # diffusers up block u is level (num_levels - 1 - u); it has nr + 1 resnets.
     for up in range(cfg.num_levels):
         depth = cfg.transformer_depth[last - up]
@@ -101,10 +92,8 @@ def _inner(rest: str, kind: str, depth: int, to_diffusers: bool) -> str | None:
 
 
 def _convert(sd: Mapping[str, T], cfg: UNetConfig, to_diffusers: bool) -> dict[str, T]:
-    prefixes = {}
-    for original, diffusers, kind, depth in _blocks(cfg):
-        source, target = (original, diffusers) if to_diffusers else (diffusers, original)
-        prefixes[source] = (target, kind, depth)
+    prefixes = {(o if to_diffusers else d): (d if to_diffusers else o, kind, depth)
+                for o, d, kind, depth in _blocks(cfg)}
     out: dict[str, T] = {}
     unmapped = []
     for key, value in sd.items():
@@ -268,6 +257,5 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     )
 
 
-__all__ = [
-    "unet_original_to_diffusers", "unet_diffusers_to_original", "unet_diffusers_config", "unet_config_from_diffusers",
-]
+__all__ = ["unet_original_to_diffusers", "unet_diffusers_to_original", "unet_diffusers_config",
+           "unet_config_from_diffusers"]

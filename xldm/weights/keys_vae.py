@@ -56,9 +56,8 @@ def vae_module_pairs(cfg: VAEConfig) -> list[tuple[str, str]]:
     width_in = cfg.ch
     for i in range(levels):
         for j in range(cfg.num_res_blocks):
-            pairs += _resblock_pairs(
-                f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", width_in != widths[i]
-            )
+            pairs += _resblock_pairs(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
+                                     width_in != widths[i])
             width_in = widths[i]
         if i != levels - 1:
             pairs.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
@@ -68,9 +67,8 @@ def vae_module_pairs(cfg: VAEConfig) -> list[tuple[str, str]]:
     for i in reversed(range(levels)):
         up_block = levels - 1 - i
         for j in range(cfg.num_res_blocks + 1):
-            pairs += _resblock_pairs(
-                f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up_block}.resnets.{j}", width_in != widths[i]
-            )
+            pairs += _resblock_pairs(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up_block}.resnets.{j}",
+                                     width_in != widths[i])
             width_in = widths[i]
         if i != 0:
             pairs.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up_block}.upsamplers.0.conv"))
@@ -128,26 +126,14 @@ def vae_diffusers_config(cfg: VAEConfig, sample_size: int = 1024) -> dict[str, A
     the VAE was trained for, 1024 for SDXL, 512 for SD 1.x, and only affects diffusers' tiling)."""
     levels = len(cfg.ch_mult)
     return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "latent_channels": cfg.z_channels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": [_DOWN_BLOCK] * levels,
-        "up_block_types": [_UP_BLOCK] * levels,
-        "norm_num_groups": cfg.norm_groups,
-        "act_fn": "silu",
-        "sample_size": sample_size,
-        "scaling_factor": cfg.scaling_factor,
-        "shift_factor": None,
-        "latents_mean": None,
-        "latents_std": None,
+        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "latent_channels": cfg.z_channels, "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks, "down_block_types": [_DOWN_BLOCK] * levels,
+        "up_block_types": [_UP_BLOCK] * levels, "norm_num_groups": cfg.norm_groups, "act_fn": "silu",
+        "sample_size": sample_size, "scaling_factor": cfg.scaling_factor, "shift_factor": None,
+        "latents_mean": None, "latents_std": None,
         # The SDXL VAE overflows in fp16; diffusers upcasts it to fp32 when this is set (AutoencoderKL `force_upcast`).
-        "force_upcast": True,
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
-        "mid_block_add_attention": True,
+        "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
     }
 
 
@@ -160,28 +146,15 @@ def vae_config_from_diffusers(d: dict[str, Any]) -> VAEConfig:
         found = list(d.get(key, (block,)))
         if found != [block] * levels:
             raise ValueError(f"{key}: expected {[block] * levels}, found {found}")
-    unsupported = {
-        "act_fn": ("silu", d.get("act_fn", "silu")),
-        "use_quant_conv": (True, d.get("use_quant_conv", True)),
-        "use_post_quant_conv": (True, d.get("use_post_quant_conv", True)),
-        "mid_block_add_attention": (True, d.get("mid_block_add_attention", True)),
-        "shift_factor": (None, d.get("shift_factor")),
-        "latents_mean": (None, d.get("latents_mean")),
-        "latents_std": (None, d.get("latents_std")),
-    }
-    for key, (expected, found) in unsupported.items():
-        if found != expected:
+    unsupported = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+                   "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+    for key, expected in unsupported.items():
+        if (found := d.get(key, expected)) != expected:
             raise ValueError(f"{key}: expected {expected!r}, found {found!r}")
     ch = block_out[0]
     if any(w % ch for w in block_out):
         raise ValueError(f"block_out_channels {block_out} are not all multiples of the first ({ch})")
-    return VAEConfig(
-        in_channels=d.get("in_channels", 3),
-        out_channels=d.get("out_channels", 3),
-        z_channels=d.get("latent_channels", 4),
-        ch=ch,
-        ch_mult=tuple(w // ch for w in block_out),
-        num_res_blocks=d.get("layers_per_block", 1),
-        norm_groups=d.get("norm_num_groups", 32),
-        scaling_factor=float(d.get("scaling_factor", 0.18215)),
-    )
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
+                     z_channels=d.get("latent_channels", 4), ch=ch, ch_mult=tuple(w // ch for w in block_out),
+                     num_res_blocks=d.get("layers_per_block", 1), norm_groups=d.get("norm_num_groups", 32),
+                     scaling_factor=float(d.get("scaling_factor", 0.18215)))

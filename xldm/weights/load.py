@@ -117,16 +117,9 @@ def _part(ckpt: Checkpoint, prefix: str, dtype, device, ignorable=is_ignorable) 
     return {k[len(prefix):]: torch.empty(ckpt.shape(k), device="meta") for k in keys}, read
 
 
-
-def load_single_file(
-    path: str | os.PathLike,
-    *,
-    components: Iterable[str] | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    allow_pickle: bool = False,
-    config: ModelConfig | None = None,
-) -> Components:
+def load_single_file(path: str | os.PathLike, *, components: Iterable[str] | None = None,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                     allow_pickle: bool = False, config: ModelConfig | None = None) -> Components:
     """Load an original-layout checkpoint (sgm / ldm single file: `model.diffusion_model.` ...)."""
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     keys = list(ckpt.keys())
@@ -246,15 +239,9 @@ def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
                    micro_conditioning_dim=unet_json.get("addition_time_embed_dim") or preset.micro_conditioning_dim)
 
 
-def load_diffusers(
-    folder: str | os.PathLike,
-    *,
-    components: Iterable[str] | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    allow_pickle: bool = False,
-    variant: str | None = None,
-) -> Components:
+def load_diffusers(folder: str | os.PathLike, *, components: Iterable[str] | None = None,
+                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                   allow_pickle: bool = False, variant: str | None = None) -> Components:
     """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder*/)."""
     from xldm.weights.keys_unet import unet_diffusers_to_original
     from xldm.weights.keys_vae import vae_diffusers_to_original
@@ -279,18 +266,11 @@ def load_diffusers(
     return result
 
 
-def load_model(
-    path: str | os.PathLike,
-    *,
-    components: Iterable[str] | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    allow_pickle: bool = False,
-) -> Components:
-    """Load a single-file checkpoint or a diffusers folder, whichever `path` is.
-
-    `components`: any of "unet", "vae", "text_encoders" (default: all the source has).
-    `dtype`: cast floating weights as they are read (default: keep the file's dtype)."""
+def load_model(path: str | os.PathLike, *, components: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None, allow_pickle: bool = False) -> Components:
+    """Load a single-file checkpoint or a diffusers folder, whichever `path` is.  `components`: any of "unet", "vae",
+    "text_encoders" (default: all the source has).  `dtype`: cast floating weights as they are read (default: keep
+    the file's dtype)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -301,27 +281,19 @@ def load_model(
     return load_single_file(path, components=components, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
 
-def load_vae(
-    path: str | os.PathLike,
-    *,
-    scaling_factor: float | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    allow_pickle: bool = False,
-):
-    """Load a VAE on its own: a bare VAE file (`encoder.*`, `decoder.*`, as `sdxl_vae.safetensors`),
-    a full single file (its `first_stage_model.*`), or a diffusers `vae/` folder (config.json).
-
-    `scaling_factor` overrides the latent scale (SDXL 0.13025, SD 1.x/2.x 0.18215); by default it comes
-    from the diffusers config or the detected model family (bare files: SDXL's)."""
+def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None, allow_pickle: bool = False):
+    """Load a VAE on its own: a bare VAE file (`encoder.*`, `decoder.*`, as `sdxl_vae.safetensors`), a full single
+    file (its `first_stage_model.*`), or a diffusers `vae/` folder (config.json).  `scaling_factor` overrides the
+    latent scale (SDXL 0.13025, SD 1.x/2.x 0.18215); by default it comes from the diffusers config or the detected
+    model family (bare files: SDXL's)."""
     from xldm.config import SDXL_VAE
     from xldm.weights.keys_vae import vae_config_from_diffusers, vae_diffusers_to_original
 
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").exists():
-            return load_diffusers(path, components=["vae"], dtype=dtype, device=device,
-                                  allow_pickle=allow_pickle).vae
+            return load_diffusers(path, components=["vae"], dtype=dtype, device=device, allow_pickle=allow_pickle).vae
         vae_cfg = vae_config_from_diffusers(_read_json(path, "config.json"))
         weights = component_weights(path, ".", base=WEIGHT_NAMES["vae"])
         header, read = _part(open_checkpoint(weights, allow_pickle=allow_pickle), "", dtype, device, lambda k: False)
