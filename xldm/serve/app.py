@@ -92,6 +92,27 @@ def _host_only(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why a parsed JSON body is refused (nested too deep, a string that is no valid UTF-8), or None."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone surrogate (\\ud800-\\udfff), not valid UTF-8"
+        elif isinstance(item, (dict, list)):
+            if depth > max_depth:
+                return f"nested deeper than {max_depth} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
 class RequestGuard:
     """Pure ASGI middleware: host, origin, API key and body checks before the app sees a request."""
 
@@ -128,9 +149,11 @@ class RequestGuard:
             content_type = headers.get("content-type", "")
             if body and ("json" in content_type or not content_type):
                 try:
-                    json.loads(body, parse_constant=_refuse_constant)
+                    parsed = json.loads(body, parse_constant=_refuse_constant)
                 except (ValueError, RecursionError) as e:
                     return await _reply(scope, receive, send, 400, f"malformed JSON: {str(e)[:200]}")
+                if (problem := _json_problem(parsed)) is not None:
+                    return await _reply(scope, receive, send, 400, f"malformed JSON: {problem}")
             unread = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
             async def replay():  # the body once, then whatever the server sends next (a disconnect)
@@ -165,6 +188,7 @@ class Plan:
     refiner: str | None
     n_iter: int
     save: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # override_settings the server keeps once queued
 
 
 @dataclass
@@ -222,10 +246,10 @@ class Server:
 
     def plan(self, body: GenerationBase, init_image: Image.Image | None = None,
              mask: Image.Image | None = None) -> Plan:
-        options = dict(self.options)
-        if body.override_settings:
+        options, keep = dict(self.options), {}
+        if body.override_settings:  # kept by the server only once the job is queued (`generate`)
             self.apply_settings(body.override_settings, options,
-                                *(() if body.override_settings_restore_afterwards else (self.options,)))
+                                *(() if body.override_settings_restore_afterwards else (keep,)))
         model = options["sd_model_checkpoint"]
         refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
             else None
@@ -255,8 +279,12 @@ class Server:
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
                 long_prompts="chunk", weighting=True,
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
+        low, high = self.limits.min_side, self.limits.max_side
+        if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size
+            raise HTTPException(422, f"size {request.width}x{request.height} is outside the allowed sides "
+                                     f"[{low}, {high}]; give width and height to resize the image")
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
-        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None)
+        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep)
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
         pipe = self.store.pipeline(plan.model, plan.refiner)
@@ -288,6 +316,7 @@ class Server:
                                     preview_kind=self.store.entries[plan.model].kind)
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        self.options.update(plan.settings)
         try:
             with _unprocessable():
                 outcome: Outcome = await asyncio.wrap_future(job.future)

@@ -118,6 +118,14 @@ class Job:
         self.step = self.stage_steps = 0
 
 
+def _cpu_out_of_memory(error: BaseException) -> bool:
+    """A RuntimeError from torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory: ...")."""
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error).lower()
+    return "can't allocate memory" in message or "not enough memory" in message
+
+
 class JobQueue:
     """A bounded FIFO of jobs run by one worker thread."""
 
@@ -177,7 +185,7 @@ class JobQueue:
     @staticmethod
     def _describe(job: Job, error: BaseException) -> BaseException:
         """The exception to hand to the waiting request, holding no frames (so no tensors) of the job."""
-        if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or _cpu_out_of_memory(error):
             log.warning("job %d ran out of memory: %s", job.id, str(error))  # str: a record keeps no frames
             return OutOfMemory(f"out of memory during job {job.id} ({type(error).__name__}); "
                                f"try a smaller size or batch")

@@ -95,15 +95,19 @@ def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Ima
     if not isinstance(text, str) or not text:
         raise ValueError(f"{what}: expected a base64-encoded image")
     head = text[:16].lower()
-    if head.startswith(("http:", "https:", "file:", "ftp:", "/", "\\", ".", "~")) or re.match(r"^[a-z]:[\\/]", head):
-        raise ValueError(f"{what}: URLs and paths are not accepted; send the image itself, base64-encoded")
+    refused = f"{what}: URLs and paths are not accepted; send the image itself, base64-encoded"
+    # ":" is no base64 character, so a URL or a drive path can be refused before decoding; "/" is one (a raw
+    # base64 JPEG starts "/9j/"), so a text that only looks like a path is refused once it fails to decode
+    if head.startswith(("http:", "https:", "file:", "ftp:")) or re.match(r"^[a-z]:[\\/]", head):
+        raise ValueError(refused)
+    path_like = head.startswith(("/", "\\", ".", "~"))
     text = _DATA_URL.sub("", text, count=1)
     if len(text) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
         raise ValueError(f"{what}: larger than {limits.max_image_bytes} bytes")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"{what}: not valid base64") from None
+        raise ValueError(refused if path_like else f"{what}: not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))  # anything else is refused
         width, height = image.size
@@ -111,6 +115,8 @@ def decode_image(text: str, what: str = "image", limits: Limits = LIMITS) -> Ima
             raise ValueError(f"{what}: {width}x{height} has more than {limits.max_image_pixels} pixels")
         image.load()
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        if path_like:
+            raise ValueError(refused) from None
         raise ValueError(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
     return image
 
