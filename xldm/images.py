@@ -95,4 +95,5 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-__all__ = ["open_image", "to_rgb", "image_size", "round_to_multiple", "image_to_tensor", "mask_to_tensor", "tensor_to_images"]
+__all__ = ["image_size", "image_to_tensor", "mask_to_tensor", "open_image", "round_to_multiple", "tensor_to_images",
+           "to_rgb"]
