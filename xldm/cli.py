@@ -60,8 +60,67 @@ def number_list(kind, separator: str = ",", length: int | None = None, expected:
     return parse
 
 
-_size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768")
-_crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0")
+MAX_SIDE = 16384  # largest width/height/crop value accepted on the command line (pixels)
+
+
+def _bounded(parse, low: int, what: str):
+    """Wrap an argparse number-tuple type: every value must be in [low, MAX_SIDE]."""
+
+    def check(text: str):
+        values = parse(text)
+        if any(not low <= v <= MAX_SIDE for v in values):
+            raise argparse.ArgumentTypeError(f"{what} values must be in [{low}, {MAX_SIDE}], got {text!r}")
+        return values
+
+    return check
+
+
+def _side(text: str) -> int:
+    """An argparse type for --width / --height: an integer in [1, MAX_SIDE]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_SIDE}], got {text!r}")
+    return value
+
+
+_size = _bounded(number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768"), 1, "size")
+_crop = _bounded(number_list(int, ",", 2, "TOP,LEFT such as 0,0"), 0, "crop")
+
+
+def check_output_paths(paths: list[str]) -> None:
+    """Before any work: each output's folder exists and is a folder, and no output is itself a folder."""
+    import os
+
+    for path in paths:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(parent):
+            raise ValueError(f"--out {path}: the folder {parent} does not exist")
+        if not os.path.isdir(parent):
+            raise ValueError(f"--out {path}: {parent} is not a folder")
+        if os.path.isdir(path):
+            raise ValueError(f"--out {path}: is a folder; give a file name such as {os.path.join(path, 'out.png')}")
+
+
+def check_device(device: str | None) -> None:
+    """Before any loading: `device` parses as a torch device and, for cuda/mps, the backend is available."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda, cuda:1, mps ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
 
 
 def _progress_bars():
@@ -93,6 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
+    check_output_paths(_output_paths(args.out, max(args.batch, 1)))
+    check_device(args.device)
     if args.cascade:
         return cmd_generate_cascade(args)
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
@@ -209,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     gen.add_argument("--seed", type=int, default=None, help="image i of a batch uses seed + i (default: random)")
-    gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
-    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=_side, default=None, help="multiple of 8 (default: the model's native size)")
+    gen.add_argument("--height", type=_side, default=None)
     gen.add_argument("--sampler", default="euler", metavar="NAME",
                      help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | ddim | unipc")
     gen.add_argument("--original-size", type=_size, default=None, metavar="WxH")

@@ -35,6 +35,26 @@ def round_to_multiple(width: int, height: int, multiple: int = 8) -> tuple[int, 
     return width - width % multiple, height - height % multiple
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for the pipeline: 16-bit greyscale scaled by 255/65535 (Pillow's convert would clip it to white),
+    transparency composited onto white (not dropped to black), other modes `.convert("RGB")`.  Float images
+    (mode "F") have no defined scale: ValueError naming the mode."""
+    mode = image.mode
+    if mode == "F":
+        raise ValueError(f"image mode {mode!r} (floating point) is not supported; save the image as 8- or 16-bit")
+    if mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _resize(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.resize((width, height), resample=Image.Resampling.LANCZOS)
 
@@ -48,7 +68,7 @@ def image_to_tensor(image: Image.Image | torch.Tensor, width: int, height: int) 
         if (found := image_size(image)) != (width, height):
             raise ValueError(f"image tensor is {found[0]}x{found[1]}, expected {width}x{height}")
         return image.float() * 2 - 1
-    array = np.asarray(_resize(image, width, height).convert("RGB")).astype(np.float32) / 255.0
+    array = np.asarray(_resize(to_rgb(image), width, height)).astype(np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
 
 
@@ -75,4 +95,5 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-__all__ = ["open_image", "image_size", "round_to_multiple", "image_to_tensor", "mask_to_tensor", "tensor_to_images"]
+__all__ = ["image_size", "image_to_tensor", "mask_to_tensor", "open_image", "round_to_multiple", "tensor_to_images",
+           "to_rgb"]

@@ -112,6 +112,13 @@ def _where_not_finite(t: torch.Tensor) -> str:
             f"first at (item, channel, y, x) = {tuple(first)} of shape {tuple(t.shape)}")
 
 
+def _advice(dtype: torch.dtype) -> str:
+    """What to try after a non-finite result computed in `dtype`: more precision only helps below float32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "try --dtype fp32, a lower --cfg, or check the model weights"
+    return "already in float32, so more precision will not help: lower --cfg or check the model weights"
+
+
 def _decode(vae: AutoencoderKL, latents: torch.Tensor, tile: bool | int | None, overlap: int | None) -> torch.Tensor:
     height, width = latents.shape[-2:]
     if tile is None:
@@ -136,13 +143,14 @@ def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | in
     where, when the latents are not finite (a diverged sampler: no decode can fix that) or the float32 decode is not."""
     if not latents_are_finite(latents):
         raise NonFiniteError(f"the latents to decode are not finite (the sampler diverged): "
-                             f"{_where_not_finite(latents)}")
+                             f"{_where_not_finite(latents)}; {_advice(latents.dtype)}")
     dtype = next(vae.parameters()).dtype
     image = _decode(vae, latents.to(dtype), tile, overlap)
     if latents_are_finite(image):
         return image
     if dtype not in (torch.float16, torch.bfloat16):
-        raise NonFiniteError(f"VAE decode in {dtype} produced non-finite values: {_where_not_finite(image)}")
+        raise NonFiniteError(f"VAE decode in {dtype} produced non-finite values: {_where_not_finite(image)}; "
+                             f"{_advice(dtype)}")
 
     warnings.warn(f"VAE decode in {dtype} produced non-finite values ({_where_not_finite(image)}); decoding again "
                   "in float32 (the SDXL VAE overflows in float16; an fp16-fixed VAE avoids this retry)",
@@ -157,7 +165,7 @@ def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | in
             t.data = t.data.to(original[name])
     if not latents_are_finite(image):
         raise NonFiniteError(f"VAE decode produced non-finite values in {dtype} and again in float32: "
-                             f"{_where_not_finite(image)}")
+                             f"{_where_not_finite(image)}; {_advice(torch.float32)}")
     return image
 
 

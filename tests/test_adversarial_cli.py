@@ -1,0 +1,116 @@
+"""Hostile command-line input to `xldm generate`: each is a one-line error before any work, never a traceback
+(bad --out paths, bad --device, out-of-range crops and sizes), plus non-finite advice that fits the dtype and
+init images whose 16-bit greyscale or transparency must survive the conversion to RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xldm.cli import main as cli_main
+from xldm.config import TINY_VAE
+from xldm.errors import NonFiniteError
+from xldm.models.vae import AutoencoderKL
+
+PROMPT = "a red heart"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def generate(tmp_path, *flags):
+    """`xldm generate` with a model that does not exist: anything that gets as far as loading fails differently."""
+    missing = tmp_path / "does-not-exist.safetensors"
+    return cli_main(["generate", PROMPT, "--model", str(missing), "--steps", "2", *flags])
+
+
+def files_in(folder) -> list:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("out, message", [
+    ("no-such-folder/x.png", "does not exist"),
+    (".", "is a folder"),
+])
+def test_bad_out_path_is_refused_before_any_work(tmp_path, capsys, out, message):
+    target = tmp_path / out
+    assert generate(tmp_path, "--out", str(target)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xldm: error: --out") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert files_in(tmp_path) == []  # nothing written, not even a temporary file
+
+
+def test_bad_device_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x.png"
+    assert generate(tmp_path, "--device", "nonsense", "--out", str(out)) == 2
+    assert "--device 'nonsense' is not a device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate(tmp_path, "--device", "cuda", "--out", str(out)) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--crop-top-left=-5,99999"], "crop values must be in [0, 16384]"),
+    (["--crop-top-left", "0,20000"], "crop values must be in [0, 16384]"),
+    (["--original-size", "0x512"], "size values must be in [1, 16384]"),
+    (["--target-size", "512x99999"], "size values must be in [1, 16384]"),
+    (["--width", "-64"], "must be in [1, 16384]"),
+    (["--height", "99999"], "must be in [1, 16384]"),
+])
+def test_out_of_range_crops_and_sizes_are_argparse_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate(tmp_path, *flags, "--out", str(tmp_path / "x.png"))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_decode_in_float32_does_not_advise_fp32():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE).eval()
+    from xldm.vae_tiling import decode_checked
+
+    huge = torch.full((1, 4, 8, 8), 1e30)  # finite latents that overflow the decoder, as --cfg 1e30 gives
+    with pytest.raises(NonFiniteError) as error:
+        decode_checked(vae, huge)
+    message = str(error.value)
+    assert "float32" in message and "lower --cfg" in message and "--dtype fp32" not in message
+    latents = torch.full((1, 4, 8, 8), float("inf"))
+    with pytest.raises(NonFiniteError, match="lower --cfg") as error:
+        decode_checked(vae, latents)
+    assert "--dtype fp32" not in str(error.value)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16L", "I;16B", "I"])
+def test_sixteen_bit_greyscale_init_image_is_scaled_not_clipped(mode):
+    from xldm.images import image_to_tensor, to_rgb
+
+    values = np.array([[0, 32768, 65535, 1000]], dtype=np.uint16 if mode != "I" else np.int32)
+    image = Image.fromarray(values.astype(np.int32), "I").convert(mode) if mode != "I" else Image.fromarray(values)
+    assert image.mode == mode
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb)[0, :, 0].tolist() == [0, 128, 255, 4]
+    tensor = image_to_tensor(image, 4, 1)
+    assert tensor.shape == (1, 3, 1, 4) and float(tensor[0, 0, 0, 1]) == pytest.approx(128 / 255 * 2 - 1, abs=0.05)
+
+
+def test_transparency_is_composited_onto_white_and_float_images_are_refused():
+    from xldm.images import image_to_tensor, to_rgb
+
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(clear)).min() == 255
+    assert np.asarray(to_rgb(Image.new("LA", (8, 8), (0, 0)))).min() == 255
+    assert np.asarray(to_rgb(Image.new("PA", (8, 8), (0, 0)))).min() == 255
+    palette = Image.new("P", (8, 8), 0)
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette)).min() == 255
+    assert float(image_to_tensor(clear, 8, 8).min()) == pytest.approx(1.0)
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert np.asarray(to_rgb(half))[0, 0].tolist() == [127, 127, 127]
+    assert np.asarray(to_rgb(Image.new("L", (2, 2), 7)))[0, 0].tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="'F'"):
+        to_rgb(Image.new("F", (4, 4), 0.5))
+    with pytest.raises(ValueError, match="'F'"):
+        image_to_tensor(Image.new("F", (4, 4), 0.5), 4, 4)
