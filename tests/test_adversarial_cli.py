@@ -82,6 +82,18 @@ def test_non_finite_decode_in_float32_does_not_advise_fp32():
     assert "--dtype fp32" not in str(error.value)
 
 
+def test_non_finite_sampling_in_float32_does_not_advise_fp32():
+    from tiny_models import random_components
+    from xldm.config import TINY_SDXL_BASE
+    from xldm.pipeline import Pipeline
+
+    pipe = Pipeline(random_components(TINY_SDXL_BASE), dtype=torch.float32, device="cpu")
+    with pytest.raises(NonFiniteError) as error:
+        pipe("red heart", steps=2, cfg=1e30, seed=1, width=64, height=64)
+    message = str(error.value)
+    assert "produced NaN/inf" in message and "lower --cfg" in message and "--dtype fp32" not in message
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I;16L", "I;16B", "I"])
 def test_sixteen_bit_greyscale_init_image_is_scaled_not_clipped(mode):
     from xldm.images import image_to_tensor, to_rgb

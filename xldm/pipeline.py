@@ -227,8 +227,10 @@ def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sam
         out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook)
     if not torch.isfinite(out).all():
         bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
+        advice = "lower --cfg or check the model weights (more precision will not help: this is float32)" \
+            if out.dtype == torch.float32 else "try --dtype fp32, a lower --cfg, or check the model weights"
         raise NonFiniteError(f"{name}: sampling ({sampler}, {len(schedule)} steps, {out.dtype}) produced NaN/inf "
-                             f"for batch item(s) {bad}; try --dtype fp32 or bf16")
+                             f"for batch item(s) {bad}; {advice}")
     return out
 
 
