@@ -204,8 +204,7 @@ def tokenize_captions(captions: list[str], encoders: tuple[TextEncoderConfig, ..
 def trim_ids(ids: torch.Tensor) -> torch.Tensor:
     """Drop the padding columns after the last EOS of the batch: with causal attention the pooled (EOS) output
     never sees later positions, so this is exact for the pooled vector and saves most of the 77 positions."""
-    length = int(ids.argmax(dim=1).max()) + 1
-    return ids[:, :length]
+    return ids[:, :int(ids.argmax(dim=1).max()) + 1]
 
 
 def batch_indices(num: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -299,11 +298,10 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
 
     checkpoint = open_checkpoint(path)
     meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
-    state = checkpoint.tensors()
     encoders = tuple(TextEncoderConfig(**te) for te in meta["encoders"])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
     model = ContrastiveModel(encoders, tower)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(checkpoint.tensors(), strict=True)
     return model.eval()
 
 

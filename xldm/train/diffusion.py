@@ -113,13 +113,9 @@ def build_model(config: TrainConfig) -> Components:
     torch.manual_seed(config.seed)  # the same random init in every process (DDP also broadcasts rank 0's)
     diffusion = config.task == "diffusion"
     unet = loaded.unet if loaded and loaded.unet is not None else UNet(mc.unet) if diffusion else None
-    vae = None
-    if mc.vae is not None:
-        vae = loaded.vae if loaded and loaded.vae is not None else AutoencoderKL(mc.vae)
-    encoders: tuple = ()
-    if diffusion:
-        encoders = loaded.text_encoders if loaded and loaded.text_encoders else tuple(
-            CLIPTextModel(te) for te in mc.text_encoders)
+    vae = None if mc.vae is None else loaded.vae if loaded and loaded.vae is not None else AutoencoderKL(mc.vae)
+    encoders = () if not diffusion else loaded.text_encoders if loaded and loaded.text_encoders else tuple(
+        CLIPTextModel(te) for te in mc.text_encoders)
     model = Components(config=mc, unet=unet, vae=vae, text_encoders=tuple(encoders))
     for module in model.modules().values():
         module.float().requires_grad_(False).eval()
@@ -138,16 +134,12 @@ def build(config: TrainConfig, procs: parallel.Processes, model: Components | No
     if config.train_text_encoders:
         trainable.update({name: module.requires_grad_(True).train() for name, module in model.modules().items()
                           if name.startswith("text_encoder")})
-    if parallel.uses_fsdp(config, procs):  # in place: its parameters become DTensor shards
-        forward = {"unet": parallel.shard_unet(unet, procs, config.mixed_precision)}
-    else:
-        forward = {"unet": parallel.wrap_ddp(unet, procs)}
+    forward = {"unet": parallel.shard_unet(unet, procs, config.mixed_precision) if parallel.uses_fsdp(config, procs)
+               else parallel.wrap_ddp(unet, procs)}  # FSDP: in place, its parameters become DTensor shards
     params = [p for m in trainable.values() for p in m.parameters()]
-    run = Run(config=config, procs=procs, model=model, trainable=trainable, forward=forward,
-              optimizer=make_optimizer(config, params), denoiser=Denoiser(model.config.prediction_type),
-              tokenizers=model.tokenizers())
-    run.cache = open_cache(config, model, procs.device)
-    return run
+    return Run(config=config, procs=procs, model=model, trainable=trainable, forward=forward,
+               optimizer=make_optimizer(config, params), denoiser=Denoiser(model.config.prediction_type),
+               tokenizers=model.tokenizers(), cache=open_cache(config, model, procs.device))
 
 
 def batches(config: TrainConfig, procs: parallel.Processes):

@@ -108,12 +108,6 @@ class TrainResult:
     skipped_steps: int
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, data=None,
           on_step: Callable[[int, Run], None] | None = None) -> TrainResult:
     """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.
@@ -144,7 +138,9 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     task = TASKS[config.task]
     run = task.build(config, procs, None)
     data = data if data is not None else task.batches(config, procs)
-    _seed_everything(config.seed + procs.rank)
+    random.seed(config.seed + procs.rank)
+    np.random.seed((config.seed + procs.rank) % 2**32)
+    torch.manual_seed(config.seed + procs.rank)
     start = 0
     if resume and (found := ckpt.load_latest(checkpoints)) is not None:
         path, tensors, state = found
@@ -171,8 +167,7 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
         if result.applied:
             streak = 0
         else:
-            streak += 1
-            skipped += 1
+            streak, skipped = streak + 1, skipped + 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({result.loss}); step skipped, weights "
                           f"unchanged", RuntimeWarning, stacklevel=2)
             if streak >= config.max_nonfinite_steps:

@@ -87,11 +87,9 @@ def shard_unet(unet: nn.Module, procs: Processes, mixed_precision: str) -> nn.Mo
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(procs.device.type, (procs.world_size,))
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16" and procs.device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    for block in blocks:
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" and procs.device.type == "cuda" else MixedPrecisionPolicy())
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(unet, mesh=mesh, mp_policy=policy)
     return unet
@@ -132,8 +130,7 @@ def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rows [start, end) of a dim-0 size n that `rank` holds under Shard(0): torch.chunk semantics (FSDP2,
     DTensor), i.e. ceil(n / world) rows per rank, the last ones possibly short or empty."""
     chunk = -(-n // world)
-    start = min(n, rank * chunk)
-    return start, min(n, start + chunk)
+    return min(n, rank * chunk), min(n, rank * chunk + chunk)
 
 
 def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out: dict) -> None:
@@ -141,13 +138,8 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out
     (padded to the longest process's length); rank 0 cuts the pieces back out and stacks each tensor's rows."""
     world = procs.world_size
     mesh = bucket[0][1].device_mesh
-    sizes = []
-    for r in range(world):
-        row = []
-        for _, t in bucket:
-            start, end = _rows(t.shape[0], world, r)
-            row.append((end - start) * (t.shape.numel() // max(t.shape[0], 1)))
-        sizes.append(row)
+    sizes = [[(end - start) * (t.shape.numel() // max(t.shape[0], 1))
+              for _, t in bucket for start, end in [_rows(t.shape[0], world, r)]] for r in range(world)]
     local = torch.cat([t._local_tensor.reshape(-1) for _, t in bucket])  # (to_local() without autograd)
     if local.numel() != sum(sizes[procs.rank]):
         raise RuntimeError("FSDP shard sizes do not follow torch.chunk semantics; cannot gather the checkpoint")

@@ -89,8 +89,7 @@ def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     """ldm `calculate_adaptive_weight`: balance the adversarial gradient against the reconstruction one."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
-    return weight * disc_weight
+    return torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * disc_weight
 
 
 def build(config: TrainConfig, procs: parallel.Processes, model: Components | None = None) -> Run:
