@@ -95,14 +95,11 @@ def _collate(items: Sequence[_Item]) -> dict:
     def pairs(name: str) -> torch.Tensor:
         return torch.tensor([getattr(item, name) for item in items], dtype=torch.int64)
 
-    return {
-        "pixels": (pixels / 255.0 * 2.0 - 1.0).contiguous(),  # as xldm.images.image_to_tensor: x / 255 * 2 - 1
-        "captions": [item.caption for item in items],
-        "original_size": pairs("original_size"), "crop_top_left": pairs("crop_top_left"),
-        "target_size": pairs("target_size"),
-        "aesthetic_score": torch.tensor([item.aesthetic_score for item in items], dtype=torch.float32),
-        "keys": [item.key for item in items],
-    }
+    return {"pixels": (pixels / 255.0 * 2.0 - 1.0).contiguous(),  # as xldm.images.image_to_tensor: x / 255 * 2 - 1
+            "captions": [item.caption for item in items], "original_size": pairs("original_size"),
+            "crop_top_left": pairs("crop_top_left"), "target_size": pairs("target_size"),
+            "aesthetic_score": torch.tensor([item.aesthetic_score for item in items], dtype=torch.float32),
+            "keys": [item.key for item in items]}
 
 
 def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
@@ -112,30 +109,29 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
 class TrainingBatches:
     """Batches of one bucket each, in an order fixed by (seed, epoch), sharded over ranks, resumable exactly.
 
-    **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples
-    (in sorted key order) are shuffled, cut into *global* batches of `world_size * batch_size` rows, and the list
-    of global batches is shuffled.  Every rank builds the same list and takes rows `[r * batch_size, (r + 1) *
-    batch_size)` of each global batch, so the ranks' batches are disjoint, cover the epoch, and concatenated in
-    rank order equal the batches of one process with batch `world_size * batch_size` and the same seed, crops
-    included: row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's
-    leftover samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling
-    the bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
-    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks
-    and the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen):
-    resuming gives exactly the batches of the uninterrupted run; the world size may change on resume as long as
-    `world_size * batch_size` does not.
+    **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples (in
+    sorted key order) are shuffled, cut into *global* batches of `world_size * batch_size` rows, and the list of
+    global batches is shuffled.  Every rank builds the same list and takes rows `[r * batch_size, (r + 1) *
+    batch_size)` of each global batch, so the ranks' batches are disjoint, cover the epoch, and concatenated in rank
+    order equal the batches of one process with batch `world_size * batch_size` and the same seed, crops included:
+    row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover
+    samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling the
+    bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
+    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks and
+    the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen): resuming
+    gives exactly the batches of the uninterrupted run; the world size may change on resume if `world_size *
+    batch_size` does not.
 
     **Shards.**  Epoch e shuffles the shard list with `random.Random(f"xldm-shards:{seed}:{e}")`; rank r streams
-    shards `[r::world_size]` of it (at least `world_size` shards are needed), keeping one buffer per bucket (at most
-    `batch_size - 1` decoded, bucket-sized images each) and emitting a batch when a buffer is full; buffers carry
-    over into the next epoch (`drop_last` matters only with `repeat=False`, at the end of the stream).  A sample's
-    crop is seeded by (seed, epoch, shard index, key).  `state_dict` = (epoch, shard position, byte offset of the
-    next sample, and each buffered sample's shard, offset, key and epoch); on resume the buffered samples are
-    re-read from their offsets, so the batches after a resume are exactly those of the uninterrupted run (same
-    rank and world size required).  With shards "W processes x B" matches "1 process x W*B" in distribution only.
-
-    `fixed_crops`: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache needs
-    one crop per sample, xldm.train.cache); `center_crop` wins over it."""
+    shards `[r::world_size]` of it (at least `world_size` shards needed), keeping one buffer per bucket (at most
+    `batch_size - 1` decoded, bucket-sized images each) and emitting a batch when a buffer is full; buffers carry over
+    into the next epoch (`drop_last` matters only with `repeat=False`, at the end of the stream).  A sample's crop is
+    seeded by (seed, epoch, shard index, key).  `state_dict` = (epoch, shard position, byte offset of the next
+    sample, and each buffered sample's shard, offset, key and epoch); on resume the buffered samples are re-read from
+    their offsets, so the batches after a resume are exactly those of the uninterrupted run (same rank and world
+    size required).  With shards "W processes x B" matches "1 process x W*B" in distribution only.  `fixed_crops`:
+    a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache needs one crop per
+    sample, xldm.train.cache); `center_crop` wins over it."""
 
     def __init__(self, source: Source | str | os.PathLike, *, buckets: Sequence[Size], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, center_crop: bool = False,
@@ -305,8 +301,7 @@ class TrainingBatches:
 
     def _restore_buffers(self) -> None:
         """Re-read the samples that sat in the bucket buffers when the state was saved."""
-        entries, self._pending = self._pending, None
-        self._buffers = {}
+        entries, self._pending, self._buffers = self._pending, None, {}
         for entry in entries:  # saved bucket by bucket, in the buffers' order
             path = self.source.shards[entry["shard"]]
             samples = iter_tar_samples(path, entry["offset"])
@@ -382,8 +377,6 @@ def is_heldout(caption: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
 
 
-__all__ = [
-    "Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
-    "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "to_rgb",
-    "caption_group", "is_heldout",
-]
+__all__ = ["Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
+           "Source", "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source",
+           "probe_size", "to_rgb", "caption_group", "is_heldout"]
