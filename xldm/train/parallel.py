@@ -1,29 +1,28 @@
 """Processes under torchrun, DDP wrapping, and FSDP2 sharding of the trained UNet.
 
-`parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel
-averages gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter:
-~41 GB for SDXL's 2.6B-parameter UNet).
+`parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel averages
+gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter: ~41 GB for
+SDXL's 2.6B-parameter UNet).  `parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023,
+"PyTorch FSDP") shards the UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W
+each), applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root
+(which owns the rest); a block's parameters are all-gathered for its forward and backward, its gradients
+reduce-scattered.  bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW
+in fp32).  Frozen networks and trained text encoders stay replicated (the latter all-reduced by hand, as under
+DDP); the VAE task trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA
+shadows are sharded like the parameters, so updates are local.  Checkpoints keep the one format of
+`xldm.train.checkpoint`: every sharded tensor is gathered to rank 0 (`gather_full`), so a file equals a DDP or
+one-process one (resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`,
+no communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
 
-`parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP") shards the
-UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W each).  `fully_shard` is
-applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root (which owns
-the rest); a block's parameters are all-gathered for its forward and backward, its gradients reduce-scattered.
-bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW in fp32).  Frozen
-networks and trained text encoders stay replicated (the latter all-reduced by hand, as under DDP); the VAE task
-trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA shadows are
-sharded like the parameters, so updates are local.  Checkpoints keep the one format of `xldm.train.checkpoint`:
-every sharded tensor is gathered to rank 0 (`gather_full`), so a file is the same as a DDP or one-process one
-(resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`, no
-communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
-
-Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights):
+Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights; a global
+batch of 32, as `--batch-size` is per process):
 
     torchrun --standalone --nproc_per_node 8 -m xldm.train.cli --preset sdxl-base \\
         --init sd_xl_base_1.0.safetensors --data shards/{00000..00999}.tar --batch-size 4 --steps 10000 \\
         --out runs/sdxl --set parallel=fsdp
 
-(`--batch-size` is per process: a global batch of 32.)  Several machines: torchrun's `--nnodes N --node_rank R
---rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes)."""
+Several machines: torchrun's `--nnodes N --node_rank R --rdzv_endpoint HOST:PORT` instead of `--standalone` (one
+flat mesh over all processes)."""
 
 from __future__ import annotations
 
@@ -102,9 +101,8 @@ def _is_dtensor(t: object) -> bool:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global gradient norm over all processes' shards (and plain tensors), clipped to `max_norm` in place.
-
-    Without sharded parameters this is exactly `torch.nn.utils.clip_grad_norm_`."""
+    """Global gradient norm over all processes' shards (and plain tensors), clipped to `max_norm` in place; without
+    sharded parameters exactly `torch.nn.utils.clip_grad_norm_`."""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = [g for g in grads if _is_dtensor(g)]
     if not sharded:
@@ -156,12 +154,11 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out
 
 
 def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str, torch.Tensor]:
-    """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.
-
-    A collective: every process must call it with the same keys in the same order (they come from
-    state_dict()s, which are ordered the same on every process; every choice below depends only on global
-    shapes, dtypes and placements, so all processes issue the same collectives).  Dim-0-sharded tensors of one
-    dtype are gathered in buckets of about GATHER_BUCKET_BYTES (one collective each, not one per tensor)."""
+    """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.  A collective: every process
+    must call it with the same keys in the same order (they come from state_dict()s, ordered the same on every
+    process; every choice below depends only on global shapes, dtypes and placements, so all processes issue the
+    same collectives).  Dim-0-sharded tensors of one dtype are gathered in buckets of about GATHER_BUCKET_BYTES (one
+    collective each, not one per tensor)."""
     from torch.distributed.tensor import Shard
 
     gathered: dict[str, torch.Tensor] = {}
