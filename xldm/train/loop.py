@@ -5,14 +5,14 @@
     -> task.export (final/)
 
 A task is a module with `build`, `batches`, `step` and `export`, chosen by `TrainConfig.task` (TASKS): `diffusion`
-(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed,
-step, sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint
-holds weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight
-and N/2 + kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose
-loss or gradient norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` of them in a row stop
-the run (`NonFiniteLossError`).  Under torchrun each process trains on its rows of the global batch (rank r: rows
-r*B:(r+1)*B), the trained network wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B
-equal 1 process x W*B up to float summation order; rank 0 writes checkpoints, metrics and the export."""
+(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed, step,
+sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint holds
+weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight and N/2 +
+kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose loss or gradient
+norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` in a row stop the run (`NonFiniteLossError`).
+Under torchrun each process trains on its rows of the global batch (rank r: rows r*B:(r+1)*B), the trained network
+wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B equal 1 process x W*B up to float
+summation order; rank 0 writes checkpoints, metrics and the export."""
 
 from __future__ import annotations
 
@@ -110,12 +110,11 @@ class TrainResult:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, data=None,
           on_step: Callable[[int, Run], None] | None = None) -> TrainResult:
-    """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.
-
-    `resume=True` continues from the newest loadable checkpoint in `config.out`/checkpoints (a corrupt newest one
-    is skipped with a warning); without it, a run directory that already holds checkpoints is an error.
-    `data` replaces the task's batches (any iterable with the TrainingBatches interface: state_dict,
-    load_state_dict).  `on_step(step, run)` is called after every step (tests use it)."""
+    """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.  `resume=True`
+    continues from the newest loadable checkpoint in `config.out`/checkpoints (a corrupt newest one is skipped with a
+    warning); without it, a run directory that already holds checkpoints is an error.  `data` replaces the task's
+    batches (any iterable with the TrainingBatches interface: state_dict, load_state_dict).  `on_step(step, run)` is
+    called after every step (tests use it)."""
     if not config.out:
         raise ValueError("no run directory: set --out RUN_DIR")
     checkpoints = ckpt.checkpoints_dir(Path(config.out), resume)  # refuses a used directory before anything
