@@ -394,5 +394,5 @@ def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | Non
 
 
 __all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
-           "distractor_candidates", "evaluate", "export_text_encoders", "save_evaluator", "load_evaluator", "load_images",
-           "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]
+           "distractor_candidates", "evaluate", "export_text_encoders", "save_evaluator", "load_evaluator",
+           "load_images", "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]
