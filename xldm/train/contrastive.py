@@ -393,6 +393,6 @@ def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | Non
     return export_text_encoders(list(model.text_encoders), config.model_config, final / "model.safetensors")
 
 
-__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
-           "distractor_candidates", "evaluate", "export_text_encoders", "save_evaluator", "load_evaluator",
-           "load_images", "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]
+__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy", "evaluate",
+           "distractor_candidates", "export_text_encoders", "save_evaluator", "load_evaluator", "load_images",
+           "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]
