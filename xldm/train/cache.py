@@ -1,35 +1,33 @@
 """Optional on-disk cache of VAE posteriors and text embeddings for diffusion training (`cache_dir=DIR`).
 
-With the VAE and text encoders frozen (SDXL's default), their outputs for a sample never change, so they are
-computed once and read back in later epochs.  Cached per image row: the VAE posterior's parameters
-`cat(mean, logvar)` (fp32), *not* a sampled latent: every step still draws z = mean + std * eps with that step's
-per-sample generator (`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an
-uncached run would (tests/test_train_cache.py checks the losses); per caption: the text encoders' context sequence
-and pooled vector (fp32).
-
-Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file each (no
-pickles), named by a hash of their key, read and written (atomically) by `xldm.weights.io`.  A latent entry is keyed
-by the sample key, its bucket (target size), the crop, the original size and a digest of the cropped pixels (an
-image edited under the same name is a miss, not a stale hit); a text entry by the caption.  Each file repeats its
-key and fingerprint in its metadata and is used only if they match; an unreadable file (truncated, corrupt) is
+With the VAE and text encoders frozen (SDXL's default), their outputs for a sample never change: they are computed
+once and read back in later epochs.  Cached per image row: the VAE posterior's parameters `cat(mean, logvar)` (fp32),
+*not* a sampled latent: every step still draws z = mean + std * eps with that step's per-sample generator
+(`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an uncached run would
+(tests/test_train_cache.py checks the losses); per caption: the text encoders' context sequence and pooled vector
+(fp32).  Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file
+each (no pickles), named by a hash of their key, read and written (atomically) by `xldm.weights.io`.  A latent entry
+is keyed by the sample key, its bucket (target size), the crop, the original size and a digest of the cropped pixels
+(an image edited under the same name is a miss, not a stale hit); a text entry by the caption.  Each file repeats
+its key and fingerprint in its metadata and is used only if they match; an unreadable file (truncated, corrupt) is
 ignored with a warning, recomputed and rewritten.
 
 Invalidation: the VAE fingerprint covers its architecture (VAEConfig), every weight tensor's name, shape, dtype and
 contents, the mixed-precision setting and the encoder's device type; the text fingerprint the same for the text
 encoders (and their configs, which fix the tokenizers).  Any change gives another folder, so nothing computed under
-other weights or precision is ever read.  Weight contents enter through two 64-bit integer checksums of each
-tensor's raw bits (`tensor_checksum`): the plain and a position-weighted sum of the bit patterns read as integers,
-modulo 2**64.  Every element enters both sums (unlike a strided sample, which a one-weight edit can slip past), in
-exact integer arithmetic: changing any one weight, even its last bit, changes the plain sum; to go unnoticed, the
-changes of many elements would have to cancel exactly in both sums, which training or loading another checkpoint
-does not do (not a security boundary: it guards against mistakes, not adversarially crafted weights).  It costs one
-pass over the weights on their own device at start-up (no copy to the CPU, no cryptographic hash of gigabytes).
+other weights or precision is ever read.  Contents enter through two 64-bit integer checksums of each tensor's raw
+bits (`tensor_checksum`): the plain and a position-weighted sum of the bit patterns read as integers, modulo 2**64.
+Every element enters both sums (a strided sample could miss a one-weight edit), in exact integer arithmetic: any one
+changed weight, even in its last bit, changes the plain sum; to go unnoticed, many elements' changes would have to
+cancel exactly in both sums, which training or loading another checkpoint does not do (not a security boundary: it
+guards against mistakes, not adversarially crafted weights).  Cost: one pass over the weights on their own device at
+start-up (no copy to the CPU, no cryptographic hash of gigabytes).
 
 Crops: a cache only helps if a sample's crop is the same each time, so with `cache_dir` set the data takes one crop
 per sample: the centre crop with `center_crop=True`, else a random crop seeded by (seed, sample key)
-(`TrainingBatches(fixed_crops=True)`), not a fresh one per epoch; the micro-conditioning still reports the crop
-taken.  Images are still decoded every step; the cache saves the VAE encoder and the text encoders.  It is off
-when the text encoders are trained (their outputs change every step; latents are still cached then)."""
+(`TrainingBatches(fixed_crops=True)`), not a fresh one per epoch; the micro-conditioning still reports the crop taken.
+Images are still decoded every step; the cache saves the VAE encoder and the text encoders.  It is off when the text
+encoders are trained (their outputs change every step; latents are still cached then)."""
 
 from __future__ import annotations
 

@@ -42,14 +42,13 @@ def _crop_rng(center_crop: bool, *parts: object) -> random.Random | None:
 
 @dataclass(frozen=True)
 class Augment:
-    """Draws beyond SDXL's random crop (ours, for data that lacks what the micro-conditioning describes: the
-    emoji are square, centred and mostly full-size).  Each is off by default and drawn only when on, so runs
-    without them see exactly the crops they always did.  The conditioning still reports what was done.
-
-    * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a
-      genuinely low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
-    * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover,
-      so the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5)."""
+    """Draws beyond SDXL's random crop (ours, for data lacking what the micro-conditioning describes: the emoji are
+    square, centred and mostly full-size).  Each is off by default and drawn only when on, so runs without them see
+    exactly the crops they always did; the conditioning still reports what was done.
+    * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a genuinely
+      low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
+    * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover, so
+      the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5)."""
 
     downscale: float = 0.0
     downscale_sides: tuple[int, int] = (8, 24)
@@ -181,8 +180,8 @@ class TrainingBatches:
 
     @property
     def stats(self) -> dict:
-        """`images_seen` (rows delivered on this rank), `batches`, and `skipped`: distinct samples by reason,
-        both those found while indexing a folder and those that failed to decode."""
+        """`images_seen` (rows delivered on this rank), `batches`, `skipped`: distinct samples by reason (found
+        while indexing a folder or failed to decode)."""
         skipped = {reason: set(keys) for reason, keys in getattr(self.source, "skipped", {}).items()}
         for reason, keys in self._skipped.items():
             skipped.setdefault(reason, set()).update(keys)
@@ -212,8 +211,11 @@ class TrainingBatches:
                  "skipped": {reason: sorted(keys) for reason, keys in self._skipped.items()}}
         if self._folder:
             return {**state, "next_batch": self._next_batch}
-        return {**state, "shard_position": self._shard_position, "offset": self._offset,
-                "buffered": self._buffered_state()}
+        # buffered: bucket by bucket, in insertion order = the order the buckets were first filled
+        buffered = ([dict(entry) for entry in self._pending] if self._pending is not None else
+                    [{"shard": item.position[0], "offset": item.position[1], "key": item.key, "epoch": item.position[2]}
+                     for items in self._buffers.values() for item in items])
+        return {**state, "shard_position": self._shard_position, "offset": self._offset, "buffered": buffered}
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = {name: (state.get(name), value) for name, value in self._setup().items()
@@ -291,13 +293,6 @@ class TrainingBatches:
         item = _make_item(image, raw.key, caption, score, bucket, rng, self.augment)
         item.position = (shard, raw.offset, epoch)
         return bucket, item
-
-    def _buffered_state(self) -> list[dict]:
-        if self._pending is not None:
-            return [dict(entry) for entry in self._pending]
-        # bucket by bucket, in insertion order = the order the buckets were first filled
-        return [{"shard": item.position[0], "offset": item.position[1], "key": item.key, "epoch": item.position[2]}
-                for items in self._buffers.values() for item in items]
 
     def _restore_buffers(self) -> None:
         """Re-read the samples that sat in the bucket buffers when the state was saved."""

@@ -1,17 +1,17 @@
 """The diffusion task: a UNet on VAE latents (SDXL base or refiner), or on pixels (a cascade stage, `vae=None`).
 
 DDPM (Ho et al. 2020) on SDXL's 1000-step discrete schedule (paper Sec. 2.5), through the model's `Denoiser`
-(xldm.diffusion.denoiser): x0 = the VAE posterior sample x scaling factor, or the pixels in [-1, 1] of a cascade
-stage; t uniform in [timestep_min, timestep_max]; optional min-SNR-gamma weights (Hang et al. 2023), offset noise
-(Guttenberg 2023; SDXL Sec. 2.5: 0.05) and caption / micro-conditioning dropout for classifier-free guidance.
-A super-resolution stage trains on pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high = the batch (or a
-random `train_crop` of it, as Imagen's SR models train on crops), low = its box-filtered downsample by
-`sr_scale`, noise-augmented at s ~ U[0, aug_level_max] per image (s in the vector), upsampled and concatenated.
+(xldm.diffusion.denoiser): x0 = the VAE posterior sample x scaling factor, or the pixels in [-1, 1] of a cascade stage;
+t uniform in [timestep_min, timestep_max]; optional min-SNR-gamma weights (Hang et al. 2023), offset noise (Guttenberg
+2023; SDXL Sec. 2.5: 0.05) and caption / micro-conditioning dropout for classifier-free guidance.  A super-resolution
+stage trains on pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high = the batch (or a random `train_crop` of
+it, as Imagen's SR models train on crops), low = its box-filtered downsample by `sr_scale`, noise-augmented at
+s ~ U[0, aug_level_max] per image (s in the vector), upsampled and concatenated.
 
-Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample
-index), in a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend
-neither on the split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed
-run draws exactly what the uninterrupted one did."""
+Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample index), in
+a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend neither on the
+split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed run draws exactly
+what the uninterrupted one did."""
 
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def random_crops(pixels: Tensor, side: int, generators: Sequence[torch.Generator
 
 
 def build_model(config: TrainConfig) -> Components:
-    """The networks of the task: `config.init` where it has them (a cascade stage: a stage file; else a single file
-    or diffusers folder), then, seeded by `config.seed`, random ones for the rest in the order UNet, VAE, text
-    encoders (a cascade stage takes frozen ones from `text_encoders_from` when given)."""
+    """The networks of the task: `config.init` where it has them (a cascade stage: a stage file; else a single file or
+    diffusers folder), then, seeded by `config.seed`, random ones for the rest in the order UNet, VAE, text encoders
+    (a cascade stage takes frozen ones from `text_encoders_from` when given)."""
     from xldm.cascade import describe, encoders_from, load_stage
     from xldm.models.clip import CLIPTextModel
     from xldm.models.unet import UNet
@@ -143,8 +143,8 @@ def build(config: TrainConfig, procs: parallel.Processes, model: Components | No
 
 
 def batches(config: TrainConfig, procs: parallel.Processes):
-    """Aspect-ratio buckets of ~resolution^2 pixels (a cascade stage: one bucket, its own size), this process's
-    rows of each global batch (xldm.train.data)."""
+    """Aspect-ratio buckets of ~resolution^2 pixels (a cascade stage: one bucket, its own size), this process's rows
+    of each global batch (xldm.train.data)."""
     from xldm.buckets import training_buckets
     from xldm.train.data import TrainingBatches, open_source
 

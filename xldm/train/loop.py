@@ -184,7 +184,15 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(run, data, step, checkpoints)
+            states: list[Any] = [data.state_dict()]
+            if procs.distributed:
+                states = [None] * procs.world_size
+                dist.all_gather_object(states, data.state_dict())
+            if procs.is_main or parallel.uses_fsdp(config, procs):  # FSDP: every process joins the gathers
+                tensors, state = checkpoint_contents(run, step, states)
+                if procs.is_main:
+                    ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
+            parallel.barrier(procs)
         if on_step is not None:
             on_step(step, run)
     bar.close()
@@ -196,19 +204,6 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     parallel.barrier(procs)
     return TrainResult(step=step, lr=lr_at(config, step), final_path=final_path, losses=losses,
                        skipped_steps=skipped)
-
-
-def _save_checkpoint(run: Run, data, step: int, checkpoints: Path) -> None:
-    procs = run.procs
-    states: list[Any] = [data.state_dict()]
-    if procs.distributed:
-        states = [None] * procs.world_size
-        dist.all_gather_object(states, data.state_dict())
-    if procs.is_main or parallel.uses_fsdp(run.config, procs):  # FSDP: every process joins the gathers
-        tensors, state = checkpoint_contents(run, step, states)
-        if procs.is_main:
-            ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=run.config.keep_checkpoints)
-    parallel.barrier(procs)
 
 
 __all__ = ["train", "build_run", "training_step", "lr_at", "TASKS", "TrainResult", "NonFiniteLossError",

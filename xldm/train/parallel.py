@@ -185,22 +185,12 @@ def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str,
     return {key: gathered[key] for key in tensors} if procs.is_main else {}
 
 
-def _shard_as(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` cut to this process's shard of `like` (a DTensor), without communication; plain `like`: as is."""
-    if not _is_dtensor(like):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    if tuple(full.shape) != tuple(like.shape):
-        raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a parameter of shape "
-                         f"{tuple(like.shape)}")
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
 def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full checkpoint tensors -> the same keys holding this process's shards where the run (xldm.train.run.Run)
     is sharded: the weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and
     the EMA shadows (`ema.*`).  Everything else is returned as is."""
+    from torch.distributed.tensor import distribute_tensor
+
     targets: dict[str, torch.Tensor] = {}
     for name, module in run.trainable.items():
         targets.update({f"model.{name}.{k}": v for k, v in module.state_dict().items()})
@@ -214,7 +204,12 @@ def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
             index, name = key[len("optim.state."):].split(".", 1)
             param = params[int(index)]
             like = param if name != "step" and tuple(value.shape) == tuple(param.shape) else None
-        out[key] = _shard_as(value, like) if like is not None else value
+        if like is not None and _is_dtensor(like):  # cut to this process's shard of `like`, no communication
+            if tuple(value.shape) != tuple(like.shape):
+                raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit a parameter of shape "
+                                 f"{tuple(like.shape)}")
+            value = distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        out[key] = value
     return out
 
 

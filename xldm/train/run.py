@@ -58,9 +58,8 @@ class Run:
         return [self.procs.rank * b + i for i in range(b)]
 
     def autocast(self):
-        if self.config.mixed_precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                if self.config.mixed_precision == "bf16" else nullcontext())
 
     def averaged(self, name: str, device: torch.device | str = "cpu") -> nn.Module:
         """A copy of trained network `name` holding its EMA weights (raw weights without EMA), in eval mode."""

@@ -38,9 +38,8 @@ class PatchDiscriminator(nn.Module):
         width = channels
         for i in range(1, layers + 1):
             out = channels * min(2 ** i, 8)
-            stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
-                       nn.LeakyReLU(0.2)]
+            blocks += [nn.Conv2d(width, out, 4, 2 if i < layers else 1, 1, bias=False),
+                       nn.GroupNorm(min(32, out // 4), out), nn.LeakyReLU(0.2)]
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
