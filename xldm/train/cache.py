@@ -146,8 +146,7 @@ class EmbeddingCache:
         """What `vae.encode_latents(pixels, generator=generators)` returns, the posterior read from the cache."""
         from xldm.models.vae import DiagonalGaussian
 
-        posterior = DiagonalGaussian(self.posterior_moments(vae, pixels, batch))
-        return posterior.sample(generators) * vae.cfg.scaling_factor
+        return DiagonalGaussian(self.posterior_moments(vae, pixels, batch)).sample(generators) * vae.cfg.scaling_factor
 
     @torch.no_grad()
     def text_embeddings(self, text_encoders, tokenizers, config, captions: Sequence[str]):

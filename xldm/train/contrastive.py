@@ -293,9 +293,8 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
 
     checkpoint = open_checkpoint(path)
     meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
-    encoders = tuple(TextEncoderConfig(**te) for te in meta["encoders"])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
-    model = ContrastiveModel(encoders, tower)
+    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower)
     model.load_state_dict(checkpoint.tensors(), strict=True)
     return model.eval()
 

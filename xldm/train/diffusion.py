@@ -186,9 +186,8 @@ def loss(run: Run, batch: dict, step: int) -> Tensor:
         values["aug_level"] = torch.cat([torch.rand(1, generator=g) for g in gens]) * config.aug_level_max
         aug_noise = torch.stack([torch.randn(tuple(low.shape[1:]), generator=g) for g in gens]).to(run.device)
         low_res = upsample_low_res(augment(low, values["aug_level"].to(run.device), noise=aug_noise), (w, h))
-    text = None
-    if run.cache is not None and run.cache.text_dir is not None:
-        text = run.cache.text_embeddings(model.text_encoders, run.tokenizers, mc, list(batch["captions"]))
+    text = (run.cache.text_embeddings(model.text_encoders, run.tokenizers, mc, list(batch["captions"]))
+            if run.cache is not None and run.cache.text_dir is not None else None)
     context, vector = training_conditioning(mc, model.text_encoders, run.tokenizers, values, draw.keep_text,
                                             draw.keep_micro, device=run.device,
                                             train_text_encoders=config.train_text_encoders, embeddings=text)
