@@ -69,8 +69,7 @@ class Reconstruction(nn.Module):
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample sum over pixels, mean over the batch (ldm `nll_loss = sum(rec) / B` with logvar 0)."""
     diff = (x.float() - x_hat.float())
-    rec = diff.abs() if kind == "l1" else diff.square()
-    return rec.sum() / x.shape[0]
+    return (diff.abs() if kind == "l1" else diff.square()).sum() / x.shape[0]
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
