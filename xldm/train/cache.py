@@ -1,39 +1,33 @@
 """Optional on-disk cache of VAE posteriors and text embeddings for diffusion training (`cache_dir=DIR`).
 
-With the VAE and text encoders frozen (SDXL's default), their outputs for a sample never change, so they can be
-computed once and read back in later epochs.  What is cached:
+With the VAE and text encoders frozen (SDXL's default), their outputs for a sample never change: they are computed
+once and read back in later epochs.  Cached per image row: the VAE posterior's parameters `cat(mean, logvar)` (fp32),
+*not* a sampled latent: every step still draws z = mean + std * eps with that step's per-sample generator
+(`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an uncached run would
+(tests/test_train_cache.py checks the losses); per caption: the text encoders' context sequence and pooled vector
+(fp32).  Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file
+each (no pickles), named by a hash of their key, read and written (atomically) by `xldm.weights.io`.  A latent entry
+is keyed by the sample key, its bucket (target size), the crop, the original size and a digest of the cropped pixels
+(an image edited under the same name is a miss, not a stale hit); a text entry by the caption.  Each file repeats
+its key and fingerprint in its metadata and is used only if they match; an unreadable file (truncated, corrupt) is
+ignored with a warning, recomputed and rewritten.
 
-* per image row: the VAE posterior's parameters `cat(mean, logvar)` (fp32), *not* a sampled latent: every step
-  still draws z = mean + std * eps with that step's per-sample generator
-  (`xldm.train.diffusion.sample_generators`), so a cached run trains on exactly the latents an uncached run
-  would (tests/test_train_cache.py checks the losses);
-* per caption: the context sequence and the pooled vector of the text encoders (fp32).
+Invalidation: the VAE fingerprint covers its architecture (VAEConfig), every weight tensor's name, shape, dtype and
+contents, the mixed-precision setting and the encoder's device type; the text fingerprint the same for the text
+encoders (and their configs, which fix the tokenizers).  Any change gives another folder, so nothing computed under
+other weights or precision is ever read.  Contents enter through two 64-bit integer checksums of each tensor's raw
+bits (`tensor_checksum`): the plain and a position-weighted sum of the bit patterns read as integers, modulo 2**64.
+Every element enters both sums (a strided sample could miss a one-weight edit), in exact integer arithmetic: any one
+changed weight, even in its last bit, changes the plain sum; to go unnoticed, many elements' changes would have to
+cancel exactly in both sums, which training or loading another checkpoint does not do (not a security boundary: it
+guards against mistakes, not adversarially crafted weights).  Cost: one pass over the weights on their own device at
+start-up (no copy to the CPU, no cryptographic hash of gigabytes).
 
-Entries live in `DIR/latents-<vae fingerprint>/` and `DIR/text-<text fingerprint>/`, one safetensors file each
-(no pickles), named by a hash of their key, read and written (atomically) by `xldm.weights.io`.  A latent entry
-is keyed by the sample key, its bucket (target size), the crop taken, the original size and a digest of the
-cropped pixels (so an image edited under the same name is a miss, not a stale hit); a text entry by the caption.
-Each file repeats its key and fingerprint in its metadata and is used only if they match; a file that cannot be
-read (truncated, corrupt) is ignored with a warning, recomputed and rewritten.
-
-Invalidation: the fingerprint of the VAE covers its architecture (VAEConfig), every weight tensor's name, shape,
-dtype and contents, the mixed-precision setting and the device type the encoder runs on; the text fingerprint
-the same for the text encoders (and their configs, which fix the tokenizers).  Any change gives another folder,
-so nothing computed under other weights or another precision is ever read.  Weight contents enter through two
-64-bit integer checksums of each tensor's raw bits (`tensor_checksum`): the plain sum and a position-weighted
-sum of the bit patterns read as integers, modulo 2**64.  Every element enters both sums (unlike a strided
-sample, which a one-weight edit can slip past), and in exact integer arithmetic: changing any one weight, even
-in its last bit, changes the plain sum; for a changed tensor to go unnoticed, the changes of many elements
-would have to cancel exactly in both sums, which training or loading another checkpoint does not do (the cache
-is not a security boundary: it guards against mistakes, not against an adversary crafting weights).  It costs one
-pass over the weights on their own device at start-up (no copy to the CPU, no cryptographic hash of gigabytes).
-
-Crops: a cache only helps if a sample's crop is the same every time it is seen, so with `cache_dir` set the data
-takes one crop per sample: the centre crop with `center_crop=True`, else a random crop seeded by (seed, sample
-key) (`TrainingBatches(fixed_crops=True)`), instead of a fresh crop per epoch.  The micro-conditioning still
-reports the crop actually taken.  The images are still decoded every step; the cache saves the VAE encoder and
-the text encoders.  It is off when the text encoders are trained (their outputs change every step; latents are
-still cached then)."""
+Crops: a cache only helps if a sample's crop is the same each time, so with `cache_dir` set the data takes one crop
+per sample: the centre crop with `center_crop=True`, else a random crop seeded by (seed, sample key)
+(`TrainingBatches(fixed_crops=True)`), not a fresh one per epoch; the micro-conditioning still reports the crop taken.
+Images are still decoded every step; the cache saves the VAE encoder and the text encoders.  It is off when the text
+encoders are trained (their outputs change every step; latents are still cached then)."""
 
 from __future__ import annotations
 
@@ -95,8 +89,7 @@ class EmbeddingCache:
         precision = {"mixed_precision": mixed_precision, "device": torch.device(device).type}
         self.vae_fingerprint = modules_fingerprint([model.vae], {"vae": asdict(model.config.vae), **precision})
         self.latent_dir = self.root / f"latents-{self.vae_fingerprint[:16]}"
-        self.text_fingerprint = None
-        self.text_dir = None
+        self.text_fingerprint = self.text_dir = None
         if cache_text:
             self.text_fingerprint = modules_fingerprint(
                 list(model.text_encoders), {"text_encoders": [asdict(c) for c in model.config.text_encoders],
@@ -153,8 +146,7 @@ class EmbeddingCache:
         """What `vae.encode_latents(pixels, generator=generators)` returns, the posterior read from the cache."""
         from xldm.models.vae import DiagonalGaussian
 
-        posterior = DiagonalGaussian(self.posterior_moments(vae, pixels, batch))
-        return posterior.sample(generators) * vae.cfg.scaling_factor
+        return DiagonalGaussian(self.posterior_moments(vae, pixels, batch)).sample(generators) * vae.cfg.scaling_factor
 
     @torch.no_grad()
     def text_embeddings(self, text_encoders, tokenizers, config, captions: Sequence[str]):

@@ -97,12 +97,10 @@ def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Ten
     """The newest loadable checkpoint; a corrupt newer one is skipped with a warning. None if there is none."""
     for step, path in reversed(list_checkpoints(directory)):
         try:
-            tensors, state = load_checkpoint(path)
+            return (path, *load_checkpoint(path))
         except CheckpointLoadError as e:
             warnings.warn(f"skipping checkpoint of step {step}: {e}; falling back to the previous one",
                           RuntimeWarning, stacklevel=2)
-            continue
-        return path, tensors, state
     return None
 
 
@@ -155,8 +153,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """Every global RNG: Python `random`, numpy, torch CPU and each CUDA device."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng.numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     version, internal, gauss_next = random.getstate()

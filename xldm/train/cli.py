@@ -18,7 +18,7 @@ import sys
 import tomllib
 from typing import Any
 
-from xldm.train.config import TRAIN_PRESETS, TrainConfig
+from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 
 # flag -> TrainConfig field, for the flags that set a field directly.
 _FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed", "lr", "init", "keep_checkpoints",
@@ -88,11 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values = tomllib.load(f)
     file_preset = values.pop("preset", None)
     name = args.preset or file_preset
-    base = TrainConfig()
-    if name is not None:
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
-        base = TRAIN_PRESETS[name]
+    base = TrainConfig() if name is None else preset(name)  # (an unknown name is a ValueError listing the presets)
     values.update({flag: getattr(args, flag) for flag in _FIELD_FLAGS if getattr(args, flag) is not None})
     if args.init_components is not None:
         values["init_components"] = tuple(c for c in args.init_components.split(",") if c)

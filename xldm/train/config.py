@@ -40,13 +40,12 @@ class TrainConfig:
     resolution: int = 1024  # bucket base size: buckets of ~resolution^2 pixels (SDXL paper App. I); stages: theirs
     bucket_step: int = 64  # bucket sides are multiples of this (App. I: 64)
     center_crop: bool = False  # SDXL: random crops, with the crop handed to the model (Sec. 2.2)
-    # On-disk cache of VAE posteriors and text embeddings (xldm.train.cache); "" = off.  When set, each sample
-    # keeps one crop for the whole run (centre, or random seeded by the sample key).
-    cache_dir: str = ""
-    # Augmentation (ours, xldm.train.data.Augment) for data that lacks what the micro-conditioning describes:
-    # this share of the images shrunk to a long side in `downscale_sides` first (c_size), and this share of the
-    # crops taken from the image resized up to `zoom_max` x beyond the cover, so a crop can cut into the subject
-    # on any side (c_crop).  SDXL's web data has both by nature (paper Sec. 2.2); emoji have neither.
+    cache_dir: str = ""  # VAE posterior / text embedding cache (xldm.train.cache), "" = off; when set, each sample
+    # keeps one crop for the whole run (centre, or random seeded by the sample key)
+    # Augmentation (ours, xldm.train.data.Augment) for data lacking what the micro-conditioning describes: this share
+    # of the images shrunk to a long side in `downscale_sides` first (c_size), and this share of the crops taken from
+    # the image resized up to `zoom_max` x beyond the cover, so a crop can cut into the subject on any side (c_crop).
+    # SDXL's web data has both by nature (paper Sec. 2.2); emoji have neither.
     downscale: float = 0.0
     downscale_sides: tuple[int, int] = (8, 24)
     zoom_crops: float = 0.0
@@ -184,15 +183,15 @@ def lr_at(config: TrainConfig, step: int) -> float:
 # Tiny presets train in seconds on a CPU (tests, demos); their rates are ours, chosen to learn fast.
 _TINY = dict(resolution=64, bucket_step=64, lr=1e-3, warmup_steps=0, weight_decay=0.0, ema_decay=0.999,
              checkpoint_every=50, keep_checkpoints=2, batch_size=4)
-# The bundled default model's stages (scripts/train_default.sh): rates, steps and batch sizes are our choices for
-# a small model trained from scratch on a 2-core CPU in a few hours; 10 % caption dropout (SD 1.x model card).
+# The bundled default model's stages (scripts/train_default.sh): rates, steps and batch sizes are ours for a small
+# model trained from scratch on a 2-core CPU in a few hours; 10 % caption dropout (SD 1.x model card).
 _SMALL = dict(weight_decay=0.0, lr_schedule="cosine", min_lr_ratio=0.1, keep_checkpoints=2, checkpoint_every=250)
 _DEFAULT = dict(resolution=128, batch_size=16, ema_decay=0.999, text_dropout=0.1, **_SMALL)
 _SECOND_STAGE = dict(downscale=0.15, downscale_sides=(8, 24), zoom_crops=0.3, zoom_max=1.6)  # see default-base-ft
 # Cascade stages (scripts/train_default_cascade.sh): constant rate after warm-up, no weight decay, 10 % caption
-# dropout.  The default cascade's rates, steps and batches are ours for ~1.5 h on one CPU core, EMA horizon ~200
-# steps to match; SR stages draw s from [0, 0.5] (ours: sampling uses s <= 0.3; past 0.5 the cosine schedule keeps
-# under half the signal); the 128^2 stage trains on 64^2 crops (a quarter of the cost; its UNet is convolutional).
+# dropout; rates, steps and batches ours for ~1.5 h on one CPU core, EMA horizon ~200 steps to match; SR stages draw
+# s from [0, 0.5] (ours: sampling uses s <= 0.3; past 0.5 the cosine schedule keeps under half the signal); the
+# 128^2 stage trains on 64^2 crops (a quarter of the cost; its UNet is convolutional).
 _STAGE = dict(weight_decay=0.0, text_dropout=0.1, lr=1e-4, ema_decay=0.999)
 _TINY_STAGE = dict(_STAGE, lr=1e-3, batch_size=4, checkpoint_every=50, keep_checkpoints=2, ema_decay=0.99)
 _SMALL_STAGE = dict(_STAGE, lr=5e-4, warmup_steps=100, checkpoint_every=100, keep_checkpoints=2, ema_decay=0.995,
@@ -203,11 +202,10 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # The refiner specialises on the first 200 (low-noise) discrete noise scales (SDXL paper Sec. 2.5).
     "tiny-sdxl-refiner": TrainConfig(model="tiny-sdxl-refiner", timestep_max=199, text_dropout=0.1, **_TINY),
     "tiny-vae": TrainConfig(model="tiny-sdxl-base", task="vae", disc_start=100, disc_channels=16, **_TINY),
-    # Full SDXL (paper Sec. 2.5): the base's final multi-aspect ~1024^2 stage uses offset noise 0.05 and the App. I
-    # buckets, global batch 2048 (--batch-size per process x processes).  No learning rate is given: 1e-5 with 500
-    # warm-up steps is our fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the
-    # text-conditioning" (the SDXL paper gives no rate).  The refiner: t in [0, 199], the aesthetic score (sgm
-    # sd_xl_refiner.yaml).
+    # Full SDXL (paper Sec. 2.5): the base's final multi-aspect ~1024^2 stage: offset noise 0.05, App. I buckets,
+    # global batch 2048 (--batch-size per process x processes).  No lr given: 1e-5, 500 warm-up steps is our
+    # fine-tuning choice.  Text dropout 0.1: the SD 1.x model card's "10% dropping of the text-conditioning" (SDXL
+    # gives no rate).  The refiner: t in [0, 199], the aesthetic score (sgm sd_xl_refiner.yaml).
     "sdxl-base": TrainConfig(model="sdxl-base", resolution=1024, bucket_step=64, offset_noise=0.05,
                              text_dropout=0.1, lr=1e-5, warmup_steps=500, mixed_precision="bf16",
                              gradient_checkpointing=True, batch_size=1),
@@ -227,8 +225,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                                 weight_decay=0.2, adam_beta2=0.98, adam_eps=1e-6, ema_decay=0.0,
                                 checkpoint_every=250, keep_checkpoints=2),
     # The autoencoder, with an EMA (SDXL Sec. 2.4), ldm's kl weight and Adam betas; the discriminator stays off
-    # (disc_start beyond the run): it costs a third of the step time, and the L1 reconstruction of flat emoji
-    # colours is what the base model needs.
+    # (disc_start beyond the run): it costs a third of the step time; L1 on flat emoji colours is what the base needs.
     "default-vae": TrainConfig(model="default-base", task="vae", resolution=128, bucket_step=32, batch_size=8,
                                steps=2500, lr=5e-4, warmup_steps=100, adam_beta1=0.5, adam_beta2=0.9,
                                kl_weight=1e-6, disc_start=10**9, ema_decay=0.999, grad_clip=0.0, **_SMALL),
@@ -236,11 +233,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # text encoders and VAE of the stages before (--init), offset noise 0.05 (SDXL Sec. 2.5).
     "default-base": TrainConfig(model="default-base", bucket_step=32, steps=7000, lr=5e-4, warmup_steps=200,
                                 offset_noise=0.05, init_components=("vae", "text_encoders"), **_DEFAULT),
-    # The base's second stage, from the first one's weights (SDXL trains its base in stages too, Sec. 2.5), with
-    # the latent and text cache (`--set cache_dir=...`: three times the samples per hour on the CPU) and
-    # augmentation so that the micro-conditioning carries what the 16x16 latent can see: 15 % of the images shrunk
-    # to 8-24 px first, 30 % of the crops zoomed in by up to 1.6x.  Min-SNR weighting, gamma 5 (Hang et al. 2023),
-    # spends the steps on the high-noise end, where the shapes are decided (the refiner covers the low-noise end).
+    # The base's second stage, from the first one's weights (SDXL trains its base in stages too, Sec. 2.5), with the
+    # latent and text cache (`--set cache_dir=...`: 3x the samples per hour on the CPU) and augmentation so that the
+    # micro-conditioning carries what the 16x16 latent can see: 15 % of the images shrunk to 8-24 px first, 30 % of
+    # the crops zoomed in by up to 1.6x.  Min-SNR weighting, gamma 5 (Hang et al. 2023), spends the steps on the
+    # high-noise end, where the shapes are decided (the refiner covers the low-noise end).
     "default-base-ft": TrainConfig(model="default-base", bucket_step=32, steps=18000, lr=2e-4, warmup_steps=100,
                                    offset_noise=0.05, min_snr_gamma=5.0, **_SECOND_STAGE, **_DEFAULT),
     # The refiner on t in [0, 199] (SDXL Sec. 2.5); sides in multiples of 64 = 8 x 2^(4 - 1) for its four levels.

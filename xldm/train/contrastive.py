@@ -1,19 +1,17 @@
 """The contrastive task: SDXL's two text encoders pre-trained from scratch, for the bundled default model.
 
-SDXL's text encoders are CLIP's (Radford et al. 2021, Sec. 2.3 and Fig. 3: L2-normalised image and text
-embeddings, cosine similarity times a learned temperature, symmetric cross-entropy over the batch).  None can be
-downloaded here, so the default model trains its own on the captioned emoji: both encoders jointly against one
-small image tower (`ImageTower`, strided convolutions, then a linear map of the flattened 4 x 4 map, so that a
-glyph's position is kept for captions like "at the top left"); each encoder has its own joint space and
-temperature (the bigG-like one through its own `text_projection`, the vector SDXL feeds the UNet; the CLIP-L-like
-one, without a projection in SDXL, through a throw-away head); captions shared by several images of a batch are
-all positives (soft targets).  The tower and heads are kept in `final/clip_evaluator.safetensors`: the project's
-prompt-following measure (`retrieval_accuracy` of a caption among distractors) on the held-out captions
-(`xldm.train.data.is_heldout`: ~3 % of the emoji names, never trained on).
-
-`xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR` (task "clip", one process) also exports
-`final/model.safetensors` (the text encoders alone, SDXL base single-file layout) and `final/metrics.json`.  The
-batches are pure functions of (seed, step) (`ContrastiveBatches`)."""
+SDXL's text encoders are CLIP's (Radford et al. 2021, Sec. 2.3 and Fig. 3: L2-normalised image and text embeddings,
+cosine similarity times a learned temperature, symmetric cross-entropy over the batch).  None can be downloaded
+here, so the default model trains its own on the captioned emoji: both encoders jointly against one small image
+tower (`ImageTower`, strided convolutions, then a linear map of the flattened 4 x 4 map, so a glyph's position is
+kept for captions like "at the top left"); each encoder has its own joint space and temperature (the bigG-like one
+through its own `text_projection`, the vector SDXL feeds the UNet; the CLIP-L-like one, without a projection in
+SDXL, through a throw-away head); captions shared by several images of a batch are all positives (soft targets).
+The tower and heads are kept in `final/clip_evaluator.safetensors`: the project's prompt-following measure
+(`retrieval_accuracy` of a caption among distractors) on the held-out captions (`xldm.train.data.is_heldout`: ~3 %
+of the emoji names, never trained on).  `xldm train --preset default-clip --data EMOJI_DIR --out RUN_DIR` (task
+"clip", one process) also exports `final/model.safetensors` (the text encoders alone, SDXL base single-file
+layout) and `final/metrics.json`.  The batches are pure functions of (seed, step) (`ContrastiveBatches`)."""
 
 from __future__ import annotations
 
@@ -97,7 +95,6 @@ class ContrastiveModel(nn.Module):
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
               caption_ids: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3), with every row of the same caption a positive.
-
     image, text: (B, D) unit vectors of the same B pairs; caption_ids: (B,) ids, equal for equal captions."""
     logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.t()
     same = (caption_ids[:, None] == caption_ids[None, :]).float()
@@ -108,11 +105,9 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 def retrieval_accuracy(similarity: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None) -> float:
-    """Top-1 accuracy of picking each image's caption.
-
-    similarity: (N images, M captions); targets: (N,) the right caption of each image; candidates: optional
-    (N, K) caption indices each image chooses among (its target included); None = all M captions.
-    A tie counts as a miss unless the target is the first of the tied candidates."""
+    """Top-1 accuracy of picking each image's caption.  similarity: (N images, M captions); targets: (N,) the right
+    caption of each image; candidates: optional (N, K) caption indices each image chooses among (its target
+    included); None = all M captions.  A tie counts as a miss unless the target is the first of the tied candidates."""
     if candidates is None:
         candidates = torch.arange(similarity.shape[1]).expand(similarity.shape[0], -1)
     scores = similarity.gather(1, candidates)
@@ -204,8 +199,7 @@ def tokenize_captions(captions: list[str], encoders: tuple[TextEncoderConfig, ..
 def trim_ids(ids: torch.Tensor) -> torch.Tensor:
     """Drop the padding columns after the last EOS of the batch: with causal attention the pooled (EOS) output
     never sees later positions, so this is exact for the pooled vector and saves most of the 77 positions."""
-    length = int(ids.argmax(dim=1).max()) + 1
-    return ids[:, :length]
+    return ids[:, :int(ids.argmax(dim=1).max()) + 1]
 
 
 def batch_indices(num: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -299,11 +293,9 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
 
     checkpoint = open_checkpoint(path)
     meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
-    state = checkpoint.tensors()
-    encoders = tuple(TextEncoderConfig(**te) for te in meta["encoders"])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
-    model = ContrastiveModel(encoders, tower)
-    model.load_state_dict(state, strict=True)
+    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower)
+    model.load_state_dict(checkpoint.tensors(), strict=True)
     return model.eval()
 
 
@@ -400,7 +392,6 @@ def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | Non
     return export_text_encoders(list(model.text_encoders), config.model_config, final / "model.safetensors")
 
 
-__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy",
-           "distractor_candidates", "evaluate", "export_text_encoders", "save_evaluator", "load_evaluator",
-           "load_images", "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step",
-           "export"]
+__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy", "evaluate",
+           "distractor_candidates", "export_text_encoders", "save_evaluator", "load_evaluator", "load_images",
+           "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]

@@ -42,14 +42,13 @@ def _crop_rng(center_crop: bool, *parts: object) -> random.Random | None:
 
 @dataclass(frozen=True)
 class Augment:
-    """Draws beyond SDXL's random crop (ours, for data that lacks what the micro-conditioning describes: the
-    emoji are square, centred and mostly full-size).  Each is off by default and drawn only when on, so runs
-    without them see exactly the crops they always did.  The conditioning still reports what was done.
-
-    * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a
-      genuinely low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
-    * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover,
-      so the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5)."""
+    """Draws beyond SDXL's random crop (ours, for data lacking what the micro-conditioning describes: the emoji are
+    square, centred and mostly full-size).  Each is off by default and drawn only when on, so runs without them see
+    exactly the crops they always did; the conditioning still reports what was done.
+    * `downscale`: this share of the images is first shrunk to a long side drawn from `downscale_sides` (a genuinely
+      low-resolution source, c_size = the shrunken size; SDXL Sec. 2.2, Fig. 3);
+    * `zoom_crops`: this share of the crops is taken from the image resized up to `zoom_max` x beyond the cover, so
+      the crop can cut into the subject on any side (c_crop; SDXL Sec. 2.2, Fig. 5)."""
 
     downscale: float = 0.0
     downscale_sides: tuple[int, int] = (8, 24)
@@ -95,14 +94,11 @@ def _collate(items: Sequence[_Item]) -> dict:
     def pairs(name: str) -> torch.Tensor:
         return torch.tensor([getattr(item, name) for item in items], dtype=torch.int64)
 
-    return {
-        "pixels": (pixels / 255.0 * 2.0 - 1.0).contiguous(),  # as xldm.images.image_to_tensor: x / 255 * 2 - 1
-        "captions": [item.caption for item in items],
-        "original_size": pairs("original_size"), "crop_top_left": pairs("crop_top_left"),
-        "target_size": pairs("target_size"),
-        "aesthetic_score": torch.tensor([item.aesthetic_score for item in items], dtype=torch.float32),
-        "keys": [item.key for item in items],
-    }
+    return {"pixels": (pixels / 255.0 * 2.0 - 1.0).contiguous(),  # as xldm.images.image_to_tensor: x / 255 * 2 - 1
+            "captions": [item.caption for item in items], "original_size": pairs("original_size"),
+            "crop_top_left": pairs("crop_top_left"), "target_size": pairs("target_size"),
+            "aesthetic_score": torch.tensor([item.aesthetic_score for item in items], dtype=torch.float32),
+            "keys": [item.key for item in items]}
 
 
 def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
@@ -112,30 +108,29 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
 class TrainingBatches:
     """Batches of one bucket each, in an order fixed by (seed, epoch), sharded over ranks, resumable exactly.
 
-    **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples
-    (in sorted key order) are shuffled, cut into *global* batches of `world_size * batch_size` rows, and the list
-    of global batches is shuffled.  Every rank builds the same list and takes rows `[r * batch_size, (r + 1) *
-    batch_size)` of each global batch, so the ranks' batches are disjoint, cover the epoch, and concatenated in
-    rank order equal the batches of one process with batch `world_size * batch_size` and the same seed, crops
-    included: row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's
-    leftover samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling
-    the bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
-    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks
-    and the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen):
-    resuming gives exactly the batches of the uninterrupted run; the world size may change on resume as long as
-    `world_size * batch_size` does not.
+    **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples (in
+    sorted key order) are shuffled, cut into *global* batches of `world_size * batch_size` rows, and the list of
+    global batches is shuffled.  Every rank builds the same list and takes rows `[r * batch_size, (r + 1) *
+    batch_size)` of each global batch, so the ranks' batches are disjoint, cover the epoch, and concatenated in rank
+    order equal the batches of one process with batch `world_size * batch_size` and the same seed, crops included:
+    row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover
+    samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling the
+    bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
+    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks and
+    the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen): resuming
+    gives exactly the batches of the uninterrupted run; the world size may change on resume if `world_size *
+    batch_size` does not.
 
     **Shards.**  Epoch e shuffles the shard list with `random.Random(f"xldm-shards:{seed}:{e}")`; rank r streams
-    shards `[r::world_size]` of it (at least `world_size` shards are needed), keeping one buffer per bucket (at most
-    `batch_size - 1` decoded, bucket-sized images each) and emitting a batch when a buffer is full; buffers carry
-    over into the next epoch (`drop_last` matters only with `repeat=False`, at the end of the stream).  A sample's
-    crop is seeded by (seed, epoch, shard index, key).  `state_dict` = (epoch, shard position, byte offset of the
-    next sample, and each buffered sample's shard, offset, key and epoch); on resume the buffered samples are
-    re-read from their offsets, so the batches after a resume are exactly those of the uninterrupted run (same
-    rank and world size required).  With shards "W processes x B" matches "1 process x W*B" in distribution only.
-
-    `fixed_crops`: a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache needs
-    one crop per sample, xldm.train.cache); `center_crop` wins over it."""
+    shards `[r::world_size]` of it (at least `world_size` shards needed), keeping one buffer per bucket (at most
+    `batch_size - 1` decoded, bucket-sized images each) and emitting a batch when a buffer is full; buffers carry over
+    into the next epoch (`drop_last` matters only with `repeat=False`, at the end of the stream).  A sample's crop is
+    seeded by (seed, epoch, shard index, key).  `state_dict` = (epoch, shard position, byte offset of the next
+    sample, and each buffered sample's shard, offset, key and epoch); on resume the buffered samples are re-read from
+    their offsets, so the batches after a resume are exactly those of the uninterrupted run (same rank and world
+    size required).  With shards "W processes x B" matches "1 process x W*B" in distribution only.  `fixed_crops`:
+    a random crop seeded by (seed, sample key) only, the same every epoch (the latent cache needs one crop per
+    sample, xldm.train.cache); `center_crop` wins over it."""
 
     def __init__(self, source: Source | str | os.PathLike, *, buckets: Sequence[Size], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, center_crop: bool = False,
@@ -185,8 +180,8 @@ class TrainingBatches:
 
     @property
     def stats(self) -> dict:
-        """`images_seen` (rows delivered on this rank), `batches`, and `skipped`: distinct samples by reason,
-        both those found while indexing a folder and those that failed to decode."""
+        """`images_seen` (rows delivered on this rank), `batches`, `skipped`: distinct samples by reason (found
+        while indexing a folder or failed to decode)."""
         skipped = {reason: set(keys) for reason, keys in getattr(self.source, "skipped", {}).items()}
         for reason, keys in self._skipped.items():
             skipped.setdefault(reason, set()).update(keys)
@@ -216,8 +211,11 @@ class TrainingBatches:
                  "skipped": {reason: sorted(keys) for reason, keys in self._skipped.items()}}
         if self._folder:
             return {**state, "next_batch": self._next_batch}
-        return {**state, "shard_position": self._shard_position, "offset": self._offset,
-                "buffered": self._buffered_state()}
+        # buffered: bucket by bucket, in insertion order = the order the buckets were first filled
+        buffered = ([dict(entry) for entry in self._pending] if self._pending is not None else
+                    [{"shard": item.position[0], "offset": item.position[1], "key": item.key, "epoch": item.position[2]}
+                     for items in self._buffers.values() for item in items])
+        return {**state, "shard_position": self._shard_position, "offset": self._offset, "buffered": buffered}
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = {name: (state.get(name), value) for name, value in self._setup().items()
@@ -296,17 +294,9 @@ class TrainingBatches:
         item.position = (shard, raw.offset, epoch)
         return bucket, item
 
-    def _buffered_state(self) -> list[dict]:
-        if self._pending is not None:
-            return [dict(entry) for entry in self._pending]
-        # bucket by bucket, in insertion order = the order the buckets were first filled
-        return [{"shard": item.position[0], "offset": item.position[1], "key": item.key, "epoch": item.position[2]}
-                for items in self._buffers.values() for item in items]
-
     def _restore_buffers(self) -> None:
         """Re-read the samples that sat in the bucket buffers when the state was saved."""
-        entries, self._pending = self._pending, None
-        self._buffers = {}
+        entries, self._pending, self._buffers = self._pending, None, {}
         for entry in entries:  # saved bucket by bucket, in the buffers' order
             path = self.source.shards[entry["shard"]]
             samples = iter_tar_samples(path, entry["offset"])
@@ -382,8 +372,6 @@ def is_heldout(caption: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
 
 
-__all__ = [
-    "Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample", "Source",
-    "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "to_rgb",
-    "caption_group", "is_heldout",
-]
+__all__ = ["Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
+           "Source", "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source",
+           "probe_size", "to_rgb", "caption_group", "is_heldout"]

@@ -1,17 +1,17 @@
 """The diffusion task: a UNet on VAE latents (SDXL base or refiner), or on pixels (a cascade stage, `vae=None`).
 
 DDPM (Ho et al. 2020) on SDXL's 1000-step discrete schedule (paper Sec. 2.5), through the model's `Denoiser`
-(xldm.diffusion.denoiser): x0 = the VAE posterior sample x scaling factor, or the pixels in [-1, 1] of a cascade
-stage; t uniform in [timestep_min, timestep_max]; optional min-SNR-gamma weights (Hang et al. 2023), offset noise
-(Guttenberg 2023; SDXL Sec. 2.5: 0.05) and caption / micro-conditioning dropout for classifier-free guidance.
-A super-resolution stage trains on pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high = the batch (or a
-random `train_crop` of it, as Imagen's SR models train on crops), low = its box-filtered downsample by
-`sr_scale`, noise-augmented at s ~ U[0, aug_level_max] per image (s in the vector), upsampled and concatenated.
+(xldm.diffusion.denoiser): x0 = the VAE posterior sample x scaling factor, or the pixels in [-1, 1] of a cascade stage;
+t uniform in [timestep_min, timestep_max]; optional min-SNR-gamma weights (Hang et al. 2023), offset noise (Guttenberg
+2023; SDXL Sec. 2.5: 0.05) and caption / micro-conditioning dropout for classifier-free guidance.  A super-resolution
+stage trains on pairs made on the fly (Imagen Sec. 2.4; CDM Sec. 3): high = the batch (or a random `train_crop` of
+it, as Imagen's SR models train on crops), low = its box-filtered downsample by `sr_scale`, noise-augmented at
+s ~ U[0, aug_level_max] per image (s in the vector), upsampled and concatenated.
 
-Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample
-index), in a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend
-neither on the split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed
-run draws exactly what the uninterrupted one did."""
+Randomness: each sample of each step draws from its own CPU generator seeded by (seed, step, global sample index), in
+a fixed order: crop offsets, `draw_noise`'s draws, then (SR) the level and its noise.  The draws depend neither on the
+split across processes (2 ranks x B == 1 rank x 2B) nor on anything but the step, so a resumed run draws exactly
+what the uninterrupted one did."""
 
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def random_crops(pixels: Tensor, side: int, generators: Sequence[torch.Generator
 
 
 def build_model(config: TrainConfig) -> Components:
-    """The networks of the task: `config.init` where it has them (a cascade stage: a stage file; else a single file
-    or diffusers folder), then, seeded by `config.seed`, random ones for the rest in the order UNet, VAE, text
-    encoders (a cascade stage takes frozen ones from `text_encoders_from` when given)."""
+    """The networks of the task: `config.init` where it has them (a cascade stage: a stage file; else a single file or
+    diffusers folder), then, seeded by `config.seed`, random ones for the rest in the order UNet, VAE, text encoders
+    (a cascade stage takes frozen ones from `text_encoders_from` when given)."""
     from xldm.cascade import describe, encoders_from, load_stage
     from xldm.models.clip import CLIPTextModel
     from xldm.models.unet import UNet
@@ -113,13 +113,9 @@ def build_model(config: TrainConfig) -> Components:
     torch.manual_seed(config.seed)  # the same random init in every process (DDP also broadcasts rank 0's)
     diffusion = config.task == "diffusion"
     unet = loaded.unet if loaded and loaded.unet is not None else UNet(mc.unet) if diffusion else None
-    vae = None
-    if mc.vae is not None:
-        vae = loaded.vae if loaded and loaded.vae is not None else AutoencoderKL(mc.vae)
-    encoders: tuple = ()
-    if diffusion:
-        encoders = loaded.text_encoders if loaded and loaded.text_encoders else tuple(
-            CLIPTextModel(te) for te in mc.text_encoders)
+    vae = None if mc.vae is None else loaded.vae if loaded and loaded.vae is not None else AutoencoderKL(mc.vae)
+    encoders = () if not diffusion else loaded.text_encoders if loaded and loaded.text_encoders else tuple(
+        CLIPTextModel(te) for te in mc.text_encoders)
     model = Components(config=mc, unet=unet, vae=vae, text_encoders=tuple(encoders))
     for module in model.modules().values():
         module.float().requires_grad_(False).eval()
@@ -138,21 +134,17 @@ def build(config: TrainConfig, procs: parallel.Processes, model: Components | No
     if config.train_text_encoders:
         trainable.update({name: module.requires_grad_(True).train() for name, module in model.modules().items()
                           if name.startswith("text_encoder")})
-    if parallel.uses_fsdp(config, procs):  # in place: its parameters become DTensor shards
-        forward = {"unet": parallel.shard_unet(unet, procs, config.mixed_precision)}
-    else:
-        forward = {"unet": parallel.wrap_ddp(unet, procs)}
+    forward = {"unet": parallel.shard_unet(unet, procs, config.mixed_precision) if parallel.uses_fsdp(config, procs)
+               else parallel.wrap_ddp(unet, procs)}  # FSDP: in place, its parameters become DTensor shards
     params = [p for m in trainable.values() for p in m.parameters()]
-    run = Run(config=config, procs=procs, model=model, trainable=trainable, forward=forward,
-              optimizer=make_optimizer(config, params), denoiser=Denoiser(model.config.prediction_type),
-              tokenizers=model.tokenizers())
-    run.cache = open_cache(config, model, procs.device)
-    return run
+    return Run(config=config, procs=procs, model=model, trainable=trainable, forward=forward,
+               optimizer=make_optimizer(config, params), denoiser=Denoiser(model.config.prediction_type),
+               tokenizers=model.tokenizers(), cache=open_cache(config, model, procs.device))
 
 
 def batches(config: TrainConfig, procs: parallel.Processes):
-    """Aspect-ratio buckets of ~resolution^2 pixels (a cascade stage: one bucket, its own size), this process's
-    rows of each global batch (xldm.train.data)."""
+    """Aspect-ratio buckets of ~resolution^2 pixels (a cascade stage: one bucket, its own size), this process's rows
+    of each global batch (xldm.train.data)."""
     from xldm.buckets import training_buckets
     from xldm.train.data import TrainingBatches, open_source
 
@@ -194,9 +186,8 @@ def loss(run: Run, batch: dict, step: int) -> Tensor:
         values["aug_level"] = torch.cat([torch.rand(1, generator=g) for g in gens]) * config.aug_level_max
         aug_noise = torch.stack([torch.randn(tuple(low.shape[1:]), generator=g) for g in gens]).to(run.device)
         low_res = upsample_low_res(augment(low, values["aug_level"].to(run.device), noise=aug_noise), (w, h))
-    text = None
-    if run.cache is not None and run.cache.text_dir is not None:
-        text = run.cache.text_embeddings(model.text_encoders, run.tokenizers, mc, list(batch["captions"]))
+    text = (run.cache.text_embeddings(model.text_encoders, run.tokenizers, mc, list(batch["captions"]))
+            if run.cache is not None and run.cache.text_dir is not None else None)
     context, vector = training_conditioning(mc, model.text_encoders, run.tokenizers, values, draw.keep_text,
                                             draw.keep_micro, device=run.device,
                                             train_text_encoders=config.train_text_encoders, embeddings=text)

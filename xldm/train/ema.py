@@ -16,12 +16,9 @@ class EMA:
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], decay: float, warmup: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow: dict[str, Tensor] = {
-            name: p.detach().to(dtype=torch.float32, copy=True) for name, p in named_parameters
-        }
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.shadow: dict[str, Tensor] = {name: p.detach().to(dtype=torch.float32, copy=True)
+                                          for name, p in named_parameters}
 
     def current_decay(self) -> float:
         """The decay the next update will use."""
@@ -60,8 +57,7 @@ class EMA:
                 raise ValueError(f"EMA state {name}: shape {tuple(value.shape)}, expected "
                                  f"{tuple(self.shadow[name].shape)}")
             self.shadow[name].copy_(value)
-        self.num_updates = int(state["num_updates"])
-        self.decay = float(state["decay"])
+        self.num_updates, self.decay = int(state["num_updates"]), float(state["decay"])
         self.warmup = bool(state["warmup"])
 
 

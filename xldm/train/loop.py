@@ -5,14 +5,14 @@
     -> task.export (final/)
 
 A task is a module with `build`, `batches`, `step` and `export`, chosen by `TrainConfig.task` (TASKS): `diffusion`
-(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed,
-step, sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint
-holds weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight
-and N/2 + kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose
-loss or gradient norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` of them in a row stop
-the run (`NonFiniteLossError`).  Under torchrun each process trains on its rows of the global batch (rank r: rows
-r*B:(r+1)*B), the trained network wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B
-equal 1 process x W*B up to float summation order; rank 0 writes checkpoints, metrics and the export."""
+(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed, step,
+sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint holds
+weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight and N/2 +
+kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose loss or gradient
+norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` in a row stop the run (`NonFiniteLossError`).
+Under torchrun each process trains on its rows of the global batch (rank r: rows r*B:(r+1)*B), the trained network
+wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B equal 1 process x W*B up to float
+summation order; rank 0 writes checkpoints, metrics and the export."""
 
 from __future__ import annotations
 
@@ -108,20 +108,13 @@ class TrainResult:
     skipped_steps: int
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, data=None,
           on_step: Callable[[int, Run], None] | None = None) -> TrainResult:
-    """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.
-
-    `resume=True` continues from the newest loadable checkpoint in `config.out`/checkpoints (a corrupt newest one
-    is skipped with a warning); without it, a run directory that already holds checkpoints is an error.
-    `data` replaces the task's batches (any iterable with the TrainingBatches interface: state_dict,
-    load_state_dict).  `on_step(step, run)` is called after every step (tests use it)."""
+    """Train for `config.steps` steps (in total, counting resumed ones) and export the final weights.  `resume=True`
+    continues from the newest loadable checkpoint in `config.out`/checkpoints (a corrupt newest one is skipped with a
+    warning); without it, a run directory that already holds checkpoints is an error.  `data` replaces the task's
+    batches (any iterable with the TrainingBatches interface: state_dict, load_state_dict).  `on_step(step, run)` is
+    called after every step (tests use it)."""
     if not config.out:
         raise ValueError("no run directory: set --out RUN_DIR")
     checkpoints = ckpt.checkpoints_dir(Path(config.out), resume)  # refuses a used directory before anything
@@ -144,7 +137,9 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     task = TASKS[config.task]
     run = task.build(config, procs, None)
     data = data if data is not None else task.batches(config, procs)
-    _seed_everything(config.seed + procs.rank)
+    random.seed(config.seed + procs.rank)
+    np.random.seed((config.seed + procs.rank) % 2**32)
+    torch.manual_seed(config.seed + procs.rank)
     start = 0
     if resume and (found := ckpt.load_latest(checkpoints)) is not None:
         path, tensors, state = found
@@ -171,8 +166,7 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
         if result.applied:
             streak = 0
         else:
-            streak += 1
-            skipped += 1
+            streak, skipped = streak + 1, skipped + 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({result.loss}); step skipped, weights "
                           f"unchanged", RuntimeWarning, stacklevel=2)
             if streak >= config.max_nonfinite_steps:
@@ -190,7 +184,15 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(run, data, step, checkpoints)
+            states: list[Any] = [data.state_dict()]
+            if procs.distributed:
+                states = [None] * procs.world_size
+                dist.all_gather_object(states, data.state_dict())
+            if procs.is_main or parallel.uses_fsdp(config, procs):  # FSDP: every process joins the gathers
+                tensors, state = checkpoint_contents(run, step, states)
+                if procs.is_main:
+                    ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
+            parallel.barrier(procs)
         if on_step is not None:
             on_step(step, run)
     bar.close()
@@ -202,19 +204,6 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     parallel.barrier(procs)
     return TrainResult(step=step, lr=lr_at(config, step), final_path=final_path, losses=losses,
                        skipped_steps=skipped)
-
-
-def _save_checkpoint(run: Run, data, step: int, checkpoints: Path) -> None:
-    procs = run.procs
-    states: list[Any] = [data.state_dict()]
-    if procs.distributed:
-        states = [None] * procs.world_size
-        dist.all_gather_object(states, data.state_dict())
-    if procs.is_main or parallel.uses_fsdp(run.config, procs):  # FSDP: every process joins the gathers
-        tensors, state = checkpoint_contents(run, step, states)
-        if procs.is_main:
-            ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=run.config.keep_checkpoints)
-    parallel.barrier(procs)
 
 
 __all__ = ["train", "build_run", "training_step", "lr_at", "TASKS", "TrainResult", "NonFiniteLossError",

@@ -1,29 +1,28 @@
 """Processes under torchrun, DDP wrapping, and FSDP2 sharding of the trained UNet.
 
-`parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel
-averages gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter:
-~41 GB for SDXL's 2.6B-parameter UNet).
+`parallel="ddp"` (default): every process holds the whole model, optimizer and EMA; DistributedDataParallel averages
+gradients.  Enough while fp32 weights + AdamW moments + EMA fit a GPU (~16 bytes per trained parameter: ~41 GB for
+SDXL's 2.6B-parameter UNet).  `parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023,
+"PyTorch FSDP") shards the UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W
+each), applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root
+(which owns the rest); a block's parameters are all-gathered for its forward and backward, its gradients
+reduce-scattered.  bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW
+in fp32).  Frozen networks and trained text encoders stay replicated (the latter all-reduced by hand, as under
+DDP); the VAE task trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA
+shadows are sharded like the parameters, so updates are local.  Checkpoints keep the one format of
+`xldm.train.checkpoint`: every sharded tensor is gathered to rank 0 (`gather_full`), so a file equals a DDP or
+one-process one (resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`,
+no communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
 
-`parallel="fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP") shards the
-UNet's parameters, gradients, AdamW moments and EMA shadows over the processes (~1/W each).  `fully_shard` is
-applied to each block of `input_blocks`, to `middle_block`, to each of `output_blocks`, then to the root (which owns
-the rest); a block's parameters are all-gathered for its forward and backward, its gradients reduce-scattered.
-bf16 on CUDA: gathers and compute in bf16, gradients reduced in fp32 into the fp32 shards (AdamW in fp32).  Frozen
-networks and trained text encoders stay replicated (the latter all-reduced by hand, as under DDP); the VAE task
-trains with DDP only.  Clipping uses the global norm over all shards (`clip_grad_norm`); the EMA shadows are
-sharded like the parameters, so updates are local.  Checkpoints keep the one format of `xldm.train.checkpoint`:
-every sharded tensor is gathered to rank 0 (`gather_full`), so a file is the same as a DDP or one-process one
-(resumable either way); on resume each process keeps its shard of each tensor (`shard_checkpoint`, no
-communication).  Rank 0 then needs host memory for the full training state (~41 GB for SDXL base).
-
-Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights):
+Eight GPUs on one machine, full-size SDXL base (bf16, gradient checkpointing, from the released weights; a global
+batch of 32, as `--batch-size` is per process):
 
     torchrun --standalone --nproc_per_node 8 -m xldm.train.cli --preset sdxl-base \\
         --init sd_xl_base_1.0.safetensors --data shards/{00000..00999}.tar --batch-size 4 --steps 10000 \\
         --out runs/sdxl --set parallel=fsdp
 
-(`--batch-size` is per process: a global batch of 32.)  Several machines: torchrun's `--nnodes N --node_rank R
---rdzv_endpoint HOST:PORT` instead of `--standalone` (one flat mesh over all processes)."""
+Several machines: torchrun's `--nnodes N --node_rank R --rdzv_endpoint HOST:PORT` instead of `--standalone` (one
+flat mesh over all processes)."""
 
 from __future__ import annotations
 
@@ -87,11 +86,9 @@ def shard_unet(unet: nn.Module, procs: Processes, mixed_precision: str) -> nn.Mo
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(procs.device.type, (procs.world_size,))
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16" and procs.device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    for block in blocks:
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" and procs.device.type == "cuda" else MixedPrecisionPolicy())
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(unet, mesh=mesh, mp_policy=policy)
     return unet
@@ -104,9 +101,8 @@ def _is_dtensor(t: object) -> bool:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global gradient norm over all processes' shards (and plain tensors), clipped to `max_norm` in place.
-
-    Without sharded parameters this is exactly `torch.nn.utils.clip_grad_norm_`."""
+    """Global gradient norm over all processes' shards (and plain tensors), clipped to `max_norm` in place; without
+    sharded parameters exactly `torch.nn.utils.clip_grad_norm_`."""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = [g for g in grads if _is_dtensor(g)]
     if not sharded:
@@ -132,8 +128,7 @@ def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rows [start, end) of a dim-0 size n that `rank` holds under Shard(0): torch.chunk semantics (FSDP2,
     DTensor), i.e. ceil(n / world) rows per rank, the last ones possibly short or empty."""
     chunk = -(-n // world)
-    start = min(n, rank * chunk)
-    return start, min(n, start + chunk)
+    return min(n, rank * chunk), min(n, rank * chunk + chunk)
 
 
 def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out: dict) -> None:
@@ -141,13 +136,8 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out
     (padded to the longest process's length); rank 0 cuts the pieces back out and stacks each tensor's rows."""
     world = procs.world_size
     mesh = bucket[0][1].device_mesh
-    sizes = []
-    for r in range(world):
-        row = []
-        for _, t in bucket:
-            start, end = _rows(t.shape[0], world, r)
-            row.append((end - start) * (t.shape.numel() // max(t.shape[0], 1)))
-        sizes.append(row)
+    sizes = [[(end - start) * (t.shape.numel() // max(t.shape[0], 1))
+              for _, t in bucket for start, end in [_rows(t.shape[0], world, r)]] for r in range(world)]
     local = torch.cat([t._local_tensor.reshape(-1) for _, t in bucket])  # (to_local() without autograd)
     if local.numel() != sum(sizes[procs.rank]):
         raise RuntimeError("FSDP shard sizes do not follow torch.chunk semantics; cannot gather the checkpoint")
@@ -164,12 +154,11 @@ def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], procs: Processes, out
 
 
 def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str, torch.Tensor]:
-    """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.
-
-    A collective: every process must call it with the same keys in the same order (they come from
-    state_dict()s, which are ordered the same on every process; every choice below depends only on global
-    shapes, dtypes and placements, so all processes issue the same collectives).  Dim-0-sharded tensors of one
-    dtype are gathered in buckets of about GATHER_BUCKET_BYTES (one collective each, not one per tensor)."""
+    """Full CPU copies of `tensors` (sharded ones gathered) on rank 0, {} elsewhere.  A collective: every process
+    must call it with the same keys in the same order (they come from state_dict()s, ordered the same on every
+    process; every choice below depends only on global shapes, dtypes and placements, so all processes issue the
+    same collectives).  Dim-0-sharded tensors of one dtype are gathered in buckets of about GATHER_BUCKET_BYTES (one
+    collective each, not one per tensor)."""
     from torch.distributed.tensor import Shard
 
     gathered: dict[str, torch.Tensor] = {}
@@ -196,22 +185,12 @@ def gather_full(tensors: dict[str, torch.Tensor], procs: Processes) -> dict[str,
     return {key: gathered[key] for key in tensors} if procs.is_main else {}
 
 
-def _shard_as(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` cut to this process's shard of `like` (a DTensor), without communication; plain `like`: as is."""
-    if not _is_dtensor(like):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    if tuple(full.shape) != tuple(like.shape):
-        raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a parameter of shape "
-                         f"{tuple(like.shape)}")
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
 def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full checkpoint tensors -> the same keys holding this process's shards where the run (xldm.train.run.Run)
     is sharded: the weights of the trained networks (`model.*`), the AdamW moments (`optim.state.<index>.*`) and
     the EMA shadows (`ema.*`).  Everything else is returned as is."""
+    from torch.distributed.tensor import distribute_tensor
+
     targets: dict[str, torch.Tensor] = {}
     for name, module in run.trainable.items():
         targets.update({f"model.{name}.{k}": v for k, v in module.state_dict().items()})
@@ -225,7 +204,12 @@ def shard_checkpoint(run, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
             index, name = key[len("optim.state."):].split(".", 1)
             param = params[int(index)]
             like = param if name != "step" and tuple(value.shape) == tuple(param.shape) else None
-        out[key] = _shard_as(value, like) if like is not None else value
+        if like is not None and _is_dtensor(like):  # cut to this process's shard of `like`, no communication
+            if tuple(value.shape) != tuple(like.shape):
+                raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit a parameter of shape "
+                                 f"{tuple(like.shape)}")
+            value = distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        out[key] = value
     return out
 
 

@@ -58,9 +58,8 @@ class Run:
         return [self.procs.rank * b + i for i in range(b)]
 
     def autocast(self):
-        if self.config.mixed_precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                if self.config.mixed_precision == "bf16" else nullcontext())
 
     def averaged(self, name: str, device: torch.device | str = "cpu") -> nn.Module:
         """A copy of trained network `name` holding its EMA weights (raw weights without EMA), in eval mode."""
@@ -116,9 +115,8 @@ def update(run: Run, loss: torch.Tensor, step: int, params: list[torch.Tensor], 
            after: Callable[[], None] | None = None) -> StepResult:
     """One update of the run's optimizer from `loss` at (1-based) `step`, then `after()` and the EMA.  `params`:
     the trained parameters, taken before the forward (FSDP2 swaps the root's unsharded ones in for it)."""
-    unwrapped = [m for name, m in run.trainable.items() if name not in run.forward]
     applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(run.config, step),
-                                        unwrapped=unwrapped)
+                                        unwrapped=[m for name, m in run.trainable.items() if name not in run.forward])
     if applied and after is not None:
         after()
     if applied and run.ema is not None:

@@ -1,28 +1,25 @@
 """Training data sources: image-caption folders and WebDataset shards (`open_source`), and image decoding.
 
-* a **folder**: images (`.png .jpg .jpeg .webp`, searched recursively) with a caption `name.txt` beside
-  `name.png`, or a `metadata.jsonl` at the top with one `{"file_name", "text", "aesthetic_score"?}` per line
-  (Hugging Face imagefolder layout; `file_name` relative to the folder and never outside it).  Each image's size is
-  read once from its header (Pillow's `Image.open` is lazy), so every image's bucket is known without decoding it.
+* a **folder**: images (`.png .jpg .jpeg .webp`, searched recursively) with a caption `name.txt` beside `name.png`,
+  or a `metadata.jsonl` at the top with one `{"file_name", "text", "aesthetic_score"?}` per line (Hugging Face
+  imagefolder layout; `file_name` relative to the folder and never outside it).  Each image's size is read once from
+  its header (Pillow's `Image.open` is lazy), so every image's bucket is known without decoding it.
 * **WebDataset shards** (the format sgm trains from): a `.tar` path, a folder of `.tar` files, or brace notation
   `shards/data-{000..009}.tar`.  Members are grouped into samples by key (the name up to the first dot of its
   basename); a sample has an image (`jpg jpeg png webp`) and a caption (`txt`, or `caption`/`text` in its `json`,
   which may also hold `aesthetic_score`).  Shards are streamed member by member with the stdlib `tarfile`.
 
 Without an aesthetic score in the metadata a sample gets 6.0, the default positive score of SDXL's refiner
-(diffusers img2img `aesthetic_score=6.0`, sgm `streamlit_helpers.py`).
-
-Bad files never stop a run; they raise `SkipSample` with a reason, and are skipped and counted by it
-(`xldm.train.data.TrainingBatches.stats["skipped"]`):
+(diffusers img2img `aesthetic_score=6.0`, sgm `streamlit_helpers.py`).  Bad files never stop a run; they raise
+`SkipSample` with a reason, and are skipped and counted by it (`xldm.train.data.TrainingBatches.stats["skipped"]`):
 `zero_bytes`, `not_an_image`, `too_many_pixels` (Pillow's decompression-bomb warning or error: the limit
-`PIL.Image.MAX_IMAGE_PIXELS` stays on and is never changed here), `truncated` (file or tar member cut short),
-`corrupt` (other decode errors), `unsupported_mode` (float images), `missing_caption`, `missing_image`,
-`bad_metadata`, `unreadable` (the file cannot be opened), `truncated_shard` (a tar that ends mid-member: the
-samples before the damage are used).  A missing caption skips the sample by default; `missing_caption="empty"`
-trains it with an empty caption instead.  Images are converted to RGB: EXIF orientation is applied first (so
-`original_size` is the upright size), transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is
-composited onto white, CMYK/YCbCr/LAB/P/L/1 are converted by Pillow, and 16-bit greyscale (`I;16*`, `I`) is
-scaled by 255/65535 (Pillow's own `convert` would clip it instead)."""
+`PIL.Image.MAX_IMAGE_PIXELS` stays on, never changed here), `truncated` (file or tar member cut short), `corrupt`
+(other decode errors), `unsupported_mode` (float images), `missing_caption`, `missing_image`, `bad_metadata`,
+`unreadable` (cannot be opened), `truncated_shard` (a tar that ends mid-member: the samples before the damage are
+used).  A missing caption skips the sample by default; `missing_caption="empty"` trains it with an empty caption.
+Images become RGB: EXIF orientation first (so `original_size` is the upright size), transparency (RGBA, LA, PA,
+P/L/RGB with a transparent colour) composited onto white, CMYK/YCbCr/LAB/P/L/1 converted by Pillow, 16-bit
+greyscale (`I;16*`, `I`) scaled by 255/65535 (Pillow's own `convert` would clip it instead)."""
 
 from __future__ import annotations
 
@@ -57,7 +54,6 @@ class SkipSample(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
 
 
 @contextmanager
@@ -140,7 +136,6 @@ def decode_image(source: str | bytes) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(image))
         finally:
             image.close()
-
 
 
 def _check_missing_caption(missing_caption: str) -> None:
@@ -352,8 +347,6 @@ def shard_sample(raw: _RawSample, missing_caption: str) -> tuple[bytes, str, flo
     return members[image_key], caption, score
 
 
-__all__ = [
-    "DEFAULT_AESTHETIC_SCORE", "FolderSample", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
-    "Source", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "shard_sample",
-    "to_rgb",
-]
+__all__ = ["DEFAULT_AESTHETIC_SCORE", "FolderSample", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
+           "Source", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "shard_sample",
+           "to_rgb"]

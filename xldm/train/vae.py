@@ -38,9 +38,8 @@ class PatchDiscriminator(nn.Module):
         width = channels
         for i in range(1, layers + 1):
             out = channels * min(2 ** i, 8)
-            stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
-                       nn.LeakyReLU(0.2)]
+            blocks += [nn.Conv2d(width, out, 4, 2 if i < layers else 1, 1, bias=False),
+                       nn.GroupNorm(min(32, out // 4), out), nn.LeakyReLU(0.2)]
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
@@ -70,8 +69,7 @@ class Reconstruction(nn.Module):
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample sum over pixels, mean over the batch (ldm `nll_loss = sum(rec) / B` with logvar 0)."""
     diff = (x.float() - x_hat.float())
-    rec = diff.abs() if kind == "l1" else diff.square()
-    return rec.sum() / x.shape[0]
+    return (diff.abs() if kind == "l1" else diff.square()).sum() / x.shape[0]
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -89,8 +87,7 @@ def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     """ldm `calculate_adaptive_weight`: balance the adversarial gradient against the reconstruction one."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
-    return weight * disc_weight
+    return torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * disc_weight
 
 
 def build(config: TrainConfig, procs: parallel.Processes, model: Components | None = None) -> Run:
