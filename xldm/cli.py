@@ -43,51 +43,33 @@ def _output_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}.{ext}" for i in range(batch)]
 
 
-def number_list(kind, separator: str = ",", length: int | None = None, expected: str | None = None):
+MAX_SIDE = 16384  # largest width/height/crop value accepted on the command line (pixels)
+
+
+def number_list(kind, separator: str = ",", length: int | None = None, expected: str | None = None,
+                bounds: tuple[str, int, int] | None = None):
     """An argparse type: numbers joined by `separator` -> a list (one per cascade stage), or a tuple of exactly
-    `length` numbers (WIDTHxHEIGHT, TOP,LEFT)."""
+    `length` numbers (WIDTHxHEIGHT, TOP,LEFT; a single number for length 1), each within `bounds` (name, low,
+    high) when given."""
     expected = expected or f"comma-separated {kind.__name__}s such as {'30,20,20' if kind is int else '5,4,4'}"
 
     def parse(text: str):
         try:
             values = [kind(v) for v in text.lower().split(separator)]
-            if length is None or len(values) == length:
-                return values if length is None else tuple(values)
         except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+            values = []
+        if not values or (length is not None and len(values) != length):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if bounds is not None and any(not bounds[1] <= v <= bounds[2] for v in values):
+            raise argparse.ArgumentTypeError(f"{bounds[0]} values must be in [{bounds[1]}, {bounds[2]}], got {text!r}")
+        return values if length is None else values[0] if length == 1 else tuple(values)
 
     return parse
 
 
-MAX_SIDE = 16384  # largest width/height/crop value accepted on the command line (pixels)
-
-
-def _bounded(parse, low: int, what: str):
-    """Wrap an argparse number-tuple type: every value must be in [low, MAX_SIDE]."""
-
-    def check(text: str):
-        values = parse(text)
-        if any(not low <= v <= MAX_SIDE for v in values):
-            raise argparse.ArgumentTypeError(f"{what} values must be in [{low}, {MAX_SIDE}], got {text!r}")
-        return values
-
-    return check
-
-
-def _side(text: str) -> int:
-    """An argparse type for --width / --height: an integer in [1, MAX_SIDE]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= value <= MAX_SIDE:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_SIDE}], got {text!r}")
-    return value
-
-
-_size = _bounded(number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768"), 1, "size")
-_crop = _bounded(number_list(int, ",", 2, "TOP,LEFT such as 0,0"), 0, "crop")
+_size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768", bounds=("size", 1, MAX_SIDE))
+_crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0", bounds=("crop", 0, MAX_SIDE))
+_side = number_list(int, ",", 1, "an integer", bounds=("side", 1, MAX_SIDE))
 
 
 def check_output_paths(paths: list[str]) -> None:

@@ -35,18 +35,19 @@ def round_to_multiple(width: int, height: int, multiple: int = 8) -> tuple[int, 
     return width - width % multiple, height - height % multiple
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", *_ALPHA_MODES, *SIXTEEN_BIT_MODES)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for the pipeline: 16-bit greyscale scaled by 255/65535 (Pillow's convert would clip it to white),
-    transparency composited onto white (not dropped to black), other modes `.convert("RGB")`.  Float images
-    (mode "F") have no defined scale: ValueError naming the mode."""
+    """RGB, for inference and training alike: 16-bit greyscale scaled by 255/65535 (Pillow's convert would clip
+    it to white), transparency composited onto white (not dropped to black), the other `CONVERTIBLE_MODES` by
+    Pillow.  Other modes (float "F", ...) have no defined scale: ValueError naming the mode."""
     mode = image.mode
-    if mode == "F":
-        raise ValueError(f"image mode {mode!r} (floating point) is not supported; save the image as 8- or 16-bit")
-    if mode in _SIXTEEN_BIT_MODES:
+    if mode not in CONVERTIBLE_MODES:
+        raise ValueError(f"image mode {mode!r} is not supported; save the image as 8- or 16-bit")
+    if mode in SIXTEEN_BIT_MODES:
         array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:

@@ -39,13 +39,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xldm.buckets import Size
+from xldm.images import CONVERTIBLE_MODES
+from xldm.images import to_rgb as _to_rgb
 
 DEFAULT_AESTHETIC_SCORE = 6.0  # SDXL refiner default (diffusers StableDiffusionXLImg2ImgPipeline)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # first present wins
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", *_ALPHA_MODES, *_SIXTEEN_BIT_MODES)
 
 
 class SkipSample(Exception):
@@ -100,24 +99,18 @@ def probe_size(path: str) -> Size:
     with _skip_on_decode_errors():
         image = Image.open(path)
     with image:
-        if image.mode not in _CONVERTIBLE_MODES:
+        if image.mode not in CONVERTIBLE_MODES:
             raise SkipSample("unsupported_mode", image.mode)
         width, height = image.size
         return (height, width) if _orientation_swaps_sides(image) else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white and 16-bit greyscale scaled down; SkipSample otherwise."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:  # 16-bit greyscale: scale 0..65535 -> 0..255 (Pillow's convert would clip)
-        array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode not in _CONVERTIBLE_MODES:
-        raise SkipSample("unsupported_mode", mode)
-    if mode in _ALPHA_MODES or "transparency" in image.info:  # composite transparency onto white
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    """`xldm.images.to_rgb` (the one conversion, shared with inference); an unsupported mode is a SkipSample."""
+    try:
+        return _to_rgb(image)
+    except ValueError:
+        raise SkipSample("unsupported_mode", image.mode) from None
 
 
 def decode_image(source: str | bytes) -> Image.Image:
