@@ -5,13 +5,13 @@ Files are crafted byte by byte: 8-byte little-endian header length, JSON header,
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_components
 
 from xldm.config import TINY_SDXL_BASE
 from xldm.errors import CheckpointError, CorruptCheckpointError
@@ -19,8 +19,6 @@ from xldm.weights.detect import METADATA_KEY, model_config_to_dict
 from xldm.weights.io import open_checkpoint, save_file
 from xldm.weights.load import load_model, load_single_file
 from xldm.weights.save import single_file_state_dict
-
-from tiny_models import random_components
 
 ONE_F32 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 

@@ -191,9 +191,10 @@ def _json_name(value) -> str:
 
 def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:
     """`d`'s entries as keyword arguments of dataclass `cls`, each checked against its default's type (lists
-    become tuples); unknown or missing fields and wrong types raise a ValueError naming the field."""
+    become tuples); unknown or missing fields and wrong types raise a ValueError (TypeError for a non-object)
+    naming the field."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a JSON object, got a JSON {_json_name(d)}")
+        raise TypeError(f"{where} must be a JSON object, got a JSON {_json_name(d)}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(k for k in d if k not in known)
     if unknown:
@@ -223,9 +224,8 @@ def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:
         elif isinstance(default, float):
             if type(value) not in (int, float):
                 raise ValueError(f"{where}.{name} must be a number, got {value!r:.60}")
-        elif isinstance(default, str) or name == "kind":
-            if not isinstance(value, str):
-                raise ValueError(f"{where}.{name} must be a string, got a JSON {_json_name(value)}")
+        elif (isinstance(default, str) or name == "kind") and not isinstance(value, str):
+            raise ValueError(f"{where}.{name} must be a string, got a JSON {_json_name(value)}")
         out[name] = value
     return out
 
@@ -237,7 +237,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     unet = UNetConfig(**_fields_of(UNetConfig, top["unet"], "config.unet"))
     vae = None if top["vae"] is None else VAEConfig(**_fields_of(VAEConfig, top["vae"], "config.vae"))
     if not isinstance(top["text_encoders"], list):
-        raise ValueError(f"config.text_encoders must be a JSON array, got a JSON {_json_name(top['text_encoders'])}")
+        raise TypeError(f"config.text_encoders must be a JSON array, got a JSON {_json_name(top['text_encoders'])}")
     tes = tuple(TextEncoderConfig(**_fields_of(TextEncoderConfig, te, f"config.text_encoders[{i}]"))
                 for i, te in enumerate(top["text_encoders"]))
     return ModelConfig(**dict(top, unet=unet, vae=vae, text_encoders=tes))
