@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, replace
+from dataclasses import MISSING, asdict, fields, replace
 from typing import Mapping
 
 from xldm.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -173,6 +173,9 @@ def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | No
         return None
     try:
         return model_config_from_dict(json.loads(metadata[METADATA_KEY]))
+    except RecursionError:
+        raise CheckpointError(f"the header's {METADATA_KEY!r} metadata is nested too deeply to be a ModelConfig") \
+            from None
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"the header's {METADATA_KEY!r} metadata is not a valid ModelConfig: {e}") from None
 
@@ -181,15 +184,63 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
     return asdict(cfg)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-    def tup(x):
-        return tuple(x) if isinstance(x, list) else x
+def _json_name(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
-    unet = UNetConfig(**{k: tup(v) for k, v in d["unet"].items()})
-    vae = VAEConfig(**{k: tup(v) for k, v in d["vae"].items()})
-    tes = tuple(TextEncoderConfig(**te) for te in d["text_encoders"])
-    rest = {k: tup(v) for k, v in d.items() if k not in ("unet", "vae", "text_encoders")}
-    return ModelConfig(unet=unet, vae=vae, text_encoders=tes, **rest)
+
+def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:
+    """`d`'s entries as keyword arguments of dataclass `cls`, each checked against its default's type (lists
+    become tuples); unknown or missing fields and wrong types raise a ValueError (TypeError for a non-object)
+    naming the field."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where} must be a JSON object, got a JSON {_json_name(d)}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(k for k in d if k not in known)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown} (known: {sorted(known)})")
+    missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where} lacks required field(s) {missing}")
+    out = {}
+    for name, value in d.items():
+        if name in nested:
+            out[name] = value
+            continue
+        default = known[name].default
+        if isinstance(default, tuple) or (default is MISSING and isinstance(value, list)):
+            if not isinstance(value, list):
+                raise ValueError(f"{where}.{name} must be a JSON array, got a JSON {_json_name(value)}")
+            bad = [v for v in value if not isinstance(v, (int, float, str)) or isinstance(v, bool)]
+            if bad:
+                raise ValueError(f"{where}.{name} must hold numbers or strings, got {bad[:3]!r:.100}")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}.{name} must be a boolean, got a JSON {_json_name(value)}")
+        elif isinstance(default, int):
+            if type(value) is not int:
+                raise ValueError(f"{where}.{name} must be an integer, got {value!r:.60}")
+        elif isinstance(default, float):
+            if type(value) not in (int, float):
+                raise ValueError(f"{where}.{name} must be a number, got {value!r:.60}")
+        elif (isinstance(default, str) or name == "kind") and not isinstance(value, str):
+            raise ValueError(f"{where}.{name} must be a string, got a JSON {_json_name(value)}")
+        out[name] = value
+    return out
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from `model_config_to_dict`'s output; ValueError naming the field that is missing, unknown or
+    of the wrong type."""
+    top = _fields_of(ModelConfig, d, "config", frozenset({"unet", "vae", "text_encoders"}))
+    unet = UNetConfig(**_fields_of(UNetConfig, top["unet"], "config.unet"))
+    vae = None if top["vae"] is None else VAEConfig(**_fields_of(VAEConfig, top["vae"], "config.vae"))
+    if not isinstance(top["text_encoders"], list):
+        raise TypeError(f"config.text_encoders must be a JSON array, got a JSON {_json_name(top['text_encoders'])}")
+    tes = tuple(TextEncoderConfig(**_fields_of(TextEncoderConfig, te, f"config.text_encoders[{i}]"))
+                for i, te in enumerate(top["text_encoders"]))
+    return ModelConfig(**dict(top, unet=unet, vae=vae, text_encoders=tes))
 
 
 def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> ModelConfig:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import reprlib
 import secrets
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,12 @@ from xldm.errors import (
 )
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
+MAX_DIM = 2**40  # no real tensor has a dimension this long; larger ones (zero-size tensors) overflow when read
+MAX_RANK = 32  # dimensions per tensor
+
+_REPR = reprlib.Repr()  # bounded in depth and length: a hostile header's values are quoted safely
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+_short = _REPR.repr
 
 # safetensors dtype names -> torch dtypes (same table as safetensors.torch._TYPES), those this torch has.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in (
@@ -128,6 +135,11 @@ class Checkpoint:
                                                                    device) for k, e in chosen}
 
 
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) < len(keys):
@@ -136,30 +148,44 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def _explain(header: dict, data_size: int) -> str | None:
-    """Why `safe_open` refused a header that is a JSON object: the first problem, with what was expected."""
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        return "__metadata__ must map strings to strings"
+    """The first problem of a header that is a JSON object, with what was expected and what was found; None if
+    it is valid.  Types are checked before any value is used, so no header can crash the check itself."""
+    metadata = header.get("__metadata__")
+    metadata = {} if metadata is None else metadata  # the format allows null
+    if not isinstance(metadata, dict):
+        return f"__metadata__ must be an object of strings to strings, got a JSON {_json_type(metadata)}"
+    bad = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        return (f"__metadata__ must map strings to strings, but {bad!r:.100} maps to a JSON "
+                f"{_json_type(metadata[bad])}")
     spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            return f"tensor {key!r} needs 'dtype', 'shape' and 'data_offsets', got {info!r:.200}"
+            return f"tensor {key!r:.200} needs 'dtype', 'shape' and 'data_offsets', got {_short(info)}"
         name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(name, str):
+            return f"tensor {key!r:.200} has dtype {_short(name)}, expected a string such as 'F32'"
         if name not in SAFETENSORS_DTYPES:
-            return f"tensor {key!r} has unknown dtype {name!r} (known: {', '.join(SAFETENSORS_DTYPES)})"
+            return f"tensor {key!r:.200} has unknown dtype {name!r:.100} (known: {', '.join(SAFETENSORS_DTYPES)})"
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            return f"tensor {key!r} has an invalid shape {shape!r:.200}"
+            return f"tensor {key!r:.200} has an invalid shape {_short(shape)}, expected a list of non-negative integers"
+        if len(shape) > MAX_RANK:
+            return f"tensor {key!r:.200} has {len(shape)} dimensions, more than the {MAX_RANK} allowed"
+        if any(d > MAX_DIM for d in shape):
+            return (f"tensor {key!r:.200} has a dimension of {max(shape)}, more than the {MAX_DIM} (2**40) allowed "
+                    f"(shape {_short(shape)})")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            return f"tensor {key!r} has invalid data_offsets {offsets!r:.200}"
+            return (f"tensor {key!r:.200} has invalid data_offsets {_short(offsets)}, expected a list of two "
+                    f"integers [begin, end] with 0 <= begin <= end")
         (begin, end), expected = offsets, math.prod(shape) * SAFETENSORS_DTYPES[name].itemsize
         if end - begin != expected:
-            return (f"tensor {key!r}: shape {tuple(shape)} of {name} needs {expected} bytes, "
+            return (f"tensor {key!r:.200}: shape {tuple(shape)} of {name} needs {expected} bytes, "
                     f"but data_offsets [{begin}, {end}] hold {end - begin}")
         if end > data_size:
-            return (f"tensor {key!r} ends at byte {end} of the data area, but the file holds only {data_size} "
+            return (f"tensor {key!r:.200} ends at byte {end} of the data area, but the file holds only {data_size} "
                     f"data bytes (truncated file, or offsets outside the data area)")
         spans.append((begin, end, key))
     cursor, previous = 0, None  # the data area must be tiled exactly: no overlap, no gap, nothing after
@@ -194,8 +220,14 @@ def _open_safetensors(path: Path) -> Checkpoint:
         raise corrupt(str(e)) from None
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
         raise corrupt(f"the header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise corrupt("the header's JSON is nested too deeply to be a tensor table (expected an object of "
+                      "tensor entries)") from None
     if not isinstance(header, dict):
         raise corrupt(f"the header is a JSON {type(header).__name__}, expected an object")
+    reason = _explain(header, size - 8 - length)  # checked here first: safe_open accepts some bad headers
+    if reason is not None:
+        raise corrupt(reason)
     try:
         try:
             handle = safe_open(str(path), framework="pt", backend="pread")  # no file mapping (safetensors >= 0.8)

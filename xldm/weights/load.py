@@ -117,13 +117,31 @@ def _part(ckpt: Checkpoint, prefix: str, dtype, device, ignorable=is_ignorable) 
     return {k[len(prefix):]: torch.empty(ckpt.shape(k), device="meta") for k in keys}, read
 
 
+def _file_config(path, ckpt: Checkpoint) -> ModelConfig:
+    """The config of a single file (its `xldm.config` metadata, or detected from shapes), named by `path` when
+    it cannot be used."""
+    try:
+        config = detect_config({k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.metadata)
+    except UnknownModelError:
+        raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if config.kind not in TEXT_ENCODER_LAYOUTS:
+        raise CheckpointError(f"{path}: the header's metadata names model kind {config.kind!r:.60}; expected one "
+                              f"of {sorted(TEXT_ENCODER_LAYOUTS)}")
+    if len(config.text_encoders) != len(TEXT_ENCODER_LAYOUTS[config.kind]):
+        raise CheckpointError(f"{path}: a {config.kind} model has {len(TEXT_ENCODER_LAYOUTS[config.kind])} text "
+                              f"encoder(s), the header's metadata describes {len(config.text_encoders)}")
+    return config
+
+
 def load_single_file(path: str | os.PathLike, *, components: Iterable[str] | None = None,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                      allow_pickle: bool = False, config: ModelConfig | None = None) -> Components:
     """Load an original-layout checkpoint (sgm / ldm single file: `model.diffusion_model.` ...)."""
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     keys = list(ckpt.keys())
-    config = config or detect_config({k: ckpt.shape(k) for k in keys}, ckpt.metadata)
+    config = config or _file_config(path, ckpt)
     layouts = TEXT_ENCODER_LAYOUTS[config.kind]
     prefixes = [UNET_PREFIX, VAE_PREFIX] + [p for p, _ in layouts]
     unknown = [k for k in keys if not k.startswith(tuple(prefixes)) and not is_ignorable(k)]
@@ -303,7 +321,8 @@ def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dt
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()) else ""
         scale = SDXL_VAE.scaling_factor  # bare VAE files: SDXL's
         if prefix:
-            scale = detect_config({k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.metadata).vae.scaling_factor
+            vae = _file_config(path, ckpt).vae
+            scale = vae.scaling_factor if vae is not None else scale
         (header, read), convert = _part(ckpt, prefix, dtype, device), None
         vae_cfg = detect_vae({k: tuple(v.shape) for k, v in header.items()}, scale)
     if scaling_factor is not None:
