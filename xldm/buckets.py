@@ -183,9 +183,3 @@ def apply_placement(image: Image.Image, placement: Placement, resample: Image.Re
     if (resized_width, resized_height) != image.size:
         image = image.resize((resized_width, resized_height), resample=resample)
     return image.crop((left, top, left + bucket_width, top + bucket_height))
-
-
-__all__ = [
-    "SDXL_BUCKETS", "SDXL_RULE_EXTRA", "Size", "RESAMPLE", "Placement", "apply_placement", "buckets_for_area",
-    "format_sizes", "nearest_bucket", "place", "place_in_bucket", "scaled_buckets", "training_buckets",
-]

@@ -561,12 +561,3 @@ def load_cascade(spec, *, dtype: torch.dtype | None = None,
         stages.append(load_stage(path, text_encoders=shared, dtype=dtype, device=device))
     check_stage_order([s.config for s in stages])
     return stages
-
-
-__all__ = [
-    "CascadePipeline", "CascadeResult", "augment", "aug_alpha", "check_low_res", "upsample_low_res",
-    "downsample_for_sr", "check_stage_order", "plan_sizes", "stage_generators", "save_stage", "load_stage",
-    "read_stage_header", "save_cascade", "load_cascade", "cascade_files", "per_stage", "pick_encoders",
-    "encoders_from", "random_stage", "describe", "is_sr", "input_size", "stage_header", "stage_config",
-    "DEFAULT_SR_AUG_LEVEL", "DEFAULT_STEPS", "DEFAULT_CFG",
-]

@@ -462,9 +462,3 @@ def training_conditioning(config: ModelConfig, text_encoders: Sequence, tokenize
     pooled = emb.pooled.to(device) * keep_t[:, None]
     ids = micro_ids(config, {name: batch[name] for name in config.micro_conditioning}, context.shape[0])
     return context, vector_conditioning(config, pooled, ids.to(device), keep_micro=keep_micro.to(device))
-
-
-__all__ = [
-    "TextEmbeddings", "Conditioning", "concat_channels", "encode_prompts", "zero_embeddings_like", "micro_ids",
-    "vector_conditioning", "sampling_conditioning", "training_conditioning", "LONG_PROMPT_MODES", "AUG_LEVEL_EMBED_SCALE",
-]

@@ -363,10 +363,3 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL_PATH = DATA_DIR / "default" / "base.safetensors"
 DEFAULT_REFINER_PATH = DATA_DIR / "default" / "refiner.safetensors"
 DEFAULT_CASCADE_DIR = DATA_DIR / "cascade"
-
-__all__ = [
-    "UNetConfig", "VAEConfig", "TextEncoderConfig", "ModelConfig", "PRESETS", "CASCADES", "SCALAR_WIDTHS",
-    "SDXL_BASE", "SDXL_REFINER", "SD15", "SD21", "TINY_SDXL_BASE", "TINY_SDXL_REFINER", "TINY_SD15",
-    "CLIP_L", "OPENCLIP_BIGG", "OPENCLIP_H", "SDXL_VAE", "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_BIGG",
-    "DEFAULT_MODEL_PATH", "DEFAULT_REFINER_PATH", "DEFAULT_CASCADE_DIR",
-]

@@ -76,7 +76,3 @@ class StateDictMismatchError(CheckpointError):
 
     def __reduce__(self):  # keep the attributes when the error crosses a process boundary
         return (type(self), (self.component, self.missing, self.unexpected, self.mismatched))
-
-
-__all__ = ["XldmError", "CheckpointError", "CorruptCheckpointError", "CheckpointLoadError", "PickleRefusedError",
-           "StateDictMismatchError", "UnsafePathError", "UnknownModelError"]

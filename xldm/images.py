@@ -94,7 +94,3 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     array = (x / 2 + 0.5).clamp(0, 1).detach().cpu().permute(0, 2, 3, 1).float().numpy()
     array = (array * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in array]
-
-
-__all__ = ["image_size", "image_to_tensor", "mask_to_tensor", "open_image", "round_to_multiple", "tensor_to_images",
-           "to_rgb"]

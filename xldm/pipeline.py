@@ -414,7 +414,3 @@ def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dt
     model = load_model(path, dtype=dt, device=dev)
     ref = load_model(refiner, dtype=dt, device=dev) if refiner is not None else None
     return Pipeline(model, ref, dtype=dt, device=dev)
-
-
-__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "Interrupted", "load", "ModelHandle", "resolve_request",
-           "denoise"]

@@ -212,8 +212,3 @@ def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
         return a1111_to_params(parse_a1111_parameters(text[A1111_CHUNK]))
     raise ValueError(f"{os.fspath(path)}: no generation settings found (expected a PNG text chunk "
                      f"{XLDM_CHUNK!r} or {A1111_CHUNK!r}, found {sorted(text) or 'none'})")
-
-
-__all__ = ["A1111_CHUNK", "A1111_SAMPLER_NAMES", "XLDM_CHUNK", "a1111_to_params", "encode_png",
-           "format_a1111_parameters", "parse_a1111_parameters", "png_text", "read_png_params", "read_png_text",
-           "save_png"]

@@ -128,6 +128,3 @@ def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Te
     # A row whose weighted mean is exactly 0 cannot be rescaled; it keeps the plain weighted values.
     ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
     return (weighted * ratio).to(hidden.dtype)
-
-
-__all__ = ["parse_weighted_prompt", "apply_token_weights", "BREAK", "ROUND_BRACKET_FACTOR", "SQUARE_BRACKET_FACTOR"]

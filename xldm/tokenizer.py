@@ -155,6 +155,3 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(pad_token_id={self.pad_token_id}, max_length={self.max_length})"
-
-
-__all__ = ["CLIPTokenizer", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "MAX_LENGTH"]

@@ -167,7 +167,3 @@ def decode_checked(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | in
         raise NonFiniteError(f"VAE decode produced non-finite values in {dtype} and again in float32: "
                              f"{_where_not_finite(image)}; {_advice(torch.float32)}")
     return image
-
-
-__all__ = ["AUTO_TILE_LATENT_AREA", "DEFAULT_OVERLAP_LATENT", "DEFAULT_TILE_LATENT", "NonFiniteError",
-           "decode_checked", "decode_tiled", "latents_are_finite"]

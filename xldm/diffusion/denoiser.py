@@ -95,6 +95,3 @@ class Denoiser:
         if min_snr_gamma > 0:
             per_sample = per_sample * self.min_snr_weights(timesteps, min_snr_gamma, x0.device).to(per_sample)
         return per_sample.mean()
-
-
-__all__ = ["Denoiser", "ModelOutputFn", "scale_input"]

@@ -159,6 +159,3 @@ class CLIPTextModel(nn.Module):
         """(context, pooled) in one call: what the SD/SDXL conditioner needs from this encoder."""
         out = self(input_ids)
         return self.context(out), out.pooled
-
-
-__all__ = ["CLIPTextModel", "CLIPTextOutput", "quick_gelu"]

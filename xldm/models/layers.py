@@ -173,7 +173,3 @@ class Upsample(nn.Module):
         if output_size is None:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return self.conv(F.interpolate(x, size=tuple(output_size), mode="nearest"))
-
-
-__all__ = ["timestep_embedding", "ResBlock", "Attention", "GEGLU", "FeedForward", "BasicTransformerBlock",
-           "SpatialTransformer", "Downsample", "Upsample"]

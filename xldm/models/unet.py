@@ -145,6 +145,3 @@ class UNet(nn.Module):
             target = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, target)
         return self.out(h)
-
-
-__all__ = ["UNet", "UNetBlock"]

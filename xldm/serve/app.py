@@ -478,6 +478,3 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=False), name="static")
     return app
-
-
-__all__ = ["ServerConfig", "Server", "create_app", "RequestGuard", "LOOPBACK_HOSTS"]

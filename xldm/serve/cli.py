@@ -102,6 +102,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"xldm serve: http://{host}:{args.port}/  (API: /sdapi/v1/*, OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
     return 0
-
-
-__all__ = ["DTYPES", "add_serve_parser", "build_config", "cmd_serve", "torch_dtype"]

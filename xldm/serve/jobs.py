@@ -304,6 +304,3 @@ class ModelStore:
                 self._loaded[name] = load_model(self.entries[name].path, dtype=self.dtype, device=self.device)
         return Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
                         dtype=self.dtype, device=self.device)
-
-
-__all__ = ["Job", "JobQueue", "QueueFull", "OutOfMemory", "ModelStore", "ModelEntry", "find_models", "latent_preview"]

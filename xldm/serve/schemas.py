@@ -310,8 +310,3 @@ class PngInfoResponse(BaseModel):
     info: str = Field(description="the `parameters` text chunk")
     items: dict[str, Any] = Field(description="the other text chunks")
     parameters: dict[str, Any] = Field(description="the infotext parsed into fields")
-
-
-__all__ = ["LIMITS", "Limits", "Txt2ImgRequest", "Img2ImgRequest", "Settings", "PngInfoRequest", "GenerationResponse",
-           "ProgressResponse", "ProgressState", "SDModelItem", "SamplerItem", "PngInfoResponse", "decode_image",
-           "png_base64", "resolve_sampler", "sampler_aliases"]

@@ -181,6 +181,3 @@ def open_cache(config, model, device: torch.device) -> EmbeddingCache | None:
         return None
     return EmbeddingCache(config.cache_dir, model, mixed_precision=config.mixed_precision, device=device,
                           cache_text=not config.train_text_encoders)
-
-
-__all__ = ["EmbeddingCache", "open_cache", "tensor_checksum", "modules_fingerprint", "CACHE_FORMAT"]

@@ -173,8 +173,3 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
                          n["has_gauss"], n["cached"]))
     version, internal, gauss_next = meta["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-__all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "checkpoints_dir",
-           "checkpoint_name", "CheckpointLoadError", "optimizer_state", "load_optimizer_state", "rng_state",
-           "restore_rng_state"]

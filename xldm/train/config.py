@@ -261,6 +261,3 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
     return replace(TRAIN_PRESETS[name], **overrides) if overrides else TRAIN_PRESETS[name]
-
-
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "preset", "lr_at", "TASKS"]

@@ -390,8 +390,3 @@ def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | Non
     save_evaluator(model, final / "clip_evaluator.safetensors")
     print(f"retrieval accuracy (1 of {1 + EVAL_DISTRACTORS}): {json.dumps(metrics)}", file=sys.stderr)
     return export_text_encoders(list(model.text_encoders), config.model_config, final / "model.safetensors")
-
-
-__all__ = ["ImageTowerConfig", "ImageTower", "ContrastiveModel", "clip_loss", "retrieval_accuracy", "evaluate",
-           "distractor_candidates", "export_text_encoders", "save_evaluator", "load_evaluator", "load_images",
-           "letterbox", "split_heldout", "ContrastiveBatches", "build", "batches", "loss", "step", "export"]

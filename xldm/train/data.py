@@ -370,8 +370,3 @@ def caption_group(caption: str) -> str:
 def is_heldout(caption: str) -> bool:
     digest = hashlib.sha256(("xldm-heldout:" + caption_group(caption)).encode()).digest()
     return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
-
-
-__all__ = ["Augment", "DEFAULT_AESTHETIC_SCORE", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
-           "Source", "TrainingBatches", "decode_image", "expand_braces", "iter_tar_samples", "open_source",
-           "probe_size", "to_rgb", "caption_group", "is_heldout"]

@@ -220,7 +220,3 @@ def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     if model.config.vae is None:
         return save_stage(result, final / "stage.safetensors")
     return save_single_file(result, final / "model.safetensors")
-
-
-__all__ = ["sample_generators", "NoiseDraw", "draw_noise", "random_crops", "build_model", "build", "batches",
-           "loss", "step", "export"]

@@ -59,6 +59,3 @@ class EMA:
             self.shadow[name].copy_(value)
         self.num_updates, self.decay = int(state["num_updates"]), float(state["decay"])
         self.warmup = bool(state["warmup"])
-
-
-__all__ = ["EMA"]

@@ -204,7 +204,3 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     parallel.barrier(procs)
     return TrainResult(step=step, lr=lr_at(config, step), final_path=final_path, losses=losses,
                        skipped_steps=skipped)
-
-
-__all__ = ["train", "build_run", "training_step", "lr_at", "TASKS", "TrainResult", "NonFiniteLossError",
-           "checkpoint_contents", "restore"]

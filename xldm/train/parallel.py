@@ -243,7 +243,3 @@ def gather_for_export(run) -> dict[str, nn.Module] | None:
 def barrier(procs: Processes) -> None:
     if procs.distributed:
         dist.barrier()
-
-
-__all__ = ["Processes", "setup_processes", "wrap_ddp", "uses_fsdp", "shard_unet", "clip_grad_norm", "gather_full",
-           "shard_checkpoint", "gather_for_export", "barrier"]

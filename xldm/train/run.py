@@ -122,6 +122,3 @@ def update(run: Run, loss: torch.Tensor, step: int, params: list[torch.Tensor], 
     if applied and run.ema is not None:
         run.ema.update(run.named_trainable_parameters())
     return StepResult(loss=value, applied=applied, grad_norm=norm, extra=extra or {})
-
-
-__all__ = ["Run", "StepResult", "make_optimizer", "apply_update", "update"]

@@ -338,8 +338,3 @@ def shard_sample(raw: _RawSample, missing_caption: str) -> tuple[bytes, str, flo
                 raise SkipSample("missing_caption")
             caption = ""
     return members[image_key], caption, score
-
-
-__all__ = ["DEFAULT_AESTHETIC_SCORE", "FolderSample", "FolderSource", "IMAGE_EXTENSIONS", "ShardSource", "SkipSample",
-           "Source", "decode_image", "expand_braces", "iter_tar_samples", "open_source", "probe_size", "shard_sample",
-           "to_rgb"]

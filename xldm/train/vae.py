@@ -147,7 +147,3 @@ def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     final.mkdir(parents=True, exist_ok=True)
     save_file(run.averaged("vae").state_dict(), final / "model.safetensors", metadata={"format": "pt"})
     return final / "model.safetensors"
-
-
-__all__ = ["PatchDiscriminator", "Reconstruction", "reconstruction_loss", "kl_loss", "hinge_d_loss",
-           "adaptive_disc_weight", "build", "step", "batches", "export"]

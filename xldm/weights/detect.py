@@ -14,6 +14,7 @@ from typing import Mapping
 
 from xldm.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from xldm.errors import CheckpointError, UnknownModelError
+from xldm.weights.io import json_type
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -184,17 +185,12 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
     return asdict(cfg)
 
 
-def _json_name(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
 def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:
     """`d`'s entries as keyword arguments of dataclass `cls`, each checked against its default's type (lists
     become tuples); unknown or missing fields and wrong types raise a ValueError (TypeError for a non-object)
     naming the field."""
     if not isinstance(d, dict):
-        raise TypeError(f"{where} must be a JSON object, got a JSON {_json_name(d)}")
+        raise TypeError(f"{where} must be a JSON object, got a JSON {json_type(d)}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(k for k in d if k not in known)
     if unknown:
@@ -202,31 +198,24 @@ def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:
     missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ValueError(f"{where} lacks required field(s) {missing}")
-    out = {}
+    out = dict(d)
     for name, value in d.items():
+        default, ok = known[name].default, True
         if name in nested:
-            out[name] = value
             continue
-        default = known[name].default
         if isinstance(default, tuple) or (default is MISSING and isinstance(value, list)):
-            if not isinstance(value, list):
-                raise ValueError(f"{where}.{name} must be a JSON array, got a JSON {_json_name(value)}")
-            bad = [v for v in value if not isinstance(v, (int, float, str)) or isinstance(v, bool)]
-            if bad:
-                raise ValueError(f"{where}.{name} must hold numbers or strings, got {bad[:3]!r:.100}")
-            value = tuple(value)
+            ok = isinstance(value, list) and all(type(v) in (int, float, str) for v in value)
+            expected, out[name] = "a JSON array of numbers or strings", tuple(value) if ok else value
         elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"{where}.{name} must be a boolean, got a JSON {_json_name(value)}")
+            ok, expected = isinstance(value, bool), "a boolean"
         elif isinstance(default, int):
-            if type(value) is not int:
-                raise ValueError(f"{where}.{name} must be an integer, got {value!r:.60}")
+            ok, expected = type(value) is int, "an integer"
         elif isinstance(default, float):
-            if type(value) not in (int, float):
-                raise ValueError(f"{where}.{name} must be a number, got {value!r:.60}")
-        elif (isinstance(default, str) or name == "kind") and not isinstance(value, str):
-            raise ValueError(f"{where}.{name} must be a string, got a JSON {_json_name(value)}")
-        out[name] = value
+            ok, expected = type(value) in (int, float), "a number"
+        elif isinstance(default, str) or name == "kind":
+            ok, expected = isinstance(value, str), "a string"
+        if not ok:
+            raise ValueError(f"{where}.{name} must be {expected}, got a JSON {json_type(value)}: {value!r:.60}")
     return out
 
 
@@ -237,7 +226,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     unet = UNetConfig(**_fields_of(UNetConfig, top["unet"], "config.unet"))
     vae = None if top["vae"] is None else VAEConfig(**_fields_of(VAEConfig, top["vae"], "config.vae"))
     if not isinstance(top["text_encoders"], list):
-        raise TypeError(f"config.text_encoders must be a JSON array, got a JSON {_json_name(top['text_encoders'])}")
+        raise TypeError(f"config.text_encoders must be a JSON array, got a JSON {json_type(top['text_encoders'])}")
     tes = tuple(TextEncoderConfig(**_fields_of(TextEncoderConfig, te, f"config.text_encoders[{i}]"))
                 for i, te in enumerate(top["text_encoders"]))
     return ModelConfig(**dict(top, unet=unet, vae=vae, text_encoders=tes))
@@ -260,8 +249,3 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
         n_scalars = sum(1 if m == "aesthetic_score" else 2 for m in preset.micro_conditioning)
         micro_dim = (unet.adm_in_channels - encoders[-1].projection_dim) // n_scalars
     return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), micro_conditioning_dim=micro_dim)
-
-
-__all__ = ["detect_config", "detect_kind", "detect_unet", "detect_vae", "detect_text_encoder", "is_ignorable",
-           "TEXT_ENCODER_LAYOUTS", "UNET_PREFIX", "VAE_PREFIX", "METADATA_KEY", "config_from_metadata",
-           "model_config_to_dict", "model_config_from_dict"]

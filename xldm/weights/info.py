@@ -124,6 +124,3 @@ def model_info(path: str | os.PathLike, *, allow_pickle: bool = False) -> ModelI
     if not p.exists():
         raise FileNotFoundError(f"no such checkpoint or preset: {path} (presets: {', '.join(PRESETS)})")
     return single_file_info(p, allow_pickle=allow_pickle)
-
-
-__all__ = ["model_info", "ModelInfo", "ComponentInfo"]

@@ -135,7 +135,8 @@ class Checkpoint:
                                                                    device) for k, e in chosen}
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -153,11 +154,11 @@ def _explain(header: dict, data_size: int) -> str | None:
     metadata = header.get("__metadata__")
     metadata = {} if metadata is None else metadata  # the format allows null
     if not isinstance(metadata, dict):
-        return f"__metadata__ must be an object of strings to strings, got a JSON {_json_type(metadata)}"
+        return f"__metadata__ must be an object of strings to strings, got a JSON {json_type(metadata)}"
     bad = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
     if bad is not None:
         return (f"__metadata__ must map strings to strings, but {bad!r:.100} maps to a JSON "
-                f"{_json_type(metadata[bad])}")
+                f"{json_type(metadata[bad])}")
     spans = []
     for key, info in header.items():
         if key == "__metadata__":
@@ -399,7 +400,3 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         safetensors.torch.save_file(prepared, str(tmp), metadata=dict(metadata) if metadata is not None else None)
         if on_written is not None:
             on_written(tmp)
-
-
-__all__ = ["Checkpoint", "open_checkpoint", "load_strict", "save_file", "atomic_write", "resolve_inside",
-           "SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "PICKLE_SUFFIXES"]

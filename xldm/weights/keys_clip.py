@@ -178,6 +178,3 @@ def clip_config_from_hf(d: dict[str, Any], **overrides: Any) -> TextEncoderConfi
         layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)), pad_token_id=0 if activation == "gelu" else 49407,
     )
     return replace(cfg, **overrides) if overrides else cfg
-
-
-__all__ = ["open_clip_to_hf", "hf_to_open_clip", "hf_normalize_keys", "clip_hf_config", "clip_config_from_hf"]

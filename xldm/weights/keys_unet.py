@@ -255,7 +255,3 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         adm_in_channels=one("projection_class_embeddings_input_dim", 0) if text_time else 0,
         use_linear_in_transformer=bool(get("use_linear_projection", False)), norm_groups=one("norm_num_groups", 32),
     )
-
-
-__all__ = ["unet_original_to_diffusers", "unet_diffusers_to_original", "unet_diffusers_config",
-           "unet_config_from_diffusers"]

@@ -328,6 +328,3 @@ def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dt
     if scaling_factor is not None:
         vae_cfg = replace(vae_cfg, scaling_factor=scaling_factor)
     return build_vae(vae_cfg, header, read, convert)
-
-
-__all__ = ["load_vae", "load_model", "load_single_file", "load_diffusers", "diffusers_config", "COMPONENTS"]

@@ -138,6 +138,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dtype: t
         raise ValueError(f"--to must be 'single-file' or 'diffusers', got {to!r}")
     model = load_model(src, allow_pickle=allow_pickle)
     return (save_single_file if to == "single-file" else save_diffusers)(model, dst, dtype=dtype)
-
-
-__all__ = ["save_single_file", "save_diffusers", "convert", "single_file_state_dict", "model_index"]
