@@ -9,11 +9,13 @@ uses `seed + k`, so any image is made again alone from its recorded seed; prompt
 weighting and 75-token chunks: the same pixels as `xldm generate --weighting --long-prompts` with the same settings.
 
 Guards, outermost first (`RequestGuard`):
-  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (no DNS rebinding);
+  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` (or the address listened on) is
+     served (no DNS rebinding);
   2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back;
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
      (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
-  4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
+  4. body: a generation while the queue is full is 503 before its body is read; more than `max_body_bytes` is 413,
+     a body not arriving within `BODY_TIMEOUT` s is 408; JSON with NaN/Infinity, or that does not parse, is 400.
 Then each field's type and range (schemas.py), and the request as the pipeline resolves it
 (`xldm.pipeline.resolve_request`), are checked before any work: 422."""
 
