@@ -9,11 +9,13 @@ uses `seed + k`, so any image is made again alone from its recorded seed; prompt
 weighting and 75-token chunks: the same pixels as `xldm generate --weighting --long-prompts` with the same settings.
 
 Guards, outermost first (`RequestGuard`):
-  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` is served (no DNS rebinding);
+  1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` (or the address listened on) is
+     served (no DNS rebinding);
   2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back;
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
      (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
-  4. body: more than `max_body_bytes` is 413; JSON with NaN/Infinity, or that does not parse, is 400.
+  4. body: a generation while the queue is full is 503 before its body is read; more than `max_body_bytes` is 413,
+     a body not arriving within `BODY_TIMEOUT` s is 408; JSON with NaN/Infinity, or that does not parse, is 400.
 Then each field's type and range (schemas.py), and the request as the pipeline resolves it
 (`xldm.pipeline.resolve_request`), are checked before any work: 422."""
 
@@ -29,6 +31,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -93,6 +96,8 @@ def _host_only(value: str) -> str:
 
 
 MAX_JSON_DEPTH = 64
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive, each part
+GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
 def _json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
@@ -116,8 +121,10 @@ def _json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
 class RequestGuard:
     """Pure ASGI middleware: host, origin, API key and body checks before the app sees a request."""
 
-    def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None, max_body: int) -> None:
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None, max_body: int,
+                 queue_full: Callable[[], Exception | None] = lambda: None, body_timeout: float = BODY_TIMEOUT) -> None:
         self.app, self.api_key, self.allowed_hosts, self.max_body = app, api_key, allowed_hosts, max_body
+        self.queue_full, self.body_timeout = queue_full, body_timeout  # queue_full: a QueueFull, or None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -136,9 +143,15 @@ class RequestGuard:
             declared, too_big = headers.get("content-length", "0"), f"the body is over {self.max_body} bytes"
             if not declared.isdigit() or int(declared) > self.max_body:
                 return await _reply(scope, receive, send, 413, too_big)
+            if scope["path"] in GENERATION_PATHS and (full := self.queue_full()) is not None:  # before the body
+                return await _reply(scope, receive, send, 503, str(full), {"Retry-After": str(full.retry_after)})
             body = bytearray()
             while True:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    return await _reply(scope, receive, send, 408,
+                                        f"the request body did not arrive within {self.body_timeout:g} s")
                 if message["type"] == "http.disconnect":
                     return
                 body += message.get("body", b"")
@@ -213,14 +226,14 @@ class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
         self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
-        first = config.model or next(iter(self.store.entries))
+        first = config.model if config.model in self._names() else next(iter(self.store.entries))
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
             "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
             "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
             "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
             "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
         }
-        self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
+        self.refiner = self.store.lookup(config.refiner).name if config.refiner in self._names() else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
         used = []
@@ -228,6 +241,9 @@ class Server:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
         self._indices = itertools.count(max(used, default=-1) + 1)  # taken on the worker thread only
+
+    def _names(self) -> set[str]:  # what lookup finds (a skipped, unreadable checkpoint is not there)
+        return {n for e in self.store.entries.values() for n in (e.name, Path(e.name).stem)}
 
     def model_name(self, name: str) -> str:
         try:
@@ -404,7 +420,7 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
                   description="Stable Diffusion XL with AUTOMATIC1111's /sdapi/v1 API (see xldm/serve/app.py)")
     app.state.server = server
     app.add_middleware(RequestGuard, api_key=config.api_key, allowed_hosts=config.allowed_hosts,
-                       max_body=config.limits.max_body_bytes)
+                       max_body=config.limits.max_body_bytes, queue_full=server.queue.full)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

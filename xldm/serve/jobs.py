@@ -149,13 +149,19 @@ class JobQueue:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:  # retry after one job's typical time: the queue moved on
-                typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
-                raise QueueFull(len(self._waiting), max(1, round(typical)))
+            if (full := self.full()) is not None:
+                raise full
             job = Job(id=next(self._ids), run=run, n_iter=n_iter, description=description, preview_kind=preview_kind)
             self._waiting.append(job)
             self._lock.notify()
             return job
+
+    def full(self) -> QueueFull | None:
+        """The QueueFull a submit now would raise, or None; retry after one job's typical time."""
+        if len(self._waiting) < self.max_waiting:
+            return None
+        typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
+        return QueueFull(len(self._waiting), max(1, round(typical)))
 
     def _work(self) -> None:
         while True:
@@ -274,7 +280,11 @@ class ModelStore:
             if path.name in self.entries:
                 log.warning("skipping %s: a model named %s is already registered", path, path.name)
                 continue
-            config = model_info(path).config
+            try:
+                config = model_info(path).config
+            except Exception as e:  # one unreadable file does not stop the others from being served
+                log.warning("skipping %s: it cannot be read: %s", path, str(e)[:300] or type(e).__name__)
+                continue
             self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size)
         if not self.entries:
             raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")

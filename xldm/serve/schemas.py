@@ -205,7 +205,7 @@ class GenerationBase(_NoPaths):
     refiner_switch_at: float | None = Field(default=None, gt=0, lt=1,
                                             description="fraction of the steps after which the refiner takes over")
     disable_extra_networks: bool = False
-    comments: dict[str, Any] | None = None
+    comments: dict[str, Any] | None = Field(default=None, max_length=64)
     send_images: bool = True
     save_images: bool = Field(default=False, description="also write the PNGs under the server's --outputs folder")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, max_length=0,
