@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 
+import pytest
 import torch
 from starlette.testclient import TestClient
 from test_serve_api import client, models, outputs, server, txt2img
@@ -119,3 +120,12 @@ def test_unreadable_checkpoint_in_models_dir_is_skipped(models, tmp_path, caplog
         assert "no models" in str(e)
     else:
         raise AssertionError("a folder of only unreadable checkpoints must not start")
+
+
+def test_a_named_model_that_was_skipped_is_an_error_not_another_model(models, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    config = build_config(serve_args("--model", str(broken), "--model", str(models[0])))
+    config.dtype, config.device = torch.float32, "cpu"
+    with pytest.raises(KeyError, match="broken.safetensors"):
+        create_app(config)

@@ -226,14 +226,14 @@ class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
         self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
-        first = config.model if config.model in self._names() else next(iter(self.store.entries))
+        first = config.model or next(iter(self.store.entries))  # a named model must be there: KeyError
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
             "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
             "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
             "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
             "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
         }
-        self.refiner = self.store.lookup(config.refiner).name if config.refiner in self._names() else None
+        self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
         used = []
@@ -241,9 +241,6 @@ class Server:
             self.outputs.mkdir(parents=True, exist_ok=True)
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
         self._indices = itertools.count(max(used, default=-1) + 1)  # taken on the worker thread only
-
-    def _names(self) -> set[str]:  # what lookup finds (a skipped, unreadable checkpoint is not there)
-        return {n for e in self.store.entries.values() for n in (e.name, Path(e.name).stem)}
 
     def model_name(self, name: str) -> str:
         try:

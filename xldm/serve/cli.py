@@ -86,7 +86,7 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--outputs {args.outputs}: is not a folder")
     hosts = LOOPBACK_HOSTS | {args.host.strip("[]").lower()}  # 127.0.0.2 serves Host: 127.0.0.2
     return ServerConfig(
-        models=models, model=models[0].name, refiner=Path(args.refiner).name if args.refiner else None,
+        models=models, model=Path(args.model[0]).name if args.model else None, refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
         allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device)
 
