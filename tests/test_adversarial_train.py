@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from xldm.train.cli import add_train_parser, config_from_args
@@ -71,3 +72,22 @@ def test_deeply_nested_sidecar_is_bad_metadata_not_a_crash(tmp_path: Path) -> No
     batches = TrainingBatches(str(tmp_path / "data-000.tar"), buckets=BUCKETS, batch_size=1, seed=0, repeat=False)
     assert [b["captions"] for b in batches] == [["fine"]]
     assert batches.stats["skipped"] == {"bad_metadata": 2}
+
+
+def test_non_finite_weights_are_not_exported(tmp_path: Path) -> None:
+    from xldm.errors import NonFiniteError
+    from xldm.train.loop import train
+    from test_train_loop import ListBatches, fixed_batch
+
+    def corrupt(step, run):
+        if step == 2:
+            with torch.no_grad():
+                next(run.trainable["unet"].parameters()).fill_(float("inf"))
+                for shadow in run.ema.shadow.values():
+                    shadow.fill_(float("nan"))
+
+    config = preset("tiny-sdxl-base", out=str(tmp_path / "run"), steps=2, checkpoint_every=100)
+    with pytest.raises(NonFiniteError, match=r"not exporting step 2: \d+ weight tensors hold NaN/inf, first unet\."):
+        train(config, progress=False, data=ListBatches([fixed_batch()]), on_step=corrupt)
+    assert not (tmp_path / "run" / "final").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
