@@ -91,3 +91,57 @@ def test_non_finite_weights_are_not_exported(tmp_path: Path) -> None:
         train(config, progress=False, data=ListBatches([fixed_batch()]), on_step=corrupt)
     assert not (tmp_path / "run" / "final").exists()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _run(tmp_path: Path, name: str = "run", model: str = "tiny-sdxl-base", steps: int = 2, **kwargs):
+    from xldm.train.loop import train
+    from test_train_loop import ListBatches, fixed_batch
+
+    config = preset(model, out=str(tmp_path / name), steps=steps, checkpoint_every=1, keep_checkpoints=3)
+    return train(config, progress=False, data=ListBatches([fixed_batch()]), **kwargs)
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_damaged_metrics_partial_last_line_is_dropped_a_bad_middle_line_is_refused(tmp_path: Path) -> None:
+    from xldm.errors import CheckpointLoadError
+
+    _run(tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good.replace("\n", "\nnot json\n", 1))
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointLoadError, match=r"metrics\.jsonl:2: not a metrics record"):
+        _run(tmp_path, steps=3, resume=True)
+    assert _snapshot(tmp_path / "run") == before
+    metrics.write_text(good + '{"step": 3, "lo')
+    with pytest.warns(RuntimeWarning, match=r"metrics\.jsonl:3: dropping a partial last line"):
+        _run(tmp_path, steps=3, resume=True)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_with_no_loadable_checkpoint_is_an_error_and_deletes_nothing(tmp_path: Path) -> None:
+    from xldm.errors import CheckpointLoadError
+
+    _run(tmp_path)
+    for path in (tmp_path / "run" / "checkpoints").iterdir():
+        path.write_bytes(path.read_bytes()[:100])
+    before = _snapshot(tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint"):
+        with pytest.raises(CheckpointLoadError, match="none of the 2 checkpoints can be resumed from"):
+            _run(tmp_path, steps=3, resume=True)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_newest_checkpoint_of_another_model_falls_back_to_this_runs(tmp_path: Path) -> None:
+    _run(tmp_path)
+    _run(tmp_path, "vae", "tiny-vae", steps=1)
+    foreign = tmp_path / "run" / "checkpoints" / "step_00000003.safetensors"
+    foreign.write_bytes((tmp_path / "vae" / "checkpoints" / "step_00000001.safetensors").read_bytes())
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint of step 3: step_00000003.safetensors"):
+        result = _run(tmp_path, steps=3, resume=True)
+    assert result.step == 3 and len(result.losses) == 1  # resumed from step 2
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]

@@ -141,9 +141,9 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     np.random.seed((config.seed + procs.rank) % 2**32)
     torch.manual_seed(config.seed + procs.rank)
     start = 0
-    if resume and (found := ckpt.load_latest(checkpoints)) is not None:
-        path, tensors, state = found
-        start = restore(run, data, tensors, state)
+    if resume and (found := ckpt.load_latest(checkpoints, lambda t, s: restore(run, data, t, s))) is not None:
+        path, _, state = found
+        start = int(state["step"])
         if procs.is_main:
             print(f"resuming from {path} (step {start})", file=sys.stderr)
     if procs.is_main:
