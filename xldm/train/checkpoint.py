@@ -39,7 +39,15 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    lines, kept = path.read_text(errors="replace").splitlines(), []
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip() and json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError) as e:
+            if number < len(lines):
+                raise CheckpointLoadError(f"{path}:{number}: not a metrics record ({type(e).__name__}: {e})") from None
+            warnings.warn(f"{path}:{number}: dropping a partial last line", RuntimeWarning, stacklevel=2)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -93,14 +101,23 @@ def checkpoints_dir(out: str | os.PathLike, resume: bool) -> Path:
     return directory
 
 
-def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest loadable checkpoint; a corrupt newer one is skipped with a warning. None if there is none."""
-    for step, path in reversed(list_checkpoints(directory)):
+def load_latest(directory: str | os.PathLike, use: Callable[[dict, dict], Any] | None = None
+                ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest loadable checkpoint (that `use(tensors, state)` accepts); a corrupt or foreign newer one is skipped
+    with a warning.  None if the folder holds none; a `CheckpointLoadError` if none of them loads."""
+    found = list_checkpoints(directory)
+    for step, path in reversed(found):
         try:
-            return (path, *load_checkpoint(path))
-        except CheckpointLoadError as e:
-            warnings.warn(f"skipping checkpoint of step {step}: {e}; falling back to the previous one",
-                          RuntimeWarning, stacklevel=2)
+            tensors, state = load_checkpoint(path)
+            if use is not None:
+                use(tensors, state)
+            return path, tensors, state
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # (CheckpointLoadError is a ValueError)
+            warnings.warn(f"skipping checkpoint of step {step}: {path.name}: {type(e).__name__}: {e}; falling back "
+                          f"to the previous one", RuntimeWarning, stacklevel=2)
+    if found:
+        raise CheckpointLoadError(f"{directory}: none of the {len(found)} checkpoints can be resumed from (see the "
+                                  f"warnings); nothing was changed")
     return None
 
 

@@ -69,12 +69,15 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"--set {field.name}: expected true/false, got {text!r}")
-    if "tuple" in kind:
-        return tuple(part for part in text.split(",") if part)
-    if kind.startswith("int"):
-        return int(text)
-    if kind.startswith("float"):
-        return float(text)
+    try:
+        if "tuple" in kind:
+            return tuple(int(part) if "int" in kind else part for part in text.split(",") if part)
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {field.name}: expected {kind}, got {text!r}") from None
     if "None" in kind and text.lower() in ("", "none"):
         return None
     return text

@@ -19,6 +19,9 @@ MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 PARALLEL_MODES = ("ddp", "fsdp")
 NUM_TRAIN_TIMESTEPS = 1000  # SDXL paper Sec. 2.5: "a discrete-time diffusion schedule with 1000 steps"
+# a default's type -> the types its field accepts (bool before int: a bool is an int to isinstance)
+_KINDS = ((bool, (bool,)), (int, (int,)), (float, (int, float)), (tuple, (tuple, list)), (str, (str,)),
+          (type(None), (str, type(None))))
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,17 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
+        for f in dataclasses.fields(self):  # each field takes the type of its default (TOML, --set, JSON)
+            value, default = getattr(self, f.name), f.default
+            kinds = next(k for t, k in _KINDS if isinstance(default, t))
+            items = value if isinstance(value, (tuple, list)) and tuple in kinds else ()
+            item_kinds = next(k for t, k in _KINDS if isinstance(default[0] if default else "", t)) if items else ()
+            check(all(isinstance(v, k) and (bool in k or not isinstance(v, bool))
+                      and not (isinstance(v, float) and not math.isfinite(v))
+                      for v, k in ((value, kinds), *((item, item_kinds) for item in items))),
+                  f"{f.name} must be {' or '.join(k.__name__.replace('NoneType', 'None') for k in kinds)}"
+                  f"{f' of {item_kinds[-1].__name__}' if items else ''}{' (finite)' * (float in kinds)}, "
+                  f"got {value!r}")
         check(self.model in PRESETS, f"unknown model {self.model!r}; expected one of {sorted(PRESETS)}")
         for name, allowed in (("task", TASKS), ("prediction_type", ("", *PREDICTION_TYPES)),
                               ("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION),

@@ -141,9 +141,9 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     np.random.seed((config.seed + procs.rank) % 2**32)
     torch.manual_seed(config.seed + procs.rank)
     start = 0
-    if resume and (found := ckpt.load_latest(checkpoints)) is not None:
-        path, tensors, state = found
-        start = restore(run, data, tensors, state)
+    if resume and (found := ckpt.load_latest(checkpoints, lambda t, s: restore(run, data, t, s))) is not None:
+        path, _, state = found
+        start = int(state["step"])
         if procs.is_main:
             print(f"resuming from {path} (step {start})", file=sys.stderr)
     if procs.is_main:
@@ -200,6 +200,13 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     final_path = None
     gathered = parallel.gather_for_export(run) if parallel.uses_fsdp(config, procs) else None
     if procs.is_main:
+        exported = {name: gathered[name] if gathered and name in gathered else run.averaged(name)
+                    for name in run.trainable}  # what the export writes: refuse NaN/inf before anything
+        bad = [f"{name}.{key}" for name, module in exported.items() for key, value in module.state_dict().items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteError(f"not exporting step {step}: {len(bad)} weight tensors hold NaN/inf, first "
+                                 f"{', '.join(bad[:5])}; nothing written to {out / 'final'}")
         final_path = task.export(run, data, out / "final", gathered)
     parallel.barrier(procs)
     return TrainResult(step=step, lr=lr_at(config, step), final_path=final_path, losses=losses,

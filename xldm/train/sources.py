@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -43,6 +44,14 @@ from xldm.images import CONVERTIBLE_MODES
 from xldm.images import to_rgb as _to_rgb
 
 DEFAULT_AESTHETIC_SCORE = 6.0  # SDXL refiner default (diffusers StableDiffusionXLImg2ImgPipeline)
+
+
+def _aesthetic_score(meta: dict) -> float:
+    """The metadata's `aesthetic_score` (default 6.0); anything but a finite number is a ValueError."""
+    score = meta.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise ValueError(f"aesthetic_score must be a finite number, got {score!r}")
+    return float(score)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # first present wins
 
@@ -196,11 +205,11 @@ class FolderSource:
             try:
                 record = json.loads(line)
                 name = record["file_name"]
-                score = float(record.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE))
+                score = _aesthetic_score(record)
                 if not isinstance(name, str):
                     raise TypeError("file_name is not a string")
-            except (ValueError, KeyError, TypeError) as e:
-                self._skip("bad_metadata", f"metadata.jsonl:{number} ({e})")
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                self._skip("bad_metadata", f"metadata.jsonl:{number} ({_nested(e)})")
                 continue
             path = (root / name).resolve()
             if not path.is_relative_to(root):  # no `..`, absolute paths or symlinks out of the folder
@@ -313,6 +322,10 @@ def iter_tar_samples(path: str, start: int = 0) -> Iterator[_RawSample]:
             yield current
 
 
+def _nested(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
 def shard_sample(raw: _RawSample, missing_caption: str) -> tuple[bytes, str, float]:
     """(encoded image, caption, aesthetic score) of a WebDataset sample: the first image member of
     `jpg jpeg png webp`, the caption of `txt` or else of the `json`'s `caption`/`text`."""
@@ -326,9 +339,9 @@ def shard_sample(raw: _RawSample, missing_caption: str) -> tuple[bytes, str, flo
             meta = json.loads(members["json"].decode("utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
-            score = float(meta.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE))
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise SkipSample("bad_metadata", str(e)) from None
+            score = _aesthetic_score(meta)
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise SkipSample("bad_metadata", _nested(e)) from None
     if "txt" in members:
         caption = members["txt"].decode("utf-8", errors="replace").strip()
     else:
