@@ -349,24 +349,22 @@ def sampling_conditioning(model, prompts: str | Sequence[str], negative_prompts:
                           tokenizers: Sequence | None = None) -> Conditioning:
     """Context and vector of one sampling run, as the diffusers pipelines build them.
 
-    `model` is a `xldm.models.components.Components` (its config, text encoders and tokenizers). With `guidance`
-    the batch is `[negatives, positives]` (2B rows), else the B positives only. Sizes are (height, width);
-    `height`/`width` are the output size.
+    `model`: a `Components` (config, text encoders, tokenizers).  With `guidance` the batch is `[negatives,
+    positives]` (2B rows), else the B positives.  Sizes are (height, width); `height`/`width` the output size.
 
-    * No negative prompt and `force_zeros_for_empty_prompt` (default `config.force_zeros_for_empty_prompt`: the
-      SDXL base, a cascade stage): negative context AND pooled are zeros; otherwise the negative prompts ("" when
-      None) are encoded. A str is used for every row. `clip_skip` applies to the prompts only (as diffusers).
+    * No negative prompt and `force_zeros_for_empty_prompt` (default: the config's; SDXL base, cascade stages):
+      negative context AND pooled are zeros; else the negatives ("" when None; a str for every row) are encoded.
+      `clip_skip` applies to the prompts only (as diffusers).
     * SDXL base (`StableDiffusionXLPipeline`): original_size / target_size default to (height, width); the negative
       ids equal the positive ones unless BOTH negative_original_size and negative_target_size are given.
-    * Refiner (`StableDiffusionXLImg2ImgPipeline`, requires_aesthetics_score): `[orig, crop, aesthetic_score]`
-      and `[negative_orig (default orig), negative_crop, negative_aesthetic_score]`; a target size is an error.
-      `aesthetic_score`s are ignored by models without that conditioning.
-    * A cascade SR stage takes `aug_level`; SD 1.x / 2.x have no vector, so size arguments are errors there.
+    * Refiner (`StableDiffusionXLImg2ImgPipeline`, requires_aesthetics_score): `[orig, crop, aesthetic_score]` and
+      `[negative_orig (default orig), negative_crop, negative_aesthetic_score]`; a target size is an error;
+      models without that conditioning ignore the scores.  A cascade SR stage takes `aug_level`; SD 1.x / 2.x
+      have no vector, so size arguments are errors there.
 
-    The ids are laid out `[neg]*B + [pos]*B` like the text rows, so image i of a batch is conditioned exactly as
-    when generated alone.  diffusers repeats the pair instead (`add_time_ids.repeat(B, 1)`,
-    pipeline_stable_diffusion_xl.py:1157), which pairs some images with another row's time ids when the negative
-    sizes differ from the positive ones; xldm does not copy that."""
+    The ids are laid out `[neg]*B + [pos]*B` like the text rows, so image i of a batch is conditioned as when
+    generated alone; diffusers repeats the pair (`add_time_ids.repeat(B, 1)`, pipeline_stable_diffusion_xl.py:1157),
+    pairing some images with another row's time ids when the negative sizes differ; xldm does not copy that."""
     config: ModelConfig = model.config
     prompts = _as_prompt_list(prompts, "prompts")
     batch = len(prompts)

@@ -26,13 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from xldm.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    PickleRefusedError,
-    StateDictMismatchError,
-    UnsafePathError,
-)
+from xldm.errors import (CheckpointError, CorruptCheckpointError, PickleRefusedError, StateDictMismatchError,
+                         UnsafePathError)
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
 MAX_DIM = 2**40  # no real tensor has a dimension this long; larger ones (zero-size tensors) overflow when read

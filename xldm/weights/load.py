@@ -19,15 +19,8 @@ import torch
 from xldm.config import ModelConfig, TextEncoderConfig, UNetConfig
 from xldm.errors import CheckpointError, UnknownModelError
 from xldm.models.components import Components, text_encoder_name
-from xldm.weights.detect import (
-    TEXT_ENCODER_LAYOUTS,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    detect_config,
-    detect_text_encoder,
-    detect_vae,
-    is_ignorable,
-)
+from xldm.weights.detect import (TEXT_ENCODER_LAYOUTS, UNET_PREFIX, VAE_PREFIX, detect_config, detect_text_encoder,
+                                 detect_vae, is_ignorable)
 from xldm.weights.io import Checkpoint, load_strict, open_checkpoint
 
 COMPONENTS = ("unet", "vae", "text_encoders")
