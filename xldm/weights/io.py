@@ -137,10 +137,11 @@ def json_type(value: Any) -> str:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) < len(keys):
+    table = dict(pairs)
+    if len(table) < len(pairs):
+        keys = [k for k, _ in pairs]
         raise CorruptCheckpointError(f"duplicate key {next(k for i, k in enumerate(keys) if k in keys[:i])!r}")
-    return dict(pairs)
+    return table
 
 
 def _explain(header: dict, data_size: int) -> str | None:
