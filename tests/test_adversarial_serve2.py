@@ -129,3 +129,8 @@ def test_a_named_model_that_was_skipped_is_an_error_not_another_model(models, tm
     config.dtype, config.device = torch.float32, "cpu"
     with pytest.raises(KeyError, match="broken.safetensors"):
         create_app(config)
+
+
+def test_serve_checks_the_device_as_generate_does(models):
+    with pytest.raises(ValueError, match="'nonsense' is not a device"):
+        build_config(serve_args("--model", str(models[0]), "--device", "nonsense"))

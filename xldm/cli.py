@@ -86,25 +86,6 @@ def check_output_paths(paths: list[str]) -> None:
             raise ValueError(f"--out {path}: is a folder; give a file name such as {os.path.join(path, 'out.png')}")
 
 
-def check_device(device: str | None) -> None:
-    """Before any loading: `device` parses as a torch device and, for cuda/mps, the backend is available."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda, cuda:1, mps ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
-
-
 def _progress_bars():
     """A step callback drawing one tqdm bar per stage on stderr, and the function that closes them."""
     from tqdm import tqdm
@@ -135,6 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out is None:
         raise SystemExit("xldm generate: error: --out FILE.png is required")
     check_output_paths(_output_paths(args.out, max(args.batch, 1)))
+    from xldm.pipeline import check_device
+
     check_device(args.device)
     if args.cascade:
         return cmd_generate_cascade(args)

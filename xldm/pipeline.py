@@ -85,6 +85,23 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_device(device: str | None) -> None:
+    """Before any loading: `device` parses as a torch device and, for cuda/mps, the backend is available."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda, cuda:1, mps ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU; bf16 on GPUs that have it (it does not overflow the SDXL VAE like fp16 does), else fp16."""
     if device.type != "cuda":

@@ -52,6 +52,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace):
     """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
     from xldm.serve.app import LOOPBACK_HOSTS, ServerConfig
+    from xldm.pipeline import check_device
     from xldm.serve.jobs import find_models
 
     models = [Path(p) for p in args.model]
@@ -82,11 +83,13 @@ def build_config(args: argparse.Namespace):
                              f"use it; give --api-key KEY, or --allow-remote to do it anyway")
         print(f"xldm serve: WARNING: listening on {args.host} with no API key: anyone who can reach this "
               f"address can use the server", file=sys.stderr)
+    check_device(args.device)
     if args.outputs and Path(args.outputs).exists() and not Path(args.outputs).is_dir():
         raise ValueError(f"--outputs {args.outputs}: is not a folder")
     hosts = LOOPBACK_HOSTS | {args.host.strip("[]").lower()}  # 127.0.0.2 serves Host: 127.0.0.2
     return ServerConfig(
-        models=models, model=Path(args.model[0]).name if args.model else None, refiner=Path(args.refiner).name if args.refiner else None,
+        models=models, model=Path(args.model[0]).name if args.model else None,
+        refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
         allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device)
 
