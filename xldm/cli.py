@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 from xldm.serve.cli import DTYPES, add_serve_parser, torch_dtype
 
@@ -70,6 +71,21 @@ def number_list(kind, separator: str = ",", length: int | None = None, expected:
 _size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768", bounds=("size", 1, MAX_SIDE))
 _crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0", bounds=("crop", 0, MAX_SIDE))
 _side = number_list(int, ",", 1, "an integer", bounds=("side", 1, MAX_SIDE))
+
+
+def _lora(text: str) -> tuple:
+    """FILE[:WEIGHT[:TEXT_WEIGHT]]: trailing numbers are weights (so Windows drive letters stay in the path)."""
+    parts, weights = text, []
+    while ":" in parts and len(weights) < 2:
+        head, _, tail = parts.rpartition(":")
+        try:
+            weights.insert(0, float(tail))
+        except ValueError:
+            break
+        parts = head
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE[:WEIGHT[:TEXT_WEIGHT]]")
+    return (parts, *weights)
 
 
 def check_output_paths(paths: list[str]) -> None:
@@ -147,17 +163,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_original_size=args.negative_original_size, negative_target_size=args.negative_target_size,
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
-        tile_vae=True if args.tile_vae else None,
+        tile_vae=True if args.tile_vae else None, loras=tuple(args.lora), clip_skip=args.clip_skip,
     )
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
                               has_refiner=args.refiner is not None)
-
-    from xldm.pipeline import load
+    from xldm.lora import LoraSet
+    from xldm.pipeline import load, request_loras
     from xldm.pngmeta import save_png
 
+    # the LoRA files (tags too) checked against the header's config before the model is loaded
+    LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
+    for flag, path in (("--vae", args.vae), ("--lora-dir", args.lora_dir)):
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"xldm generate: error: {flag} {path}: no such file or folder")
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
-                low_memory=args.low_memory)
+                low_memory=args.low_memory, vae=args.vae, lora_dir=args.lora_dir)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
     update, close = _progress_bars()
@@ -257,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encode prompts over 75 tokens in chunks (A1111) instead of truncating")
     gen.add_argument("--weighting", action="store_true", help="A1111 (word:1.2) prompt weighting")
     gen.add_argument("--tile-vae", action="store_true", help="decode in tiles (large images, little memory)")
+    gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:WEIGHT[:TEXT_WEIGHT]]",
+                     help="LoRA / LyCORIS file on the model (repeatable, applied in order; weight default 1)")
+    gen.add_argument("--lora-dir", default=None, metavar="DIR",
+                     help="folder of LoRA files that <lora:NAME:WEIGHT> in the prompt names (DIR/NAME.safetensors)")
+    gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
+    gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                     help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
     gen.add_argument("--out", default=None, metavar="FILE.png")
     gen.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",

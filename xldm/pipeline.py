@@ -14,7 +14,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from xldm.diffusion.samplers import sample
 from xldm.errors import NonFiniteError
 from xldm.diffusion.schedules import (SAMPLER_NAMES, Schedule, img2img_start, make_schedule, refiner_start,
                                       split_for_refiner)
+from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
 from xldm.vae_tiling import decode_checked
@@ -71,6 +72,10 @@ class GenerationRequest:
     long_prompts: str = "truncate"
     weighting: bool = False
     tile_vae: bool | None = None  # None: tiled decode only when the image is large
+    # LoRA / LyCORIS files on the main model: (path, weight[, text-encoder weight]) or LoraUse, with those the
+    # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
+    loras: tuple = ()
+    clip_skip: int | None = None  # A1111 "Clip skip": 1 = the model's own layer, 2 = one earlier, ...
 
 
 @dataclass
@@ -113,8 +118,9 @@ class ModelHandle:
     """One model's networks: already loaded, or loaded from a path on use (and freed after, in low-memory mode)."""
 
     def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
-                 low_memory: bool = False) -> None:
+                 low_memory: bool = False, vae: str | Path | None = None) -> None:
         self.dtype, self.device, self.low_memory = dtype, device, low_memory
+        self.vae_path = None if vae is None else Path(vae)
         if isinstance(source, Components):
             self.path: Path | None = None
             self.loaded = source.to(device=device, dtype=dtype)
@@ -126,16 +132,29 @@ class ModelHandle:
             self.loaded = Components(config=model_info(self.path).config)
             self.config = self.loaded.config
         self.name = self.path.name if self.path else self.config.kind
+        self.loras = LoraSet(self.config)
+        if self.vae_path is not None:
+            self.loaded = replace(self.loaded, vae=None)  # the caller's Components keep their own VAE
+            if not low_memory:
+                self._load("vae")
 
     def _load(self, component: str) -> None:
-        from xldm.weights.load import load_model
+        from xldm.weights.load import load_model, load_vae
 
+        if component == "vae" and self.vae_path is not None:  # --vae: another file's autoencoder
+            scale = self.config.vae.scaling_factor if self.config.vae is not None else None
+            vae = load_vae(self.vae_path, scaling_factor=scale, dtype=self.dtype, device=self.device)
+            if vae.cfg.z_channels != self.config.latent_channels:
+                raise ValueError(f"--vae {self.vae_path.name} makes {vae.cfg.z_channels}-channel latents, the model "
+                                 f"takes {self.config.latent_channels}")
+            self.loaded.vae = vae
+            return
         part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
         setattr(self.loaded, component, getattr(part, component))
 
     def has(self, component: str) -> bool:
         """Whether the model has this component (loaded, or in its file)."""
-        if component == "vae" and self.loaded.vae is not None:
+        if component == "vae" and (self.loaded.vae is not None or self.vae_path is not None):
             return True
         if self.path is None:
             return False
@@ -150,6 +169,8 @@ class ModelHandle:
             if self.path is None:
                 raise ValueError(f"{self.name}: the model has no {component} and no file to load it from")
             self._load(component)
+        if component != "vae":
+            self.loras.sync(self.loaded)
         try:
             yield self.loaded
         finally:
@@ -197,6 +218,9 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
             raise ValueError("refiner_start given without a refiner model (--refiner)")
         if not (0 < req.refiner_start < 1):
             raise ValueError(f"refiner_start must be in (0, 1), got {req.refiner_start}")
+    if req.clip_skip is not None and (isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int)
+                                      or req.clip_skip < 1):
+        raise ValueError(f"clip_skip must be an integer >= 1 (A1111: 1 = no skip), got {req.clip_skip!r}")
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
@@ -251,26 +275,69 @@ def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sam
     return out
 
 
+def request_loras(req: GenerationRequest, lora_dir: str | Path | None, kept: Sequence[LoraUse] = ()) -> list[LoraUse]:
+    """The LoRA files active for `req`: `kept` (the pipeline's), the request's, then the prompt's tags, in order."""
+    uses = list(kept)
+    for entry in req.loras:
+        if not isinstance(entry, LoraUse):
+            entry = (entry,) if isinstance(entry, (str, Path)) else tuple(entry)
+            entry = LoraUse(Path(entry[0]), *(float(w) for w in entry[1:3]))
+        uses.append(entry)
+    for name, weight, text_weight in parse_lora_tags(req.prompt)[1]:
+        uses.append(LoraUse(resolve_lora_name(name, lora_dir), weight, text_weight))
+    return uses
+
+
 class Pipeline:
     """SDXL generation: `Pipeline(model, refiner)(prompt, ...)` -> GenerationResult.
 
     `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder).
     With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
-    base + refiner run where only one UNet fits in memory."""
+    base + refiner run where only one UNet fits in memory.  `vae`: a VAE file that replaces the model's (e.g. the
+    fp16-fix VAE); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
+    stay active for every image, those of a request (`loras=`, prompt tags) for that request."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 low_memory: bool = False) -> None:
+                 low_memory: bool = False, vae: str | Path | None = None,
+                 lora_dir: str | Path | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory)
+        self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae)
         self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory)
                         if refiner is not None else None)
         if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        self.loras: list[LoraUse] = []
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, text_weight: float | None = None) -> None:
+        """Keep a LoRA / LyCORIS file active for every image (read and checked now; several add up)."""
+        use = LoraUse(Path(path), float(weight), None if text_weight is None else float(text_weight))
+        self.model.loras.file(use.path)
+        self.loras.append(use)
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA; the loaded weights are the base weights again, bit for bit."""
+        self.loras.clear()
+        self.model.loras.set([])
+        self.model.loras.sync(self.model.loaded)
+
+    def fuse_loras(self, fused: bool = True) -> None:
+        """Write the active LoRAs into the weights (faster steps; rewritten when the set changes) or not."""
+        self.model.loras.fused = fused
+        self.model.loras.sync(self.model.loaded)
+
+    def lora_uses(self, req: GenerationRequest) -> list[LoraUse]:
+        return request_loras(req, self.lora_dir, self.loras)
 
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
-        return resolve_request(req, default_size=self.model.config.default_size, has_refiner=self.refiner is not None)
+        req = resolve_request(req, default_size=self.model.config.default_size, has_refiner=self.refiner is not None)
+        for use in self.lora_uses(req):  # every file read and checked against the model before any work
+            if not all(math.isfinite(w) for w in (use.weight, use.text_weight or 0.0)):
+                raise ValueError(f"LoRA {use.path.name}: weights must be finite numbers, got {use.weight}")
+            self.model.loras.file(use.path)
+        return req
 
     def _conditioning(self, handle: ModelHandle, req: GenerationRequest, batch_prompts: list[str],
                       negatives: list[str] | None, width: int, height: int) -> Conditioning:
@@ -286,7 +353,8 @@ class Pipeline:
                     negative_crop_top_left=req.negative_crop_top_left,
                     negative_target_size=hw(req.negative_target_size),
                     aesthetic_score=req.aesthetic_score, negative_aesthetic_score=req.negative_aesthetic_score,
-                    guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting)
+                    guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
+                    clip_skip=None if req.clip_skip is None else req.clip_skip - 1)
 
     def _encode_images(self, handle: ModelHandle, images: torch.Tensor,
                        generators: list[torch.Generator]) -> torch.Tensor:
@@ -327,7 +395,8 @@ class Pipeline:
         width, height, batch = req.width, req.height, req.batch
         seeds = [req.seed + i for i in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        prompts = [req.prompt] * batch
+        prompts = [parse_lora_tags(req.prompt)[0]] * batch
+        self.model.loras.set(self.lora_uses(req))
         negatives = None if req.negative_prompt is None else [req.negative_prompt] * batch
         base = self.model
         lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
@@ -402,6 +471,12 @@ class Pipeline:
             common.pop("refiner_start", None)
         if req.init_image is None:
             common.pop("strength", None)
+        active = self.model.loras.active()
+        common["loras"] = [(use.path.name, use.weight, use.text_weight) for use, _ in active]
+        if active:
+            common["lora_hashes"] = lora_infotext(active)
+        if self.model.vae_path is not None:
+            common["vae"] = self.model.vae_path.name
         return [dict(common, seed=s) for s in seeds]
 
 
@@ -419,15 +494,15 @@ def _inpaint_blend(image_latents: torch.Tensor, noise: torch.Tensor, mask: torch
 
 
 def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dtype | None = None,
-         device: torch.device | str | None = None, low_memory: bool = False) -> Pipeline:
+         device: torch.device | str | None = None, low_memory: bool = False, **options: Any) -> Pipeline:
     """`pipe = xldm.load("sd_xl_base_1.0.safetensors", refiner="sd_xl_refiner_1.0.safetensors")`;
     `pipe("a red apple", seed=1).images[0].save("apple.png")`."""
     if low_memory:
-        return Pipeline(path, refiner, dtype=dtype, device=device, low_memory=True)
+        return Pipeline(path, refiner, dtype=dtype, device=device, low_memory=True, **options)
     from xldm.weights.load import load_model
 
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
     model = load_model(path, dtype=dt, device=dev)
     ref = load_model(refiner, dtype=dt, device=dev) if refiner is not None else None
-    return Pipeline(model, ref, dtype=dt, device=dev)
+    return Pipeline(model, ref, dtype=dt, device=dev, **options)  # options: Pipeline's vae, lora_dir

@@ -58,7 +58,9 @@ _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedu
 _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae", "VAE"),
                ("strength", "Denoising strength"), ("clip_skip", "Clip skip"),
                # extra_generation_params of A1111's refiner (modules/sd_models_xl / processing refiner options)
-               ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"))
+               ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"),
+               # A1111 extensions-builtin/Lora (network hashes) and textual_inversion: "name: shorthash, ..."
+               ("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"))
 _NEGATIVE = "Negative prompt:"
 
 # One `key: value` pair of the settings line: a key of word characters, spaces, '-' and '/', then either a JSON

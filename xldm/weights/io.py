@@ -9,6 +9,7 @@ file, to say which tensor is wrong and how.  Pickles can run code: refused unles
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -325,6 +326,17 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
         if suffix != ".safetensors" and (start == _ZIP_MAGIC or start[:1] == _PICKLE_PROTO):
             return _open_pickle(path, allow_pickle)
         raise
+
+
+def tensor_data_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a safetensors file's bytes after its header: A1111's "AutoV3" / addnet hash
+    (`modules/hashes.py` `addnet_hash_safetensors`), unchanged by metadata edits; the short form is 12 digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, component: str) -> None:

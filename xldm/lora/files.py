@@ -1,0 +1,205 @@
+"""Adapter files: the layer names each format uses, reading them into `Adapter`s, writing kohya files.
+
+Formats read (safetensors; the layer name and tensor name are split at the layer names the model has):
+* kohya / A1111 / Civitai: `lora_unet_<layer>` with `.` replaced by `_`, the layer named in the original (sgm)
+  layout, as kohya's SDXL scripts train it, or in diffusers' layout; `lora_te1_` (CLIP ViT-L), `lora_te2_` (OpenCLIP
+  bigG), `lora_te_` (the one encoder of SD 1.x/2.x), transformers' layer names; tensors `lora_down.weight`,
+  `lora_up.weight`, `alpha`, LyCORIS `hada_*`, `lokr_*`, `diff`, `dora_scale`.
+* diffusers / PEFT (`save_lora_weights`): `unet.<diffusers layer>.lora_A.weight` / `lora_B.weight`,
+  `text_encoder.` / `text_encoder_2.`, `lora_magnitude_vector` (DoRA); the scale `lora_alpha / r` from the
+  `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`, ...; no metadata: alpha = r),
+  and diffusers' older `.lora.down.weight` / `.processor.to_q_lora.down.weight` names."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xldm.errors import CheckpointError
+from xldm.lora.network import Adapter
+from xldm.config import ModelConfig
+from xldm.models.components import Components
+from xldm.weights.io import open_checkpoint, save_file, tensor_data_sha256
+from xldm.weights.keys_unet import unet_original_to_diffusers
+
+KOHYA_COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py LORA_ADAPTER_METADATA_KEY
+_PEFT_TENSORS = {"lora_A.weight": "lora_down", "lora_B.weight": "lora_up", "lora_magnitude_vector": "dora_scale",
+                 "lora.down.weight": "lora_down", "lora.up.weight": "lora_up", "alpha": "alpha",
+                 "lora_linear_layer.down.weight": "lora_down", "lora_linear_layer.up.weight": "lora_up"}
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$")
+# the cross-attention key width a file's attn2.to_k input reveals -> what the file was trained for
+_CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL base", 1280: "SDXL refiner"}
+
+
+class LoraError(CheckpointError):
+    """An adapter file that does not fit the model, holds NaN/inf, or is no adapter file."""
+
+
+def _kohya_prefix(config: ModelConfig, component: str) -> str:
+    if component != "unet" and len(config.text_encoders) == 1 and config.kind != "sdxl-refiner":
+        return "lora_te_"
+    return KOHYA_COMPONENT_PREFIX[component]
+
+
+def kohya_name(config: ModelConfig, component: str, path: str) -> str:
+    return _kohya_prefix(config, component) + path.replace(".", "_")
+
+
+@lru_cache(maxsize=8)
+def layer_names(config: ModelConfig) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Every name a file may give an adaptable layer (Linear / Conv2d) of the UNet and text encoders ->
+    (component, module path, weight shape), read from the networks built on the meta device."""
+    from xldm.models.clip import CLIPTextModel
+    from xldm.models.unet import UNet
+
+    with torch.device("meta"):
+        model = Components(config=config, unet=UNet(config.unet),
+                           text_encoders=tuple(CLIPTextModel(te) for te in config.text_encoders))
+    names: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for component, module in model.modules().items():
+        layers = {p: tuple(m.weight.shape) for p, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        diffusers = dict(zip(layers, layers))
+        if component == "unet":
+            renamed = unet_original_to_diffusers({f"{p}.weight": p for p in layers}, config.unet)
+            diffusers = {p: k.removesuffix(".weight") for k, p in renamed.items()}
+        for path, shape in layers.items():
+            target = (component, path, shape)
+            names.setdefault(kohya_name(config, component, path), target)
+            names.setdefault(kohya_name(config, component, diffusers[path]), target)
+            names.setdefault(f"{component}.{diffusers[path]}", target)
+    return names
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """(layer name, tensor name) of a file key, or None when it is no adapter tensor."""
+    if key.startswith("lora_"):  # kohya: one dot separates the layer from the tensor
+        layer, _, tensor = key.partition(".")
+        return layer, tensor.removesuffix(".weight")
+    old = _OLD_PROCESSOR.search(key)
+    if old:
+        projection = "to_out.0" if old.group(1) == "to_out" else old.group(1)
+        return f"{key[:old.start()]}.{projection}", "lora_down" if old.group(2) == "down" else "lora_up"
+    for suffix, tensor in _PEFT_TENSORS.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], tensor
+    return None
+
+
+def _peft_scale(metadata: dict, component: str, path: str, rank: int) -> float | None:
+    """lora_alpha from the PEFT config of `component`, with its alpha_pattern (None: no metadata)."""
+    if PEFT_METADATA_KEY not in metadata:
+        return None
+    try:
+        config = json.loads(metadata[PEFT_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise LoraError(f"the {PEFT_METADATA_KEY} metadata is not JSON ({e})") from None
+    alpha = config.get(f"{component}.lora_alpha", config.get(f"{component}.r", rank))
+    for pattern, value in (config.get(f"{component}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            alpha = value
+    if config.get(f"{component}.use_rslora"):  # Kalajdzievski 2023: alpha / sqrt(r)
+        alpha = alpha * math.sqrt(rank)
+    return float(alpha)
+
+
+def _guess_target(grouped: dict[str, dict[str, torch.Tensor]]) -> str:
+    """What the file seems made for, from its names and its cross-attention width."""
+    if any(name.startswith("lora_te_") for name in grouped):
+        guess = "SD 1.x/2.x (kohya lora_te_ keys)"
+    else:
+        guess = "an unknown model"
+    for name, tensors in grouped.items():
+        down = tensors.get("lora_down", tensors.get("hada_w1_b"))
+        if ("attn2_to_k" in name or "attn2.to_k" in name) and down is not None and down.dim() == 2:
+            guess = _CONTEXT_WIDTHS.get(down.shape[1], f"cross-attention width {down.shape[1]}")
+            break
+    return guess
+
+
+@dataclass
+class LoraFile:
+    """An adapter file read for one model: its adapters by (component, layer path)."""
+
+    path: Path
+    adapters: dict[tuple[str, str], Adapter]
+    metadata: dict[str, str] = field(default_factory=dict)
+    short_hash: str = ""  # A1111 "AutoV3": sha256 of the tensor data after the header, 12 hex digits
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def components(self) -> set[str]:
+        return {component for component, _ in self.adapters}
+
+
+def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
+    """Read an adapter file for a model of `config`: every tensor must land on a layer of the right shape, else
+    LoraError with the unmatched names and what the file seems to be for (nothing is applied)."""
+    path = Path(path)
+    ckpt = open_checkpoint(path)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    foreign = []
+    for key in ckpt.keys():
+        split = _split_key(key)
+        if split is None:
+            foreign.append(key)
+            continue
+        tensor = ckpt.tensor(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraError(f"{path}: tensor {key} holds NaN/inf values; refusing the file")
+        grouped.setdefault(split[0], {})[split[1]] = tensor
+    if foreign or not grouped:
+        shown = ", ".join(foreign[:10]) + (f" ... ({len(foreign)} in all)" if len(foreign) > 10 else "")
+        raise LoraError(f"{path}: not a LoRA/LyCORIS file: " +
+                        (f"{len(foreign)} keys of no adapter format ({shown})" if foreign else "it holds no tensors"))
+    names = layer_names(config)
+    adapters: dict[tuple[str, str], Adapter] = {}
+    unmatched, mismatched = [], []
+    for name, tensors in grouped.items():
+        if name not in names:
+            unmatched.append(name)
+            continue
+        component, layer, shape = names[name]
+        try:
+            adapter = Adapter(tensors)
+            if adapter.kind == "lora" and not name.startswith("lora_"):  # PEFT: the scale comes from the config
+                alpha = _peft_scale(ckpt.metadata, component, layer, adapter.rank)
+                if alpha is not None:
+                    adapter.alpha = alpha
+            adapter.check_shape(shape)
+        except ValueError as e:
+            mismatched.append(f"{name} ({e})")
+            continue
+        adapters[(component, layer)] = adapter
+    if unmatched or mismatched:
+        listing = ", ".join((unmatched + mismatched)[:12])
+        more = len(unmatched) + len(mismatched) - 12
+        raise LoraError(
+            f"{path}: this adapter does not fit the {config.kind} model: it looks made for {_guess_target(grouped)}; "
+            f"{len(unmatched)} layer names not in the model and {len(mismatched)} of the wrong shape: {listing}"
+            + (f" ... ({more} more)" if more > 0 else "") + "; nothing was applied")
+    return LoraFile(path, adapters, dict(ckpt.metadata), tensor_data_sha256(path)[:12])
+
+
+def write_kohya(path: str | os.PathLike, config: ModelConfig, adapters: dict[tuple[str, str], Adapter],
+                metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """A kohya-format file (`lora_unet_*.lora_down.weight` ..., original-layout UNet names) that diffusers'
+    `load_lora_weights`, A1111 and ComfyUI load."""
+    tensors = {}
+    for (component, layer), adapter in adapters.items():
+        for tensor_name, value in adapter.file_tensors().items():
+            suffix = "" if tensor_name in ("alpha", "dora_scale") else ".weight"
+            value = value.to(dtype) if dtype is not None and value.dim() > 0 else value
+            tensors[f"{kohya_name(config, component, layer)}.{tensor_name}{suffix}"] = value.contiguous()
+    save_file(tensors, path, metadata=metadata or {})
+    return Path(path)

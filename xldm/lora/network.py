@@ -1,0 +1,236 @@
+"""Low-rank adapters on a model's layers: the weight arithmetic of every format, and how it is applied.
+
+One `Adapter` per adapted layer holds that layer's tensors under the names the files use (kohya `lora_down` /
+`lora_up` / `lora_mid`, LyCORIS `hada_*`, `lokr_*`, `diff`, and `dora_scale`).  Its update is
+  LoRA / LoCon   (alpha / r) * up @ down   (Hu et al. 2022, Eq. 3; alpha absent: alpha = r), Tucker `lora_mid`;
+  LoHa           (alpha / r) * (w1a @ w1b) * (w2a @ w2b)  (Hyeon-Woo et al. 2022; Tucker `hada_t1/t2`);
+  LoKr           (alpha / r) * kron(w1, w2), each factor whole or `_a @ _b` (r from the factored one, else 1);
+  full           diff (and diff_b for the bias);
+and DoRA (Liu et al. 2024) rescales W + update to the stored magnitude, per output row when `dora_scale` has one
+value per row, per input column otherwise (A1111 `network.py` `apply_weight_decompose`).  A multiplier m gives
+m * update (DoRA: m * (W_dora - W)), as A1111 and ComfyUI apply it.
+
+`Patch` keeps the adapters active on one layer: unfused as a forward hook (`W x + m * up(down(x))` for plain
+LoRA, the full update otherwise), or fused into the weight with the original kept, so removing them restores
+it bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FACTOR_NAMES = ("lora_down", "lora_up", "lora_mid", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a",
+                "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                "lokr_w2_b", "lokr_t2", "diff", "diff_b")
+_KINDS = {"lora": ("lora_down", "lora_up"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+          "lokr": (), "full": ("diff",)}
+
+
+def _tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """(out, in, kh, kw) from a Tucker core (r1, r2, kh, kw), left (out, r1) and right (r2, in) (LyCORIS)."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, right.flatten(1), left.flatten(1))
+
+
+class Adapter(nn.Module):
+    """The tensors one file holds for one layer (parameters: trainable when the adapter is trained)."""
+
+    def __init__(self, tensors: dict[str, Tensor], *, trainable: bool = False) -> None:
+        super().__init__()
+        unknown = sorted(set(tensors) - set(FACTOR_NAMES))
+        if unknown:
+            raise ValueError(f"unknown adapter tensors {unknown}; expected names among {FACTOR_NAMES}")
+        self.kind = next((k for k, need in _KINDS.items() if need and all(n in tensors for n in need)),
+                         "lokr" if any(n.startswith("lokr_") for n in tensors) else "")
+        if not self.kind:
+            raise ValueError(f"adapter tensors {sorted(tensors)} form no known kind (LoRA lora_down + lora_up, LoHa "
+                             f"hada_w1_a/b + hada_w2_a/b, LoKr lokr_w1* + lokr_w2*, full diff)")
+        alpha = tensors.get("alpha")
+        self.alpha = None if alpha is None else float(alpha.float().reshape(-1)[0])
+        self.factors = nn.ParameterDict({k: nn.Parameter(v, requires_grad=trainable)
+                                         for k, v in tensors.items() if k != "alpha"})
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """What a file stores for this layer (kohya names without the `.weight` suffix, alpha as a 0-d tensor)."""
+        out = {k: v.detach() for k, v in self.factors.items()}
+        if self.alpha is not None:
+            out["alpha"] = torch.tensor(self.alpha)
+        return out
+
+    @property
+    def rank(self) -> int | None:
+        f = self.factors
+        for name in ("lora_down", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+            if name in f:
+                return f[name].shape[0]
+        return None
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank (kohya); LoKr with neither factor split: 1 (ComfyUI `lokr` weight adapter)."""
+        rank = self.rank
+        if rank is None or self.kind == "full":
+            return 1.0
+        if self.kind == "lokr" and "lokr_w1_b" not in self.factors and "lokr_w2_b" not in self.factors:
+            return 1.0
+        return (self.alpha if self.alpha is not None else rank) / rank
+
+    @property
+    def low_rank(self) -> bool:
+        """Plain LoRA / LoCon without Tucker core or DoRA: the hook can run it as two small layers."""
+        return self.kind == "lora" and "lora_mid" not in self.factors and "dora_scale" not in self.factors
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """ValueError unless the update fits a weight of `shape` (LoRA: from the factor shapes alone)."""
+        f = self.factors
+        if self.kind != "lora":
+            self.update(torch.zeros(shape))
+            return
+        down, up = f["lora_down"], f["lora_up"]
+        inner = down.shape[1] * math.prod(f["lora_mid"].shape[2:]) if "lora_mid" in f else math.prod(down.shape[1:])
+        if up.shape[0] != shape[0] or up.shape[0] * inner != math.prod(shape) or up.flatten(1).shape[1] != down.shape[0]:
+            raise ValueError(f"lora_up {tuple(up.shape)} @ lora_down {tuple(down.shape)} does not give the layer's "
+                             f"weight {tuple(shape)}")
+        if "dora_scale" in f and f["dora_scale"].numel() not in (shape[0], shape[1]):
+            raise ValueError(f"dora_scale has {f['dora_scale'].numel()} values; the layer has {shape[0]} outputs "
+                             f"and {shape[1]} inputs")
+
+    def update(self, weight: Tensor) -> Tensor:
+        """The update of `weight` at multiplier 1, in float32, shaped like it."""
+        f = {k: v.float() for k, v in self.factors.items()}
+        shape = weight.shape
+        if self.kind == "lora":
+            up, down = f["lora_up"], f["lora_down"]
+            delta = _tucker(f["lora_mid"], up, down) if "lora_mid" in f else up.flatten(1) @ down.flatten(1)
+        elif self.kind == "loha":
+            halves = [_tucker(f[f"hada_t{i}"], f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) if f"hada_t{i}" in f
+                      else f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"] for i in (1, 2)]
+            delta = halves[0].reshape(shape) * halves[1].reshape(shape)
+        elif self.kind == "lokr":
+            w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+            if "lokr_w2" in f:
+                w2 = f["lokr_w2"]
+            elif "lokr_t2" in f:
+                w2 = torch.einsum("i j k l, i p, j r -> p r k l", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+            else:
+                w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+            if w2.dim() == 4 and w1.dim() == 2:
+                w1 = w1[:, :, None, None]
+            delta = torch.kron(w1, w2)
+        else:
+            delta = f["diff"]
+        if delta.numel() != weight.numel():
+            raise ValueError(f"{self.kind} update has {tuple(delta.shape)} values, the layer's weight is {tuple(shape)}")
+        delta = delta.reshape(shape) * self.scale
+        if "dora_scale" in f:
+            base = weight.float()
+            merged = base + delta
+            magnitude = f["dora_scale"]
+            if magnitude.shape[0] == shape[0] and magnitude.numel() == shape[0]:  # one value per output row
+                norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+            else:  # one per input column (LyCORIS' default, wd_on_out=False)
+                norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
+            delta = merged * (magnitude.reshape(norm.shape) / norm) - base
+        return delta
+
+    def low_rank_output(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """up(down(x)) * scale with the layer's own stride/padding for the down convolution (kohya LoRAModule)."""
+        down, up = self.factors["lora_down"].to(x.dtype), self.factors["lora_up"].to(x.dtype)
+        if isinstance(layer, nn.Conv2d):
+            down = down if down.dim() == 4 else down[:, :, None, None]
+            h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
+            return F.conv2d(h, up if up.dim() == 4 else up[:, :, None, None]) * self.scale
+        return F.linear(F.linear(x, down.flatten(1)), up.flatten(1)) * self.scale
+
+
+def _layer_output(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, bias)
+
+
+class Patch:
+    """The adapters active on one Linear / Conv2d layer: `entries[key] = (adapter, multiplier, fused)`."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.entries: dict[str, tuple[Adapter, float, bool]] = {}
+        self.original: tuple[Tensor, Tensor | None] | None = None  # weight, bias before fusing
+        self.hook = layer.register_forward_hook(self._forward)
+        self._cached: tuple[tuple, Tensor, Tensor | None] | None = None  # unfused full updates, summed
+
+    def _forward(self, layer: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
+        x = inputs[0]
+        unfused = [(a, m) for a, m, fused in self.entries.values() if not fused and m != 0]
+        for adapter, multiplier in unfused:
+            if adapter.low_rank:
+                out = out + adapter.low_rank_output(layer, x) * multiplier
+        full = [(a, m) for a, m in unfused if not a.low_rank]
+        if full:
+            signature = tuple((id(a), m, a.factors.training) for a, m in full)
+            if self._cached is None or self._cached[0] != signature or torch.is_grad_enabled():
+                weight = layer.weight if self.original is None else self.original[0].to(layer.weight.device)
+                delta = sum(a.update(weight) * m for a, m in full)
+                bias = sum(a.factors["diff_b"].float() * m for a, m in full if "diff_b" in a.factors) \
+                    if any("diff_b" in a.factors for a, _ in full) else None
+                self._cached = (signature, delta, bias)
+            _, delta, bias = self._cached
+            out = out + _layer_output(layer, x, delta.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return out
+
+    def refuse(self) -> None:
+        """Rewrite the weight from the original plus every fused update (or restore it when none is left)."""
+        layer, fused = self.layer, [(a, m) for a, m, f in self.entries.values() if f]
+        self._cached = None
+        with torch.no_grad():
+            if fused and self.original is None:
+                self.original = (layer.weight.detach().to("cpu", copy=True),
+                                 None if layer.bias is None else layer.bias.detach().to("cpu", copy=True))
+            if self.original is None:
+                return
+            weight, bias = self.original
+            if not fused:
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+                self.original = None
+                return
+            base = weight.to(layer.weight.device)
+            total = base.float() + sum(a.update(base) * m for a, m in fused)
+            layer.weight.copy_(total.to(layer.weight.dtype))
+            biases = [a.factors["diff_b"].float() * m for a, m in fused if "diff_b" in a.factors]
+            if biases and layer.bias is not None:
+                layer.bias.copy_((bias.to(layer.bias.device).float() + sum(biases)).to(layer.bias.dtype))
+
+    def close(self) -> None:
+        self.entries.clear()
+        self.refuse()
+        self.hook.remove()
+
+
+def patch_of(layer: nn.Module, create: bool = True) -> Patch | None:
+    patch = layer.__dict__.get("_adapter_patch")
+    if patch is None and create:
+        patch = layer.__dict__["_adapter_patch"] = Patch(layer)
+    return patch
+
+
+def set_adapter(layer: nn.Module, key: str, adapter: Adapter | None, multiplier: float = 1.0,
+                fused: bool = False) -> None:
+    """Activate (or, with None, remove) adapter `key` on `layer`; a layer left with none is restored and unhooked."""
+    patch = patch_of(layer, create=adapter is not None)
+    if patch is None:
+        return
+    was_fused = patch.entries.get(key, (None, 0.0, False))[2]
+    if adapter is None:
+        patch.entries.pop(key, None)
+    else:
+        patch.entries[key] = (adapter, float(multiplier), fused)
+    if fused or was_fused:
+        patch.refuse()
+    patch._cached = None
+    if not patch.entries:
+        patch.close()
+        del layer.__dict__["_adapter_patch"]
