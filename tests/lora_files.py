@@ -61,10 +61,11 @@ def save_peft(path, config, lora, *, lora_alpha: float | None = None) -> None:
     the rank and alpha in the `lora_adapter_metadata` JSON."""
     from xldm.weights.keys_unet import unet_original_to_diffusers
 
-    tensors, ranks = {}, set()
+    tensors, ranks, layers = {}, set(), {}
     for (component, layer), t in lora.items():
         if component == "unet":
             layer = next(iter(unet_original_to_diffusers({f"{layer}.weight": 0}, config.unet))).removesuffix(".weight")
+        layers.setdefault(component, []).append(layer)
         tensors[f"{component}.{layer}.lora_A.weight"] = t["lora_down"].contiguous()
         tensors[f"{component}.{layer}.lora_B.weight"] = t["lora_up"].contiguous()
         ranks.add(t["lora_down"].shape[0])
@@ -73,8 +74,9 @@ def save_peft(path, config, lora, *, lora_alpha: float | None = None) -> None:
     for component in sorted({c for c, _ in lora}):
         metadata[f"{component}.r"] = rank
         metadata[f"{component}.lora_alpha"] = lora_alpha if lora_alpha is not None else rank
-        metadata[f"{component}.target_modules"] = sorted({layer.rsplit(".", 1)[-1] for c, layer in lora
-                                                          if c == component})
+        suffixes = UNET_LAYERS if component == "unet" else TEXT_LAYERS  # PEFT matches module-name suffixes
+        metadata[f"{component}.target_modules"] = sorted({s for s in suffixes for layer in layers[component]
+                                                          if layer.endswith("." + s)})
     save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(metadata), "format": "pt"})
 
 

@@ -113,16 +113,14 @@ def _peft_scale(metadata: dict, component: str, path: str, rank: int) -> float |
 
 def _guess_target(grouped: dict[str, dict[str, torch.Tensor]]) -> str:
     """What the file seems made for, from its names and its cross-attention width."""
-    if any(name.startswith("lora_te_") for name in grouped):
-        guess = "SD 1.x/2.x (kohya lora_te_ keys)"
-    else:
-        guess = "an unknown model"
+    clues = ["SD 1.x/2.x (kohya lora_te_ keys)"] if any(name.startswith("lora_te_") for name in grouped) else []
     for name, tensors in grouped.items():
         down = tensors.get("lora_down", tensors.get("hada_w1_b"))
         if ("attn2_to_k" in name or "attn2.to_k" in name) and down is not None and down.dim() == 2:
-            guess = _CONTEXT_WIDTHS.get(down.shape[1], f"cross-attention width {down.shape[1]}")
+            width = down.shape[1]
+            clues.append(_CONTEXT_WIDTHS.get(width, "another model") + f" (cross-attention width {width})")
             break
-    return guess
+    return ", ".join(clues) or "another model"
 
 
 @dataclass

@@ -1,0 +1,244 @@
+"""LoRA / LyCORIS loading: images equal to diffusers' `load_lora_weights` (kohya and PEFT files, UNet and both text
+encoders, weights 1.0 and 0.6, two at once), the LyCORIS updates against their formulas written out, fused equal to
+unfused, removal restoring the weights bit for bit, and files that do not fit refused with their keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from xldm.config import TINY_SD15, TINY_SDXL_BASE, TINY_SDXL_REFINER
+from xldm.lora import Adapter, LoraError, LoraSet, parse_lora_tags, read_lora
+from xldm.lora.network import set_adapter
+from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.weights.save import save_diffusers
+
+from lora_files import random_lora, reference_update, save_kohya, save_peft
+from tiny_models import random_components
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")  # diffusers' LoRA loader needs it
+
+PIXEL_TOL = 2  # out of 255
+LATENT_TOL = 1e-4
+PROMPT = "a red apple on a wooden table"
+SIZE = dict(width=96, height=64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = random_components(TINY_SDXL_BASE, seed=0, scale=0.05)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(save_diffusers(base, root / "base"),
+                                                              local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    files = {}
+    for name, seed, alpha in (("one", 1, 2.0), ("two", 2, None)):
+        lora = random_lora(TINY_SDXL_BASE, rank=4, seed=seed, alpha=alpha, scale=0.6)
+        save_kohya(root / f"{name}.safetensors", TINY_SDXL_BASE, lora)
+        save_peft(root / f"{name}_peft.safetensors", TINY_SDXL_BASE, lora, lora_alpha=alpha)
+        files[name] = root / f"{name}.safetensors"
+        files[f"{name}_peft"] = root / f"{name}_peft.safetensors"
+    return base, ref, files, root
+
+
+def ours(base, loras=(), **settings):
+    request = GenerationRequest(prompt=PROMPT, steps=4, cfg=5.0, seed=3, loras=tuple(loras), **SIZE, **settings)
+    return Pipeline(base, device="cpu", dtype=torch.float32).generate(request, output="latent").latents
+
+
+def theirs(ref, files, weights):
+    names = [f"a{i}" for i in range(len(files))]
+    for name, path in zip(names, files):
+        ref.load_lora_weights(str(path), adapter_name=name)
+    ref.set_adapters(names, weights)
+    try:
+        return ref(PROMPT, num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                   generator=[torch.Generator().manual_seed(3)], **SIZE).images
+    finally:
+        ref.delete_adapters(names)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_one_file_matches_diffusers(setup, fmt, weight):
+    base, ref, files, _ = setup
+    path = files["one" if fmt == "kohya" else "one_peft"]
+    expected = theirs(ref, [path], [weight])
+    got = ours(base, [(path, weight)])
+    plain = ours(base)
+    assert (got - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max().item())
+    assert (got - plain).abs().max().item() > 100 * LATENT_TOL  # the LoRA changed the result
+
+
+def test_two_files_at_once_match_set_adapters(setup):
+    base, ref, files, _ = setup
+    expected = theirs(ref, [files["one"], files["two_peft"]], [0.7, 0.4])
+    got = ours(base, [(files["one"], 0.7), (files["two_peft"], 0.4)])
+    assert (got - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max().item())
+
+
+def test_images_match_diffusers_and_text_encoders_are_adapted(setup):
+    base, ref, files, _ = setup
+    ref.load_lora_weights(str(files["one"]), adapter_name="te")
+    try:
+        ref_embeds = ref.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+        image = ref(PROMPT, num_inference_steps=4, guidance_scale=5.0, generator=[torch.Generator().manual_seed(3)],
+                    **SIZE).images[0]
+    finally:
+        ref.delete_adapters("te")
+    pipe = Pipeline(base, device="cpu", dtype=torch.float32)
+    pipe.load_lora(files["one"])
+    got = pipe(PROMPT, steps=4, cfg=5.0, seed=3, **SIZE).images[0]
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(image, dtype=int)).max() <= PIXEL_TOL
+    from xldm.conditioning import encode_prompts
+
+    with torch.no_grad():
+        adapted = encode_prompts(base.text_encoders, None, base.config, PROMPT)
+        pipe.unload_loras()
+        plain = encode_prompts(base.text_encoders, None, base.config, PROMPT)
+    assert torch.allclose(adapted.context, ref_embeds[0], atol=LATENT_TOL)
+    assert torch.allclose(adapted.pooled, ref_embeds[2], atol=LATENT_TOL)
+    assert (adapted.context - plain.context).abs().max() > 1e-2 and (adapted.pooled - plain.pooled).abs().max() > 1e-2
+
+
+def test_separate_text_weight_and_prompt_tags(setup):
+    base, _, files, root = setup
+    pipe = Pipeline(base, device="cpu", dtype=torch.float32, lora_dir=root)
+    tagged = pipe(f"{PROMPT} <lora:one:0.3:0.8>", steps=2, seed=3, **SIZE)
+    explicit = pipe(PROMPT, steps=2, seed=3, loras=[(files["one"], 0.8, 0.3)], **SIZE)
+    assert np.array_equal(np.asarray(tagged.images[0]), np.asarray(explicit.images[0]))
+    params = tagged.params[0]
+    assert params["prompt"] == f"{PROMPT} <lora:one:0.3:0.8>"  # the infotext keeps the tag, as A1111's
+    assert params["loras"] == [("one.safetensors", 0.8, 0.3)]
+    assert params["lora_hashes"] == f"one: {read_lora(files['one'], TINY_SDXL_BASE).short_hash}"
+    with pytest.raises(ValueError, match="no missing.safetensors"):
+        pipe.resolve(GenerationRequest(prompt="x <lora:missing:1>"))
+
+
+def test_parse_lora_tags_follows_a1111():
+    text, tags = parse_lora_tags("a <lora:a:0.5> b <lora:b:0.3:0.9>, <lora:c:te=0.2:unet=0.7> <lyco:d> <lora:e>")
+    assert text == "a  b ,   "
+    assert tags == [("a", 0.5, None), ("b", 0.9, 0.3), ("c", 0.7, 0.2), ("d", 1.0, None), ("e", 1.0, None)]
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_lora_tags("<lora:a:strong>")
+
+
+def test_fused_equals_unfused_and_removal_restores_bits(setup):
+    base, _, files, _ = setup
+    before = {k: v.clone() for m in base.modules().values() for k, v in m.state_dict().items()}
+    loras = LoraSet(TINY_SDXL_BASE)
+    loras.set([(files["one"], 0.8), (files["two"], -0.5, 0.25)])
+    loras.sync(base)
+    x = torch.randn(1, 4, 8, 12)
+    context = torch.randn(1, 77, TINY_SDXL_BASE.unet.context_dim)
+    vector = torch.randn(1, TINY_SDXL_BASE.unet.adm_in_channels)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = base.unet(x, t, context, vector)
+        loras.fused = True
+        loras.sync(base)
+        b = base.unet(x, t, context, vector)
+        changed = any(not torch.equal(before[k], v) for k, v in base.unet.state_dict().items())
+        loras.clear(base)
+        c = base.unet(x, t, context, vector)
+    assert changed and torch.allclose(a, b, atol=1e-5) and (a - c).abs().max() > 1e-3
+    after = {k: v for m in base.modules().values() for k, v in m.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("_adapter_patch" in m.__dict__ for m in base.unet.modules())
+
+
+def _check_adapter(tensors, layer):
+    """Adapter.update against the formula, and the unfused hook against the layer with W + update."""
+    adapter = Adapter(tensors)
+    expected = reference_update(tensors, layer.weight)
+    assert torch.allclose(adapter.update(layer.weight).double(), expected, atol=1e-5)
+    x = torch.randn(2, layer.weight.shape[1], 5, 7) if layer.weight.dim() == 4 else torch.randn(3, layer.weight.shape[1])
+    with torch.no_grad():
+        weight = layer.weight + 0.7 * expected.float()
+        want = (F.conv2d(x, weight, layer.bias, layer.stride, layer.padding) if layer.weight.dim() == 4
+                else F.linear(x, weight, layer.bias))
+        set_adapter(layer, "k", adapter, 0.7)
+        got = layer(x)
+        set_adapter(layer, "k", adapter, 0.7, fused=True)
+        fused = layer(x)
+        set_adapter(layer, "k", None)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(fused, want, atol=1e-5)
+
+
+def test_locon_loha_lokr_match_their_formulas():
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(12, 10), torch.nn.Conv2d(6, 8, 3, padding=1)
+    r = 3
+    _check_adapter({"lora_down": torch.randn(r, 6, 3, 3), "lora_up": torch.randn(8, r, 1, 1),
+                    "alpha": torch.tensor(1.5)}, conv)  # LoCon 3x3
+    _check_adapter({"lora_down": torch.randn(r, 12), "lora_up": torch.randn(10, r)}, linear)  # no alpha: alpha = r
+    _check_adapter({"hada_w1_a": torch.randn(10, r), "hada_w1_b": torch.randn(r, 12), "hada_w2_a": torch.randn(10, r),
+                    "hada_w2_b": torch.randn(r, 12), "alpha": torch.tensor(2.0)}, linear)
+    _check_adapter({"hada_w1_a": torch.randn(8, r), "hada_w1_b": torch.randn(r, 54), "hada_w2_a": torch.randn(8, r),
+                    "hada_w2_b": torch.randn(r, 54), "alpha": torch.tensor(1.0)}, conv)  # LoHa on a 3x3 conv
+    _check_adapter({"lokr_w1": torch.randn(2, 3), "lokr_w2_a": torch.randn(5, 2), "lokr_w2_b": torch.randn(2, 4),
+                    "alpha": torch.tensor(1.0)}, linear)  # LoKr: kron((2,3), (5,4)) = (10, 12)
+
+
+def test_dora_rescales_to_the_stored_magnitude():
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(12, 10)
+    down, up = torch.randn(3, 12), torch.randn(10, 3)
+    for magnitude in (torch.rand(10) + 0.5, torch.rand(1, 12) + 0.5):  # per output row, per input column
+        adapter = Adapter({"lora_down": down, "lora_up": up, "alpha": torch.tensor(3.0), "dora_scale": magnitude})
+        merged = layer.weight.double() + up.double() @ down.double()
+        if magnitude.numel() == 10:
+            want = merged * (magnitude.double()[:, None] / merged.norm(dim=1, keepdim=True))
+        else:
+            want = merged * (magnitude.double() / merged.norm(dim=0, keepdim=True))
+        got = layer.weight.double() + adapter.update(layer.weight).double()
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not adapter.low_rank
+
+
+def _file(path, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_files_that_do_not_fit_are_refused_with_their_keys(tmp_path, setup):
+    base = setup[0]
+    sd15 = tmp_path / "sd15.safetensors"
+    save_kohya(sd15, TINY_SD15, random_lora(TINY_SD15, rank=2))
+    with pytest.raises(LoraError, match=r"SD 1.x/2.x.*lora_te_text_model"):
+        read_lora(sd15, TINY_SDXL_BASE)
+    refiner = tmp_path / "refiner.safetensors"
+    save_kohya(refiner, TINY_SDXL_REFINER, random_lora(TINY_SDXL_REFINER, rank=2))
+    with pytest.raises(LoraError, match="does not fit the sdxl-base model") as info:
+        read_lora(refiner, TINY_SDXL_BASE)
+    assert "lora_" in str(info.value) and "nothing was applied" in str(info.value)
+    # one unknown layer among good ones: the whole file is refused and the model is untouched
+    good = random_lora(TINY_SDXL_BASE, rank=2, text=False)
+    partial = tmp_path / "partial.safetensors"
+    save_kohya(partial, TINY_SDXL_BASE, good)
+    tensors = dict(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(partial)))
+    tensors["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
+    tensors["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(4, 2)
+    _file(partial, tensors)
+    before = ours(base)
+    with pytest.raises(LoraError, match="lora_unet_no_such_layer"):
+        ours(base, [(partial, 1.0)])
+    assert torch.equal(ours(base), before)
+
+
+def test_nan_and_foreign_files_are_refused(tmp_path):
+    lora = random_lora(TINY_SDXL_BASE, rank=2, text=False)
+    path = tmp_path / "nan.safetensors"
+    first = next(iter(lora))
+    lora[first]["lora_up"][0, 0] = float("nan")
+    save_kohya(path, TINY_SDXL_BASE, lora)
+    with pytest.raises(LoraError, match="NaN"):
+        read_lora(path, TINY_SDXL_BASE)
+    with pytest.raises(LoraError, match="no adapter format"):
+        read_lora(_file(tmp_path / "model.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(4)}),
+                  TINY_SDXL_BASE)
