@@ -19,7 +19,8 @@ from xldm.errors import CheckpointError
 from xldm.weights.io import open_checkpoint
 
 SDXL_KEYS = ("clip_l", "clip_g")
-_WIDTH_USES = {768: "CLIP ViT-L: SD 1.x, SDXL clip_l", 1024: "OpenCLIP ViT-H: SD 2.x", 1280: "OpenCLIP bigG: SDXL clip_g"}
+_WIDTH_USES = {768: "CLIP ViT-L: SD 1.x, SDXL clip_l", 1024: "OpenCLIP ViT-H: SD 2.x",
+               1280: "OpenCLIP bigG: SDXL clip_g"}
 
 
 class EmbeddingError(CheckpointError):
