@@ -5,17 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import random_components
 
 from xldm.conditioning import encode_prompts, sampling_conditioning
 from xldm.config import TINY_SD15, TINY_SDXL_BASE, TINY_SDXL_REFINER
-from xldm.embeddings import (EmbeddingError, add_embeddings, attached_embeddings, read_embedding,
-                             remove_embeddings)
+from xldm.embeddings import (
+    EmbeddingError,
+    add_embeddings,
+    attached_embeddings,
+    read_embedding,
+    remove_embeddings,
+)
 from xldm.errors import CheckpointError
 from xldm.prompt_weighting import apply_token_weights
 from xldm.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, CLIPTokenizer
 from xldm.weights.save import save_diffusers
-
-from tiny_models import random_components
 
 diffusers = pytest.importorskip("diffusers")
 

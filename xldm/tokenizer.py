@@ -131,7 +131,7 @@ class CLIPTokenizer:
 
     @classmethod
     def for_encoder(cls, cfg: TextEncoderConfig,
-                    embeddings: Mapping[str, Sequence[int]] | None = None) -> "CLIPTokenizer":
+                    embeddings: Mapping[str, Sequence[int]] | None = None) -> CLIPTokenizer:
         """The tokenizer that goes with a text encoder: padding from `cfg.pad_token_id`, length `cfg.max_positions`,
         and the encoder's attached embeddings (`CLIPTextEmbeddings.placeholder_ids()`)."""
         return cls(pad_token_id=cfg.pad_token_id, max_length=cfg.max_positions, embeddings=embeddings)
