@@ -8,12 +8,15 @@ Ids equal transformers' `CLIPTokenizer` as the SDXL pipeline sets it up (and Ope
   every literal "!" in a prompt becomes its own id 0 instead of being BPE-merged
   (diffusers issue #4153: "wow!!" -> [2781, 0, 0], where open_clip gives [2781, 748]).
 
-A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`)."""
+A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`).
+Textual-inversion embeddings (`embeddings=`): where an embedding's name stands as whole words, its placeholder ids
+replace the name's tokens (A1111 modules/textual_inversion `find_embedding_at_position`, longest name first)."""
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -94,11 +97,20 @@ def _backend(split_bang: bool) -> Tokenizer:
     return tokenizer
 
 
+@lru_cache(maxsize=2)
+def _word_end_ids(split_bang: bool) -> frozenset[int]:
+    """Ids that end a pre-tokenized word ("...</w>", specials): a name may start only right after one of them."""
+    vocab = _backend(split_bang).get_vocab(with_added_tokens=False)
+    return frozenset([i for token, i in vocab.items() if token.endswith("</w>")] + [BOS_ID, EOS_ID]
+                     + ([BANG_ID] if split_bang else []))
+
+
 class CLIPTokenizer:
     """Prompts -> (B, 77) CLIP token ids; `pad_token_id=49407` pads with EOS (SDXL tokenizer 1), `pad_token_id=0`
     with "!", splitting every literal "!" into id 0 (SDXL tokenizer 2, transformers with `pad_token="!"`)."""
 
-    def __init__(self, pad_token_id: int = EOS_ID, max_length: int = MAX_LENGTH) -> None:
+    def __init__(self, pad_token_id: int = EOS_ID, max_length: int = MAX_LENGTH,
+                 embeddings: Mapping[str, Sequence[int]] | None = None) -> None:
         if pad_token_id not in (EOS_ID, BANG_ID):
             raise ValueError(f"pad_token_id must be {EOS_ID} (EOS) or {BANG_ID} ('!'), got {pad_token_id}")
         if max_length < 2:
@@ -106,24 +118,51 @@ class CLIPTokenizer:
         self.pad_token_id, self.max_length = pad_token_id, max_length
         self.bos_token_id, self.eos_token_id = BOS_ID, EOS_ID
         self._tokenizer = _backend(split_bang=pad_token_id == BANG_ID)
+        self.embeddings = {name: list(ids) for name, ids in (embeddings or {}).items()}  # name -> placeholder ids
+        self._patterns: list[tuple[list[int], list[int]]] = []  # (name's tokens, ids), longest name first
+        for name, ids in self.embeddings.items():
+            tokens = self._tokenizer.encode(name, add_special_tokens=False).ids if isinstance(name, str) else []
+            if not tokens or not ids or min(ids) < VOCAB_SIZE:
+                raise ValueError(f"embedding {name!r}: expected a name with tokens and placeholder ids >= "
+                                 f"{VOCAB_SIZE}, found tokens {tokens} and ids {ids}")
+            self._patterns.append((tokens, ids))
+        self._patterns.sort(key=lambda pattern: -len(pattern[0]))
+        self._word_ends = _word_end_ids(pad_token_id == BANG_ID) if self._patterns else frozenset()
 
     @classmethod
-    def for_encoder(cls, cfg: TextEncoderConfig) -> "CLIPTokenizer":
-        """The tokenizer that goes with a text encoder: padding from `cfg.pad_token_id`, length `cfg.max_positions`."""
-        return cls(pad_token_id=cfg.pad_token_id, max_length=cfg.max_positions)
+    def for_encoder(cls, cfg: TextEncoderConfig,
+                    embeddings: Mapping[str, Sequence[int]] | None = None) -> CLIPTokenizer:
+        """The tokenizer that goes with a text encoder: padding from `cfg.pad_token_id`, length `cfg.max_positions`,
+        and the encoder's attached embeddings (`CLIPTextEmbeddings.placeholder_ids()`)."""
+        return cls(pad_token_id=cfg.pad_token_id, max_length=cfg.max_positions, embeddings=embeddings)
+
+    def _insert_embeddings(self, tokens: list[int]) -> list[int]:
+        if not self._patterns:
+            return tokens
+        out, i = [], 0
+        while i < len(tokens):
+            at_word_start = i == 0 or tokens[i - 1] in self._word_ends
+            match = next((p for p in self._patterns if at_word_start and tokens[i : i + len(p[0])] == p[0]), None)
+            if match is None:
+                out.append(tokens[i])
+                i += 1
+            else:
+                out += match[1]
+                i += len(match[0])
+        return out
 
     def tokenize(self, prompt: str) -> list[int]:
         """BPE ids of one prompt: no BOS/EOS, no padding, no truncation (e.g. for chunking long prompts)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        return self._tokenizer.encode(prompt, add_special_tokens=False).ids
+        return self._insert_embeddings(self._tokenizer.encode(prompt, add_special_tokens=False).ids)
 
     def tokenize_batch(self, prompts: list[str]) -> list[list[int]]:
         """`tokenize` for several prompts at once (the tokenizers library runs them in parallel)."""
         for p in prompts:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}")
-        return [e.ids for e in self._tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        return [self._insert_embeddings(e.ids) for e in self._tokenizer.encode_batch(prompts, add_special_tokens=False)]
 
     def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
         """(B, max_length) int64 ids `[BOS] + first max_length-2 tokens + [EOS] + padding` (transformers
@@ -154,4 +193,5 @@ class CLIPTokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer(pad_token_id={self.pad_token_id}, max_length={self.max_length})"
+        extra = f", embeddings={sorted(self.embeddings)}" if self.embeddings else ""
+        return f"CLIPTokenizer(pad_token_id={self.pad_token_id}, max_length={self.max_length}{extra})"

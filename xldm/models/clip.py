@@ -4,7 +4,8 @@ One class for both, configured by `TextEncoderConfig`.  Parameter names are the 
 single-file checkpoint uses under `conditioner.embedders.0.transformer.`, so that part loads strictly; the
 open_clip layout goes through `xldm.weights.keys_clip`.  Numerics follow transformers models/clip/modeling_clip.py
 (`CLIPTextModel`, `CLIPTextModelWithProjection`): pre-LN blocks, causal attention without padding mask, pooled =
-final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`."""
+final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`.
+Textual-inversion vectors (xldm.embeddings) live in an extra table of `CLIPTextEmbeddings` behind ids >= vocab_size."""
 
 from __future__ import annotations
 
@@ -32,15 +33,53 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings.  Attached textual-inversion vectors (`set_extra_tokens`) answer the ids from
+    `vocab_size` on, in attachment order (A1111 modules/textual_inversion); they are a plain attribute, neither
+    parameter nor buffer, so state dicts and strict loading do not see them."""
+
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         # Position ids are made on the fly (no `position_ids` buffer; the loader drops it where checkpoints have one).
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.extra_tokens: dict[str, torch.Tensor] = {}  # name -> (n, width)
+        self._extra_table: torch.Tensor | None = None
+
+    def set_extra_tokens(self, vectors: dict[str, torch.Tensor]) -> None:
+        """Replace the attached vectors (name -> (n, width)); stored on the token embedding's device and dtype."""
+        weight = self.token_embedding.weight
+        for name, v in vectors.items():
+            if v.dim() != 2 or v.shape[0] == 0 or v.shape[1] != weight.shape[1]:
+                raise ValueError(f"extra token {name!r}: expected shape (n >= 1, {weight.shape[1]}), "
+                                 f"found {tuple(v.shape)}")
+        self.extra_tokens = {name: v.detach().to(device=weight.device, dtype=weight.dtype)
+                             for name, v in vectors.items()}
+        self._extra_table = torch.cat(list(self.extra_tokens.values())) if self.extra_tokens else None
+
+    def placeholder_ids(self) -> dict[str, list[int]]:
+        """name -> its consecutive ids (>= vocab_size), what the tokenizer puts where the name stands."""
+        start, ids = self.token_embedding.num_embeddings, {}
+        for name, v in self.extra_tokens.items():
+            ids[name], start = list(range(start, start + v.shape[0])), start + v.shape[0]
+        return ids
+
+    @property
+    def num_ids(self) -> int:
+        """Vocabulary size plus attached placeholder ids: input ids must lie below this."""
+        extra = 0 if self._extra_table is None else self._extra_table.shape[0]
+        return self.token_embedding.num_embeddings + extra
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        if self._extra_table is None:
+            tokens = self.token_embedding(input_ids)
+        else:
+            vocab = self.token_embedding.num_embeddings
+            is_extra = input_ids >= vocab
+            tokens = self.token_embedding(input_ids.masked_fill(is_extra, 0))
+            extra = self._extra_table.to(tokens)[(input_ids - vocab).clamp(min=0)]
+            tokens = torch.where(is_extra[..., None], extra, tokens)
+        return tokens + self.position_embedding(positions)[None]
 
 
 class CLIPAttention(nn.Module):
@@ -130,8 +169,10 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor, found dtype {input_ids.dtype}")
         if input_ids.device.type != "meta" and input_ids.numel() > 0:
             low, high = (int(v) for v in torch.aminmax(input_ids))  # one device sync; avoids CUDA index asserts
-            if low < 0 or high >= cfg.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (the vocabulary), "
+            limit = self.text_model.embeddings.num_ids
+            if low < 0 or high >= limit:
+                attached = f" and {limit - cfg.vocab_size} attached embedding ids" if limit > cfg.vocab_size else ""
+                raise ValueError(f"input_ids must lie in [0, {limit - 1}] (the vocabulary{attached}), "
                                  f"found values in [{low}, {high}]")
         input_ids = input_ids.long()
         tm = self.text_model
@@ -143,7 +184,9 @@ class CLIPTextModel(nn.Module):
         last = tm.final_layer_norm(h)
         # EOS position = argmax of the ids (EOS 49407 is the largest id; the first one wins on ties),
         # transformers CLIPTextModel with eos_token_id == 2 (SDXL hub configs), open_clip pool_type "argmax".
-        pooled = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]
+        # Placeholder ids of attached embeddings count as 0, so pooling stays at the real EOS (as A1111).
+        eos = input_ids.masked_fill(input_ids >= cfg.vocab_size, 0).argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(hidden_states=tuple(hidden_states), last_hidden_state=last, pooled=pooled)

@@ -37,9 +37,14 @@ class Components:
         return self
 
     def tokenizers(self) -> tuple:
+        """One tokenizer per `config.text_encoders`, knowing the embeddings attached to its encoder
+        (xldm.embeddings.add_embeddings)."""
         from xldm.tokenizer import CLIPTokenizer
 
-        return tuple(CLIPTokenizer.for_encoder(te) for te in self.config.text_encoders)
+        encoders = self.text_encoders or (None,) * len(self.config.text_encoders)
+        layers = [getattr(getattr(te, "text_model", None), "embeddings", None) for te in encoders]
+        return tuple(CLIPTokenizer.for_encoder(cfg, getattr(layer, "placeholder_ids", dict)())
+                     for cfg, layer in zip(self.config.text_encoders, layers))
 
 
 def text_encoder_name(config: ModelConfig, index: int) -> str:
