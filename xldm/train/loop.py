@@ -159,9 +159,10 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     data = data if data is not None else task.batches(config, procs)
     kohya = getattr(getattr(data, "source", None), "kohya", None)
     if kohya and procs.is_main:
-        print(f"kohya dataset: {kohya['images']} images in {len(kohya['folders'])} folders, "
-              f"{kohya['images_per_epoch']} per epoch with repeats ({', '.join(f'{n}: {f[0]} x {f[1]}' for n, f in kohya['folders'].items())}); "
-              f"captions from files {kohya['captions_from_files']}, from folder names {kohya['captions_from_folder']}",
+        folders = ", ".join(f"{name}: {images} x {repeats}" for name, (images, repeats) in kohya["folders"].items())
+        print(f"kohya dataset: {kohya['images']} images, {kohya['images_per_epoch']} per epoch with repeats "
+              f"({folders}); captions from files {kohya['captions_from_files']}, from folder names "
+              f"{kohya['captions_from_folder']}",
               file=sys.stderr)
     random.seed(config.seed + procs.rank)
     np.random.seed((config.seed + procs.rank) % 2**32)

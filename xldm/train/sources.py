@@ -2,12 +2,12 @@
 
 * a **folder**: images (`.png .jpg .jpeg .webp`, searched recursively) with a caption `name.txt` beside `name.png`,
   or a `metadata.jsonl` at the top with one `{"file_name", "text", "aesthetic_score"?}` per line (Hugging Face
-  imagefolder layout; `file_name` relative to the folder and never outside it).  A **kohya folder** (sd-scripts
-  DreamBooth layout, detected when there is no metadata.jsonl, no image at the top and every immediate subfolder is
-  named `N_name`, e.g. `10_mychar/`): each image of a subfolder counts N times per epoch (kohya's repeats); its
-  caption is `stem.txt`, else `stem.caption` (`.txt` wins when both exist: sd-scripts' current default
-  caption_extension), else the folder's class token `name` (the part after the first underscore).  Each image's size is read once from
+  imagefolder layout; `file_name` relative to the folder and never outside it).  Each image's size is read once from
   its header (Pillow's `Image.open` is lazy), so every image's bucket is known without decoding it.
+* a **kohya folder** (sd-scripts DreamBooth layout), detected when there is no metadata.jsonl, no image at the top
+  and every immediate subfolder is named `N_name` (e.g. `10_mychar/`): each image of a subfolder counts N times per
+  epoch (kohya's repeats); its caption is `stem.txt`, else `stem.caption` (`.txt` wins when both exist: sd-scripts'
+  current default caption_extension), else the folder's class token `name` (the part after the first underscore).
 * **WebDataset shards** (the format sgm trains from): a `.tar` path, a folder of `.tar` files, or brace notation
   `shards/data-{000..009}.tar`.  Members are grouped into samples by key (the name up to the first dot of its
   basename); a sample has an image (`jpg jpeg png webp`) and a caption (`txt`, or `caption`/`text` in its `json`,
