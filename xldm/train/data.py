@@ -113,9 +113,9 @@ class TrainingBatches:
     `world_size * batch_size` rows, and the list of global batches is shuffled.  Every rank builds the same list and
     takes rows `[r * batch_size, (r + 1) * batch_size)` of each global batch, so the ranks' batches are disjoint,
     cover the epoch, and concatenated in rank order equal the batches of one process with batch `world_size *
-    batch_size` and the same seed, crops included: row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover
-    samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling the
-    bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
+    batch_size` and the same seed, crops included: row k of global batch j is cropped with
+    `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover samples (fewer than a global batch) are
+    dropped for the epoch (`drop_last=True`) or padded by cycling the bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
     decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks and
     the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen): resuming
     gives exactly the batches of the uninterrupted run; the world size may change on resume if `world_size *
