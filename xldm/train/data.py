@@ -111,15 +111,15 @@ class TrainingBatches:
     **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples (in
     sorted key order; a kohya folder's sample N times for its repeats N) are shuffled, cut into *global* batches of
     `world_size * batch_size` rows, and the list of global batches is shuffled.  Every rank builds the same list and
-    takes rows `[r * batch_size, (r + 1) * batch_size)` of each global batch, so the ranks' batches are disjoint,
-    cover the epoch, and concatenated in rank order equal the batches of one process with batch `world_size *
-    batch_size` and the same seed, crops included: row k of global batch j is cropped with
+    takes rows `[r * batch_size, (r + 1) * batch_size)` of each global batch, so the ranks' batches are disjoint, cover
+    the epoch, and concatenated in rank order equal the batches of one process with batch `world_size * batch_size` and
+    the same seed, crops included: row k of global batch j is cropped with
     `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover samples (fewer than a global batch) are
-    dropped for the epoch (`drop_last=True`) or padded by cycling the bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
-    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks and
-    the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen): resuming
-    gives exactly the batches of the uninterrupted run; the world size may change on resume if `world_size *
-    batch_size` does not.
+    dropped for the epoch (`drop_last=True`) or padded by cycling the bucket's shuffled samples (`drop_last=False`).  A
+    row whose image fails to decode is replaced by the next decodable row of its global batch (then of the bucket), a
+    rule that depends only on the files, so all ranks and the single process agree.  `state_dict` = (epoch, index of the
+    next global batch, bad files seen): resuming gives exactly the batches of the uninterrupted run; the world size may
+    change on resume if `world_size * batch_size` does not.
 
     **Shards.**  Epoch e shuffles the shard list with `random.Random(f"xldm-shards:{seed}:{e}")`; rank r streams
     shards `[r::world_size]` of it (at least `world_size` shards needed), keeping one buffer per bucket (at most
