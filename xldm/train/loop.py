@@ -186,13 +186,14 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     step = start
     accumulate = config.grad_accum_steps
     for step in range(start + 1, config.steps + 1):
-        t0 = time.perf_counter()
+        seconds = 0.0  # in the task's steps (data loading excluded)
         for micro in range(accumulate):
             batch = next(batches)
             run.micro_batch = (micro, accumulate)
+            t0 = time.perf_counter()
             with nullcontext() if micro == accumulate - 1 else _no_sync(run):
                 result = task.step(run, batch, step)
-        seconds = time.perf_counter() - t0
+            seconds += time.perf_counter() - t0
         losses.append(result.loss)
         if result.applied:
             streak = 0
