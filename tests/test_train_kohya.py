@@ -42,6 +42,7 @@ def kohya_folder(root: Path) -> Path:
 
 
 def test_kohya_folder_repeats_captions_and_stats(tmp_path):
+    (tmp_path / "data" / ".cache").mkdir(parents=True)  # hidden folders are not dataset folders
     source = FolderSource(kohya_folder(tmp_path / "data"))
     captions = {s.key: s.caption for s in source.samples}
     assert captions == {"2_cat/a.png": "a cat from txt", "2_cat/b.png": "a cat from caption", "2_cat/c.png": "cat",

@@ -171,7 +171,7 @@ def kohya_folders(root: Path) -> dict[str, tuple[int, str]] | None:
     if (root / "metadata.jsonl").is_file():
         return None
     children = list(root.iterdir())
-    folders = [c for c in children if c.is_dir()]
+    folders = [c for c in children if c.is_dir() and not c.name.startswith(".")]  # (.ipynb_checkpoints, ...)
     if not folders or any(c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file() for c in children):
         return None
     matches = {f.name: KOHYA_FOLDER.match(f.name) for f in folders}
