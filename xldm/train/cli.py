@@ -1,7 +1,8 @@
 """`xldm train`: parse flags and an optional TOML file into a `TrainConfig`, then run `xldm.train.loop.train`.
 
     xldm train --preset tiny-sdxl-base --data DIR_OR_SHARDS --steps N --batch-size B --out RUN_DIR
-               [--checkpoint-every K] [--resume] [--seed S] [--lr X] [--init PATH] [--set FIELD=VALUE ...]
+               [--checkpoint-every K] [--resume] [--seed S] [--lr X] [--init PATH] [--grad-accum N]
+               [--sample-every N --sample-prompts FILE] [--set FIELD=VALUE ...]
     xldm train CONFIG.toml [flags]
     xldm train --preset cascade-base-32 --data DIR --out RUN_DIR [--text-encoders-from MODEL_OR_STAGE] [flags]
 
@@ -22,7 +23,8 @@ from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 
 # flag -> TrainConfig field, for the flags that set a field directly.
 _FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed", "lr", "init", "keep_checkpoints",
-                "mixed_precision", "device", "text_encoders_from")
+                "mixed_precision", "device", "text_encoders_from", "grad_accum_steps", "sample_every",
+                "sample_prompts")
 RANDOM_INIT_NOTE = ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
                     "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
                     "diffusers folder)")
@@ -34,7 +36,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML file of TrainConfig fields")
     p.add_argument("--preset", default=None, help=f"starting settings: {', '.join(sorted(TRAIN_PRESETS))}")
-    p.add_argument("--data", default=None, help="image folder (name.txt captions or metadata.jsonl) or .tar shards")
+    p.add_argument("--data", default=None, help="image folder (name.txt captions, metadata.jsonl, or kohya "
+                                                        "N_name/ subfolders) or .tar shards")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps (resumed ones included)")
     p.add_argument("--batch-size", type=int, default=None, help="per process")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="checkpoints/, metrics.jsonl, final/")
@@ -50,6 +53,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-encoders-from", default=None, metavar="MODEL_OR_STAGE",
                    help="cascade presets: frozen text encoders from an xldm model file or folder, a stage file, or "
                         "'default' (the bundled default model's)")
+    p.add_argument("--grad-accum", dest="grad_accum_steps", type=int, default=None, metavar="N",
+                   help="gradient accumulation: one step = one update over N batches (default 1)")
+    p.add_argument("--sample-every", type=int, default=None, metavar="N", help="sample images every N steps (0 = off)")
+    p.add_argument("--sample-prompts", default=None, metavar="FILE",
+                   help="one prompt per line, kohya options --n --s --l --d --w --h; grids in RUN_DIR/samples/")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")

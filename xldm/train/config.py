@@ -95,6 +95,13 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     parallel: str = "ddp"  # under torchrun: "ddp", or "fsdp" to shard the UNet (xldm.train.parallel)
 
+    # kohya sd-scripts conventions (train_network.py): gradient accumulation (one step = one AdamW update over
+    # this many micro-batches of `batch_size`) and sample images every `sample_every` steps (0 = off) of the
+    # prompts in `sample_prompts` (one per line, kohya's `--n --s --l --d --w --h` options) into RUN/samples/
+    grad_accum_steps: int = 1
+    sample_every: int = 0
+    sample_prompts: str = ""
+
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
@@ -123,7 +130,14 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("text_dropout", "micro_dropout", "aug_level_max"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("offset_noise", "min_snr_gamma", "warmup_steps"):
+        check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        check(self.grad_accum_steps == 1 or self.task == "diffusion",
+              f"grad_accum_steps applies to the diffusion task only, got task {self.task!r}")
+        check(self.sample_every == 0 or (self.task == "diffusion" and self.model_config.vae is not None),
+              f"sample_every needs the diffusion task of a latent model (with a VAE), got task {self.task!r} "
+              f"of {self.model}")
+        check(self.sample_every == 0 or bool(self.sample_prompts), "sample_every needs sample_prompts (a file)")
+        for name in ("offset_noise", "min_snr_gamma", "warmup_steps", "sample_every"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         check(self.lr > 0.0, f"lr must be > 0, got {self.lr}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}")

@@ -109,17 +109,17 @@ class TrainingBatches:
     """Batches of one bucket each, in an order fixed by (seed, epoch), sharded over ranks, resumable exactly.
 
     **Folders.**  Epoch e's order comes from `random.Random(f"xldm-batches:{seed}:{e}")`: each bucket's samples (in
-    sorted key order) are shuffled, cut into *global* batches of `world_size * batch_size` rows, and the list of
-    global batches is shuffled.  Every rank builds the same list and takes rows `[r * batch_size, (r + 1) *
-    batch_size)` of each global batch, so the ranks' batches are disjoint, cover the epoch, and concatenated in rank
-    order equal the batches of one process with batch `world_size * batch_size` and the same seed, crops included:
-    row k of global batch j is cropped with `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover
-    samples (fewer than a global batch) are dropped for the epoch (`drop_last=True`) or padded by cycling the
-    bucket's shuffled samples (`drop_last=False`).  A row whose image fails to decode is replaced by the next
-    decodable row of its global batch (then of the bucket), a rule that depends only on the files, so all ranks and
-    the single process agree.  `state_dict` = (epoch, index of the next global batch, bad files seen): resuming
-    gives exactly the batches of the uninterrupted run; the world size may change on resume if `world_size *
-    batch_size` does not.
+    sorted key order; a kohya folder's sample N times for its repeats N) are shuffled, cut into *global* batches of
+    `world_size * batch_size` rows, and the list of global batches is shuffled.  Every rank builds the same list and
+    takes rows `[r * batch_size, (r + 1) * batch_size)` of each global batch, so the ranks' batches are disjoint, cover
+    the epoch, and concatenated in rank order equal the batches of one process with batch `world_size * batch_size` and
+    the same seed, crops included: row k of global batch j is cropped with
+    `random.Random(f"xldm-crop:{seed}:{e}:{j}:{k}")`.  A bucket's leftover samples (fewer than a global batch) are
+    dropped for the epoch (`drop_last=True`) or padded by cycling the bucket's shuffled samples (`drop_last=False`).  A
+    row whose image fails to decode is replaced by the next decodable row of its global batch (then of the bucket), a
+    rule that depends only on the files, so all ranks and the single process agree.  `state_dict` = (epoch, index of the
+    next global batch, bad files seen): resuming gives exactly the batches of the uninterrupted run; the world size may
+    change on resume if `world_size * batch_size` does not.
 
     **Shards.**  Epoch e shuffles the shard list with `random.Random(f"xldm-shards:{seed}:{e}")`; rank r streams
     shards `[r::world_size]` of it (at least `world_size` shards needed), keeping one buffer per bucket (at most
@@ -155,8 +155,9 @@ class TrainingBatches:
             if not source.samples:
                 raise ValueError(f"{source.root}: no usable images (skipped: {_counts(source.skipped)})")
             self._bucket_members: dict[Size, list[int]] = {}  # sample indices per bucket, in key order
-            for index, sample in enumerate(source.samples):
-                self._bucket_members.setdefault(nearest_bucket(*sample.size, self.buckets), []).append(index)
+            for index, sample in enumerate(source.samples):  # a sample with repeats N (kohya) is N members
+                self._bucket_members.setdefault(nearest_bucket(*sample.size, self.buckets), []).extend(
+                    [index] * sample.repeats)
             self._next_batch = 0
             self._plan_cache: tuple[int, list[tuple[Size, list[int]]]] | None = None
             if not self._plan(0):
@@ -186,8 +187,9 @@ class TrainingBatches:
         for reason, keys in self._skipped.items():
             skipped.setdefault(reason, set()).update(keys)
         counts = _counts(skipped)
+        kohya = getattr(self.source, "kohya", None)
         return {"images_seen": self._images_seen, "batches": self._batches, "skipped": counts,
-                "skipped_total": sum(counts.values())}
+                "skipped_total": sum(counts.values()), **({"kohya": kohya} if kohya else {})}
 
     def _skip(self, reason: str, key: str) -> None:
         self._skipped.setdefault(reason, set()).add(key)

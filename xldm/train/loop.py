@@ -12,7 +12,10 @@ kill + resume + N/2 give bit-identical weights on CPU with deterministic algorit
 norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` in a row stop the run (`NonFiniteLossError`).
 Under torchrun each process trains on its rows of the global batch (rank r: rows r*B:(r+1)*B), the trained network
 wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B equal 1 process x W*B up to float
-summation order; rank 0 writes checkpoints, metrics and the export."""
+summation order; rank 0 writes checkpoints, metrics and the export.  A step of `grad_accum_steps` = N takes N batches
+(micro-batches, the gradients summed; under DDP all but the last run inside `no_sync`, so one all-reduce per step;
+FSDP syncs each one); checkpoints and the schedule count steps (updates).  `sample_every` renders
+`sample_prompts` on rank 0 into RUN/samples/ (xldm.train.samples)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import random
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +35,7 @@ import torch.distributed as dist
 
 from xldm.errors import NonFiniteError
 from xldm.train import checkpoint as ckpt
-from xldm.train import contrastive, diffusion, parallel, vae
+from xldm.train import contrastive, diffusion, parallel, samples, vae
 from xldm.train.config import TrainConfig, lr_at
 from xldm.train.parallel import Processes, setup_processes
 from xldm.train.run import Run, StepResult
@@ -99,6 +103,19 @@ def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> in
     return int(state["step"])
 
 
+def _no_sync(run: Run):
+    """Every DDP wrapper's `no_sync()` (gradients kept locally, reduced with the last micro-batch's backward)."""
+    from contextlib import ExitStack
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    stack = ExitStack()
+    for module in run.forward.values():
+        if isinstance(module, DistributedDataParallel):
+            stack.enter_context(module.no_sync())
+    return stack
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -135,8 +152,18 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     out = Path(config.out)
     metrics_path = out / "metrics.jsonl"
     task = TASKS[config.task]
+    prompts = samples.read_prompts(config.sample_prompts) if config.sample_every else []
+    if prompts and parallel.uses_fsdp(config, procs):
+        raise ValueError("sample_every is not supported with --parallel fsdp (the UNet is sharded)")
     run = task.build(config, procs, None)
     data = data if data is not None else task.batches(config, procs)
+    kohya = getattr(getattr(data, "source", None), "kohya", None)
+    if kohya and procs.is_main:
+        folders = ", ".join(f"{name}: {images} x {repeats}" for name, (images, repeats) in kohya["folders"].items())
+        print(f"kohya dataset: {kohya['images']} images, {kohya['images_per_epoch']} per epoch with repeats "
+              f"({folders}); captions from files {kohya['captions_from_files']}, from folder names "
+              f"{kohya['captions_from_folder']}",
+              file=sys.stderr)
     random.seed(config.seed + procs.rank)
     np.random.seed((config.seed + procs.rank) % 2**32)
     torch.manual_seed(config.seed + procs.rank)
@@ -157,11 +184,16 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     losses: list[float] = []
     streak = skipped = 0
     step = start
+    accumulate = config.grad_accum_steps
     for step in range(start + 1, config.steps + 1):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        result = task.step(run, batch, step)
-        seconds = time.perf_counter() - t0
+        seconds = 0.0  # in the task's steps (data loading excluded)
+        for micro in range(accumulate):
+            batch = next(batches)
+            run.micro_batch = (micro, accumulate)
+            t0 = time.perf_counter()
+            with nullcontext() if micro == accumulate - 1 else _no_sync(run):
+                result = task.step(run, batch, step)
+            seconds += time.perf_counter() - t0
         losses.append(result.loss)
         if result.applied:
             streak = 0
@@ -192,6 +224,10 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
                 tensors, state = checkpoint_contents(run, step, states)
                 if procs.is_main:
                     ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
+            parallel.barrier(procs)
+        if prompts and step % config.sample_every == 0:
+            if procs.is_main:
+                samples.write_samples(run, prompts, out / "samples", step)
             parallel.barrier(procs)
         if on_step is not None:
             on_step(step, run)

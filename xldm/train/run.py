@@ -2,7 +2,10 @@
 
 An update: backward; then, only if the loss and the gradient norm are finite on every rank, clip to `grad_clip`
 (global norm over all shards), AdamW at `lr_at(step)`, the task's `after` hook, EMA.  A skipped step zeroes the
-gradients and changes nothing else; backward always runs, so DDP ranks stay in lockstep."""
+gradients and changes nothing else; backward always runs, so DDP ranks stay in lockstep.  With gradient accumulation
+(`grad_accum_steps` = N, kohya sd-scripts' `--gradient_accumulation_steps`) the loop sets `micro_batch` = (i, N)
+before each of N task steps: each loss is divided by N and backpropagated, and only the last one clips and steps,
+finite only if every micro-batch's loss was (mean of the N losses reported)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ class Run:
     denoiser: Any = None  # xldm.diffusion.denoiser.Denoiser of a diffusion run
     tokenizers: tuple = ()
     cache: Any = None  # xldm.train.cache.EmbeddingCache when config.cache_dir is set
+    micro_batch: tuple[int, int] = (0, 1)  # (index, count) of the micro-batch being accumulated
+    micro_losses: list[torch.Tensor] = field(default_factory=list)  # this step's losses so far
 
     def __post_init__(self) -> None:
         if self.ema is None and self.config.ema_decay > 0:
@@ -53,9 +58,11 @@ class Run:
                     yield f"{name}.{pname}", p
 
     def rows(self, batch: dict) -> list[int]:
-        """Global indices of this process's rows (rank r holds rows r*B:(r+1)*B of the global batch)."""
+        """Global indices of this process's rows (rank r holds rows r*B:(r+1)*B of the global batch; micro-batch i
+        of a step continues after the i before it, so N micro-batches of B rows draw what one batch of N*B would)."""
         b = len(batch["captions"]) if "captions" in batch else batch["pixels"].shape[0]
-        return [self.procs.rank * b + i for i in range(b)]
+        first = (self.micro_batch[0] * self.procs.world_size + self.procs.rank) * b
+        return [first + i for i in range(b)]
 
     def autocast(self):
         return (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -85,11 +92,19 @@ def make_optimizer(config: TrainConfig, params, lr: float | None = None) -> torc
 
 
 def apply_update(run: Run, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                 lr: float, *, unwrapped: list[nn.Module] = ()) -> tuple[bool, float, float]:
+                 lr: float, *, unwrapped: list[nn.Module] = ()) -> tuple[bool, float, float] | None:
     """backward, then clip and step if finite everywhere: (applied, global mean loss, gradient norm).
-    `unwrapped`: trained networks outside DDP (their gradients are averaged over the processes here)."""
+    `unwrapped`: trained networks outside DDP (their gradients are averaged over the processes here).
+    None before the last micro-batch of an accumulated step (gradients kept, nothing else done)."""
     procs = run.procs
-    loss.backward()
+    index, count = run.micro_batch
+    (loss / count if count > 1 else loss).backward()
+    if count > 1:
+        run.micro_losses.append(loss.detach().float().reshape(1))
+        if index < count - 1:
+            return None
+        loss = torch.cat(run.micro_losses).mean()
+        run.micro_losses.clear()
     if procs.distributed:
         for p in (p for m in unwrapped for p in m.parameters() if p.grad is not None):
             dist.all_reduce(p.grad)
@@ -115,8 +130,11 @@ def update(run: Run, loss: torch.Tensor, step: int, params: list[torch.Tensor], 
            after: Callable[[], None] | None = None) -> StepResult:
     """One update of the run's optimizer from `loss` at (1-based) `step`, then `after()` and the EMA.  `params`:
     the trained parameters, taken before the forward (FSDP2 swaps the root's unsharded ones in for it)."""
-    applied, value, norm = apply_update(run, loss, run.optimizer, params, lr_at(run.config, step),
-                                        unwrapped=[m for name, m in run.trainable.items() if name not in run.forward])
+    outcome = apply_update(run, loss, run.optimizer, params, lr_at(run.config, step),
+                           unwrapped=[m for name, m in run.trainable.items() if name not in run.forward])
+    if outcome is None:  # an accumulated step's earlier micro-batch
+        return StepResult(loss=float(loss.detach()), applied=False, grad_norm=float("nan"), extra=extra or {})
+    applied, value, norm = outcome
     if applied and after is not None:
         after()
     if applied and run.ema is not None:

@@ -4,6 +4,10 @@
   or a `metadata.jsonl` at the top with one `{"file_name", "text", "aesthetic_score"?}` per line (Hugging Face
   imagefolder layout; `file_name` relative to the folder and never outside it).  Each image's size is read once from
   its header (Pillow's `Image.open` is lazy), so every image's bucket is known without decoding it.
+* a **kohya folder** (sd-scripts DreamBooth layout), detected when there is no metadata.jsonl, no image at the top
+  and every immediate subfolder is named `N_name` (e.g. `10_mychar/`): each image of a subfolder counts N times per
+  epoch (kohya's repeats); its caption is `stem.txt`, else `stem.caption` (`.txt` wins when both exist: sd-scripts'
+  current default caption_extension), else the folder's class token `name` (the part after the first underscore).
 * **WebDataset shards** (the format sgm trains from): a `.tar` path, a folder of `.tar` files, or brace notation
   `shards/data-{000..009}.tar`.  Members are grouped into samples by key (the name up to the first dot of its
   basename); a sample has an image (`jpg jpeg png webp`) and a caption (`txt`, or `caption`/`text` in its `json`,
@@ -156,6 +160,24 @@ class FolderSample:
     caption: str
     aesthetic_score: float
     size: Size  # (width, height) from the header, EXIF-transposed
+    repeats: int = 1  # times per epoch (kohya folders: the N of `N_name/`)
+
+
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def kohya_folders(root: Path) -> dict[str, tuple[int, str]] | None:
+    """subfolder name -> (repeats, class token) when `root` has the kohya layout, else None."""
+    if (root / "metadata.jsonl").is_file():
+        return None
+    children = list(root.iterdir())
+    folders = [c for c in children if c.is_dir() and not c.name.startswith(".")]  # (.ipynb_checkpoints, ...)
+    if not folders or any(c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file() for c in children):
+        return None
+    matches = {f.name: KOHYA_FOLDER.match(f.name) for f in folders}
+    if not all(matches.values()):
+        return None
+    return {name: (int(m.group(1)), m.group(2)) for name, m in sorted(matches.items())}
 
 
 class FolderSource:
@@ -167,7 +189,11 @@ class FolderSource:
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder")
         self.skipped: dict[str, set[str]] = {}
-        entries = self._from_metadata() if (self.root / "metadata.jsonl").is_file() else self._from_sidecars()
+        self.kohya: dict | None = None  # kohya folders: what was found (see _from_kohya)
+        folders = kohya_folders(self.root)
+        entries = (self._from_metadata() if (self.root / "metadata.jsonl").is_file() else
+                   self._from_kohya(folders) if folders else self._from_sidecars())
+        repeats = {name: n for name, (n, _) in (folders or {}).items()}
         samples = []
         for key, path, caption, score in sorted(entries):
             if caption is None:
@@ -176,10 +202,15 @@ class FolderSource:
                     continue
                 caption = ""
             try:
-                samples.append(FolderSample(key, path, caption, score, probe_size(path)))
+                samples.append(FolderSample(key, path, caption, score, probe_size(path),
+                                            repeats.get(key.split("/", 1)[0], 1)))
             except SkipSample as e:
                 self._skip(e.reason, key)
         self.samples: tuple[FolderSample, ...] = tuple(samples)
+        if self.kohya is not None:
+            for name in self.kohya["folders"]:
+                self.kohya["folders"][name] = (sum(s.key.startswith(name + "/") for s in samples), repeats[name])
+            self.kohya.update(images=len(samples), images_per_epoch=sum(s.repeats for s in samples))
         self.fingerprint = _fingerprint([s.key for s in samples])
 
     def _skip(self, reason: str, key: str) -> None:
@@ -193,6 +224,23 @@ class FolderSource:
                 caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() \
                     if caption_path.is_file() else None
                 entries.append((path.relative_to(self.root).as_posix(), str(path), caption, DEFAULT_AESTHETIC_SCORE))
+        return entries
+
+    def _from_kohya(self, folders: dict[str, tuple[int, str]]) -> list[tuple[str, str, str | None, float]]:
+        """Images of each `N_name/` (searched recursively); `kohya` records folder -> (images, repeats) and
+        how many captions came from files and from folder names."""
+        entries, from_files = [], 0
+        for name, (_, token) in folders.items():
+            for path in (self.root / name).rglob("*"):
+                if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                    continue
+                sidecar = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".caption")) if c.is_file()),
+                               None)
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar else token
+                from_files += sidecar is not None
+                entries.append((path.relative_to(self.root).as_posix(), str(path), caption, DEFAULT_AESTHETIC_SCORE))
+        self.kohya = {"folders": dict.fromkeys(folders), "captions_from_files": from_files,
+                      "captions_from_folder": len(entries) - from_files}
         return entries
 
     def _from_metadata(self) -> list[tuple[str, str, str | None, float]]:
