@@ -116,21 +116,25 @@ STOP_AFTER = textwrap.dedent("""
 """)
 
 
-def _args(data: Path, out: Path, steps: int) -> list[str]:
-    return ["--preset", "tiny-sdxl-base", "--data", str(data), "--steps", str(steps), "--batch-size", "2",
+def _args(data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*extra, "--preset", "tiny-sdxl-base", "--data", str(data), "--steps", str(steps), "--batch-size", "2",
             "--out", str(out), "--checkpoint-every", "2", "--deterministic", "--no-progress",
             "--set", "offset_noise=0.05", "--set", "min_snr_gamma=5", "--set", "warmup_steps=3",
             "--set", "lr_schedule=cosine"]
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+LORA = ("--lora-rank", "4", "--lora-conv", "--lora-text-encoders")
+
+
+@pytest.mark.parametrize("extra", [(), LORA], ids=["full", "lora"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 12, size=64)
     steps = 6
-    straight = subprocess.Popen([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "a", steps)],
+    straight = subprocess.Popen([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "a", steps, extra)],
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen([sys.executable, "-c", STOP_AFTER, "3", *_args(data, tmp_path / "b", steps)],
+    killed = subprocess.Popen([sys.executable, "-c", STOP_AFTER, "3", *_args(data, tmp_path / "b", steps, extra)],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert killed.stdout.readline().strip() == "READY"  # step 3 done, checkpoint of step 2 on disk
@@ -139,7 +143,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == [2]
-    resumed = subprocess.run([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "b", steps),
+    resumed = subprocess.run([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "b", steps, extra),
                               "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "(step 2)" in resumed.stderr
@@ -153,13 +157,13 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert a_state["ema"]["num_updates"] == steps
     assert a_state["data"] == b_state["data"]
     trained = [k for k in a_tensors if k.startswith(("model.", "ema.", "optim."))]
-    assert len(trained) > 3 * 600 and set(a_tensors) == set(b_tensors)
+    assert len(trained) > (3 * 600 if not extra else 3 * 800) and set(a_tensors) == set(b_tensors)
     mismatched = [k for k in trained if not torch.equal(a_tensors[k], b_tensors[k])]
     assert mismatched == []  # bit-identical weights, EMA and AdamW moments
     from safetensors.torch import load_file
 
-    final_a = load_file(tmp_path / "a" / "final" / "model.safetensors")
-    final_b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    name = "lora.safetensors" if extra else "model.safetensors"
+    final_a, final_b = (load_file(tmp_path / run / "final" / name) for run in "ab")
     assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     # metrics: the resumed run rewrote steps 3.. after trimming, so each step appears once
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()

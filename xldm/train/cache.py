@@ -180,4 +180,4 @@ def open_cache(config, model, device: torch.device) -> EmbeddingCache | None:
     if not getattr(config, "cache_dir", "") or config.task != "diffusion":
         return None
     return EmbeddingCache(config.cache_dir, model, mixed_precision=config.mixed_precision, device=device,
-                          cache_text=not config.train_text_encoders)
+                          cache_text=not (config.train_text_encoders or config.lora_text_encoders))

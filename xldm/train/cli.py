@@ -24,7 +24,7 @@ from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 # flag -> TrainConfig field, for the flags that set a field directly.
 _FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed", "lr", "init", "keep_checkpoints",
                 "mixed_precision", "device", "text_encoders_from", "grad_accum_steps", "sample_every",
-                "sample_prompts")
+                "sample_prompts", "lora_rank", "lora_alpha")
 RANDOM_INIT_NOTE = ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
                     "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
                     "diffusers folder)")
@@ -58,6 +58,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sample-every", type=int, default=None, metavar="N", help="sample images every N steps (0 = off)")
     p.add_argument("--sample-prompts", default=None, metavar="FILE",
                    help="one prompt per line, kohya options --n --s --l --d --w --h; grids in RUN_DIR/samples/")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="train a rank-R LoRA (kohya file RUN/final/lora.safetensors) instead of the weights")
+    p.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-conv", action="store_true", help="LoCon: adapt the convolutions too")
+    p.add_argument("--lora-text-encoders", action="store_true", help="adapt the text encoders too")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
@@ -103,8 +108,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({flag: getattr(args, flag) for flag in _FIELD_FLAGS if getattr(args, flag) is not None})
     if args.init_components is not None:
         values["init_components"] = tuple(c for c in args.init_components.split(",") if c)
-    if args.deterministic:
-        values["deterministic"] = True
+    for flag in ("deterministic", "lora_conv", "lora_text_encoders"):
+        if getattr(args, flag):
+            values[flag] = True
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for item in args.set:
         field, sep, text = item.partition("=")

@@ -34,6 +34,12 @@ class TrainConfig:
     init_components: tuple[str, ...] = ()  # subset of ("unet", "vae", "text_encoders"); () = all the file has
     text_encoders_from: str | None = None  # cascade stage: frozen encoders of a stage file or xldm model, or "default"
     train_text_encoders: bool = False  # SDXL keeps both text encoders frozen
+    # LoRA (Hu et al. 2022): train only rank-`lora_rank` adapters (0 = train the weights), the base frozen, exported
+    # as RUN/final/lora.safetensors in kohya's format; alpha 0 = rank (scale 1); LoCon convs, text encoders optional
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_conv: bool = False
+    lora_text_encoders: bool = False
 
     data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
     out: str = ""  # run directory: checkpoints/, metrics.jsonl, final/
@@ -130,6 +136,14 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("text_dropout", "micro_dropout", "aug_level_max"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        check(self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0")
+        lora_only = ("lora_alpha", "lora_conv", "lora_text_encoders")
+        check(self.lora_rank > 0 or all(getattr(self, n) == TrainConfig.__dataclass_fields__[n].default
+                                        for n in lora_only), "--lora-alpha/--lora-conv/--lora-text-encoders need "
+                                                             "--lora-rank")
+        check(not self.lora_rank or (self.task == "diffusion" and self.model_config.vae is not None
+                                     and not self.train_text_encoders and self.parallel == "ddp"),
+              "a LoRA trains a latent model's diffusion task, with ddp, and instead of train_text_encoders")
         check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         check(self.grad_accum_steps == 1 or self.task == "diffusion",
               f"grad_accum_steps applies to the diffusion task only, got task {self.task!r}")

@@ -128,6 +128,8 @@ def build(config: TrainConfig, procs: parallel.Processes, model: Components | No
 
     model = model or build_model(config)
     model.to(device=procs.device)
+    if config.lora_rank:
+        return _build_lora(config, procs, model)
     unet = model.unet.requires_grad_(True).train()
     unet.gradient_checkpointing = config.gradient_checkpointing
     trainable = {"unet": unet}
@@ -139,6 +141,27 @@ def build(config: TrainConfig, procs: parallel.Processes, model: Components | No
     params = [p for m in trainable.values() for p in m.parameters()]
     return Run(config=config, procs=procs, model=model, trainable=trainable, forward=forward,
                optimizer=make_optimizer(config, params), denoiser=Denoiser(model.config.prediction_type),
+               tokenizers=model.tokenizers(), cache=open_cache(config, model, procs.device))
+
+
+def _build_lora(config: TrainConfig, procs: parallel.Processes, model: Components) -> Run:
+    """A new LoRA on the frozen model (xldm.lora.training), the only trained network ("lora"); its gradients are
+    averaged over the processes by the update (it is not DDP-wrapped: the UNet it hooks has nothing to train).
+    With bf16 mixed precision the frozen networks are stored in bf16 too (half the memory)."""
+    from xldm.lora.training import LoraNetwork
+    from xldm.train.cache import open_cache
+
+    if config.mixed_precision == "bf16":
+        for name, module in model.modules().items():
+            if name != "vae":
+                module.to(torch.bfloat16)
+    network = LoraNetwork(model, config.lora_rank, config.lora_alpha or config.lora_rank,
+                          text_encoders=config.lora_text_encoders, conv=config.lora_conv).to(procs.device)
+    network.attach(model)
+    model.unet.train()
+    model.unet.gradient_checkpointing = config.gradient_checkpointing
+    return Run(config=config, procs=procs, model=model, trainable={"lora": network}, forward={"unet": model.unet},
+               optimizer=make_optimizer(config, network.parameters()), denoiser=Denoiser(model.config.prediction_type),
                tokenizers=model.tokenizers(), cache=open_cache(config, model, procs.device))
 
 
@@ -190,7 +213,8 @@ def loss(run: Run, batch: dict, step: int) -> Tensor:
             if run.cache is not None and run.cache.text_dir is not None else None)
     context, vector = training_conditioning(mc, model.text_encoders, run.tokenizers, values, draw.keep_text,
                                             draw.keep_micro, device=run.device,
-                                            train_text_encoders=config.train_text_encoders, embeddings=text)
+                                            train_text_encoders=config.train_text_encoders or config.lora_text_encoders,
+                                            embeddings=text)
     noisy = run.denoiser.noised(x0, noise, timesteps)
     with run.autocast():
         prediction = run.forward["unet"](noisy if low_res is None else concat_channels(noisy, low_res), timesteps,
@@ -210,6 +234,8 @@ def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     from xldm.cascade import save_stage
     from xldm.weights.save import save_single_file
 
+    if "lora" in run.trainable:
+        return _export_lora(run, data, final, gathered)
     exported = {name: gathered[name] if gathered and name in gathered else run.averaged(name)
                 for name in run.trainable}
     model = run.model
@@ -220,3 +246,26 @@ def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     if model.config.vae is None:
         return save_stage(result, final / "stage.safetensors")
     return save_single_file(result, final / "model.safetensors")
+
+
+def _export_lora(run: Run, data, final: Path, gathered: dict | None) -> Path:
+    """RUN/final/lora.safetensors in kohya's format, with the `ss_*` metadata kohya's trainer writes (network
+    module, dim, alpha, base model, resolution, steps) that A1111 and ComfyUI show."""
+    import json
+
+    config = run.config
+    network = gathered["lora"] if gathered and "lora" in gathered else run.averaged("lora")
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
+                "ss_network_alpha": str(network.alpha), "ss_base_model_version": {
+                    "sdxl-base": "sdxl_base_v1-0", "sdxl-refiner": "sdxl_refiner_v1-0"}.get(run.model.config.kind,
+                                                                                          run.model.config.kind),
+                "ss_sd_model_name": Path(config.init).name if config.init else config.model,
+                "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_steps": str(config.steps),
+                "ss_max_train_steps": str(config.steps), "ss_learning_rate": str(config.lr),
+                "ss_batch_size_per_device": str(config.batch_size), "ss_seed": str(config.seed),
+                "ss_training_comment": "trained with xldm",
+                "ss_network_args": json.dumps({"conv_dim": str(network.rank), "conv_alpha": str(network.alpha)}
+                                              if config.lora_conv else {}),
+                "ss_text_encoder_lr": str(config.lr if config.lora_text_encoders else 0.0), "format": "pt"}
+    final.mkdir(parents=True, exist_ok=True)
+    return network.save(final / "lora.safetensors", run.model.config, metadata)
