@@ -174,11 +174,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
     LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
-    for flag, path in (("--vae", args.vae), ("--lora-dir", args.lora_dir)):
+    for flag, path in (("--vae", args.vae), ("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
+                       *(("--embedding", p) for p in args.embedding)):
         if path is not None and not Path(path).exists():
             raise SystemExit(f"xldm generate: error: {flag} {path}: no such file or folder")
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
-                low_memory=args.low_memory, vae=args.vae, lora_dir=args.lora_dir)
+                low_memory=args.low_memory, vae=args.vae, lora_dir=args.lora_dir, embeddings=args.embedding,
+                embeddings_dir=args.embeddings_dir)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
     update, close = _progress_bars()
@@ -282,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LoRA / LyCORIS file on the model (repeatable, applied in order; weight default 1)")
     gen.add_argument("--lora-dir", default=None, metavar="DIR",
                      help="folder of LoRA files that <lora:NAME:WEIGHT> in the prompt names (DIR/NAME.safetensors)")
+    gen.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                     help="textual-inversion file, used by its file name in the prompt (repeatable)")
+    gen.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                     help="folder of textual-inversion files (those for another model are skipped)")
     gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")

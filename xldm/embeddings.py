@@ -79,6 +79,19 @@ def _layers(components) -> list:
     return [te.text_model.embeddings for te in components.text_encoders]
 
 
+def vectors_per_encoder(config, emb: Embedding) -> list[torch.Tensor]:
+    """The vectors of `emb` for each text encoder of a model of `config` (by width), or EmbeddingError."""
+    by_width = {v.shape[1]: v for v in emb.vectors.values()}
+    out = []
+    for index, cfg in enumerate(config.text_encoders):
+        if cfg.width not in by_width:
+            found = ", ".join(f"{k!r} of {_width_text(v.shape[1])}" for k, v in emb.vectors.items())
+            raise EmbeddingError(f"embedding {emb.name!r}: text encoder {index + 1} of {config.kind} needs vectors "
+                                 f"of {_width_text(cfg.width)}, the file has {found}; it is for another model")
+        out.append(by_width[cfg.width])
+    return out
+
+
 def add_embeddings(components, embeddings: Embedding | Iterable[Embedding]) -> None:
     """Attach embeddings to every text encoder of `components` (its vectors of that encoder's width; an SDXL
     embedding on the refiner uses clip_g only).  All are checked before any is attached; a name already attached
@@ -89,14 +102,8 @@ def add_embeddings(components, embeddings: Embedding | Iterable[Embedding]) -> N
     layers = _layers(components)
     tables = [dict(layer.extra_tokens) for layer in layers]
     for emb in embeddings:
-        by_width = {v.shape[1]: v for v in emb.vectors.values()}
-        for index, (cfg, table) in enumerate(zip(components.config.text_encoders, tables)):
-            if cfg.width not in by_width:
-                found = ", ".join(f"{k!r} of {_width_text(v.shape[1])}" for k, v in emb.vectors.items())
-                raise EmbeddingError(
-                    f"embedding {emb.name!r}: text encoder {index + 1} of {components.kind} needs vectors of "
-                    f"{_width_text(cfg.width)}, the file has {found}; it is for another model")
-            table[emb.name] = by_width[cfg.width]
+        for table, vectors in zip(tables, vectors_per_encoder(components.config, emb)):
+            table[emb.name] = vectors
     for layer, table in zip(layers, tables):
         layer.set_extra_tokens(table)
 

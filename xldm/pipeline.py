@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -133,6 +134,7 @@ class ModelHandle:
             self.config = self.loaded.config
         self.name = self.path.name if self.path else self.config.kind
         self.loras = LoraSet(self.config)
+        self.embeddings: list = []  # xldm.embeddings.Embedding, attached whenever the text encoders are in use
         if self.vae_path is not None:
             self.loaded = replace(self.loaded, vae=None)  # the caller's Components keep their own VAE
             if not low_memory:
@@ -151,6 +153,13 @@ class ModelHandle:
             return
         part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
         setattr(self.loaded, component, getattr(part, component))
+
+    def _sync_embeddings(self) -> None:
+        from xldm.embeddings import add_embeddings, attached_embeddings, remove_embeddings
+
+        if attached_embeddings(self.loaded) != [e.name for e in self.embeddings]:
+            remove_embeddings(self.loaded)
+            add_embeddings(self.loaded, self.embeddings)
 
     def has(self, component: str) -> bool:
         """Whether the model has this component (loaded, or in its file)."""
@@ -171,6 +180,8 @@ class ModelHandle:
             self._load(component)
         if component != "vae":
             self.loras.sync(self.loaded)
+        if component == "text_encoders":
+            self._sync_embeddings()
         try:
             yield self.loaded
         finally:
@@ -300,7 +311,8 @@ class Pipeline:
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  low_memory: bool = False, vae: str | Path | None = None,
-                 lora_dir: str | Path | None = None) -> None:
+                 lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] = (),
+                 embeddings_dir: str | Path | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae)
@@ -310,6 +322,40 @@ class Pipeline:
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self.loras: list[LoraUse] = []
+        self.embedding_hashes: dict[str, str] = {}
+        self.load_embeddings(embeddings, embeddings_dir)
+
+    def load_embeddings(self, paths: Sequence[str | Path] = (), folder: str | Path | None = None) -> list[str]:
+        """Textual-inversion files, used by name in prompts (A1111): each of `paths` must fit the model; the files
+        of `folder` that do not (another model's) are skipped with a warning, as A1111 lists them as skipped.
+        The refiner gets those that fit it too (SDXL files: their clip_g vectors).  Returns the names skipped."""
+        import hashlib
+        import warnings
+
+        from xldm.embeddings import EmbeddingError, read_embedding, vectors_per_encoder
+
+        chosen = [(Path(p), True) for p in paths]
+        if folder is not None:
+            chosen += [(p, False) for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors"]
+        skipped = []
+        for path, required in chosen:
+            embedding = read_embedding(path)
+            for handle in (self.model, self.refiner):
+                if handle is None:
+                    continue
+                try:
+                    vectors_per_encoder(handle.config, embedding)
+                except EmbeddingError as e:
+                    if handle is self.model and required:
+                        raise
+                    if handle is self.model:
+                        warnings.warn(f"skipping embedding {path.name}: {e}", RuntimeWarning, stacklevel=2)
+                        skipped.append(embedding.name)
+                    continue
+                handle.embeddings = [e for e in handle.embeddings if e.name != embedding.name] + [embedding]
+            if embedding.name not in skipped:
+                self.embedding_hashes[embedding.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        return skipped
 
     def load_lora(self, path: str | Path, weight: float = 1.0, text_weight: float | None = None) -> None:
         """Keep a LoRA / LyCORIS file active for every image (read and checked now; several add up)."""
@@ -477,6 +523,10 @@ class Pipeline:
             common["lora_hashes"] = lora_infotext(active)
         if self.model.vae_path is not None:
             common["vae"] = self.model.vae_path.name
+        text = f"{req.prompt} {req.negative_prompt or ''}".lower()
+        used = [n for n in self.embedding_hashes if re.search(rf"(?<!\w){re.escape(n.lower())}(?!\w)", text)]
+        if used:  # A1111: "TI hashes" of the embeddings the prompts use
+            common["ti_hashes"] = ", ".join(f"{n}: {self.embedding_hashes[n]}" for n in used)
         return [dict(common, seed=s) for s in seeds]
 
 
