@@ -49,8 +49,8 @@ class LoraNetwork(nn.Module):
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             up = torch.zeros(shape[0], rank, 1, 1) if len(shape) == 4 else torch.zeros(shape[0], rank)
             name = kohya_name(model.config, component, path)
-            adapters[name] = Adapter({"lora_down": down, "lora_up": up, "alpha": torch.tensor(float(alpha))},
-                                     trainable=True)
+            adapters[name] = Adapter({"lora_down": down, "lora_up": up}, trainable=True)
+            adapters[name].alpha = float(alpha)
             self.targets[name] = (component, path)
         self.adapters = nn.ModuleDict(adapters)
 
