@@ -24,20 +24,21 @@ TOLERANCE = 1e-6
 MOMENT_TOLERANCE = 1e-7
 
 
-def _args(data: Path, out: Path, batch: int) -> list[str]:
-    return ["--preset", "tiny-sdxl-base", "--data", str(data), "--steps", "3", "--batch-size", str(batch),
+def _args(data: Path, out: Path, batch: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*extra, "--preset", "tiny-sdxl-base", "--data", str(data), "--steps", "3", "--batch-size", str(batch),
             "--out", str(out), "--checkpoint-every", "3", "--no-progress", "--device", "cpu",
             "--set", "text_dropout=0.5", "--set", "offset_noise=0.05", "--set", "adam_eps=1e-4"]
 
 
-def test_two_processes_equal_one_with_double_batch(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--lora-rank", "4", "--lora-text-encoders")], ids=["full", "lora"])
+def test_two_processes_equal_one_with_double_batch(tmp_path, extra):
     from shapes_dataset import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "data", 12, size=64)
     ddp = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "xldm.train.cli",
-                            *_args(data, tmp_path / "ddp", 1)], env=ENV, stdout=subprocess.PIPE,
+                            *_args(data, tmp_path / "ddp", 1, extra)], env=ENV, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    single = subprocess.run([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "single", 2)],
+    single = subprocess.run([sys.executable, "-m", "xldm.train.cli", *_args(data, tmp_path / "single", 2, extra)],
                             env=ENV, capture_output=True, text=True, timeout=300)
     out, err = ddp.communicate(timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -50,10 +51,10 @@ def test_two_processes_equal_one_with_double_batch(tmp_path):
     assert keys and set(keys) <= set(b)
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
     moved = max((a[k].float() - a["ema." + k[len("model."):]].float()).abs().max().item()
-                for k in keys if k.startswith("model.") and k.endswith(".weight"))
+                for k in keys if k.startswith("model.") and k.endswith(".lora_up" if extra else ".weight"))
     assert moved > 1e-4  # the weights did train (EMA lags them)
     assert worst <= TOLERANCE, worst
     moments = [k for k in a if k.startswith("optim.") and k.endswith("exp_avg")]
-    assert len(moments) >= 600  # one per UNet parameter tensor
+    assert len(moments) >= (400 if extra else 600)  # one per trained parameter tensor
     worst_moment = max((a[k] - b[k]).abs().max().item() for k in moments)
     assert worst_moment <= MOMENT_TOLERANCE, worst_moment

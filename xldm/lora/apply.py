@@ -68,7 +68,10 @@ def resolve_lora_name(name: str, lora_dir: str | os.PathLike | None) -> Path:
 
 
 class LoraSet:
-    """The adapter files active on one model, read once per file and kept."""
+    """The adapter files active on one model, read once per file and kept (the active ones, and up to KEEP_FILES
+    files in all: a server that sees many LoRAs does not keep them all)."""
+
+    KEEP_FILES = 16
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -85,6 +88,10 @@ class LoraSet:
         key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
         if key not in self._files:
             self._files[key] = read_lora(path, self.config)
+            active = {use.path.resolve() for use in self.uses}
+            stale = [k for k in self._files if k[0] not in active and k != key]
+            for old in stale[: max(0, len(self._files) - self.KEEP_FILES)]:  # oldest first
+                del self._files[old]
         return self._files[key]
 
     def set(self, uses, *, fused: bool | None = None) -> None:

@@ -227,6 +227,7 @@ def set_adapter(layer: nn.Module, key: str, adapter: Adapter | None, multiplier:
     if adapter is None:
         patch.entries.pop(key, None)
     else:
+        adapter.to(layer.weight.device)  # (the file's dtype is kept; the hook casts to the activations')
         patch.entries[key] = (adapter, float(multiplier), fused)
     if fused or was_fused:
         patch.refuse()
