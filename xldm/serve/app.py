@@ -353,7 +353,8 @@ class Server:
         return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep, vae)
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
-        pipe = self.store.pipeline(plan.model, plan.refiner, vae=plan.vae, lora_dir=self.lora_dir)
+        folders = {name: value for name, value in (("vae", plan.vae), ("lora_dir", self.lora_dir)) if value}
+        pipe = self.store.pipeline(plan.model, plan.refiner, **folders)
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
@@ -403,7 +404,7 @@ class Server:
             "subseed_strength": 0, "width": req.width, "height": req.height,
             "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": plan.vae.stem if plan.vae else None, "sd_vae_hash": None,
+            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),

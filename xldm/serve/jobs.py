@@ -311,7 +311,11 @@ class ModelStore:
 
         key = (model, refiner, vae, lora_dir)
         if self._pipeline is not None and self._pipeline[0] == key:
-            return self._pipeline[1]
+            pipe = self._pipeline[1]
+            loras = pipe.model.loras  # keep only the last request's files read (LoraSet caches every file it read)
+            active = {use.path.resolve() for use in loras.uses}
+            loras._files = {k: v for k, v in loras._files.items() if k[0] in active}
+            return pipe
         self._pipeline = None
         wanted = [model] + ([refiner] if refiner else [])
         for name in [n for n in self._loaded if n not in wanted]:
