@@ -145,6 +145,7 @@ def test_sd_vae_lists_and_switches(client):
         assert client.get("/sdapi/v1/options").json()["sd_vae"] == "other_vae.safetensors"
         other, text = generated(client)
         assert np.abs(own - other).max() > 0 and "VAE: other_vae.safetensors" in text
+        assert json.loads(txt2img(client).json()["info"])["sd_vae_name"] == "other_vae.safetensors"
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
     again, _ = generated(client)
@@ -211,3 +212,19 @@ def test_serve_flags(folders):
     args = parser.parse_args(["serve", "--model", str(folders["base"]), "--lora-dir", str(folders["root"] / "no")])
     with pytest.raises(ValueError, match="--lora-dir"):
         build_config(args)
+
+
+def test_page_lists_loras_and_adds_a_tag(client, tmp_path):
+    from test_serve_browser import CHROMIUM, browser_page
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (run .ci/install-browser)")
+    with browser_page(tmp_path) as page:
+        page.goto(str(client.base_url).rstrip("/") + "/")
+        page.wait_for_function("document.querySelectorAll('#lora-list .lora').length > 0")
+        page.click("#lora-box summary")
+        assert page.locator("#lora-list .lora").all_inner_texts() == ["hearts (hearts_v2)", "sd15_only"]
+        assert page.locator("#lora-count").inner_text() == "(2)"
+        page.fill("#prompt", "a red heart")
+        page.click("#lora-list .lora >> nth=0")
+        assert page.locator("#prompt").input_value() == "a red heart <lora:hearts:1>"

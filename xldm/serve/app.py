@@ -4,8 +4,9 @@ Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-inf
 `sd-models`, `samplers`, `sd-vae`, `embeddings`; GET/POST `options`; the Lora extension's GET `loras` and POST
 `refresh-loras` (`extensions-builtin/Lora/lora_script.py`).  `<lora:NAME:WEIGHT>` prompt tags name files of
 `--lora-dir`; a missing or unfitting file is a 422 before the job is queued.  Options `sd_vae` and
-`CLIP_stop_at_last_layers` (clip skip) apply to later generations, or to one through `override_settings`.  xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and
-`/static/*` (the page), `/openapi.json`; FastAPI's `/docs` pages are off (they load from a CDN).
+`CLIP_stop_at_last_layers` (clip skip) apply to later generations, or to one through `override_settings`.
+xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and `/static/*` (the page), `/openapi.json`; FastAPI's
+`/docs` pages are off (they load from a CDN).
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (over all batches)
 uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's "(word:1.2)"
@@ -404,7 +405,8 @@ class Server:
             "subseed_strength": 0, "width": req.width, "height": req.height,
             "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
+            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None,
+            "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),

@@ -159,7 +159,7 @@ class Settings(_NoPaths):
     names = frozenset({"sd_model_checkpoint"})
     sd_model_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars)
     sd_vae: str | None = Field(default=None, max_length=_L.max_name_chars,
-                               description='"Automatic" / "None": the model\'s own VAE; else a name from /sdapi/v1/sd-vae')
+                               description='"Automatic"/"None": the model VAE; else a name of /sdapi/v1/sd-vae')
     CLIP_stop_at_last_layers: int | None = Field(default=None, ge=1, le=12, description="clip skip: 1 = none")
     samples_save: bool | None = None
     sdxl_crop_top: int | None = Field(default=None, ge=0, le=16384)
