@@ -8,6 +8,7 @@ import argparse
 import base64
 import io
 import json
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from xldm.config import TINY_SD15, TINY_SDXL_BASE
+from xldm.models.vae import AutoencoderKL
 from xldm.lora import Adapter, write_kohya
 from xldm.serve.app import ServerConfig, create_app
 from xldm.serve.cli import add_serve_parser, build_config
@@ -47,6 +49,9 @@ def folders(tmp_path_factory):
     write_lora(loras / "hearts.safetensors", TINY_SDXL_BASE, metadata=METADATA)
     save_kohya(loras / "sd15_only.safetensors", TINY_SD15, random_lora(TINY_SD15, seed=1))
     save_file(random_components(TINY_SDXL_BASE, seed=5).vae.state_dict(), str(vaes / "other_vae.safetensors"))
+    wide = AutoencoderKL(replace(TINY_SDXL_BASE.vae, z_channels=16))  # an SD3/Flux-like 16-channel VAE
+    save_file(wide.state_dict(), str(vaes / "wide_vae.safetensors"))
+    save_file({"weight": torch.zeros(2)}, str(vaes / "not_a_vae.safetensors"))
     save_file({"clip_g": torch.zeros(2, 1280), "clip_l": torch.zeros(2, 768)}, str(embeddings / "xl_style.safetensors"))
     save_file({"emb_params": torch.zeros(3, 768)}, str(embeddings / "sd15_style.safetensors"))
     (embeddings / "old.pt").write_bytes(b"not opened")
@@ -114,6 +119,11 @@ def test_missing_or_unfitting_lora_is_422_before_queueing(client, folders):
     assert "sd15_only.safetensors" in response.json()["detail"] and "does not fit" in response.json()["detail"]
     assert txt2img(client, "<lora:../base:1>").status_code == 422  # only names inside the folder
     assert txt2img(client, "<lora:hearts:nan>").status_code == 422
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "<lora:gone:1>", "steps": 2, "seed": 1,
+                                                      "init_images": [base64.b64encode(buffer.getvalue()).decode()]})
+    assert response.status_code == 422 and "<lora:gone>" in response.json()["detail"]
     assert client.get("/sdapi/v1/progress").json()["state"]["queued"] == 0
 
 
@@ -133,8 +143,8 @@ def test_refresh_loras_picks_up_a_new_file(client, folders):
 
 
 def test_sd_vae_lists_and_switches(client):
-    assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": "other_vae.safetensors",
-                                                      "filename": "other_vae.safetensors"}]
+    names = ["not_a_vae.safetensors", "other_vae.safetensors", "wide_vae.safetensors"]
+    assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": n, "filename": n} for n in names]
     assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
     own, own_text = generated(client)
     assert "VAE:" not in own_text
@@ -154,6 +164,11 @@ def test_sd_vae_lists_and_switches(client):
     assert np.array_equal(once, other) and "VAE: other_vae.safetensors" in text
     assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"  # restored afterwards
     assert txt2img(client, override_settings={"sd_vae": "nope"}).status_code == 422
+    response = client.post("/sdapi/v1/options", json={"sd_vae": "not_a_vae.safetensors"})
+    assert response.status_code == 422 and "holds no VAE" in response.json()["detail"]
+    response = txt2img(client, override_settings={"sd_vae": "wide_vae.safetensors"})
+    assert response.status_code == 422 and "16-channel latents" in response.json()["detail"]
+    assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
 
 
 def test_clip_skip_option(client):

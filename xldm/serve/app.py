@@ -57,7 +57,7 @@ from xldm.lora import parse_lora_tags, read_lora
 from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, request_loras, resolve_request
 from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
-from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes
+from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes, vae_latent_channels
 from xldm.serve.schemas import (
     LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem, PngInfoRequest, PngInfoResponse,
     ProgressResponse, ProgressState, SamplerItem, SDModelItem, SDVaeItem, Settings, Txt2ImgRequest, decode_image,
@@ -268,9 +268,14 @@ class Server:
         checkpoint-named VAE file), or a file name of /sdapi/v1/sd-vae."""
         if name in ("Automatic", "None"):
             return name
-        if name not in scan_vaes(self.vae_dir):
+        path = scan_vaes(self.vae_dir).get(name)
+        if path is None:
             raise HTTPException(422, f"sd_vae {name!r} not found; use 'Automatic', 'None' or a model_name from "
                                      f"/sdapi/v1/sd-vae")
+        try:
+            vae_latent_channels(path)
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            raise HTTPException(422, f"sd_vae {name!r}: {self.hide_folders(str(e))}") from None
         return name
 
     def hide_folders(self, message: str) -> str:
@@ -351,6 +356,12 @@ class Server:
         vae = None if options["sd_vae"] in ("Automatic", "None") else scan_vaes(self.vae_dir).get(options["sd_vae"])
         if options["sd_vae"] not in ("Automatic", "None") and vae is None:  # the file went since it was chosen
             raise HTTPException(422, f"sd_vae {options['sd_vae']!r} is no longer in the VAE folder")
+        if vae is not None:
+            self.vae_name(options["sd_vae"])  # still a readable VAE file
+            channels, wanted = vae_latent_channels(vae), self.store.entries[model].config.latent_channels
+            if channels != wanted:
+                raise HTTPException(422, f"sd_vae {vae.name} makes {channels}-channel latents, the model {model} "
+                                         f"takes {wanted}")
         return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep, vae)
 
     def execute(self, plan: Plan, job: Job) -> Outcome:

@@ -85,6 +85,18 @@ def scan_vaes(folder: Path | None) -> dict[str, Path]:
     return {path.relative_to(root).as_posix(): path for path in files_inside(folder, (".safetensors",))}
 
 
+def vae_latent_channels(path: Path) -> int:
+    """The latent channels a VAE file makes, from its header (a bare VAE or a full checkpoint's
+    `first_stage_model.*`); ValueError when the file holds no KL autoencoder."""
+    from xldm.weights.detect import VAE_PREFIX
+
+    ckpt = open_checkpoint(path)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()) else ""
+    if f"{prefix}post_quant_conv.weight" not in ckpt:
+        raise ValueError(f"{path.name} holds no VAE (no post_quant_conv.weight)")
+    return ckpt.shape(f"{prefix}post_quant_conv.weight")[0]
+
+
 def _embedding_shape(path: Path) -> tuple[int | None, int | None]:
     """(width, vectors) from the header, no tensor read: A1111 sums SDXL's `clip_g` + `clip_l` widths."""
     if path.suffix.lower() != ".safetensors":
