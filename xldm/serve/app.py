@@ -353,11 +353,9 @@ class Server:
             raise HTTPException(422, f"size {request.width}x{request.height} is outside the allowed sides "
                                      f"[{low}, {high}]; give width and height to resize the image")
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
-        vae = None if options["sd_vae"] in ("Automatic", "None") else scan_vaes(self.vae_dir).get(options["sd_vae"])
-        if options["sd_vae"] not in ("Automatic", "None") and vae is None:  # the file went since it was chosen
-            raise HTTPException(422, f"sd_vae {options['sd_vae']!r} is no longer in the VAE folder")
-        if vae is not None:
-            self.vae_name(options["sd_vae"])  # still a readable VAE file
+        vae = None
+        if options["sd_vae"] not in ("Automatic", "None"):
+            vae = scan_vaes(self.vae_dir)[self.vae_name(options["sd_vae"])]  # still there, still a VAE
             channels, wanted = vae_latent_channels(vae), self.store.entries[model].config.latent_channels
             if channels != wanted:
                 raise HTTPException(422, f"sd_vae {vae.name} makes {channels}-channel latents, the model {model} "
