@@ -1,8 +1,12 @@
 """The ASGI app: AUTOMATIC1111's `/sdapi/v1/*` API over xldm's pipeline, and the web page at `/`.
 
 Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`; GET `progress`,
-`sd-models`, `samplers`; GET/POST `options`.  xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and
-`/static/*` (the page), `/openapi.json`; FastAPI's `/docs` pages are off (they load from a CDN).
+`sd-models`, `samplers`, `sd-vae`, `embeddings`; GET/POST `options`; the Lora extension's GET `loras` and POST
+`refresh-loras` (`extensions-builtin/Lora/lora_script.py`).  `<lora:NAME:WEIGHT>` prompt tags name files of
+`--lora-dir`; a missing or unfitting file is a 422 before the job is queued.  Options `sd_vae` and
+`CLIP_stop_at_last_layers` (clip skip) apply to later generations, or to one through `override_settings`.
+xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and `/static/*` (the page), `/openapi.json`; FastAPI's
+`/docs` pages are off (they load from a CDN).
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (over all batches)
 uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's "(word:1.2)"
@@ -28,6 +32,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -48,13 +53,15 @@ from starlette.concurrency import run_in_threadpool
 from xldm import __version__
 from xldm.buckets import scaled_buckets
 from xldm.diffusion.schedules import SAMPLER_NAMES
-from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, resolve_request
+from xldm.lora import parse_lora_tags, read_lora
+from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, request_loras, resolve_request
 from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
+from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes, vae_latent_channels
 from xldm.serve.schemas import (
-    LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, PngInfoRequest, PngInfoResponse,
-    ProgressResponse, ProgressState, SamplerItem, SDModelItem, Settings, Txt2ImgRequest, decode_image, png_base64,
-    resolve_sampler, sampler_aliases,
+    LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem, PngInfoRequest, PngInfoResponse,
+    ProgressResponse, ProgressState, SamplerItem, SDModelItem, SDVaeItem, Settings, Txt2ImgRequest, decode_image,
+    png_base64, resolve_sampler, sampler_aliases,
 )
 
 log = logging.getLogger("xldm.serve")
@@ -78,6 +85,9 @@ class ServerConfig:
     dtype: Any = None
     device: Any = None
     limits: Limits = field(default_factory=lambda: LIMITS)
+    lora_dir: Path | None = None  # <lora:NAME:W> tags name *.safetensors files here
+    vae_dir: Path | None = None  # the VAE files the sd_vae option chooses from
+    embeddings_dir: Path | None = None  # listed by /sdapi/v1/embeddings
 
 
 def _timestamp(seconds: float) -> str:  # the webui's job_timestamp
@@ -202,6 +212,7 @@ class Plan:
     n_iter: int
     save: bool
     settings: dict[str, Any] = field(default_factory=dict)  # override_settings the server keeps once queued
+    vae: Path | None = None  # replaces the model's VAE (the sd_vae option)
 
 
 @dataclass
@@ -232,7 +243,11 @@ class Server:
             "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
             "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
             "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
+            "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
         }
+        self.lora_dir, self.vae_dir, self.embeddings_dir = config.lora_dir, config.vae_dir, config.embeddings_dir
+        self.loras = scan_loras(self.lora_dir)  # rescanned by /sdapi/v1/refresh-loras
+        self._lora_checked: set[tuple] = set()  # (model, file, size, mtime) of the files that fit
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
         self.outputs = config.outputs.resolve() if config.outputs else None
@@ -248,12 +263,51 @@ class Server:
         except KeyError:
             raise HTTPException(422, f"model {name!r} not found; see /sdapi/v1/sd-models") from None
 
+    def vae_name(self, name: str) -> str:
+        """An sd_vae value: "Automatic" / "None" (the model's own VAE, as A1111 `sd_vae.py` without a
+        checkpoint-named VAE file), or a file name of /sdapi/v1/sd-vae."""
+        if name in ("Automatic", "None"):
+            return name
+        path = scan_vaes(self.vae_dir).get(name)
+        if path is None:
+            raise HTTPException(422, f"sd_vae {name!r} not found; use 'Automatic', 'None' or a model_name from "
+                                     f"/sdapi/v1/sd-vae")
+        try:
+            vae_latent_channels(path)
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            raise HTTPException(422, f"sd_vae {name!r}: {self.hide_folders(str(e))}") from None
+        return name
+
+    def hide_folders(self, message: str) -> str:
+        """An error message with the server's folders replaced by what they are."""
+        for folder, what in ((self.lora_dir, "the LoRA folder"), (self.vae_dir, "the VAE folder")):
+            if folder is not None:
+                for form in {str(folder.resolve()), str(folder)}:
+                    message = message.replace(form + "/", "").replace(form, what)
+        return message
+
+    def check_loras(self, plan: Plan) -> None:
+        """Every `<lora:...>` file of the prompt read and checked against the model (a thread of the pool, before
+        queueing): a missing name, a bad weight or a file that does not fit is a 422 naming it."""
+        try:
+            for use in request_loras(plan.request, self.lora_dir):
+                if not all(math.isfinite(w) for w in (use.weight, use.text_weight or 0.0)):
+                    raise ValueError(f"<lora:{use.path.stem}>: weights must be finite numbers")
+                stat = use.path.stat()
+                key = (plan.model, use.path.resolve(), stat.st_size, stat.st_mtime_ns)
+                if key not in self._lora_checked:  # read and dropped: the worker's pipeline keeps its own copy
+                    read_lora(use.path, self.store.entries[plan.model].config)
+                    self._lora_checked.add(key)
+        except (ValueError, OSError) as e:  # LoraError is a ValueError
+            raise HTTPException(422, self.hide_folders(str(e))) from None
+
     def apply_settings(self, data: dict[str, Any], *targets: dict[str, Any]) -> None:
         """Validate webui settings (`Settings`) and set them in each of `targets`."""
         with _unprocessable():
             settings = Settings.model_validate(data)
         for key, value in settings.model_dump(exclude_none=True).items():
             value = self.model_name(value) if key == "sd_model_checkpoint" else value
+            value = self.vae_name(value) if key == "sd_vae" else value
             for target in targets:
                 target[key] = value
 
@@ -279,7 +333,8 @@ class Server:
 
         with _unprocessable():
             request = resolve_request(GenerationRequest(
-                prompt=body.prompt, negative_prompt=body.negative_prompt or None, width=body.width,
+                prompt=parse_lora_tags(body.prompt)[0] if body.disable_extra_networks else body.prompt,
+                negative_prompt=body.negative_prompt or None, width=body.width,
                 height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, batch=body.batch_size,
                 sampler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
                 init_image=init_image, mask=mask,
@@ -291,16 +346,25 @@ class Server:
                 aesthetic_score=given(body.aesthetic_score, "sdxl_refiner_high_aesthetic_score"),
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
                 long_prompts="chunk", weighting=True,
+                clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         low, high = self.limits.min_side, self.limits.max_side
         if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size
             raise HTTPException(422, f"size {request.width}x{request.height} is outside the allowed sides "
                                      f"[{low}, {high}]; give width and height to resize the image")
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
-        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep)
+        vae = None
+        if options["sd_vae"] not in ("Automatic", "None"):
+            vae = scan_vaes(self.vae_dir)[self.vae_name(options["sd_vae"])]  # still there, still a VAE
+            channels, wanted = vae_latent_channels(vae), self.store.entries[model].config.latent_channels
+            if channels != wanted:
+                raise HTTPException(422, f"sd_vae {vae.name} makes {channels}-channel latents, the model {model} "
+                                         f"takes {wanted}")
+        return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep, vae)
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
-        pipe = self.store.pipeline(plan.model, plan.refiner)
+        folders = {name: value for name, value in (("vae", plan.vae), ("lora_dir", self.lora_dir)) if value}
+        pipe = self.store.pipeline(plan.model, plan.refiner, **folders)
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
@@ -323,6 +387,7 @@ class Server:
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
         plan = self.plan(body, init_image, mask)
+        await run_in_threadpool(self.check_loras, plan)
         try:
             job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
                                     description="img2img" if init_image is not None else "txt2img",
@@ -349,12 +414,13 @@ class Server:
             "subseed_strength": 0, "width": req.width, "height": req.height,
             "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None,
+            "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
                                         if plan.refiner else {}),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-            "job_timestamp": _timestamp(job.started_at or time.time()), "clip_skip": 1,
+            "job_timestamp": _timestamp(job.started_at or time.time()), "clip_skip": req.clip_skip or 1,
             "is_using_inpainting_conditioning": bool(req.mask is not None), "version": f"xldm {__version__}",
             "xldm": {"job": job.id, "queued_at": job.queued_at, "started_at": job.started_at,
                      "finished_at": job.finished_at, "interrupted": job.interrupted, "steps_done": job.steps_done,
@@ -469,6 +535,26 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     async def set_options(body: dict[str, Any]) -> None:
         """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
         server.apply_settings(body, server.options)
+
+    @app.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], tags=["sdapi"])
+    async def sd_vae() -> list[dict[str, Any]]:
+        """The VAE files of --vae-dir; a model_name is a value of the sd_vae option."""
+        return [SDVaeItem(model_name=name, filename=name).model_dump() for name in scan_vaes(server.vae_dir)]
+
+    @app.get("/sdapi/v1/loras", response_model=list[LoraItem], tags=["sdapi"])
+    async def loras() -> list[dict[str, Any]]:
+        """The LoRA files of --lora-dir as last scanned (A1111's Lora extension), with their safetensors metadata."""
+        return [entry.api_json() for entry in server.loras.values()]
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
+    async def refresh_loras() -> None:
+        """Scan --lora-dir again."""
+        server.loras = await run_in_threadpool(scan_loras, server.lora_dir)
+
+    @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
+    async def embeddings() -> dict[str, Any]:
+        """The embedding files of --embeddings-dir, their shapes read from the safetensors header."""
+        return await run_in_threadpool(list_embeddings, server.embeddings_dir)
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:

@@ -42,6 +42,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="jobs that may wait behind the running one; more get 503 with Retry-After")
     serve.add_argument("--outputs", default=None, metavar="DIR",
                        help="folder for images of requests with save_images (default: nothing is written)")
+    serve.add_argument("--lora-dir", default=None, metavar="DIR",
+                       help="LoRA / LyCORIS *.safetensors files that <lora:NAME:WEIGHT> prompt tags name")
+    serve.add_argument("--vae-dir", default=None, metavar="DIR",
+                       help="VAE *.safetensors files the sd_vae option chooses from (/sdapi/v1/sd-vae)")
+    serve.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                       help="textual-inversion embeddings (*.safetensors, *.pt) listed by /sdapi/v1/embeddings")
     serve.add_argument("--dtype", choices=list(DTYPES), default=None,
                        help="default: fp32 on CPU, bf16 on GPU")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -86,12 +92,18 @@ def build_config(args: argparse.Namespace):
     check_device(args.device)
     if args.outputs and Path(args.outputs).exists() and not Path(args.outputs).is_dir():
         raise ValueError(f"--outputs {args.outputs}: is not a folder")
+    folders = {}
+    for flag in ("lora_dir", "vae_dir", "embeddings_dir"):
+        value = getattr(args, flag, None)
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: is not a folder")
+        folders[flag] = Path(value) if value is not None else None
     hosts = LOOPBACK_HOSTS | {args.host.strip("[]").lower()}  # 127.0.0.2 serves Host: 127.0.0.2
     return ServerConfig(
         models=models, model=Path(args.model[0]).name if args.model else None,
         refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device)
+        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device, **folders)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -240,6 +240,7 @@ class ModelEntry:
     path: Path
     kind: str  # ModelConfig.kind: "sdxl-base", "sdxl-refiner", "sd15", ...
     default_size: int
+    config: Any = field(default=None, compare=False, repr=False)  # the ModelConfig (LoRA files are checked on it)
 
     @property
     def is_refiner(self) -> bool:
@@ -285,10 +286,11 @@ class ModelStore:
             except Exception as e:  # one unreadable file does not stop the others from being served
                 log.warning("skipping %s: it cannot be read: %s", path, str(e)[:300] or type(e).__name__)
                 continue
-            self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size)
+            self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size, config)
         if not self.entries:
             raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")
         self._loaded: dict[str, Any] = {}  # name -> Components
+        self._pipeline: tuple[tuple, Pipeline] | None = None  # the last pipeline, kept while its settings hold
 
     def lookup(self, name: str) -> ModelEntry:
         """By name, by name without its extension, or by the webui's title "name [hash]"."""
@@ -300,10 +302,21 @@ class ModelStore:
                 return entry
         raise KeyError(name)
 
-    def pipeline(self, model: str, refiner: str | None) -> Pipeline:
-        """A pipeline over the named models (worker thread only); other loaded models are freed first."""
+    def pipeline(self, model: str, refiner: str | None, *, vae: Path | None = None,
+                 lora_dir: Path | None = None) -> Pipeline:
+        """A pipeline over the named models (worker thread only), with `vae` replacing the model's and `<lora:...>`
+        tags resolved in `lora_dir`; other loaded models are freed first.  The same settings reuse the last one
+        (its VAE and the LoRA files it read stay loaded)."""
         from xldm.weights.load import load_model
 
+        key = (model, refiner, vae, lora_dir)
+        if self._pipeline is not None and self._pipeline[0] == key:
+            pipe = self._pipeline[1]
+            loras = pipe.model.loras  # keep only the last request's files read (LoraSet caches every file it read)
+            active = {use.path.resolve() for use in loras.uses}
+            loras._files = {k: v for k, v in loras._files.items() if k[0] in active}
+            return pipe
+        self._pipeline = None
         wanted = [model] + ([refiner] if refiner else [])
         for name in [n for n in self._loaded if n not in wanted]:
             del self._loaded[name]
@@ -312,5 +325,7 @@ class ModelStore:
             if name not in self._loaded:
                 log.info("loading %s", name)
                 self._loaded[name] = load_model(self.entries[name].path, dtype=self.dtype, device=self.device)
-        return Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
-                        dtype=self.dtype, device=self.device)
+        pipe = Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
+                        dtype=self.dtype, device=self.device, vae=vae, lora_dir=lora_dir)
+        self._pipeline = (key, pipe)
+        return pipe

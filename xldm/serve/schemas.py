@@ -158,6 +158,9 @@ class Settings(_NoPaths):
 
     names = frozenset({"sd_model_checkpoint"})
     sd_model_checkpoint: str | None = Field(default=None, max_length=_L.max_name_chars)
+    sd_vae: str | None = Field(default=None, max_length=_L.max_name_chars,
+                               description='"Automatic"/"None": the model VAE; else a name of /sdapi/v1/sd-vae')
+    CLIP_stop_at_last_layers: int | None = Field(default=None, ge=1, le=12, description="clip skip: 1 = none")
     samples_save: bool | None = None
     sdxl_crop_top: int | None = Field(default=None, ge=0, le=16384)
     sdxl_crop_left: int | None = Field(default=None, ge=0, le=16384)
@@ -298,6 +301,18 @@ class SDModelItem(BaseModel):
     sha256: str | None = None
     filename: str = Field(description="the file's name (the server's folders are not disclosed)")
     config: str | None = None
+
+
+class SDVaeItem(BaseModel):
+    model_name: str
+    filename: str = Field(description="the file under the server's VAE folder")
+
+
+class LoraItem(BaseModel):
+    name: str = Field(description="what <lora:NAME:WEIGHT> names")
+    alias: str
+    path: str = Field(description="the file under the server's LoRA folder")
+    metadata: dict[str, Any]
 
 
 class SamplerItem(BaseModel):

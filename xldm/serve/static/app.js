@@ -44,6 +44,30 @@ async function loadConfig() {
   $("refiner-name").textContent = refiner ? refiner : "(no refiner loaded)";
 }
 
+function addToPrompt(tag) {
+  const prompt = $("prompt");
+  prompt.value = prompt.value.trim() ? `${prompt.value.trimEnd()} ${tag}` : tag;
+  prompt.focus();
+}
+
+async function loadLoras(refresh = false) {
+  if (refresh) await fetch("/sdapi/v1/refresh-loras", { method: "POST" });
+  const response = await fetch("/sdapi/v1/loras");
+  if (!response.ok) throw new Error(`loras: HTTP ${response.status}`);
+  const loras = await response.json();
+  const list = $("lora-list");
+  list.replaceChildren();
+  for (const lora of loras) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "lora";
+    button.textContent = lora.alias !== lora.name ? `${lora.name} (${lora.alias})` : lora.name;
+    button.addEventListener("click", () => addToPrompt(`<lora:${lora.name}:1>`));
+    list.append(button);
+  }
+  $("lora-count").textContent = loras.length ? `(${loras.length})` : "(none: start with --lora-dir DIR)";
+}
+
 function buildRequest() {
   const [width, height] = $("size").value.split("x").map(Number);
   const body = {
@@ -164,4 +188,5 @@ async function generate(event) {
 
 $("form").addEventListener("submit", generate);
 $("interrupt").addEventListener("click", () => fetch("/sdapi/v1/interrupt", { method: "POST" }));
-loadConfig().catch((e) => showError(String(e.message || e)));
+$("lora-refresh").addEventListener("click", () => loadLoras(true).catch((e) => showError(String(e.message || e))));
+loadConfig().then(() => loadLoras()).catch((e) => showError(String(e.message || e)));
