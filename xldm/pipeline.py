@@ -501,7 +501,9 @@ class Pipeline:
         if output == "latent":
             return GenerationResult(images=[], seeds=seeds, params=params, latents=x)
         # diffusers decodes with the refiner pipeline's VAE when a refiner ran
-        decoder = self.refiner if self.refiner is not None and self.refiner.has("vae") else base
+        # (a VAE given to the pipeline replaces both models' VAEs, as A1111's sd_vae does)
+        decoder = self.refiner if self.refiner is not None and self.refiner.has("vae") and base.vae_path is None \
+            else base
         with decoder.use("vae") as comps:
             pixels = decode_checked(comps.vae, x, tile=req.tile_vae)
         return GenerationResult(images=tensor_to_images(pixels), seeds=seeds, params=params, latents=x)

@@ -306,16 +306,12 @@ class ModelStore:
                  lora_dir: Path | None = None) -> Pipeline:
         """A pipeline over the named models (worker thread only), with `vae` replacing the model's and `<lora:...>`
         tags resolved in `lora_dir`; other loaded models are freed first.  The same settings reuse the last one
-        (its VAE and the LoRA files it read stay loaded)."""
+        (its VAE and the LoRA files it read stay loaded, at most `LoraSet.KEEP_FILES` of them)."""
         from xldm.weights.load import load_model
 
         key = (model, refiner, vae, lora_dir)
         if self._pipeline is not None and self._pipeline[0] == key:
-            pipe = self._pipeline[1]
-            loras = pipe.model.loras  # keep only the last request's files read (LoraSet caches every file it read)
-            active = {use.path.resolve() for use in loras.uses}
-            loras._files = {k: v for k, v in loras._files.items() if k[0] in active}
-            return pipe
+            return self._pipeline[1]
         self._pipeline = None
         wanted = [model] + ([refiner] if refiner else [])
         for name in [n for n in self._loaded if n not in wanted]:
