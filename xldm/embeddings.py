@@ -15,17 +15,12 @@ from pathlib import Path
 
 import torch
 
-from xldm.errors import CheckpointError
+from xldm.errors import EmbeddingError
 from xldm.weights.io import open_checkpoint
 
 SDXL_KEYS = ("clip_l", "clip_g")
 _WIDTH_USES = {768: "CLIP ViT-L: SD 1.x, SDXL clip_l", 1024: "OpenCLIP ViT-H: SD 2.x",
                1280: "OpenCLIP bigG: SDXL clip_g"}
-
-
-class EmbeddingError(CheckpointError):
-    """A textual-inversion embedding cannot be used: unknown layout, bad values, widths no text encoder has,
-    or a name that is not attached."""
 
 
 @dataclass(frozen=True)

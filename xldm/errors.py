@@ -24,6 +24,15 @@ class CorruptCheckpointError(CheckpointError):
     """A weight file is malformed: bad header, offsets outside the file, truncated data, ..."""
 
 
+class LoraError(CheckpointError):
+    """A LoRA / LyCORIS file that does not fit the model, holds NaN/inf, or is no adapter file."""
+
+
+class EmbeddingError(CheckpointError):
+    """A textual-inversion embedding cannot be used: unknown layout, bad values, widths no text encoder has, or a
+    name that is not attached."""
+
+
 class CheckpointLoadError(CheckpointError):
     """A training checkpoint cannot be resumed from (unreadable file, no training state, other format)."""
 

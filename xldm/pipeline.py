@@ -520,8 +520,11 @@ class Pipeline:
         if req.init_image is None:
             common.pop("strength", None)
         active = self.model.loras.active()
-        common["loras"] = [(use.path.name, use.weight, use.text_weight) for use, _ in active]
-        if active:
+        common.pop("loras")
+        if req.clip_skip is None:
+            common.pop("clip_skip")
+        if active:  # (absent when unused, so plain images keep their metadata byte for byte)
+            common["loras"] = [(use.path.name, use.weight, use.text_weight) for use, _ in active]
             common["lora_hashes"] = lora_infotext(active)
         if self.model.vae_path is not None:
             common["vae"] = self.model.vae_path.name

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xldm.errors import CheckpointError
+from xldm.errors import LoraError
 from xldm.lora.network import Adapter
 from xldm.config import ModelConfig
 from xldm.models.components import Components
@@ -38,10 +38,6 @@ _PEFT_TENSORS = {"lora_A.weight": "lora_down", "lora_B.weight": "lora_up", "lora
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$")
 # the cross-attention key width a file's attn2.to_k input reveals -> what the file was trained for
 _CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL base", 1280: "SDXL refiner"}
-
-
-class LoraError(CheckpointError):
-    """An adapter file that does not fit the model, holds NaN/inf, or is no adapter file."""
 
 
 def _kohya_prefix(config: ModelConfig, component: str) -> str:
