@@ -111,3 +111,11 @@ def test_files_for_another_model_are_refused_before_loading(files, tmp_path, cap
     assert "it is for another model" in capsys.readouterr().err
     assert cli_main(["generate", "a", "--model", str(model), *FLAGS, "--clip-skip", "0", "--out", str(out)]) == 2
     assert "clip_skip must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_info_describes_an_adapter_file_from_its_header(files, capsys):
+    root, _ = files
+    assert cli_main(["info", str(root / "other.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "adapter file: LoRA" in out and "(te1, te2, unet)" in out and "ranks [4]" in out
+    assert "kohya layout" in out and f"cross-attention width {TINY_SDXL_BASE.unet.context_dim}" in out

@@ -20,9 +20,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         return cmd_info_cascade(args)
     if args.path is None:
         raise SystemExit("xldm info: error: a PATH (or --cascade DIR) is required")
+    from xldm.lora.files import describe_lora
     from xldm.weights.info import model_info
 
-    print("\n".join(model_info(args.path, allow_pickle=args.allow_pickle).lines()))
+    lines = describe_lora(args.path) if Path(args.path).is_file() and args.path.endswith(".safetensors") else None
+    print("\n".join(lines or model_info(args.path, allow_pickle=args.allow_pickle).lines()))
     return 0
 
 

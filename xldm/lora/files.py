@@ -185,6 +185,33 @@ def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
     return LoraFile(path, adapters, dict(ckpt.metadata), tensor_data_sha256(path)[:12])
 
 
+def describe_lora(path: str | os.PathLike) -> list[str] | None:
+    """`xldm info` lines for an adapter file, from its header alone (None: not an adapter file)."""
+    ckpt = open_checkpoint(path)
+    split = [_split_key(k) for k in ckpt.keys()]
+    if not split or any(s is None for s in split):
+        return None
+    layers: dict[str, set[str]] = {}
+    for layer, tensor in split:
+        layers.setdefault(layer, set()).add(tensor)
+    kinds = {"LoRA" if "lora_down" in t else "LoHa" if "hada_w1_a" in t else "LoKr" if any(n.startswith("lokr")
+             for n in t) else "full" for t in layers.values()}
+    ranks = sorted({ckpt.shape(f"{layer}.lora_down.weight" if layer.startswith("lora_") else f"{layer}.lora_A.weight")[0]
+                    for layer, t in layers.items() if "lora_down" in t})
+    prefixes = sorted({layer.split("_")[1] if layer.startswith("lora_") else layer.split(".")[0] for layer in layers})
+    widths = [ckpt.shape(k)[1] for k in ckpt.keys() if ("attn2_to_k.lora_down" in k or "attn2.to_k.lora_A" in k)
+              and len(ckpt.shape(k)) == 2]
+    meta = ckpt.metadata
+    lines = [f"adapter file: {', '.join(sorted(kinds))}, {len(layers)} layers ({', '.join(prefixes)}), "
+             f"ranks {ranks or '-'}", "kind: " + ("DoRA " if any("dora_scale" in t for t in layers.values()) else "")
+             + ("PEFT/diffusers layout" if not next(iter(layers)).startswith("lora_") else "kohya layout")]
+    if widths:
+        lines.append(f"made for: {_CONTEXT_WIDTHS.get(widths[0], 'another model')} (cross-attention width {widths[0]})")
+    lines += [f"{key}: {meta[key]}" for key in ("ss_base_model_version", "ss_network_dim", "ss_network_alpha",
+                                                 "ss_sd_model_name", "ss_resolution", "ss_steps") if key in meta]
+    return lines
+
+
 def write_kohya(path: str | os.PathLike, config: ModelConfig, adapters: dict[tuple[str, str], Adapter],
                 metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """A kohya-format file (`lora_unet_*.lora_down.weight` ..., original-layout UNet names) that diffusers'
