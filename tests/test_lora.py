@@ -157,7 +157,8 @@ def _check_adapter(tensors, layer):
     adapter = Adapter(tensors)
     expected = reference_update(tensors, layer.weight)
     assert torch.allclose(adapter.update(layer.weight).double(), expected, atol=1e-5)
-    x = torch.randn(2, layer.weight.shape[1], 5, 7) if layer.weight.dim() == 4 else torch.randn(3, layer.weight.shape[1])
+    x = (torch.randn(2, layer.weight.shape[1], 5, 7) if layer.weight.dim() == 4
+         else torch.randn(3, layer.weight.shape[1]))
     with torch.no_grad():
         weight = layer.weight + 0.7 * expected.float()
         want = (F.conv2d(x, weight, layer.bias, layer.stride, layer.padding) if layer.weight.dim() == 4
@@ -242,3 +243,48 @@ def test_nan_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(LoraError, match="no adapter format"):
         read_lora(_file(tmp_path / "model.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(4)}),
                   TINY_SDXL_BASE)
+
+
+def test_lycoris_files_load_onto_the_right_layers(tmp_path):
+    """A kohya-named file mixing LoCon (3x3 resblock conv), LoHa, LoKr and a full diff: each layer's output is the
+    base layer with the update written out in tests/lora_files.py."""
+    model = random_components(TINY_SDXL_BASE, seed=4)
+    conv = "input_blocks.1.0.in_layers.2"
+    linear = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    ff = "input_blocks.4.1.transformer_blocks.0.ff.net.2"
+    full = "input_blocks.4.1.proj_in"
+    unet = model.unet
+    g = torch.Generator().manual_seed(0)
+    w_conv, w_lin, w_ff, w_full = (unet.get_submodule(p).weight for p in (conv, linear, ff, full))
+    r = 2
+    parts = {
+        conv: {"lora_down": torch.randn(r, *w_conv.shape[1:], generator=g),
+               "lora_up": torch.randn(w_conv.shape[0], r, 1, 1, generator=g), "alpha": torch.tensor(1.0)},
+        linear: {"hada_w1_a": torch.randn(w_lin.shape[0], r, generator=g),
+                 "hada_w1_b": torch.randn(r, w_lin.shape[1], generator=g),
+                 "hada_w2_a": torch.randn(w_lin.shape[0], r, generator=g),
+                 "hada_w2_b": torch.randn(r, w_lin.shape[1], generator=g), "alpha": torch.tensor(1.0)},
+        ff: {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2_a": torch.randn(w_ff.shape[0] // 2, r, generator=g),
+             "lokr_w2_b": torch.randn(r, w_ff.shape[1] // 2, generator=g), "alpha": torch.tensor(1.0)},
+        full: {"diff": torch.randn(w_full.shape, generator=g) * 0.1},
+    }
+    tensors = {}
+    for layer, values in parts.items():
+        name = "lora_unet_" + layer.replace(".", "_")
+        for key, value in values.items():
+            tensors[f"{name}.{key}" + (".weight" if key in ("lora_down", "lora_up") else "")] = value
+    path = _file(tmp_path / "lycoris.safetensors", tensors)
+    loras = LoraSet(TINY_SDXL_BASE)
+    loras.set([(path, 0.5)])
+    loras.sync(model)
+    for layer, values in parts.items():
+        module = unet.get_submodule(layer)
+        update = values["diff"].double() if "diff" in values else reference_update(values, module.weight)
+        weight = (module.weight.double() + 0.5 * update).float()
+        x = (torch.randn(2, module.weight.shape[1], 6, 6) if module.weight.dim() == 4
+             else torch.randn(3, module.weight.shape[1]))
+        with torch.no_grad():
+            want = (F.conv2d(x, weight, module.bias, module.stride, module.padding) if x.dim() == 4
+                    else F.linear(x, weight, module.bias))
+            assert torch.allclose(module(x), want, atol=1e-4), layer
+    loras.clear(model)

@@ -2,8 +2,8 @@
 
 Files are safetensors, read as A1111 modules/textual_inversion/textual_inversion.py does: SDXL ones hold `clip_l`
 (n, 768) and `clip_g` (n, 1280) (kohya sd-scripts `sdxl_train_textual_inversion.py`), SD 1.x ones one (n, width)
-tensor, `emb_params` (sd-scripts `train_textual_inversion.py`) or any single key (diffusers `learned_embeds`).  Vectors go to the encoders by width;
-the tokenizer puts n placeholder ids where the name stands, and the embedding layer looks them up
+tensor, `emb_params` (sd-scripts `train_textual_inversion.py`) or any single key (diffusers `learned_embeds`).
+Vectors go to the encoders by width; the tokenizer puts n placeholder ids where the name stands, and the embedding layer looks them up
 (`CLIPTextEmbeddings.set_extra_tokens`), so pooling and the vocabulary stay as they are."""
 
 from __future__ import annotations

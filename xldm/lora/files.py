@@ -196,8 +196,8 @@ def describe_lora(path: str | os.PathLike) -> list[str] | None:
         layers.setdefault(layer, set()).add(tensor)
     kinds = {"LoRA" if "lora_down" in t else "LoHa" if "hada_w1_a" in t else "LoKr" if any(n.startswith("lokr")
              for n in t) else "full" for t in layers.values()}
-    ranks = sorted({ckpt.shape(f"{layer}.lora_down.weight" if layer.startswith("lora_") else f"{layer}.lora_A.weight")[0]
-                    for layer, t in layers.items() if "lora_down" in t})
+    downs = [k for k, s in zip(ckpt.keys(), split) if s[1] == "lora_down"]
+    ranks = sorted({ckpt.shape(k)[0] for k in downs})
     prefixes = sorted({layer.split("_")[1] if layer.startswith("lora_") else layer.split(".")[0] for layer in layers})
     widths = [ckpt.shape(k)[1] for k in ckpt.keys() if ("attn2_to_k.lora_down" in k or "attn2.to_k.lora_A" in k)
               and len(ckpt.shape(k)) == 2]

@@ -90,7 +90,8 @@ class Adapter(nn.Module):
             return
         down, up = f["lora_down"], f["lora_up"]
         inner = down.shape[1] * math.prod(f["lora_mid"].shape[2:]) if "lora_mid" in f else math.prod(down.shape[1:])
-        if up.shape[0] != shape[0] or up.shape[0] * inner != math.prod(shape) or up.flatten(1).shape[1] != down.shape[0]:
+        if (up.shape[0] != shape[0] or up.shape[0] * inner != math.prod(shape)
+                or up.flatten(1).shape[1] != down.shape[0]):
             raise ValueError(f"lora_up {tuple(up.shape)} @ lora_down {tuple(down.shape)} does not give the layer's "
                              f"weight {tuple(shape)}")
         if "dora_scale" in f and f["dora_scale"].numel() not in (shape[0], shape[1]):
@@ -122,7 +123,8 @@ class Adapter(nn.Module):
         else:
             delta = f["diff"]
         if delta.numel() != weight.numel():
-            raise ValueError(f"{self.kind} update has {tuple(delta.shape)} values, the layer's weight is {tuple(shape)}")
+            raise ValueError(f"{self.kind} update has {tuple(delta.shape)} values, the layer's weight is "
+                             f"{tuple(shape)}")
         delta = delta.reshape(shape) * self.scale
         if "dora_scale" in f:
             base = weight.float()
