@@ -70,6 +70,16 @@ class Denoiser:
         abar = self._abar_at(timesteps, x0.device)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def x0_from_output(self, x_t: Tensor, out: Tensor, timesteps: Tensor) -> Tensor:
+        """The clean sample the network's output at VP sample x_t implies (the inverse of `target`), float32."""
+        abar = self._abar_at(timesteps, x_t.device)
+        x_t, out = x_t.float(), out.float()
+        if self.prediction_type == "epsilon":
+            return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+        if self.prediction_type == "v":
+            return abar.sqrt() * x_t - (1 - abar).sqrt() * out
+        return out
+
     def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         if self.prediction_type == "epsilon":
             return noise

@@ -101,6 +101,25 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, output_size, use_reentrant=False)
         return block(h, emb, context, output_size)
 
+    def encoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                         y: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The encoder half, inputs trusted (`forward` checks them): the output of every input block, then the
+        middle block's, with the time embedding and the context in the parameter dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
+        if self.config.adm_in_channels > 0:
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+        h = x.to(dtype)
+        features = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            features.append(h)
+        features.append(self._run(self.middle_block, h, emb, context))
+        return features, emb, context
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """Network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d), text `context` (B, L, context_dim)
@@ -124,21 +143,8 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError(f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
                              f"{tuple(y.shape)}")
-        dtype = self.time_embed[0].weight.dtype
-        timesteps = timesteps.reshape(-1).expand(batch)
-
-        # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
-        if self.config.adm_in_channels > 0:
-            emb = emb + self.label_emb(y.to(dtype))
-        context = context.to(dtype)
-
-        h = x.to(dtype)
-        skips = []
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
-            skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        skips, emb, context = self.encoder_features(x, timesteps, context, y)
+        h = skips.pop()  # the middle block's output
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # The block that ends in an Upsample sizes it to the next skip connection.

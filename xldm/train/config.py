@@ -13,7 +13,9 @@ from typing import Any
 
 from xldm.config import PREDICTION_TYPES, PRESETS, ModelConfig
 
-TASKS = ("diffusion", "vae", "clip")  # "clip": contrastive pre-training of the text encoders (xldm.train.contrastive)
+# "clip": contrastive pre-training of the text encoders (xldm.train.contrastive); "add": adversarial diffusion
+# distillation of a few-step student from a teacher (xldm.train.distill)
+TASKS = ("diffusion", "vae", "clip", "add")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -40,6 +42,14 @@ class TrainConfig:
     lora_alpha: float = 0.0
     lora_conv: bool = False
     lora_text_encoders: bool = False
+    # Adversarial diffusion distillation (task "add", Sauer et al. 2023): the student starts as the teacher's UNet
+    # (or --init) and learns to denoise from the student timesteps in one step each; loss = adversarial hinge +
+    # distill_weight x distillation towards the teacher's x0 (with teacher_cfg guidance) of the re-noised output
+    teacher: str = ""
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # ADD Sec. 4: SDXL-Turbo's four steps
+    distill_weight: float = 2.5  # ADD Sec. 3.2: lambda = 2.5
+    teacher_cfg: float = 5.0  # the teacher's guidance in the distillation target (the bundled model's default)
+    r1_weight: float = 1e-5  # R1 penalty on the discriminator's real inputs (Mescheder et al. 2018; ADD App. uses R1)
 
     data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
     out: str = ""  # run directory: checkpoints/, metrics.jsonl, final/
@@ -144,6 +154,10 @@ class TrainConfig:
         check(not self.lora_rank or (self.task == "diffusion" and self.model_config.vae is not None
                                      and not self.train_text_encoders and self.parallel == "ddp"),
               "a LoRA trains a latent model's diffusion task, with ddp, and instead of train_text_encoders")
+        check(self.task != "add" or (self.teacher and self.model_config.vae is not None),
+              "task 'add' needs --teacher MODEL (a latent model's single file or diffusers folder)")
+        check(all(0 <= t < NUM_TRAIN_TIMESTEPS for t in self.student_timesteps) and self.student_timesteps,
+              f"student_timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS}), got {self.student_timesteps}")
         check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         check(self.grad_accum_steps == 1 or self.task == "diffusion",
               f"grad_accum_steps applies to the diffusion task only, got task {self.task!r}")

@@ -35,12 +35,12 @@ import torch.distributed as dist
 
 from xldm.errors import NonFiniteError
 from xldm.train import checkpoint as ckpt
-from xldm.train import contrastive, diffusion, parallel, samples, vae
+from xldm.train import contrastive, diffusion, distill, parallel, samples, vae
 from xldm.train.config import TrainConfig, lr_at
 from xldm.train.parallel import Processes, setup_processes
 from xldm.train.run import Run, StepResult
 
-TASKS = {"diffusion": diffusion, "vae": vae, "clip": contrastive}
+TASKS = {"diffusion": diffusion, "vae": vae, "clip": contrastive, "add": distill}
 
 
 class NonFiniteLossError(NonFiniteError):

@@ -40,6 +40,7 @@ class Run:
     denoiser: Any = None  # xldm.diffusion.denoiser.Denoiser of a diffusion run
     tokenizers: tuple = ()
     cache: Any = None  # xldm.train.cache.EmbeddingCache when config.cache_dir is set
+    frozen: dict[str, nn.Module] = field(default_factory=dict)  # used, never trained nor checkpointed (a teacher)
     micro_batch: tuple[int, int] = (0, 1)  # (index, count) of the micro-batch being accumulated
     micro_losses: list[torch.Tensor] = field(default_factory=list)  # this step's losses so far
 
