@@ -26,7 +26,7 @@ import torch
 
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.noise import randn
-from xldm.diffusion.schedules import Schedule, sde_midpoint_timesteps
+from xldm.diffusion.schedules import Schedule, make_schedule, sde_midpoint_timesteps
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -205,19 +205,30 @@ def _sde_substep(xf: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: to
     return x + noise(sigma_from, sigma_to) * sigma_up
 
 
+def _full_sde_sigmas(schedule: Schedule) -> torch.Tensor:
+    """The sigmas the Brownian tree spans: diffusers spans the full schedule's range even for a slice (img2img,
+    refiner), so a slice of the standard dpmpp_sde_karras schedule spans that; any other schedule its own."""
+    if schedule.offset == 0 and schedule.ends_schedule:
+        return schedule.sigmas
+    full = make_schedule("dpmpp_sde_karras", schedule.total).sigmas
+    part = full[schedule.offset: schedule.offset + len(schedule) + 1]
+    return full if torch.equal(part, schedule.sigmas) else schedule.sigmas
+
+
 def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
                      callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
     """DPM++ SDE: k-diffusion `sample_dpmpp_sde` (r = 1/2, eta = 1) as diffusers DPMSolverSDEScheduler.  Each step
     moves ancestrally to the lambda-midpoint, evaluates there (at `sde_midpoint_timesteps`), then moves from the
     start to sigma_next with the midpoint's x0; the last step to sigma 0 is Euler; 2n - 1 network calls.  Noise
-    comes from a Brownian tree over this slice's sigma range seeded with each generator's initial_seed()
+    comes from a Brownian tree over the schedule's sigma range (`_full_sde_sigmas`) seeded with each generator's initial_seed()
     (`_BrownianNoise`); step_hook also runs on the midpoint, as for Heun."""
     dtype, n = x.dtype, len(schedule)
     sig = schedule.sigmas
     if n == 0:
         return x
     mid_timesteps = sde_midpoint_timesteps(sig)
-    noise = _BrownianNoise(x, sig[sig > 0].min().item(), sig.max().item(), _tree_seeds(generator))
+    span = _full_sde_sigmas(schedule)
+    noise = _BrownianNoise(x, span[span > 0].min().item(), span.max().item(), _tree_seeds(generator))
     for i in range(n):
         sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
         if sigma_next == 0:
