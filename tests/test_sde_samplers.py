@@ -87,7 +87,7 @@ def test_dpmpp_3m_sde_matches_diffusers(base, ref_pipe, sampler):
 
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 def test_seed_reproduces_and_changes_the_image(base, sampler):
-    a, again, other = (pixels(ours(base, sampler, 6, s)) for s in (SEED, SEED, SEED + 100))
+    a, again, other = (pixels(ours(base, sampler, 4, s)) for s in (SEED, SEED, SEED + 100))
     assert np.array_equal(a, again)
     assert np.abs(a - other).mean() > 1.0  # the noise, not just rounding, differs
 
@@ -95,8 +95,8 @@ def test_seed_reproduces_and_changes_the_image(base, sampler):
 @pytest.mark.parametrize("sampler", ["dpmpp_sde_karras", "dpmpp_3m_sde"])
 def test_batch_image_equals_its_seed_alone(base, sampler):
     """A1111: image i of a batch is the image of seed + i alone (one Brownian tree / generator per image)."""
-    batch = ours(base, sampler, 6, SEED, "latent", batch=2)
-    solo = ours(base, sampler, 6, SEED + 1, "latent")
+    batch = ours(base, sampler, 4, SEED, "latent", batch=2)
+    solo = ours(base, sampler, 4, SEED + 1, "latent")
     assert (batch[1:] - solo).abs().max().item() <= 1e-5
     assert (batch[0] - batch[1]).abs().max().item() > 1e-2
 
