@@ -116,6 +116,8 @@ def test_sde_tree_seed_decides_the_noise():
     c = _BrownianNoise(x, 0.03, 14.6, [8])(sigma, sigma_next)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert 0.7 < a.std().item() < 1.3  # unit-variance increments
+    half = _BrownianNoise(x.bfloat16(), 0.03, 14.6, [7])(sigma, sigma_next)
+    assert half.dtype == torch.float32 and torch.equal(half, a)  # a CPU float32 tree whatever the latents' dtype
 
 
 def test_a1111_names():

@@ -167,15 +167,19 @@ class _BrownianNoise:
     """Brownian-tree noise as diffusers `BrownianTreeNoiseSampler` (k-diffusion's): torchsde.BrownianInterval over
     [sigma_min, sigma_max] with diffusers' settings; noise(s, s_next) = (W(s_next) - W(s)) / sqrt|s_next - s|.
     One tree per seed: a single seed covers the whole batch (diffusers' `noise_sampler_seed`), a list of seeds
-    gives row i its own tree of one row (A1111: image i of a batch equals seed + i alone)."""
+    gives row i its own tree of one row (A1111: image i of a batch equals seed + i alone).  The tree lives on
+    the CPU in float32 and its noise moves to x's device, so a seed gives the same noise on every device and
+    dtype (as `noise.randn` with CPU generators); diffusers builds it in the latents' dtype on their device,
+    equal to this for float32 latents on the CPU."""
 
     def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, seeds: list[int]) -> None:
         import torchsde  # a runtime dependency, loaded only by this sampler
 
+        self.device = x.device
         size = x.shape if len(seeds) == 1 else (1, *x.shape[1:])
         self.trees = [torchsde.BrownianInterval(
-            t0=torch.as_tensor(sigma_min), t1=torch.as_tensor(sigma_max), size=size, dtype=x.dtype,
-            device=x.device, entropy=seed, tol=1e-6, pool_size=24, halfway_tree=True) for seed in seeds]
+            t0=torch.as_tensor(sigma_min), t1=torch.as_tensor(sigma_max), size=size, dtype=torch.float32,
+            device="cpu", entropy=seed, tol=1e-6, pool_size=24, halfway_tree=True) for seed in seeds]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         lo, hi = sorted((sigma, sigma_next))
@@ -183,7 +187,7 @@ class _BrownianNoise:
         with warnings.catch_warnings():  # exp(-(-log sigma_max)) lands 1 ulp past t1; torchsde warns, as in diffusers
             warnings.filterwarnings("ignore", message="Should have")
             w = torch.cat([tree(lo, hi) for tree in self.trees]) * sign
-        return w.float() / (sigma_next - sigma).abs().sqrt()
+        return (w / (sigma_next - sigma).abs().sqrt()).to(self.device)
 
 
 def _tree_seeds(generator) -> list[int]:
@@ -220,8 +224,8 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *,
     """DPM++ SDE: k-diffusion `sample_dpmpp_sde` (r = 1/2, eta = 1) as diffusers DPMSolverSDEScheduler.  Each step
     moves ancestrally to the lambda-midpoint, evaluates there (at `sde_midpoint_timesteps`), then moves from the
     start to sigma_next with the midpoint's x0; the last step to sigma 0 is Euler; 2n - 1 network calls.  Noise
-    comes from a Brownian tree over the schedule's sigma range (`_full_sde_sigmas`) seeded with each generator's initial_seed()
-    (`_BrownianNoise`); step_hook also runs on the midpoint, as for Heun."""
+    comes from a Brownian tree over the schedule's sigma range (`_full_sde_sigmas`) seeded with each generator's
+    initial_seed() (`_BrownianNoise`); step_hook also runs on the midpoint, as for Heun."""
     dtype, n = x.dtype, len(schedule)
     sig = schedule.sigmas
     if n == 0:
