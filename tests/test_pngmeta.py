@@ -180,9 +180,10 @@ def test_sampler_names_both_ways() -> None:
     expected = {
         "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
         "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
-        "ddim": "DDIM", "unipc": "UniPC",
+        "ddim": "DDIM", "unipc": "UniPC", "dpmpp_sde_karras": "DPM++ SDE Karras", "dpmpp_3m_sde": "DPM++ 3M SDE",
+        "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
     }
-    assert len(A1111_SAMPLER_NAMES) == 2 * len(expected) == 16
+    assert len(A1111_SAMPLER_NAMES) == 2 * len(expected) == 22
     for ours, theirs in expected.items():
         assert A1111_SAMPLER_NAMES[ours] == theirs and A1111_SAMPLER_NAMES[theirs] == ours
     # An unknown sampler is written as is.

@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -53,9 +54,15 @@ DIFFUSERS_SAMPLERS = {
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "dpmpp_sde_karras": (DPMSolverSDEScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
 }
-VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
-STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras")
+VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "dpmpp_3m_sde",
+               "dpmpp_3m_sde_karras")
+STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
+TREE_NOISE = ("dpmpp_sde_karras",)  # diffusers seeds its Brownian tree with noise_sampler_seed; xldm with the seed
 
 
 class FakeNetwork:
@@ -81,8 +88,10 @@ class FakeNetwork:
         return self.linear * sigma_vp * x_in + 0.3 * torch.tanh(mixed) + 0.2 * bias
 
 
-def diffusers_scheduler(name: str, num_steps: int, prediction_type: str = "epsilon"):
+def diffusers_scheduler(name: str, num_steps: int, prediction_type: str = "epsilon", seed=None):
     cls, extra = DIFFUSERS_SAMPLERS[name]
+    if name in TREE_NOISE:
+        extra = {**extra, "noise_sampler_seed": seed}
     euler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type)
     sched = cls.from_config(euler.config, **extra)
     sched.set_timesteps(num_steps)
@@ -137,7 +146,7 @@ def gens(seeds):
 
 def run_both(name: str, num_steps: int, prediction_type="epsilon", seed=0, shape=SHAPE):
     net = FakeNetwork(prediction_type)
-    ref_sched = diffusers_scheduler(name, num_steps, prediction_type)
+    ref_sched = diffusers_scheduler(name, num_steps, prediction_type, seed)
     set_begin(ref_sched, 0)  # as StableDiffusionXLPipeline does
     g_ref = gens(seed)
     latents = randn_tensor(shape, generator=g_ref, dtype=torch.float32) * ref_sched.init_noise_sigma
@@ -192,14 +201,14 @@ def diffusers_handoff(name, num_steps, fraction, net, shape, seed):
     """txt2img base with denoising_end, then a second scheduler instance with the img2img pipeline's
     denoising_start rule (get_timesteps + set_begin_index), the base latents passed on unchanged."""
     g = gens(seed)
-    base = diffusers_scheduler(name, num_steps)
+    base = diffusers_scheduler(name, num_steps, seed=seed)
     set_begin(base, 0)
     latents = randn_tensor(shape, generator=g, dtype=torch.float32) * base.init_noise_sigma
     cutoff = int(round(1000 - fraction * 1000))
     n_base = len([t for t in base.timesteps if t >= cutoff])
     mid = diffusers_loop(base, net, latents, base.timesteps[:n_base], g)
 
-    refiner = diffusers_scheduler(name, num_steps)
+    refiner = diffusers_scheduler(name, num_steps, seed=seed)
     n_ref = int((refiner.timesteps < cutoff).sum())
     if refiner.order == 2 and n_ref % 2 == 0:
         n_ref += 1
@@ -212,6 +221,10 @@ def diffusers_handoff(name, num_steps, fraction, net, shape, seed):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_base_refiner_handoff(name: str, num_steps: int, fraction: float):
     net, seed = FakeNetwork(), 11
+    if name in TREE_NOISE and split_for_refiner(num_steps, fraction, name) * 2 - 1 == len(
+            [t for t in diffusers_scheduler(name, num_steps).timesteps if t >= round(1000 - fraction * 1000)]):
+        pytest.skip("diffusers' base stops at the last step's midpoint and its refiner repeats that step; "
+                    "xldm hands over after whole steps")
     ref_mid, ref_out = diffusers_handoff(name, num_steps, fraction, net, SHAPE, seed)
 
     schedule = make_schedule(name, num_steps)
@@ -236,7 +249,7 @@ def test_img2img_start_matches_add_noise(name: str, num_steps: int, strength: fl
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)) * 0.8
     start = img2img_start(num_steps, strength)
 
-    ref_sched = diffusers_scheduler(name, num_steps)
+    ref_sched = diffusers_scheduler(name, num_steps, seed=9)
     g_ref = gens(9)
     noise = randn_tensor(SHAPE, generator=g_ref, dtype=torch.float32)
     timesteps = ref_sched.timesteps[start * ref_sched.order:]
@@ -264,7 +277,7 @@ def test_step_hook_matches_inpaint_blend(name: str):
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 1:5] = 1.0  # 1 = repaint
 
-    ref_sched = diffusers_scheduler(name, num_steps)
+    ref_sched = diffusers_scheduler(name, num_steps, seed=4)
     set_begin(ref_sched, 0)
     g_ref = gens(4)
     noise = randn_tensor(SHAPE, generator=g_ref, dtype=torch.float32)
@@ -292,7 +305,7 @@ def test_step_hook_matches_inpaint_blend(name: str):
     assert_close(out, ref)
     assert torch.equal(out * (1 - mask), z * (1 - mask))  # the known region ends exactly on the image
     expected = list(range(num_steps))
-    if name == "heun":  # also after each intermediate Euler point (all steps but the last)
+    if name in ("heun", "dpmpp_sde_karras"):  # also after each intermediate point (all steps but the last)
         expected = sorted(expected + list(range(num_steps - 1)))
     assert sorted(calls) == expected
 

@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -27,7 +28,9 @@ from xldm.diffusion.schedules import (
     img2img_start,
     make_schedule,
     refiner_start,
+    sde_midpoint_timesteps,
     split_for_refiner,
+    train_sigmas,
 )
 
 SIGMA_TOL = 1e-6  # float32 tables on both sides
@@ -48,8 +51,13 @@ DIFFUSERS_SAMPLERS = {
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "dpmpp_sde_karras": (DPMSolverSDEScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
 }
-VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
+VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "dpmpp_3m_sde",
+               "dpmpp_3m_sde_karras")
 STEP_COUNTS = (1, 4, 25, 30, 50, 100)
 
 
@@ -85,6 +93,12 @@ def test_schedule_matches_diffusers(name: str, num_steps: int):
     timesteps, sigmas = ours.timesteps, ours.sigmas
     if name == "heun":
         timesteps, sigmas = interleave_heun(timesteps, sigmas=False), interleave_heun(sigmas, sigmas=True)
+    if name == "dpmpp_sde_karras":  # [t0, mid0, t1, mid1, ..., t_{N-1}]; sigmas interleaved as Heun's
+        mids = sde_midpoint_timesteps(sigmas)
+        assert len(mids) == num_steps - 1
+        assert torch.allclose(mids.double(), ref.timesteps[1::2], rtol=0, atol=1e-4)  # from float32 sigmas
+        timesteps, sigmas = ref.timesteps.to(torch.float32).clone(), interleave_heun(sigmas, sigmas=True)
+        assert torch.equal(ours.timesteps, timesteps[0::2])
     assert torch.equal(timesteps, ref.timesteps.to(torch.float32))
     if name == "ddim":  # DDIM keeps alphas_cumprod: sigma_i = sqrt((1 - abar_t) / abar_t), last abar = abar_0
         acp = ref.alphas_cumprod
@@ -113,6 +127,9 @@ def test_sdxl_spec_examples():
     assert s30.sigmas[-1].item() == 0.0
     ddim = make_schedule("ddim", 50)
     assert abs(ddim.sigmas[-1].item() - 0.0291675) < 1e-6  # set_alpha_to_one=False
+    sde = make_schedule("dpmpp_sde_karras", 10)  # Karras between the sigmas at timesteps 901 and 1
+    assert abs(sde.sigmas[0].item() - train_sigmas()[901]) < 1e-6 and sde.timesteps[0].item() == 901.0
+    assert abs(sde.sigmas[-2].item() - train_sigmas()[1]) < 1e-6 and abs(sde.timesteps[-1].item() - 1.0) < 1e-3
     karras = make_schedule("dpmpp_2m_karras", 25)
     assert karras.timesteps[0].item() == 999.0 and abs(karras.sigmas[0].item() - 14.614642) < 1e-5
 
@@ -140,6 +157,9 @@ def test_split_for_refiner_matches_diffusers_rule(name: str, num_steps: int, fra
         assert base_entries == max(2 * k - 1, 0)
         assert t_start == 2 * refiner_start(num_steps, fraction, name)
         assert refiner_start(num_steps, fraction, name) == k - 1
+    elif name == "dpmpp_sde_karras":  # 2k entries: k whole steps; 2k - 1: diffusers stops at step k-1's midpoint
+        assert base_entries in (2 * k - 1, 2 * k) and refiner_start(num_steps, fraction, name) == k
+        assert t_start == (2 * k if base_entries == 2 * k else 2 * (k - 1))
     else:
         assert base_entries == k and t_start == k == refiner_start(num_steps, fraction, name)
 

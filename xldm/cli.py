@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_side, default=None, help="multiple of 8 (default: the model's native size)")
     gen.add_argument("--height", type=_side, default=None)
     gen.add_argument("--sampler", default="euler", metavar="NAME",
-                     help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | ddim | unipc")
+                     help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | dpmpp_sde_karras | "
+                     "dpmpp_3m_sde | dpmpp_3m_sde_karras | ddim | unipc")
     gen.add_argument("--original-size", type=_size, default=None, metavar="WxH")
     gen.add_argument("--crop-top-left", type=_crop, default=(0, 0), metavar="T,L")
     gen.add_argument("--target-size", type=_size, default=None, metavar="WxH")

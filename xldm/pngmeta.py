@@ -42,7 +42,8 @@ XLDM_CHUNK = "xldm"
 # in the combined "<sampler> <schedule>" form every infotext reader accepts).
 _SAMPLERS_TO_A1111 = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
                       "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
-                      "ddim": "DDIM", "unipc": "UniPC"}
+                      "ddim": "DDIM", "unipc": "UniPC", "dpmpp_sde_karras": "DPM++ SDE Karras",
+                      "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras"}
 # Both directions in one dict: xldm name -> A1111 name, and A1111 name -> xldm name (the two name sets are disjoint).
 A1111_SAMPLER_NAMES: dict[str, str] = {**_SAMPLERS_TO_A1111, **{v: k for k, v in _SAMPLERS_TO_A1111.items()}}
 

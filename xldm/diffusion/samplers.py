@@ -19,13 +19,14 @@ casts to the model's dtype)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.noise import randn
-from xldm.diffusion.schedules import Schedule
+from xldm.diffusion.schedules import Schedule, make_schedule, sde_midpoint_timesteps
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -162,6 +163,133 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule,
     return _dpmpp_2m(denoiser, x, schedule, sde=True, generator=generator, callback=callback, step_hook=step_hook)
 
 
+class _BrownianNoise:
+    """Brownian-tree noise as diffusers `BrownianTreeNoiseSampler` (k-diffusion's): torchsde.BrownianInterval over
+    [sigma_min, sigma_max] with diffusers' settings; noise(s, s_next) = (W(s_next) - W(s)) / sqrt|s_next - s|.
+    One tree per seed: a single seed covers the whole batch (diffusers' `noise_sampler_seed`), a list of seeds
+    gives row i its own tree of one row (A1111: image i of a batch equals seed + i alone).  The tree lives on
+    the CPU in float32 and its noise moves to x's device, so a seed gives the same noise on every device and
+    dtype (as `noise.randn` with CPU generators); diffusers builds it in the latents' dtype on their device,
+    equal to this for float32 latents on the CPU."""
+
+    def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, seeds: list[int]) -> None:
+        import torchsde  # a runtime dependency, loaded only by this sampler
+
+        self.device = x.device
+        size = x.shape if len(seeds) == 1 else (1, *x.shape[1:])
+        self.trees = [torchsde.BrownianInterval(
+            t0=torch.as_tensor(sigma_min), t1=torch.as_tensor(sigma_max), size=size, dtype=torch.float32,
+            device="cpu", entropy=seed, tol=1e-6, pool_size=24, halfway_tree=True) for seed in seeds]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        lo, hi = sorted((sigma, sigma_next))
+        sign = -1.0 if sigma > sigma_next else 1.0
+        with warnings.catch_warnings():  # exp(-(-log sigma_max)) lands 1 ulp past t1; torchsde warns, as in diffusers
+            warnings.filterwarnings("ignore", message="Should have")
+            w = torch.cat([tree(lo, hi) for tree in self.trees]) * sign
+        return (w / (sigma_next - sigma).abs().sqrt()).to(self.device)
+
+
+def _tree_seeds(generator) -> list[int]:
+    """The Brownian tree seeds: each generator's `initial_seed()` (xldm seeds image i with seed + i); without a
+    generator a seed from torch's global RNG, as diffusers with noise_sampler_seed=None."""
+    if generator is None:
+        return [torch.randint(0, 2**63 - 1, []).item()]
+    gens = generator if isinstance(generator, list) else [generator]
+    return [g.initial_seed() for g in gens]
+
+
+def _sde_substep(xf: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                 noise: _BrownianNoise) -> torch.Tensor:
+    """One ancestral DPM-Solver++(1S) move from lambda t to t_next (diffusers DPMSolverSDEScheduler.step)."""
+    sigma_from, sigma_to = t.neg().exp(), t_next.neg().exp()
+    sigma_up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    t_down = (sigma_to**2 - sigma_up**2).sqrt().log().neg()
+    x = (t_down.neg().exp() / sigma_from) * xf - (t - t_down).expm1() * x0
+    return x + noise(sigma_from, sigma_to) * sigma_up
+
+
+def _full_sde_sigmas(schedule: Schedule) -> torch.Tensor:
+    """The sigmas the Brownian tree spans: diffusers spans the full schedule's range even for a slice (img2img,
+    refiner), so a slice of the standard dpmpp_sde_karras schedule spans that; any other schedule its own."""
+    if schedule.offset == 0 and schedule.ends_schedule:
+        return schedule.sigmas
+    full = make_schedule("dpmpp_sde_karras", schedule.total).sigmas
+    part = full[schedule.offset: schedule.offset + len(schedule) + 1]
+    return full if torch.equal(part, schedule.sigmas) else schedule.sigmas
+
+
+def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                     callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """DPM++ SDE: k-diffusion `sample_dpmpp_sde` (r = 1/2, eta = 1) as diffusers DPMSolverSDEScheduler.  Each step
+    moves ancestrally to the lambda-midpoint, evaluates there (at `sde_midpoint_timesteps`), then moves from the
+    start to sigma_next with the midpoint's x0; the last step to sigma 0 is Euler; 2n - 1 network calls.  Noise
+    comes from a Brownian tree over the schedule's sigma range (`_full_sde_sigmas`) seeded with each generator's
+    initial_seed() (`_BrownianNoise`); step_hook also runs on the midpoint, as for Heun."""
+    dtype, n = x.dtype, len(schedule)
+    sig = schedule.sigmas
+    if n == 0:
+        return x
+    mid_timesteps = sde_midpoint_timesteps(sig)
+    span = _full_sde_sigmas(schedule)
+    noise = _BrownianNoise(x, span[span > 0].min().item(), span.max().item(), _tree_seeds(generator))
+    for i in range(n):
+        sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
+        if sigma_next == 0:
+            x = (xf + d * (sigma_next - sigma)).to(dtype)
+        else:
+            t, t_next = sigma.log().neg(), sigma_next.log().neg()
+            t_mid = t + (t_next - t) * 0.5
+            x_mid = _sde_substep(xf, x0, t, t_mid, noise).to(dtype)
+            if step_hook is not None:
+                x_mid = step_hook(i, x_mid)
+            x0 = denoiser(x_mid, t_mid.neg().exp(), mid_timesteps[i].to(x.device))
+            x = _sde_substep(xf, x0, t, t_next, noise).to(dtype)
+        x = _after_step(i, n, x, x0, step_hook, callback)
+    return x
+
+
+def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+                        callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """SDE-DPM-Solver++(3M): DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
+    (k-diffusion `sample_dpmpp_3m_sde`, eta = 1), VE form of `multistep_dpm_solver_third_order_update`; order 1 on
+    the slice's first and the schedule's last step, 2 on the slice's second and (under 15 steps) the schedule's
+    second-to-last step, else 3; a float32 z from `generator` every step, as the 2M SDE."""
+    dtype, n = x.dtype, len(schedule)
+    sig = schedule.sigmas
+    x0s: list[torch.Tensor] = []
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        x0 = denoiser(x, sigma, schedule.timesteps[i].to(x.device))
+        xf = x.float()
+        z = randn(x.shape, generator, x.device, torch.float32)
+        x0s = (x0s + [x0])[-3:]
+        step = schedule.offset + i
+        order = 1 if i == 0 or step == schedule.total - 1 else \
+            2 if i == 1 or (step == schedule.total - 2 and schedule.total < 15) else 3
+        if sigma_next == 0:
+            x_next = x0  # h = inf
+        else:
+            h = _lam(sigma_next) - _lam(sigma)
+            e2h = torch.exp(-2.0 * h)
+            x_next = (sigma_next / sigma * torch.exp(-h)) * xf + (1.0 - e2h) * x0 \
+                + sigma_next * torch.sqrt(1.0 - e2h) * z
+            if order >= 2:
+                r0 = (_lam(sigma) - _lam(sig[i - 1])) / h
+                d1_0 = (x0 - x0s[-2]) / r0
+                if order == 2:
+                    x_next = x_next + 0.5 * (1.0 - e2h) * d1_0
+                else:
+                    r1 = (_lam(sig[i - 1]) - _lam(sig[i - 2])) / h
+                    d1_1 = (x0s[-2] - x0s[-3]) / r1
+                    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    x_next = x_next + ((1.0 - e2h) / (-2.0 * h) + 1.0) * d1 \
+                        + ((1.0 - e2h - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
+        x = _after_step(i, n, x_next.to(dtype), x0, step_hook, callback)
+    return x
+
+
 def _unipc_corrector_weights(rk: torch.Tensor | None, hh: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
     """rho_c of UniC-p (Zhao et al. 2023, Alg. 2, B(h) = e^h - 1 "bh2"): 1/2 for p = 1; for p = 2 the solution of
     R rho = b, R = [[1, 1], [r1, 1]], b_k = k! phi_{k+1}(hh) / B(h) (diffusers `multistep_uni_c_bh_update`)."""
@@ -228,7 +356,8 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gen
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m, "dpmpp_2m_sde_karras": sample_dpmpp_2m_sde,  # Karras: only the schedule differs
-    "ddim": sample_ddim, "unipc": sample_unipc,
+    "ddim": sample_ddim, "unipc": sample_unipc, "dpmpp_sde_karras": sample_dpmpp_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde, "dpmpp_3m_sde_karras": sample_dpmpp_3m_sde,
 }
 
 

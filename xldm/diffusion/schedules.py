@@ -15,7 +15,8 @@ import torch
 
 from xldm.config import PREDICTION_TYPES
 
-SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
+SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc",
+                 "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # SDXL scheduler_config.json
@@ -105,12 +106,33 @@ def _build(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
     return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), float((sig.max() ** 2 + 1) ** 0.5))
 
 
+def _sde_karras_schedule(num_steps: int, table: np.ndarray) -> Schedule:
+    """DPMSolverSDEScheduler(use_karras_sigmas=True).set_timesteps: Karras sigmas between the table sigmas at the
+    ends of the T//N leading grid (N=10: timesteps 901 and 1, not the training extremes), fractional timesteps
+    (`_sigma_to_t`, unrounded), final sigma 0.  The midpoint evaluations' timesteps: `sde_midpoint_timesteps`."""
+    ends = table[_leading_timesteps(num_steps, num_steps)]
+    min_inv, max_inv = float(ends[-1]) ** (1 / KARRAS_RHO), float(ends[0]) ** (1 / KARRAS_RHO)
+    sig = (max_inv + np.linspace(0, 1, num_steps) * (min_inv - max_inv)) ** KARRAS_RHO
+    return _build(np.concatenate([sig, [0.0]]), _sigma_to_t(sig, np.log(table)))
+
+
+def sde_midpoint_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """Model time of each step's midpoint sigma_mid = exp(-(lambda + lambda_next) / 2), lambda = -log sigma, for
+    the steps with sigma_next > 0 (diffusers DPMSolverSDEScheduler `_second_order_timesteps`)."""
+    sig = sigmas.double().numpy()
+    sig = sig[sig > 0]
+    t = -np.log(sig)
+    mid = np.exp(-(t[:-1] + np.diff(t) * 0.5))
+    return torch.from_numpy(_sigma_to_t(mid, np.log(train_sigmas())).astype(np.float32))
+
+
 def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsilon") -> Schedule:
     """The schedule the matching diffusers scheduler builds from SDXL's config with `set_timesteps(num_steps)`.
 
     euler, euler_a, heun (Euler/EulerAncestral/HeunDiscrete): T//N leading grid (N=50: 981..1), table sigmas, final 0.
     ddim: the same grid; the last step lands on abar_0 (set_alpha_to_one=False), sigma 0.0292, not 0.
-    dpmpp_2m, unipc: T//(N+1) leading grid (DPMSolverMultistep / UniPCMultistep), final sigma 0.
+    dpmpp_2m, dpmpp_3m_sde, unipc: T//(N+1) leading grid (DPMSolverMultistep / UniPCMultistep), final sigma 0.
+    dpmpp_sde_karras: DPMSolverSDEScheduler's own Karras schedule (`_sde_karras_schedule`).
     *_karras: Karras sigmas between the training extremes (use_karras_sigmas=True), timesteps rounded from
     log-sigma interpolation, final sigma 0.  `prediction_type` changes none of these; it is only checked."""
     if sampler not in SAMPLER_NAMES:
@@ -125,7 +147,9 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
         ts = _leading_timesteps(num_steps, num_steps)
         last = table[0] if sampler == "ddim" else 0.0  # DDIM: final_alpha_cumprod = alphas_cumprod[0]
         return _build(np.concatenate([table[ts], [last]]), ts)
-    if sampler in ("dpmpp_2m", "unipc"):
+    if sampler == "dpmpp_sde_karras":
+        return _sde_karras_schedule(num_steps, table)
+    if sampler in ("dpmpp_2m", "dpmpp_3m_sde", "unipc"):
         ts = _leading_timesteps(num_steps, num_steps + 1)
         return _build(np.concatenate([table[ts], [0.0]]), ts)
     # Karras variants (DPMSolverMultistepScheduler(use_karras_sigmas=True)): Karras et al. 2022, eq. 5 (rho = 7),

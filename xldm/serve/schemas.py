@@ -59,6 +59,8 @@ _L = LIMITS
 _ALIASES: dict[str, tuple[str, ...]] = {
     "euler_a": ("k_euler_a", "k_euler_ancestral"), "euler": ("k_euler",), "heun": ("k_heun",),
     "dpmpp_2m": ("k_dpmpp_2m",), "dpmpp_2m_karras": ("k_dpmpp_2m_ka",), "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
+    "dpmpp_sde_karras": ("k_dpmpp_sde_ka",), "dpmpp_3m_sde": ("k_dpmpp_3m_sde",),
+    "dpmpp_3m_sde_karras": ("k_dpmpp_3m_sde_ka",),
 }
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
