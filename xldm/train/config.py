@@ -154,8 +154,7 @@ class TrainConfig:
         check(not self.lora_rank or (self.task == "diffusion" and self.model_config.vae is not None
                                      and not self.train_text_encoders and self.parallel == "ddp"),
               "a LoRA trains a latent model's diffusion task, with ddp, and instead of train_text_encoders")
-        check(self.task != "add" or (self.teacher and self.model_config.vae is not None),
-              "task 'add' needs --teacher MODEL (a latent model's single file or diffusers folder)")
+        check(self.task != "add" or self.model_config.vae is not None, "task 'add' distils a latent model")
         check(all(0 <= t < NUM_TRAIN_TIMESTEPS for t in self.student_timesteps) and self.student_timesteps,
               f"student_timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS}), got {self.student_timesteps}")
         check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
@@ -302,6 +301,14 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                                    timestep_max=199, init_components=("vae", "text_encoders"), **_DEFAULT),
     "default-refiner-ft": TrainConfig(model="default-refiner", bucket_step=64, steps=3000, lr=2e-4,
                                       warmup_steps=100, timestep_max=199, **_SECOND_STAGE, **_DEFAULT),
+    # The bundled base distilled into a 4-step student (ADD, task "add"; scripts/train_default_turbo.sh): the
+    # teacher's own 30-step images are the data (the adversarial term's real images), no text dropout (the student
+    # is not guided), no EMA; lr, batch and steps ours.
+    "default-turbo": TrainConfig(model="default-base", task="add", resolution=128, bucket_step=32, batch_size=4,
+                                 steps=1500, lr=1e-4, ema_decay=0.0, text_dropout=0.0, checkpoint_every=100,
+                                 keep_checkpoints=2, disc_channels=64),
+    "tiny-sdxl-base-turbo": TrainConfig(model="tiny-sdxl-base", task="add", lr=1e-4, ema_decay=0.0,
+                                        **{k: v for k, v in _TINY.items() if k not in ("lr", "ema_decay")}),
     "tiny-cascade-base-16": TrainConfig(model="tiny-cascade-base-16", **_TINY_STAGE),
     "tiny-cascade-sr-32": TrainConfig(model="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY_STAGE),
     "tiny-cascade-sr-64": TrainConfig(model="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY_STAGE),

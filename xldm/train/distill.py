@@ -49,6 +49,8 @@ class FeatureHeads(nn.Module):
 def _teacher(config: TrainConfig) -> Components:
     from xldm.weights.load import load_model
 
+    if not config.teacher:
+        raise ValueError("distillation (task 'add') needs --teacher MODEL: a latent model's single file or folder")
     teacher = load_model(config.teacher, dtype=torch.float32)
     if teacher.unet is None or teacher.vae is None or not teacher.text_encoders:
         raise ValueError(f"--teacher {config.teacher}: needs a UNet, a VAE and text encoders")
