@@ -207,22 +207,22 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
     return _build(np.concatenate([sig, [0.0]]), ts)
 
 
-def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler") -> int:
+def split_for_refiner(num_steps: int, fraction: float, sampler: str = "euler", spacing: str = "leading") -> int:
     """Base steps when the base hands over at `fraction` (ensemble of experts): diffusers
     pipeline_stable_diffusion_xl.py:1178, cutoff = int(round(T - fraction * T)); the base runs the timesteps >=
     cutoff (`denoising_end`), the refiner the rest.  Depends on the sampler's timesteps (Karras ones differ)."""
     if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
         raise ValueError(f"the hand-off fraction must be a float strictly between 0 and 1, got {fraction!r}")
     cutoff = int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
-    return int((make_schedule(sampler, num_steps).timesteps >= cutoff).sum())
+    return int((make_schedule(sampler, num_steps, spacing=spacing).timesteps >= cutoff).sum())
 
 
-def refiner_start(num_steps: int, fraction: float, sampler: str = "euler") -> int:
+def refiner_start(num_steps: int, fraction: float, sampler: str = "euler", spacing: str = "leading") -> int:
     """Step at which diffusers' refiner (`denoising_start=fraction`) starts: `split_for_refiner` for every
     sampler except Heun.  Heun's interleaved timestep list makes the img2img pipeline add one entry
     ("+1 if even", pipeline_stable_diffusion_xl_img2img.get_timesteps), so its refiner repeats the base's
     last step as a full Heun step on the base latents: start = base steps - 1."""
-    k = split_for_refiner(num_steps, fraction, sampler)
+    k = split_for_refiner(num_steps, fraction, sampler, spacing)
     return max(k - 1, 0) if sampler == "heun" else k
 
 
