@@ -18,6 +18,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -53,9 +54,10 @@ DIFFUSERS_SAMPLERS = {
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
-VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc")
-STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras")
+VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "lcm")
+STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "lcm")
 
 
 class FakeNetwork:
