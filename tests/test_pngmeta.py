@@ -181,13 +181,13 @@ def test_sampler_names_both_ways() -> None:
         "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
         "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
         "ddim": "DDIM", "unipc": "UniPC", "dpmpp_sde_karras": "DPM++ SDE Karras", "dpmpp_3m_sde": "DPM++ 3M SDE",
-        "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
+        "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras", "lcm": "LCM",
     }
-    assert len(A1111_SAMPLER_NAMES) == 2 * len(expected) == 22
+    assert len(A1111_SAMPLER_NAMES) == 2 * len(expected) == 24
     for ours, theirs in expected.items():
         assert A1111_SAMPLER_NAMES[ours] == theirs and A1111_SAMPLER_NAMES[theirs] == ours
     # An unknown sampler is written as is.
-    assert "Sampler: lcm," in format_a1111_parameters({"prompt": "x", "sampler": "lcm", "steps": 4, "seed": 0})
+    assert "Sampler: lms," in format_a1111_parameters({"prompt": "x", "sampler": "lms", "steps": 4, "seed": 0})
 
 
 def test_read_falls_back_to_a1111_text_and_reports_missing_metadata(tmp_path) -> None:

@@ -19,6 +19,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -58,10 +59,11 @@ DIFFUSERS_SAMPLERS = {
     "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),
 }
 VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "dpmpp_3m_sde",
-               "dpmpp_3m_sde_karras")
-STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras")
+               "dpmpp_3m_sde_karras", "lcm")
+STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
 TREE_NOISE = ("dpmpp_sde_karras",)  # diffusers seeds its Brownian tree with noise_sampler_seed; xldm with the seed
 
 

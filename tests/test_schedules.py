@@ -18,6 +18,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -55,9 +56,10 @@ DIFFUSERS_SAMPLERS = {
     "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),
 }
 VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "dpmpp_3m_sde",
-               "dpmpp_3m_sde_karras")
+               "dpmpp_3m_sde_karras", "lcm")
 STEP_COUNTS = (1, 4, 25, 30, 50, 100)
 
 
@@ -86,6 +88,8 @@ def test_alphas_cumprod_bit_equal_to_diffusers():
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_schedule_matches_diffusers(name: str, num_steps: int):
+    if name == "lcm" and num_steps > 50:
+        pytest.skip("LCMScheduler takes at most original_inference_steps = 50 steps (tests/test_few_step.py)")
     ours = make_schedule(name, num_steps)
     ref = diffusers_scheduler(name, num_steps)
     assert len(ours) == num_steps and ours.offset == 0 and ours.total == num_steps
@@ -105,6 +109,9 @@ def test_schedule_matches_diffusers(name: str, num_steps: int):
         idx = ref.timesteps.tolist()
         last = ref.final_alpha_cumprod.reshape(1)
         ref_sigmas = torch.cat([((1 - acp[idx]) / acp[idx]) ** 0.5, ((1 - last) / last) ** 0.5])
+    elif name == "lcm":  # LCMScheduler has no sigmas: the table at its timesteps, then the clean sample
+        acp = ref.alphas_cumprod[ref.timesteps]
+        ref_sigmas = torch.cat([((1 - acp) / acp) ** 0.5, torch.zeros(1)])
     else:
         ref_sigmas = ref.sigmas
     assert (sigmas - ref_sigmas).abs().max().item() <= SIGMA_TOL

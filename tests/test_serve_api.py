@@ -216,8 +216,8 @@ def test_models_samplers_options_and_switching(client, models):
     assert all("/" not in m["filename"] for m in listed)  # no server paths disclosed
     samplers = client.get("/sdapi/v1/samplers").json()
     names = [s["name"] for s in samplers]
-    assert "Euler a" in names and "DPM++ 2M Karras" in names and "DPM++ 3M SDE Karras" in names
-    assert len(names) == 11
+    assert "Euler a" in names and "DPM++ 2M Karras" in names and "DPM++ 3M SDE Karras" in names and "LCM" in names
+    assert len(names) == 12
     assert "k_euler_a" in samplers[names.index("Euler a")]["aliases"]
 
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == base.name

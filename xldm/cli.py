@@ -166,6 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
         tile_vae=True if args.tile_vae else None, loras=tuple(args.lora), clip_skip=args.clip_skip,
+        timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
     )
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
@@ -264,7 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=_side, default=None)
     gen.add_argument("--sampler", default="euler", metavar="NAME",
                      help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | dpmpp_sde_karras | "
-                     "dpmpp_3m_sde | dpmpp_3m_sde_karras | ddim | unipc")
+                          "dpmpp_3m_sde | dpmpp_3m_sde_karras | ddim | unipc | lcm (LCM / LCM-LoRA models: 2-8 steps, "
+                          "--cfg 1)")
+    gen.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default="leading",
+                     help="which training timesteps the schedule visits (diffusers timestep_spacing; trailing = "
+                          "A1111 SGM Uniform, for SDXL Turbo / Lightning; default leading)")
+    gen.add_argument("--prediction", choices=("eps", "v"), default=None,
+                     help="the model's output: noise (eps) or v; default: the model's own (v_pred marker key)")
+    gen.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                     help="zero-terminal-SNR schedule (v-prediction fine-tunes); default: the model's own "
+                          "(ztsnr marker key)")
     gen.add_argument("--original-size", type=_size, default=None, metavar="WxH")
     gen.add_argument("--crop-top-left", type=_crop, default=(0, 0), metavar="T,L")
     gen.add_argument("--target-size", type=_size, default=None, metavar="WxH")

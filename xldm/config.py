@@ -143,6 +143,7 @@ class ModelConfig:
     vae: VAEConfig | None
     text_encoders: tuple[TextEncoderConfig, ...]
     prediction_type: str = "epsilon"  # "epsilon", "v" (SD 2.x 768-v, the cascade stages) or "x0"
+    zero_terminal_snr: bool = False  # trained on zero-terminal-SNR betas (Lin et al. 2023; v-prediction fine-tunes)
     # Scalars Fourier-embedded into the vector conditioning, in order (SDXL paper, Sec. 2.2); see SCALAR_WIDTHS.
     micro_conditioning: tuple[str, ...] = ()
     micro_conditioning_dim: int = 256  # per scalar (sgm ConcatTimestepEmbedderND(outdim=256))

@@ -22,19 +22,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xldm.conditioning import Conditioning, sampling_conditioning
-from xldm.config import ModelConfig
+from xldm.config import PREDICTION_TYPES, ModelConfig
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
 from xldm.errors import NonFiniteError
-from xldm.diffusion.schedules import (SAMPLER_NAMES, Schedule, img2img_start, make_schedule, refiner_start,
-                                      split_for_refiner)
+from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
+                                      refiner_start, split_for_refiner)
 from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
 from xldm.vae_tiling import decode_checked
 
 MAX_SEED = 2**32 - 1
+PREDICTION_ALIASES = {"eps": "epsilon"}
 
 
 class Interrupted(Exception):
@@ -77,6 +78,13 @@ class GenerationRequest:
     # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
     loras: tuple = ()
     clip_skip: int | None = None  # A1111 "Clip skip": 1 = the model's own layer, 2 = one earlier, ...
+    # which training timesteps the schedule visits (diffusers timestep_spacing; "trailing" = A1111 "SGM Uniform",
+    # what few-step distilled models such as SDXL Turbo / Lightning expect); lcm and *_karras have their own
+    timestep_spacing: str = "leading"
+    # the main model's parameterisation and training schedule; None = the model's own (its config, or the
+    # single file's `v_pred` / `ztsnr` marker keys)
+    prediction: str | None = None  # "epsilon" ("eps"), "v" or "x0"
+    zero_terminal_snr: bool | None = None
 
 
 @dataclass
@@ -232,6 +240,18 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
     if req.clip_skip is not None and (isinstance(req.clip_skip, bool) or not isinstance(req.clip_skip, int)
                                       or req.clip_skip < 1):
         raise ValueError(f"clip_skip must be an integer >= 1 (A1111: 1 = no skip), got {req.clip_skip!r}")
+    if req.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
+                         f"got {req.timestep_spacing!r}")
+    prediction = PREDICTION_ALIASES.get(req.prediction, req.prediction)
+    if prediction is not None and prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of eps, {', '.join(PREDICTION_TYPES)}, got {req.prediction!r}")
+    if req.zero_terminal_snr not in (None, True, False):
+        raise ValueError(f"zero_terminal_snr must be True, False or None, got {req.zero_terminal_snr!r}")
+    try:  # the schedule itself (ddim refuses spacings its diffusers step cannot follow; lcm has at most 50 steps)
+        make_schedule(req.sampler, req.steps, spacing=req.timestep_spacing)
+    except ValueError as e:
+        raise ValueError(f"{req.sampler}, {req.steps} steps: {e}") from None
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
@@ -259,14 +279,15 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         refiner_start = 0.8
     if has_refiner and strength is not None:
         start = img2img_start(req.steps, strength)
-        end = split_for_refiner(req.steps, refiner_start, req.sampler)
+        end = split_for_refiner(req.steps, refiner_start, req.sampler, req.timestep_spacing)
         if end <= start:
             raise ValueError(f"the refiner would take over at step {end}, before the image-to-image start "
                              f"at step {start}; lower strength or raise refiner_start")
     seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED - req.batch)
     if seed + req.batch - 1 > MAX_SEED:
         raise ValueError(f"seed {seed} + batch {req.batch} exceeds {MAX_SEED}")
-    return replace(req, width=width, height=height, strength=strength, refiner_start=refiner_start, seed=seed)
+    return replace(req, width=width, height=height, strength=strength, refiner_start=refiner_start, seed=seed,
+                   prediction=prediction)
 
 
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
@@ -424,8 +445,20 @@ class Pipeline:
     def _denoise(self, handle: ModelHandle, cond: Conditioning, req: GenerationRequest, x: torch.Tensor,
                  schedule: Schedule, generators: list[torch.Generator], **kw) -> torch.Tensor:
         with handle.use("unet") as comps:
-            return denoise(comps.unet, cond, handle.config.prediction_type, req.sampler, req.cfg, x, schedule,
-                           generators, name=handle.name, **kw)
+            return denoise(comps.unet, cond, self._training_schedule(handle, req)[0], req.sampler, req.cfg, x,
+                           schedule, generators, name=handle.name, **kw)
+
+    def _training_schedule(self, handle: ModelHandle, req: GenerationRequest) -> tuple[str, bool]:
+        """(prediction type, zero terminal SNR) of a model: the request's overrides for the main model, else its own."""
+        own = handle.config.prediction_type, handle.config.zero_terminal_snr
+        if handle is not self.model:
+            return own
+        return (req.prediction or own[0], own[1] if req.zero_terminal_snr is None else req.zero_terminal_snr)
+
+    def _schedule(self, handle: ModelHandle, req: GenerationRequest) -> Schedule:
+        prediction, ztsnr = self._training_schedule(handle, req)
+        return make_schedule(req.sampler, req.steps, prediction_type=prediction, spacing=req.timestep_spacing,
+                             zero_terminal_snr=ztsnr)
 
     def __call__(self, prompt: str, **settings: Any) -> GenerationResult:
         return self.generate(GenerationRequest(prompt=prompt, **settings))
@@ -447,9 +480,10 @@ class Pipeline:
         base = self.model
         lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
 
-        full = make_schedule(req.sampler, req.steps, prediction_type=base.config.prediction_type)
+        full = self._schedule(base, req)
         start = img2img_start(req.steps, req.strength) if req.init_image is not None else 0
-        end = split_for_refiner(req.steps, req.refiner_start, req.sampler) if self.refiner is not None else req.steps
+        end = (split_for_refiner(req.steps, req.refiner_start, req.sampler, req.timestep_spacing)
+               if self.refiner is not None else req.steps)
 
         def stage_callback(stage: str):
             if callback is None:
@@ -490,9 +524,10 @@ class Pipeline:
         if self.refiner is not None:
             ref = self.refiner
             ref_cond = self._conditioning(ref, req, prompts, negatives, width, height)
-            ref_schedule = make_schedule(req.sampler, req.steps, prediction_type=ref.config.prediction_type)
+            ref_schedule = self._schedule(ref, req)
             # diffusers' refiner start (Heun repeats the base's last step: its "+1 if even" rule)
-            ref_schedule = ref_schedule.tail(refiner_start(req.steps, req.refiner_start, req.sampler))
+            ref_schedule = ref_schedule.tail(refiner_start(req.steps, req.refiner_start, req.sampler,
+                                                           req.timestep_spacing))
             # (a 4-channel inpaint keeps blending the known region during the refiner's steps too)
             x = self._denoise(ref, ref_cond, req, x, ref_schedule, generators,
                               step_hook=hook(ref_schedule) if hook else None, callback=stage_callback("refiner"))
@@ -523,6 +558,15 @@ class Pipeline:
         common.pop("loras")
         if req.clip_skip is None:
             common.pop("clip_skip")
+        # (each only when it changes something, so plain images keep their metadata byte for byte)
+        if req.timestep_spacing == "leading":
+            common.pop("timestep_spacing")
+        prediction, ztsnr = self._training_schedule(self.model, req)
+        common.pop("prediction"), common.pop("zero_terminal_snr")
+        if req.prediction is not None or prediction != "epsilon":
+            common["prediction"] = prediction
+        if req.zero_terminal_snr is not None or ztsnr:
+            common["zero_terminal_snr"] = ztsnr
         if active:  # (absent when unused, so plain images keep their metadata byte for byte)
             common["loras"] = [(use.path.name, use.weight, use.text_weight) for use, _ in active]
             common["lora_hashes"] = lora_infotext(active)

@@ -43,7 +43,7 @@ XLDM_CHUNK = "xldm"
 _SAMPLERS_TO_A1111 = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
                       "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
                       "ddim": "DDIM", "unipc": "UniPC", "dpmpp_sde_karras": "DPM++ SDE Karras",
-                      "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras"}
+                      "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras", "lcm": "LCM"}
 # Both directions in one dict: xldm name -> A1111 name, and A1111 name -> xldm name (the two name sets are disjoint).
 A1111_SAMPLER_NAMES: dict[str, str] = {**_SAMPLERS_TO_A1111, **{v: k for k, v in _SAMPLERS_TO_A1111.items()}}
 
@@ -51,6 +51,9 @@ A1111_SAMPLER_NAMES: dict[str, str] = {**_SAMPLERS_TO_A1111, **{v: k for k, v in
 _SCHEDULES_TO_A1111 = {"karras": "Karras", "exponential": "Exponential", "uniform": "Uniform",
                        "sgm_uniform": "SGM Uniform", "simple": "Simple", "normal": "Normal", "ddim": "DDIM"}
 _SCHEDULES_FROM_A1111 = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
+# diffusers' "trailing" spacing is what A1111 users pick as "SGM Uniform" (A1111 sd_schedulers.sgm_uniform: evenly
+# spaced model times from the last training step); the other spacings have no A1111 name (xldm JSON chunk only).
+_SPACING_SCHEDULES = {"trailing": "sgm_uniform"}
 _NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start")
 
 # (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
@@ -93,6 +96,8 @@ def _translate(setting: str, value: Any, schedules: Mapping[str, str]) -> Any:
 def format_a1111_parameters(params: Mapping[str, Any]) -> str:
     """The A1111 infotext of `params` (see the module docstring for the setting names)."""
     pairs: list[tuple[str, Any]] = []
+    if params.get("schedule") is None and params.get("timestep_spacing") in _SPACING_SCHEDULES:
+        params = dict(params, schedule=_SPACING_SCHEDULES[params["timestep_spacing"]])
 
     def add(table: tuple[tuple[str, str], ...]) -> None:
         for setting, key in table:
@@ -158,6 +163,9 @@ def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
         if key in fields:
             params[setting] = (_number(fields[key]) if setting in _NUMBERS
                                else _translate(setting, fields[key], _SCHEDULES_FROM_A1111))
+    spacing = {v: k for k, v in _SPACING_SCHEDULES.items()}.get(params.get("schedule"))
+    if spacing is not None:
+        params["timestep_spacing"] = spacing
     if size := _SIZE.match(fields.get("Size", "")):
         params["width"], params["height"] = int(size.group(1)), int(size.group(2))
     return params

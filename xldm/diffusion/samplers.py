@@ -353,11 +353,32 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gen
     return x
 
 
+def sample_lcm(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
+               callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Alg. 3) as diffusers scheduling_lcm.py: the
+    consistency function f = c_skip x_vp + c_out x0 with the boundary scalings at timestep t (sigma_data 0.5,
+    timestep_scaling 10: c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25)); then fresh
+    float32 noise to the next level, x_next = f + sigma_next z (VE form), on every step but the full schedule's last."""
+    dtype, n = x.dtype, len(schedule)
+    sigma_data, timestep_scaling = 0.5, 10.0  # LCMScheduler get_scalings_for_boundary_condition_discrete
+    for i in range(n):
+        sigma, sigma_next, t = schedule.sigmas[i], schedule.sigmas[i + 1], schedule.timesteps[i]
+        x0 = denoiser(x, sigma, t.to(x.device))
+        scaled_t = t.item() * timestep_scaling
+        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
+        c_out = scaled_t / (scaled_t**2 + sigma_data**2) ** 0.5
+        f = c_out * x0 + c_skip * (x.float() / (sigma**2 + 1) ** 0.5)
+        if schedule.offset + i < schedule.total - 1:
+            f = f + sigma_next * randn(x.shape, generator, x.device, torch.float32)
+        x = _after_step(i, n, f.to(dtype), x0, step_hook, callback)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m, "dpmpp_2m_sde_karras": sample_dpmpp_2m_sde,  # Karras: only the schedule differs
     "ddim": sample_ddim, "unipc": sample_unipc, "dpmpp_sde_karras": sample_dpmpp_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde, "dpmpp_3m_sde_karras": sample_dpmpp_3m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde, "dpmpp_3m_sde_karras": sample_dpmpp_3m_sde, "lcm": sample_lcm,
 }
 
 

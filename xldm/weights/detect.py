@@ -40,6 +40,10 @@ IGNORED_EXACT = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights",
 }
+# Empty top-level tensors that v-prediction / zero-terminal-SNR SDXL fine-tunes carry (read by A1111, Forge and
+# ComfyUI's model detection): the marker's presence is the flag.
+MARKER_V_PREDICTION, MARKER_ZERO_TERMINAL_SNR = "v_pred", "ztsnr"
+IGNORED_EXACT |= {MARKER_V_PREDICTION, MARKER_ZERO_TERMINAL_SNR}
 IGNORED_PREFIXES = ("model_ema.", "denoiser.", "loss.")
 IGNORED_SUFFIXES = (".position_ids", ".logit_scale", "model.attn_mask")
 
@@ -234,10 +238,11 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> ModelConfig:
     """ModelConfig of an original-layout single-file checkpoint, from key names and shapes; absent components keep
-    the family preset's config (so a UNet-only file still says which VAE and text encoders it expects)."""
+    the family preset's config (so a UNet-only file still says which VAE and text encoders it expects).  The
+    marker keys `v_pred` and `ztsnr` set `prediction_type="v"` and `zero_terminal_snr` (`_with_markers`)."""
     stored = config_from_metadata(metadata)
     if stored is not None:
-        return stored
+        return _with_markers(stored, shapes)
     kind = detect_kind(shapes)
     preset = PRESETS[kind]
     unet = detect_unet(sub) if (sub := _sub(shapes, UNET_PREFIX)) else preset.unet
@@ -248,4 +253,11 @@ def detect_config(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> 
     if unet.adm_in_channels and preset.micro_conditioning:
         n_scalars = sum(1 if m == "aesthetic_score" else 2 for m in preset.micro_conditioning)
         micro_dim = (unet.adm_in_channels - encoders[-1].projection_dim) // n_scalars
-    return replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders), micro_conditioning_dim=micro_dim)
+    return _with_markers(replace(preset, unet=unet, vae=vae, text_encoders=tuple(encoders),
+                                 micro_conditioning_dim=micro_dim), shapes)
+
+
+def _with_markers(config: ModelConfig, shapes: Shapes) -> ModelConfig:
+    """A marker key present sets its flag (over the metadata too: tools add the markers to existing files)."""
+    return replace(config, prediction_type="v" if MARKER_V_PREDICTION in shapes else config.prediction_type,
+                   zero_terminal_snr=config.zero_terminal_snr or MARKER_ZERO_TERMINAL_SNR in shapes)

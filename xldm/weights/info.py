@@ -41,7 +41,7 @@ class ModelInfo:
         cfg = self.config
         out = [
             f"source      {self.source}", f"format      {self.format}", f"kind        {cfg.kind}",
-            f"prediction  {cfg.prediction_type}",
+            f"prediction  {cfg.prediction_type}" + (", zero-terminal-SNR schedule" if cfg.zero_terminal_snr else ""),
             f"unet        widths {list(cfg.unet.block_out_channels)}, "
             f"transformer depth {list(cfg.unet.transformer_depth)} / mid {cfg.unet.transformer_depth_middle}, "
             f"context {cfg.unet.context_dim}, vector {cfg.unet.adm_in_channels}",

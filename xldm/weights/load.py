@@ -240,13 +240,14 @@ def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
             # stores OpenCLIP-H without its last block, so that equals ldm's penultimate layer.
             te = replace(te, layer="last", final_norm_on_hidden=True)
         encoders.append(te)
-    prediction = preset.prediction_type
+    prediction, ztsnr = preset.prediction_type, False
     if (folder / "scheduler" / "scheduler_config.json").exists():
-        pred = _read_json(folder, "scheduler/scheduler_config.json").get("prediction_type", "epsilon")
-        prediction = "v" if pred == "v_prediction" else "epsilon"
+        scheduler = _read_json(folder, "scheduler/scheduler_config.json")
+        prediction = "v" if scheduler.get("prediction_type", "epsilon") == "v_prediction" else "epsilon"
+        ztsnr = scheduler.get("rescale_betas_zero_snr") is True
     return replace(preset, unet=unet_config_from_diffusers(unet_json),
                    vae=vae_config_from_diffusers(_read_json(folder, "vae/config.json")),
-                   text_encoders=tuple(encoders), prediction_type=prediction,
+                   text_encoders=tuple(encoders), prediction_type=prediction, zero_terminal_snr=ztsnr,
                    micro_conditioning_dim=unet_json.get("addition_time_embed_dim") or preset.micro_conditioning_dim)
 
 

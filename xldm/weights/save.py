@@ -11,7 +11,8 @@ import torch
 
 from xldm.config import ModelConfig
 from xldm.models.components import Components, text_encoder_name
-from xldm.weights.detect import METADATA_KEY, TEXT_ENCODER_LAYOUTS, UNET_PREFIX, VAE_PREFIX, model_config_to_dict
+from xldm.weights.detect import (MARKER_V_PREDICTION, MARKER_ZERO_TERMINAL_SNR, METADATA_KEY, TEXT_ENCODER_LAYOUTS,
+                                 UNET_PREFIX, VAE_PREFIX, model_config_to_dict)
 from xldm.weights.io import save_file
 
 
@@ -34,6 +35,11 @@ def single_file_state_dict(model: Components) -> dict[str, torch.Tensor]:
         if layout == "open_clip":
             sd = hf_to_open_clip(sd, te_cfg)
         out.update({prefix + k: v for k, v in sd.items()})
+    if model.config.kind.startswith("sdxl"):  # the marker keys other tools read (detect.MARKER_*)
+        if model.config.prediction_type == "v":
+            out[MARKER_V_PREDICTION] = torch.empty(0)
+        if model.config.zero_terminal_snr:
+            out[MARKER_ZERO_TERMINAL_SNR] = torch.empty(0)
     return out
 
 
@@ -55,6 +61,7 @@ def scheduler_config(config: ModelConfig) -> dict:
         "prediction_type": "v_prediction" if config.prediction_type == "v" else "epsilon",
         "timestep_spacing": "leading", "steps_offset": 1, "use_karras_sigmas": False, "clip_sample": False,
         "set_alpha_to_one": False, "sample_max_value": 1.0, "skip_prk_steps": True, "trained_betas": None,
+        **({"rescale_betas_zero_snr": True} if config.zero_terminal_snr else {}),
     }
 
 
