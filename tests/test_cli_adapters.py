@@ -119,3 +119,30 @@ def test_info_describes_an_adapter_file_from_its_header(files, capsys):
     out = capsys.readouterr().out
     assert "adapter file: LoRA" in out and "(te1, te2, unet)" in out and "ranks [4]" in out
     assert "kohya layout" in out and f"cross-attention width {TINY_SDXL_BASE.unet.context_dim}" in out
+
+
+def test_unet_override_gives_the_other_models_unet(files, tmp_path):
+    from xldm.models.components import Components
+
+    root, model = files
+    other = random_components(TINY_SDXL_BASE, seed=9)
+    unet_file = save_single_file(Components(config=TINY_SDXL_BASE, unet=other.unet), tmp_path / "student.safetensors")
+    out = tmp_path / "x.png"
+    assert cli_main(["generate", "a", "--model", str(model), *FLAGS, "--unet", str(unet_file), "--out", str(out)]) == 0
+    base = random_components(TINY_SDXL_BASE, seed=0)
+    swapped = Components(config=TINY_SDXL_BASE, unet=other.unet, vae=base.vae, text_encoders=base.text_encoders)
+    api = Pipeline(swapped, device="cpu", dtype=torch.float32)("a", steps=3, width=64, height=64, seed=4).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api))
+
+
+def test_default_turbo_samples_in_four_trailing_steps(tmp_path):
+    from xldm.config import DEFAULT_TURBO_UNET_PATH
+    from xldm.pngmeta import read_png_params
+
+    if not DEFAULT_TURBO_UNET_PATH.exists():
+        pytest.skip("the bundled turbo student is not in this copy")
+    out = tmp_path / "heart.png"
+    assert cli_main(["generate", "red heart", "--model", "default-turbo", "--seed", "0", "--out", str(out)]) == 0
+    params = read_png_params(out)
+    assert (params["steps"], params["cfg"], params["sampler"]) == (4, 1.0, "euler_a")
+    assert params["timestep_spacing"] == "trailing" and params["model"] == "turbo.safetensors"

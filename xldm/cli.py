@@ -137,10 +137,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.pipeline import check_device
 
     check_device(args.device)
+    from xldm.config import (DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH, DEFAULT_TURBO_UNET_PATH, GENERATE_DEFAULTS,
+                             TURBO_DEFAULTS)
+
+    turbo = args.model == "default-turbo"  # the bundled base's distilled UNet: few steps, no guidance
+    for name, value in (TURBO_DEFAULTS if turbo else GENERATE_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if turbo:
+        if not DEFAULT_TURBO_UNET_PATH.exists():
+            raise SystemExit("xldm generate: error: the bundled turbo student is not in this copy of xldm (distil it "
+                             "with scripts/train_default_turbo.sh)")
+        args.model, args.unet = "default", str(DEFAULT_TURBO_UNET_PATH)
     if args.cascade:
         return cmd_generate_cascade(args)
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
-    from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
     no_model = args.model is None
     for flag, value, bundled in (("--model", args.model or "default", DEFAULT_MODEL_PATH),
@@ -177,12 +188,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
     LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
-    for flag, path in (("--vae", args.vae), ("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
+    for flag, path in (("--vae", args.vae), ("--unet", args.unet), ("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                        *(("--embedding", p) for p in args.embedding)):
         if path is not None and not Path(path).exists():
             raise SystemExit(f"xldm generate: error: {flag} {path}: no such file or folder")
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
-                low_memory=args.low_memory, vae=args.vae, lora_dir=args.lora_dir, embeddings=args.embedding,
+                low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
                 embeddings_dir=args.embeddings_dir)
     print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                      if request.batch > 1 else ""), file=sys.stderr)
@@ -253,21 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text-to-image, image-to-image, inpainting, base -> refiner")
     gen.add_argument("prompt", nargs="?", help="what to draw")
-    gen.add_argument("--model", help="single-file .safetensors or diffusers folder (default: the bundled model)")
+    gen.add_argument("--model", help="single-file .safetensors or diffusers folder (default: the bundled model; "
+                                     "default-turbo: its 4-step distilled student)")
     gen.add_argument("--refiner", help="refiner model ('default': the bundled one); takes over at --refiner-start")
     gen.add_argument("--refiner-start", type=float, default=None,
                      help="fraction of the schedule after which the refiner takes over (default 0.8)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--steps", type=int, default=None, help="default 30 (default-turbo: 4)")
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="classifier-free guidance scale, 1 or less = off (default 5; default-turbo: 1)")
     gen.add_argument("--seed", type=int, default=None, help="image i of a batch uses seed + i (default: random)")
     gen.add_argument("--width", type=_side, default=None, help="multiple of 8 (default: the model's native size)")
     gen.add_argument("--height", type=_side, default=None)
-    gen.add_argument("--sampler", default="euler", metavar="NAME",
+    gen.add_argument("--sampler", default=None, metavar="NAME",
                      help="euler | euler_a | heun | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde_karras | dpmpp_sde_karras | "
                           "dpmpp_3m_sde | dpmpp_3m_sde_karras | ddim | unipc | lcm (LCM / LCM-LoRA models: 2-8 steps, "
                           "--cfg 1)")
-    gen.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default="leading",
+    gen.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
                      help="which training timesteps the schedule visits (diffusers timestep_spacing; trailing = "
                           "A1111 SGM Uniform, for SDXL Turbo / Lightning; default leading)")
     gen.add_argument("--prediction", choices=("eps", "v"), default=None,
@@ -302,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeddings-dir", default=None, metavar="DIR",
                      help="folder of textual-inversion files (those for another model are skipped)")
     gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
+    gen.add_argument("--unet", default=None, metavar="FILE", help="a UNet file that replaces the model's "
+                                                                 "(e.g. a distilled student)")
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")

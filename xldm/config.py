@@ -363,4 +363,11 @@ CASCADES: dict[str, tuple[ModelConfig, ...]] = {
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL_PATH = DATA_DIR / "default" / "base.safetensors"
 DEFAULT_REFINER_PATH = DATA_DIR / "default" / "refiner.safetensors"
+# The base's 4-step student (scripts/train_default_turbo.sh: adversarial diffusion distillation): its UNet alone, the
+# VAE and text encoders are the base's.  `xldm generate --model default-turbo` samples it as SDXL Turbo is sampled.
+DEFAULT_TURBO_UNET_PATH = DATA_DIR / "default" / "turbo.safetensors"
+GENERATE_DEFAULTS = {"steps": 30, "cfg": 5.0, "sampler": "euler", "timestep_spacing": "leading"}
+# SDXL Turbo's sampling (its model card: 1-4 steps, no guidance, Euler ancestral on trailing timesteps), here at the
+# student's four timesteps 999, 749, 499, 249
+TURBO_DEFAULTS = {"steps": 4, "cfg": 1.0, "sampler": "euler_a", "timestep_spacing": "trailing"}
 DEFAULT_CASCADE_DIR = DATA_DIR / "cascade"

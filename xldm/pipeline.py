@@ -127,9 +127,10 @@ class ModelHandle:
     """One model's networks: already loaded, or loaded from a path on use (and freed after, in low-memory mode)."""
 
     def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
-                 low_memory: bool = False, vae: str | Path | None = None) -> None:
+                 low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None) -> None:
         self.dtype, self.device, self.low_memory = dtype, device, low_memory
         self.vae_path = None if vae is None else Path(vae)
+        self.unet_path = None if unet is None else Path(unet)
         if isinstance(source, Components):
             self.path: Path | None = None
             self.loaded = source.to(device=device, dtype=dtype)
@@ -143,10 +144,13 @@ class ModelHandle:
         self.name = self.path.name if self.path else self.config.kind
         self.loras = LoraSet(self.config)
         self.embeddings: list = []  # xldm.embeddings.Embedding, attached whenever the text encoders are in use
-        if self.vae_path is not None:
-            self.loaded = replace(self.loaded, vae=None)  # the caller's Components keep their own VAE
-            if not low_memory:
-                self._load("vae")
+        for component, override in (("vae", self.vae_path), ("unet", self.unet_path)):
+            if override is not None:
+                self.loaded = replace(self.loaded, **{component: None})  # the caller's Components keep theirs
+                if not low_memory:
+                    self._load(component)
+        if self.unet_path is not None:
+            self.name = self.unet_path.name
 
     def _load(self, component: str) -> None:
         from xldm.weights.load import load_model, load_vae
@@ -158,6 +162,12 @@ class ModelHandle:
                 raise ValueError(f"--vae {self.vae_path.name} makes {vae.cfg.z_channels}-channel latents, the model "
                                  f"takes {self.config.latent_channels}")
             self.loaded.vae = vae
+            return
+        if component == "unet" and self.unet_path is not None:  # --unet: another file's UNet (a distilled student)
+            unet = load_model(self.unet_path, components=["unet"], dtype=self.dtype, device=self.device).unet
+            if unet is None or unet.config != self.config.unet:
+                raise ValueError(f"--unet {self.unet_path.name} holds no UNet of this model's architecture")
+            self.loaded.unet = unet
             return
         part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
         setattr(self.loaded, component, getattr(part, component))
@@ -326,17 +336,18 @@ class Pipeline:
     `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder).
     With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
     base + refiner run where only one UNet fits in memory.  `vae`: a VAE file that replaces the model's (e.g. the
-    fp16-fix VAE); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
+    fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
     stay active for every image, those of a request (`loras=`, prompt tags) for that request."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 low_memory: bool = False, vae: str | Path | None = None,
+                 low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
                  lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] = (),
                  embeddings_dir: str | Path | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae)
+        self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae,
+                                 unet=unet)
         self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory)
                         if refiner is not None else None)
         if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
