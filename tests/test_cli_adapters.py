@@ -146,3 +146,17 @@ def test_default_turbo_samples_in_four_trailing_steps(tmp_path):
     params = read_png_params(out)
     assert (params["steps"], params["cfg"], params["sampler"]) == (4, 1.0, "euler_a")
     assert params["timestep_spacing"] == "trailing" and params["model"] == "turbo.safetensors"
+
+
+def test_server_offers_a_student_beside_its_checkpoint(files, tmp_path):
+    from xldm.models.components import Components
+    from xldm.serve.jobs import ModelStore
+
+    _, model = files
+    other = random_components(TINY_SDXL_BASE, seed=9)
+    unet_file = save_single_file(Components(config=TINY_SDXL_BASE, unet=other.unet), tmp_path / "student.safetensors")
+    store = ModelStore([model], dtype=torch.float32, device="cpu", students={"tiny-turbo": (model, unet_file)})
+    assert set(store.entries) == {"base.safetensors", "tiny-turbo"}
+    pipe = store.pipeline("tiny-turbo", None)
+    got = dict(pipe.model.loaded.unet.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in other.unet.state_dict().items())

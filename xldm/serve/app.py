@@ -88,6 +88,7 @@ class ServerConfig:
     lora_dir: Path | None = None  # <lora:NAME:W> tags name *.safetensors files here
     vae_dir: Path | None = None  # the VAE files the sd_vae option chooses from
     embeddings_dir: Path | None = None  # listed by /sdapi/v1/embeddings
+    students: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (checkpoint, UNet file)
 
 
 def _timestamp(seconds: float) -> str:  # the webui's job_timestamp
@@ -236,7 +237,8 @@ def _unprocessable():
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
         self.limits = config.limits
-        self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device)
+        self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device,
+                                         students=config.students)
         first = config.model or next(iter(self.store.entries))  # a named model must be there: KeyError
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
             "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",

@@ -66,12 +66,17 @@ def build_config(args: argparse.Namespace):
         models += [p for p in find_models(args.models_dir) if p.resolve() not in {m.resolve() for m in models}]
     if args.refiner:
         models.append(Path(args.refiner))
+    students: dict[str, tuple[Path, Path]] = {}
     if not models:  # the small model bundled with xldm (xldm/data/default), with its refiner
         from xldm.config import DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH
 
         if not DEFAULT_MODEL_PATH.is_file():
             raise ValueError("give --model PATH (or --models-dir DIR); this copy of xldm has no bundled default model")
         models = [DEFAULT_MODEL_PATH]
+        from xldm.config import DEFAULT_TURBO_UNET_PATH
+
+        if DEFAULT_TURBO_UNET_PATH.is_file():  # offered as "default-turbo" (sample it with 4 steps, cfg 1)
+            students["default-turbo"] = (DEFAULT_MODEL_PATH, DEFAULT_TURBO_UNET_PATH)
         if DEFAULT_REFINER_PATH.is_file():
             args.refiner = str(DEFAULT_REFINER_PATH)
             models.append(DEFAULT_REFINER_PATH)
@@ -103,7 +108,7 @@ def build_config(args: argparse.Namespace):
         models=models, model=Path(args.model[0]).name if args.model else None,
         refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device, **folders)
+        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device, students=students, **folders)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

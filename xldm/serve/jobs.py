@@ -241,6 +241,7 @@ class ModelEntry:
     kind: str  # ModelConfig.kind: "sdxl-base", "sdxl-refiner", "sd15", ...
     default_size: int
     config: Any = field(default=None, compare=False, repr=False)  # the ModelConfig (LoRA files are checked on it)
+    unet: Path | None = None  # a UNet file that replaces the checkpoint's (the bundled default-turbo student)
 
     @property
     def is_refiner(self) -> bool:
@@ -269,7 +270,9 @@ class ModelStore:
     """The checkpoints the server may use, by name; loads them on the worker thread when a job needs them."""
 
     def __init__(self, paths: list[str | Path], *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, students: dict[str, tuple[Path, Path]] | None = None
+                 ) -> None:
+        """`paths`: checkpoints, served by file name; `students`: name -> (checkpoint, UNet file)."""
         from xldm.pipeline import default_device, default_dtype
         from xldm.weights.info import model_info
 
@@ -287,6 +290,9 @@ class ModelStore:
                 log.warning("skipping %s: it cannot be read: %s", path, str(e)[:300] or type(e).__name__)
                 continue
             self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size, config)
+        for name, (path, unet) in (students or {}).items():
+            config = model_info(path).config
+            self.entries[name] = ModelEntry(name, Path(path), config.kind, config.default_size, config, Path(unet))
         if not self.entries:
             raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")
         self._loaded: dict[str, Any] = {}  # name -> Components
@@ -320,7 +326,11 @@ class ModelStore:
         for name in wanted:
             if name not in self._loaded:
                 log.info("loading %s", name)
-                self._loaded[name] = load_model(self.entries[name].path, dtype=self.dtype, device=self.device)
+                entry = self.entries[name]
+                self._loaded[name] = load_model(entry.path, dtype=self.dtype, device=self.device)
+                if entry.unet is not None:
+                    self._loaded[name].unet = load_model(entry.unet, components=["unet"], dtype=self.dtype,
+                                                         device=self.device).unet
         pipe = Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
                         dtype=self.dtype, device=self.device, vae=vae, lora_dir=lora_dir)
         self._pipeline = (key, pipe)
