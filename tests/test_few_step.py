@@ -286,7 +286,8 @@ def test_png_params_and_infotext():
                                       "--zero-terminal-snr", "--out", "o.png"])
     assert (args.timestep_spacing, args.prediction, args.zero_terminal_snr) == ("trailing", "v", True)
     args = build_parser().parse_args(["generate", "x", "--no-zero-terminal-snr", "--prediction", "eps"])
-    assert (args.timestep_spacing, args.prediction, args.zero_terminal_snr) == ("leading", "eps", False)
+    # spacing None: the model's default, filled in from GENERATE_DEFAULTS / TURBO_DEFAULTS
+    assert (args.timestep_spacing, args.prediction, args.zero_terminal_snr) == (None, "eps", False)
     req = resolve_request(GenerationRequest(PROMPT, prediction="eps", seed=1), default_size=64, has_refiner=False)
     assert req.prediction == "epsilon"
     with pytest.raises(ValueError, match="timestep_spacing"):

@@ -72,7 +72,7 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
         page.goto(server.url + "/")
         page.wait_for_function("document.querySelectorAll('#size option').length > 0")
         assert page.locator("#size").input_value() == "64x64"  # the model's native size, from the buckets
-        assert page.locator("#sampler option").count() == 9  # SAMPLER_NAMES, lcm included
+        assert page.locator("#sampler option").count() == 12  # SAMPLER_NAMES: lcm and the SDE samplers included
         assert page.locator("#refiner").is_enabled()
 
         page.fill("#prompt", "a lighthouse at dusk")
