@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
     if not config.out:
         raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
-    if args.preset and not config.init and not config.text_encoders_from:
+    if args.preset and not config.init and not config.text_encoders_from and config.task != "add":
         print(f"xldm train: preset {args.preset}: {RANDOM_INIT_NOTE}", file=sys.stderr)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.final_path is not None:
