@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LCMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusers_schedulers import DIFFUSERS_SAMPLERS, SDXL_SCHEDULER_CONFIG, VP_SAMPLERS
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import SAMPLERS, sample
@@ -39,30 +31,6 @@ from xldm.diffusion.schedules import (
 
 REL_TOL = 1e-4  # max abs diff relative to max(1, scale of the reference latents)
 SHAPE = (1, 4, 8, 8)
-SDXL_SCHEDULER_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
-DIFFUSERS_SAMPLERS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
-                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-    "ddim": (DDIMScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "dpmpp_sde_karras": (DPMSolverSDEScheduler, {"use_karras_sigmas": True}),
-    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "dpmpp_3m_sde_karras": (DPMSolverMultistepScheduler,
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
-    "lcm": (LCMScheduler, {}),
-}
-VP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "dpmpp_3m_sde",
-               "dpmpp_3m_sde_karras", "lcm")
 STOCHASTIC = ("euler_a", "dpmpp_2m_sde_karras", "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
 TREE_NOISE = ("dpmpp_sde_karras",)  # diffusers seeds its Brownian tree with noise_sampler_seed; xldm with the seed
 

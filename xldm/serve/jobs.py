@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from xldm.pipeline import Interrupted, Pipeline
+from xldm.serve.networks import stays_inside
 
 log = logging.getLogger("xldm.serve")
 
@@ -254,11 +255,8 @@ def find_models(folder: str | Path) -> list[Path]:
     root = Path(folder).resolve()
     found = []
     for path in sorted(root.iterdir()):
-        try:
-            real = path.resolve(strict=True)
-            real.relative_to(root)
-        except (OSError, ValueError):
-            log.warning("skipping %s: it leads outside %s", path.name, root)
+        real = stays_inside(path, root)
+        if real is None:
             continue
         single_file = real.is_file() and real.suffix == ".safetensors"
         if single_file or (real.is_dir() and (real / "model_index.json").is_file()):

@@ -16,6 +16,17 @@ from xldm.weights.io import open_checkpoint
 log = logging.getLogger("xldm.serve")
 
 
+def stays_inside(path: Path, root: Path) -> Path | None:
+    """`path` resolved, or None (with a warning) when it is a broken link or leads outside `root`."""
+    try:
+        real = path.resolve(strict=True)
+        real.relative_to(root)
+        return real
+    except (OSError, ValueError):
+        log.warning("skipping %s: it leads outside %s", path.name, root)
+        return None
+
+
 def files_inside(folder: Path | None, suffixes: tuple[str, ...], *, recursive: bool = True) -> list[Path]:
     """Files with one of `suffixes` under `folder`, sorted; links that lead outside it are skipped."""
     if folder is None or not folder.is_dir():
@@ -25,13 +36,8 @@ def files_inside(folder: Path | None, suffixes: tuple[str, ...], *, recursive: b
     for path in sorted(root.rglob("*") if recursive else root.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue
-        try:
-            real = path.resolve(strict=True)
-            real.relative_to(root)
-        except (OSError, ValueError):
-            log.warning("skipping %s: it leads outside %s", path.name, root)
-            continue
-        if real.is_file():
+        real = stays_inside(path, root)
+        if real is not None and real.is_file():
             found.append(path)
     return found
 
