@@ -23,18 +23,12 @@ from xldm.weights.save import save_diffusers, save_single_file
 from tiny_models import random_components
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers_schedulers import SDXL_SCHEDULER_CONFIG  # noqa: E402  (after the importorskip)
 
 PIXEL_TOL, LATENT_TOL = 2, 1e-4
 PROMPT = "a red apple on a wooden table, studio light"
 SEED = 1234
 SIZE = dict(width=96, height=64)
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
-SDXL_SCHEDULER_CONFIG = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
 SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}), "ddim": ("DDIMScheduler", {}),
