@@ -28,6 +28,10 @@ class LoraError(CheckpointError):
     """A LoRA / LyCORIS file that does not fit the model, holds NaN/inf, or is no adapter file."""
 
 
+class ControlNetError(CheckpointError):
+    """A ControlNet that does not fit the model (made for another base), or a control image that cannot be used."""
+
+
 class EmbeddingError(CheckpointError):
     """A textual-inversion embedding cannot be used: unknown layout, bad values, widths no text encoder has, or a
     name that is not attached."""

@@ -120,11 +120,27 @@ class UNet(nn.Module):
         features.append(self._run(self.middle_block, h, emb, context))
         return features, emb, context
 
+    def _add_control(self, features: list[torch.Tensor],
+                     control: tuple[list[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        down, mid = control
+        if len(down) != len(features) - 1:
+            raise ValueError(f"control: expected {len(features) - 1} down residuals (one per input block), "
+                             f"found {len(down)}")
+        for i, (f, r) in enumerate(zip(features, list(down) + [mid])):
+            if r.shape != f.shape:
+                name = "the mid residual" if i == len(down) else f"down residual {i}"
+                raise ValueError(f"control: {name} has shape {tuple(r.shape)}, the UNet's feature {tuple(f.shape)}")
+        return [f + r.to(f.dtype) for f, r in zip(features, list(down) + [mid])]
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None,
+                control: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Network output for latents `x` (B, C, H, W) at `timesteps` ((B,) or 0-d), text `context` (B, L, context_dim)
         and vector conditioning `y` (B, adm_in_channels: pooled text + Fourier micro-conditioning).  Any H, W >= 1
-        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path)."""
+        works: upsampling is sized to the matching skip connection (diffusers `upsample_size` path).
+        `control`: ControlNet residuals (one per input block, one for the middle block) added to the skip
+        connections and to the middle block's output (diffusers `down_block_additional_residuals`,
+        `mid_block_additional_residual`)."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -144,6 +160,8 @@ class UNet(nn.Module):
             raise ValueError(f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
                              f"{tuple(y.shape)}")
         skips, emb, context = self.encoder_features(x, timesteps, context, y)
+        if control is not None:
+            skips = self._add_control(skips, control)
         h = skips.pop()  # the middle block's output
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)

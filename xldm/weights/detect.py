@@ -261,3 +261,112 @@ def _with_markers(config: ModelConfig, shapes: Shapes) -> ModelConfig:
     """A marker key present sets its flag (over the metadata too: tools add the markers to existing files)."""
     return replace(config, prediction_type="v" if MARKER_V_PREDICTION in shapes else config.prediction_type,
                    zero_terminal_snr=config.zero_terminal_snr or MARKER_ZERO_TERMINAL_SNR in shapes)
+
+
+# ControlNets (xldm.models.controlnet): original layout (cldm names, optionally under `control_model.`) or diffusers
+# `ControlNetModel` names.
+CONTROLNET_PREFIX = "control_model."
+CONTROLNET_LAYOUTS = ("original", "diffusers")
+
+
+def controlnet_layout(shapes: Shapes) -> tuple[str, str]:
+    """(layout, key prefix) of a ControlNet state dict, from key names: "original" (cldm `input_hint_block.*`,
+    maybe under `control_model.`) or "diffusers" (`controlnet_cond_embedding.*`)."""
+    keys = shapes.keys()
+    if any(k.endswith((".up", ".down")) or k == "lora_controlnet" for k in keys):
+        raise UnknownModelError("this is a ControlNet-LoRA (control-lora) file; xldm loads full ControlNets only")
+    for prefix in ("", CONTROLNET_PREFIX):
+        if prefix + "input_hint_block.0.weight" in keys:
+            return "original", prefix
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return "diffusers", ""
+    raise UnknownModelError(f"no ControlNet keys (input_hint_block.*, controlnet_cond_embedding.*) among {len(keys)} "
+                            f"keys; first keys: {sorted(keys)[:5]}")
+
+
+def _hint_widths(shapes: Shapes, conv_keys: list[str]) -> tuple[int, tuple[int, ...]]:
+    """(conditioning channels, hint widths) from the hint network's convolutions in order: the first conv, then
+    (conv, stride-2 conv) pairs, then the output conv."""
+    if len(conv_keys) < 2 or len(conv_keys) % 2:
+        raise UnknownModelError(f"the ControlNet hint network has {len(conv_keys)} convolutions; expected an even "
+                                f"number >= 2")
+    first = shapes[conv_keys[0]]
+    widths = (first[0],) + tuple(shapes[k][0] for k in conv_keys[2:-1:2])
+    return first[1], widths
+
+
+def detect_controlnet(shapes: Shapes, heads_like: UNetConfig | None = None):
+    """(ControlNetConfig, layout, prefix) of a ControlNet from key names and shapes only.  The head layout, which
+    shapes do not show, is that of `heads_like` (the base UNet the ControlNet is for: SDXL ControlNets copy its
+    encoder) when its widths split into those heads, else the official checkpoints' (`detect_unet`)."""
+    from xldm.models.controlnet import ControlNetConfig
+    from xldm.weights.keys_controlnet import controlnet_diffusers_to_original
+
+    layout, prefix = controlnet_layout(shapes)
+    shapes = _sub(shapes, prefix)
+    if layout == "original":
+        n = _count_indexed(shapes, r"input_hint_block\.(\d+)\.weight")
+        hint_keys = [f"input_hint_block.{i}.weight" for i in range(0, n, 2)]
+        encoder = {k: v for k, v in shapes.items() if k.startswith(("time_embed.", "label_emb.", "input_blocks.",
+                                                                   "middle_block."))}
+    else:
+        n = _count_indexed(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
+        hint_keys = (["controlnet_cond_embedding.conv_in.weight"]
+                     + [f"controlnet_cond_embedding.blocks.{j}.weight" for j in range(n)]
+                     + ["controlnet_cond_embedding.conv_out.weight"])
+        encoder = _diffusers_encoder_as_original(shapes)
+    missing = [k for k in hint_keys if k not in shapes]
+    if missing:
+        raise UnknownModelError(f"ControlNet hint network lacks {missing[0]!r}")
+    channels, widths = _hint_widths(shapes, hint_keys)
+    if "input_blocks.0.0.weight" not in encoder:
+        raise UnknownModelError("ControlNet keys lack the encoder's input convolution (input_blocks.0.0 / conv_in)")
+    # detect_unet reads the output width from out.2; a ControlNet has no decoder, so give it the input width.
+    in_channels = encoder["input_blocks.0.0.weight"][1]
+    unet = detect_unet({**encoder, "out.2.weight": (in_channels, encoder["input_blocks.0.0.weight"][0], 3, 3)})
+    if heads_like is not None:
+        try:
+            shaped = replace(unet, num_heads=heads_like.num_heads, num_head_channels=heads_like.num_head_channels)
+            for width in shaped.attention_widths:
+                shaped.heads_for(width)
+            unet = shaped
+        except ValueError:
+            pass
+    cfg = ControlNetConfig(unet=unet, conditioning_channels=channels, hint_channels=widths)
+    # Every key must be one the config's network has (a partial or foreign file is refused here, by name).
+    if layout == "diffusers":
+        try:
+            controlnet_diffusers_to_original(shapes, cfg)
+        except ValueError as e:
+            raise UnknownModelError(str(e)) from None
+    return cfg, layout, prefix
+
+
+def _diffusers_encoder_as_original(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """The shapes detect_unet reads, renamed from diffusers ControlNetModel / UNet2DConditionModel encoder names."""
+    out: dict[str, tuple[int, ...]] = {}
+    levels = _count_indexed(shapes, r"down_blocks\.(\d+)\.")
+    nr = _count_indexed(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
+    index = 1
+    for level in range(levels):
+        for j in range(nr):
+            src = f"down_blocks.{level}.resnets.{j}.conv2.weight"
+            if src in shapes:
+                out[f"input_blocks.{index}.0.out_layers.3.weight"] = shapes[src]
+            rx = re.compile(rf"down_blocks\.{level}\.attentions\.{j}\.(.*)$")
+            for k, v in shapes.items():
+                if m := rx.match(k):
+                    out[f"input_blocks.{index}.1.{m.group(1)}"] = v
+            index += 1
+        if level != levels - 1:
+            out[f"input_blocks.{index}.0.op.weight"] = shapes.get(f"down_blocks.{level}.downsamplers.0.conv.weight",
+                                                                   (0,))
+            index += 1
+    for k, v in shapes.items():
+        if k.startswith("mid_block.attentions.0."):
+            out["middle_block.1." + k[len("mid_block.attentions.0."):]] = v
+    if "conv_in.weight" in shapes:
+        out["input_blocks.0.0.weight"] = shapes["conv_in.weight"]
+    if "add_embedding.linear_1.weight" in shapes:
+        out["label_emb.0.0.weight"] = shapes["add_embedding.linear_1.weight"]
+    return out

@@ -91,9 +91,11 @@ def _inner(rest: str, kind: str, depth: int, to_diffusers: bool) -> str | None:
     return None
 
 
-def _convert(sd: Mapping[str, T], cfg: UNetConfig, to_diffusers: bool) -> dict[str, T]:
+def _convert(sd: Mapping[str, T], cfg: UNetConfig, to_diffusers: bool, blocks: list[_Block] | None = None,
+             what: str = "UNet") -> dict[str, T]:
+    """Rename every key by its block in `blocks` (default: the UNet's, `_blocks(cfg)`); unmapped keys raise."""
     prefixes = {(o if to_diffusers else d): (d if to_diffusers else o, kind, depth)
-                for o, d, kind, depth in _blocks(cfg)}
+                for o, d, kind, depth in (_blocks(cfg) if blocks is None else blocks)}
     out: dict[str, T] = {}
     unmapped = []
     for key, value in sd.items():
@@ -115,7 +117,7 @@ def _convert(sd: Mapping[str, T], cfg: UNetConfig, to_diffusers: bool) -> dict[s
     if unmapped:
         layout = "original" if to_diffusers else "diffusers"
         shown = ", ".join(unmapped[:20]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 20 else "")
-        raise ValueError(f"{len(unmapped)} UNet keys do not map from the {layout} layout for this config: {shown}")
+        raise ValueError(f"{len(unmapped)} {what} keys do not map from the {layout} layout for this config: {shown}")
     return out
 
 

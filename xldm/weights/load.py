@@ -322,3 +322,46 @@ def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dt
     if scaling_factor is not None:
         vae_cfg = replace(vae_cfg, scaling_factor=scaling_factor)
     return build_vae(vae_cfg, header, read, convert)
+
+
+def load_controlnet(path: str | os.PathLike, model: ModelConfig | None = None, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, allow_pickle: bool = False):
+    """Load a ControlNet strictly: a diffusers folder (config.json + diffusion_pytorch_model.safetensors), a single
+    diffusers-layout file, or an original-layout file (cldm names, optionally under `control_model.`).  With
+    `model` (the base it will steer) it is checked to fit before any tensor is read (`check_controlnet_fits`:
+    an SD 1.5 ControlNet on an SDXL base is refused), and a single file takes the base's head layout."""
+    from xldm.errors import ControlNetError
+    from xldm.models.controlnet import ControlNet, check_controlnet_fits
+    from xldm.weights.detect import detect_controlnet
+    from xldm.weights.keys_controlnet import controlnet_config_from_diffusers, controlnet_diffusers_to_original
+
+    path = Path(path)
+    if path.is_dir():
+        settings = _read_json(path, "config.json")
+        if settings.get("_class_name", "ControlNetModel") != "ControlNetModel":
+            raise UnknownModelError(f"{path}/config.json names {settings.get('_class_name')!r}, not a ControlNetModel")
+        try:
+            config = controlnet_config_from_diffusers(settings)
+        except ValueError as e:
+            raise CheckpointError(f"{path}/config.json: {e}") from None
+        ckpt = open_checkpoint(component_weights(path, ".", base="diffusion_pytorch_model"), allow_pickle=allow_pickle)
+        layout, prefix = "diffusers", ""
+    elif not path.exists():
+        raise FileNotFoundError(f"no such ControlNet file: {path}")
+    else:
+        ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+        try:
+            config, layout, prefix = detect_controlnet({k: ckpt.shape(k) for k in ckpt.keys()},
+                                                       model.unet if model is not None else None)
+        except UnknownModelError as e:
+            raise UnknownModelError(f"{path.name}: {e}") from None
+    if model is not None:
+        check_controlnet_fits(config, model, path.name)
+    header, read = _part(ckpt, prefix, dtype, device)
+    convert = (lambda sd: controlnet_diffusers_to_original(sd, config)) if layout == "diffusers" else None
+    try:
+        return _build(ControlNet, config, header, read, "ControlNet", convert)
+    except ValueError as e:  # keys outside the detected network
+        if isinstance(e, CheckpointError):
+            raise
+        raise ControlNetError(f"{path.name}: {e}") from None
