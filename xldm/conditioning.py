@@ -46,10 +46,12 @@ class Conditioning:
     vector: Tensor | None  # (2B or B, adm_in_channels), or None for models without vector conditioning (SD 1.x/2.x)
     guided: bool = False
 
-    def model_fn(self, network: nn.Module, cfg: float, extra_channels: Tensor | None = None):
+    def model_fn(self, network: nn.Module, cfg: float, extra_channels: Tensor | None = None, control=None):
         """(x_in, t) -> network output for `xldm.diffusion.Denoiser`: a guided batch runs the network once on
         [x, x] and combines the halves as u + cfg (c - u) on the raw output, as diffusers' SDXL pipelines do.
-        `extra_channels` (B rows) go after the sample along channels (`concat_channels`)."""
+        `extra_channels` (B rows) go after the sample along channels (`concat_channels`).  `control(x, t, context,
+        vector)` -> ControlNet residuals or None (`xldm.controlnet.ControlStack`), on the whole (guided) batch and
+        on the sample without the extra channels, as diffusers' ControlNet pipelines feed it."""
         guided = self.guided
         dtype = next(network.parameters()).dtype
         if extra_channels is not None and guided:
@@ -57,9 +59,13 @@ class Conditioning:
 
         def fn(x_in: Tensor, t: Tensor) -> Tensor:
             x = torch.cat([x_in] * 2) if guided else x_in
+            residuals = None if control is None else control(x, t, self.context, self.vector)
             if extra_channels is not None:
                 x = concat_channels(x, extra_channels)
-            out = network(x.to(dtype), t, self.context, self.vector)
+            if residuals is None:
+                out = network(x.to(dtype), t, self.context, self.vector)
+            else:
+                out = network(x.to(dtype), t, self.context, self.vector, control=residuals)
             if guided:
                 uncond, text = out.chunk(2)
                 out = uncond + cfg * (text - uncond)

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xldm.conditioning import Conditioning, sampling_conditioning
+from xldm.controlnet import (ControlStack, ControlUnit, check_unit, control_image, open_control_image, unit_infotext,
+                             unit_name)
 from xldm.config import PREDICTION_TYPES, ModelConfig
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
-from xldm.errors import NonFiniteError
+from xldm.errors import ControlNetError, NonFiniteError
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
                                       refiner_start, split_for_refiner)
 from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
@@ -77,6 +79,8 @@ class GenerationRequest:
     # LoRA / LyCORIS files on the main model: (path, weight[, text-encoder weight]) or LoraUse, with those the
     # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
     loras: tuple = ()
+    # ControlNets on the main model (xldm.controlnet.ControlUnit), applied in order, their residuals summed
+    controlnets: tuple = ()
     clip_skip: int | None = None  # A1111 "Clip skip": 1 = the model's own layer, 2 = one earlier, ...
     # which training timesteps the schedule visits (diffusers timestep_spacing; "trailing" = A1111 "SGM Uniform",
     # what few-step distilled models such as SDXL Turbo / Lightning expect); lcm and *_karras have their own
@@ -262,6 +266,16 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         make_schedule(req.sampler, req.steps, spacing=req.timestep_spacing)
     except ValueError as e:
         raise ValueError(f"{req.sampler}, {req.steps} steps: {e}") from None
+    units = []
+    for index, unit in enumerate(req.controlnets):
+        check_unit(unit, index)
+        if isinstance(unit.image, (str, Path)):  # read now: a missing or non-image file is refused before any work
+            unit = replace(unit, image=open_control_image(unit.image))
+        elif not isinstance(unit.image, Image.Image):
+            raise ControlNetError(f"ControlNet {index}: the control image must be a PIL image or an image file, "
+                                  f"got {type(unit.image).__name__}")
+        units.append(unit)
+    req = replace(req, controlnets=tuple(units))
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
@@ -302,10 +316,18 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
 
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
             x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
-            step_hook=None, callback=None, name: str = "") -> torch.Tensor:
-    """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet.
-    NaN/inf results are an error that says where, never a silent black image."""
-    denoiser = Denoiser(prediction_type, cond.model_fn(unet, cfg, extra_channels))
+            step_hook=None, callback=None, name: str = "", control: ControlStack | None = None) -> torch.Tensor:
+    """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet
+    (steered by `control`'s ControlNets, whose step count follows the sampler's steps).  NaN/inf results are an
+    error that says where, never a silent black image."""
+    if control is not None:
+        outer = callback
+
+        def callback(i, n, x_i, x0):
+            control.advance(i)
+            if outer is not None:
+                outer(i, n, x_i, x0)
+    denoiser = Denoiser(prediction_type, cond.model_fn(unet, cfg, extra_channels, control))
     with torch.no_grad():
         out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook)
     if not torch.isfinite(out).all():
@@ -354,6 +376,7 @@ class Pipeline:
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self.loras: list[LoraUse] = []
+        self.controlnets: dict[str, torch.nn.Module] = {}  # loaded ControlNets by resolved path
         self.embedding_hashes: dict[str, str] = {}
         self.load_embeddings(embeddings, embeddings_dir)
 
@@ -415,7 +438,33 @@ class Pipeline:
             if not all(math.isfinite(w) for w in (use.weight, use.text_weight or 0.0)):
                 raise ValueError(f"LoRA {use.path.name}: weights must be finite numbers, got {use.weight}")
             self.model.loras.file(use.path)
+        for unit in req.controlnets:
+            self.controlnet(unit)  # loaded (or checked) against the model now, before any work
         return req
+
+    def controlnet(self, unit: ControlUnit):
+        """The unit's ControlNet on this pipeline's device and dtype, checked to fit the main model; a path is
+        loaded once and kept."""
+        from xldm.models.controlnet import ControlNet, check_controlnet_fits
+
+        if isinstance(unit.model, ControlNet):
+            check_controlnet_fits(unit.model.config, self.model.config)
+            return unit.model.to(device=self.device, dtype=self.dtype).eval()
+        key = str(Path(unit.model).resolve())
+        if key not in self.controlnets:
+            from xldm.weights.load import load_controlnet
+
+            self.controlnets[key] = load_controlnet(unit.model, self.model.config, dtype=self.dtype,
+                                                    device=self.device)
+        return self.controlnets[key]
+
+    def _control(self, req: GenerationRequest, start: int) -> ControlStack | None:
+        """The request's ControlNets with their images for the base's steps after the img2img start."""
+        if not req.controlnets:
+            return None
+        units = [(self.controlnet(u), control_image(u.image, req.width, req.height, u.preprocess)
+                  .repeat(req.batch, 1, 1, 1).to(self.device, self.dtype), u) for u in req.controlnets]
+        return ControlStack(units, total=req.steps - start)
 
     def _conditioning(self, handle: ModelHandle, req: GenerationRequest, batch_prompts: list[str],
                       negatives: list[str] | None, width: int, height: int) -> Conditioning:
@@ -530,7 +579,8 @@ class Pipeline:
 
         schedule = full.tail(start).head(end - start)
         x = self._denoise(base, cond, req, x, schedule, generators, extra_channels=extra,
-                          step_hook=hook(schedule) if hook else None, callback=stage_callback("base"))
+                          step_hook=hook(schedule) if hook else None, callback=stage_callback("base"),
+                          control=self._control(req, start))
 
         if self.refiner is not None:
             ref = self.refiner
@@ -555,8 +605,8 @@ class Pipeline:
         return GenerationResult(images=tensor_to_images(pixels), seeds=seeds, params=params, latents=x)
 
     def _params(self, req: GenerationRequest, width: int, height: int, seeds: list[int]) -> list[dict[str, Any]]:
-        common = {k: v for k, v in asdict(replace(req, init_image=None, mask=None)).items()
-                  if k not in ("init_image", "mask", "seed", "batch")}
+        common = {k: v for k, v in asdict(replace(req, init_image=None, mask=None, controlnets=())).items()
+                  if k not in ("init_image", "mask", "seed", "batch", "controlnets")}
         common.update(width=width, height=height, model=self.model.name, model_kind=self.model.config.kind,
                       img2img=req.init_image is not None, inpaint=req.mask is not None)
         if self.refiner is not None:
@@ -583,6 +633,10 @@ class Pipeline:
             common["lora_hashes"] = lora_infotext(active)
         if self.model.vae_path is not None:
             common["vae"] = self.model.vae_path.name
+        if req.controlnets:  # (absent when unused)
+            common["controlnets"] = [dict(model=unit_name(u), preprocess=u.preprocess, scale=u.scale, start=u.start,
+                                          end=u.end) for u in req.controlnets]
+            common["controlnet_infotext"] = [unit_infotext(u, unit_name(u)) for u in req.controlnets]
         text = f"{req.prompt} {req.negative_prompt or ''}".lower()
         used = [n for n in self.embedding_hashes if re.search(rf"(?<!\w){re.escape(n.lower())}(?!\w)", text)]
         if used:  # A1111: "TI hashes" of the embeddings the prompts use

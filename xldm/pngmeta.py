@@ -108,6 +108,9 @@ def format_a1111_parameters(params: Mapping[str, Any]) -> str:
     if params.get("width") is not None and params.get("height") is not None:
         pairs.append(("Size", f"{params['width']}x{params['height']}"))
     add(_AFTER_SIZE)
+    # sd-webui-controlnet: one "ControlNet N" entry per unit, its value quoted ("Module: canny, Model: ...")
+    for i, text in enumerate(params.get("controlnet_infotext") or ()):
+        pairs.append((f"ControlNet {i}", text))
     # A1111 adds "Version" last; "xldm <version>" tells a reader where the image came from.
     pairs.append(("Version", f"xldm {__version__}"))
 

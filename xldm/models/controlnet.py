@@ -131,7 +131,7 @@ class ControlNet(nn.Module):
 def _family(unet: UNetConfig) -> str:
     """The base a UNet (or ControlNet encoder) shape belongs to, for messages (widths: the official configs)."""
     if unet.adm_in_channels == 0:
-        return {768: "SD 1.x", 1024: "SD 2.x"}.get(unet.context_dim, "a base without vector conditioning")
+        return {768: "SD 1.x", 1024: "SD 2.x"}.get(unet.context_dim, "SD 1.x/2.x")  # no vector conditioning
     return {2816: "SDXL base", 2560: "SDXL refiner"}.get(unet.adm_in_channels, "an SDXL-shaped base")
 
 

@@ -63,11 +63,12 @@ def _count_indexed(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def detect_unet(shapes: Shapes) -> UNetConfig:
+def detect_unet(shapes: Shapes, like: UNetConfig | None = None) -> UNetConfig:
     """UNetConfig from original-layout UNet keys (no `model.diffusion_model.` prefix).  Level widths are the output
     widths of each level's first ResBlock; the head layout, which shapes do not show, is that of the official
     checkpoints: 8 heads for SD 1.x (conv proj_in, context 768; ldm v1-inference.yaml num_heads: 8), 64-wide heads
-    otherwise (SD 2.x / SDXL num_head_channels: 64)."""
+    otherwise (SD 2.x / SDXL num_head_channels: 64); `like` (a related UNet's config) supplies the head layout and
+    norm groups, which shapes do not show either, where they fit these widths."""
     n_in = _count_indexed(shapes, r"input_blocks\.(\d+)\.")
     downsamples = sum(1 for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
     levels = downsamples + 1
@@ -92,6 +93,17 @@ def detect_unet(shapes: Shapes) -> UNetConfig:
         transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=linear,
         transformer_depth_middle=_count_indexed(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
         adm_in_channels=shapes.get("label_emb.0.0.weight", (0, 0))[1], **heads)
+    if like is not None:
+        shaped = replace(cfg, num_heads=like.num_heads, num_head_channels=like.num_head_channels,
+                         norm_groups=like.norm_groups)
+        try:
+            for width in shaped.attention_widths:
+                shaped.heads_for(width)
+            if any(w % shaped.norm_groups for w in shaped.block_out_channels):
+                raise ValueError("norm groups")
+            cfg = shaped
+        except ValueError:
+            pass
     try:
         for width in cfg.attention_widths:
             cfg.heads_for(width)
@@ -295,10 +307,10 @@ def _hint_widths(shapes: Shapes, conv_keys: list[str]) -> tuple[int, tuple[int, 
     return first[1], widths
 
 
-def detect_controlnet(shapes: Shapes, heads_like: UNetConfig | None = None):
-    """(ControlNetConfig, layout, prefix) of a ControlNet from key names and shapes only.  The head layout, which
-    shapes do not show, is that of `heads_like` (the base UNet the ControlNet is for: SDXL ControlNets copy its
-    encoder) when its widths split into those heads, else the official checkpoints' (`detect_unet`)."""
+def detect_controlnet(shapes: Shapes, like: UNetConfig | None = None):
+    """(ControlNetConfig, layout, prefix) of a ControlNet from key names and shapes only.  The head layout and norm
+    groups, which shapes do not show, are those of `like` (the base UNet the ControlNet is for: SDXL ControlNets
+    copy its encoder) where they fit, else the official checkpoints' (`detect_unet`)."""
     from xldm.models.controlnet import ControlNetConfig
     from xldm.weights.keys_controlnet import controlnet_diffusers_to_original
 
@@ -323,15 +335,8 @@ def detect_controlnet(shapes: Shapes, heads_like: UNetConfig | None = None):
         raise UnknownModelError("ControlNet keys lack the encoder's input convolution (input_blocks.0.0 / conv_in)")
     # detect_unet reads the output width from out.2; a ControlNet has no decoder, so give it the input width.
     in_channels = encoder["input_blocks.0.0.weight"][1]
-    unet = detect_unet({**encoder, "out.2.weight": (in_channels, encoder["input_blocks.0.0.weight"][0], 3, 3)})
-    if heads_like is not None:
-        try:
-            shaped = replace(unet, num_heads=heads_like.num_heads, num_head_channels=heads_like.num_head_channels)
-            for width in shaped.attention_widths:
-                shaped.heads_for(width)
-            unet = shaped
-        except ValueError:
-            pass
+    unet = detect_unet({**encoder, "out.2.weight": (in_channels, encoder["input_blocks.0.0.weight"][0], 3, 3)},
+                       like)
     cfg = ControlNetConfig(unet=unet, conditioning_channels=channels, hint_channels=widths)
     # Every key must be one the config's network has (a partial or foreign file is refused here, by name).
     if layout == "diffusers":
