@@ -255,6 +255,7 @@ def test_base_to_refiner_handoff_matches_diffusers(setup):
     refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(setup["refiner_dir"], local_files_only=True)
     theirs = refiner([PROMPT] * 2, image=latents, num_inference_steps=10, denoising_start=0.8, generator=gens).images
     diff = max_diff(ours, theirs)
+    print(f"refiner hand-off: pixels {diff}/255")
     assert diff <= PIXEL_TOL, f"refiner hand-off: max pixel difference {diff}/255"
 
 
@@ -265,3 +266,74 @@ def test_scale_zero_is_the_image_without_controlnet(setup):
     without = setup["ours"](PROMPT, **common)
     assert torch.equal(with_zero.latents, without.latents)
     assert max_diff(with_zero.images, without.images) == 0
+
+
+def test_cli_generate_with_repeatable_controlnet_flags(setup, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from xldm.cli import main as cli_main
+    from xldm.pngmeta import parse_a1111_parameters, read_png_params, read_png_text
+    from xldm.weights.save import save_single_file
+
+    base = save_single_file(random_components(TINY_SDXL_BASE, seed=0), tmp_path / "base.safetensors")
+    original = tmp_path / "canny_original.safetensors"
+    net = load_controlnet(setup["paths"][1], TINY_SDXL_BASE)
+    save_file({"control_model." + k: v for k, v in net.state_dict().items()}, original)
+    sketch = tmp_path / "sketch.png"
+    square = np.zeros((96, 80, 3), np.uint8)
+    square[20:70, 15:60] = 255
+    Image.fromarray(square).save(sketch)
+    setup["images"][0].save(tmp_path / "map.png")
+    out = tmp_path / "out.png"
+    args = ["generate", PROMPT, "--model", str(base), "--steps", "3", "--width", "64", "--height", "64",
+            "--seed", "5", "--dtype", "fp32", "--out", str(out),
+            "--controlnet", str(setup["paths"][0]), "--control-image", str(tmp_path / "map.png"),
+            "--control-scale", "0.8", "--control-start", "0", "--control-end", "0.6",
+            "--controlnet", str(original), "--control-image", str(sketch), "--control-scale", "1.5",
+            "--control-start", "0.1", "--control-end", "1", "--control-preprocess", "none",
+            "--control-preprocess", "canny:50,150"]
+    assert cli_main(args) == 0
+    infotext = parse_a1111_parameters(read_png_text(out)["parameters"])
+    assert infotext["ControlNet 0"] == "Module: none, Model: cn0, Weight: 0.8, Guidance Start: 0, Guidance End: 0.6"
+    assert infotext["ControlNet 1"] == ("Module: canny, Model: canny_original.safetensors, Weight: 1.5, "
+                                        "Guidance Start: 0.1, Guidance End: 1")
+    params = read_png_params(out)
+    assert [c["scale"] for c in params["controlnets"]] == [0.8, 1.5]
+    # the same request through the library gives the same pixels
+    units = (ControlUnit(setup["paths"][0], tmp_path / "map.png", 0.8, 0.0, 0.6),
+             ControlUnit(original, sketch, 1.5, 0.1, 1.0, "canny:50,150"))
+    ours = Pipeline(base, device="cpu", dtype=torch.float32)(PROMPT, steps=3, width=64, height=64, seed=5,
+                                                              controlnets=units)
+    assert max_diff(ours.images, [Image.open(out)]) == 0
+    with pytest.raises(SystemExit, match="every ControlNet needs its control image"):
+        cli_main(args[:args.index("--control-image")] + ["--controlnet", str(original)])
+    with pytest.raises(SystemExit, match="2 --control-scale for 1 --controlnet"):
+        cli_main(["generate", PROMPT, "--model", str(base), "--out", str(tmp_path / "x.png"), "--controlnet",
+                  str(original), "--control-image", str(sketch), "--control-scale", "1", "--control-scale", "2"])
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_match_diffusers(setup, mode):
+    rng = np.random.default_rng(5)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    mask = Image.fromarray(mask) if mode == "inpaint" else None
+    strength = 0.6
+    # (inpainting at batch 1: a batch of 2 differs from diffusers' inpaint pipeline with or without a ControlNet,
+    # a difference of the inpainting path itself, outside ControlNet)
+    batch = 2 if mask is None else 1
+    unit = ControlUnit(setup["paths"][0], setup["images"][0], 1.0, 0.0, 0.8)
+    ours = setup["ours"](PROMPT, steps=6, seed=SEED, batch=batch, init_image=init, mask=mask, strength=strength,
+                         controlnets=(unit,))
+    cls = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if mode == "img2img"
+           else diffusers.StableDiffusionXLControlNetInpaintPipeline)
+    pipe = cls.from_pretrained(setup["base_dir"], controlnet=diffusers.ControlNetModel.from_pretrained(
+        setup["paths"][0]), local_files_only=True)
+    extra = {} if mask is None else {"mask_image": mask}
+    theirs = pipe(PROMPT, image=init, control_image=setup["images"][0], strength=strength, num_inference_steps=6,
+                  generator=generators(batch), num_images_per_prompt=batch, control_guidance_end=0.8, width=64,
+                  height=64, **extra).images
+    diff = max_diff(ours.images, theirs)
+    print(f"{mode}: pixels {diff}/255")
+    assert diff <= PIXEL_TOL, f"{mode}: max pixel difference {diff}/255"

@@ -123,6 +123,34 @@ def _progress_bars():
     return update, close
 
 
+def _control_units(args: argparse.Namespace) -> tuple:
+    """The --controlnet groups: the k-th --control-image / -scale / -start / -end / -preprocess belong to the k-th
+    --controlnet; each ControlNet needs an image, the other options default (1, 0, 1, none)."""
+    from xldm.controlnet import ControlUnit
+
+    n = len(args.controlnet)
+    options = {"--control-image": args.control_image, "--control-scale": args.control_scale,
+               "--control-start": args.control_start, "--control-end": args.control_end,
+               "--control-preprocess": args.control_preprocess}
+    for flag, values in options.items():
+        if len(values) > n:
+            raise SystemExit(f"xldm generate: error: {len(values)} {flag} for {n} --controlnet; each {flag} belongs "
+                             f"to the --controlnet of the same rank")
+    if len(args.control_image) != n:
+        raise SystemExit(f"xldm generate: error: {n} --controlnet but {len(args.control_image)} --control-image; "
+                         f"every ControlNet needs its control image")
+    for path in (*args.controlnet, *args.control_image):
+        if not Path(path).exists():
+            raise SystemExit(f"xldm generate: error: {path}: no such file or folder")
+
+    def nth(values: list, k: int, default):
+        return values[k] if k < len(values) else default
+
+    return tuple(ControlUnit(args.controlnet[k], args.control_image[k], nth(args.control_scale, k, 1.0),
+                             nth(args.control_start, k, 0.0), nth(args.control_end, k, 1.0),
+                             nth(args.control_preprocess, k, None)) for k in range(n))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.list_sizes:
         from xldm.buckets import SDXL_BUCKETS, format_sizes
@@ -149,6 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit("xldm generate: error: the bundled turbo student is not in this copy of xldm (distil it "
                              "with scripts/train_default_turbo.sh)")
         args.model, args.unet = "default", str(DEFAULT_TURBO_UNET_PATH)
+    if args.cascade and args.controlnet:
+        raise SystemExit("xldm generate: error: --controlnet steers a --model's UNet; a --cascade has none")
     if args.cascade:
         return cmd_generate_cascade(args)
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
@@ -165,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from xldm.images import open_image
     from xldm.pipeline import GenerationRequest, resolve_request
+
+    controlnets = _control_units(args)
     from xldm.weights.info import model_info
 
     request = GenerationRequest(
@@ -178,6 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
         tile_vae=True if args.tile_vae else None, loras=tuple(args.lora), clip_skip=args.clip_skip,
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
+        controlnets=controlnets,
     )
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
@@ -319,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(e.g. a distilled student)")
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
+    gen.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                     help="ControlNet (diffusers folder or single file) on the base; repeatable, applied in order: "
+                          "the k-th --control-* option goes with the k-th --controlnet")
+    gen.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                     help="control image of a --controlnet (resized to the output size)")
+    gen.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",
+                     help="ControlNet weight (default 1; 0 = off)")
+    gen.add_argument("--control-start", type=float, action="append", default=[], metavar="A",
+                     help="fraction of the steps where the ControlNet starts (default 0)")
+    gen.add_argument("--control-end", type=float, action="append", default=[], metavar="B",
+                     help="fraction of the steps where it ends (default 1)")
+    gen.add_argument("--control-preprocess", action="append", default=[], metavar="canny[:LOW,HIGH]",
+                     help="make the control map from the image: canny edges (OpenCV, default 100,200); 'none' = "
+                          "the image is the map (depth, pose, ...)")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
     gen.add_argument("--out", default=None, metavar="FILE.png")
     gen.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",
