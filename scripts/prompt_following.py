@@ -94,13 +94,17 @@ def measure(evaluator, data: str | Path, generate: Generate | None, *, count: in
     return results
 
 
-def latent_generator(model: str, refiner: str | None, *, steps: int, cfg: float) -> Generate:
+def latent_generator(model: str, refiner: str | None, *, steps: int, cfg: float, unet: str | None = None,
+                     **settings) -> Generate:
+    """`settings`: further generation settings (sampler, timestep_spacing); `unet` swaps the base's UNet (a
+    distilled student such as the bundled turbo UNet)."""
     import xldm
+    from xldm.pipeline import Pipeline
 
-    pipe = xldm.load(model, refiner=refiner)
+    pipe = Pipeline(model, refiner, unet=unet) if unet else xldm.load(model, refiner=refiner)
 
     def generate(caption: str, seed: int) -> Image.Image:
-        return pipe(caption, steps=steps, cfg=cfg, seed=seed).images[0]
+        return pipe(caption, steps=steps, cfg=cfg, seed=seed, **settings).images[0]
 
     return generate
 
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade", default=None, help="a cascade instead of --model ('default' or a folder)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--unet", default=None, help="another UNet for --model (e.g. the bundled turbo student)")
+    parser.add_argument("--sampler", default=None)
+    parser.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"])
     parser.add_argument("--count", type=int, default=256, help="captions per set at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here too")
@@ -133,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --cascade exclude each other")
     generate = None
     if args.model:
-        generate = latent_generator(args.model, args.refiner, steps=args.steps, cfg=args.cfg)
+        extra = {k: v for k, v in (("sampler", args.sampler), ("timestep_spacing", args.timestep_spacing)) if v}
+        generate = latent_generator(args.model, args.refiner, steps=args.steps, cfg=args.cfg, unet=args.unet, **extra)
     elif args.cascade:
         generate = cascade_generator(args.cascade)
     results = measure(load_evaluator(args.evaluator), args.data, generate, count=args.count, seed=args.seed)
-    results["settings"] = {k: getattr(args, k) for k in ("model", "refiner", "cascade", "steps", "cfg", "count",
-                                                          "seed")}
+    results["settings"] = {k: getattr(args, k) for k in ("model", "refiner", "cascade", "unet", "steps", "cfg",
+                                                          "sampler", "timestep_spacing", "count", "seed")}
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
