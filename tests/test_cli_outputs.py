@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from xldm import __version__
 from xldm.cli import main as cli_main
@@ -126,6 +127,17 @@ def test_from_png_regenerates_the_image(base, tmp_path):
                      "--device", "cpu", "--out", str(tmp_path / "s10.png")]) == 0
     assert read_png_params(tmp_path / "s10.png")["seed"] == 10
     assert cli_main(["generate", "--from-png", str(tmp_path / "none.png"), "--out", str(tmp_path / "z.png")]) == 2
+    # another tool's PNG with the newer A1111 layout: the schedule apart from the sampler
+    a1111 = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", "a red heart\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, Schedule type: "
+                                "Karras, CFG scale: 4, Seed: 8, Size: 64x64, Model hash: 0123456789, Model: other")
+    Image.new("RGB", (64, 64)).save(a1111, pnginfo=info)
+    assert cli_main(["generate", "--from-png", str(a1111), "--model", str(base), "--dtype", "fp32", "--device", "cpu",
+                     "--quiet", "--out", str(tmp_path / "re.png")]) == 0
+    params = read_png_params(tmp_path / "re.png")
+    assert (params["sampler"], params["cfg"], params["seed"], params["negative_prompt"], params["width"]) == \
+        ("dpmpp_2m_karras", 4, 8, "blurry", 64)
 
 
 def test_messages_on_stderr_and_quiet(base, tmp_path, capsys):

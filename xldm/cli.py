@@ -297,6 +297,11 @@ def apply_png_settings(args: argparse.Namespace) -> dict:
     if not Path(args.from_png).is_file():
         raise ValueError(f"--from-png {args.from_png}: no such file")
     params = read_png_params(args.from_png)
+    from xldm.diffusion.schedules import SAMPLER_NAMES
+
+    # A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"): xldm's dpmpp_2m_karras
+    if params.get("schedule") == "karras" and f"{params.get('sampler')}_karras" in SAMPLER_NAMES:
+        params = dict(params, sampler=f"{params['sampler']}_karras")
     for setting, name in _FROM_PNG.items():
         value = params.get(setting)
         if value is None or getattr(args, name) is not None:
