@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_infotext_names_the_model_file_and_its_hash(base, tmp_path, hash_cache):
     assert fields["Model"] == "base"  # the file's stem, as A1111 (not the kind, sdxl-base)
     assert fields["Model hash"] == hashlib.sha256(base.read_bytes()).hexdigest()[:10]
     assert fields["Clip skip"] == "2"
-    cache = json.loads((__import__("pathlib").Path(hash_cache) / "hashes.json").read_text())
+    cache = json.loads((Path(hash_cache) / "hashes.json").read_text())
     assert cache[str(base.resolve())]["sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
 
 
@@ -140,11 +141,15 @@ def test_from_png_regenerates_the_image(base, tmp_path):
         ("dpmpp_2m_karras", 4, 8, "blurry", 64)
 
 
-def test_messages_on_stderr_and_quiet(base, tmp_path, capsys):
+def test_messages_on_stderr_and_quiet(base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLDM_CACHE_DIR", str(tmp_path / "cache"))  # a model never hashed before
     assert generate(base, "--seed", "1", "--out", str(tmp_path / "a.png")) == 0
     captured = capsys.readouterr()
     assert f"loading {base}" in captured.err and "decoding 1 image (64x64)" in captured.err
+    assert "hashing base.safetensors" in captured.err
     assert captured.out.strip() == str(tmp_path / "a.png")
+    assert generate(base, "--seed", "1", "--out", str(tmp_path / "c.png")) == 0
+    assert "hashing" not in capsys.readouterr().err  # cached
     assert generate(base, "--seed", "1", "--quiet", "--out", str(tmp_path / "b.png")) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.strip() == str(tmp_path / "b.png")

@@ -262,6 +262,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
                 embeddings_dir=args.embeddings_dir)
+    from xldm.hashes import cached_sha256
+
+    for file in (pipe.model.file, pipe.model.vae_path):  # the infotext's hashes: said when slow (once per file)
+        if file is not None and file.is_file() and cached_sha256(file) is None:
+            say(f"hashing {file.name} for the image metadata (once; cached)")
+            pipe.model.short_hash(file)
     say(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                   if request.batch > 1 else ""))
     update, close = _progress_bars(args.quiet)

@@ -48,15 +48,27 @@ def _write_cache(cache: dict) -> None:
         pass
 
 
+def _stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cached_sha256(path: str | os.PathLike) -> str | None:
+    """The cached SHA-256 of a file if its size and mtime still match the cache entry, else None."""
+    path = Path(path).resolve()
+    entry = _read_cache().get(str(path))
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and \
+            {k: entry.get(k) for k in ("size", "mtime_ns")} == _stamp(path):
+        return entry["sha256"]
+    return None
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The full SHA-256 (hex) of a file, from the cache when its size and mtime match the cached entry."""
     path = Path(path).resolve()
-    stat = path.stat()
-    key, stamp = str(path), {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    cache = _read_cache()
-    entry = cache.get(key)
-    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
-        return entry["sha256"]
+    if (cached := cached_sha256(path)) is not None:
+        return cached
+    key, stamp = str(path), _stamp(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
