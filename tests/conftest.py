@@ -41,3 +41,17 @@ def load_script(relative: str, name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory):
+    """The model-hash cache (`xldm.hashes`) of the test run in a temporary folder, never the user's."""
+    import os
+
+    previous = os.environ.get("XLDM_CACHE_DIR")
+    os.environ["XLDM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield os.environ["XLDM_CACHE_DIR"]
+    if previous is None:
+        os.environ.pop("XLDM_CACHE_DIR", None)
+    else:
+        os.environ["XLDM_CACHE_DIR"] = previous

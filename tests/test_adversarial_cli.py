@@ -29,8 +29,8 @@ def files_in(folder) -> list:
 
 
 @pytest.mark.parametrize("out, message", [
-    ("no-such-folder/x.png", "does not exist"),
     (".", "is a folder"),
+    ("x.gif", "unknown image type '.gif'"),  # (missing folders are made: tests/test_cli_outputs.py)
 ])
 def test_bad_out_path_is_refused_before_any_work(tmp_path, capsys, out, message):
     target = tmp_path / out
@@ -39,6 +39,17 @@ def test_bad_out_path_is_refused_before_any_work(tmp_path, capsys, out, message)
     assert err.startswith("xldm: error: --out") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert files_in(tmp_path) == []  # nothing written, not even a temporary file
+
+
+def test_existing_file_or_a_file_in_the_way_is_refused(tmp_path, capsys):
+    (tmp_path / "taken.png").write_bytes(b"keep me")
+    assert generate(tmp_path, "--out", str(tmp_path / "taken.png")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xldm: error: --out") and "the file exists; pass --force" in err
+    assert (tmp_path / "taken.png").read_bytes() == b"keep me"
+    assert generate(tmp_path, "--out", str(tmp_path / "taken.png" / "sub" / "x.png")) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert files_in(tmp_path) == ["taken.png"]
 
 
 def test_bad_device_is_refused_before_loading(tmp_path, capsys, monkeypatch):

@@ -99,7 +99,7 @@ def test_img2img_and_inpaint_from_cli(files, tmp_path):
     assert Image.open(out).size == (80, 64)
     assert read_png_params(out)["strength"] == 0.5
     assert cli_main(["generate", PROMPT, "--model", str(base), "--init-image", str(src), "--mask", str(mask),
-                     "--strength", "0.8", "--steps", "4", "--seed", "1", "--out", str(out)]) == 0
+                     "--strength", "0.8", "--steps", "4", "--seed", "1", "--out", str(out), "--force"]) == 0
     edited = pixels(out).astype(int)
     original = np.asarray(Image.open(src).convert("RGB")).astype(int)
     # far from the mask the picture is kept up to the VAE round trip; inside it is repainted

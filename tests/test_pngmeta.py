@@ -156,7 +156,8 @@ def test_parse_a_real_looking_a1111_infotext() -> None:
     assert params == {
         "prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"],
         "steps": 28, "sampler": "dpmpp_2m", "schedule": "karras", "cfg": 7, "seed": 3141592653,
-        "model_hash": "31e35c80fc", "model": "sd_xl_base_1.0", "vae": "sdxl_vae.safetensors",
+        "model_hash": "31e35c80fc", "model": "sd_xl_base_1.0", "vae_hash": "235745af8d",
+            "vae": "sdxl_vae.safetensors",
         "strength": 0.35, "clip_skip": 2, "refiner": "sd_xl_refiner_1.0 [7440042bbd]", "refiner_start": 0.8,
         "width": 832, "height": 1216, "lora_hashes": "detail: 1a2b3c4d5e6f, style: 0f1e2d3c4b5a",
     }

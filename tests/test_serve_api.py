@@ -152,7 +152,7 @@ def test_img2img_inpaint_and_refiner_match_the_cli(client, models, tmp_path):
     assert json.loads(r.json()["info"])["extra_generation_params"]["Refiner"] == refiner.name
     assert cli_main(["generate", PROMPT, "--model", str(base), "--refiner", str(refiner), "--refiner-start", "0.7",
                      "--steps", "4", "--width", "64", "--height", "64", "--seed", "100", "--dtype", "fp32",
-                     "--device", "cpu", "--out", str(out)]) == 0
+                     "--device", "cpu", "--out", str(out), "--force"]) == 0
     assert np.array_equal(png_pixels(r.json()["images"][0]), png_pixels(out.read_bytes()))
 
 
@@ -249,6 +249,55 @@ def test_png_info(client):
     assert body["parameters"]["Size-1"] == "64" and json.loads(body["items"]["xldm"])["seed"] == 11
     plain = client.post("/sdapi/v1/png-info", json={"image": b64_png(Image.new("RGB", (8, 8)))}).json()
     assert plain["info"] == "" and plain["parameters"] == {}
+
+
+WEIGHTED = "a (red:1.4) heart BREAK [blue] sky, " + ", ".join(f"word{i}" for i in range(80))  # > 75 tokens
+
+
+def test_cli_python_api_and_server_share_defaults_and_prompt_semantics(client, models, tmp_path):
+    """One behaviour everywhere: with nothing but the prompt, seed and size, `xldm generate`, the Python API and
+    txt2img use the same sampler, steps and CFG (GENERATE_DEFAULTS) and A1111's prompt semantics (chunks past 75
+    tokens, (word:w), [word], BREAK): the same pixels.  Turned off everywhere (at 4 steps), they agree again."""
+    from xldm.config import GENERATE_DEFAULTS
+    from xldm.pipeline import GenerationRequest, load
+
+    base = models[0]
+    pipe = load(base, dtype=torch.float32, device="cpu")
+    for plain in (False, True):
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": WEIGHTED, "width": 64, "height": 64, "seed": 5,
+                                                   **({"prompt_weighting": False, "steps": 4} if plain else {})})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["sampler_name"] == "Euler" and GENERATE_DEFAULTS["sampler"] == "euler"
+        assert (info["steps"], info["cfg_scale"]) == (4 if plain else GENERATE_DEFAULTS["steps"], GENERATE_DEFAULTS["cfg"])
+        recorded = json.loads(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).info["xldm"])
+        assert (recorded["long_prompts"], recorded["weighting"]) == (("truncate", False) if plain else ("chunk", True))
+        out = tmp_path / f"cli{plain}.png"
+        assert cli_main(["generate", WEIGHTED, "--model", str(base), "--width", "64", "--height", "64", "--seed", "5",
+                         "--dtype", "fp32", "--device", "cpu", "--quiet", "--out", str(out),
+                         *(["--no-prompt-weighting", "--steps", "4"] if plain else [])]) == 0
+        request = GenerationRequest(prompt=WEIGHTED, width=64, height=64, seed=5,
+                                    **({"long_prompts": "truncate", "weighting": False, "steps": 4} if plain else {}))
+        api = np.asarray(pipe.generate(request).images[0])
+        server, cli = png_pixels(r.json()["images"][0]), png_pixels(out.read_bytes())
+        assert np.array_equal(server, cli) and np.array_equal(api, cli)
+        assert json.loads(Image.open(out).info["xldm"])["weighting"] is not plain
+
+
+def test_sd_model_hash_and_png_info_of_a_jpeg(client, models):
+    import hashlib
+
+    from xldm.pngmeta import encode_image
+
+    r = txt2img(client, seed=12)
+    info = json.loads(r.json()["info"])
+    assert info["sd_model_hash"] == hashlib.sha256(models[0].read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {info['sd_model_hash']}, Model: base," in info["infotexts"][0]
+    jpeg = encode_image(Image.new("RGB", (16, 16)), {"prompt": "a ö 桜", "steps": 3, "seed": 4, "cfg": 5.0,
+                                                      "sampler": "euler"}, "JPEG")
+    body = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(jpeg).decode()}).json()
+    assert body["info"].startswith("a ö 桜\nSteps: 3, Sampler: Euler, CFG scale: 5.0, Seed: 4")
+    assert body["parameters"]["Seed"] == "4"
 
 
 def test_save_images_only_under_outputs(client, outputs):

@@ -73,6 +73,8 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('#size option').length > 0")
         assert page.locator("#size").input_value() == "64x64"  # the model's native size, from the buckets
         assert page.locator("#sampler option").count() == 12  # SAMPLER_NAMES: lcm and the SDE samplers included
+        # the shared defaults (xldm.config.GENERATE_DEFAULTS), as the CLI and the API use them
+        assert [page.locator(f"#{name}").input_value() for name in ("sampler", "steps", "cfg")] == ["Euler", "30", "5"]
         assert page.locator("#refiner").is_enabled()
 
         page.fill("#prompt", "a lighthouse at dusk")
@@ -99,7 +101,8 @@ def test_page_generates_shows_progress_and_downloads(server, tmp_path):
         params = figure.locator("pre.params").text_content()
         assert params.startswith("a lighthouse at dusk") and "Seed: 1234" in params and "Steps: 40" in params
         assert "Sampler: Euler a" in params and "Negative prompt: blurry" in params
-        assert "Refiner: refiner.safetensors" in params and "Refiner switch at: 0.8" in params
+        # A1111 names checkpoints by their file stem (modules/sd_models.py name_for_extra)
+        assert "Refiner: refiner," in params and "Refiner switch at: 0.8" in params and "Model: base," in params
         assert page.evaluate("document.querySelector('figure.result img').naturalWidth") == 64
         assert page.locator("#progress-text").text_content().startswith("done")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -31,9 +32,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from xldm.weights.save import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
+    out = convert(args.src, args.dst, to=args.to or convert_target(args.dst), dtype=torch_dtype(args.dtype),
+                  allow_pickle=args.allow_pickle)
     print(f"wrote {out}")
     return 0
+
+
+def convert_target(dst: str) -> str:
+    """`--to` from the destination: a .safetensors file is a single file, a folder (existing, or a name without an
+    extension) a diffusers folder."""
+    path = Path(dst)
+    if path.suffix.lower() == ".safetensors" and not path.is_dir():
+        return "single-file"
+    if path.is_dir() or not path.suffix:
+        return "diffusers"
+    raise ValueError(f"convert: cannot tell the layout from {dst!r}; name a .safetensors file or a folder, "
+                     f"or give --to single-file | diffusers")
 
 
 def _output_paths(out: str, batch: int) -> list[str]:
@@ -44,6 +58,42 @@ def _output_paths(out: str, batch: int) -> list[str]:
     if not dot:
         stem, ext = out, "png"
     return [f"{stem}_{i}.{ext}" for i in range(batch)]
+
+
+DEFAULT_OUTPUTS = "outputs"  # the folder of images written without --out (A1111: outputs/txt2img-images)
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def next_image_number(folder: str | Path) -> int:
+    """The number of the next image in `folder`: one more than the largest "NNNNN-" file name prefix there, 0 for
+    an empty or missing folder (A1111 modules/images.py get_next_sequence_number)."""
+    folder = Path(folder)
+    numbers = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ()) if (m := _NUMBERED.match(p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_numbered(image, folder: str | Path, seed: int, params) -> Path:
+    """`image` saved as folder/NNNNN-SEED.png with the next free number (A1111 save_image's "[number]-[seed]"
+    names); never over an existing file, even one another process wrote meanwhile."""
+    from xldm.pngmeta import save_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    number = next_image_number(folder)
+    while (path := folder / f"{number:05d}-{seed}.png").exists():
+        number += 1
+    return save_image(image, path, params)
+
+
+def save_output(image, path: str | None, seed: int, params, outputs: str = DEFAULT_OUTPUTS) -> Path:
+    """An image at its --out path (parent folders made; .png, .jpg, .webp by the extension) or numbered under
+    `outputs`."""
+    from xldm.pngmeta import save_image
+
+    if path is None:
+        return save_numbered(image, outputs, seed, params)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_image(image, path, params)
 
 
 MAX_SIDE = 16384  # largest width/height/crop value accepted on the command line (pixels)
@@ -90,25 +140,37 @@ def _lora(text: str) -> tuple:
     return (parts, *weights)
 
 
-def check_output_paths(paths: list[str]) -> None:
-    """Before any work: each output's folder exists and is a folder, and no output is itself a folder."""
+def check_output_paths(paths: list[str], force: bool = False) -> None:
+    """Before any work: each output is an image file name (.png, .jpg, .jpeg, .webp), not a folder, and not an
+    existing file unless `force`; its folder is a folder or can be made (no file in the way)."""
     import os
 
+    from xldm.pngmeta import image_format
+
     for path in paths:
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.exists(parent):
-            raise ValueError(f"--out {path}: the folder {parent} does not exist")
-        if not os.path.isdir(parent):
-            raise ValueError(f"--out {path}: {parent} is not a folder")
         if os.path.isdir(path):
             raise ValueError(f"--out {path}: is a folder; give a file name such as {os.path.join(path, 'out.png')}")
+        try:
+            image_format(path)
+        except ValueError as e:
+            raise ValueError(f"--out {e}") from None
+        if os.path.exists(path) and not force:
+            raise ValueError(f"--out {path}: the file exists; pass --force to overwrite it, or leave --out out to "
+                             f"number a new file under {DEFAULT_OUTPUTS}/")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # folders to be made: the nearest existing one must be a folder
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"--out {path}: {parent} is not a folder")
 
 
-def _progress_bars():
+def _progress_bars(quiet: bool = False):
     """A step callback drawing one tqdm bar per stage on stderr, and the function that closes them."""
     from tqdm import tqdm
 
     bars: dict = {}
+    if quiet:
+        return (lambda stage, total, desc: None), (lambda: None)
 
     def close() -> None:
         for bar in bars.values():
@@ -157,11 +219,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         print(format_sizes(SDXL_BUCKETS))
         return 0
+    source = apply_png_settings(args) if args.from_png else None
     if not args.prompt:
         raise SystemExit("xldm generate: error: a PROMPT is required")
-    if args.out is None:
-        raise SystemExit("xldm generate: error: --out FILE.png is required")
-    check_output_paths(_output_paths(args.out, max(args.batch, 1)))
+    if args.out is not None:
+        check_output_paths(_output_paths(args.out, max(args.batch, 1)), force=args.force)
     from xldm.pipeline import check_device
 
     check_device(args.device)
@@ -169,9 +231,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              TURBO_DEFAULTS)
 
     turbo = args.model == "default-turbo"  # the bundled base's distilled UNet: few steps, no guidance
-    for name, value in (TURBO_DEFAULTS if turbo else GENERATE_DEFAULTS).items():
+    if args.no_prompt_weighting:  # diffusers' encoding: the first 75 tokens, "(word:1.2)" read literally
+        args.long_prompts, args.weighting = False, False
+    for name, value in ({**GENERATE_DEFAULTS, **TURBO_DEFAULTS} if turbo else GENERATE_DEFAULTS).items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, value == "chunk" if name == "long_prompts" else value)
     if turbo:
         if not DEFAULT_TURBO_UNET_PATH.exists():
             raise SystemExit("xldm generate: error: the bundled turbo student is not in this copy of xldm (distil it "
@@ -204,9 +268,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, batch=args.batch,
         init_image=open_image(args.init_image) if args.init_image else None, strength=args.strength,
         mask=open_image(args.mask) if args.mask else None, refiner_start=args.refiner_start,
-        original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
+        original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0), target_size=args.target_size,
         negative_original_size=args.negative_original_size, negative_target_size=args.negative_target_size,
-        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        **{name: value for name in ("aesthetic_score", "negative_aesthetic_score")
+           if (value := getattr(args, name)) is not None},
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
         tile_vae=True if args.tile_vae else None, loras=tuple(args.lora), clip_skip=args.clip_skip,
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
@@ -217,7 +282,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               has_refiner=args.refiner is not None)
     from xldm.lora import LoraSet
     from xldm.pipeline import load, request_loras
-    from xldm.pngmeta import save_png
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
     LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
@@ -225,18 +289,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        *(("--embedding", p) for p in args.embedding)):
         if path is not None and not Path(path).exists():
             raise SystemExit(f"xldm generate: error: {flag} {path}: no such file or folder")
+    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    say(f"loading {args.model}" + (f" and the refiner {args.refiner}" if args.refiner else "") +
+        (f" (UNet {args.unet})" if args.unet else "") + (f" (VAE {args.vae})" if args.vae else ""))
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
                 embeddings_dir=args.embeddings_dir)
-    print(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
-                                     if request.batch > 1 else ""), file=sys.stderr)
-    update, close = _progress_bars()
-    result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage))
+    from xldm.hashes import cached_sha256
+
+    for file in (pipe.model.file, pipe.model.vae_path):  # the infotext's hashes: said when slow (once per file)
+        if file is not None and file.is_file() and cached_sha256(file) is None:
+            say(f"hashing {file.name} for the image metadata (once; cached)")
+            pipe.model.short_hash(file)
+    say(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
+                                  if request.batch > 1 else ""))
+    update, close = _progress_bars(args.quiet)
+    result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage),
+                      status=lambda message: (close(), say(message)))
     close()
-    for path, image, params in zip(_output_paths(args.out, request.batch), result.images, result.params):
-        save_png(image, path, params)
-        print(path)
+    if source is not None and source.get("model_hash") not in (None, result.params[0].get("model_hash")):
+        say(f"note: {args.from_png} was made with {source.get('model', 'another model')} (hash "
+            f"{source['model_hash']}), not this model; give it with --model for the same image")
+    paths = _output_paths(args.out, request.batch) if args.out is not None else [None] * request.batch
+    for path, image, params in zip(paths, result.images, result.params):
+        print(save_output(image, path, params["seed"], params))
     return 0
+
+
+# settings of an image's metadata (`xldm.pngmeta.read_png_params`) -> `xldm generate` arguments they fill in
+_FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "cfg": "cfg", "seed": "seed",
+             "sampler": "sampler", "width": "width", "height": "height", "clip_skip": "clip_skip",
+             "timestep_spacing": "timestep_spacing", "prediction": "prediction",
+             "zero_terminal_snr": "zero_terminal_snr", "original_size": "original_size",
+             "crop_top_left": "crop_top_left", "target_size": "target_size",
+             "negative_original_size": "negative_original_size", "negative_target_size": "negative_target_size",
+             "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score",
+             "weighting": "weighting"}
+
+
+def apply_png_settings(args: argparse.Namespace) -> dict:
+    """--from-png IMG: the image's settings (its xldm JSON, or A1111 infotext from PNG text or JPEG / WebP EXIF) fill
+    every argument not given on the command line; returns them.  The model is the one given (or the default):
+    metadata names a file, not where it is."""
+    from xldm.pngmeta import read_png_params
+
+    if not Path(args.from_png).is_file():
+        raise ValueError(f"--from-png {args.from_png}: no such file")
+    params = read_png_params(args.from_png)
+    from xldm.diffusion.schedules import SAMPLER_NAMES
+
+    # A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"): xldm's dpmpp_2m_karras
+    if params.get("schedule") == "karras" and f"{params.get('sampler')}_karras" in SAMPLER_NAMES:
+        params = dict(params, sampler=f"{params['sampler']}_karras")
+    for setting, name in _FROM_PNG.items():
+        value = params.get(setting)
+        if value is None or getattr(args, name) is not None:
+            continue
+        if setting in ("original_size", "crop_top_left", "target_size", "negative_original_size",
+                       "negative_target_size"):
+            value = tuple(value)
+        setattr(args, name, {"epsilon": "eps"}.get(value, value) if setting == "prediction" else value)
+    if args.long_prompts is None and params.get("long_prompts") is not None:
+        args.long_prompts = params["long_prompts"] == "chunk"
+    if args.refiner is not None and args.refiner_start is None and params.get("refiner_start") is not None:
+        args.refiner_start = params["refiner_start"]
+    if args.init_image is not None and args.strength is None and params.get("strength") is not None:
+        args.strength = params["strength"]
+    return params
 
 
 def cmd_generate_cascade(args: argparse.Namespace) -> int:
@@ -248,7 +367,6 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
 
     from xldm.cascade import CascadePipeline, describe, load_cascade
     from xldm.images import open_image
-    from xldm.pngmeta import save_png
 
     dtype = torch_dtype(args.dtype) or torch.float32
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +374,7 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
     pipe = CascadePipeline(load_cascade(args.cascade, dtype=dtype, device=device), device=device, dtype=dtype)
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     print(f"seed {seed}", file=sys.stderr)
-    update, close = _progress_bars()
+    update, close = _progress_bars(args.quiet)
     result = pipe(args.prompt, steps=args.cascade_steps, cfg=args.cascade_cfg, aug=args.cascade_aug, seed=seed,
                   init_image=init, resize_init_image=True,
                   size=(args.width, args.height) if args.width is not None else None, negative_prompt=args.negative,
@@ -264,9 +382,9 @@ def cmd_generate_cascade(args: argparse.Namespace) -> int:
                   callback=lambda stage, i, total: update(stage, total,
                                                           f"stage {stage} ({describe(pipe.configs[stage])})"))
     close()
-    for path, image, s in zip(_output_paths(args.out, args.batch), result.images, result.seeds):
-        save_png(image, path, {**result.params, "seed": s, "cascade": str(args.cascade)})
-        print(path)
+    paths = _output_paths(args.out, args.batch) if args.out is not None else [None] * args.batch
+    for path, image, s in zip(paths, result.images, result.seeds):
+        print(save_output(image, path, s, {**result.params, "seed": s, "cascade": str(args.cascade)}))
     return 0
 
 
@@ -292,7 +410,10 @@ def cmd_info_cascade(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xldm import __version__
+
     parser = argparse.ArgumentParser(prog="xldm", description="Stable Diffusion XL, from scratch in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"xldm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text-to-image, image-to-image, inpainting, base -> refiner")
@@ -322,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="zero-terminal-SNR schedule (v-prediction fine-tunes); default: the model's own "
                           "(ztsnr marker key)")
     gen.add_argument("--original-size", type=_size, default=None, metavar="WxH")
-    gen.add_argument("--crop-top-left", type=_crop, default=(0, 0), metavar="T,L")
+    gen.add_argument("--crop-top-left", type=_crop, default=None, metavar="T,L", help="default 0,0")
     gen.add_argument("--target-size", type=_size, default=None, metavar="WxH")
     gen.add_argument("--negative-original-size", type=_size, default=None, metavar="WxH")
     gen.add_argument("--negative-target-size", type=_size, default=None, metavar="WxH")
-    gen.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning (default 6.0)")
-    gen.add_argument("--negative-aesthetic-score", type=float, default=2.5)
+    gen.add_argument("--aesthetic-score", type=float, default=None, help="refiner conditioning (default 6.0)")
+    gen.add_argument("--negative-aesthetic-score", type=float, default=None, help="default 2.5")
     gen.add_argument("--init-image", default=None, help="image-to-image / SDEdit source")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.3)")
     gen.add_argument("--mask", default=None, help="inpainting mask, white = repaint (same size as the init image)")
@@ -335,9 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--low-memory", action="store_true", help="load, use and free one network at a time")
-    gen.add_argument("--long-prompts", action="store_true",
-                     help="encode prompts over 75 tokens in chunks (A1111) instead of truncating")
-    gen.add_argument("--weighting", action="store_true", help="A1111 (word:1.2) prompt weighting")
+    gen.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=None,
+                     help="encode prompts over 75 tokens in 75-token chunks, BREAK starting a new one (A1111; "
+                          "default on); --no-long-prompts: truncate at 75 tokens (diffusers)")
+    gen.add_argument("--weighting", action=argparse.BooleanOptionalAction, default=None,
+                     help="A1111 (word:1.2) / [word] prompt weighting (default on); --no-weighting: literal text")
+    gen.add_argument("--no-prompt-weighting", action="store_true",
+                     help="diffusers' prompt encoding: both --no-long-prompts and --no-weighting")
     gen.add_argument("--tile-vae", action="store_true", help="decode in tiles (large images, little memory)")
     gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:WEIGHT[:TEXT_WEIGHT]]",
                      help="LoRA / LyCORIS file on the model (repeatable, applied in order; weight default 1)")
@@ -367,7 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make the control map from the image: canny edges (OpenCV, default 100,200); 'none' = "
                           "the image is the map (depth, pose, ...)")
     gen.add_argument("--list-sizes", action="store_true", help="print the SDXL aspect-ratio buckets and exit")
-    gen.add_argument("--out", default=None, metavar="FILE.png")
+    gen.add_argument("--out", default=None, metavar="FILE",
+                     help=".png, .jpg/.jpeg or .webp (the settings in PNG text or EXIF UserComment, as A1111); "
+                          f"parent folders are made; default: {DEFAULT_OUTPUTS}/NNNNN-SEED.png, the next free number")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    gen.add_argument("--from-png", default=None, metavar="IMAGE",
+                     help="regenerate an image from its settings (xldm or A1111 metadata, PNG/JPEG/WebP); flags "
+                          "given too override them; the model is --model (or the default)")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages on stderr")
     gen.add_argument("--cascade", default=None, metavar="DIR_OR_FILES",
                      help="run a pixel-space cascade instead of --model: a folder of stage_N.safetensors, "
                           "comma-separated stage files, or 'default'")
@@ -392,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
     conv.add_argument("src", help="single-file checkpoint or diffusers folder")
     conv.add_argument("dst", help="output .safetensors file or folder")
-    conv.add_argument("--to", required=True, choices=["single-file", "diffusers"])
+    conv.add_argument("--to", default=None, choices=["single-file", "diffusers"],
+                      help="default: from DST (a .safetensors file: single-file; a folder: diffusers)")
     conv.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating weights (default: keep)")
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")

@@ -366,7 +366,11 @@ DEFAULT_REFINER_PATH = DATA_DIR / "default" / "refiner.safetensors"
 # The base's 4-step student (scripts/train_default_turbo.sh: adversarial diffusion distillation): its UNet alone, the
 # VAE and text encoders are the base's.  `xldm generate --model default-turbo` samples it as SDXL Turbo is sampled.
 DEFAULT_TURBO_UNET_PATH = DATA_DIR / "default" / "turbo.safetensors"
-GENERATE_DEFAULTS = {"steps": 30, "cfg": 5.0, "sampler": "euler", "timestep_spacing": "leading"}
+# The one set of generation defaults: the CLI, the Python API (GenerationRequest), the server and its page read
+# these.  Prompts follow A1111's semantics by default (modules/sd_hijack_clip.py: 75-token chunks, "(word:1.2)"
+# weights, BREAK); long_prompts="truncate", weighting=False is diffusers' plain encoding.
+GENERATE_DEFAULTS = {"steps": 30, "cfg": 5.0, "sampler": "euler", "timestep_spacing": "leading",
+                     "long_prompts": "chunk", "weighting": True}
 # SDXL Turbo's sampling (its model card: 1-4 steps, no guidance, Euler ancestral on trailing timesteps), here at the
 # student's four timesteps 999, 749, 499, 249
 TURBO_DEFAULTS = {"steps": 4, "cfg": 1.0, "sampler": "euler_a", "timestep_spacing": "trailing"}

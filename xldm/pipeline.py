@@ -24,7 +24,7 @@ from PIL import Image
 from xldm.conditioning import Conditioning, sampling_conditioning
 from xldm.controlnet import (ControlStack, ControlUnit, check_unit, control_image, open_control_image, unit_infotext,
                              unit_name)
-from xldm.config import PREDICTION_TYPES, ModelConfig
+from xldm.config import GENERATE_DEFAULTS, PREDICTION_TYPES, ModelConfig
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
@@ -46,16 +46,17 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything that decides an image.  Sizes are (width, height); crops are (top, left)."""
+    """Everything that decides an image.  Sizes are (width, height); crops are (top, left).  The defaults are
+    `xldm.config.GENERATE_DEFAULTS`, shared with the CLI and the server."""
 
     prompt: str
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
-    steps: int = 30
-    cfg: float = 5.0
+    steps: int = GENERATE_DEFAULTS["steps"]
+    cfg: float = GENERATE_DEFAULTS["cfg"]
     seed: int | None = None
-    sampler: str = "euler"
+    sampler: str = GENERATE_DEFAULTS["sampler"]
     batch: int = 1
     # img2img / SDEdit / inpainting
     init_image: Image.Image | None = field(default=None, repr=False)
@@ -72,9 +73,9 @@ class GenerationRequest:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0  # refiner only (diffusers StableDiffusionXLImg2ImgPipeline defaults)
     negative_aesthetic_score: float = 2.5
-    # prompt handling beyond diffusers' defaults
-    long_prompts: str = "truncate"
-    weighting: bool = False
+    # prompt handling: A1111's by default (75-token chunks, "(word:1.2)" and BREAK); "truncate" / False: diffusers'
+    long_prompts: str = GENERATE_DEFAULTS["long_prompts"]
+    weighting: bool = GENERATE_DEFAULTS["weighting"]
     tile_vae: bool | None = None  # None: tiled decode only when the image is large
     # LoRA / LyCORIS files on the main model: (path, weight[, text-encoder weight]) or LoraUse, with those the
     # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
@@ -84,7 +85,7 @@ class GenerationRequest:
     clip_skip: int | None = None  # A1111 "Clip skip": 1 = the model's own layer, 2 = one earlier, ...
     # which training timesteps the schedule visits (diffusers timestep_spacing; "trailing" = A1111 "SGM Uniform",
     # what few-step distilled models such as SDXL Turbo / Lightning expect); lcm and *_karras have their own
-    timestep_spacing: str = "leading"
+    timestep_spacing: str = GENERATE_DEFAULTS["timestep_spacing"]
     # the main model's parameterisation and training schedule; None = the model's own (its config, or the
     # single file's `v_pred` / `ztsnr` marker keys)
     prediction: str | None = None  # "epsilon" ("eps"), "v" or "x0"
@@ -131,8 +132,10 @@ class ModelHandle:
     """One model's networks: already loaded, or loaded from a path on use (and freed after, in low-memory mode)."""
 
     def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
-                 low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None) -> None:
+                 low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
+                 file: str | Path | None = None) -> None:
         self.dtype, self.device, self.low_memory = dtype, device, low_memory
+        self.source_file = None if file is None else Path(file)  # the file loaded Components came from
         self.vae_path = None if vae is None else Path(vae)
         self.unet_path = None if unet is None else Path(unet)
         if isinstance(source, Components):
@@ -145,7 +148,7 @@ class ModelHandle:
             self.path = Path(source)
             self.loaded = Components(config=model_info(self.path).config)
             self.config = self.loaded.config
-        self.name = self.path.name if self.path else self.config.kind
+        self.name = self.path.name if self.path else self.source_file.name if self.source_file else self.config.kind
         self.loras = LoraSet(self.config)
         self.embeddings: list = []  # xldm.embeddings.Embedding, attached whenever the text encoders are in use
         for component, override in (("vae", self.vae_path), ("unet", self.unet_path)):
@@ -155,6 +158,23 @@ class ModelHandle:
                     self._load(component)
         if self.unet_path is not None:
             self.name = self.unet_path.name
+        self._hashes: dict[Path, str | None] = {}
+
+    @property
+    def file(self) -> Path | None:
+        """The file the model's name comes from (the --unet file when its UNet replaces the model's); None for
+        networks given already loaded."""
+        return self.unet_path or self.path or self.source_file
+
+    def short_hash(self, path: Path | None) -> str | None:
+        """A1111's short hash of a file (`xldm.hashes`), computed once per handle (and cached across runs)."""
+        if path is None:
+            return None
+        if path not in self._hashes:
+            from xldm.hashes import short_hash
+
+            self._hashes[path] = short_hash(path)
+        return self._hashes[path]
 
     def _load(self, component: str) -> None:
         from xldm.weights.load import load_model, load_vae
@@ -355,7 +375,8 @@ def request_loras(req: GenerationRequest, lora_dir: str | Path | None, kept: Seq
 class Pipeline:
     """SDXL generation: `Pipeline(model, refiner)(prompt, ...)` -> GenerationResult.
 
-    `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder).
+    `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder);
+    `model_file` / `refiner_file` name the files loaded Components came from (infotext `Model`, `Model hash`).
     With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
     base + refiner run where only one UNet fits in memory.  `vae`: a VAE file that replaces the model's (e.g. the
     fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
@@ -365,13 +386,14 @@ class Pipeline:
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
                  lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] = (),
-                 embeddings_dir: str | Path | None = None) -> None:
+                 embeddings_dir: str | Path | None = None, model_file: str | Path | None = None,
+                 refiner_file: str | Path | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae,
-                                 unet=unet)
-        self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory)
-                        if refiner is not None else None)
+                                 unet=unet, file=model_file)
+        self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory,
+                                    file=refiner_file) if refiner is not None else None)
         if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
@@ -528,9 +550,11 @@ class Pipeline:
         """Resolve and run one request (see `run`)."""
         return self.run(self.resolve(req), callback=callback, output=output)
 
-    def run(self, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil") -> GenerationResult:
+    def run(self, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil",
+            status: Callable[[str], None] | None = None) -> GenerationResult:
         """Run a request resolved by `resolve_request`.  `callback(stage, i, total, x, x0)` after each step (raise
-        Interrupted to stop).  `output="latent"` returns latents without decoding (images empty)."""
+        Interrupted to stop).  `output="latent"` returns latents without decoding (images empty).  `status(message)`
+        hears of the work between the steps (the VAE decode)."""
         width, height, batch = req.width, req.height, req.batch
         seeds = [req.seed + i for i in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -600,6 +624,8 @@ class Pipeline:
         # (a VAE given to the pipeline replaces both models' VAEs, as A1111's sd_vae does)
         decoder = self.refiner if self.refiner is not None and self.refiner.has("vae") and base.vae_path is None \
             else base
+        if status is not None:
+            status(f"decoding {batch} image{'s' if batch > 1 else ''} ({width}x{height})")
         with decoder.use("vae") as comps:
             pixels = decode_checked(comps.vae, x, tile=req.tile_vae)
         return GenerationResult(images=tensor_to_images(pixels), seeds=seeds, params=params, latents=x)
@@ -607,8 +633,16 @@ class Pipeline:
     def _params(self, req: GenerationRequest, width: int, height: int, seeds: list[int]) -> list[dict[str, Any]]:
         common = {k: v for k, v in asdict(replace(req, init_image=None, mask=None, controlnets=())).items()
                   if k not in ("init_image", "mask", "seed", "batch", "controlnets")}
-        common.update(width=width, height=height, model=self.model.name, model_kind=self.model.config.kind,
-                      img2img=req.init_image is not None, inpaint=req.mask is not None)
+        # A1111 infotext names the checkpoint file (its stem) and its short hash; networks given already loaded
+        # have neither (their kind is in model_kind)
+        model_file = self.model.file
+        common.update(width=width, height=height, model=self.model.name if model_file else None,
+                      model_kind=self.model.config.kind, img2img=req.init_image is not None,
+                      inpaint=req.mask is not None)
+        if model_file is None:
+            common.pop("model")
+        elif (model_hash := self.model.short_hash(model_file)) is not None:
+            common["model_hash"] = model_hash
         if self.refiner is not None:
             common["refiner"] = self.refiner.name
         else:
@@ -633,6 +667,8 @@ class Pipeline:
             common["lora_hashes"] = lora_infotext(active)
         if self.model.vae_path is not None:
             common["vae"] = self.model.vae_path.name
+            if (vae_hash := self.model.short_hash(self.model.vae_path)) is not None:
+                common["vae_hash"] = vae_hash
         if req.controlnets:  # (absent when unused)
             common["controlnets"] = [dict(model=unit_name(u), preprocess=u.preprocess, scale=u.scale, start=u.start,
                                           end=u.end) for u in req.controlnets]
@@ -669,4 +705,6 @@ def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dt
     dt = dtype or default_dtype(dev)
     model = load_model(path, dtype=dt, device=dev)
     ref = load_model(refiner, dtype=dt, device=dev) if refiner is not None else None
-    return Pipeline(model, ref, dtype=dt, device=dev, **options)  # options: Pipeline's vae, lora_dir
+    # (the file names and hashes of the infotext come from the paths)
+    return Pipeline(model, ref, dtype=dt, device=dev, model_file=path, refiner_file=refiner,
+                    **options)  # options: Pipeline's vae, lora_dir

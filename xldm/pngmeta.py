@@ -1,10 +1,14 @@
-"""PNG files that remember how they were made.
+"""Image files (PNG, JPEG, WebP) that remember how they were made.
 
 `save_png` writes two text chunks:
   * `parameters`: the generation settings as AUTOMATIC1111's stable-diffusion-webui writes them ("infotext"), so
     the webui's "PNG Info" tab, civitai and the many tools that read that format understand xldm images;
   * `xldm`: a JSON object holding every setting exactly (the A1111 text is lossy: it has no place for, e.g.,
     the micro-conditioning sizes).
+JPEG and WebP files (`save_image`) carry the infotext as A1111 writes it there: EXIF UserComment (tag 0x9286 of the
+Exif IFD) in the "UNICODE" encoding of piexif's `UserComment.dump` (8-byte prefix, then UTF-16 big-endian, in a
+big-endian EXIF block), A1111 modules/images.py `save_image_with_geninfo`; `read_png_text` reads it back as the
+`parameters` text.
 
 The infotext layout follows A1111 `modules/processing.py` `create_infotext` and `modules/infotext_utils.py`
 (`quote`, `parse_generation_parameters`):
@@ -59,7 +63,7 @@ _NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start")
 # (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
 _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedule type"), ("cfg", "CFG scale"),
                 ("seed", "Seed"))
-_AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae", "VAE"),
+_AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae_hash", "VAE hash"), ("vae", "VAE"),
                ("strength", "Denoising strength"), ("clip_skip", "Clip skip"),
                # extra_generation_params of A1111's refiner (modules/sd_models_xl / processing refiner options)
                ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"),
@@ -86,8 +90,24 @@ def _unquote(text: str) -> str:
         return text
 
 
+# A1111 names a checkpoint by its file name without the extension (modules/sd_models.py CheckpointInfo
+# `name_for_extra`); these are the extensions taken off.
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+
+
+def checkpoint_stem(name: str) -> str:
+    """"sd_xl_base_1.0.safetensors" -> "sd_xl_base_1.0"; a folder's name (diffusers) is kept whole."""
+    for suffix in CHECKPOINT_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _translate(setting: str, value: Any, schedules: Mapping[str, str]) -> Any:
-    """Sampler and schedule names into the other program's names (`A1111_SAMPLER_NAMES` maps both ways)."""
+    """Sampler and schedule names into the other program's names (`A1111_SAMPLER_NAMES` maps both ways); model
+    files by their stem (A1111's `Model:`)."""
+    if setting in ("model", "refiner") and isinstance(value, str) and schedules is _SCHEDULES_TO_A1111:
+        return checkpoint_stem(value)
     if setting == "sampler":
         return A1111_SAMPLER_NAMES.get(value, value)
     return schedules.get(value, value) if setting == "schedule" else value
@@ -201,28 +221,103 @@ def encode_png(image: Image.Image, params: Mapping[str, Any] | None = None) -> b
 def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> Path:
     """`encode_png(image, params)` written atomically at `path` (`xldm.weights.io.atomic_write`: no reader sees
     half a PNG, an interrupted save leaves no partial file); returns the path.  JSON stores tuples as lists."""
+    return save_image(image, path, params, format="PNG")
+
+
+# file extension -> Pillow format; A1111 modules/images.py save_image_with_geninfo writes these three
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+JPEG_QUALITY = 80  # A1111 shared options jpeg_quality (also used for lossy WebP)
+USER_COMMENT = 0x9286  # EXIF UserComment, in the Exif IFD (0x8769)
+_UNICODE_PREFIX = b"UNICODE\0"  # piexif.helper.UserComment: "UNICODE" encoding = UTF-16 BE after this prefix
+_ASCII_PREFIX = b"ASCII\0\0\0"
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format for a file name by its extension; ValueError for others."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{os.fspath(path)}: unknown image type {suffix or '(no extension)'!r}; use "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
+def exif_user_comment(text: str) -> bytes:
+    """An EXIF block holding `text` as UserComment, as A1111 writes it with piexif (big-endian, "UNICODE")."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf_16_be")
+    return exif.tobytes()
+
+
+def _decode_user_comment(raw: bytes | str) -> str:
+    """piexif.helper.UserComment.load: the 8-byte character-code prefix names the encoding."""
+    if isinstance(raw, str):
+        return raw
+    prefix, body = raw[:8], raw[8:]
+    if prefix == _UNICODE_PREFIX:
+        return body.decode("utf_16_be", errors="replace")
+    if prefix == _ASCII_PREFIX:
+        return body.decode("ascii", errors="replace")
+    return raw.decode("utf-8", errors="replace").lstrip("\0")
+
+
+def encode_image(image: Image.Image, params: Mapping[str, Any] | None = None, format: str = "PNG") -> bytes:
+    """The file of `image` in memory: PNG with the text chunks of `params`, or JPEG / WebP with their infotext in
+    EXIF UserComment (A1111's layout)."""
+    if format == "PNG":
+        return encode_png(image, params)
+    options: dict[str, Any] = {"quality": JPEG_QUALITY}
+    if params is not None:
+        options["exif"] = exif_user_comment(format_a1111_parameters(params))
+    if format == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha (A1111 converts RGBA to RGB for JPEG too)
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None,
+               format: str | None = None) -> Path:
+    """`image` written atomically at `path` in the format of its extension (.png, .jpg/.jpeg, .webp) or `format`,
+    with its settings (`encode_image`); returns the path."""
     from xldm.weights.io import atomic_write  # here: reading PNG metadata needs no torch
 
-    data = encode_png(image, params)
+    data = encode_image(image, params, format or image_format(path))
     with atomic_write(path) as temp:
         temp.write_bytes(data)
     return Path(path)
 
 
+def image_text(image: Image.Image) -> dict[str, str]:
+    """The settings text of an open image: its PNG text chunks, and an EXIF UserComment (JPEG, WebP) as the
+    `parameters` text (A1111 modules/images.py read_info_from_image)."""
+    text = {key: str(value) for key, value in getattr(image, "text", {}).items()}
+    if A1111_CHUNK not in text:
+        try:
+            comment = image.getexif().get_ifd(0x8769).get(USER_COMMENT)
+        except Exception:  # a malformed EXIF block: no parameters, as A1111 reads it
+            comment = None
+        if comment:
+            text[A1111_CHUNK] = _decode_user_comment(comment)
+    return text
+
+
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
-    """All tEXt/zTXt/iTXt chunks of a PNG as {keyword: text}."""
+    """All tEXt/zTXt/iTXt chunks of a PNG as {keyword: text}; for JPEG / WebP, the EXIF UserComment as
+    {"parameters": text}."""
     with Image.open(path) as image:
         image.load()  # text chunks after the image data are read only with the pixels
-        return {key: str(value) for key, value in getattr(image, "text", {}).items()}
+        return image_text(image)
 
 
 def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings a PNG was made with: the `xldm` JSON chunk, or, for images from other tools, the A1111
-    `parameters` chunk converted with `a1111_to_params`.  Raises ValueError if the PNG has neither."""
+    """The settings an image was made with: the `xldm` JSON chunk, or, for images from other tools and for JPEG /
+    WebP, the A1111 `parameters` text converted with `a1111_to_params`.  Raises ValueError if it has neither."""
     text = read_png_text(path)
     if XLDM_CHUNK in text:
         return json.loads(text[XLDM_CHUNK])
     if A1111_CHUNK in text:
         return a1111_to_params(parse_a1111_parameters(text[A1111_CHUNK]))
     raise ValueError(f"{os.fspath(path)}: no generation settings found (expected a PNG text chunk "
-                     f"{XLDM_CHUNK!r} or {A1111_CHUNK!r}, found {sorted(text) or 'none'})")
+                     f"{XLDM_CHUNK!r} or {A1111_CHUNK!r}, or an EXIF UserComment; found {sorted(text) or 'none'})")

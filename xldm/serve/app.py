@@ -10,7 +10,8 @@ xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and `/static/*` (th
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (over all batches)
 uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's "(word:1.2)"
-weighting and 75-token chunks: the same pixels as `xldm generate --weighting --long-prompts` with the same settings.
+weighting, BREAK and 75-token chunks unless `prompt_weighting` is false; sampler, steps and CFG scale default to
+`xldm.config.GENERATE_DEFAULTS`: the same pixels as `xldm generate` and the Python API with the same settings.
 
 Guards, outermost first (`RequestGuard`):
   1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` (or the address listened on) is
@@ -52,10 +53,12 @@ from starlette.concurrency import run_in_threadpool
 
 from xldm import __version__
 from xldm.buckets import scaled_buckets
+from xldm.config import GENERATE_DEFAULTS
 from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.lora import parse_lora_tags, read_lora
 from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, request_loras, resolve_request
-from xldm.pngmeta import A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, parse_a1111_parameters, save_png
+from xldm.pngmeta import (A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, image_text,
+                          parse_a1111_parameters, save_png)
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
 from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes, vae_latent_channels
 from xldm.serve.schemas import (
@@ -347,7 +350,7 @@ class Server:
                 negative_target_size=pair(body.negative_target_size),
                 aesthetic_score=given(body.aesthetic_score, "sdxl_refiner_high_aesthetic_score"),
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
-                long_prompts="chunk", weighting=True,
+                **({} if body.prompt_weighting else {"long_prompts": "truncate", "weighting": False}),
                 clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         low, high = self.limits.min_side, self.limits.max_side
@@ -416,7 +419,8 @@ class Server:
             "subseed_strength": 0, "width": req.width, "height": req.height,
             "sampler_name": A1111_SAMPLER_NAMES[req.sampler], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": Path(plan.model).stem, "sd_model_hash": None,
+            "sd_model_name": Path(plan.model).stem,
+            "sd_model_hash": outcome.params[0].get("model_hash") if outcome.params else None,
             "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
@@ -461,6 +465,8 @@ class Server:
             "refiners": [e.name for e in self.store.entries.values() if e.is_refiner],
             "refiner": self.refiner, "default_size": [entry.default_size, entry.default_size], "sizes": sizes,
             "samplers": [A1111_SAMPLER_NAMES[s] for s in SAMPLER_NAMES], "outputs": self.outputs is not None,
+            "defaults": {"sampler": A1111_SAMPLER_NAMES[GENERATE_DEFAULTS["sampler"]],
+                         "steps": GENERATE_DEFAULTS["steps"], "cfg_scale": GENERATE_DEFAULTS["cfg"]},
             "limits": {name: getattr(self.limits, name)
                        for name in ("max_steps", "max_batch_size", "max_n_iter", "max_cfg", "max_prompt_chars")},
         }
@@ -560,9 +566,10 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, tags=["sdapi"])
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:
-        """The generation parameters stored in a PNG (the webui's `parameters` text chunk)."""
+        """The generation parameters stored in an image (the webui's `parameters` PNG text chunk, or the EXIF
+        UserComment of a JPEG / WebP)."""
         image = await run_in_threadpool(_decode, body.image, "image", server.limits)
-        chunks = {k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)}
+        chunks = image_text(image)
         text = chunks.pop(A1111_CHUNK, "")
         parameters: dict[str, Any] = parse_a1111_parameters(text) if text else {}
         if "Size" in parameters and "x" in parameters["Size"]:  # the webui also splits the size

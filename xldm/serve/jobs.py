@@ -330,6 +330,8 @@ class ModelStore:
                     self._loaded[name].unet = load_model(entry.unet, components=["unet"], dtype=self.dtype,
                                                          device=self.device).unet
         pipe = Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
-                        dtype=self.dtype, device=self.device, vae=vae, lora_dir=lora_dir)
+                        dtype=self.dtype, device=self.device, vae=vae, lora_dir=lora_dir,
+                        model_file=self.entries[model].unet or self.entries[model].path,
+                        refiner_file=self.entries[refiner].path if refiner else None)
         self._pipeline = (key, pipe)
         return pipe

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED
+from xldm.config import GENERATE_DEFAULTS
 from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 
 
@@ -72,7 +73,7 @@ def sampler_aliases(xldm_name: str) -> list[str]:
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     """A webui sampler name (or alias, or xldm name; case-insensitive) -> the xldm sampler name."""
-    name = (name or "Euler").strip()
+    name = (name or A1111_SAMPLER_NAMES[GENERATE_DEFAULTS["sampler"]]).strip()
     sched = (scheduler or "").strip().lower()
     if sched in _SCHEDULERS_MERGED and not name.lower().endswith(_SCHEDULERS_MERGED[sched].lower()):
         name += _SCHEDULERS_MERGED[sched]
@@ -188,8 +189,9 @@ class GenerationBase(_NoPaths):
     scheduler: str | None = Field(default=None, max_length=64, description='"Automatic" or "Karras" (webui >= 1.9)')
     batch_size: int = Field(default=1, ge=1, le=_L.max_batch_size)
     n_iter: int = Field(default=1, ge=1, le=_L.max_n_iter)
-    steps: int = Field(default=50, ge=1, le=_L.max_steps)
-    cfg_scale: float = Field(default=7.0, ge=0, le=_L.max_cfg)
+    # (xldm's shared defaults, xldm.config.GENERATE_DEFAULTS: the CLI and the Python API use the same)
+    steps: int = Field(default=GENERATE_DEFAULTS["steps"], ge=1, le=_L.max_steps)
+    cfg_scale: float = Field(default=GENERATE_DEFAULTS["cfg"], ge=0, le=_L.max_cfg)
     width: int | None = Field(default=None, ge=_L.min_side, le=_L.max_side, multiple_of=8,
                               description="default: the model's native size")
     height: int | None = Field(default=None, ge=_L.min_side, le=_L.max_side, multiple_of=8)
@@ -225,6 +227,9 @@ class GenerationBase(_NoPaths):
     negative_target_size: Size2 | None = None
     aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner conditioning (6.0)")
     negative_aesthetic_score: float | None = Field(default=None, ge=0, le=10, description="refiner (2.5)")
+    # xldm: the webui's prompt semantics (75-token chunks, "(word:1.2)", BREAK), as `xldm generate` by default
+    prompt_weighting: bool = Field(default=True, description="false: diffusers' plain encoding (77 tokens, no "
+                                                              "weights), as `xldm generate --no-prompt-weighting`")
 
     @model_validator(mode="after")
     def _supported(self) -> "GenerationBase":

@@ -33,7 +33,12 @@ async function loadConfig() {
     if (w === config.default_size[0] && h === config.default_size[1]) option.selected = true;
     size.add(option);
   }
-  for (const name of config.samplers) $("sampler").add(new Option(name, name));
+  for (const name of config.samplers) {
+    const chosen = name === config.defaults.sampler;
+    $("sampler").add(new Option(name, name, chosen, chosen));
+  }
+  $("steps").value = config.defaults.steps;  // the shared defaults (xldm.config.GENERATE_DEFAULTS)
+  $("cfg").value = config.defaults.cfg_scale;
   $("steps").max = config.limits.max_steps;
   $("cfg").max = config.limits.max_cfg;
   $("batch").max = config.limits.max_batch_size;
