@@ -306,10 +306,10 @@ def test_cli_generate_with_repeatable_controlnet_flags(setup, tmp_path, capsys):
                                                               controlnets=units)
     assert max_diff(ours.images, [Image.open(out)]) == 0
     with pytest.raises(SystemExit, match="every ControlNet needs its control image"):
-        cli_main(args[:args.index("--control-image")] + ["--controlnet", str(original)])
+        cli_main(args[:args.index("--control-image")] + ["--controlnet", str(original), "--force"])
     with pytest.raises(SystemExit, match="2 --control-scale for 1 --controlnet"):
         cli_main(["generate", PROMPT, "--model", str(base), "--out", str(tmp_path / "x.png"), "--controlnet",
-                  str(original), "--control-image", str(sketch), "--control-scale", "1", "--control-scale", "2"])
+                  str(original), "--control-image", str(sketch), "--control-scale", "1", "--control-scale", "2", "--force"])
 
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
