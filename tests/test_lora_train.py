@@ -124,6 +124,7 @@ def _learns(tmp_path, steps: int, lr: float = 4e-3):
     return _red_share(before), _red_share(after), after
 
 
+@pytest.mark.slow  # a learning run (~35 s on 2 cores); the kohya-file test above trains a LoRA and checks it against diffusers
 def test_lora_teaches_the_bundled_model_a_new_concept(tmp_path):
     # measured (100 steps, ~20 s): red share 0.0 without the LoRA, 0.14-0.28 per image with it
     before, after, _ = _learns(tmp_path, 100)

@@ -30,7 +30,9 @@ def _args(data: Path, out: Path, batch: int, extra: tuple[str, ...] = ()) -> lis
             "--set", "text_dropout=0.5", "--set", "offset_noise=0.05", "--set", "adam_eps=1e-4"]
 
 
-@pytest.mark.parametrize("extra", [(), ("--lora-rank", "4", "--lora-text-encoders")], ids=["full", "lora"])
+# the LoRA variant (~25 s) runs with -m slow; the full one covers the all-reduce and the per-rank data state
+@pytest.mark.parametrize("extra", [(), pytest.param(("--lora-rank", "4", "--lora-text-encoders"), marks=pytest.mark.slow)],
+                         ids=["full", "lora"])
 def test_two_processes_equal_one_with_double_batch(tmp_path, extra):
     from shapes_dataset import make_shapes_dataset
 

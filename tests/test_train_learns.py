@@ -142,6 +142,7 @@ def _rate(measured: list, index: int, want: str) -> float:
     return sum(m[index] == want for m in measured) / len(measured)
 
 
+@pytest.mark.slow  # a learning run (~60 s on 2 cores); test_train_loop checks that steps lower the loss
 def test_tiny_model_follows_position_in_captions(tmp_path):
     results = _train_and_sample(tmp_path, per_combo=6, vae_steps=100, unet_steps=200, samples=8,
                                 clip_init=False)

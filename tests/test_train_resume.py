@@ -126,7 +126,8 @@ def _args(data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> lis
 LORA = ("--lora-rank", "4", "--lora-conv", "--lora-text-encoders")
 
 
-@pytest.mark.parametrize("extra", [(), LORA], ids=["full", "lora"])
+# the LoRA variant (~30 s) runs with -m slow; the full one covers the resume path, test_lora_train the LoRA files
+@pytest.mark.parametrize("extra", [(), pytest.param(LORA, marks=pytest.mark.slow)], ids=["full", "lora"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     from shapes_dataset import make_shapes_dataset
 
