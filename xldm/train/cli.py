@@ -24,7 +24,7 @@ from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 # flag -> TrainConfig field, for the flags that set a field directly.
 _FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed", "lr", "init", "keep_checkpoints",
                 "mixed_precision", "device", "text_encoders_from", "grad_accum_steps", "sample_every",
-                "sample_prompts", "lora_rank", "lora_alpha", "teacher")
+                "sample_prompts", "lora_rank", "lora_alpha", "teacher", "control")
 RANDOM_INIT_NOTE = ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
                     "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
                     "diffusers folder)")
@@ -60,6 +60,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="one prompt per line, kohya options --n --s --l --d --w --h; grids in RUN_DIR/samples/")
     p.add_argument("--teacher", default=None, metavar="MODEL",
                    help="distillation presets (*-turbo): the model distilled into a few-step student")
+    p.add_argument("--control", default=None, metavar="PREPROCESSOR",
+                   help="ControlNet presets (*-controlnet): how control images are made from the training images: "
+                        "canny or canny:LOW,HIGH")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="train a rank-R LoRA (kohya file RUN/final/lora.safetensors) instead of the weights")
     p.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: the rank)")

@@ -15,7 +15,7 @@ from xldm.config import PREDICTION_TYPES, PRESETS, ModelConfig
 
 # "clip": contrastive pre-training of the text encoders (xldm.train.contrastive); "add": adversarial diffusion
 # distillation of a few-step student from a teacher (xldm.train.distill)
-TASKS = ("diffusion", "vae", "clip", "add")
+TASKS = ("diffusion", "vae", "clip", "add", "controlnet")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -50,6 +50,10 @@ class TrainConfig:
     distill_weight: float = 2.5  # ADD Sec. 3.2: lambda = 2.5
     teacher_cfg: float = 5.0  # the teacher's guidance in the distillation target (the bundled model's default)
     r1_weight: float = 1e-5  # R1 penalty on the discriminator's real inputs (Mescheder et al. 2018; ADD App. uses R1)
+    # ControlNet (task "controlnet", Zhang et al. 2023): a ControlNet trained on the frozen `--init` model, its
+    # control images made from each training crop by this preprocessor ("canny" or "canny:LOW,HIGH",
+    # xldm.controlnet.parse_preprocess)
+    control: str = ""
 
     data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
     out: str = ""  # run directory: checkpoints/, metrics.jsonl, final/
@@ -155,6 +159,19 @@ class TrainConfig:
                                      and not self.train_text_encoders and self.parallel == "ddp"),
               "a LoRA trains a latent model's diffusion task, with ddp, and instead of train_text_encoders")
         check(self.task != "add" or self.model_config.vae is not None, "task 'add' distils a latent model")
+        if self.task == "controlnet":
+            from xldm.controlnet import parse_preprocess
+
+            check(self.model_config.vae is not None, "task 'controlnet' trains on a latent model")
+            check(bool(self.control), "task 'controlnet' needs --control canny (or canny:LOW,HIGH): how the control "
+                                      "images are made from the training images")
+            try:
+                chosen = parse_preprocess(self.control)
+            except ValueError as e:
+                check(False, f"control: {e}")
+            check(chosen is not None, f"control must name a preprocessor (canny), got {self.control!r}")
+        check(not self.control or self.task == "controlnet",
+              f"control applies to task 'controlnet' only, got task {self.task!r}")
         check(all(0 <= t < NUM_TRAIN_TIMESTEPS for t in self.student_timesteps) and self.student_timesteps,
               f"student_timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS}), got {self.student_timesteps}")
         check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
@@ -309,6 +326,20 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                                  keep_checkpoints=2, disc_channels=64),
     "tiny-sdxl-base-turbo": TrainConfig(model="tiny-sdxl-base", task="add", lr=1e-4, ema_decay=0.0,
                                         **{k: v for k, v in _TINY.items() if k not in ("lr", "ema_decay")}),
+    # ControlNets (task "controlnet") on a frozen --init model: half the captions dropped (ControlNet paper Sec. 3.3:
+    # "randomly replace 50% text prompts with empty strings"), canny control images by default (--control).
+    # Full SDXL: the paper's AdamW rate 1e-5 (Sec. 4.1 / App.), bf16 and checkpointing to fit one GPU.
+    "sdxl-base-controlnet": TrainConfig(model="sdxl-base", task="controlnet", control="canny", resolution=1024,
+                                        bucket_step=64, text_dropout=0.5, lr=1e-5, mixed_precision="bf16",
+                                        gradient_checkpointing=True, batch_size=1, ema_decay=0.0),
+    # The bundled base's canny ControlNet (scripts/train_default_controlnet.sh): rate, batch, steps ours for a short
+    # CPU run; no EMA (the run is too short for one to settle).
+    "default-controlnet": TrainConfig(model="default-base", task="controlnet", control="canny", resolution=128,
+                                      bucket_step=32, batch_size=8, steps=3000, lr=2e-4, warmup_steps=50,
+                                      text_dropout=0.5, ema_decay=0.0, weight_decay=0.0, checkpoint_every=100,
+                                      keep_checkpoints=2),
+    "tiny-sdxl-base-controlnet": TrainConfig(model="tiny-sdxl-base", task="controlnet", control="canny",
+                                             text_dropout=0.5, **_TINY),
     "tiny-cascade-base-16": TrainConfig(model="tiny-cascade-base-16", **_TINY_STAGE),
     "tiny-cascade-sr-32": TrainConfig(model="tiny-cascade-sr-32", aug_level_max=0.5, **_TINY_STAGE),
     "tiny-cascade-sr-64": TrainConfig(model="tiny-cascade-sr-64", aug_level_max=0.5, **_TINY_STAGE),

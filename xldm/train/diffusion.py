@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def build_model(config: TrainConfig) -> Components:
     if config.prediction_type:
         mc = replace(mc, prediction_type=config.prediction_type)
     torch.manual_seed(config.seed)  # the same random init in every process (DDP also broadcasts rank 0's)
-    diffusion = config.task == "diffusion"
+    diffusion = config.task in ("diffusion", "controlnet")  # (a UNet and text encoders)
     unet = loaded.unet if loaded and loaded.unet is not None else UNet(mc.unet) if diffusion else None
     vae = None if mc.vae is None else loaded.vae if loaded and loaded.vae is not None else AutoencoderKL(mc.vae)
     encoders = () if not diffusion else loaded.text_encoders if loaded and loaded.text_encoders else tuple(
@@ -181,8 +181,9 @@ def batches(config: TrainConfig, procs: parallel.Processes):
                            augment=config.augment)
 
 
-def loss(run: Run, batch: dict, step: int) -> Tensor:
-    """The (weighted) diffusion loss of this process's rows at `step`."""
+def loss(run: Run, batch: dict, step: int, control: Callable | None = None) -> Tensor:
+    """The (weighted) diffusion loss of this process's rows at `step`.  `control(noisy, timesteps, context, vector,
+    pixels)`: ControlNet residuals for the UNet (the ControlNet task, xldm.train.controlnet), None = none."""
     from xldm.cascade import augment, downsample_for_sr, upsample_low_res
 
     config, model = run.config, run.model
@@ -217,8 +218,9 @@ def loss(run: Run, batch: dict, step: int) -> Tensor:
                                             embeddings=text)
     noisy = run.denoiser.noised(x0, noise, timesteps)
     with run.autocast():
+        residuals = None if control is None else control(noisy, timesteps, context, vector, pixels)
         prediction = run.forward["unet"](noisy if low_res is None else concat_channels(noisy, low_res), timesteps,
-                                         context, vector)
+                                         context, vector, **({} if residuals is None else {"control": residuals}))
     return run.denoiser.loss(prediction, x0, noise, timesteps, config.min_snr_gamma)
 
 

@@ -5,11 +5,12 @@
     -> task.export (final/)
 
 A task is a module with `build`, `batches`, `step` and `export`, chosen by `TrainConfig.task` (TASKS): `diffusion`
-(latent models and cascade stages), `vae`, `contrastive`.  Randomness comes from per-sample generators of (seed, step,
-sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`), and a checkpoint holds
-weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps straight and N/2 +
-kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step whose loss or gradient
-norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` in a row stop the run (`NonFiniteLossError`).
+(latent models and cascade stages), `vae`, `contrastive`, `distill`, `controlnet`.  Randomness comes from per-sample
+generators of (seed, step, sample index) or from (seed, step), the learning rate is a function of the step (`lr_at`),
+and a checkpoint holds weights, EMA (with its counter), AdamW moments, every global RNG and the data position: N steps
+straight and N/2 + kill + resume + N/2 give bit-identical weights on CPU with deterministic algorithms on.  A step
+whose loss or gradient norm is not finite (on any rank) changes nothing; `max_nonfinite_steps` in a row stop the run
+(`NonFiniteLossError`).
 Under torchrun each process trains on its rows of the global batch (rank r: rows r*B:(r+1)*B), the trained network
 wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B equal 1 process x W*B up to float
 summation order; rank 0 writes checkpoints, metrics and the export.  A step of `grad_accum_steps` = N takes N batches
@@ -35,12 +36,12 @@ import torch.distributed as dist
 
 from xldm.errors import NonFiniteError
 from xldm.train import checkpoint as ckpt
-from xldm.train import contrastive, diffusion, distill, parallel, samples, vae
+from xldm.train import contrastive, controlnet, diffusion, distill, parallel, samples, vae
 from xldm.train.config import TrainConfig, lr_at
 from xldm.train.parallel import Processes, setup_processes
 from xldm.train.run import Run, StepResult
 
-TASKS = {"diffusion": diffusion, "vae": vae, "clip": contrastive, "add": distill}
+TASKS = {"diffusion": diffusion, "vae": vae, "clip": contrastive, "add": distill, "controlnet": controlnet}
 
 
 class NonFiniteLossError(NonFiniteError):
