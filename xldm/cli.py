@@ -201,6 +201,14 @@ def _control_units(args: argparse.Namespace) -> tuple:
     if len(args.control_image) != n:
         raise SystemExit(f"xldm generate: error: {n} --controlnet but {len(args.control_image)} --control-image; "
                          f"every ControlNet needs its control image")
+    from xldm.config import BUNDLED_CONTROLNETS
+
+    for k, name in enumerate(args.controlnet):
+        if name in BUNDLED_CONTROLNETS:
+            if not (BUNDLED_CONTROLNETS[name] / "config.json").exists():
+                raise SystemExit(f"xldm generate: error: the bundled ControlNet {name} is not installed (expected "
+                                 f"{BUNDLED_CONTROLNETS[name]}; scripts/train_default_controlnet.sh makes it)")
+            args.controlnet[k] = str(BUNDLED_CONTROLNETS[name])
     for path in (*args.controlnet, *args.control_image):
         if not Path(path).exists():
             raise SystemExit(f"xldm generate: error: {path}: no such file or folder")
@@ -478,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
     gen.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                     help="ControlNet (diffusers folder or single file) on the base; repeatable, applied in order: "
-                          "the k-th --control-* option goes with the k-th --controlnet")
+                     help="ControlNet (diffusers folder or single file, or default-canny: the bundled base's) on the "
+                          "base; repeatable, applied in order: the k-th --control-* option goes with the k-th "
+                          "--controlnet")
     gen.add_argument("--control-image", action="append", default=[], metavar="IMG",
                      help="control image of a --controlnet (resized to the output size)")
     gen.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",

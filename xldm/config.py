@@ -366,6 +366,9 @@ DEFAULT_REFINER_PATH = DATA_DIR / "default" / "refiner.safetensors"
 # The base's 4-step student (scripts/train_default_turbo.sh: adversarial diffusion distillation): its UNet alone, the
 # VAE and text encoders are the base's.  `xldm generate --model default-turbo` samples it as SDXL Turbo is sampled.
 DEFAULT_TURBO_UNET_PATH = DATA_DIR / "default" / "turbo.safetensors"
+# ControlNets of the bundled base by name (`xldm generate --controlnet default-canny`): diffusers folders
+# (scripts/train_default_controlnet.sh); their control maps are white canny edges on black.
+BUNDLED_CONTROLNETS = {"default-canny": DATA_DIR / "default" / "default-canny"}
 # The one set of generation defaults: the CLI, the Python API (GenerationRequest), the server and its page read
 # these.  Prompts follow A1111's semantics by default (modules/sd_hijack_clip.py: 75-token chunks, "(word:1.2)"
 # weights, BREAK); long_prompts="truncate", weighting=False is diffusers' plain encoding.
