@@ -46,7 +46,7 @@ class Scale:
 SCALE_SETTINGS: dict[str, Scale] = {
     "smoke": Scale("smoke", "tiny-sdxl-base", "tiny-sdxl-refiner", resolution=64, bucket_step=64, images=24, steps=2,
                    refiner_steps=2, batch_size=2, evaluator_steps=2, evaluator_resolution=32, evaluator_batch=8,
-                   samples=4, sampling_seeds=2, sample_steps=2, checkpoint_every=1),
+                   samples=4, sampling_seeds=2, sample_steps=2, checkpoint_every=2),
     # The default model's architecture from scratch (its presets' rates), with the bundled model's frozen VAE and
     # text encoders (init_components): steps sized for ~25 min per UNet run on the 2-core CPU (measured ~1.4 it/s
     # at batch 16, scripts/train_default.sh).
@@ -179,7 +179,7 @@ def unet_config(scale: Scale, preset: str, out: Path, data: Path, seed: int, ste
 
     base = train_preset(preset)
     settings = dict(data=str(data), out=str(out), seed=seed, steps=steps, batch_size=scale.batch_size,
-                    resolution=scale.resolution, bucket_step=scale.bucket_step,
+                    resolution=scale.resolution, bucket_step=max(scale.bucket_step, base.bucket_step),  # refiner: 64
                     checkpoint_every=scale.checkpoint_every, keep_checkpoints=2)
     if scale.name != "smoke":
         settings.update(init=str(DEFAULT_MODEL_PATH), init_components=("vae", "text_encoders"))
@@ -317,3 +317,28 @@ def write_report(out: Path, title: str, intro: str, sections: Sequence[tuple[str
 
 def fmt(x: float, digits: int = 2) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def bar_chart(title: str, bars: Sequence[tuple[str, float]], width: int = 480, unit: str = "") -> Image.Image:
+    """Horizontal bars, each labelled with its name and value (longest bar = full width)."""
+    label_width, row = 8 + 7 * max(len(name) for name, _ in bars), 22
+    sheet = Image.new("RGB", (label_width + width + 90, 28 + row * len(bars)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 6), title, fill=(0, 0, 0))
+    top = max(value for _, value in bars) or 1.0
+    for i, (name, value) in enumerate(bars):
+        y = 28 + i * row
+        draw.text((4, y + 4), name, fill=(0, 0, 0))
+        draw.rectangle((label_width, y + 2, label_width + max(1, int(width * value / top)), y + row - 4),
+                       fill=(70, 110, 200))
+        draw.text((label_width + int(width * value / top) + 4, y + 4), f"{value:.3g}{unit}", fill=(0, 0, 0))
+    return sheet
+
+
+def stack_vertically(images: Sequence[Image.Image]) -> Image.Image:
+    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), (255, 255, 255))
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height
+    return sheet
