@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
-from xldm.train.contrastive import CaptionedImages, evaluate, letterbox, load_evaluator
-from xldm.train.data import is_heldout, to_rgb
+from xldm.reproduce.metrics import score, to_evaluator_pixels  # noqa: F401  (the measure lives in the package)
+from xldm.train.contrastive import load_evaluator
+from xldm.train.data import is_heldout
 
 Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
 
@@ -49,20 +49,6 @@ def caption_sets(data: str | Path, *, count: int = 256, seed: int = 0) -> dict[s
             keep = torch.randperm(len(part), generator=generator)[:count].sort().values.tolist()
             sets[name] = [part[i] for i in keep]
     return sets
-
-
-def to_evaluator_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
-    """(N, 3, size, size) uint8: each image on white (alpha composited), letterboxed square, Lanczos-resized, as
-    the evaluator was trained (`xldm.train.contrastive.load_images`)."""
-    arrays = [letterbox(to_rgb(image), size) for image in images]
-    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
-
-
-def score(evaluator, images: list[Image.Image], captions: list[str], *, seed: int = 0) -> dict[str, float]:
-    """Retrieval accuracy of each image's caption among 15 distractors of `captions` (image i has caption i)."""
-    pixels = to_evaluator_pixels(images, evaluator.tower_config.image_size)
-    data = CaptionedImages(pixels, torch.arange(len(captions)), list(captions))
-    return evaluate(evaluator, data, torch.device("cpu"), seed=seed)
 
 
 def real_images(data: str | Path, records: list[dict]) -> list[Image.Image]:

@@ -417,6 +417,16 @@ def cmd_info_cascade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from xldm.reproduce import reproduce
+
+    out = Path(args.out or f"reproduce/{args.name}-{args.scale}")
+    results = reproduce(args.name, out, scale=args.scale, seed=args.seed, data=args.data, progress=True)
+    print(f"{out / 'report.md'} ({results['seconds']:.0f} s; the paper's ordering "
+          f"{'holds' if results['paper_ordering_holds'] else 'does not hold'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xldm import __version__
 
@@ -539,6 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true",
                       help="read a .ckpt/.pt/.bin pickle (torch.load weights_only=True, torch >= 2.6)")
     conv.set_defaults(func=cmd_convert)
+    rep = sub.add_parser("reproduce", help="the SDXL paper's claims at small scale: a report.md and results.json")
+    rep.add_argument("name", choices=["size-conditioning", "crop-conditioning", "refiner", "cascade-cost"])
+    rep.add_argument("--out", default=None, help="output folder (default reproduce/NAME-SCALE); finished training "
+                                                 "runs in it are reused, unfinished ones resumed")
+    rep.add_argument("--scale", default="smoke", choices=["smoke", "small", "full"],
+                     help="smoke: tiny models, seconds; small: the real experiment, < 2 h on a 2-core CPU; full: more")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--data", default=None, help="image folder with metadata.jsonl (e.g. the emoji dataset of "
+                                                  "datasets/emoji.py); default: seeded synthetic shapes")
+    rep.set_defaults(func=cmd_reproduce)
     from xldm.train.cli import add_train_parser
 
     add_train_parser(sub)

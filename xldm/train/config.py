@@ -73,6 +73,10 @@ class TrainConfig:
     downscale_sides: tuple[int, int] = (8, 24)
     zoom_crops: float = 0.0
     zoom_max: float = 1.5
+    # Ablations of the micro-conditioning (SDXL paper Table 2, Sec. 2.2; xldm.reproduce): off, the UNet is told the
+    # training size as c_size (original = target) and (0, 0) as c_crop, whatever the preprocessing did.
+    size_conditioning: bool = True
+    crop_conditioning: bool = True
 
     prediction_type: str = ""  # "" = the model's (ModelConfig.prediction_type); else trained and exported so
     timestep_min: int = 0

@@ -204,6 +204,10 @@ def loss(run: Run, batch: dict, step: int, control: Callable | None = None) -> T
     timesteps, noise = draw.timesteps.to(run.device), draw.noise.to(run.device)
     h, w = pixels.shape[-2:]
     values = {"original_size": (h, w), "crop_top_left": (0, 0), "target_size": (h, w), **batch}
+    if not config.size_conditioning:  # ablation (SDXL Table 2): c_size carries the training size only
+        values["original_size"] = values["target_size"]
+    if not config.crop_conditioning:  # ablation (SDXL Sec. 2.2): c_crop always (0, 0)
+        values["crop_top_left"] = torch.zeros_like(torch.as_tensor(values["crop_top_left"]))
     low_res = None
     if mc.sr_scale:  # after draw_noise, per sample: the augmentation level, then its noise
         low = downsample_for_sr(pixels, mc.sr_scale)
