@@ -31,6 +31,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PIXEL_TOL = 2  # out of 255, per pixel (the issue's bound)
+LATENT_TOL = 1e-4
 PROMPT = "a red apple on a wooden table"
 SEED = 77
 
@@ -94,12 +95,17 @@ def test_latent_hires_equals_diffusers_txt2img_then_img2img(models, ref_base, re
     mode, antialias = LATENT_UPSCALE_MODES[upscaler]
     big = F.interpolate(latents, size=(int(height * scale) // 8, int(width * scale) // 8), mode=mode,
                         antialias=antialias)
-    ref = ref_img2img(PROMPT, image=big, strength=strength, num_inference_steps=hires_steps, guidance_scale=5.0,
-                      num_images_per_prompt=batch, generator=generators(batch)).images
+    ref_latents = ref_img2img(PROMPT, image=big, strength=strength, num_inference_steps=hires_steps,
+                              guidance_scale=5.0, num_images_per_prompt=batch, generator=generators(batch),
+                              output_type="latent").images
+    with torch.no_grad():
+        decoded = ref_img2img.vae.decode(ref_latents / ref_img2img.vae.config.scaling_factor).sample
+    ref = ref_img2img.image_processor.postprocess(decoded, output_type="pil")
     result = Pipeline(models[0], device="cpu", dtype=torch.float32)(
         PROMPT, steps=steps, width=width, height=height, seed=SEED, batch=batch, hires_scale=scale,
         hires_upscaler=upscaler, hires_strength=strength, hires_steps=hires_steps)
     assert result.images[0].size == (96, 72)
+    assert (result.latents - ref_latents).abs().max().item() <= LATENT_TOL * max(1.0, ref_latents.abs().max().item())
     diff = max_diff(result.images, ref)
     print(f"hires {upscaler}: max |diff| {diff}/255")
     assert diff <= PIXEL_TOL, f"{upscaler}: max pixel difference {diff}/255"
@@ -157,6 +163,11 @@ def test_hires_steps_default_to_the_first_pass_and_batch_items_match_solo_runs(m
     assert result.images[1].size == (64, 64) and result.seeds == [5, 6]
     solo = pipe(PROMPT, steps=4, width=32, height=32, seed=6, hires_scale=2.0, hires_strength=0.5).images
     assert max_diff(solo, result.images[1:]) == 0
+    # the upscaler matters, far beyond the parity tests' latent tolerance (so they tell the modes apart)
+    modes = [pipe.generate(GenerationRequest(prompt=PROMPT, steps=4, width=32, height=32, seed=6, hires_scale=2.0,
+                                             hires_strength=0.5, hires_upscaler=mode), output="latent").latents
+             for mode in ("Latent", "Latent (nearest)")]
+    assert (modes[0] - modes[1]).abs().max().item() > 100 * LATENT_TOL
     plain = pipe(PROMPT, steps=4, width=64, height=64, seed=5).params[0]
     assert not any(key.startswith("hires") for key in plain)  # plain images keep their metadata
 
@@ -174,6 +185,7 @@ def test_hires_steps_default_to_the_first_pass_and_batch_items_match_solo_runs(m
     (dict(hires_size=(0, 0)), "one may be 0"),
     (dict(hires_size=(32, 32)), "smaller than the first pass's 64x64"),
     (dict(hires_scale=2.0, hires_steps=-1), "hires_steps must be an integer >= 0"),
+    (dict(hires_steps=10), "hires_steps set without hires_scale or hires_size"),
     (dict(hires_scale=2.0, hires_steps=3, hires_strength=0.2), "leaves no denoising step"),
     (dict(hires_scale=2.0, init_image=Image.new("RGB", (64, 64))), "hires fix is a txt2img option"),
 ])
@@ -191,6 +203,12 @@ def test_hires_target_sizes():
     assert target(hires_scale=1.3) == (120, 80)  # int(96 * 1.3) = 124 -> 120, 83 -> 80: multiples of 8
     assert target(hires_size=(144, 0)) == (144, 96) and target(hires_size=(0, 128)) == (192, 128)
     assert target(hires_size=(160, 120), hires_scale=4.0) == (160, 120)  # a size wins over the scale (A1111)
+
+
+def test_cli_refuses_hires_options_without_a_hires_size(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["generate", "x", "--hires-strength", "0.5", "--hires-steps", "4"])
+    assert "--hires-strength, --hires-steps set the hires fix, which needs --hires-scale" in str(info.value)
 
 
 def test_infotext_is_a1111s_and_reads_back():

@@ -232,6 +232,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.config import (DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH, DEFAULT_TURBO_UNET_PATH, GENERATE_DEFAULTS,
                              TURBO_DEFAULTS)
 
+    hires_options = [flag for flag, value in (("--hires-upscaler", args.hires_upscaler),
+                                              ("--hires-strength", args.hires_strength),
+                                              ("--hires-steps", args.hires_steps)) if value is not None]
+    if hires_options and args.hires_scale is None and args.hires_size is None:
+        raise SystemExit(f"xldm generate: error: {', '.join(hires_options)} set the hires fix, which needs "
+                         f"--hires-scale S or --hires-size WxH")
     turbo = args.model == "default-turbo"  # the bundled base's distilled UNet: few steps, no guidance
     if args.no_prompt_weighting:  # diffusers' encoding: the first 75 tokens, "(word:1.2)" read literally
         args.long_prompts, args.weighting = False, False

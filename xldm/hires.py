@@ -89,6 +89,8 @@ def check_hires(req: "GenerationRequest", width: int, height: int) -> None:
                                         or req.hires_steps < 0):
         raise ValueError(f"hires_steps must be an integer >= 0 (0: the first pass's steps), got {req.hires_steps!r}")
     if not hires_enabled(req):
+        if req.hires_steps is not None:
+            raise ValueError("hires_steps set without hires_scale or hires_size (the hires fix is off)")
         return
     if req.init_image is not None:
         raise ValueError("hires fix is a txt2img option (A1111 has none in img2img); for img2img give the larger "
