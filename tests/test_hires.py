@@ -322,3 +322,16 @@ def test_http_refuses_what_the_hires_pass_does_not_apply(client, fields, message
                                                   "enable_hr": True, "hr_sampler_name": "Euler", "hr_prompt": "x",
                                                   "hr_scale": 1.5})
     assert same.status_code == 200, same.text
+
+
+def test_webuiapi_client_runs_hires_fix_and_lists_the_upscalers(client):
+    """The `webuiapi` client library, as an A1111 user calls it: its txt2img sends every hr_* field."""
+    webuiapi = pytest.importorskip("webuiapi")
+    url = httpx.URL(str(client.base_url))
+    api = webuiapi.WebUIApi(host=url.host, port=url.port, sampler="Euler", steps=2)
+    result = api.txt2img(prompt="a castle", width=32, height=32, seed=3, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler=webuiapi.HiResUpscaler.Lanczos, denoising_strength=0.6, hr_second_pass_steps=3)
+    assert result.image.size == (48, 48)
+    assert "Hires upscaler: Lanczos" in result.info["infotexts"][0]
+    assert [u["name"] for u in api.get_upscalers()] == list(IMAGE_UPSCALERS)
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == list(LATENT_UPSCALE_MODES)
