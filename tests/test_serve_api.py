@@ -355,7 +355,8 @@ def test_malformed_json_is_refused(server, raw, status):
     {"width": 4096}, {"width": 100}, {"height": 0}, {"steps": 0}, {"steps": 151}, {"batch_size": 9},
     {"n_iter": 17}, {"cfg_scale": 31}, {"cfg_scale": -1},
     {"seed": -2}, {"seed": 2**32}, {"prompt": "x" * 8001}, {"negative_prompt": "x" * 8001},
-    {"enable_hr": True}, {"styles": ["cinematic"]}, {"alwayson_scripts": {"controlnet": {}}},
+    {"enable_hr": True, "hr_sampler_name": "DPM++ 2M"}, {"styles": ["cinematic"]},
+    {"alwayson_scripts": {"controlnet": {}}},
     {"original_size": [0, 64]}, {"aesthetic_score": 11}, {"refiner_switch_at": 1.5},
     {"width": 2048, "height": 2048 + 8},
 ])

@@ -123,6 +123,8 @@ def number_list(kind, separator: str = ",", length: int | None = None, expected:
 _size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 1024x768", bounds=("size", 1, MAX_SIDE))
 _crop = number_list(int, ",", 2, "TOP,LEFT such as 0,0", bounds=("crop", 0, MAX_SIDE))
 _side = number_list(int, ",", 1, "an integer", bounds=("side", 1, MAX_SIDE))
+_hires_size = number_list(int, "x", 2, "WIDTHxHEIGHT such as 2048x1536 (one side 0: from the aspect ratio)",
+                          bounds=("hires size", 0, MAX_SIDE))
 
 
 def _lora(text: str) -> tuple:
@@ -238,6 +240,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.config import (DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH, DEFAULT_TURBO_UNET_PATH, GENERATE_DEFAULTS,
                              TURBO_DEFAULTS)
 
+    hires_options = [flag for flag, value in (("--hires-upscaler", args.hires_upscaler),
+                                              ("--hires-strength", args.hires_strength),
+                                              ("--hires-steps", args.hires_steps)) if value is not None]
+    if hires_options and args.hires_scale is None and args.hires_size is None:
+        raise SystemExit(f"xldm generate: error: {', '.join(hires_options)} set the hires fix, which needs "
+                         f"--hires-scale S or --hires-size WxH")
     turbo = args.model == "default-turbo"  # the bundled base's distilled UNet: few steps, no guidance
     if args.no_prompt_weighting:  # diffusers' encoding: the first 75 tokens, "(word:1.2)" read literally
         args.long_prompts, args.weighting = False, False
@@ -249,6 +257,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit("xldm generate: error: the bundled turbo student is not in this copy of xldm (distil it "
                              "with scripts/train_default_turbo.sh)")
         args.model, args.unet = "default", str(DEFAULT_TURBO_UNET_PATH)
+    if args.cascade and (args.hires_scale is not None or args.hires_size is not None):
+        raise SystemExit("xldm generate: error: --hires-scale / --hires-size apply to a --model's txt2img; a "
+                         "--cascade has its own super-resolution stages")
     if args.cascade and args.controlnet:
         raise SystemExit("xldm generate: error: --controlnet steers a --model's UNet; a --cascade has none")
     if args.cascade:
@@ -283,7 +294,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         long_prompts="chunk" if args.long_prompts else "truncate", weighting=args.weighting,
         tile_vae=True if args.tile_vae else None, loras=tuple(args.lora), clip_skip=args.clip_skip,
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
-        controlnets=controlnets,
+        controlnets=controlnets, hires_scale=args.hires_scale, hires_size=args.hires_size,
+        hires_upscaler=args.hires_upscaler, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
     )
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
@@ -332,7 +344,8 @@ _FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps"
              "crop_top_left": "crop_top_left", "target_size": "target_size",
              "negative_original_size": "negative_original_size", "negative_target_size": "negative_target_size",
              "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score",
-             "weighting": "weighting"}
+             "weighting": "weighting", "hires_scale": "hires_scale", "hires_size": "hires_size",
+             "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps"}
 
 
 def apply_png_settings(args: argparse.Namespace) -> dict:
@@ -354,7 +367,7 @@ def apply_png_settings(args: argparse.Namespace) -> dict:
         if value is None or getattr(args, name) is not None:
             continue
         if setting in ("original_size", "crop_top_left", "target_size", "negative_original_size",
-                       "negative_target_size"):
+                       "negative_target_size", "hires_size"):
             value = tuple(value)
         setattr(args, name, {"epsilon": "eps"}.get(value, value) if setting == "prediction" else value)
     if args.long_prompts is None and params.get("long_prompts") is not None:
@@ -470,6 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", default=None, help="image-to-image / SDEdit source")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.3)")
     gen.add_argument("--mask", default=None, help="inpainting mask, white = repaint (same size as the init image)")
+    gen.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                     help="hires fix (A1111): generate at --width x --height, upscale S times (> 1), then an img2img "
+                          "pass at --hires-strength")
+    gen.add_argument("--hires-size", type=_hires_size, default=None, metavar="WxH",
+                     help="hires fix to this size instead of --hires-scale (A1111 hr_resize_x/y; one side 0 keeps "
+                          "the aspect ratio)")
+    gen.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                     help="Latent (default; bilinear on the latents), 'Latent (antialiased)', 'Latent (bicubic)', "
+                          "'Latent (bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', or on the "
+                          "decoded image: Lanczos, Nearest, None (= Lanczos, as A1111)")
+    gen.add_argument("--hires-strength", type=float, default=None, metavar="X",
+                     help="denoising strength of the hires pass, in (0, 1] (default 0.7)")
+    gen.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                     help="schedule length of the hires pass, which runs the last int(N * strength) of them "
+                          "(diffusers img2img; default/0: --steps)")
     gen.add_argument("--batch", type=int, default=1)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -373,7 +373,10 @@ BUNDLED_CONTROLNETS = {"default-canny": DATA_DIR / "default" / "default-canny"}
 # these.  Prompts follow A1111's semantics by default (modules/sd_hijack_clip.py: 75-token chunks, "(word:1.2)"
 # weights, BREAK); long_prompts="truncate", weighting=False is diffusers' plain encoding.
 GENERATE_DEFAULTS = {"steps": 30, "cfg": 5.0, "sampler": "euler", "timestep_spacing": "leading",
-                     "long_prompts": "chunk", "weighting": True}
+                     "long_prompts": "chunk", "weighting": True,
+                     # hires fix (xldm.hires): A1111's defaults, hr_upscaler "Latent" (shared latent_upscale_default
+                     # _mode) and the txt2img page's denoising strength 0.7 (modules/ui.py)
+                     "hires_upscaler": "Latent", "hires_strength": 0.7}
 # SDXL Turbo's sampling (its model card: 1-4 steps, no guidance, Euler ancestral on trailing timesteps), here at the
 # student's four timesteps 999, 749, 499, 249
 TURBO_DEFAULTS = {"steps": 4, "cfg": 1.0, "sampler": "euler_a", "timestep_spacing": "trailing"}

@@ -29,6 +29,7 @@ from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import sample
 from xldm.errors import ControlNetError, NonFiniteError
+from xldm.hires import check_hires, hires_enabled, hires_params, hires_steps, run_hires
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
                                       refiner_start, split_for_refiner)
 from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
@@ -90,6 +91,13 @@ class GenerationRequest:
     # single file's `v_pred` / `ztsnr` marker keys)
     prediction: str | None = None  # "epsilon" ("eps"), "v" or "x0"
     zero_terminal_snr: bool | None = None
+    # hires fix (A1111 "Hires. fix", xldm.hires): on when hires_scale or hires_size is given; a txt2img pass at
+    # width x height, an upscale, an img2img pass at hires_strength over hires_steps (None: steps)
+    hires_scale: float | None = None
+    hires_size: tuple[int, int] | None = None  # (width, height); one side 0: from the aspect ratio
+    hires_upscaler: str = GENERATE_DEFAULTS["hires_upscaler"]  # xldm.hires.UPSCALERS
+    hires_strength: float = GENERATE_DEFAULTS["hires_strength"]
+    hires_steps: int | None = None
 
 
 @dataclass
@@ -327,6 +335,13 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         if end <= start:
             raise ValueError(f"the refiner would take over at step {end}, before the image-to-image start "
                              f"at step {start}; lower strength or raise refiner_start")
+    check_hires(req, width, height)
+    if has_refiner and hires_enabled(req):  # the refiner takes over during the second pass
+        steps = hires_steps(req)
+        start = img2img_start(steps, req.hires_strength)
+        if split_for_refiner(steps, refiner_start, req.sampler, req.timestep_spacing) <= start:
+            raise ValueError(f"the refiner would take over before the hires pass starts (step {start} of "
+                             f"{steps}); raise hires_strength or refiner_start")
     seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED - req.batch)
     if seed + req.batch - 1 > MAX_SEED:
         raise ValueError(f"seed {seed} + batch {req.batch} exceeds {MAX_SEED}")
@@ -551,10 +566,15 @@ class Pipeline:
         return self.run(self.resolve(req), callback=callback, output=output)
 
     def run(self, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil",
-            status: Callable[[str], None] | None = None) -> GenerationResult:
+            status: Callable[[str], None] | None = None, first_pass: bool = False,
+            start: torch.Tensor | None = None) -> GenerationResult:
         """Run a request resolved by `resolve_request`.  `callback(stage, i, total, x, x0)` after each step (raise
         Interrupted to stop).  `output="latent"` returns latents without decoding (images empty).  `status(message)`
-        hears of the work between the steps (the VAE decode)."""
+        hears of the work between the steps (the VAE decode).  A hires request runs as `xldm.hires.run_hires`, which
+        calls back here for its passes: `first_pass` (txt2img, no refiner), then img2img from `start`, each batch
+        item's upscaled latents (B, C, H/8, W/8) or pixels in [-1, 1] (B, 3, H, W) to encode."""
+        if hires_enabled(req) and not first_pass and start is None:
+            return run_hires(self, req, callback=callback, output=output, status=status)
         width, height, batch = req.width, req.height, req.batch
         seeds = [req.seed + i for i in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -565,9 +585,11 @@ class Pipeline:
         lat_shape = (batch, base.config.latent_channels, height // 8, width // 8)
 
         full = self._schedule(base, req)
-        start = img2img_start(req.steps, req.strength) if req.init_image is not None else 0
+        start_images, img2img = start, req.init_image is not None or start is not None
+        refiner = None if first_pass else self.refiner
+        start = img2img_start(req.steps, req.strength) if img2img else 0
         end = (split_for_refiner(req.steps, req.refiner_start, req.sampler, req.timestep_spacing)
-               if self.refiner is not None else req.steps)
+               if refiner is not None else req.steps)
 
         def stage_callback(stage: str):
             if callback is None:
@@ -578,7 +600,12 @@ class Pipeline:
 
         # Starting latents (diffusers prepare_latents: image latents first, then noise, then masked image).
         extra = hook = None
-        if req.init_image is None:
+        if start_images is not None:  # latents are used as they are (diffusers img2img given latents), pixels encoded
+            image_latents = (start_images.to(self.device, self.dtype) if start_images.shape[-2:] == lat_shape[-2:]
+                             else self._encode_images(base, start_images, generators))
+            noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
+            x = image_latents + noise * full.sigmas[start].to(noise.dtype)
+        elif req.init_image is None:
             noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
             x = noise * full.init_noise_sigma
         else:
@@ -606,8 +633,8 @@ class Pipeline:
                           step_hook=hook(schedule) if hook else None, callback=stage_callback("base"),
                           control=self._control(req, start))
 
-        if self.refiner is not None:
-            ref = self.refiner
+        if refiner is not None:
+            ref = refiner
             ref_cond = self._conditioning(ref, req, prompts, negatives, width, height)
             ref_schedule = self._schedule(ref, req)
             # diffusers' refiner start (Heun repeats the base's last step: its "+1 if even" rule)
@@ -622,13 +649,16 @@ class Pipeline:
             return GenerationResult(images=[], seeds=seeds, params=params, latents=x)
         # diffusers decodes with the refiner pipeline's VAE when a refiner ran
         # (a VAE given to the pipeline replaces both models' VAEs, as A1111's sd_vae does)
-        decoder = self.refiner if self.refiner is not None and self.refiner.has("vae") and base.vae_path is None \
-            else base
+        decoder = refiner if refiner is not None and refiner.has("vae") and base.vae_path is None else base
         if status is not None:
             status(f"decoding {batch} image{'s' if batch > 1 else ''} ({width}x{height})")
-        with decoder.use("vae") as comps:
-            pixels = decode_checked(comps.vae, x, tile=req.tile_vae)
-        return GenerationResult(images=tensor_to_images(pixels), seeds=seeds, params=params, latents=x)
+        return GenerationResult(images=tensor_to_images(self.decode(decoder, x, req.tile_vae)), seeds=seeds,
+                                params=params, latents=x)
+
+    def decode(self, handle: ModelHandle, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] with a model's VAE (`xldm.vae_tiling.decode_checked`)."""
+        with handle.use("vae") as comps:
+            return decode_checked(comps.vae, latents, tile=tile)
 
     def _params(self, req: GenerationRequest, width: int, height: int, seeds: list[int]) -> list[dict[str, Any]]:
         common = {k: v for k, v in asdict(replace(req, init_image=None, mask=None, controlnets=())).items()
@@ -649,6 +679,9 @@ class Pipeline:
             common.pop("refiner_start", None)
         if req.init_image is None:
             common.pop("strength", None)
+        for name in ("hires_scale", "hires_size", "hires_upscaler", "hires_strength", "hires_steps"):
+            common.pop(name)
+        common.update(hires_params(req))  # (only with hires fix)
         active = self.model.loras.active()
         common.pop("loras")
         if req.clip_skip is None:

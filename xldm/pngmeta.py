@@ -58,13 +58,18 @@ _SCHEDULES_FROM_A1111 = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
 # diffusers' "trailing" spacing is what A1111 users pick as "SGM Uniform" (A1111 sd_schedulers.sgm_uniform: evenly
 # spaced model times from the last training step); the other spacings have no A1111 name (xldm JSON chunk only).
 _SPACING_SCHEDULES = {"trailing": "sgm_uniform"}
-_NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start")
+_NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start", "hires_scale", "hires_steps",
+            "hires_strength")
 
 # (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
 _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedule type"), ("cfg", "CFG scale"),
                 ("seed", "Seed"))
 _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae_hash", "VAE hash"), ("vae", "VAE"),
-               ("strength", "Denoising strength"), ("clip_skip", "Clip skip"),
+               ("strength", "Denoising strength"), ("hires_strength", "Denoising strength"),
+               ("clip_skip", "Clip skip"),
+               # hires fix: A1111 StableDiffusionProcessingTxt2Img's extra_generation_params (modules/processing.py)
+               ("hires_scale", "Hires upscale"), ("hires_size", "Hires resize"), ("hires_steps", "Hires steps"),
+               ("hires_upscaler", "Hires upscaler"),
                # extra_generation_params of A1111's refiner (modules/sd_models_xl / processing refiner options)
                ("refiner", "Refiner"), ("refiner_start", "Refiner switch at"),
                # A1111 extensions-builtin/Lora (network hashes) and textual_inversion: "name: shorthash, ..."
@@ -108,6 +113,10 @@ def _translate(setting: str, value: Any, schedules: Mapping[str, str]) -> Any:
     files by their stem (A1111's `Model:`)."""
     if setting in ("model", "refiner") and isinstance(value, str) and schedules is _SCHEDULES_TO_A1111:
         return checkpoint_stem(value)
+    if setting == "hires_size" and schedules is _SCHEDULES_TO_A1111:  # (width, height) -> "WxH"
+        return f"{value[0]}x{value[1]}"
+    if setting == "hires_scale" and schedules is _SCHEDULES_TO_A1111 and float(value).is_integer():
+        return int(value)  # "Hires upscale: 2", as A1111 writes a whole scale
     if setting == "sampler":
         return A1111_SAMPLER_NAMES.get(value, value)
     return schedules.get(value, value) if setting == "schedule" else value
@@ -186,6 +195,11 @@ def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
         if key in fields:
             params[setting] = (_number(fields[key]) if setting in _NUMBERS
                                else _translate(setting, fields[key], _SCHEDULES_FROM_A1111))
+    if "hires_size" in params:
+        resize = _SIZE.match(str(params["hires_size"]))
+        params["hires_size"] = (int(resize.group(1)), int(resize.group(2))) if resize else params["hires_size"]
+    # "Denoising strength" of a txt2img with hires fix is the second pass's
+    params.pop("hires_strength" if params.keys().isdisjoint(("hires_scale", "hires_size")) else "strength", None)
     spacing = {v: k for k, v in _SPACING_SCHEDULES.items()}.get(params.get("schedule"))
     if spacing is not None:
         params["timestep_spacing"] = spacing

@@ -60,6 +60,8 @@ from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, request_lora
 from xldm.pngmeta import (A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_parameters, image_text,
                           parse_a1111_parameters, save_png)
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
+from xldm import hires
+from xldm.serve.schemas import LatentUpscalerModeItem, UpscalerItem
 from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes, vae_latent_channels
 from xldm.serve.schemas import (
     LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem, PngInfoRequest, PngInfoResponse,
@@ -352,11 +354,15 @@ class Server:
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
                 **({} if body.prompt_weighting else {"long_prompts": "truncate", "weighting": False}),
                 clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
+                **(body.hires_fields() if isinstance(body, Txt2ImgRequest) else {}),
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         low, high = self.limits.min_side, self.limits.max_side
         if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size
             raise HTTPException(422, f"size {request.width}x{request.height} is outside the allowed sides "
                                      f"[{low}, {high}]; give width and height to resize the image")
+        if hires.hires_enabled(request) and max(hires.hires_target(request)) > high:
+            raise HTTPException(422, "hires size {}x{} is beyond the largest allowed side {}; lower hr_scale or "
+                                     "hr_resize_x / hr_resize_y".format(*hires.hires_target(request), high))
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
         vae = None
         if options["sd_vae"] not in ("Automatic", "None"):
@@ -373,6 +379,8 @@ class Server:
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
+        if hires.hires_enabled(request):
+            stages = hires.progress_stages(request, plan.refiner is not None)
         outcome = Outcome(images=[], params=[], saved=[])
         for iteration in range(plan.n_iter):
             job.begin_iteration(iteration, stages)
@@ -422,9 +430,10 @@ class Server:
             "sd_model_name": Path(plan.model).stem,
             "sd_model_hash": outcome.params[0].get("model_hash") if outcome.params else None,
             "sd_vae_name": plan.vae.name if plan.vae else None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": req.strength,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": req.hires_strength if hires.hires_enabled(req) else req.strength,
             "extra_generation_params": ({"Refiner": plan.refiner, "Refiner switch at": req.refiner_start}
-                                        if plan.refiner else {}),
+                                        if plan.refiner else {}) | hires.extra_generation_params(req),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": _timestamp(job.started_at or time.time()), "clip_skip": req.clip_skip or 1,
             "is_using_inpainting_conditioning": bool(req.mask is not None), "version": f"xldm {__version__}",
@@ -529,6 +538,14 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
     async def sd_models() -> list[dict[str, Any]]:
         return [SDModelItem(title=e.name, model_name=Path(e.name).stem, filename=e.name).model_dump()
                 for e in server.store.entries.values()]
+
+    @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], tags=["sdapi"])
+    async def upscalers() -> list[dict[str, Any]]:
+        return hires.upscaler_items()
+
+    @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscalerModeItem], tags=["sdapi"])
+    async def latent_upscale_modes() -> list[dict[str, Any]]:
+        return hires.latent_mode_items()
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
     async def samplers() -> list[dict[str, Any]]:

@@ -7,8 +7,9 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
 * **Bounds.** Every number has a range (`Limits`), every string a length: out of range is a 422 before any work.
   NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
 * **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
-  ...): the server's folders are fixed at start.  Webui features xldm lacks (hires fix, face restoration, tiling,
-  scripts, variation seeds, styles) are refused when switched on, never silently dropped.
+  ...): the server's folders are fixed at start.  Webui features xldm lacks (face restoration, tiling, scripts,
+  variation seeds, styles; a hires pass with its own checkpoint, sampler or prompt) are refused when switched on,
+  never silently dropped.
 * **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
@@ -236,19 +237,59 @@ class GenerationBase(_NoPaths):
         for name in ("restore_faces", "tiling"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available in xldm; send false or leave it out")
-        if getattr(self, "enable_hr", False):  # Txt2ImgRequest's
-            raise ValueError("enable_hr (hires fix) is not available in xldm; use img2img on the result")
         return self
 
 
 class Txt2ImgRequest(GenerationBase):
-    enable_hr: bool = Field(default=False, description="hires fix: not available (only false)")
+    # hires fix (xldm.hires): the webui's fields; hr_resize_x / hr_resize_y, when not both 0, replace hr_scale
+    enable_hr: bool = Field(default=False, description="hires fix: txt2img, upscale, img2img at denoising_strength")
+    denoising_strength: float | None = Field(default=None, gt=0, le=1,
+                                             description=f"hires pass strength (default "
+                                                         f"{GENERATE_DEFAULTS['hires_strength']}); with enable_hr")
     firstphase_width: int = Field(default=0, ge=0, le=_L.max_side)
     firstphase_height: int = Field(default=0, ge=0, le=_L.max_side)
     hr_scale: float = Field(default=2.0, ge=1, le=4)
-    hr_second_pass_steps: int = Field(default=0, ge=0, le=_L.max_steps)
-    hr_resize_x: int = Field(default=0, ge=0, le=_L.max_side)
-    hr_resize_y: int = Field(default=0, ge=0, le=_L.max_side)
+    hr_upscaler: str | None = Field(default=None, max_length=64, description="/sdapi/v1/upscalers or "
+                                    "/sdapi/v1/latent-upscale-modes (default Latent)")
+    hr_second_pass_steps: int = Field(default=0, ge=0, le=_L.max_steps, description="0: steps")
+    hr_resize_x: int = Field(default=0, ge=0, le=_L.max_side, multiple_of=8)
+    hr_resize_y: int = Field(default=0, ge=0, le=_L.max_side, multiple_of=8)
+    # the webui's per-pass choices: only "the same as the first pass" (their defaults) is available
+    hr_checkpoint_name: str | None = Field(default=None, max_length=_L.max_name_chars)
+    hr_sampler_name: str | None = Field(default=None, max_length=64)
+    hr_scheduler: str | None = Field(default=None, max_length=64)
+    hr_prompt: str = Field(default="", max_length=_L.max_prompt_chars)
+    hr_negative_prompt: str = Field(default="", max_length=_L.max_prompt_chars)
+
+    @model_validator(mode="after")
+    def _hires_supported(self) -> "Txt2ImgRequest":
+        if not self.enable_hr:
+            return self
+        sampler = resolve_sampler(self.sampler_name or self.sampler_index, self.scheduler)
+        same = {"hr_checkpoint_name": self.hr_checkpoint_name in (None, "", "Use same checkpoint"),
+                "hr_sampler_name": self.hr_sampler_name in (None, "", "Use same sampler")
+                or resolve_sampler(self.hr_sampler_name, self.scheduler) == sampler,
+                "hr_scheduler": self.hr_scheduler in (None, "", "Use same scheduler", self.scheduler),
+                "hr_prompt": self.hr_prompt in ("", self.prompt),
+                "hr_negative_prompt": self.hr_negative_prompt in ("", self.negative_prompt)}
+        if different := [name for name, ok in same.items() if not ok]:
+            raise ValueError(f"{', '.join(different)}: xldm's hires pass uses the first pass's checkpoint, sampler, "
+                             f"scheduler and prompts; leave {'it' if len(different) == 1 else 'them'} out (or equal "
+                             f"to the first pass's)")
+        if self.hr_scale <= 1 and self.hr_resize_x == self.hr_resize_y == 0:
+            raise ValueError(f"enable_hr: hr_scale must be > 1 (got {self.hr_scale:g}), or give hr_resize_x / "
+                             f"hr_resize_y")
+        return self
+
+    def hires_fields(self) -> dict[str, Any]:
+        """The `GenerationRequest` hires settings of this body (none without enable_hr)."""
+        if not self.enable_hr:
+            return {}
+        size = (self.hr_resize_x, self.hr_resize_y)
+        return {"hires_scale": None if any(size) else float(self.hr_scale), "hires_size": size if any(size) else None,
+                "hires_upscaler": self.hr_upscaler or GENERATE_DEFAULTS["hires_upscaler"],
+                "hires_strength": float(self.denoising_strength or GENERATE_DEFAULTS["hires_strength"]),
+                "hires_steps": self.hr_second_pass_steps or None}
 
 
 class Img2ImgRequest(GenerationBase):
@@ -320,6 +361,18 @@ class LoraItem(BaseModel):
     alias: str
     path: str = Field(description="the file under the server's LoRA folder")
     metadata: dict[str, Any]
+
+
+class UpscalerItem(BaseModel):  # webui modules/api/models.py UpscalerItem
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
 
 
 class SamplerItem(BaseModel):
