@@ -538,6 +538,8 @@ class Server:
         return outcome
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
+        if (full := self.queue.full()) is not None:  # before any work (the guard checked before the body came)
+            raise HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
         plan = await run_in_threadpool(self.plan, body, init_image, mask)  # control images decoded there
         await run_in_threadpool(self.check_loras, plan)
         await run_in_threadpool(self.check_controlnets, plan)
