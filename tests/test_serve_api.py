@@ -211,8 +211,12 @@ def test_job_progress_over_stages_and_batches():
 def test_models_samplers_options_and_switching(client, models):
     base, other, refiner = models
     listed = client.get("/sdapi/v1/sd-models").json()
-    assert [m["title"] for m in listed] == [base.name, other.name, refiner.name]
-    assert set(listed[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    from xldm.hashes import file_sha256
+
+    assert [m["title"] for m in listed] == [f"{p.name} [{file_sha256(p)[:10]}]" for p in (base, other, refiner)]
+    assert [m["sha256"] for m in listed] == [file_sha256(p) for p in (base, other, refiner)]
+    assert [m["kind"] for m in listed] == ["base", "base", "refiner"]
+    assert set(listed[0]) == {"title", "model_name", "hash", "sha256", "filename", "config", "kind"}
     assert all("/" not in m["filename"] for m in listed)  # no server paths disclosed
     samplers = client.get("/sdapi/v1/samplers").json()
     names = [s["name"] for s in samplers]
@@ -318,7 +322,9 @@ def test_openapi_describes_the_api(client):
         assert f"/sdapi/v1/{path}" in spec["paths"]
     steps = spec["components"]["schemas"]["Txt2ImgRequest"]["properties"]["steps"]
     assert steps["maximum"] == 150 and steps["minimum"] == 1
-    assert client.get("/docs").status_code == 404  # FastAPI's docs page loads from a CDN: off
+    docs = client.get("/docs")  # a plain list of the routes, not FastAPI's Swagger page (it loads from a CDN)
+    assert docs.status_code == 200 and "/sdapi/v1/txt2img" in docs.text and "<script" not in docs.text
+    assert "http" not in docs.text.lower()
     page = client.get("/")
     assert page.status_code == 200 and "<textarea id=\"prompt\"" in page.text
     assert "http" not in page.text.lower().replace("http-equiv", "")  # no external resources

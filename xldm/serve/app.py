@@ -1,12 +1,16 @@
 """The ASGI app: AUTOMATIC1111's `/sdapi/v1/*` API over xldm's pipeline, and the web page at `/`.
 
-Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`; GET `progress`,
-`sd-models`, `samplers`, `sd-vae`, `embeddings`; GET/POST `options`; the Lora extension's GET `loras` and POST
-`refresh-loras` (`extensions-builtin/Lora/lora_script.py`).  `<lora:NAME:WEIGHT>` prompt tags name files of
-`--lora-dir`; a missing or unfitting file is a 422 before the job is queued.  Options `sd_vae` and
-`CLIP_stop_at_last_layers` (clip skip) apply to later generations, or to one through `override_settings`.
-xldm's own: GET `/xldm/v1/config` (what the page needs), `/` and `/static/*` (the page), `/openapi.json`; FastAPI's
-`/docs` pages are off (they load from a CDN).
+Routes (webui shapes, `modules/api/api.py`): POST `txt2img`, `img2img`, `png-info`, `interrupt`, `skip`,
+`refresh-checkpoints`, `extra-single-image` (refused: xldm has no upscalers of its own); GET `progress`,
+`sd-models`, `samplers`, `schedulers`, `sd-vae`, `embeddings`, `memory`, `cmd-flags`; GET/POST `options`; the Lora
+extension's GET `loras` and POST `refresh-loras` (`extensions-builtin/Lora/lora_script.py`); sd-webui-controlnet's
+GET `/controlnet/model_list`, `/controlnet/module_list`, `/controlnet/version` and its units in
+`alwayson_scripts.controlnet.args` (`--controlnet-dir`).  `<lora:NAME:WEIGHT>` prompt tags name files of
+`--lora-dir`, units name files of `--controlnet-dir`; a missing or unfitting file is a 422 before the job is
+queued.  Options `sd_vae` and `CLIP_stop_at_last_layers` (clip skip) apply to later generations, or to one through
+`override_settings`; a refiner is never the main model (`sd_model_checkpoint` naming one is a 422).  xldm's own:
+GET `/xldm/v1/config` (what the page needs), `/` and `/static/*` (the page), `/openapi.json`, and `/docs`: a plain
+list of the routes built from the OpenAPI schema (FastAPI's Swagger page loads scripts from a CDN, so it is off).
 
 Semantics as in the webui: `seed` -1 = random; `n_iter` batches of `batch_size` images; image k (over all batches)
 uses `seed + k`, so any image is made again alone from its recorded seed; prompts use the webui's "(word:1.2)"
@@ -16,7 +20,8 @@ weighting, BREAK and 75-token chunks unless `prompt_weighting` is false; sampler
 Guards, outermost first (`RequestGuard`):
   1. Host: when listening on loopback, only `Host: 127.0.0.1 | localhost | [::1]` (or the address listened on) is
      served (no DNS rebinding);
-  2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back;
+  2. Origin: a browser request from another origin is refused (403): no web page uses the API behind a user's back,
+     unless `--cors-allow-origins` lists that origin (CORS, Starlette's CORSMiddleware, answers its preflight);
   3. API key (when set): `Authorization: Bearer KEY`, or HTTP Basic with any user name and KEY as the password
      (the webui's `--api-auth` clients; browsers ask for it on the 401's Basic challenge);
   4. body: a generation while the queue is full is 503 before its body is read; more than `max_body_bytes` is 413,
@@ -46,7 +51,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
@@ -62,11 +67,12 @@ from xldm.pngmeta import (A1111_CHUNK, A1111_SAMPLER_NAMES, format_a1111_paramet
 from xldm.serve.jobs import Job, JobQueue, ModelStore, OutOfMemory, QueueFull
 from xldm import hires
 from xldm.serve.schemas import LatentUpscalerModeItem, UpscalerItem
-from xldm.serve.networks import list_embeddings, scan_loras, scan_vaes, vae_latent_channels
+from xldm.serve.networks import (find_controlnet, list_embeddings, scan_controlnets, scan_loras, scan_vaes,
+                                 vae_latent_channels)
 from xldm.serve.schemas import (
-    LIMITS, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem, PngInfoRequest, PngInfoResponse,
-    ProgressResponse, ProgressState, SamplerItem, SDModelItem, SDVaeItem, Settings, Txt2ImgRequest, decode_image,
-    png_base64, resolve_sampler, sampler_aliases,
+    LIMITS, ControlNetUnitRequest, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem,
+    PngInfoRequest, PngInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, SDVaeItem, Settings,
+    Txt2ImgRequest, decode_image, png_base64, resolve_sampler, sampler_aliases, unapplied_fields,
 )
 
 log = logging.getLogger("xldm.serve")
@@ -93,6 +99,10 @@ class ServerConfig:
     lora_dir: Path | None = None  # <lora:NAME:W> tags name *.safetensors files here
     vae_dir: Path | None = None  # the VAE files the sd_vae option chooses from
     embeddings_dir: Path | None = None  # listed by /sdapi/v1/embeddings
+    controlnet_dir: Path | None = None  # the ControlNets units name (/controlnet/model_list)
+    models_dir: Path | None = None  # rescanned by /sdapi/v1/refresh-checkpoints
+    cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); () = none
+    cmd_flags: dict[str, Any] = field(default_factory=dict)  # the command line, for /sdapi/v1/cmd-flags
     students: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (checkpoint, UNet file)
 
 
@@ -138,9 +148,11 @@ class RequestGuard:
     """Pure ASGI middleware: host, origin, API key and body checks before the app sees a request."""
 
     def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None, max_body: int,
-                 queue_full: Callable[[], Exception | None] = lambda: None, body_timeout: float = BODY_TIMEOUT) -> None:
+                 queue_full: Callable[[], Exception | None] = lambda: None, body_timeout: float = BODY_TIMEOUT,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.app, self.api_key, self.allowed_hosts, self.max_body = app, api_key, allowed_hosts, max_body
         self.queue_full, self.body_timeout = queue_full, body_timeout  # queue_full: a QueueFull, or None
+        self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -150,8 +162,12 @@ class RequestGuard:
         if self.allowed_hosts is not None and _host_only(host) not in self.allowed_hosts:
             return await _reply(scope, receive, send, 403, "this server answers to its loopback address only")
         origin = headers.get("origin")
-        if origin is not None and origin.split("://", 1)[-1].rstrip("/").lower() != host.lower():
-            return await _reply(scope, receive, send, 403, "cross-origin requests are refused")
+        cross_origin = origin is not None and origin.split("://", 1)[-1].rstrip("/").lower() != host.lower()
+        if cross_origin and not ({"*", origin.rstrip("/").lower()} & self.allowed_origins):
+            return await _reply(scope, receive, send, 403, "cross-origin requests are refused (see "
+                                                           "--cors-allow-origins)")
+        if cross_origin and scope["method"] == "OPTIONS":  # a CORS preflight: answered by CORSMiddleware, no key
+            return await self.app(scope, receive, send)
         if self.api_key is not None and not self._authorized(headers.get("authorization", "")):
             return await _reply(scope, receive, send, 401, "missing or wrong API key",
                                 {"WWW-Authenticate": 'Basic realm="xldm", charset="UTF-8"'})
@@ -244,16 +260,36 @@ class Server:
         self.limits = config.limits
         self.store = store or ModelStore(config.models, dtype=config.dtype, device=config.device,
                                          students=config.students)
-        first = config.model or next(iter(self.store.entries))  # a named model must be there: KeyError
+        mains = [e.name for e in self.store.entries.values() if not e.is_refiner]
+        if not mains:
+            raise ValueError("no main model: every checkpoint given is a refiner; give a base model too")
+        first = config.model or mains[0]  # a named model must be there: KeyError
+        if self.store.lookup(first).is_refiner:
+            raise ValueError(f"{first} is a refiner: it can only take over from a base model (refiner_checkpoint)")
         self.options: dict[str, Any] = {  # webui settings (modules/shared_options.py), the SDXL ones xldm's defaults
             "sd_model_checkpoint": self.store.lookup(first).name, "samples_save": True, "samples_format": "png",
             "sdxl_crop_top": GenerationRequest.crop_top_left[0], "sdxl_crop_left": GenerationRequest.crop_top_left[1],
             "sdxl_refiner_high_aesthetic_score": GenerationRequest.aesthetic_score,
             "sdxl_refiner_low_aesthetic_score": GenerationRequest.negative_aesthetic_score,
             "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+            # more of what webui clients read (modules/shared_options.py), at the values xldm works with
+            "sd_model_checkpoint_hash": None, "sd_checkpoint_hash": None, "sd_vae_as_default": True,
+            "samples_filename_pattern": "", "save_to_dirs": False, "grid_save": False, "jpeg_quality": 80,
+            "export_for_4chan": False, "enable_pnginfo": True, "save_txt": False, "outdir_samples": "",
+            "show_progress_every_n_steps": 1, "live_previews_enable": True, "eta_ancestral": 1.0, "eta_ddim": 0.0,
+            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "sd_checkpoints_limit": 1,
+            "sdxl_refiner_checkpoint": self.store.lookup(config.refiner).name if config.refiner else None,
+            "img2img_fix_steps": False, "enable_emphasis": True, "comma_padding_backtrack": 0,
+            "control_net_unit_count": 3,
         }
+        self.options_fixed = frozenset(k for k in self.options if k not in Settings.model_fields)
         self.lora_dir, self.vae_dir, self.embeddings_dir = config.lora_dir, config.vae_dir, config.embeddings_dir
         self.loras = scan_loras(self.lora_dir)  # rescanned by /sdapi/v1/refresh-loras
+        self.controlnet_dir = config.controlnet_dir
+        self.controlnets = scan_controlnets(self.controlnet_dir)  # rescanned by /sdapi/v1/refresh-checkpoints
+        self._controlnet_checked: set[tuple] = set()  # (model, file, size, mtime) of the ControlNets that fit
+        self.cmd_flags = dict(config.cmd_flags)
+        self.models_dir = config.models_dir
         self._lora_checked: set[tuple] = set()  # (model, file, size, mtime) of the files that fit
         self.refiner = self.store.lookup(config.refiner).name if config.refiner else None
         self.queue = JobQueue(config.queue_size)
@@ -264,11 +300,48 @@ class Server:
             used = [int(m.group(1)) for p in self.outputs.iterdir() if (m := _OUTPUT_NAME.match(p.name))]
         self._indices = itertools.count(max(used, default=-1) + 1)  # taken on the worker thread only
 
-    def model_name(self, name: str) -> str:
+    def model_name(self, name: str, *, main: bool = False, refiner: bool = False) -> str:
+        """A model's name; `main`: it must be a base model (a refiner only finishes a base model's latents),
+        `refiner`: it must be a refiner."""
         try:
-            return self.store.lookup(name).name
+            entry = self.store.lookup(name)
         except KeyError:
             raise HTTPException(422, f"model {name!r} not found; see /sdapi/v1/sd-models") from None
+        if main and entry.is_refiner:
+            raise HTTPException(422, f"sd_model_checkpoint {entry.name!r} is a refiner: it only finishes a base "
+                                     f"model's latents and makes noise from an empty start; give it as "
+                                     f"refiner_checkpoint and choose a base model")
+        if refiner and not entry.is_refiner:
+            raise HTTPException(422, f"refiner_checkpoint {entry.name!r} is no refiner ({entry.kind})")
+        return entry.name
+
+    def model_items(self) -> list[dict[str, Any]]:
+        from xldm.hashes import SHORT_HASH_LENGTH, file_sha256
+
+        items = []
+        for entry in list(self.store.entries.values()):
+            file = entry.unet or entry.path  # (the bundled turbo student: its UNet file is what differs)
+            sha = file_sha256(file) if file.is_file() else None  # a diffusers folder has no one file
+            short = sha[:SHORT_HASH_LENGTH] if sha else None
+            items.append(SDModelItem(title=f"{entry.name} [{short}]" if short else entry.name,
+                                     model_name=Path(entry.name).stem, hash=short, sha256=sha, filename=entry.name,
+                                     kind="refiner" if entry.is_refiner else "base").model_dump())
+        return items
+
+    def refresh_checkpoints(self) -> None:
+        """--models-dir scanned again: new checkpoints registered, vanished ones dropped (but the current one);
+        and the ControlNets of --controlnet-dir."""
+        from xldm.serve.jobs import find_models
+
+        if self.models_dir is not None and self.models_dir.is_dir():
+            found = find_models(self.models_dir)
+            for path in found:
+                self.store.register(path)
+            current = {self.options["sd_model_checkpoint"], self.refiner}
+            for name, entry in list(self.store.entries.items()):
+                if name not in current and entry.unet is None and not entry.path.exists():
+                    del self.store.entries[name]
+        self.controlnets = scan_controlnets(self.controlnet_dir)
 
     def vae_name(self, name: str) -> str:
         """An sd_vae value: "Automatic" / "None" (the model's own VAE, as A1111 `sd_vae.py` without a
@@ -287,7 +360,8 @@ class Server:
 
     def hide_folders(self, message: str) -> str:
         """An error message with the server's folders replaced by what they are."""
-        for folder, what in ((self.lora_dir, "the LoRA folder"), (self.vae_dir, "the VAE folder")):
+        for folder, what in ((self.lora_dir, "the LoRA folder"), (self.vae_dir, "the VAE folder"),
+                             (self.controlnet_dir, "the ControlNet folder")):
             if folder is not None:
                 for form in {str(folder.resolve()), str(folder)}:
                     message = message.replace(form + "/", "").replace(form, what)
@@ -310,10 +384,18 @@ class Server:
 
     def apply_settings(self, data: dict[str, Any], *targets: dict[str, Any]) -> None:
         """Validate webui settings (`Settings`) and set them in each of `targets`."""
+        fixed = sorted(k for k, v in data.items() if k in self.options_fixed and v != self.options[k])
+        if fixed:
+            raise HTTPException(422, f"{', '.join(fixed)}: fixed in xldm (see GET /sdapi/v1/options for the values)")
+        unknown = sorted(k for k in data if k not in self.options_fixed and k not in Settings.model_fields)
+        if unknown:
+            raise HTTPException(422, f"{', '.join(map(str, unknown))}: not a setting xldm applies; see GET "
+                                     f"/sdapi/v1/options")
+        data = {k: v for k, v in data.items() if k not in self.options_fixed}
         with _unprocessable():
             settings = Settings.model_validate(data)
         for key, value in settings.model_dump(exclude_none=True).items():
-            value = self.model_name(value) if key == "sd_model_checkpoint" else value
+            value = self.model_name(value, main=True) if key == "sd_model_checkpoint" else value
             value = self.vae_name(value) if key == "sd_vae" else value
             for target in targets:
                 target[key] = value
@@ -325,7 +407,7 @@ class Server:
             self.apply_settings(body.override_settings, options,
                                 *(() if body.override_settings_restore_afterwards else (keep,)))
         model = options["sd_model_checkpoint"]
-        refiner = self.model_name(body.refiner_checkpoint) if body.refiner_checkpoint not in (None, "", "None") \
+        refiner = self.model_name(body.refiner_checkpoint, refiner=True) if body.refiner_checkpoint not in (None, "", "None") \
             else None
         total = body.batch_size * body.n_iter  # n_iter is the server's: resolve_request sees one batch
         seed = body.seed if body.seed != -1 else random.randint(0, MAX_SEED - total + 1)
@@ -339,12 +421,15 @@ class Server:
             return float(options[setting] if value is None else value)
 
         with _unprocessable():
+            sampler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+        if problems := unapplied_fields(body, sampler):
+            raise HTTPException(422, f"not applied by xldm: {'; '.join(problems)}")
+        with _unprocessable():
             request = resolve_request(GenerationRequest(
                 prompt=parse_lora_tags(body.prompt)[0] if body.disable_extra_networks else body.prompt,
                 negative_prompt=body.negative_prompt or None, width=body.width,
                 height=body.height, steps=body.steps, cfg=float(body.cfg_scale), seed=seed, batch=body.batch_size,
-                sampler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
-                init_image=init_image, mask=mask,
+                sampler=sampler, init_image=init_image, mask=mask,
                 strength=float(body.denoising_strength) if init_image is not None else None,
                 refiner_start=body.refiner_switch_at if refiner else None, original_size=pair(body.original_size),
                 crop_top_left=pair(body.crop_top_left) or (options["sdxl_crop_top"], options["sdxl_crop_left"]),
@@ -363,6 +448,10 @@ class Server:
         if hires.hires_enabled(request) and max(hires.hires_target(request)) > high:
             raise HTTPException(422, "hires size {}x{} is beyond the largest allowed side {}; lower hr_scale or "
                                      "hr_resize_x / hr_resize_y".format(*hires.hires_target(request), high))
+        with _unprocessable():
+            units = self.control_units(body, request.width, request.height)
+        if units:
+            request = replace(request, controlnets=units)
         save = bool(body.save_images and not body.do_not_save_samples and options["samples_save"])
         vae = None
         if options["sd_vae"] not in ("Automatic", "None"):
@@ -372,6 +461,62 @@ class Server:
                 raise HTTPException(422, f"sd_vae {vae.name} makes {channels}-channel latents, the model {model} "
                                          f"takes {wanted}")
         return Plan(request, model, refiner, body.n_iter, save and self.outputs is not None, keep, vae)
+
+    def control_units(self, body: GenerationBase, width: int, height: int) -> tuple:
+        """sd-webui-controlnet's units (`alwayson_scripts.controlnet.args`) as `xldm.controlnet.ControlUnit`s on
+        files of --controlnet-dir; ValueError naming the unit and what is wrong."""
+        from xldm.controlnet import CANNY_DEFAULTS, ControlUnit, check_unit
+
+        units = []
+        for index, unit in body.control_units():
+            where = f"alwayson_scripts.controlnet.args[{index}]"
+            if problems := unit.unapplied():
+                raise ValueError(f"{where}: not applied by xldm: {'; '.join(problems)}")
+            module = unit.module.strip().lower()
+            if module in ("none", ""):
+                preprocess = None
+            elif module == "canny":  # the extension's canny: threshold_a = low, threshold_b = high (-1: defaults)
+                low, high = (CANNY_DEFAULTS[k] if value < 0 else int(round(value))
+                             for k, value in enumerate((unit.threshold_a, unit.threshold_b)))
+                preprocess = f"canny:{low},{high}"
+            else:
+                raise ValueError(f"{where}: module {unit.module!r} is not available; expected one of "
+                                 f"{', '.join(CONTROL_MODULES)} (see /controlnet/module_list)")
+            try:
+                entry = find_controlnet(self.controlnets, unit.model)
+            except KeyError:
+                raise ValueError(f"{where}: model {unit.model!r} not found; see /controlnet/model_list") from None
+            text = unit.image_text()
+            if text is None:
+                raise ValueError(f"{where}: no control image; send image (or input_image), base64-encoded")
+            image = decode_image(text, f"{where}.image", self.limits)
+            if unit.resize() == 1:
+                image = crop_to_aspect(image, width, height)
+            control = ControlUnit(entry.path, image, float(unit.weight), float(unit.guidance_start),
+                                  float(unit.guidance_end), preprocess)
+            try:
+                check_unit(control, index)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            units.append(control)
+        return tuple(units)
+
+    def check_controlnets(self, plan: Plan) -> None:
+        """Every unit's ControlNet read and checked against the model (a thread of the pool, before queueing):
+        a file that does not fit (another base, a broken file) is a 422 naming it."""
+        from xldm.weights.load import load_controlnet
+
+        for index, unit in enumerate(plan.request.controlnets):
+            path = Path(unit.model)
+            try:
+                stat = path.stat()
+                key = (plan.model, path.resolve(), stat.st_size, stat.st_mtime_ns)
+                if key not in self._controlnet_checked:  # read and dropped: the worker's pipeline loads its own
+                    load_controlnet(path, self.store.entries[plan.model].config, device="cpu")
+                    self._controlnet_checked.add(key)
+            except (ValueError, OSError) as e:
+                raise HTTPException(422, f"alwayson_scripts.controlnet.args[{index}]: ControlNet {path.name}: "
+                                         f"{self.hide_folders(str(e))}") from None
 
     def execute(self, plan: Plan, job: Job) -> Outcome:
         folders = {name: value for name, value in (("vae", plan.vae), ("lora_dir", self.lora_dir)) if value}
@@ -388,6 +533,8 @@ class Server:
                 result = pipe.run(replace(request, seed=request.seed + iteration * request.batch),
                                   callback=job.step_callback)
             except Interrupted:
+                if job.skipped and not job.interrupted:  # /sdapi/v1/skip: on with the next batch
+                    continue
                 break
             for image, params in zip(result.images, result.params):
                 params = dict(params, model=plan.model, **({"refiner": plan.refiner} if plan.refiner else {}))
@@ -399,8 +546,11 @@ class Server:
         return outcome
 
     async def generate(self, body: GenerationBase, init_image=None, mask=None) -> dict[str, Any]:
-        plan = self.plan(body, init_image, mask)
+        if (full := self.queue.full()) is not None:  # before any work (the guard checked before the body came)
+            raise HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
+        plan = await run_in_threadpool(self.plan, body, init_image, mask)  # control images decoded there
         await run_in_threadpool(self.check_loras, plan)
+        await run_in_threadpool(self.check_controlnets, plan)
         try:
             job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
                                     description="img2img" if init_image is not None else "txt2img",
@@ -481,6 +631,95 @@ class Server:
         }
 
 
+CONTROL_MODULES = ("none", "canny")
+# sd-webui-controlnet's `module_detail` shape (its api.py / preprocessor sliders); canny's thresholds are its
+# threshold_a / threshold_b, OpenCV's defaults of the diffusers ControlNet docs (xldm.controlnet.CANNY_DEFAULTS)
+CONTROL_MODULE_DETAIL = {
+    "none": {"model_free": False, "sliders": []},
+    "canny": {"model_free": False, "sliders": [
+        {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
+        {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]},
+}
+
+
+def _proc_meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (Linux); {} elsewhere."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    info = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            info[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return info
+
+
+def memory_report() -> dict[str, Any]:
+    """A1111 `api.py` get_memory's shape: ram {free, used (this process), total} and cuda {system, active,
+    allocated, reserved, inactive, events} or cuda {error}."""
+    import resource
+
+    import torch
+
+    info = _proc_meminfo()
+    used = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                used = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if used is None:  # peak, in KiB on Linux (getrusage(2))
+        used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ram = {"free": info.get("MemAvailable", info.get("MemFree")), "used": used, "total": info.get("MemTotal")}
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "CUDA is not available"}}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {"ram": ram, "cuda": {
+        "system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}}
+
+
+def routes_page(spec: dict[str, Any]) -> str:
+    """A plain HTML list of the API's routes (method, path, summary) and a link to /openapi.json."""
+    from html import escape
+
+    rows = []
+    for path, methods in sorted(spec.get("paths", {}).items()):
+        for method, op in methods.items():
+            text = op.get("description") or op.get("summary") or ""
+            rows.append(f"<tr><td>{escape(method.upper())}</td><td><code>{escape(path)}</code></td>"
+                        f"<td>{escape(text.splitlines()[0] if text else '')}</td></tr>")
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>xldm API</title></head><body>"
+            f"<h1>xldm {escape(str(spec.get('info', {}).get('version', '')))} API</h1>"
+            "<p>The full schema: <a href=\"/openapi.json\">/openapi.json</a>.</p>"
+            "<table><tr><th>Method</th><th>Path</th><th>What it does</th></tr>" + "".join(rows) +
+            "</table></body></html>")
+
+
+def crop_to_aspect(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The centre of `image` with the aspect of width x height (sd-webui-controlnet's "Crop and Resize"; the
+    pipeline then resizes it to the output size)."""
+    w, h = image.size
+    if w * height > h * width:  # wider than the output: crop the sides
+        new_w = max(1, round(h * width / height))
+        left = (w - new_w) // 2
+        return image.crop((left, 0, left + new_w, h))
+    new_h = max(1, round(w * height / width))
+    top = (h - new_h) // 2
+    return image.crop((0, top, w, top + new_h))
+
+
 def _decode(text: str | None, what: str, limits: Limits) -> Image.Image | None:
     if text is None:
         return None
@@ -500,7 +739,13 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
                   description="Stable Diffusion XL with AUTOMATIC1111's /sdapi/v1 API (see xldm/serve/app.py)")
     app.state.server = server
     app.add_middleware(RequestGuard, api_key=config.api_key, allowed_hosts=config.allowed_hosts,
-                       max_body=config.limits.max_body_bytes, queue_full=server.queue.full)
+                       max_body=config.limits.max_body_bytes, queue_full=server.queue.full,
+                       allowed_origins=tuple(config.cors_allow_origins))
+    if config.cors_allow_origins:  # outermost: answers preflights, adds the CORS headers to every answer
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.cors_allow_origins)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -534,10 +779,86 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
         server.queue.interrupt()
         return {}
 
+    @app.post("/sdapi/v1/skip", tags=["sdapi"])
+    async def skip() -> dict[str, Any]:
+        """Drop the running job's current image batch after its current step; it goes on with the next."""
+        server.queue.skip()
+        return {}
+
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
     async def sd_models() -> list[dict[str, Any]]:
-        return [SDModelItem(title=e.name, model_name=Path(e.name).stem, filename=e.name).model_dump()
-                for e in server.store.entries.values()]
+        """The checkpoints, with A1111's title "file [sha256[:10]]" and the file's SHA-256 (xldm.hashes, cached);
+        `kind` says which are refiners (usable as refiner_checkpoint only, never as sd_model_checkpoint)."""
+        return await run_in_threadpool(server.model_items)
+
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=["sdapi"])
+    async def refresh_checkpoints() -> None:
+        """Scan --models-dir and --controlnet-dir again (files added are offered, files gone are dropped)."""
+        await run_in_threadpool(server.refresh_checkpoints)
+
+    @app.get("/sdapi/v1/schedulers", tags=["sdapi"])
+    async def schedulers() -> list[dict[str, Any]]:
+        """The noise schedules the `scheduler` field takes (A1111 >= 1.9 `modules/sd_schedulers.py` shape)."""
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                 "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,  # Karras et al. 2022
+                 "need_inner_model": False}]
+
+    @app.get("/sdapi/v1/memory", tags=["sdapi"])
+    async def memory() -> dict[str, Any]:
+        """RAM (this process and the machine, from /proc) and CUDA memory (torch.cuda), in A1111's shape."""
+        return await run_in_threadpool(memory_report)
+
+    @app.get("/sdapi/v1/cmd-flags", tags=["sdapi"])
+    async def cmd_flags() -> dict[str, Any]:
+        """The `xldm serve` options it was started with; folders and files show only whether they were given,
+        the API key never."""
+        return dict(server.cmd_flags)
+
+    @app.post("/sdapi/v1/extra-single-image", tags=["sdapi"])
+    async def extra_single_image(request: Request) -> None:
+        """Not available: xldm has no upscaler or face-restoration models for the webui's "Extras"."""
+        raise HTTPException(422, "extras (upscaling, face restoration) are not available in xldm: it has no "
+                                 "upscaler models; to make a larger image, run img2img with a larger width/height")
+
+    @app.post("/sdapi/v1/extra-batch-images", tags=["sdapi"])
+    async def extra_batch_images(request: Request) -> None:
+        """Not available (see extra-single-image)."""
+        raise HTTPException(422, "extras (upscaling, face restoration) are not available in xldm: it has no "
+                                 "upscaler models")
+
+    @app.get("/sdapi/v1/face-restorers", tags=["sdapi"])
+    async def face_restorers() -> list[dict[str, Any]]:
+        return []  # none: restore_faces is refused
+
+    @app.get("/sdapi/v1/prompt-styles", tags=["sdapi"])
+    async def prompt_styles() -> list[dict[str, Any]]:
+        return []  # none: only styles [] is accepted
+
+    @app.get("/sdapi/v1/hypernetworks", tags=["sdapi"])
+    async def hypernetworks() -> list[dict[str, Any]]:
+        return []  # xldm loads no hypernetworks
+
+    @app.get("/sdapi/v1/scripts", tags=["sdapi"])
+    async def scripts() -> dict[str, Any]:
+        return {"txt2img": [], "img2img": []}  # no scripts; the ControlNet extension is an always-on script
+
+    @app.get("/controlnet/version", tags=["controlnet"])
+    async def controlnet_version() -> dict[str, Any]:
+        """sd-webui-controlnet's API version (its `api.py` answers {"version": 2})."""
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list", tags=["controlnet"])
+    async def controlnet_model_list(update: bool = True) -> dict[str, Any]:
+        """The ControlNets of --controlnet-dir as "name [hash]" (sd-webui-controlnet's names); `update` rescans."""
+        if update:
+            server.controlnets = await run_in_threadpool(scan_controlnets, server.controlnet_dir)
+        return {"model_list": [entry.title for entry in server.controlnets.values()]}
+
+    @app.get("/controlnet/module_list", tags=["controlnet"])
+    async def controlnet_module_list(alias_names: bool = False) -> dict[str, Any]:
+        """The preprocessors: "none" (the image is the control map) and "canny" (OpenCV; threshold_a / b)."""
+        return {"module_list": list(CONTROL_MODULES), "module_detail": CONTROL_MODULE_DETAIL}
 
     @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], tags=["sdapi"])
     async def upscalers() -> list[dict[str, Any]]:
@@ -558,7 +879,8 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(body: dict[str, Any]) -> None:
-        """Change settings; `sd_model_checkpoint` takes a name from /sdapi/v1/sd-models (loaded on next use)."""
+        """Change settings; `sd_model_checkpoint` takes a base model's name from /sdapi/v1/sd-models (loaded on next
+        use; a refiner is refused).  The other settings GET shows are fixed: sending another value is a 422."""
         server.apply_settings(body, server.options)
 
     @app.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], tags=["sdapi"])
@@ -592,6 +914,11 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
         if "Size" in parameters and "x" in parameters["Size"]:  # the webui also splits the size
             parameters["Size-1"], parameters["Size-2"] = parameters["Size"].split("x", 1)
         return {"info": text, "items": chunks, "parameters": parameters}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The routes, from the OpenAPI schema, as a page with no scripts and no external resources."""
+        return HTMLResponse(routes_page(app.openapi()))
 
     @app.get("/xldm/v1/config", tags=["xldm"])
     async def page_config() -> dict[str, Any]:

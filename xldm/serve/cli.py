@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="VAE *.safetensors files the sd_vae option chooses from (/sdapi/v1/sd-vae)")
     serve.add_argument("--embeddings-dir", default=None, metavar="DIR",
                        help="textual-inversion embeddings (*.safetensors, *.pt) listed by /sdapi/v1/embeddings")
+    serve.add_argument("--controlnet-dir", default=None, metavar="DIR",
+                       help="ControlNet files (*.safetensors, diffusers folders) that the ControlNet extension API's "
+                            "units name (/controlnet/model_list)")
+    serve.add_argument("--cors-allow-origins", default=None, metavar="ORIGINS",
+                       help="comma-separated browser origins allowed to call the API cross-origin (e.g. "
+                            "http://localhost:3000; '*' for any); default: none, cross-origin requests are refused")
     serve.add_argument("--dtype", choices=list(DTYPES), default=None,
                        help="default: fp32 on CPU, bf16 on GPU")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -98,17 +105,29 @@ def build_config(args: argparse.Namespace):
     if args.outputs and Path(args.outputs).exists() and not Path(args.outputs).is_dir():
         raise ValueError(f"--outputs {args.outputs}: is not a folder")
     folders = {}
-    for flag in ("lora_dir", "vae_dir", "embeddings_dir"):
+    for flag in ("lora_dir", "vae_dir", "embeddings_dir", "controlnet_dir"):
         value = getattr(args, flag, None)
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {value}: is not a folder")
         folders[flag] = Path(value) if value is not None else None
+    origins = tuple(o.strip() for o in (getattr(args, "cors_allow_origins", None) or "").split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"--cors-allow-origins: {origin!r} is no origin; expected scheme://host[:port], e.g. "
+                             f"http://localhost:3000, or '*'")
+    # /sdapi/v1/cmd-flags: the options, folders and files only as whether they were given, never the API key
+    hidden = {"model", "models_dir", "refiner", "outputs", "lora_dir", "vae_dir", "embeddings_dir", "controlnet_dir"}
+    cmd_flags = {k: (bool(v) if k in hidden else v) for k, v in sorted(vars(args).items())
+                 if k not in ("func", "api_key", "command") and not callable(v)}
+    cmd_flags["api_key"] = api_key is not None
     hosts = LOOPBACK_HOSTS | {args.host.strip("[]").lower()}  # 127.0.0.2 serves Host: 127.0.0.2
     return ServerConfig(
         models=models, model=Path(args.model[0]).name if args.model else None,
         refiner=Path(args.refiner).name if args.refiner else None,
         api_key=api_key, queue_size=args.queue_size, outputs=Path(args.outputs) if args.outputs else None,
-        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device, students=students, **folders)
+        allowed_hosts=hosts if loopback else None, dtype=torch_dtype(args.dtype), device=args.device, students=students,
+        models_dir=Path(args.models_dir) if args.models_dir else None, cors_allow_origins=origins,
+        cmd_flags=cmd_flags, **folders)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -92,6 +92,7 @@ class Job:
     steps_done: int = 0  # all steps of this job so far
     x0: torch.Tensor | None = None
     interrupted: bool = False
+    skipped: bool = False  # the current image batch is dropped and the job goes on with the next (the webui's skip)
     interrupt_steps_done: int | None = None  # steps_done when the interrupt came (for the "within one step" check)
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (start, width) in an iteration
 
@@ -110,13 +111,14 @@ class Job:
         self.step, self.stage_steps = i + 1, total
         self.steps_done += 1
         self.x0 = x0[:1].detach()
-        if self.interrupted:
+        if self.interrupted or self.skipped:
             raise Interrupted
 
     def begin_iteration(self, iteration: int, stages: dict[str, tuple[float, float]]) -> None:
         """Start image batch `iteration`; `stages` maps "base"/"refiner" to its (start, width) in [0, 1]."""
         self.iteration, self.stages, self.stage, self.stage_share = iteration, stages, "", (0.0, 0.0)
         self.step = self.stage_steps = 0
+        self.skipped = False
 
 
 def _cpu_out_of_memory(error: BaseException) -> bool:
@@ -219,6 +221,15 @@ class JobQueue:
                 job.interrupt_steps_done, job.interrupted = job.steps_done, True
             return job
 
+    def skip(self) -> Job | None:
+        """Drop the running job's current image batch after its current step; it goes on with the next batch
+        (the webui's `/sdapi/v1/skip`: `state.skipped`)."""
+        with self._lock:
+            job = self.running
+            if job is not None:
+                job.skipped = True
+            return job
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -278,16 +289,7 @@ class ModelStore:
         self.dtype = dtype or default_dtype(self.device)
         self.entries: dict[str, ModelEntry] = {}
         for p in paths:
-            path = Path(p)
-            if path.name in self.entries:
-                log.warning("skipping %s: a model named %s is already registered", path, path.name)
-                continue
-            try:
-                config = model_info(path).config
-            except Exception as e:  # one unreadable file does not stop the others from being served
-                log.warning("skipping %s: it cannot be read: %s", path, str(e)[:300] or type(e).__name__)
-                continue
-            self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size, config)
+            self.register(Path(p), warn_duplicate=True)
         for name, (path, unet) in (students or {}).items():
             config = model_info(path).config
             self.entries[name] = ModelEntry(name, Path(path), config.kind, config.default_size, config, Path(unet))
@@ -295,6 +297,23 @@ class ModelStore:
             raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")
         self._loaded: dict[str, Any] = {}  # name -> Components
         self._pipeline: tuple[tuple, Pipeline] | None = None  # the last pipeline, kept while its settings hold
+
+    def register(self, path: Path, *, warn_duplicate: bool = False) -> ModelEntry | None:
+        """Offer the checkpoint at `path` under its file name (kept if a model of that name is there already);
+        None, with a warning, when it cannot be read."""
+        from xldm.weights.info import model_info
+
+        if path.name in self.entries:
+            if warn_duplicate:
+                log.warning("skipping %s: a model named %s is already registered", path, path.name)
+            return self.entries[path.name]
+        try:
+            config = model_info(path).config
+        except Exception as e:  # one unreadable file does not stop the others from being served
+            log.warning("skipping %s: it cannot be read: %s", path, str(e)[:300] or type(e).__name__)
+            return None
+        self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size, config)
+        return self.entries[path.name]
 
     def lookup(self, name: str) -> ModelEntry:
         """By name, by name without its extension, or by the webui's title "name [hash]"."""

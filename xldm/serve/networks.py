@@ -133,3 +133,57 @@ def list_embeddings(folder: Path | None) -> dict[str, Any]:
             continue
         loaded[path.stem] = entry
     return {"loaded": loaded, "skipped": skipped}
+
+
+def legacy_model_hash(path: Path) -> str:
+    """The 8-digit hash sd-webui-controlnet shows in its model names ("name [hash]"): A1111's legacy
+    `sd_models.model_hash`, the SHA-256 of the 64 KiB at offset 1 MiB of the file (of the weights file of a
+    diffusers folder)."""
+    import hashlib
+
+    if path.is_dir():
+        candidates = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+        if not candidates:
+            return "00000000"
+        path = candidates[0]
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    name: str  # the file's path under the folder without its extension, or the diffusers folder's name
+    path: Path
+    short_hash: str
+
+    @property
+    def title(self) -> str:  # what /controlnet/model_list shows and units name
+        return f"{self.name} [{self.short_hash}]"
+
+
+def scan_controlnets(folder: Path | None) -> dict[str, ControlNetEntry]:
+    """The ControlNets of the folder, by name: `*.safetensors` files (subfolders too) and diffusers folders
+    (`config.json` beside `diffusion_pytorch_model.safetensors`)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    root = folder.resolve()
+    found: dict[str, Path] = {}
+    for path in files_inside(folder, (".safetensors",)):
+        if path.name.startswith("diffusion_pytorch_model") and (path.parent / "config.json").is_file():
+            if stays_inside(path.parent, root) is not None and path.parent != root:
+                found[path.parent.relative_to(root).as_posix()] = path.parent
+            continue
+        found[path.relative_to(root).with_suffix("").as_posix()] = path
+    return {name: ControlNetEntry(name, path, legacy_model_hash(path)) for name, path in sorted(found.items())}
+
+
+def find_controlnet(entries: dict[str, ControlNetEntry], name: str) -> ControlNetEntry:
+    """A unit's `model`: "name [hash]" or "name" (with or without the extension); KeyError when absent."""
+    bare = name.strip()
+    if bare.endswith("]") and " [" in bare:
+        bare = bare.rsplit(" [", 1)[0]
+    for candidate in (bare, bare.removesuffix(".safetensors")):
+        if candidate in entries:
+            return entries[candidate]
+    raise KeyError(name)

@@ -6,10 +6,10 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
 
 * **Bounds.** Every number has a range (`Limits`), every string a length: out of range is a 422 before any work.
   NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
-* **Unknown keys are ignored**, as the webui's models ignore them, **except path-like ones** (`outpath_samples`
-  ...): the server's folders are fixed at start.  Webui features xldm lacks (face restoration, tiling, scripts,
-  variation seeds, styles; a hires pass with its own checkpoint, sampler or prompt) are refused when switched on,
-  never silently dropped.
+* **Unknown keys are refused** (422 naming them), and path-like ones (`outpath_samples` ...) always: the server's
+  folders are fixed at start.  Webui fields xldm does not apply (face restoration, tiling, scripts, variation
+  seeds, styles, `s_churn`, `s_noise`, `mask_blur`, `inpainting_fill`; a hires pass with its own checkpoint, sampler or prompt ...) are accepted at the value that has no
+  effect (the webui's default) and refused otherwise, never silently dropped (`unapplied_fields`).
 * **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
@@ -139,6 +140,131 @@ Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=
 Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 
+# Webui fields xldm has no field for, accepted with no effect: read by the webui only with hires fix on (then
+# fix is refused), or bookkeeping of the webui's own (modules/processing.py, modules/api/models.py).
+_HIRES_ONLY = frozenset({"hr_upscaler", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+                         "hr_negative_prompt", "hr_additional_modules", "hr_cfg", "hr_distilled_cfg"})
+_NO_EFFECT_WHEN = {"force_task_id": (None, ""), "infotext": (None, ""), "user": (None, ""), "firstpass_image": (None,)}
+# The eta each xldm sampler applies (None: the sampler adds no noise, so eta means nothing to it, as in the webui).
+# Ancestral and SDE samplers use eta = 1 (k-diffusion `sample_euler_ancestral`, `sample_dpmpp_2m_sde` ... defaults;
+# the webui's `eta_ancestral` option defaults to 1); DDIM uses eta = 0 (the webui's `eta_ddim` default).
+SAMPLER_ETA = {"euler_a": 1.0, "dpmpp_2m_sde_karras": 1.0, "dpmpp_sde_karras": 1.0, "dpmpp_3m_sde": 1.0,
+               "dpmpp_3m_sde_karras": 1.0, "ddim": 0.0}
+
+
+def _unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
+    """Keys of `data` that `model` has no field for and that would have an effect: refused by name."""
+    known = set(model.model_fields)
+    bad = []
+    for key, value in data.items():
+        if key in known:
+            continue
+        if key in _HIRES_ONLY and not data.get("enable_hr"):
+            continue
+        if key == "denoising_strength" and not data.get("enable_hr"):  # txt2img: the hires pass's
+            continue
+        if key in _NO_EFFECT_WHEN and value in _NO_EFFECT_WHEN[key]:
+            continue
+        bad.append(key)
+    return sorted(bad)
+
+
+def unapplied_fields(body: "GenerationBase", sampler: str) -> list[str]:
+    """The fields of a request that xldm would not apply, each with what is accepted; [] when all apply."""
+    problems = []
+    allowed_eta = (SAMPLER_ETA[sampler],) if sampler in SAMPLER_ETA else (0.0, 1.0)
+    if body.eta is not None and float(body.eta) not in allowed_eta:
+        problems.append(f"eta={body.eta:g} (sampler {sampler} applies eta={allowed_eta[0]:g}"
+                        + (")" if sampler in SAMPLER_ETA else " meaning nothing: it adds no noise)"))
+    for name, neutral in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_min_uncond", 0.0), ("s_noise", 1.0)):
+        value = getattr(body, name)
+        if value is not None and float(value) != neutral:
+            problems.append(f"{name}={value:g} (only {neutral:g}: xldm's samplers add no churn and scale no noise)")
+    if body.s_tmax is not None and float(body.s_tmax) not in (0.0, math.inf):  # the webui's 0 = infinity
+        problems.append(f"s_tmax={body.s_tmax:g} (only 0: no churn)")
+    if isinstance(body, Img2ImgRequest):
+        if body.initial_noise_multiplier not in (None, 1.0):
+            problems.append(f"initial_noise_multiplier={body.initial_noise_multiplier:g} (only 1)")
+        if body.image_cfg_scale not in (None, 1.5):  # instruct-pix2pix models only; the webui's default 1.5
+            problems.append(f"image_cfg_scale={body.image_cfg_scale:g} (instruct-pix2pix only: null or 1.5)")
+        if body.mask is not None:
+            for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+                if getattr(body, name) not in (None, 0):
+                    problems.append(f"{name}={getattr(body, name)} (xldm does not blur the mask: 0)")
+            if body.inpainting_fill not in (None, 1):  # xldm's inpainting noises the original image (diffusers' SDXL inpaint)
+                problems.append(f"inpainting_fill={body.inpainting_fill} (xldm starts from the original: 1)")
+            if body.inpaint_full_res:
+                problems.append("inpaint_full_res=true (xldm inpaints the whole picture: false)")
+    return problems
+
+
+CONTROL_RESIZE_MODES = {"just resize": 0, "crop and resize": 1, "resize and fill": 2}
+CONTROL_MODES = {"balanced": 0, "my prompt is more important": 1, "controlnet is more important": 2}
+
+
+class ControlNetUnitRequest(BaseModel):
+    """One unit of sd-webui-controlnet's API (`internal_controlnet/external_code.py` ControlNetUnit, as the
+    extension's `alwayson_scripts.controlnet.args` take it).  Applied: `enabled`, `image` / `input_image`, `module`
+    ("none" or "canny" with `threshold_a` / `threshold_b` as low / high, -1 = 100 / 200), `model`, `weight`,
+    `guidance_start`, `guidance_end`, `resize_mode` "Just Resize" (0) or "Crop and Resize" (1, the extension's
+    default: centre crop to the output's aspect, then resize).  Others only at their no-effect default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    enabled: bool = True
+    image: Base64Image | dict[str, Any] | None = None
+    input_image: Base64Image | None = None
+    mask: Base64Image | None = None
+    module: str = Field(default="none", max_length=64)
+    model: str = Field(default="None", max_length=_L.max_name_chars)
+    weight: float = Field(default=1.0, ge=0, le=4)
+    resize_mode: int | str = Field(default="Crop and Resize")
+    low_vram: bool = False
+    lowvram: bool = False
+    processor_res: int = Field(default=-1, ge=-1, le=4096)
+    threshold_a: float = Field(default=-1, ge=-1, le=1024)
+    threshold_b: float = Field(default=-1, ge=-1, le=1024)
+    guidance_start: float = Field(default=0.0, ge=0, le=1)
+    guidance_end: float = Field(default=1.0, ge=0, le=1)
+    control_mode: int | str = Field(default="Balanced")
+    guessmode: bool | int | None = None
+    pixel_perfect: bool = False
+    hr_option: str = Field(default="Both", max_length=32)
+    save_detected_map: bool = True
+
+    def image_text(self) -> str | None:
+        """The control image's base64 text: `image` (a string, or the webui page's {"image": ..., "mask": ...})
+        or `input_image`."""
+        image = self.image
+        if isinstance(image, dict):
+            if image.get("mask") not in (None, ""):
+                raise ValueError("a ControlNet unit's mask is not applied by xldm; send the image only")
+            image = image.get("image")
+        return image or self.input_image or None
+
+    def resize(self) -> int:
+        mode = self.resize_mode
+        value = CONTROL_RESIZE_MODES.get(mode.strip().lower()) if isinstance(mode, str) else mode
+        if value not in (0, 1):
+            raise ValueError(f"resize_mode {mode!r}: xldm does 'Just Resize' (0) and 'Crop and Resize' (1)")
+        return value
+
+    def unapplied(self) -> list[str]:
+        problems = []
+        mode = self.control_mode
+        if (CONTROL_MODES.get(mode.strip().lower()) if isinstance(mode, str) else mode) != 0 or self.guessmode:
+            problems.append(f"control_mode={mode!r} (only 'Balanced' / 0)")
+        for name in ("low_vram", "lowvram", "pixel_perfect"):
+            if getattr(self, name):
+                problems.append(f"{name}=true (only false)")
+        if self.mask not in (None, ""):
+            problems.append("mask (a ControlNet unit's mask is not applied)")
+        if self.processor_res not in (-1, 512):  # the extension's default resolution: canny runs on the image as is
+            problems.append(f"processor_res={self.processor_res} (only -1 or 512)")
+        if self.hr_option not in ("Both", "Low res only"):
+            problems.append(f"hr_option={self.hr_option!r} (ControlNet steers the first pass: 'Both')")
+        return problems
+
+
 class _NoPaths(BaseModel):
     """A body that refuses keys naming a path/folder/file, but for `names` (a model name is no path: it is looked up
     among the registered names)."""
@@ -216,8 +342,9 @@ class GenerationBase(_NoPaths):
     comments: dict[str, Any] | None = Field(default=None, max_length=64)
     send_images: bool = True
     save_images: bool = Field(default=False, description="also write the PNGs under the server's --outputs folder")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, max_length=0,
-                                             description="webui extensions: not available (only {})")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, max_length=8,
+                                             description='webui extensions: only {"controlnet": {"args": [unit, '
+                                                         '...]}} (sd-webui-controlnet\'s API)')
     script_name: str | None = Field(default=None, max_length=0)
     script_args: list[Any] = Field(default_factory=list, max_length=0)
     # xldm: SDXL micro-conditioning (SDXL paper, Sec. 2.2), sizes as [width, height], crop as [top, left]
@@ -231,6 +358,37 @@ class GenerationBase(_NoPaths):
     # xldm: the webui's prompt semantics (75-token chunks, "(word:1.2)", BREAK), as `xldm generate` by default
     prompt_weighting: bool = Field(default=True, description="false: diffusers' plain encoding (77 tokens, no "
                                                               "weights), as `xldm generate --no-prompt-weighting`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (bad := _unknown_keys(cls, data)):
+            raise ValueError(f"{', '.join(bad)}: not a field xldm applies; leave {'it' if len(bad) == 1 else 'them'}"
+                             f" out")
+        return data
+
+    def control_units(self) -> list[tuple[int, ControlNetUnitRequest]]:
+        """(index, unit) of the enabled units of `alwayson_scripts.controlnet.args`; ValueError for another script or a bad unit."""
+        scripts = dict(self.alwayson_scripts)
+        other = sorted(k for k in scripts if k.lower() != "controlnet")
+        if other:
+            raise ValueError(f"alwayson_scripts {', '.join(other)}: not available in xldm (only controlnet)")
+        if not scripts:
+            return []
+        script = next(iter(scripts.values()))
+        if not isinstance(script, dict) or not isinstance(script.get("args"), list) or set(script) - {"args"}:
+            raise ValueError('alwayson_scripts.controlnet: expected {"args": [unit, ...]}')
+        units = []
+        for index, raw in enumerate(script["args"]):
+            try:
+                unit = ControlNetUnitRequest.model_validate(raw)
+            except ValueError as e:
+                detail = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+                                   for err in e.errors()) if hasattr(e, "errors") else str(e)
+                raise ValueError(f"alwayson_scripts.controlnet.args[{index}]: {detail}") from None
+            if unit.enabled:
+                units.append((index, unit))
+        return units
 
     @model_validator(mode="after")
     def _supported(self) -> "GenerationBase":
@@ -298,14 +456,15 @@ class Img2ImgRequest(GenerationBase):
     denoising_strength: float = Field(default=0.75, gt=0, le=1)
     image_cfg_scale: float | None = Field(default=None, ge=0, le=_L.max_cfg)
     mask: Base64Image | None = Field(default=None, description="base64 image, white = repaint")
-    mask_blur: int | None = Field(default=None, ge=0, le=64, description="accepted, not applied")
+    mask_blur: int | None = Field(default=None, ge=0, le=64, description="with a mask: 0 only (no blur)")
     mask_blur_x: int | None = Field(default=None, ge=0, le=64)
     mask_blur_y: int | None = Field(default=None, ge=0, le=64)
-    inpainting_fill: int = Field(default=0, ge=0, le=3, description="accepted, not applied")
-    inpaint_full_res: bool = Field(default=False, description="accepted, not applied (whole picture)")
+    inpainting_fill: int | None = Field(default=None, ge=0, le=3,
+                                        description="with a mask: 1 (original) only, what xldm does; null = 1")
+    inpaint_full_res: bool = Field(default=False, description="with a mask: false only (whole picture)")
     inpaint_full_res_padding: int = Field(default=0, ge=0, le=256)
     inpainting_mask_invert: int = Field(default=0, ge=0, le=1, description="1: black = repaint")
-    initial_noise_multiplier: float | None = Field(default=None, ge=0, le=2)
+    initial_noise_multiplier: float | None = Field(default=None, ge=0, le=2, description="1 only")
     include_init_images: bool = False
 
 
@@ -349,6 +508,7 @@ class SDModelItem(BaseModel):
     sha256: str | None = None
     filename: str = Field(description="the file's name (the server's folders are not disclosed)")
     config: str | None = None
+    kind: str = Field(default="base", description='xldm: "refiner" models are usable as refiner_checkpoint only')
 
 
 class SDVaeItem(BaseModel):
