@@ -140,8 +140,8 @@ Size2 = Annotated[list[Annotated[int, Field(ge=1, le=16384)]], Field(min_length=
 Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
 
 
-# Webui fields xldm has no field for, accepted with no effect: read by the webui only with hires fix on (then
-# fix is refused), or bookkeeping of the webui's own (modules/processing.py, modules/api/models.py).
+# Webui fields xldm has no field for, accepted with no effect: read by the webui only with hires fix on (with
+# enable_hr they are refused as unknown), or bookkeeping of the webui's own (modules/processing.py, modules/api/models.py).
 _HIRES_ONLY = frozenset({"hr_upscaler", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
                          "hr_negative_prompt", "hr_additional_modules", "hr_cfg", "hr_distilled_cfg"})
 _NO_EFFECT_WHEN = {"force_task_id": (None, ""), "infotext": (None, ""), "user": (None, ""), "firstpass_image": (None,)}
