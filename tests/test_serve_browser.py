@@ -290,12 +290,17 @@ def test_img2img_with_an_uploaded_image_matches_the_api(server, browser, tmp_pat
 
 
 def test_inpainting_sends_the_painted_mask(server, browser, tmp_path):
-    path, init_b64 = init_png(tmp_path)
+    _, init_b64 = init_png(tmp_path)
     with browser_page(browser) as page:
         open_page(page, server.url)
         page.click("#modes [data-mode=inpaint]")
-        page.set_input_files("#init-file", str(path))
+        dropped = page.evaluate_handle(  # the init image dropped onto its box rather than chosen
+            "(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+            " const dt = new DataTransfer(); dt.items.add(new File([bytes], 'init.png', {type: 'image/png'}));"
+            " return dt; }", init_b64)
+        page.dispatch_event("#init-drop", "drop", {"dataTransfer": dropped})
         page.wait_for_selector("#mask-canvas", state="visible")
+        assert page.locator("#init-preview").get_attribute("src") == f"data:image/png;base64,{init_b64}"
         page.fill("#prompt", "a window")
         page.fill("#steps", "2")
         page.fill("#seed", "5")
