@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the bundled default base's canny ControlNet (Zhang et al. 2023), shipped as xldm/data/default/controlnet-canny/:
+# Train the bundled default base's canny ControlNet (Zhang et al. 2023), shipped as xldm/data/default/default-canny/:
 #
 #   scripts/train_default_controlnet.sh OUT_DIR [BASE]
 #
@@ -8,7 +8,7 @@
 # 2. train     `xldm train --preset default-controlnet --init BASE --control canny`: the base frozen, the ControlNet
 #              from its encoder, canny maps of each training crop as control images (resumes from OUT/run/checkpoints
 #              when run again; a finished run is skipped)
-# 3. export    the ControlNet in fp16 to OUT/export/controlnet-canny/ (a diffusers folder); copy it to xldm/data/default/
+# 3. export    the ControlNet in fp16 to OUT/export/default-canny/ (a diffusers folder); copy it to xldm/data/default/
 # BASE defaults to the bundled base.  XLDM_THREADS (default 2) sets the CPU threads; MIXED_PRECISION (default bf16:
 # 1.8x faster on CPUs with AVX512-BF16, and on GPUs) the autocast; CONTROLNET_STEPS overrides the preset's steps (a
 # smoke run: CONTROLNET_STEPS=2).  Measured on the 2-core CPU: ~1.1 s per step of 8 images (bf16), 3000 steps ~1 h.
@@ -45,11 +45,11 @@ if [[ ! -f "$OUT/run/final/controlnet/config.json" ]]; then
         --mixed-precision "${MIXED_PRECISION:-bf16}" --no-progress "${extra[@]}"
 fi
 
-log "export: fp16 ControlNet into $OUT/export/controlnet-canny"
-mkdir -p "$OUT/export/controlnet-canny"
-cp "$OUT/run/final/controlnet/config.json" "$OUT/export/controlnet-canny/"
+log "export: fp16 ControlNet into $OUT/export/default-canny"
+mkdir -p "$OUT/export/default-canny"
+cp "$OUT/run/final/controlnet/config.json" "$OUT/export/default-canny/"
 "$PY" - "$OUT/run/final/controlnet/diffusion_pytorch_model.safetensors" \
-    "$OUT/export/controlnet-canny/diffusion_pytorch_model.safetensors" <<'PYEOF'
+    "$OUT/export/default-canny/diffusion_pytorch_model.safetensors" <<'PYEOF'
 import sys
 
 import torch
@@ -61,4 +61,4 @@ with safe_open(sys.argv[1], "pt") as f:
     metadata = f.metadata()
 save_file(tensors, sys.argv[2], metadata=metadata)
 PYEOF
-log "done: cp -r $OUT/export/controlnet-canny xldm/data/default/"
+log "done: cp -r $OUT/export/default-canny xldm/data/default/"
