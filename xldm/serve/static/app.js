@@ -33,7 +33,7 @@ function showError(message) {
 function reportError(e) { showError(String((e && e.message) || e)); }
 
 // The server's error as text: FastAPI's {"detail": "..."} or its validation list, else the body itself.
-async function httpError(what, response) {
+async function responseError(what, response) {
   const text = await response.text();
   let detail = text;
   try {
@@ -49,7 +49,7 @@ async function httpError(what, response) {
 
 async function getJson(url, what) {
   const response = await fetch(url);
-  if (!response.ok) throw await httpError(what, response);
+  if (!response.ok) throw await responseError(what, response);
   return response.json();
 }
 
@@ -138,7 +138,7 @@ async function switchModel() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sd_model_checkpoint: wanted }),
     });
-    if (!response.ok) throw await httpError(`switching to ${wanted}`, response);
+    if (!response.ok) throw await responseError(`switching to ${wanted}`, response);
     await loadConfig();
     picker.dataset.current = config.model;
     picker.value = config.model;
@@ -155,7 +155,7 @@ async function switchModel() {
 async function optional(url, what) {
   const response = await fetch(url);
   if (response.status === 404) return null;
-  if (!response.ok) throw await httpError(what, response);
+  if (!response.ok) throw await responseError(what, response);
   return response.json();
 }
 
@@ -485,7 +485,7 @@ async function generate(event) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
     });
-    if (!response.ok) throw await httpError(route, response);
+    if (!response.ok) throw await responseError(route, response);
     const data = await response.json();
     const info = JSON.parse(data.info);
     const entries = data.images.map((image, i) => ({
@@ -516,7 +516,7 @@ async function readParameters(file) {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ image: stripDataUrl(dataUrl) }),
   });
-  if (!response.ok) throw await httpError(`png-info of ${file.name}`, response);
+  if (!response.ok) throw await responseError(`png-info of ${file.name}`, response);
   const { info, parameters: p } = await response.json();
   if (!info) throw new Error(`${file.name} carries no generation parameters`);
   setIfPresent("prompt", p.Prompt);
@@ -566,7 +566,7 @@ for (const tab of document.querySelectorAll("#modes [role=tab]")) {
 }
 $("form").addEventListener("submit", generate);
 $("interrupt").addEventListener("click", () => fetch("/sdapi/v1/interrupt", { method: "POST" }).then(
-  async (r) => { if (!r.ok) reportError(await httpError("interrupt", r)); }, reportError));
+  async (r) => { if (!r.ok) reportError(await responseError("interrupt", r)); }, reportError));
 $("lora-refresh").addEventListener("click", () => loadLoras(true).catch(reportError));
 $("model").addEventListener("change", switchModel);
 $("init-file").addEventListener("change", (e) => setInitFile(e.target.files[0]).catch(reportError));
@@ -595,7 +595,7 @@ function addToPrompt(tag) {
 async function loadLoras(refresh = false) {
   if (refresh) {
     const response = await fetch("/sdapi/v1/refresh-loras", { method: "POST" });
-    if (!response.ok) throw await httpError("refresh-loras", response);
+    if (!response.ok) throw await responseError("refresh-loras", response);
   }
   const loras = await getJson("/sdapi/v1/loras", "loras");
   const list = $("lora-list");
