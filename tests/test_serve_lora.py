@@ -230,11 +230,23 @@ def test_serve_flags(folders):
 
 
 def test_page_lists_loras_and_adds_a_tag(client, tmp_path):
-    from test_serve_browser import CHROMIUM, browser_page
+    from test_serve_browser import CHROMIUM, FLAGS
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (run .ci/install-browser)")
-    with browser_page(tmp_path) as page:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            _lists_loras_and_adds_a_tag(client, browser)
+        finally:
+            browser.close()
+
+
+def _lists_loras_and_adds_a_tag(client, browser):
+    from test_serve_browser import browser_page
+
+    with browser_page(browser) as page:
         page.goto(str(client.base_url).rstrip("/") + "/")
         page.wait_for_function("document.querySelectorAll('#lora-list .lora').length > 0")
         page.click("#lora-box summary")

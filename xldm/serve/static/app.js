@@ -121,8 +121,9 @@ async function loadModels() {
   const picker = $("model");
   picker.replaceChildren();
   for (const m of models) {
-    if (refiners.has(m.title)) continue;
-    picker.add(new Option(m.hash ? `${m.model_name} [${m.hash}]` : m.model_name, m.title));
+    const file = m.filename || m.title;  // the name sd_model_checkpoint takes (the title carries the hash)
+    if (refiners.has(file) || m.kind === "sdxl-refiner") continue;
+    picker.add(new Option(m.hash ? `${m.model_name} [${m.hash}]` : m.model_name, file));
   }
   picker.value = config.model;
   picker.dataset.current = config.model;
