@@ -122,7 +122,7 @@ async function loadModels() {
   picker.replaceChildren();
   for (const m of models) {
     const file = m.filename || m.title;  // the name sd_model_checkpoint takes (the title carries the hash)
-    if (refiners.has(file) || m.kind === "sdxl-refiner") continue;
+    if (refiners.has(file)) continue;
     picker.add(new Option(m.hash ? `${m.model_name} [${m.hash}]` : m.model_name, file));
   }
   picker.value = config.model;
