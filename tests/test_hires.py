@@ -44,12 +44,17 @@ def models(tmp_path_factory):
     return base, refiner, save_diffusers(base, root / "base"), save_diffusers(refiner, root / "refiner")
 
 
-@pytest.fixture(scope="module")
-def ref_base(models):
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(models[2], local_files_only=True)
+def euler_pipeline(pipeline_class, folder):
+    """A diffusers pipeline of `folder` with the Euler scheduler (xldm's default sampler), no progress bar."""
+    pipe = pipeline_class.from_pretrained(folder, local_files_only=True)
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def ref_base(models):
+    return euler_pipeline(diffusers.StableDiffusionXLPipeline, models[2])
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +66,7 @@ def ref_img2img(ref_base):
 
 @pytest.fixture(scope="module")
 def ref_refiner(models):
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(models[3], local_files_only=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return euler_pipeline(diffusers.StableDiffusionXLImg2ImgPipeline, models[3])
 
 
 def generators(batch: int, seed: int = SEED) -> list[torch.Generator]:
