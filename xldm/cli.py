@@ -296,6 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
         controlnets=controlnets, hires_scale=args.hires_scale, hires_size=args.hires_size,
         hires_upscaler=args.hires_upscaler, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
+        eta=args.eta, **{name: value for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
+                         if (value := getattr(args, name)) is not None},
     )
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
@@ -345,7 +347,8 @@ _FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps"
              "negative_original_size": "negative_original_size", "negative_target_size": "negative_target_size",
              "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score",
              "weighting": "weighting", "hires_scale": "hires_scale", "hires_size": "hires_size",
-             "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps"}
+             "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
+             "eta": "eta", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"}
 
 
 def apply_png_settings(args: argparse.Namespace) -> dict:
@@ -498,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-steps", type=int, default=None, metavar="N",
                      help="schedule length of the hires pass, which runs the last int(N * strength) of them "
                           "(diffusers img2img; default/0: --steps)")
+    gen.add_argument("--eta", type=float, default=None, metavar="X",
+                     help="noise scale in [0, 1] of the samplers that add noise (euler_a, the SDE samplers: default 1; "
+                          "ddim: default 0)")
+    gen.add_argument("--s-churn", type=float, default=None, metavar="X",
+                     help="euler: churn (Karras et al. 2022, Alg. 2), default 0; --s-tmin / --s-tmax bound the "
+                          "sigmas it applies at, --s-noise scales its noise")
+    gen.add_argument("--s-tmin", type=float, default=None, metavar="SIGMA", help="default 0")
+    gen.add_argument("--s-tmax", type=float, default=None, metavar="SIGMA", help="default infinity")
+    gen.add_argument("--s-noise", type=float, default=None, metavar="X", help="default 1")
     gen.add_argument("--batch", type=int, default=1)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

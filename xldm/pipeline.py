@@ -27,7 +27,7 @@ from xldm.controlnet import (ControlStack, ControlUnit, check_unit, control_imag
 from xldm.config import GENERATE_DEFAULTS, PREDICTION_TYPES, ModelConfig
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
-from xldm.diffusion.samplers import sample
+from xldm.diffusion.samplers import CHURN_DEFAULTS, ETA_DEFAULTS, check_sampler_options, sample
 from xldm.errors import ControlNetError, NonFiniteError
 from xldm.hires import check_hires, hires_enabled, hires_params, hires_steps, run_hires
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
@@ -98,6 +98,13 @@ class GenerationRequest:
     hires_upscaler: str = GENERATE_DEFAULTS["hires_upscaler"]  # xldm.hires.UPSCALERS
     hires_strength: float = GENERATE_DEFAULTS["hires_strength"]
     hires_steps: int | None = None
+    # sampler options (xldm.diffusion.samplers.check_sampler_options): the noise-adding samplers' eta (None: the
+    # sampler's own, ETA_DEFAULTS), Euler's churn (Karras et al. 2022, Alg. 2; diffusers EulerDiscreteScheduler)
+    eta: float | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
 
 
 @dataclass
@@ -290,6 +297,7 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         raise ValueError(f"prediction must be one of eps, {', '.join(PREDICTION_TYPES)}, got {req.prediction!r}")
     if req.zero_terminal_snr not in (None, True, False):
         raise ValueError(f"zero_terminal_snr must be True, False or None, got {req.zero_terminal_snr!r}")
+    check_sampler_options(req.sampler, req.eta, **sampler_churn(req))
     try:  # the schedule itself (ddim refuses spacings its diffusers step cannot follow; lcm has at most 50 steps)
         make_schedule(req.sampler, req.steps, spacing=req.timestep_spacing)
     except ValueError as e:
@@ -349,9 +357,15 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
                    prediction=prediction)
 
 
+def sampler_churn(req: GenerationRequest) -> dict[str, float]:
+    """The request's Euler churn options (s_churn, s_tmin, s_tmax, s_noise) as `samplers.sample` takes them."""
+    return {name: getattr(req, name) for name in CHURN_DEFAULTS}
+
+
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
             x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
-            step_hook=None, callback=None, name: str = "", control: ControlStack | None = None) -> torch.Tensor:
+            step_hook=None, callback=None, name: str = "", control: ControlStack | None = None,
+            sampler_options: dict[str, Any] | None = None) -> torch.Tensor:
     """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet
     (steered by `control`'s ControlNets, whose step count follows the sampler's steps).  NaN/inf results are an
     error that says where, never a silent black image."""
@@ -364,7 +378,8 @@ def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sam
                 outer(i, n, x_i, x0)
     denoiser = Denoiser(prediction_type, cond.model_fn(unet, cfg, extra_channels, control))
     with torch.no_grad():
-        out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook)
+        out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook,
+                     **(sampler_options or {}))
     if not torch.isfinite(out).all():
         bad = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten().tolist()
         advice = "lower --cfg or check the model weights (more precision will not help: this is float32)" \
@@ -543,7 +558,8 @@ class Pipeline:
                  schedule: Schedule, generators: list[torch.Generator], **kw) -> torch.Tensor:
         with handle.use("unet") as comps:
             return denoise(comps.unet, cond, self._training_schedule(handle, req)[0], req.sampler, req.cfg, x,
-                           schedule, generators, name=handle.name, **kw)
+                           schedule, generators, name=handle.name,
+                           sampler_options=dict(eta=req.eta, **sampler_churn(req)), **kw)
 
     def _training_schedule(self, handle: ModelHandle, req: GenerationRequest) -> tuple[str, bool]:
         """(prediction type, zero terminal SNR) of a model: the request's overrides for the main model, else its own."""
@@ -689,6 +705,11 @@ class Pipeline:
         # (each only when it changes something, so plain images keep their metadata byte for byte)
         if req.timestep_spacing == "leading":
             common.pop("timestep_spacing")
+        if req.eta is None or req.eta == ETA_DEFAULTS.get(req.sampler):
+            common.pop("eta")
+        for name, default in CHURN_DEFAULTS.items():
+            if common[name] == default:
+                common.pop(name)
         prediction, ztsnr = self._training_schedule(self.model, req)
         common.pop("prediction"), common.pop("zero_terminal_snr")
         if req.prediction is not None or prediction != "epsilon":

@@ -59,7 +59,7 @@ _SCHEDULES_FROM_A1111 = {v: k for k, v in _SCHEDULES_TO_A1111.items()}
 # spaced model times from the last training step); the other spacings have no A1111 name (xldm JSON chunk only).
 _SPACING_SCHEDULES = {"trailing": "sgm_uniform"}
 _NUMBERS = ("steps", "seed", "cfg", "strength", "clip_skip", "refiner_start", "hires_scale", "hires_steps",
-            "hires_strength")
+            "hires_strength", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
 # (xldm setting, A1111 key) for the scalar settings, in A1111 create_infotext order. Size goes after Seed.
 _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedule type"), ("cfg", "CFG scale"),
@@ -67,6 +67,10 @@ _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedu
 _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae_hash", "VAE hash"), ("vae", "VAE"),
                ("strength", "Denoising strength"), ("hires_strength", "Denoising strength"),
                ("clip_skip", "Clip skip"),
+               # sampler options, written only when not the default: A1111 modules/sd_samplers_kdiffusion.py
+               # (`eta_infotext_field` "Eta"; "Eta DDIM" for DDIM, sd_samplers_timesteps.py; "Sigma churn" ...)
+               ("eta", "Eta"), ("s_churn", "Sigma churn"), ("s_tmin", "Sigma tmin"), ("s_tmax", "Sigma tmax"),
+               ("s_noise", "Sigma noise"),
                # hires fix: A1111 StableDiffusionProcessingTxt2Img's extra_generation_params (modules/processing.py)
                ("hires_scale", "Hires upscale"), ("hires_size", "Hires resize"), ("hires_steps", "Hires steps"),
                ("hires_upscaler", "Hires upscaler"),
@@ -75,6 +79,7 @@ _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae_hash", "V
                # A1111 extensions-builtin/Lora (network hashes) and textual_inversion: "name: shorthash, ..."
                ("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"))
 _NEGATIVE = "Negative prompt:"
+_ETA_DDIM = "Eta DDIM"  # DDIM's eta key in A1111 infotext (the others' is "Eta")
 
 # One `key: value` pair of the settings line: a key of word characters, spaces, '-' and '/', then either a JSON
 # string or everything up to the next comma (the grammar of A1111 infotext_utils.re_param).
@@ -131,6 +136,7 @@ def format_a1111_parameters(params: Mapping[str, Any]) -> str:
     def add(table: tuple[tuple[str, str], ...]) -> None:
         for setting, key in table:
             if params.get(setting) is not None:
+                key = _ETA_DDIM if setting == "eta" and params.get("sampler") == "ddim" else key
                 pairs.append((key, _translate(setting, params[setting], _SCHEDULES_TO_A1111)))
 
     add(_BEFORE_SIZE)
@@ -195,6 +201,8 @@ def a1111_to_params(fields: Mapping[str, str]) -> dict[str, Any]:
         if key in fields:
             params[setting] = (_number(fields[key]) if setting in _NUMBERS
                                else _translate(setting, fields[key], _SCHEDULES_FROM_A1111))
+    if _ETA_DDIM in fields:
+        params["eta"] = _number(fields[_ETA_DDIM])
     if "hires_size" in params:
         resize = _SIZE.match(str(params["hires_size"]))
         params["hires_size"] = (int(resize.group(1)), int(resize.group(2))) if resize else params["hires_size"]

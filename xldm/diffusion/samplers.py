@@ -13,12 +13,16 @@ so a seed gives diffusers' image.  Arguments:
     step_hook  step_hook(i, x) -> x after step i (inpainting puts back the known region, as diffusers' inpaint
                pipeline does after each `scheduler.step`); sampling continues from the hooked sample
     callback   callback(i, n, x, x0) after each step (and after step_hook); i counts steps of this slice
+    eta        the noise scale of the samplers that add noise (`ETA_DEFAULTS`: 1 = today's ancestral / SDE step,
+               0 = none, DDIM's default); s_churn, s_tmin, s_tmax, s_noise: Euler's churn (Karras et al. 2022,
+               Alg. 2; `sample_euler`).  `sample` refuses an option the chosen sampler cannot apply
 
 and return the sample at schedule.sigmas[-1]; float32 arithmetic, each step cast back to `x.dtype` (as diffusers
 casts to the model's dtype)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -55,26 +59,48 @@ def _lam(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                 callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 2, no churn), with
-    diffusers EulerDiscreteScheduler.step's arithmetic: x += d * (sigma_next - sigma) (x + eps*dt differs by ~1 ulp)."""
+                 callback: Callback | None = None, step_hook: StepHook | None = None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 2), with
+    diffusers EulerDiscreteScheduler.step's arithmetic: x += d * (sigma_next - sigma) (x + eps*dt differs by ~1 ulp).
+
+    Churn (Alg. 2, lines 4-6): where s_tmin <= sigma <= s_tmax, gamma = min(s_churn / N, sqrt 2 - 1) (N: the full
+    schedule's steps), sigma_hat = sigma (1 + gamma), and x gains noise of std s_noise sqrt(sigma_hat^2 - sigma^2)
+    drawn from `generator`; the step then runs from sigma_hat.  As diffusers EulerDiscreteScheduler.step (the same
+    four arguments), the network is evaluated once, at (x, sigma) before the churn, and its slope d reused from
+    sigma_hat (Alg. 2 evaluates D at the churned point); for an epsilon model this is diffusers' step exactly.
+    s_churn = 0 (the default) is the plain ODE step, with no draw."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
         sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
+        gamma = min(s_churn / schedule.total, 2**0.5 - 1) if s_tmin <= float(sigma) <= s_tmax else 0.0
+        if gamma > 0:
+            sigma_hat = sigma * (gamma + 1)
+            noise = randn(x.shape, generator, x.device, dtype)  # diffusers: model_output.dtype, only when gamma > 0
+            xf = xf + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+            sigma = sigma_hat
         x = _after_step(i, n, (xf + d * (sigma_next - sigma)).to(dtype), x0, step_hook, callback)
     return x
 
 
+def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral move to sigma_next, k-diffusion `get_ancestral_step(sigma_from, sigma_to,
+    eta)`: sigma_up = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), sigma_down^2 + sigma_up^2 =
+    sigma_next^2 (for eta <= 1 sigma_up never exceeds sigma_next, k-diffusion's cap)."""
+    sigma_up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                           callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Ancestral Euler (eta = 1): Euler to sigma_down, then fresh noise of std sigma_up, sigma_down^2 + sigma_up^2 =
-    sigma_next^2 (diffusers EulerAncestralDiscreteScheduler; k-diffusion `get_ancestral_step`).  Noise is drawn
-    on every step, the last one (sigma_up = 0) included."""
+                           callback: Callback | None = None, step_hook: StepHook | None = None,
+                           eta: float = 1.0) -> torch.Tensor:
+    """Ancestral Euler: Euler to sigma_down, then fresh noise of std sigma_up (`_ancestral_step`; eta = 1 is
+    diffusers EulerAncestralDiscreteScheduler, k-diffusion `sample_euler_ancestral`'s default; eta = 0 is Euler).
+    Noise is drawn on every step, the last one (sigma_up = 0) included."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
         sigma, sigma_next, xf, x0, d = _euler_slope(denoiser, x, schedule, i)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         xf = xf + d * (sigma_down - sigma)
         noise = randn(x.shape, generator, x.device, dtype)  # diffusers: model_output.dtype
         x = _after_step(i, n, (xf + noise * sigma_up).to(dtype), x0, step_hook, callback)
@@ -103,15 +129,22 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
 
 
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """DDIM, eta = 0 (Song et al. 2021, eq. 12) as the SDXL pipeline calls diffusers DDIMScheduler; in VE terms
-    x_next = x0 + sigma_next * eps, eps = (x - x0) / sigma.  set_alpha_to_one=False makes the last step land on
+                callback: Callback | None = None, step_hook: StepHook | None = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) as the SDXL pipeline calls diffusers DDIMScheduler; in VE terms
+    x_next = x0 + sigma_next * eps, eps = (x - x0) / sigma, at eta = 0 (the pipeline's default).  eta > 0 adds
+    eq. 16's noise: diffusers' std_dev_t = eta sqrt((1 - abar_prev) / (1 - abar) (1 - abar / abar_prev)) is, in VE
+    terms, `_ancestral_step`'s sigma_up, so x_next = x0 + sigma_down eps + sigma_up z, z drawn from `generator` on
+    every step (diffusers `if eta > 0`).  set_alpha_to_one=False makes the last step land on
     abar_0 (sigma 0.0292) and diffusers decodes that VP sample; so when this slice ends the schedule, the result
     (and the last step_hook/callback) is x / sqrt(sigma_end^2 + 1), and decoding it gives diffusers' image."""
     dtype, n = x.dtype, len(schedule)
     for i in range(n):
-        _, sigma_next, _, x0, eps = _euler_slope(denoiser, x, schedule, i)
-        xf = x0 + sigma_next * eps
+        sigma, sigma_next, _, x0, eps = _euler_slope(denoiser, x, schedule, i)
+        if eta > 0:
+            sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+            xf = x0 + sigma_down * eps + sigma_up * randn(x.shape, generator, x.device, dtype)
+        else:
+            xf = x0 + sigma_next * eps
         if i == n - 1 and schedule.ends_schedule and sigma_next > 0:
             xf = xf / ((sigma_next**2 + 1) ** 0.5)
         x = _after_step(i, n, xf.to(dtype), x0, step_hook, callback)
@@ -119,7 +152,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, gene
 
 
 def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: bool, generator, callback,
-              step_hook) -> torch.Tensor:
+              step_hook, eta: float = 1.0) -> torch.Tensor:
     dtype, n = x.dtype, len(schedule)
     x0_prev = None
     for i in range(n):
@@ -138,9 +171,9 @@ def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, sde: b
             else:
                 r = (_lam(sigma) - _lam(schedule.sigmas[i - 1])) / h
                 d = x0 + 0.5 * (1.0 / r * (x0 - x0_prev))  # midpoint: D0 + D1/2, D1 = (m0 - m1) / r
-            if sde:  # sde-dpmsolver++ (Lu et al. 2022b, sec. 5), VE form
-                x_next = (sigma_next / sigma * torch.exp(-h)) * xf + (1 - torch.exp(-2.0 * h)) * d \
-                    + sigma_next * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+            if sde:  # sde-dpmsolver++ (Lu et al. 2022b, sec. 5), VE form; eta as k-diffusion sample_dpmpp_2m_sde
+                x_next = (sigma_next / sigma * torch.exp(-h * eta)) * xf + (1 - torch.exp(-h * (eta + 1.0))) * d \
+                    + sigma_next * torch.sqrt(1.0 - torch.exp(-2 * h * eta)) * noise
             else:  # dpmsolver++ (Lu et al. 2022b, Alg. 2), VE form
                 x_next = sigma_next / sigma * xf - (torch.exp(-h) - 1.0) * d
         x0_prev = x0
@@ -157,10 +190,14 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, 
 
 
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                        callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+                        callback: Callback | None = None, step_hook: StepHook | None = None,
+                        eta: float = 1.0) -> torch.Tensor:
     """SDE-DPM-Solver++(2M), midpoint (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")):
-    x_next = (sigma_next / sigma) e^-h x + (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, float32 z every step."""
-    return _dpmpp_2m(denoiser, x, schedule, sde=True, generator=generator, callback=callback, step_hook=step_hook)
+    x_next = (sigma_next / sigma) e^-h x + (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, float32 z every step.
+    With k-diffusion `sample_dpmpp_2m_sde`'s eta: e^-(eta h) x, (1 - e^-((1 + eta) h)) D, sqrt(1 - e^-(2 eta h)) z;
+    eta = 1 is the above, eta = 0 DPM++ 2M (z still drawn, times 0)."""
+    return _dpmpp_2m(denoiser, x, schedule, sde=True, generator=generator, callback=callback, step_hook=step_hook,
+                     eta=eta)
 
 
 class _BrownianNoise:
@@ -200,10 +237,11 @@ def _tree_seeds(generator) -> list[int]:
 
 
 def _sde_substep(xf: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                 noise: _BrownianNoise) -> torch.Tensor:
-    """One ancestral DPM-Solver++(1S) move from lambda t to t_next (diffusers DPMSolverSDEScheduler.step)."""
+                 noise: _BrownianNoise, eta: float = 1.0) -> torch.Tensor:
+    """One ancestral DPM-Solver++(1S) move from lambda t to t_next (diffusers DPMSolverSDEScheduler.step; eta as
+    k-diffusion `sample_dpmpp_sde`'s, through `get_ancestral_step`)."""
     sigma_from, sigma_to = t.neg().exp(), t_next.neg().exp()
-    sigma_up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     t_down = (sigma_to**2 - sigma_up**2).sqrt().log().neg()
     x = (t_down.neg().exp() / sigma_from) * xf - (t - t_down).expm1() * x0
     return x + noise(sigma_from, sigma_to) * sigma_up
@@ -220,8 +258,9 @@ def _full_sde_sigmas(schedule: Schedule) -> torch.Tensor:
 
 
 def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                     callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """DPM++ SDE: k-diffusion `sample_dpmpp_sde` (r = 1/2, eta = 1) as diffusers DPMSolverSDEScheduler.  Each step
+                     callback: Callback | None = None, step_hook: StepHook | None = None,
+                     eta: float = 1.0) -> torch.Tensor:
+    """DPM++ SDE: k-diffusion `sample_dpmpp_sde` (r = 1/2; eta = 1 is diffusers DPMSolverSDEScheduler).  Each step
     moves ancestrally to the lambda-midpoint, evaluates there (at `sde_midpoint_timesteps`), then moves from the
     start to sigma_next with the midpoint's x0; the last step to sigma 0 is Euler; 2n - 1 network calls.  Noise
     comes from a Brownian tree over the schedule's sigma range (`_full_sde_sigmas`) seeded with each generator's
@@ -240,21 +279,23 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *,
         else:
             t, t_next = sigma.log().neg(), sigma_next.log().neg()
             t_mid = t + (t_next - t) * 0.5
-            x_mid = _sde_substep(xf, x0, t, t_mid, noise).to(dtype)
+            x_mid = _sde_substep(xf, x0, t, t_mid, noise, eta).to(dtype)
             if step_hook is not None:
                 x_mid = step_hook(i, x_mid)
             x0 = denoiser(x_mid, t_mid.neg().exp(), mid_timesteps[i].to(x.device))
-            x = _sde_substep(xf, x0, t, t_next, noise).to(dtype)
+            x = _sde_substep(xf, x0, t, t_next, noise, eta).to(dtype)
         x = _after_step(i, n, x, x0, step_hook, callback)
     return x
 
 
 def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-                        callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
+                        callback: Callback | None = None, step_hook: StepHook | None = None,
+                        eta: float = 1.0) -> torch.Tensor:
     """SDE-DPM-Solver++(3M): DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
     (k-diffusion `sample_dpmpp_3m_sde`, eta = 1), VE form of `multistep_dpm_solver_third_order_update`; order 1 on
     the slice's first and the schedule's last step, 2 on the slice's second and (under 15 steps) the schedule's
-    second-to-last step, else 3; a float32 z from `generator` every step, as the 2M SDE."""
+    second-to-last step, else 3; a float32 z from `generator` every step, as the 2M SDE.  eta as k-diffusion's
+    (its `h_eta = h (eta + 1)` in place of 2h in every D term, e^-(eta h) on x, sqrt(1 - e^-(2 eta h)) on z)."""
     dtype, n = x.dtype, len(schedule)
     sig = schedule.sigmas
     x0s: list[torch.Tensor] = []
@@ -271,9 +312,10 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule,
             x_next = x0  # h = inf
         else:
             h = _lam(sigma_next) - _lam(sigma)
-            e2h = torch.exp(-2.0 * h)
-            x_next = (sigma_next / sigma * torch.exp(-h)) * xf + (1.0 - e2h) * x0 \
-                + sigma_next * torch.sqrt(1.0 - e2h) * z
+            h_eta = h * (eta + 1.0)  # 2h at eta = 1
+            e2h = torch.exp(-h_eta)
+            x_next = (sigma_next / sigma * torch.exp(-h * eta)) * xf + (1.0 - e2h) * x0 \
+                + sigma_next * torch.sqrt(1.0 - torch.exp(-2.0 * h * eta)) * z
             if order >= 2:
                 r0 = (_lam(sigma) - _lam(sig[i - 1])) / h
                 d1_0 = (x0 - x0s[-2]) / r0
@@ -284,8 +326,8 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule,
                     d1_1 = (x0s[-2] - x0s[-3]) / r1
                     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                     d2 = (d1_0 - d1_1) / (r0 + r1)
-                    x_next = x_next + ((1.0 - e2h) / (-2.0 * h) + 1.0) * d1 \
-                        + ((1.0 - e2h - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
+                    x_next = x_next + ((1.0 - e2h) / (-h_eta) + 1.0) * d1 \
+                        + ((1.0 - e2h - h_eta) / h_eta ** 2 - 0.5) * d2
         x = _after_step(i, n, x_next.to(dtype), x0, step_hook, callback)
     return x
 
@@ -382,11 +424,57 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# The eta each noise-adding sampler uses by default (k-diffusion's ancestral / SDE samplers: 1, A1111's
+# `eta_ancestral`; DDIM: 0, the SDXL pipeline's and A1111's `eta_ddim`); the others take no eta.
+ETA_DEFAULTS = {"euler_a": 1.0, "ddim": 0.0, "dpmpp_2m_sde_karras": 1.0, "dpmpp_sde_karras": 1.0,
+                "dpmpp_3m_sde": 1.0, "dpmpp_3m_sde_karras": 1.0}
+# Karras et al. 2022 Alg. 2's churn options and their no-churn values (diffusers EulerDiscreteScheduler.step's)
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+CHURN_SAMPLERS = ("euler",)
+
+
+def check_sampler_options(name: str, eta: float | None = None, **churn: float) -> None:
+    """ValueError naming the option when `name` cannot apply it: eta on a sampler that adds no noise, churn on
+    one other than Euler (or s_tmin / s_tmax / s_noise without s_churn > 0, where they do nothing); eta outside
+    [0, 1], negative churn or noise, s_tmin > s_tmax."""
+    unknown = sorted(set(churn) - set(CHURN_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown sampler option(s) {', '.join(unknown)}; expected eta, {', '.join(CHURN_DEFAULTS)}")
+    if eta is not None:
+        if name not in ETA_DEFAULTS:
+            raise ValueError(f"eta: the {name} sampler adds no noise, so it has no eta; samplers that take eta: "
+                             f"{', '.join(ETA_DEFAULTS)}")
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    given = {k: v for k, v in churn.items() if v != CHURN_DEFAULTS[k]}
+    for key, value in churn.items():
+        if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    if given and name not in CHURN_SAMPLERS:
+        raise ValueError(f"{', '.join(given)}: the {name} sampler has no churn; samplers that take "
+                         f"{', '.join(CHURN_DEFAULTS)}: {', '.join(CHURN_SAMPLERS)}")
+    if not math.isfinite(churn.get("s_churn", 0.0)) or not math.isfinite(churn.get("s_noise", 1.0)) \
+            or not math.isfinite(churn.get("s_tmin", 0.0)):
+        raise ValueError("s_churn, s_noise and s_tmin must be finite (s_tmax may be infinite)")
+    if given.keys() - {"s_churn"} and not churn.get("s_churn"):
+        raise ValueError(f"{', '.join(sorted(given.keys() - {'s_churn'}))}: shape the churn, which is off; give "
+                         f"s_churn > 0 too")
+    if churn.get("s_tmin", 0.0) > churn.get("s_tmax", math.inf):
+        raise ValueError(f"s_tmin {churn['s_tmin']:g} is above s_tmax {churn['s_tmax']:g}: no step would churn")
+
+
 def sample(name: str, denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, *, generator=None,
-           callback: Callback | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
-    """Run the sampler `name` (one of `schedules.SAMPLER_NAMES`) over `schedule`; see the module docstring."""
+           callback: Callback | None = None, step_hook: StepHook | None = None, eta: float | None = None,
+           **churn: float) -> torch.Tensor:
+    """Run the sampler `name` (one of `schedules.SAMPLER_NAMES`) over `schedule`; see the module docstring.
+    `eta` (None: the sampler's `ETA_DEFAULTS`) and `churn` (s_churn, s_tmin, s_tmax, s_noise) are checked by
+    `check_sampler_options`; options at their defaults change nothing, bit for bit."""
     try:
         fn = SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}") from None
-    return fn(denoiser, x, schedule, generator=generator, callback=callback, step_hook=step_hook)
+    check_sampler_options(name, eta, **churn)
+    options = {k: v for k, v in churn.items() if v != CHURN_DEFAULTS[k]}
+    if eta is not None:
+        options["eta"] = float(eta)
+    return fn(denoiser, x, schedule, generator=generator, callback=callback, step_hook=step_hook, **options)

@@ -72,7 +72,7 @@ from xldm.serve.networks import (find_controlnet, list_embeddings, scan_controln
 from xldm.serve.schemas import (
     LIMITS, ControlNetUnitRequest, GenerationBase, GenerationResponse, Img2ImgRequest, Limits, LoraItem,
     PngInfoRequest, PngInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, SDVaeItem, Settings,
-    Txt2ImgRequest, decode_image, png_base64, resolve_sampler, sampler_aliases, unapplied_fields,
+    Txt2ImgRequest, decode_image, png_base64, resolve_sampler, sampler_aliases, sampler_fields, unapplied_fields,
 )
 
 log = logging.getLogger("xldm.serve")
@@ -439,7 +439,7 @@ class Server:
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
                 **({} if body.prompt_weighting else {"long_prompts": "truncate", "weighting": False}),
                 clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
-                **(body.hires_fields() if isinstance(body, Txt2ImgRequest) else {}),
+                **(body.hires_fields() if isinstance(body, Txt2ImgRequest) else {}), **sampler_fields(body, sampler),
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         low, high = self.limits.min_side, self.limits.max_side
         if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size

@@ -8,8 +8,11 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
   NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
 * **Unknown keys are refused** (422 naming them), and path-like ones (`outpath_samples` ...) always: the server's
   folders are fixed at start.  Webui fields xldm does not apply (face restoration, tiling, scripts, variation
-  seeds, styles, `s_churn`, `s_noise`, `mask_blur`, `inpainting_fill`; a hires pass with its own checkpoint, sampler or prompt ...) are accepted at the value that has no
+  seeds, styles, `s_min_uncond`, `mask_blur`, `inpainting_fill`; a hires pass with its own checkpoint, sampler or prompt ...) are accepted at the value that has no
   effect (the webui's default) and refused otherwise, never silently dropped (`unapplied_fields`).
+* **Sampler options** `eta` (samplers that add noise) and `s_churn`, `s_tmin`, `s_tmax`, `s_noise` (Euler) are
+  applied (`sampler_fields`); on a sampler that cannot apply them only the values webui clients send by default
+  (eta 0 or 1, s_churn 0, s_tmin 0, s_tmax 0 = infinity, s_noise 1) are accepted, as meaning nothing there.
 * **Empty negative prompt** = none: SDXL base's zeroed unconditional embedding (diffusers'
   `force_zeros_for_empty_prompt`, as `xldm generate` without `--negative`).
 * **width/height** default to the model's native size (the webui's API says 512 whatever the model).
@@ -30,6 +33,7 @@ from typing import Annotated, Any, ClassVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xldm.diffusion.samplers import CHURN_DEFAULTS, CHURN_SAMPLERS, ETA_DEFAULTS
 from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.pipeline import MAX_SEED
 from xldm.config import GENERATE_DEFAULTS
@@ -145,11 +149,26 @@ Crop2 = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=
 _HIRES_ONLY = frozenset({"hr_upscaler", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
                          "hr_negative_prompt", "hr_additional_modules", "hr_cfg", "hr_distilled_cfg"})
 _NO_EFFECT_WHEN = {"force_task_id": (None, ""), "infotext": (None, ""), "user": (None, ""), "firstpass_image": (None,)}
-# The eta each xldm sampler applies (None: the sampler adds no noise, so eta means nothing to it, as in the webui).
-# Ancestral and SDE samplers use eta = 1 (k-diffusion `sample_euler_ancestral`, `sample_dpmpp_2m_sde` ... defaults;
-# the webui's `eta_ancestral` option defaults to 1); DDIM uses eta = 0 (the webui's `eta_ddim` default).
-SAMPLER_ETA = {"euler_a": 1.0, "dpmpp_2m_sde_karras": 1.0, "dpmpp_sde_karras": 1.0, "dpmpp_3m_sde": 1.0,
-               "dpmpp_3m_sde_karras": 1.0, "ddim": 0.0}
+# What webui clients send for the sampler options when they mean none (webuiapi's txt2img sends eta=1.0, s_churn=0,
+# s_tmax=0, s_tmin=0, s_noise=1 with every request; the webui reads s_tmax 0 as infinity): accepted on a sampler
+# that cannot apply the option, where they mean nothing (as the webui ignores them there).
+_NEUTRAL_SAMPLER_VALUES = {"eta": (0.0, 1.0), "s_churn": (0.0,), "s_tmin": (0.0,), "s_tmax": (0.0, math.inf),
+                           "s_noise": (1.0,)}
+
+
+def sampler_fields(body: "GenerationBase", sampler: str) -> dict[str, float]:
+    """The `GenerationRequest` sampler options of a body for `sampler`: those it can apply (eta for the samplers of
+    `ETA_DEFAULTS`, churn for Euler's), s_tmax 0 read as infinity; the neutral values of the others left out
+    (`unapplied_fields` refuses the rest)."""
+    fields: dict[str, float] = {}
+    if body.eta is not None and sampler in ETA_DEFAULTS:
+        fields["eta"] = float(body.eta)
+    if sampler in CHURN_SAMPLERS:
+        for name in CHURN_DEFAULTS:
+            value = getattr(body, name)
+            if value is not None:
+                fields[name] = math.inf if name == "s_tmax" and value == 0 else float(value)
+    return fields
 
 
 def _unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
@@ -172,16 +191,18 @@ def _unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
 def unapplied_fields(body: "GenerationBase", sampler: str) -> list[str]:
     """The fields of a request that xldm would not apply, each with what is accepted; [] when all apply."""
     problems = []
-    allowed_eta = (SAMPLER_ETA[sampler],) if sampler in SAMPLER_ETA else (0.0, 1.0)
-    if body.eta is not None and float(body.eta) not in allowed_eta:
-        problems.append(f"eta={body.eta:g} (sampler {sampler} applies eta={allowed_eta[0]:g}"
-                        + (")" if sampler in SAMPLER_ETA else " meaning nothing: it adds no noise)"))
-    for name, neutral in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_min_uncond", 0.0), ("s_noise", 1.0)):
-        value = getattr(body, name)
-        if value is not None and float(value) != neutral:
-            problems.append(f"{name}={value:g} (only {neutral:g}: xldm's samplers add no churn and scale no noise)")
-    if body.s_tmax is not None and float(body.s_tmax) not in (0.0, math.inf):  # the webui's 0 = infinity
-        problems.append(f"s_tmax={body.s_tmax:g} (only 0: no churn)")
+    if body.eta is not None and sampler not in ETA_DEFAULTS and float(body.eta) not in _NEUTRAL_SAMPLER_VALUES["eta"]:
+        problems.append(f"eta={body.eta:g} (the {sampler} sampler adds no noise; samplers that take eta: "
+                        f"{', '.join(A1111_SAMPLER_NAMES[n] for n in ETA_DEFAULTS)})")
+    if sampler not in CHURN_SAMPLERS:
+        for name in CHURN_DEFAULTS:
+            value = getattr(body, name)
+            if value is not None and float(value) not in _NEUTRAL_SAMPLER_VALUES[name]:
+                problems.append(f"{name}={value:g} (the {sampler} sampler has no churn; samplers that take "
+                                f"s_churn, s_tmin, s_tmax, s_noise: "
+                                f"{', '.join(A1111_SAMPLER_NAMES[n] for n in CHURN_SAMPLERS)})")
+    if body.s_min_uncond not in (None, 0.0):
+        problems.append(f"s_min_uncond={body.s_min_uncond:g} (only 0: xldm always runs the unconditional pass)")
     if isinstance(body, Img2ImgRequest):
         if body.initial_noise_multiplier not in (None, 1.0):
             problems.append(f"initial_noise_multiplier={body.initial_noise_multiplier:g} (only 1)")
