@@ -8,8 +8,8 @@ They follow stable-diffusion-webui `modules/api/models.py` (`StableDiffusionTxt2
   NaN and Infinity are refused (`allow_inf_nan=False`; the server also refuses them in the raw JSON).
 * **Unknown keys are refused** (422 naming them), and path-like ones (`outpath_samples` ...) always: the server's
   folders are fixed at start.  Webui fields xldm does not apply (face restoration, tiling, scripts, variation
-  seeds, styles, `s_min_uncond`, `mask_blur`, `inpainting_fill`; a hires pass with its own checkpoint, sampler or prompt ...) are accepted at the value that has no
-  effect (the webui's default) and refused otherwise, never silently dropped (`unapplied_fields`).
+  seeds, styles, `s_min_uncond`, `mask_blur`, `inpainting_fill`; a hires pass with its own checkpoint, sampler or
+  prompt ...) are accepted at the value that has no effect (the webui's default) and refused otherwise, never silently dropped (`unapplied_fields`).
 * **Sampler options** `eta` (samplers that add noise) and `s_churn`, `s_tmin`, `s_tmax`, `s_noise` (Euler) are
   applied (`sampler_fields`); on a sampler that cannot apply them only the values webui clients send by default
   (eta 0 or 1, s_churn 0, s_tmin 0, s_tmax 0 = infinity, s_noise 1) are accepted, as meaning nothing there.
@@ -191,15 +191,16 @@ def _unknown_keys(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
 def unapplied_fields(body: "GenerationBase", sampler: str) -> list[str]:
     """The fields of a request that xldm would not apply, each with what is accepted; [] when all apply."""
     problems = []
+    label = A1111_SAMPLER_NAMES[sampler]
     if body.eta is not None and sampler not in ETA_DEFAULTS and float(body.eta) not in _NEUTRAL_SAMPLER_VALUES["eta"]:
-        problems.append(f"eta={body.eta:g} (the {sampler} sampler adds no noise; samplers that take eta: "
+        problems.append(f"eta={body.eta:g} (the {label} sampler adds no noise; samplers that take eta: "
                         f"{', '.join(A1111_SAMPLER_NAMES[n] for n in ETA_DEFAULTS)})")
     if sampler not in CHURN_SAMPLERS:
         for name in CHURN_DEFAULTS:
             value = getattr(body, name)
             if value is not None and float(value) not in _NEUTRAL_SAMPLER_VALUES[name]:
-                problems.append(f"{name}={value:g} (the {sampler} sampler has no churn; samplers that take "
-                                f"s_churn, s_tmin, s_tmax, s_noise: "
+                problems.append(f"{name}={value:g} (the {label} sampler has no churn; samplers that take s_churn, "
+                                f"s_tmin, s_tmax, s_noise: "
                                 f"{', '.join(A1111_SAMPLER_NAMES[n] for n in CHURN_SAMPLERS)})")
     if body.s_min_uncond not in (None, 0.0):
         problems.append(f"s_min_uncond={body.s_min_uncond:g} (only 0: xldm always runs the unconditional pass)")
