@@ -205,4 +205,6 @@ def test_cli_flags_and_from_png_round_trip(tmp_path, capsys):
     assert main(["generate", "x", *common, "--sampler", "euler", "--eta", "0.5", "--out",
                  str(tmp_path / "no.png")]) != 0
     assert "eta: the euler sampler adds no noise" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
+    with pytest.raises(SystemExit, match="--eta, --s-churn apply to a --model's sampler"):
+        main(["generate", "x", "--cascade", str(tmp_path), "--eta", "0.5", "--s-churn", "1", "-q"])
     assert math.isinf(GenerationRequest("x").s_tmax)

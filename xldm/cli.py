@@ -260,6 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cascade and (args.hires_scale is not None or args.hires_size is not None):
         raise SystemExit("xldm generate: error: --hires-scale / --hires-size apply to a --model's txt2img; a "
                          "--cascade has its own super-resolution stages")
+    sampler_flags = [flag for flag in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+                     if getattr(args, flag) is not None]
+    if args.cascade and sampler_flags:
+        raise SystemExit(f"xldm generate: error: {', '.join('--' + f.replace('_', '-') for f in sampler_flags)} "
+                         f"apply to a --model's sampler; a --cascade's stages take none")
     if args.cascade and args.controlnet:
         raise SystemExit("xldm generate: error: --controlnet steers a --model's UNet; a --cascade has none")
     if args.cascade:

@@ -444,11 +444,11 @@ def check_sampler_options(name: str, eta: float | None = None, **churn: float) -
         if name not in ETA_DEFAULTS:
             raise ValueError(f"eta: the {name} sampler adds no noise, so it has no eta; samplers that take eta: "
                              f"{', '.join(ETA_DEFAULTS)}")
-        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     given = {k: v for k, v in churn.items() if v != CHURN_DEFAULTS[k]}
     for key, value in churn.items():
-        if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
             raise ValueError(f"{key} must be a number >= 0, got {value!r}")
     if given and name not in CHURN_SAMPLERS:
         raise ValueError(f"{', '.join(given)}: the {name} sampler has no churn; samplers that take "
