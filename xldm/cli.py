@@ -1,4 +1,4 @@
-"""The `xldm` command line: `xldm generate | train | serve | info | convert`.
+"""The `xldm` command line: `xldm generate | train | plot | serve | info | convert`.
 
 `xldm generate --cascade ...` runs a pixel-space cascade (`xldm.cascade`) instead of --model.  The other
 `generate` flags keep their meaning there: PROMPT, --negative, --seed, --batch, --sampler, --dtype, --device, --out;
@@ -604,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", default=None, help="image folder with metadata.jsonl (e.g. the emoji dataset of "
                                                   "datasets/emoji.py); default: seeded synthetic shapes")
     rep.set_defaults(func=cmd_reproduce)
-    from xldm.train.cli import add_train_parser
+    from xldm.train.cli import add_plot_parser, add_train_parser
 
     add_train_parser(sub)
+    add_plot_parser(sub)
     add_serve_parser(sub)
     return parser
 

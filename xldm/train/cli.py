@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
+import re
 import sys
-import tomllib
+import textwrap
+import tokenize
 from typing import Any
+
+import tomllib
 
 from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 
@@ -28,6 +35,67 @@ _FIELD_FLAGS = ("data", "steps", "batch_size", "out", "checkpoint_every", "seed"
 RANDOM_INIT_NOTE = ("random init of every network unless --init is given (a tiny preset is meant for tests; a full "
                     "one from scratch needs pretrained text encoders and VAE: pass --init with a single file or "
                     "diffusers folder)")
+
+
+@functools.cache
+def field_notes() -> tuple[tuple[str, str, str], ...]:
+    """(group note, field name, help) for every TrainConfig field, in declaration order, read from the comments of
+    the dataclass's source: a field's help is its trailing comment (with the lower-case comment lines that continue
+    it), a group note the comment block above a run of fields.  Without the source (a zipped install) the helps are
+    empty and the fields still listed."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):
+        return tuple(("", name, "") for name in names)
+    comments = {token.start[0]: (token.start[1], token.string.lstrip("#").strip())
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    helps: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    block: list[str] = []  # the comment lines since the last blank line or field
+    continuing: str | None = None  # the field whose trailing comment the next lower-case comment lines continue
+    after_field = False
+    for number, line in enumerate(source.splitlines(), start=1):
+        field = re.match(r"    (\w+)\s*:", line)
+        if field and field.group(1) in names:
+            name = field.group(1)
+            trailing = comments.get(number)
+            helps[name] = trailing[1] if trailing and trailing[0] > 4 else ""
+            groups[name] = " ".join(block)
+            continuing, after_field = (name if helps[name] else None), True
+        elif not line.strip():
+            block, continuing, after_field = [], None, False
+        elif line.strip().startswith("#"):
+            text = comments[number][1]
+            if continuing is not None and text[:1].islower():
+                helps[continuing] += " " + text
+                continue
+            if after_field:  # a new group starts right below the last one's fields
+                block, after_field = [], False
+            continuing = None
+            block.append(text)
+        elif line.startswith(("    def ", "    @")):  # the methods: no fields below
+            break
+    return tuple((groups.get(name, ""), name, helps.get(name, "")) for name in names)
+
+
+def fields_help(flags: dict[str, tuple[str, str]], width: int = 118) -> str:
+    """Every TrainConfig field with its default and help (`field_notes`; a field without a comment: its flag's
+    help), a group's note printed once above it; `flags`: field -> (the option that sets it directly, its help)."""
+    lines = textwrap.wrap("TrainConfig fields, with their defaults before any --preset (set by the flag in brackets, "
+                          "or by --set FIELD=VALUE, or in the TOML file):", width)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    group = ""
+    for note, name, text in field_notes():
+        if note and note != group:
+            lines += textwrap.wrap(note, width, initial_indent="  # ", subsequent_indent="  # ")
+        group = note
+        flag, flag_help = flags.get(name, ("", ""))
+        text = text or flag_help
+        flag = f" [{flag}]" if flag else ""
+        lines += textwrap.wrap(f"{name} = {defaults[name]!r}{flag}" + (f": {text}" if text else ""), width,
+                               initial_indent="  ", subsequent_indent="        ")
+    return "\n".join(lines)
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,11 +109,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps (resumed ones included)")
     p.add_argument("--batch-size", type=int, default=None, help="per process")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="checkpoints/, metrics.jsonl, final/")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="K")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="a resumable checkpoint every K steps (and at the last)")
     p.add_argument("--keep-checkpoints", type=int, default=None, metavar="K", help="keep the newest K")
     p.add_argument("--resume", action="store_true", help="continue from the newest loadable checkpoint")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="of the data order, crops, noise and initial weights")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (after warm-up)")
     p.add_argument("--init", default=None, metavar="PATH", help="starting weights: single file or diffusers folder "
                                                                 "(cascade presets: a stage file)")
     p.add_argument("--init-components", default=None, metavar="LIST",
@@ -73,8 +142,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set offset_noise=0.05 (repeatable)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events into RUN_DIR/tensorboard/ (pip install 'xldm[tensorboard]')")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {action.dest: (action.option_strings[-1], action.help or "") for action in p._actions
+             if action.dest in names and action.option_strings}
+    p.epilog = fields_help(flags)
     return p
 
 
@@ -113,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({flag: getattr(args, flag) for flag in _FIELD_FLAGS if getattr(args, flag) is not None})
     if args.init_components is not None:
         values["init_components"] = tuple(c for c in args.init_components.split(",") if c)
-    for flag in ("deterministic", "lora_conv", "lora_text_encoders"):
+    for flag in ("deterministic", "lora_conv", "lora_text_encoders", "tensorboard"):
         if getattr(args, flag):
             values[flag] = True
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -135,9 +210,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("xldm train: --out RUN_DIR is required (or `out` in the TOML file)")
     if args.preset and not config.init and not config.text_encoders_from and config.task != "add":
         print(f"xldm train: preset {args.preset}: {RANDOM_INIT_NOTE}", file=sys.stderr)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    from xldm.train.events import MissingExtraError
+
+    try:
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+    except MissingExtraError as e:
+        raise SystemExit(f"xldm train: error: {e}") from None
     if result.final_path is not None:
         print(f"step {result.step}: wrote {result.final_path}")
+    return 0
+
+
+def add_plot_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `plot` sub-command (xldm.train.plot) to an `argparse` sub-parsers object."""
+    p = subparsers.add_parser("plot", help="a training run's loss, learning rate and gradient norm as a PNG",
+                              description="Plot RUN/metrics.jsonl: loss (raw and EMA-smoothed), validation losses if "
+                                          "recorded, learning rate and gradient norm against the step.  Needs "
+                                          "matplotlib: pip install 'xldm[plot]'.")
+    p.add_argument("run", metavar="RUN", help="a run directory (or its metrics.jsonl)")
+    p.add_argument("--out", default=None, metavar="PNG", help="where to write the PNG (default RUN/metrics.png)")
+    p.set_defaults(func=cmd_plot)
+    return p
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from xldm.train.events import MissingExtraError
+    from xldm.train.plot import plot_metrics
+
+    try:
+        path = plot_metrics(args.run, args.out)
+    except MissingExtraError as e:
+        raise SystemExit(f"xldm plot: error: {e}") from None
+    print(f"wrote {path}")
     return 0
 
 

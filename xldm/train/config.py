@@ -79,8 +79,8 @@ class TrainConfig:
     crop_conditioning: bool = True
 
     prediction_type: str = ""  # "" = the model's (ModelConfig.prediction_type); else trained and exported so
-    timestep_min: int = 0
-    timestep_max: int = NUM_TRAIN_TIMESTEPS - 1
+    timestep_min: int = 0  # training timesteps are drawn uniformly from [timestep_min, timestep_max]
+    timestep_max: int = NUM_TRAIN_TIMESTEPS - 1  # (the refiner's presets: 199, SDXL Sec. 2.5)
     offset_noise: float = 0.0  # Guttenberg 2023; SDXL uses 0.05 in its multi-aspect stage (paper Sec. 2.5)
     min_snr_gamma: float = 0.0  # 0 = off; Hang et al. 2023 recommend gamma = 5
     text_dropout: float = 0.0  # probability of dropping the caption (zero context and pooled) for CFG
@@ -99,14 +99,14 @@ class TrainConfig:
     lr: float = 1e-5
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (down to min_lr_ratio x lr)
-    min_lr_ratio: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at this share of lr
+    adam_beta1: float = 0.9  # AdamW's first-moment decay (torch default)
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (torch default)
+    adam_eps: float = 1e-8  # AdamW's denominator epsilon (torch default)
     weight_decay: float = 1e-2  # torch AdamW default
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     mixed_precision: str = "no"  # "bf16": autocast on the trained network (weights and optimizer stay fp32)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
 
     # EMA (SDXL paper Sec. 2.4 tracks the autoencoder with an EMA)
     ema_decay: float = 0.9999  # 0 = no EMA (the final export then uses the raw weights)
@@ -125,6 +125,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     sample_every: int = 0
     sample_prompts: str = ""
+    tensorboard: bool = False  # also write the metrics as TensorBoard events into RUN/tensorboard/ (xldm[tensorboard])
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

@@ -105,6 +105,80 @@ def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
     return {reason: len(keys) for reason, keys in sorted(skipped.items()) if keys}
 
 
+def source_summary(source: Source) -> dict:
+    """What indexing found, before any image is decoded: for a folder the images found (image files, or
+    metadata.jsonl lines), used and skipped by reason, files ignored (not images), where the captions came from
+    and what stood in for the missing ones, kohya repeats; for shards, the shard count (their samples are only
+    met as they stream, so their skips are counted while training)."""
+    if isinstance(source, ShardSource):
+        return {"source": "shards", "shards": len(source.shards), "images_found": None, "images_used": None,
+                "captions": {"when_missing": _when_missing(source.missing_caption)}}
+    skipped = _counts(source.skipped)
+    captions: dict[str, object]
+    if source.kohya is not None:
+        captions = {"from_files": source.kohya["captions_from_files"],
+                    "from_folder_names": source.kohya["captions_from_folder"], "missing": 0}
+    else:
+        captions = {"from_metadata" if source.layout == "metadata" else "from_files":
+                    source.entries_found - source.captions_missing, "missing": source.captions_missing}
+    captions["when_missing"] = _when_missing(source.missing_caption) if source.kohya is None else "folder name"
+    summary = {"source": f"{source.layout} folder", "root": str(source.root),
+               "images_found": len(source.samples) + sum(skipped.values()), "images_used": len(source.samples),
+               "skipped": skipped, "skipped_total": sum(skipped.values()), "ignored_files": len(source.ignored),
+               "captions": captions}
+    if source.kohya is not None:
+        summary["kohya"] = {"folders": {name: {"images": images, "repeats": repeats}
+                                        for name, (images, repeats) in source.kohya["folders"].items()},
+                            "images_per_epoch": source.kohya["images_per_epoch"]}
+    return summary
+
+
+def format_summary(summary: dict, skipped_path: str) -> str:
+    """The few lines training prints before step 1 (stderr) about a `summary` (`source_summary`,
+    `TrainingBatches.summary`)."""
+    def counts(values: dict) -> str:
+        return ", ".join(f"{name} {count}" for name, count in values.items())
+
+    if summary.get("images_found") is None:
+        lines = [f"dataset: {summary.get('source', 'custom data')}"
+                 + (f", {summary['shards']} shards (streamed: skips are counted as they are read, "
+                    f"in {skipped_path} at each checkpoint)" if "shards" in summary else "")]
+    else:
+        skipped = summary.get("skipped_total", 0)
+        ignored = summary.get("ignored_files", 0)
+        lines = [f"dataset: {summary['images_found']} images found in {summary.get('root', '?')}, "
+                 f"{summary['images_used']} used, {skipped} skipped"
+                 + (f" ({counts(summary['skipped'])})" if skipped else "")
+                 + (f", {ignored} other files ignored" if ignored else "")
+                 + (f"; list in {skipped_path}" if skipped or ignored else "")]
+    captions = summary.get("captions", {})
+    if "missing" in captions:
+        found = {k.removeprefix("from_").replace("_", " "): v for k, v in captions.items() if k.startswith("from_")}
+        lines.append(f"captions: {counts({f'from {k}': v for k, v in found.items()})}, {captions['missing']} "
+                     f"missing ({captions['when_missing']})")
+    if "kohya" in summary:
+        folders = ", ".join(f"{name}: {f['images']} x {f['repeats']}" for name, f in summary["kohya"]["folders"].items())
+        lines.append(f"kohya repeats: {folders} = {summary['kohya']['images_per_epoch']} images per epoch")
+    if summary.get("buckets"):
+        left = summary["rows_left_out_per_epoch"]
+        lines.append(f"buckets (images): {counts(summary['buckets'])}; {summary['batches_per_epoch']} batches of "
+                     f"{summary['batch_size']['global']} per epoch"
+                     + (f", {left} rows left out of each epoch (a bucket's leftovers, drop_last)" if left else ""))
+    return "\n".join(lines)
+
+
+def _when_missing(missing_caption: str) -> str:
+    return "skipped" if missing_caption == "skip" else "empty caption"
+
+
+def skipped_files(source: Source) -> list[tuple[str, str]]:
+    """(path, reason) of the files indexing skipped, and of the ignored ones (reason `unsupported_extension`)."""
+    if isinstance(source, ShardSource):
+        return []
+    found = [(str(source.root / key), reason) for reason, keys in source.skipped.items() for key in keys]
+    return found + [(str(source.root / key), "unsupported_extension") for key in source.ignored]
+
+
 class TrainingBatches:
     """Batches of one bucket each, in an order fixed by (seed, epoch), sharded over ranks, resumable exactly.
 
@@ -193,6 +267,40 @@ class TrainingBatches:
 
     def _skip(self, reason: str, key: str) -> None:
         self._skipped.setdefault(reason, set()).add(key)
+
+    def summary(self) -> dict:
+        """What the run trains on, for RUN/dataset.json (xldm.train.loop): `source_summary` of the source, the
+        skips found while reading so far, and for folders the bucket histogram (images per bucket, `WxH`), global
+        batches per epoch and the rows left out of each epoch (a bucket's leftovers under `drop_last`)."""
+        summary = source_summary(self.source)
+        stats = self.stats
+        summary.update(skipped=stats["skipped"], skipped_total=stats["skipped_total"])
+        if not self._folder:
+            return summary
+        unusable = set().union(*self._skipped.values()) if self._skipped else set()
+        summary["images_used"] = sum(s.key not in unusable for s in self.source.samples)
+        histogram: dict[Size, int] = {}
+        for bucket, members in self._bucket_members.items():
+            histogram[bucket] = len(set(members))  # (a kohya sample is one member per repeat)
+        summary["buckets"] = {f"{w}x{h}": histogram[(w, h)] for w, h in sorted(histogram)}
+        summary["batch_size"] = {"per_process": self.batch_size, "global": self.global_batch_size}
+        summary["batches_per_epoch"] = len(self._plan(self._epoch))
+        summary["rows_left_out_per_epoch"] = (sum(len(m) % self.global_batch_size for m in self._bucket_members.values())
+                                              if self.drop_last else 0)
+        return summary
+
+    def skipped_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file skipped so far, the source's ignored files included, sorted by path."""
+        found = skipped_files(self.source)
+        named = {os.path.basename(path): path for path in getattr(self.source, "shards", ())}
+        for reason, keys in self._skipped.items():
+            for key in keys:
+                if self._folder:
+                    found.append((str(self.source.root / key), reason))
+                else:  # shard keys are "name.tar" or "name.tar:sample"
+                    name, sep, sample = key.partition(":")
+                    found.append((named.get(name, name) + sep + sample, reason))
+        return sorted(set(found))
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self._iter_folder() if self._folder else self._iter_shards():

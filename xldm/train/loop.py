@@ -37,7 +37,9 @@ import torch.distributed as dist
 from xldm.errors import NonFiniteError
 from xldm.train import checkpoint as ckpt
 from xldm.train import contrastive, controlnet, diffusion, distill, parallel, samples, vae
+from xldm.train import events as events_module
 from xldm.train.config import TrainConfig, lr_at
+from xldm.train.data import format_summary, open_source, skipped_files, source_summary
 from xldm.train.parallel import Processes, setup_processes
 from xldm.train.run import Run, StepResult
 
@@ -104,6 +106,24 @@ def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> in
     return int(state["step"])
 
 
+def write_dataset_report(config: TrainConfig, data, out: Path) -> dict:
+    """RUN/dataset.json (the data's `summary()`: xldm.train.data.TrainingBatches.summary) and RUN/skipped.txt (one
+    `path<TAB>reason` line per skipped or ignored file); returns the summary.  Data without a `summary` (the
+    contrastive task's, a test's) is described by indexing `config.data` when it is a folder or shards."""
+    if hasattr(data, "summary"):
+        summary, skipped = data.summary(), data.skipped_files()
+    else:
+        try:
+            source = open_source(config.data) if config.data else None
+        except ValueError:  # (not a data path: the data was handed in)
+            source = None
+        summary = source_summary(source) if source is not None else {"source": type(data).__name__}
+        skipped = sorted(skipped_files(source)) if source is not None else []
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    return summary
+
+
 def _no_sync(run: Run):
     """Every DDP wrapper's `no_sync()` (gradients kept locally, reduced with the last micro-batch's backward)."""
     from contextlib import ExitStack
@@ -156,15 +176,10 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     prompts = samples.read_prompts(config.sample_prompts) if config.sample_every else []
     if prompts and parallel.uses_fsdp(config, procs):
         raise ValueError("sample_every is not supported with --parallel fsdp (the UNet is sharded)")
+    if config.tensorboard:
+        events_module.require_tensorboard()  # before anything is built
     run = task.build(config, procs, None)
     data = data if data is not None else task.batches(config, procs)
-    kohya = getattr(getattr(data, "source", None), "kohya", None)
-    if kohya and procs.is_main:
-        folders = ", ".join(f"{name}: {images} x {repeats}" for name, (images, repeats) in kohya["folders"].items())
-        print(f"kohya dataset: {kohya['images']} images, {kohya['images_per_epoch']} per epoch with repeats "
-              f"({folders}); captions from files {kohya['captions_from_files']}, from folder names "
-              f"{kohya['captions_from_folder']}",
-              file=sys.stderr)
     random.seed(config.seed + procs.rank)
     np.random.seed((config.seed + procs.rank) % 2**32)
     torch.manual_seed(config.seed + procs.rank)
@@ -177,7 +192,11 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.trim_metrics(metrics_path, start)
+        summary = write_dataset_report(config, data, out)
+        print(format_summary(summary, str(out / "skipped.txt")), file=sys.stderr)
     parallel.barrier(procs)
+    events = events_module.TrainingEvents(out / "tensorboard", start + 1) if config.tensorboard and procs.is_main \
+        else None
 
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (progress and procs.is_main))
@@ -214,6 +233,8 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
                       "skipped_images": int(stats.get("skipped_total", 0)), **result.extra}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if events is not None:
+                events.add(step, record)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -225,6 +246,9 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
                 tensors, state = checkpoint_contents(run, step, states)
                 if procs.is_main:
                     ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
+                    write_dataset_report(config, data, out)  # with the skips met while reading
+                    if events is not None:
+                        events.flush()
             parallel.barrier(procs)
         if prompts and step % config.sample_every == 0:
             if procs.is_main:
@@ -233,6 +257,8 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
         if on_step is not None:
             on_step(step, run)
     bar.close()
+    if events is not None:
+        events.close()
 
     final_path = None
     gathered = parallel.gather_for_export(run) if parallel.uses_fsdp(config, procs) else None

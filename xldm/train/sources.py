@@ -57,6 +57,7 @@ def _aesthetic_score(meta: dict) -> float:
         raise ValueError(f"aesthetic_score must be a finite number, got {score!r}")
     return float(score)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_EXTENSIONS = (".txt", ".caption")  # sidecars of an image: never reported as ignored files
 _SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # first present wins
 
 
@@ -189,14 +190,22 @@ class FolderSource:
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder")
         self.skipped: dict[str, set[str]] = {}
+        # files of the folder that are no image and no caption (`notes.md`, `a.gif`): never candidates, but listed in
+        # the run's skipped.txt (reason unsupported_extension) so that nothing vanishes unnoticed; hidden files aside
+        self.ignored: set[str] = set()
         self.kohya: dict | None = None  # kohya folders: what was found (see _from_kohya)
         folders = kohya_folders(self.root)
+        self.layout = "metadata" if (self.root / "metadata.jsonl").is_file() else "kohya" if folders else "sidecars"
         entries = (self._from_metadata() if (self.root / "metadata.jsonl").is_file() else
                    self._from_kohya(folders) if folders else self._from_sidecars())
+        self.entries_found = len(entries)  # image files (metadata: lines naming an existing file)
         repeats = {name: n for name, (n, _) in (folders or {}).items()}
         samples = []
+        self.missing_caption = missing_caption
+        self.captions_missing = 0  # entries without a caption: skipped, or trained with "" (missing_caption)
         for key, path, caption, score in sorted(entries):
             if caption is None:
+                self.captions_missing += 1
                 if missing_caption == "skip":
                     self._skip("missing_caption", key)
                     continue
@@ -224,7 +233,15 @@ class FolderSource:
                 caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() \
                     if caption_path.is_file() else None
                 entries.append((path.relative_to(self.root).as_posix(), str(path), caption, DEFAULT_AESTHETIC_SCORE))
+            else:
+                self._note_ignored(path)
         return entries
+
+    def _note_ignored(self, path: Path) -> None:
+        relative = path.relative_to(self.root)
+        if (path.suffix.lower() not in (*IMAGE_EXTENSIONS, *CAPTION_EXTENSIONS) and path.is_file()
+                and not any(part.startswith(".") for part in relative.parts)):
+            self.ignored.add(relative.as_posix())
 
     def _from_kohya(self, folders: dict[str, tuple[int, str]]) -> list[tuple[str, str, str | None, float]]:
         """Images of each `N_name/` (searched recursively); `kohya` records folder -> (images, repeats) and
@@ -233,6 +250,7 @@ class FolderSource:
         for name, (_, token) in folders.items():
             for path in (self.root / name).rglob("*"):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                    self._note_ignored(path)
                     continue
                 sidecar = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".caption")) if c.is_file()),
                                None)
