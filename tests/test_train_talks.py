@@ -108,7 +108,8 @@ def test_shard_skips_are_recorded_as_they_stream(tmp_path):
     good = io.BytesIO()
     Image.new("RGB", (64, 64), "green").save(good, "PNG")
     with tarfile.open(shard, "w") as tar:
-        for key, members in (("ok1", {"png": good.getvalue(), "txt": b"fine"}), ("broken", {"png": b"nope", "txt": b"x"}),
+        for key, members in (("ok1", {"png": good.getvalue(), "txt": b"fine"}),
+                             ("broken", {"png": b"nope", "txt": b"x"}),
                              ("ok2", {"png": good.getvalue(), "txt": b"fine too"})):
             for extension, payload in members.items():
                 info = tarfile.TarInfo(f"{key}.{extension}")
@@ -245,3 +246,17 @@ def test_plot_refuses_missing_empty_or_bad_metrics(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"loss": 2}\n{"step": 3, "loss": 1}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
         read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_data_without_a_summary_is_described_from_its_folder(tmp_path):
+    from xldm.train.loop import write_dataset_report
+
+    root = messy_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    summary = write_dataset_report(TrainConfig(data=str(root)), object(), out)  # e.g. the contrastive task's data
+    assert json.loads((out / "dataset.json").read_text()) == summary
+    assert summary["images_found"] == 10 and summary["skipped_total"] == 3 and "buckets" not in summary
+    assert len((out / "skipped.txt").read_text().splitlines()) == 4
+    assert write_dataset_report(TrainConfig(data="not/a/path"), object(), out) == {"source": "object"}
+    assert (out / "skipped.txt").read_text() == ""

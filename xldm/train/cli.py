@@ -22,9 +22,8 @@ import re
 import sys
 import textwrap
 import tokenize
-from typing import Any
-
 import tomllib
+from typing import Any
 
 from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
 

@@ -157,7 +157,8 @@ def format_summary(summary: dict, skipped_path: str) -> str:
         lines.append(f"captions: {counts({f'from {k}': v for k, v in found.items()})}, {captions['missing']} "
                      f"missing ({captions['when_missing']})")
     if "kohya" in summary:
-        folders = ", ".join(f"{name}: {f['images']} x {f['repeats']}" for name, f in summary["kohya"]["folders"].items())
+        folders = ", ".join(f"{name}: {folder['images']} x {folder['repeats']}"
+                            for name, folder in summary["kohya"]["folders"].items())
         lines.append(f"kohya repeats: {folders} = {summary['kohya']['images_per_epoch']} images per epoch")
     if summary.get("buckets"):
         left = summary["rows_left_out_per_epoch"]
@@ -285,8 +286,8 @@ class TrainingBatches:
         summary["buckets"] = {f"{w}x{h}": histogram[(w, h)] for w, h in sorted(histogram)}
         summary["batch_size"] = {"per_process": self.batch_size, "global": self.global_batch_size}
         summary["batches_per_epoch"] = len(self._plan(self._epoch))
-        summary["rows_left_out_per_epoch"] = (sum(len(m) % self.global_batch_size for m in self._bucket_members.values())
-                                              if self.drop_last else 0)
+        leftovers = sum(len(members) % self.global_batch_size for members in self._bucket_members.values())
+        summary["rows_left_out_per_epoch"] = leftovers if self.drop_last else 0
         return summary
 
     def skipped_files(self) -> list[tuple[str, str]]:

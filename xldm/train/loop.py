@@ -16,7 +16,11 @@ wrapped in DDP or sharded with FSDP2 (xldm.train.parallel), so W processes x B e
 summation order; rank 0 writes checkpoints, metrics and the export.  A step of `grad_accum_steps` = N takes N batches
 (micro-batches, the gradients summed; under DDP all but the last run inside `no_sync`, so one all-reduce per step;
 FSDP syncs each one); checkpoints and the schedule count steps (updates).  `sample_every` renders
-`sample_prompts` on rank 0 into RUN/samples/ (xldm.train.samples)."""
+`sample_prompts` on rank 0 into RUN/samples/ (xldm.train.samples).
+Before step 1 rank 0 prints a summary of the data (images found, used, skipped by reason, captions, buckets,
+kohya repeats) and writes it to RUN/dataset.json, with every skipped file and its reason in RUN/skipped.txt; both are
+rewritten at each checkpoint with the files that failed to decode since (rank 0's reads).  `tensorboard` also writes
+each step's metrics as TensorBoard events into RUN/tensorboard/ (xldm.train.events)."""
 
 from __future__ import annotations
 
@@ -246,7 +250,8 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
                 tensors, state = checkpoint_contents(run, step, states)
                 if procs.is_main:
                     ckpt.save_checkpoint(checkpoints, step, tensors, state, keep=config.keep_checkpoints)
-                    write_dataset_report(config, data, out)  # with the skips met while reading
+                    if hasattr(data, "summary"):  # with the skips met while reading since
+                        write_dataset_report(config, data, out)
                     if events is not None:
                         events.flush()
             parallel.barrier(procs)

@@ -21,7 +21,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     a last line cut short (the run is writing it) is left out, a bad line elsewhere is a ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics file (a training run writes RUN/metrics.jsonl from its first step)")
+        raise FileNotFoundError(f"{path}: no metrics file (a training run writes RUN/metrics.jsonl from its first "
+                                "step)")
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for number, line in enumerate(lines, start=1):

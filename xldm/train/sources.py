@@ -20,7 +20,9 @@ Without an aesthetic score in the metadata a sample gets 6.0, the default positi
 `PIL.Image.MAX_IMAGE_PIXELS` stays on, never changed here), `truncated` (file or tar member cut short), `corrupt`
 (other decode errors), `unsupported_mode` (float images), `missing_caption`, `missing_image`, `bad_metadata`,
 `unreadable` (cannot be opened), `truncated_shard` (a tar that ends mid-member: the samples before the damage are
-used).  A missing caption skips the sample by default; `missing_caption="empty"` trains it with an empty caption.
+used).  Other files of a folder (not an image, not a caption sidecar, not hidden) are listed in
+`FolderSource.ignored`, so that the run's skipped.txt names them too (`unsupported_extension`).
+A missing caption skips the sample by default; `missing_caption="empty"` trains it with an empty caption.
 Images become RGB: EXIF orientation first (so `original_size` is the upright size), transparency (RGBA, LA, PA,
 P/L/RGB with a transparent colour) composited onto white, CMYK/YCbCr/LAB/P/L/1 converted by Pillow, 16-bit
 greyscale (`I;16*`, `I`) scaled by 255/65535 (Pillow's own `convert` would clip it instead)."""
