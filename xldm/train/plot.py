@@ -79,8 +79,8 @@ def plot_metrics(run: str | Path, out: str | Path | None = None) -> Path:
     loss_axes = axes[0]
     loss_axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
     loss_axes.plot(steps, smoothed(losses), color="tab:blue", linewidth=1.5, label=f"loss, EMA {SMOOTHING}")
-    for name in validation:
-        loss_axes.plot(*_series(records, name), marker="o", markersize=3, label=name)
+    for name, colour in zip(validation, ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan") * 4):
+        loss_axes.plot(*_series(records, name), color=colour, marker="o", markersize=3, label=name)
     skipped = [r["step"] for r in records if r.get("skipped_step")]
     for step in skipped:
         loss_axes.axvline(step, color="tab:red", alpha=0.3, linewidth=0.8)
