@@ -2,14 +2,16 @@
 
     xldm train --preset tiny-sdxl-base --data DIR_OR_SHARDS --steps N --batch-size B --out RUN_DIR
                [--checkpoint-every K] [--resume] [--seed S] [--lr X] [--init PATH] [--grad-accum N]
-               [--sample-every N --sample-prompts FILE] [--set FIELD=VALUE ...]
+               [--sample-every N --sample-prompts FILE] [--tensorboard] [--set FIELD=VALUE ...]
     xldm train CONFIG.toml [flags]
     xldm train --preset cascade-base-32 --data DIR --out RUN_DIR [--text-encoders-from MODEL_OR_STAGE] [flags]
 
 A cascade preset trains one stage of a pixel-space cascade (--init then takes a stage file).  The TOML file holds
 data only: `preset = "sdxl-base"` (optional) and any `TrainConfig` field at the top level (`steps = 1000`,
 `lr = 1e-5`, `data = "shards/{000..099}.tar"`).  Precedence: preset < TOML < flags.
-Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`."""
+Under torchrun the same command runs in every process: `torchrun --nproc_per_node 2 -m xldm.train.cli ...`.
+Before step 1 the run prints what the data holds (also in RUN_DIR/dataset.json; skipped files in
+RUN_DIR/skipped.txt); `xldm plot RUN_DIR` draws RUN_DIR/metrics.jsonl."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ FIGURE_INCHES, DPI = (10.0, 9.0), 100  # -> 1000 x 900 pixels
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl, in file order.  A missing or empty file is a FileNotFoundError / ValueError;
-    a last line cut short (the run is writing it) is left out, a bad line elsewhere is a ValueError."""
+    a bad last line (cut short: the run is writing it) is left out, a bad line elsewhere is a ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file (a training run writes RUN/metrics.jsonl from its first "
@@ -33,8 +33,8 @@ def read_metrics(path: str | Path) -> list[dict]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("expected an object with an integer 'step'")
         except ValueError as e:
-            if number == len(lines) and not line.endswith("}"):
-                break  # being written
+            if number == len(lines):
+                break  # being written (the rule of xldm.train.checkpoint.trim_metrics)
             raise ValueError(f"{path}:{number}: not a metrics record ({e}): {line[:80]!r}") from None
         records.append(record)
     if not records:
