@@ -321,7 +321,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         (f" (UNet {args.unet})" if args.unet else "") + (f" (VAE {args.vae})" if args.vae else ""))
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
-                embeddings_dir=args.embeddings_dir)
+                embeddings_dir=args.embeddings_dir, compile=args.compile)
+    from xldm.pipeline import dtype_reason
+
+    say(dtype_reason(pipe.device, pipe.dtype, pipe.dtype_chosen))
     from xldm.hashes import cached_sha256
 
     for file in (pipe.model.file, pipe.model.vae_path):  # the infotext's hashes: said when slow (once per file)
@@ -334,6 +337,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage),
                       status=lambda message: (close(), say(message)))
     close()
+    for seconds in pipe.compile_seconds:
+        say(f"compile: the UNet's first call took {seconds:.1f} s (torch.compile included)")
     if source is not None and source.get("model_hash") not in (None, result.params[0].get("model_hash")):
         say(f"note: {args.from_png} was made with {source.get('model', 'another model')} (hash "
             f"{source['model_hash']}), not this model; give it with --model for the same image")
@@ -516,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--s-tmax", type=float, default=None, metavar="SIGMA", help="default infinity")
     gen.add_argument("--s-noise", type=float, default=None, metavar="X", help="default 1")
     gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="default: bf16 on a GPU that has it (else fp16); on a CPU bf16 when it has AVX512-BF16 / "
+                          "AMX and the UNet has over 100 M parameters, else fp32 (the choice is printed)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet (its first call, compiling included, is timed on stderr)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--low-memory", action="store_true", help="load, use and free one network at a time")
     gen.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=None,

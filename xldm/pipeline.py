@@ -136,11 +136,62 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that have it (it does not overflow the SDXL VAE like fp16 does), else fp16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+# Below this many UNet parameters bf16 is not faster on a CPU: the matmuls are too small to be compute-bound, the
+# time goes to per-op overhead and dtype casts (README "Benchmarks": the bundled 2.1 M-parameter UNet runs no faster
+# in bf16), so such models keep fp32 and its exact, reproducible pixels.  SDXL's UNet has 2.57 G.
+CPU_BF16_MIN_UNET_PARAMETERS = 100_000_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch's CPU kernels see it; where torch
+    cannot say, the Linux /proc/cpuinfo flags (avx512_bf16, amx_bf16)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is not None for check in checks):
+        return any(check is not None and bool(check()) for check in checks)
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device, unet_parameters: int | None = None) -> torch.dtype:
+    """bf16 on GPUs that have it (it does not overflow the SDXL VAE like fp16 does), else fp16; on a CPU, bf16 when
+    it computes bf16 natively and the UNet is large enough to gain (`CPU_BF16_MIN_UNET_PARAMETERS`; an unknown
+    size counts as small), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and unet_parameters is not None and unet_parameters >= CPU_BF16_MIN_UNET_PARAMETERS:
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def dtype_reason(device: torch.device, dtype: torch.dtype, chosen: bool) -> str:
+    """One line saying which dtype runs and why, e.g. "dtype: bf16 (CPU has AVX512-BF16)"."""
+    name = DTYPE_NAMES.get(dtype, str(dtype))
+    if not chosen:
+        return f"dtype: {name} (as asked)"
+    if device.type == "cuda":
+        return f"dtype: {name} ({'the GPU has bf16' if dtype == torch.bfloat16 else 'the GPU has no bf16'})"
+    if dtype == torch.bfloat16:
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return f"dtype: bf16 (CPU has {'AMX' if amx is not None and amx() else 'AVX512-BF16'})"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return (f"dtype: fp32 (the UNet is under {CPU_BF16_MIN_UNET_PARAMETERS // 1_000_000} M parameters: "
+                "bf16 would not be faster)")
+    return f"dtype: fp32 ({'CPU has no native bf16' if device.type == 'cpu' else device.type})"
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def unet_parameters(model: Components | str | Path) -> int | None:
+    """The UNet's parameter count, from loaded networks or a file's header (None when it has no UNet)."""
+    if isinstance(model, Components):
+        return None if model.unet is None else sum(p.numel() for p in model.unet.parameters())
+    from xldm.weights.info import model_info
+
+    return next((c.parameters for c in model_info(Path(model)).components if c.name == "unet"), None)
 
 
 class ModelHandle:
@@ -410,16 +461,21 @@ class Pipeline:
     With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
     base + refiner run where only one UNet fits in memory.  `vae`: a VAE file that replaces the model's (e.g. the
     fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
-    stay active for every image, those of a request (`loras=`, prompt tags) for that request."""
+    stay active for every image, those of a request (`loras=`, prompt tags) for that request.  `dtype` None:
+    `default_dtype` for the device and the UNet's size; `compile`: `torch.compile` each UNet on first use."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
                  lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] = (),
                  embeddings_dir: str | Path | None = None, model_file: str | Path | None = None,
-                 refiner_file: str | Path | None = None) -> None:
+                 refiner_file: str | Path | None = None, compile: bool = False) -> None:
+        self.compile = compile  # torch.compile the UNets on first use; compile_seconds: each first call's time
+        self.compile_seconds: list[float] = []
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype_chosen = dtype is None  # (the CLI says why this dtype; the params record a non-fp32 one)
+        self.dtype = dtype or default_dtype(self.device, unet_parameters(unet if unet is not None else model)
+                                            if self.device.type == "cpu" else None)
         self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae,
                                  unet=unet, file=model_file)
         self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory,
@@ -557,6 +613,10 @@ class Pipeline:
     def _denoise(self, handle: ModelHandle, cond: Conditioning, req: GenerationRequest, x: torch.Tensor,
                  schedule: Schedule, generators: list[torch.Generator], **kw) -> torch.Tensor:
         with handle.use("unet") as comps:
+            if self.compile:
+                from xldm.models.unet import compile_unet
+
+                compile_unet(comps.unet, self.compile_seconds.append)
             return denoise(comps.unet, cond, self._training_schedule(handle, req)[0], req.sampler, req.cfg, x,
                            schedule, generators, name=handle.name,
                            sampler_options=dict(eta=req.eta, **sampler_churn(req)), **kw)
@@ -716,6 +776,8 @@ class Pipeline:
             common["prediction"] = prediction
         if req.zero_terminal_snr is not None or ztsnr:
             common["zero_terminal_snr"] = ztsnr
+        if self.dtype != torch.float32:  # (xldm JSON only, as A1111 has no key; fp32 images keep theirs as before)
+            common["dtype"] = DTYPE_NAMES.get(self.dtype, str(self.dtype))
         if active:  # (absent when unused, so plain images keep their metadata byte for byte)
             common["loras"] = [(use.path.name, use.weight, use.text_weight) for use, _ in active]
             common["lora_hashes"] = lora_infotext(active)
@@ -756,9 +818,11 @@ def load(path: str | Path, refiner: str | Path | None = None, *, dtype: torch.dt
     from xldm.weights.load import load_model
 
     dev = torch.device(device) if device is not None else default_device()
-    dt = dtype or default_dtype(dev)
+    dt = dtype or default_dtype(dev, unet_parameters(options.get("unet") or path) if dev.type == "cpu" else None)
     model = load_model(path, dtype=dt, device=dev)
     ref = load_model(refiner, dtype=dt, device=dev) if refiner is not None else None
     # (the file names and hashes of the infotext come from the paths)
-    return Pipeline(model, ref, dtype=dt, device=dev, model_file=path, refiner_file=refiner,
+    pipe = Pipeline(model, ref, dtype=dt, device=dev, model_file=path, refiner_file=refiner,
                     **options)  # options: Pipeline's vae, lora_dir
+    pipe.dtype_chosen = dtype is None
+    return pipe
