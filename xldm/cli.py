@@ -296,7 +296,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
         controlnets=controlnets, hires_scale=args.hires_scale, hires_size=args.hires_size,
         hires_upscaler=args.hires_upscaler, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
+        cache_interval=args.deep_cache, cache_branch=args.cache_branch, cfg_end=args.cfg_end,
     )
+    if args.preview_every < 1:
+        raise SystemExit(f"xldm generate: error: --preview-every must be >= 1, got {args.preview_every}")
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
                               has_refiner=args.refiner is not None)
@@ -324,8 +327,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     say(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                   if request.batch > 1 else ""))
     update, close = _progress_bars(args.quiet)
-    result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage),
-                      status=lambda message: (close(), say(message)))
+    on_step = lambda stage, i, total, x, x0: update(stage, total, stage)  # noqa: E731
+    if args.preview is not None:  # the fitted linear latent -> RGB map of this VAE (xldm.speedups), no decode
+        from xldm.speedups import latent_preview_map, preview_image
+
+        with pipe.model.use("vae") as comps:
+            preview_map = latent_preview_map(comps.vae)
+
+        def on_step(stage, i, total, x, x0):
+            update(stage, total, stage)
+            if (i + 1) % args.preview_every == 0 or i + 1 == total:
+                preview_image(x0, preview_map).resize((request.width, request.height)).save(args.preview)
+
+    result = pipe.run(request, callback=on_step, status=lambda message: (close(), say(message)))
     close()
     if source is not None and source.get("model_hash") not in (None, result.params[0].get("model_hash")):
         say(f"note: {args.from_png} was made with {source.get('model', 'another model')} (hash "
@@ -521,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
     gen.add_argument("--unet", default=None, metavar="FILE", help="a UNet file that replaces the model's "
                                                                  "(e.g. a distilled student)")
+    gen.add_argument("--deep-cache", type=int, default=1, metavar="N",
+                     help="DeepCache: run the whole UNet every N-th step only, the shallow branch on its cached "
+                          "deep features between (1 = off; see the README's Speed-ups table for the cost)")
+    gen.add_argument("--cache-branch", type=int, default=0, metavar="B",
+                     help="DeepCache: the deepest UNet input block run on cached steps (0 = the first conv only)")
+    gen.add_argument("--cfg-end", type=float, default=1.0, metavar="F",
+                     help="classifier-free guidance on the first fraction F of the steps only, the conditional "
+                          "branch alone after (1 = every step)")
+    gen.add_argument("--preview", default=None, metavar="PATH",
+                     help="write a cheap preview PNG of the denoised estimate here during sampling (a linear "
+                          "latent -> RGB map fitted to the model's VAE)")
+    gen.add_argument("--preview-every", type=int, default=1, metavar="N", help="--preview every N steps")
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
     gen.add_argument("--controlnet", action="append", default=[], metavar="PATH",
