@@ -264,3 +264,44 @@ def test_fitted_preview_follows_a_real_image_and_is_cheap(default_vae):
         step = best_time(lambda: unet(batch, 500.0, context, y), 4)  # one CFG step of a 64 px image
     preview = best_time(lambda: preview_image(latents, weights), 20)
     assert preview < 0.01 * step, (preview, step)
+
+
+def test_cli_and_server_apply_the_same_speedups(base, tmp_path):
+    """`xldm generate --deep-cache 3 --cfg-end 0.5` and the server's deep_cache / cfg_end give the same pixels,
+    which differ from the plain image; the preview PNG is written; bad values are refused by name."""
+    import base64
+    import io
+
+    import httpx
+    import numpy as np
+
+    from xldm.cli import main as cli_main
+    from xldm.serve.app import ServerConfig, create_app
+    from xldm.weights.save import save_single_file
+
+    from running_server import RunningServer
+
+    model = save_single_file(base, tmp_path / "base.safetensors")
+    common = ["generate", PROMPT, "--model", str(model), "--steps", "4", "--width", "64", "--height", "64",
+              "--seed", "3", "--cfg", "5", "--dtype", "fp32", "--device", "cpu"]
+    fast, plain, preview = tmp_path / "fast.png", tmp_path / "plain.png", tmp_path / "preview.png"
+    assert cli_main(common + ["--deep-cache", "3", "--cfg-end", "0.5", "--preview", str(preview),
+                              "--preview-every", "2", "--out", str(fast)]) == 0
+    assert cli_main(common + ["--out", str(plain)]) == 0
+    assert Image.open(preview).size == (64, 64)
+    running = RunningServer(create_app(ServerConfig(models=[model], dtype=torch.float32, device="cpu")))
+    try:
+        with httpx.Client(base_url=running.url, timeout=120) as client:
+            body = {"prompt": PROMPT, "steps": 4, "width": 64, "height": 64, "seed": 3, "cfg_scale": 5,
+                    "sampler_name": "Euler", "deep_cache": 3, "cfg_end": 0.5}
+            r = client.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            for bad in ({"cfg_end": 1.5}, {"deep_cache": 0}, {"cache_branch": -1}):
+                refused = client.post("/sdapi/v1/txt2img", json={**body, **bad})
+                assert refused.status_code == 422 and next(iter(bad)) in refused.text, refused.text
+    finally:
+        running.stop()
+    api = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")).astype(int)
+    cli = np.asarray(Image.open(fast).convert("RGB")).astype(int)
+    assert np.abs(api - cli).max() == 0
+    assert np.abs(cli - np.asarray(Image.open(plain).convert("RGB")).astype(int)).max() > 0
