@@ -289,6 +289,10 @@ def test_cli_and_server_apply_the_same_speedups(base, tmp_path):
                               "--preview-every", "2", "--out", str(fast)]) == 0
     assert cli_main(common + ["--out", str(plain)]) == 0
     assert Image.open(preview).size == (64, 64)
+    again = tmp_path / "again.png"  # the settings travel in the image's metadata
+    assert cli_main(["generate", "--from-png", str(fast), "--model", str(model), "--dtype", "fp32", "--device", "cpu",
+                     "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(fast)))
     running = RunningServer(create_app(ServerConfig(models=[model], dtype=torch.float32, device="cpu")))
     try:
         with httpx.Client(base_url=running.url, timeout=120) as client:

@@ -296,7 +296,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timestep_spacing=args.timestep_spacing, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
         controlnets=controlnets, hires_scale=args.hires_scale, hires_size=args.hires_size,
         hires_upscaler=args.hires_upscaler, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
-        cache_interval=args.deep_cache, cache_branch=args.cache_branch, cfg_end=args.cfg_end,
+        **{setting: value for setting, value in (("cache_interval", args.deep_cache),
+                                                  ("cache_branch", args.cache_branch), ("cfg_end", args.cfg_end))
+           if value is not None},
     )
     if args.preview_every < 1:
         raise SystemExit(f"xldm generate: error: --preview-every must be >= 1, got {args.preview_every}")
@@ -359,7 +361,8 @@ _FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps"
              "negative_original_size": "negative_original_size", "negative_target_size": "negative_target_size",
              "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score",
              "weighting": "weighting", "hires_scale": "hires_scale", "hires_size": "hires_size",
-             "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps"}
+             "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
+             "cache_interval": "deep_cache", "cache_branch": "cache_branch", "cfg_end": "cfg_end"}
 
 
 def apply_png_settings(args: argparse.Namespace) -> dict:
@@ -535,14 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
     gen.add_argument("--unet", default=None, metavar="FILE", help="a UNet file that replaces the model's "
                                                                  "(e.g. a distilled student)")
-    gen.add_argument("--deep-cache", type=int, default=1, metavar="N",
+    gen.add_argument("--deep-cache", type=int, default=None, metavar="N",
                      help="DeepCache: run the whole UNet every N-th step only, the shallow branch on its cached "
-                          "deep features between (1 = off; see the README's Speed-ups table for the cost)")
-    gen.add_argument("--cache-branch", type=int, default=0, metavar="B",
-                     help="DeepCache: the deepest UNet input block run on cached steps (0 = the first conv only)")
-    gen.add_argument("--cfg-end", type=float, default=1.0, metavar="F",
+                          "deep features between (default 1 = off; see the README's Speed-ups table for the cost)")
+    gen.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                     help="DeepCache: the deepest UNet input block run on cached steps (default 0: the first "
+                          "conv only)")
+    gen.add_argument("--cfg-end", type=float, default=None, metavar="F",
                      help="classifier-free guidance on the first fraction F of the steps only, the conditional "
-                          "branch alone after (1 = every step)")
+                          "branch alone after (default 1: every step)")
     gen.add_argument("--preview", default=None, metavar="PATH",
                      help="write a cheap preview PNG of the denoised estimate here during sampling (a linear "
                           "latent -> RGB map fitted to the model's VAE)")
