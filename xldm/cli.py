@@ -303,7 +303,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hires_upscaler=args.hires_upscaler, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
         eta=args.eta, **{name: value for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
                          if (value := getattr(args, name)) is not None},
+        **{setting: value for setting, value in (("cache_interval", args.deep_cache),
+                                                  ("cache_branch", args.cache_branch), ("cfg_end", args.cfg_end))
+           if value is not None},
     )
+    if args.preview_every < 1:
+        raise SystemExit(f"xldm generate: error: --preview-every must be >= 1, got {args.preview_every}")
     # resolved and checked once, from the header alone, before anything is loaded
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
                               has_refiner=args.refiner is not None)
@@ -334,8 +339,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     say(f"seed {request.seed}" + (f" (images use {request.seed}..{request.seed + request.batch - 1})"
                                   if request.batch > 1 else ""))
     update, close = _progress_bars(args.quiet)
-    result = pipe.run(request, callback=lambda stage, i, total, x, x0: update(stage, total, stage),
-                      status=lambda message: (close(), say(message)))
+    on_step = lambda stage, i, total, x, x0: update(stage, total, stage)  # noqa: E731
+    if args.preview is not None:  # the fitted linear latent -> RGB map of this VAE (xldm.speedups), no decode
+        from xldm.speedups import latent_preview_map, preview_image
+
+        with pipe.model.use("vae") as comps:
+            preview_map = latent_preview_map(comps.vae)
+
+        def on_step(stage, i, total, x, x0):
+            update(stage, total, stage)
+            if (i + 1) % args.preview_every == 0 or i + 1 == total:
+                preview_image(x0, preview_map).resize((request.width, request.height)).save(args.preview)
+
+    result = pipe.run(request, callback=on_step, status=lambda message: (close(), say(message)))
     close()
     for seconds in pipe.compile_seconds:
         say(f"compile: the UNet's first call took {seconds:.1f} s (torch.compile included)")
@@ -358,7 +374,8 @@ _FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps"
              "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score",
              "weighting": "weighting", "hires_scale": "hires_scale", "hires_size": "hires_size",
              "hires_upscaler": "hires_upscaler", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
-             "eta": "eta", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"}
+             "eta": "eta", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
+             "cache_interval": "deep_cache", "cache_branch": "cache_branch", "cfg_end": "cfg_end"}
 
 
 def apply_png_settings(args: argparse.Namespace) -> dict:
@@ -547,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", default=None, metavar="FILE", help="a VAE file that replaces the model's")
     gen.add_argument("--unet", default=None, metavar="FILE", help="a UNet file that replaces the model's "
                                                                  "(e.g. a distilled student)")
+    gen.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                     help="DeepCache: run the whole UNet every N-th step only, the shallow branch on its cached "
+                          "deep features between (default 1 = off; see the README's Speed-ups table for the cost)")
+    gen.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                     help="DeepCache: the deepest UNet input block run on cached steps (default 0: the first "
+                          "conv only)")
+    gen.add_argument("--cfg-end", type=float, default=None, metavar="F",
+                     help="classifier-free guidance on the first fraction F of the steps only, the conditional "
+                          "branch alone after (default 1: every step)")
+    gen.add_argument("--preview", default=None, metavar="PATH",
+                     help="write a cheap preview PNG of the denoised estimate here during sampling (a linear "
+                          "latent -> RGB map fitted to the model's VAE)")
+    gen.add_argument("--preview-every", type=int, default=1, metavar="N", help="--preview every N steps")
     gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
                      help="A1111 Clip skip: 1 = the model's own text layer, 2 = one layer earlier, ...")
     gen.add_argument("--controlnet", action="append", default=[], metavar="PATH",

@@ -32,6 +32,7 @@ from xldm.errors import ControlNetError, NonFiniteError
 from xldm.hires import check_hires, hires_enabled, hires_params, hires_steps, run_hires
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
                                       refiner_start, split_for_refiner)
+from xldm.speedups import check_cache_branch, check_speedups, speedup_model_fn
 from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
@@ -105,6 +106,12 @@ class GenerationRequest:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    # algorithmic speed-ups (xldm.speedups), off by default: DeepCache feature caching (a full UNet pass every
+    # cache_interval steps, the shallow branch through input block cache_branch between) and CFG on the first
+    # cfg_end fraction of each pass's steps only
+    cache_interval: int = 1
+    cache_branch: int = 0
+    cfg_end: float = 1.0
 
 
 @dataclass
@@ -349,6 +356,7 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
     if req.zero_terminal_snr not in (None, True, False):
         raise ValueError(f"zero_terminal_snr must be True, False or None, got {req.zero_terminal_snr!r}")
     check_sampler_options(req.sampler, req.eta, **sampler_churn(req))
+    check_speedups(req.cache_interval, req.cache_branch, req.cfg_end)
     try:  # the schedule itself (ddim refuses spacings its diffusers step cannot follow; lcm has at most 50 steps)
         make_schedule(req.sampler, req.steps, spacing=req.timestep_spacing)
     except ValueError as e:
@@ -416,18 +424,18 @@ def sampler_churn(req: GenerationRequest) -> dict[str, float]:
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
             x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
             step_hook=None, callback=None, name: str = "", control: ControlStack | None = None,
-            sampler_options: dict[str, Any] | None = None) -> torch.Tensor:
+            sampler_options: dict[str, Any] | None = None, cache_interval: int = 1, cache_branch: int = 0,
+            cfg_end: float = 1.0) -> torch.Tensor:
     """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet
-    (steered by `control`'s ControlNets, whose step count follows the sampler's steps).  NaN/inf results are an
-    error that says where, never a silent black image."""
-    if control is not None:
-        outer = callback
-
-        def callback(i, n, x_i, x0):
-            control.advance(i)
-            if outer is not None:
-                outer(i, n, x_i, x0)
-    denoiser = Denoiser(prediction_type, cond.model_fn(unet, cfg, extra_channels, control))
+    (steered by `control`'s ControlNets, whose step count follows the sampler's steps), with the speed-ups of
+    `xldm.speedups.speedup_model_fn`.  NaN/inf results are an error that says where, never a silent black image."""
+    model_fn, advance, _ = speedup_model_fn(cond, unet, cfg, len(schedule), extra_channels=extra_channels,
+                                            control=control, cache_interval=cache_interval,
+                                            cache_branch=cache_branch, cfg_end=cfg_end)
+    for stepper in (control.advance if control is not None else None, advance):
+        if stepper is not None:
+            callback = _also_advance(stepper, callback)
+    denoiser = Denoiser(prediction_type, model_fn)
     with torch.no_grad():
         out = sample(sampler, denoiser, x, schedule, generator=generators, callback=callback, step_hook=step_hook,
                      **(sampler_options or {}))
@@ -438,6 +446,16 @@ def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sam
         raise NonFiniteError(f"{name}: sampling ({sampler}, {len(schedule)} steps, {out.dtype}) produced NaN/inf "
                              f"for batch item(s) {bad}; {advice}")
     return out
+
+
+def _also_advance(advance: Callable, callback: Callable | None) -> Callable:
+    """A step callback that first tells `advance` the step is done, then calls `callback`."""
+    def both(i, n, x_i, x0):
+        advance(i)
+        if callback is not None:
+            callback(i, n, x_i, x0)
+
+    return both
 
 
 def request_loras(req: GenerationRequest, lora_dir: str | Path | None, kept: Sequence[LoraUse] = ()) -> list[LoraUse]:
@@ -548,6 +566,10 @@ class Pipeline:
             self.model.loras.file(use.path)
         for unit in req.controlnets:
             self.controlnet(unit)  # loaded (or checked) against the model now, before any work
+        if req.cache_interval > 1:
+            for handle in (self.model, self.refiner):
+                if handle is not None:
+                    check_cache_branch(req.cache_branch, handle.config.unet)
         return req
 
     def controlnet(self, unit: ControlUnit):
@@ -619,7 +641,8 @@ class Pipeline:
                 compile_unet(comps.unet, self.compile_seconds.append)
             return denoise(comps.unet, cond, self._training_schedule(handle, req)[0], req.sampler, req.cfg, x,
                            schedule, generators, name=handle.name,
-                           sampler_options=dict(eta=req.eta, **sampler_churn(req)), **kw)
+                           sampler_options=dict(eta=req.eta, **sampler_churn(req)), cache_interval=req.cache_interval,
+                           cache_branch=req.cache_branch, cfg_end=req.cfg_end, **kw)
 
     def _training_schedule(self, handle: ModelHandle, req: GenerationRequest) -> tuple[str, bool]:
         """(prediction type, zero terminal SNR) of a model: the request's overrides for the main model, else its own."""
@@ -770,6 +793,10 @@ class Pipeline:
         for name, default in CHURN_DEFAULTS.items():
             if common[name] == default:
                 common.pop(name)
+        if req.cache_interval == 1:
+            common.pop("cache_interval"), common.pop("cache_branch")
+        if req.cfg_end == 1:
+            common.pop("cfg_end")
         prediction, ztsnr = self._training_schedule(self.model, req)
         common.pop("prediction"), common.pop("zero_terminal_snr")
         if req.prediction is not None or prediction != "epsilon":

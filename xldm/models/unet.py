@@ -6,6 +6,8 @@ original UNet state dict loads strictly.  Numerics follow diffusers `models/unet
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -102,9 +104,11 @@ class UNet(nn.Module):
         return block(h, emb, context, output_size)
 
     def encoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                         y: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                         y: torch.Tensor | None, depth: int | None = None
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The encoder half, inputs trusted (`forward` checks them): the output of every input block, then the
-        middle block's, with the time embedding and the context in the parameter dtype."""
+        middle block's, with the time embedding and the context in the parameter dtype.  `depth`: run only the
+        first `depth` input blocks and no middle block (a partial pass, `xldm.speedups.DeepCacheUNet`)."""
         dtype = self.time_embed[0].weight.dtype
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         # Sinusoid in float32, cast to the parameter dtype (diffusers casts t_emb to the sample dtype).
@@ -114,15 +118,18 @@ class UNet(nn.Module):
         context = context.to(dtype)
         h = x.to(dtype)
         features = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:depth]:
             h = self._run(block, h, emb, context)
             features.append(h)
-        features.append(self._run(self.middle_block, h, emb, context))
+        if depth is None:
+            features.append(self._run(self.middle_block, h, emb, context))
         return features, emb, context
 
     def _add_control(self, features: list[torch.Tensor],
                      control: tuple[list[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         down, mid = control
+        if len(features) <= len(self.input_blocks):  # a partial pass: the shallow input blocks' skips only
+            return [f + r.to(f.dtype) for f, r in zip(features, down)]
         if len(down) != len(features) - 1:
             raise ValueError(f"control: expected {len(features) - 1} down residuals (one per input block), "
                              f"found {len(down)}")
@@ -131,6 +138,24 @@ class UNet(nn.Module):
                 name = "the mid residual" if i == len(down) else f"down residual {i}"
                 raise ValueError(f"control: {name} has shape {tuple(r.shape)}, the UNet's feature {tuple(f.shape)}")
         return [f + r.to(f.dtype) for f, r in zip(features, list(down) + [mid])]
+
+    def decode(self, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor, *, start: int = 0,
+               h: torch.Tensor | None = None,
+               keep: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The decoder half: output blocks `start`, `start` + 1, ... on `h` (default: the last of `skips`, the
+        middle block's output), each concatenated with the skip connection popped from the end of `skips`, then
+        `out`.  `keep(j, h)` hears the input from below of each output block j (DeepCache's cached features)."""
+        skips = list(skips)
+        if h is None:
+            h = skips.pop()
+        for j, block in enumerate(self.output_blocks[start:], start):
+            if keep is not None:
+                keep(j, h)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # The block that ends in an Upsample sizes it to the next skip connection.
+            target = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, h, emb, context, target)
+        return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None,
@@ -141,6 +166,15 @@ class UNet(nn.Module):
         `control`: ControlNet residuals (one per input block, one for the middle block) added to the skip
         connections and to the middle block's output (diffusers `down_block_additional_residuals`,
         `mid_block_additional_residual`)."""
+        timesteps = self.check_inputs(x, timesteps, context, y)
+        skips, emb, context = self.encoder_features(x, timesteps, context, y)
+        if control is not None:
+            skips = self._add_control(skips, control)
+        return self.decode(skips, emb, context)
+
+    def check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                     y: torch.Tensor | None) -> torch.Tensor:
+        """Raise ValueError unless `forward`'s inputs fit this UNet; the timesteps as a tensor on x's device."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -159,16 +193,7 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError(f"y: this UNet has no vector conditioning (adm_in_channels=0), found a tensor of shape "
                              f"{tuple(y.shape)}")
-        skips, emb, context = self.encoder_features(x, timesteps, context, y)
-        if control is not None:
-            skips = self._add_control(skips, control)
-        h = skips.pop()  # the middle block's output
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            # The block that ends in an Upsample sizes it to the next skip connection.
-            target = tuple(skips[-1].shape[-2:]) if skips else None
-            h = self._run(block, h, emb, context, target)
-        return self.out(h)
+        return timesteps
 
 
 def compile_unet(unet: nn.Module, on_first_call=None) -> nn.Module:

@@ -438,6 +438,7 @@ class Server:
                 aesthetic_score=given(body.aesthetic_score, "sdxl_refiner_high_aesthetic_score"),
                 negative_aesthetic_score=given(body.negative_aesthetic_score, "sdxl_refiner_low_aesthetic_score"),
                 **({} if body.prompt_weighting else {"long_prompts": "truncate", "weighting": False}),
+                cache_interval=body.deep_cache, cache_branch=body.cache_branch, cfg_end=float(body.cfg_end),
                 clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
                 **(body.hires_fields() if isinstance(body, Txt2ImgRequest) else {}), **sampler_fields(body, sampler),
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)

@@ -380,6 +380,12 @@ class GenerationBase(_NoPaths):
     # xldm: the webui's prompt semantics (75-token chunks, "(word:1.2)", BREAK), as `xldm generate` by default
     prompt_weighting: bool = Field(default=True, description="false: diffusers' plain encoding (77 tokens, no "
                                                               "weights), as `xldm generate --no-prompt-weighting`")
+    # xldm: sampling speed-ups (xldm.speedups), as `xldm generate --deep-cache N --cache-branch B --cfg-end F`
+    deep_cache: int = Field(default=1, ge=1, le=1000, description="DeepCache: a whole UNet pass every N-th step "
+                                                                   "(1 = off)")
+    cache_branch: int = Field(default=0, ge=0, le=1000, description="DeepCache: the deepest input block run on "
+                                                                     "cached steps")
+    cfg_end: float = Field(default=1.0, ge=0, le=1, description="CFG on this first fraction of the steps only")
 
     @model_validator(mode="before")
     @classmethod
