@@ -121,3 +121,85 @@ def test_controlnet_training_settings_are_checked(tmp_path):
         preset("tiny-sdxl-base", control="canny")
     with pytest.raises(ValueError, match="needs --init"):
         train(preset("tiny-sdxl-base-controlnet", out=str(tmp_path / "run"), data=str(tmp_path)), progress=False)
+
+
+def _control_files(data: Path, folder: Path, *, skip: str | None = None) -> Path:
+    """A control image beside each training image (same relative path and stem): seeded noise of the image's size,
+    nothing a canny map of it could be."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for image_path in sorted(data.glob("*.png")):
+        if image_path.name == skip:
+            continue
+        with Image.open(image_path) as image:
+            width, height = image.size
+        noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        (folder / image_path.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noise).save((folder / image_path.relative_to(data)).with_suffix(".png"))
+    return folder
+
+
+def test_control_images_read_from_files_are_cropped_as_their_images_and_steer_the_step(tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from xldm.buckets import apply_placement, place_in_bucket
+    from xldm.train import controlnet as task
+    from xldm.train.parallel import Processes
+
+    controls = _control_files(Path(_config(tmp_path, "run", 1).data), tmp_path / "controls")
+    config = _config(tmp_path, "run", 1, control=f"dir:{controls}", batch_size=4)
+    data = task.batches(config, Processes())
+    batch = next(iter(data))
+    assert batch["control"].shape == batch["pixels"].shape and batch["control"].dtype == torch.float32
+    cropped = 0
+    for i, key in enumerate(batch["keys"]):
+        with Image.open(controls / key) as file:
+            control_file = file.convert("RGB")
+        (h, w), (target_h, target_w) = batch["original_size"][i].tolist(), batch["target_size"][i].tolist()
+        assert control_file.size == (w, h)
+        placement = replace(place_in_bucket(w, h, (target_w, target_h), None),
+                            crop_top_left=tuple(batch["crop_top_left"][i].tolist()))
+        expected = torch.from_numpy(np.array(apply_placement(control_file, placement))).permute(2, 0, 1)
+        assert torch.equal((batch["control"][i] * 255).round().to(torch.uint8), expected), key
+        cropped += (w, h) != (target_w, target_h)
+    assert cropped > 0  # some images were resized and cropped, not just copied
+    assert not torch.equal(batch["control"], control_images(batch["pixels"], "canny"))
+
+    # one training step: the ControlNet is fed the batch's control images (not canny maps of the pixels)
+    run = task.build(config, Processes())
+    controlnet, seen = run.forward["controlnet"], []
+
+    def recording(x, t, context, vector, hint):
+        seen.append(hint.clone())
+        return controlnet(x, t, context, vector, hint)
+
+    run.forward["controlnet"] = recording
+    result = task.step(run, batch, 0)
+    assert np.isfinite(float(result.loss)) and len(seen) == 1 and torch.equal(seen[0], batch["control"])
+
+
+def test_control_files_must_all_be_there_and_fit_their_images(tmp_path):
+    from PIL import Image
+
+    from xldm.train.controlnet import batches
+    from xldm.train.parallel import Processes
+
+    config = _config(tmp_path, "run", 1)
+    data = Path(config.data)
+    controls = _control_files(data, tmp_path / "controls", skip="shape_00003.png")
+    with pytest.raises(ValueError, match=r"1 of 8 images have no usable control image.*missing .*shape_00003\.png"):
+        train(_config(tmp_path, "run", 1, control=f"dir:{controls}"), progress=False)  # before any step
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with Image.open(data / "shape_00003.png") as image:
+        width, height = image.size
+    Image.new("RGB", (width + 8, height)).save(controls / "shape_00003.jpg")
+    with pytest.raises(ValueError, match=rf"shape_00003\.jpg is {width + 8}x{height} but its image shape_00003\.png "
+                                         rf"is {width}x{height}"):
+        batches(_config(tmp_path, "run", 1, control=f"dir:{controls}"), Processes())
+    with pytest.raises(ValueError, match="lies inside the image folder"):
+        batches(_config(tmp_path, "run", 1, control=f"dir:{data}"), Processes())
+    with pytest.raises(ValueError, match="needs a folder"):
+        preset("tiny-sdxl-base-controlnet", control="dir:")

@@ -132,7 +132,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="distillation presets (*-turbo): the model distilled into a few-step student")
     p.add_argument("--control", default=None, metavar="PREPROCESSOR",
                    help="ControlNet presets (*-controlnet): how control images are made from the training images: "
-                        "canny or canny:LOW,HIGH")
+                        "canny or canny:LOW,HIGH; or dir:FOLDER, a folder mirroring --data with each image's control "
+                        "image (same relative path and stem)")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="train a rank-R LoRA (kohya file RUN/final/lora.safetensors) instead of the weights")
     p.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: the rank)")

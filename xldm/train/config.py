@@ -52,7 +52,7 @@ class TrainConfig:
     r1_weight: float = 1e-5  # R1 penalty on the discriminator's real inputs (Mescheder et al. 2018; ADD App. uses R1)
     # ControlNet (task "controlnet", Zhang et al. 2023): a ControlNet trained on the frozen `--init` model, its
     # control images made from each training crop by this preprocessor ("canny" or "canny:LOW,HIGH",
-    # xldm.controlnet.parse_preprocess)
+    # xldm.controlnet.parse_preprocess), or "dir:FOLDER": read from files (xldm.train.data.control_files)
     control: str = ""
 
     data: str = ""  # image folder or WebDataset shards (xldm.train.data.open_source)
@@ -169,12 +169,15 @@ class TrainConfig:
 
             check(self.model_config.vae is not None, "task 'controlnet' trains on a latent model")
             check(bool(self.control), "task 'controlnet' needs --control canny (or canny:LOW,HIGH): how the control "
-                                      "images are made from the training images")
-            try:
-                chosen = parse_preprocess(self.control)
-            except ValueError as e:
-                check(False, f"control: {e}")
-            check(chosen is not None, f"control must name a preprocessor (canny), got {self.control!r}")
+                                      "images are made from the training images (or dir:FOLDER: read from files)")
+            if self.control.startswith("dir:"):  # xldm.train.controlnet.control_folder
+                check(len(self.control) > len("dir:"), "control dir:FOLDER needs a folder, got 'dir:'")
+            else:
+                try:
+                    chosen = parse_preprocess(self.control)
+                except ValueError as e:
+                    check(False, f"control: {e}")
+                check(chosen is not None, f"control must name a preprocessor (canny), got {self.control!r}")
         check(not self.control or self.task == "controlnet",
               f"control applies to task 'controlnet' only, got task {self.task!r}")
         check(all(0 <= t < NUM_TRAIN_TIMESTEPS for t in self.student_timesteps) and self.student_timesteps,

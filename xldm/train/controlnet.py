@@ -7,8 +7,12 @@ nothing.  Each step is the diffusion task's step (xldm.train.diffusion.loss: sam
 dropout and loss) with the ControlNet's residuals added to the frozen UNet's skips and middle block; only the
 ControlNet learns.  Control images are made on the fly from each training crop by `config.control` (the canny
 preprocessor of generation, xldm.controlnet), so they are pixel-aligned with what the model sees and a resumed run
-makes the same ones.  The paper replaces 50 % of the prompts with empty strings so that the ControlNet learns to
-read the control image on its own (Sec. 3.3); the presets set text_dropout 0.5.
+makes the same ones; or, with `control = "dir:FOLDER"`, read from files: FOLDER mirrors the image folder (image
+`sub/a.jpg` -> control `FOLDER/sub/a.png`, any image extension; kohya sd-scripts' `conditioning_data_dir`
+convention), each control file of its image's size and cropped with its image's crop
+(xldm.train.data.control_files: a missing one stops the run before it starts, naming the file).  The paper
+replaces 50 % of the prompts with empty strings so that the ControlNet learns to read the control image on its own
+(Sec. 3.3); the presets set text_dropout 0.5.
 
 Export: `final/controlnet/` (config.json + diffusion_pytorch_model.safetensors, the layout of the released SDXL
 ControlNets), which `xldm generate --controlnet` and diffusers' `ControlNetModel.from_pretrained` load."""
@@ -29,7 +33,7 @@ from xldm.models.components import Components
 from xldm.models.controlnet import ControlNet, ControlNetConfig
 from xldm.train import parallel
 from xldm.train.config import TrainConfig
-from xldm.train.diffusion import batches, loss  # noqa: F401  (batches: the diffusion task's)
+from xldm.train.diffusion import loss
 from xldm.train.run import Run, StepResult, make_optimizer, update
 
 
@@ -45,6 +49,25 @@ def controlnet_from_unet(unet, conditioning_channels: int = 3) -> ControlNet:
         raise ValueError(f"the UNet's encoder does not fit the ControlNet: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     return net
+
+
+CONTROL_FILES = "dir:"  # config.control = "dir:FOLDER": control images read from FOLDER
+
+
+def control_folder(spec: str) -> str | None:
+    """The folder of `control = "dir:FOLDER"`, None for a preprocessor (canny)."""
+    return spec[len(CONTROL_FILES):] if spec.startswith(CONTROL_FILES) else None
+
+
+def batches(config: TrainConfig, procs: parallel.Processes):
+    """The diffusion task's batches, with each image's control file (`control = "dir:FOLDER"`) as `control`."""
+    from xldm.train import diffusion
+
+    data = diffusion.batches(config, procs)
+    folder = control_folder(config.control)
+    if folder is not None:
+        data.use_control_files(folder)
+    return data
 
 
 def control_images(pixels: Tensor, spec: str) -> Tensor:
@@ -82,7 +105,9 @@ def step(run: Run, batch: dict, step: int) -> StepResult:
     controlnet = run.forward["controlnet"]
 
     def control(noisy: Tensor, timesteps: Tensor, context: Tensor, vector: Tensor | None, pixels: Tensor):
-        return controlnet(noisy, timesteps, context, vector, control_images(pixels, run.config.control))
+        hint = (batch["control"].to(device=pixels.device, dtype=torch.float32) if "control" in batch
+                else control_images(pixels, run.config.control))
+        return controlnet(noisy, timesteps, context, vector, hint)
 
     return update(run, loss(run, batch, step, control=control), step, params)
 
@@ -102,6 +127,7 @@ def export(run: Run, data, final: Path, gathered: dict | None = None) -> Path:
     (folder / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
     tensors = {k: v.contiguous() for k, v in controlnet_original_to_diffusers(net.state_dict(), net.config).items()}
     save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"),
-              metadata={"control": run.config.control, "base": Path(run.config.init).name if run.config.init
+              metadata={"control": "files" if control_folder(run.config.control) is not None
+                                   else run.config.control, "base": Path(run.config.init).name if run.config.init
                         else run.config.model, "steps": str(run.config.steps)})
     return folder

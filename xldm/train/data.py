@@ -10,6 +10,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class _Item:
     target_size: Size  # (h, w)
     pixels: np.ndarray  # uint8 (H, W, 3), bucket-sized
     position: tuple[int, int, int] | None = None  # streams: (shard index, byte offset, epoch read in)
+    control: np.ndarray | None = None  # uint8 (H, W, 3): the sample's control image, cropped as `pixels`
 
 
 def _crop_rng(center_crop: bool, *parts: object) -> random.Random | None:
@@ -73,19 +75,23 @@ class Augment:
 
 
 def _make_item(image: Image.Image, key: str, caption: str, score: float, bucket: Size, rng: random.Random | None,
-               augment: Augment = Augment()) -> _Item:
+               augment: Augment = Augment(), control: Image.Image | None = None) -> _Item:
+    """`control` (a ControlNet's control image of the same size) goes through exactly what `image` does: the
+    same downscale, cover-resize and crop, so the two stay pixel-aligned."""
     zoom = 1.0
     if rng is not None and augment.downscale > 0.0 and rng.random() < augment.downscale:
         side = rng.randint(*augment.downscale_sides)
         longest = max(image.size)
         if side < longest:
-            image = image.resize((max(1, round(image.width * side / longest)),
-                                  max(1, round(image.height * side / longest))), Image.Resampling.BOX)
+            size = (max(1, round(image.width * side / longest)), max(1, round(image.height * side / longest)))
+            image = image.resize(size, Image.Resampling.BOX)
+            control = None if control is None else control.resize(size, Image.Resampling.BOX)
     if rng is not None and augment.zoom_crops > 0.0 and rng.random() < augment.zoom_crops:
         zoom = rng.uniform(1.0, augment.zoom_max)
     placement = place_in_bucket(*image.size, bucket, rng, zoom)
     pixels = np.asarray(apply_placement(image, placement), dtype=np.uint8)
-    return _Item(key, caption, score, placement.original_size, placement.crop_top_left, placement.target_size, pixels)
+    return _Item(key, caption, score, placement.original_size, placement.crop_top_left, placement.target_size, pixels,
+                 control=None if control is None else np.asarray(apply_placement(control, placement), dtype=np.uint8))
 
 
 def _collate(items: Sequence[_Item]) -> dict:
@@ -98,7 +104,45 @@ def _collate(items: Sequence[_Item]) -> dict:
             "captions": [item.caption for item in items], "original_size": pairs("original_size"),
             "crop_top_left": pairs("crop_top_left"), "target_size": pairs("target_size"),
             "aesthetic_score": torch.tensor([item.aesthetic_score for item in items], dtype=torch.float32),
-            "keys": [item.key for item in items]}
+            "keys": [item.key for item in items],
+            **({"control": (torch.from_numpy(np.stack([item.control for item in items])).permute(0, 3, 1, 2).float()
+                            / 255.0).contiguous()} if items[0].control is not None else {})}  # [0, 1] as at inference
+
+
+def control_files(source: FolderSource, folder: str | os.PathLike) -> dict[str, str]:
+    """Each sample's control image in `folder`, a folder mirroring the image folder: image `sub/name.jpg` -> control
+    `folder/sub/name.EXT` (same relative path and stem, EXT any of IMAGE_EXTENSIONS; kohya sd-scripts'
+    `conditioning_data_dir` pairs by stem too), of the image's size.  A missing or misfitting control file is a
+    ValueError naming it (checked for every sample before training starts)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"control folder {root} is not a folder")
+    if root.resolve().is_relative_to(source.root.resolve()):
+        raise ValueError(f"control folder {root} lies inside the image folder {source.root}: its images would be "
+                         "trained on as images; keep it beside the image folder")
+    found, missing, misfits = {}, [], []
+    for sample in source.samples:
+        stem = (root / sample.key).with_suffix("")
+        path = next((c for c in (stem.with_suffix(e) for e in (*IMAGE_EXTENSIONS,
+                                                               *(x.upper() for x in IMAGE_EXTENSIONS))) if c.is_file()),
+                    None)
+        if path is None:
+            missing.append(f"{stem}.png (or .jpg/.jpeg/.webp) for {sample.key}")
+            continue
+        try:
+            size = probe_size(str(path))
+        except SkipSample as e:
+            misfits.append(f"{path}: {e}")
+            continue
+        if size != sample.size:
+            misfits.append(f"{path} is {size[0]}x{size[1]} but its image {sample.key} is "
+                           f"{sample.size[0]}x{sample.size[1]}")
+        found[sample.key] = str(path)
+    if missing or misfits:
+        problems = [f"missing {m}" for m in missing] + misfits
+        raise ValueError(f"{len(problems)} of {len(source.samples)} images have no usable control image in {root}; "
+                         f"first: " + "; ".join(problems[:3]))
+    return found
 
 
 def _counts(skipped: dict[str, set[str]]) -> dict[str, int]:
@@ -226,6 +270,7 @@ class TrainingBatches:
         self._folder = isinstance(source, FolderSource)
         self._epoch, self._images_seen, self._batches = 0, 0, 0
         self._skipped: dict[str, set[str]] = {}
+        self._controls: dict[str, str] | None = None  # sample key -> control image file (use_control_files)
         if self._folder:
             if not source.samples:
                 raise ValueError(f"{source.root}: no usable images (skipped: {_counts(source.skipped)})")
@@ -303,6 +348,13 @@ class TrainingBatches:
                     found.append((named.get(name, name) + sep + sample, reason))
         return sorted(set(found))
 
+    def use_control_files(self, folder: str | os.PathLike) -> None:
+        """Batches carry `control` (B, 3, H, W) in [0, 1]: each image's control file from `folder` (see
+        `control_files`), cropped exactly as the image.  Image folders only."""
+        if not self._folder:
+            raise ValueError("control images read from files need an image folder as --data, not WebDataset shards")
+        self._controls = control_files(self.source, folder)
+
     def __iter__(self) -> Iterator[dict]:
         for batch in self._iter_folder() if self._folder else self._iter_shards():
             self._images_seen += len(batch["keys"])
@@ -373,9 +425,20 @@ class TrainingBatches:
             except SkipSample as e:
                 self._skip(e.reason, sample.key)
                 continue
+            control = None
+            if self._controls is not None:
+                try:
+                    control = decode_image(self._controls[sample.key])
+                except SkipSample as e:  # a control file that breaks after indexing: the sample is skipped
+                    self._skip(f"control_{e.reason}", sample.key)
+                    continue
+                if control.size != image.size:
+                    self._skip("control_size", sample.key)
+                    continue
             rng = (_crop_rng(self.center_crop, self.seed, sample.key) if self.fixed_crops
                    else _crop_rng(self.center_crop, self.seed, epoch, batch_index, row))
-            return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng, self.augment)
+            return _make_item(image, sample.key, sample.caption, sample.aesthetic_score, bucket, rng, self.augment,
+                              control)
         raise RuntimeError(f"no image of bucket {bucket[0]}x{bucket[1]} can be decoded "
                            f"(skipped: {self.stats['skipped']})")
 
