@@ -205,3 +205,27 @@ def test_options_the_sampler_cannot_apply_are_422(client, fields, words):
     assert r.status_code == 422
     for word in words:
         assert word in detail(r), detail(r)
+
+
+def test_webuiapi_client_runs_txt2img_img2img_and_the_discovery_calls(client):
+    """The `webuiapi` client library as an A1111 user calls it: discovery, model selection, txt2img, img2img; every
+    call answers without an error, and the images have the asked size and an infotext naming the model."""
+    webuiapi = pytest.importorskip("webuiapi")
+    url = httpx.URL(str(client.base_url))
+    api = webuiapi.WebUIApi(host=url.host, port=url.port, sampler="Euler", steps=2)
+    models = api.util_get_model_names()
+    base = next(name for name in models if name.startswith("base.safetensors"))
+    assert "Euler" in api.util_get_sampler_names() and "Euler a" in api.util_get_sampler_names()
+    for call in (api.get_options, api.get_cmd_flags, api.get_sd_vae, api.get_upscalers, api.get_sd_models,
+                 api.get_hypernetworks, api.get_face_restorers, api.get_prompt_styles, api.get_scripts,
+                 api.get_embeddings, api.get_memory, api.get_schedulers, api.get_loras, api.get_progress):
+        assert call() is not None, call.__name__
+    api.util_set_model(base)
+    assert api.util_get_current_model().split(" [")[0] in base
+    first = api.txt2img(prompt=PROMPT, width=64, height=48, seed=5)
+    assert first.image.size == (64, 48)
+    assert "Model: " in first.info["infotexts"][0] and "Model hash: " in first.info["infotexts"][0]
+    second = api.img2img(images=[first.image], prompt=PROMPT, denoising_strength=0.5, width=64, height=48, seed=5)
+    assert second.image.size == (64, 48)
+    assert "Denoising strength: 0.5" in second.info["infotexts"][0]
+    assert not np.array_equal(np.asarray(first.image), np.asarray(second.image))
