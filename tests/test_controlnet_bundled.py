@@ -14,10 +14,10 @@ figure = load_script("scripts/controlnet_figure.py", "controlnet_figure")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 10
-# Measured with the 3000-step default-canny (seed 0, 10 steps, 6 prompts): mean F1 0.247 at scale 0, 0.337 at
-# scale 1 (a gap of 0.09); the margin leaves room for float drift between CPUs.  A better-trained ControlNet only
-# widens the gap.
-MARGIN = 0.05
+# Measured with the shipped 9000-step default-canny (seed 0, 10 steps, 6 prompts): mean F1 0.247 at scale 0, 0.470
+# at scale 1 (a gap of 0.22, every prompt better; the 3000-step weights gave 0.337); the margin leaves room for float
+# drift between CPUs.
+MARGIN = 0.15
 
 
 def test_default_canny_makes_images_follow_another_prompts_edges():
@@ -32,4 +32,4 @@ def test_default_canny_makes_images_follow_another_prompts_edges():
     scores = figure.edge_scores(pipe, controlnet, pairs, (0.0, 1.0), seed=0, steps=STEPS)
     off, on = (sum(scores[s]) / len(scores[s]) for s in (0.0, 1.0))
     assert on > off + MARGIN, f"mean edge F1 {on:.3f} at scale 1 vs {off:.3f} without the ControlNet: {scores}"
-    assert sum(a > b for a, b in zip(scores[1.0], scores[0.0])) >= len(prompts) // 2, scores  # not one outlier
+    assert sum(a > b for a, b in zip(scores[1.0], scores[0.0])) >= len(prompts) - 1, scores  # not one outlier

@@ -343,7 +343,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # The bundled base's canny ControlNet (scripts/train_default_controlnet.sh): rate, batch, steps ours for a short
     # CPU run; no EMA (the run is too short for one to settle).
     "default-controlnet": TrainConfig(model="default-base", task="controlnet", control="canny", resolution=128,
-                                      bucket_step=32, batch_size=8, steps=3000, lr=2e-4, warmup_steps=50,
+                                      bucket_step=32, batch_size=8, steps=9000, lr=2e-4, warmup_steps=50,
                                       text_dropout=0.5, ema_decay=0.0, weight_decay=0.0, checkpoint_every=100,
                                       keep_checkpoints=2),
     "tiny-sdxl-base-controlnet": TrainConfig(model="tiny-sdxl-base", task="controlnet", control="canny",
