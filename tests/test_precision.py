@@ -138,3 +138,21 @@ def test_compile_gives_the_same_image_and_reports_the_compile_time(base_file, tm
     assert cli_main(["generate", "a red heart", "--model", str(base_file), "--steps", "2", "--width", "64",
                      "--height", "64", "--device", "cpu", "--compile", "--out", str(out)]) == 0
     assert "compile: the UNet's first call took" in capsys.readouterr().err
+
+
+def test_server_chooses_per_model_like_generate_and_keeps_an_explicit_dtype(monkeypatch, base_file) -> None:
+    """`xldm serve` without --dtype runs each model in the dtype `xldm generate` would pick for it (from its UNet's
+    size in the file header), reloading a cached model whose dtype no longer fits; --dtype wins over both."""
+    from xldm.serve.jobs import ModelStore
+
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    store = ModelStore([base_file], device="cpu")
+    name = base_file.name
+    assert store.dtype_for(name) == torch.float32
+    assert store.pipeline(name, None).dtype == torch.float32
+    monkeypatch.setattr(pipeline_module, "CPU_BF16_MIN_UNET_PARAMETERS", 1)
+    store._pipeline = None  # the settings are the same; the cached pipeline would be kept otherwise
+    pipe = store.pipeline(name, None)
+    assert store.dtype_for(name) == torch.bfloat16 == pipe.dtype
+    assert next(pipe.model.loaded.unet.parameters()).dtype == torch.bfloat16
+    assert ModelStore([base_file], device="cpu", dtype=torch.float32).dtype_for(name) == torch.float32

@@ -282,11 +282,11 @@ class ModelStore:
                  device: torch.device | str | None = None, students: dict[str, tuple[Path, Path]] | None = None
                  ) -> None:
         """`paths`: checkpoints, served by file name; `students`: name -> (checkpoint, UNet file)."""
-        from xldm.pipeline import default_device, default_dtype
+        from xldm.pipeline import default_device
         from xldm.weights.info import model_info
 
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype = dtype  # None: each pipeline's own default (`dtype_for`: the device and its main UNet's size)
         self.entries: dict[str, ModelEntry] = {}
         for p in paths:
             self.register(Path(p), warn_duplicate=True)
@@ -295,7 +295,7 @@ class ModelStore:
             self.entries[name] = ModelEntry(name, Path(path), config.kind, config.default_size, config, Path(unet))
         if not self.entries:
             raise ValueError("no models: give --model PATH or a --models-dir with checkpoints in it")
-        self._loaded: dict[str, Any] = {}  # name -> Components
+        self._loaded: dict[str, tuple[torch.dtype, Any]] = {}  # name -> (dtype, Components)
         self._pipeline: tuple[tuple, Pipeline] | None = None  # the last pipeline, kept while its settings hold
 
     def register(self, path: Path, *, warn_duplicate: bool = False) -> ModelEntry | None:
@@ -314,6 +314,17 @@ class ModelStore:
             return None
         self.entries[path.name] = ModelEntry(path.name, path, config.kind, config.default_size, config)
         return self.entries[path.name]
+
+    def dtype_for(self, name: str) -> torch.dtype:
+        """The dtype a pipeline over model `name` runs in: the server's --dtype, else `default_dtype` for the device
+        and the size of the model's UNet (read from the file header), as `xldm generate` chooses it."""
+        from xldm.pipeline import default_dtype, unet_parameters
+
+        if self.dtype is not None:
+            return self.dtype
+        entry = self.entries[name]
+        return default_dtype(self.device, unet_parameters(entry.unet or entry.path) if self.device.type == "cpu"
+                             else None)
 
     def lookup(self, name: str) -> ModelEntry:
         """By name, by name without its extension, or by the webui's title "name [hash]"."""
@@ -337,19 +348,21 @@ class ModelStore:
             return self._pipeline[1]
         self._pipeline = None
         wanted = [model] + ([refiner] if refiner else [])
-        for name in [n for n in self._loaded if n not in wanted]:
+        dtype = self.dtype_for(model)
+        for name in [n for n, (loaded_dtype, _) in self._loaded.items() if n not in wanted or loaded_dtype != dtype]:
             del self._loaded[name]
             free_memory()
         for name in wanted:
             if name not in self._loaded:
-                log.info("loading %s", name)
+                log.info("loading %s (%s)", name, str(dtype).removeprefix("torch."))
                 entry = self.entries[name]
-                self._loaded[name] = load_model(entry.path, dtype=self.dtype, device=self.device)
+                components = load_model(entry.path, dtype=dtype, device=self.device)
                 if entry.unet is not None:
-                    self._loaded[name].unet = load_model(entry.unet, components=["unet"], dtype=self.dtype,
-                                                         device=self.device).unet
-        pipe = Pipeline(self._loaded[model], self._loaded[refiner] if refiner else None,
-                        dtype=self.dtype, device=self.device, vae=vae, lora_dir=lora_dir,
+                    components.unet = load_model(entry.unet, components=["unet"], dtype=dtype,
+                                                 device=self.device).unet
+                self._loaded[name] = (dtype, components)
+        pipe = Pipeline(self._loaded[model][1], self._loaded[refiner][1] if refiner else None,
+                        dtype=dtype, device=self.device, vae=vae, lora_dir=lora_dir,
                         model_file=self.entries[model].unet or self.entries[model].path,
                         refiner_file=self.entries[refiner].path if refiner else None)
         self._pipeline = (key, pipe)
