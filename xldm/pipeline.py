@@ -37,6 +37,7 @@ from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
 from xldm.vae_tiling import decode_checked
+from xldm.vae_tiling import encode as encode_posterior
 
 MAX_SEED = 2**32 - 1
 PREDICTION_ALIASES = {"eps": "epsilon"}
@@ -78,7 +79,7 @@ class GenerationRequest:
     # prompt handling: A1111's by default (75-token chunks, "(word:1.2)" and BREAK); "truncate" / False: diffusers'
     long_prompts: str = GENERATE_DEFAULTS["long_prompts"]
     weighting: bool = GENERATE_DEFAULTS["weighting"]
-    tile_vae: bool | None = None  # None: tiled decode only when the image is large
+    tile_vae: bool | None = None  # None: tiled VAE decode and encode only when the image is large
     # LoRA / LyCORIS files on the main model: (path, weight[, text-encoder weight]) or LoraUse, with those the
     # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
     loras: tuple = ()
@@ -613,10 +614,11 @@ class Pipeline:
                     guidance=req.cfg > 1, long_prompts=req.long_prompts, weighting=req.weighting,
                     clip_skip=None if req.clip_skip is None else req.clip_skip - 1)
 
-    def _encode_images(self, handle: ModelHandle, images: torch.Tensor,
-                       generators: list[torch.Generator]) -> torch.Tensor:
+    def _encode_images(self, handle: ModelHandle, images: torch.Tensor, generators: list[torch.Generator],
+                       tile: bool | None = None) -> torch.Tensor:
         """Posterior samples, one generator per image (diffusers `retrieve_latents` per row), scaled.
-        Encoded in float32 when the model runs in fp16 (diffusers `force_upcast`)."""
+        Encoded in float32 when the model runs in fp16 (diffusers `force_upcast`); tiled as `vae_tiling.encode`
+        decides for `tile` (the request's tile_vae: None tiles large images only)."""
         with handle.use("vae") as comps:
             vae = comps.vae
             vae_dtype = next(vae.parameters()).dtype
@@ -625,7 +627,8 @@ class Pipeline:
                 vae.to(work)
             try:
                 with torch.no_grad():
-                    rows = [vae.encode(images[i: i + 1].to(self.device, work)).sample(generator=generators[i])
+                    rows = [encode_posterior(vae, images[i: i + 1].to(self.device, work), tile)
+                            .sample(generator=generators[i])
                             for i in range(images.shape[0])]
             finally:
                 if work != vae_dtype:
@@ -701,7 +704,7 @@ class Pipeline:
         extra = hook = None
         if start_images is not None:  # latents are used as they are (diffusers img2img given latents), pixels encoded
             image_latents = (start_images.to(self.device, self.dtype) if start_images.shape[-2:] == lat_shape[-2:]
-                             else self._encode_images(base, start_images, generators))
+                             else self._encode_images(base, start_images, generators, req.tile_vae))
             noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
             x = image_latents + noise * full.sigmas[start].to(noise.dtype)
         elif req.init_image is None:
@@ -712,7 +715,7 @@ class Pipeline:
             inpaint_unet = base.config.unet.in_channels == 9
             image_latents = None
             if req.mask is None or not inpaint_unet or req.strength < 1.0:
-                image_latents = self._encode_images(base, image, generators)
+                image_latents = self._encode_images(base, image, generators, req.tile_vae)
             noise = noise_lib.randn(lat_shape, generators, self.device, self.dtype)
             if req.mask is not None and req.strength == 1.0:
                 x = noise * full.init_noise_sigma  # diffusers inpaint: pure noise at strength 1
@@ -722,7 +725,7 @@ class Pipeline:
                 mask = mask_to_tensor(req.mask, width, height).repeat(batch, 1, 1, 1)
                 mask_lat = F.interpolate(mask, size=(height // 8, width // 8)).to(self.device, self.dtype)
                 if inpaint_unet:
-                    masked = self._encode_images(base, image * (mask < 0.5), generators)
+                    masked = self._encode_images(base, image * (mask < 0.5), generators, req.tile_vae)
                     extra = torch.cat([mask_lat, masked], dim=1)
                 else:
                     hook = lambda sched: _inpaint_blend(image_latents, noise, mask_lat, sched)  # noqa: E731

@@ -1,4 +1,5 @@
-"""VAE decoding for large images and reduced precision: overlapping tiles, and a float32 retry on overflow.
+"""VAE decoding and encoding for large images and reduced precision: overlapping tiles, and a float32 retry on
+overflow.
 
 Tiled decode follows the rule of diffusers `AutoencoderKL.tiled_decode` (models/autoencoders/autoencoder_kl.py,
 with `blend_v` / `blend_h`): the latent is cut into `tile x tile` tiles whose starts are `tile - overlap` apart;
@@ -10,7 +11,9 @@ pixel y of the overlap.  Each tile then contributes its pixels up to the start o
 Differences from diffusers: tile and overlap are arguments, not `sample_size` / 0.25; and a tile that would lie
 entirely inside the previous one (diffusers starts a tile at every multiple of the stride below the size) is not
 decoded, so a latent no larger than one tile decodes in one piece, exactly as `decode_latents`.  On every tile
-grid without such a redundant tile the result equals diffusers' (tests/test_vae_tiling.py).
+grid without such a redundant tile the result equals diffusers' (tests/test_vae_tiling.py).  Tiled encode
+(`encode_tiled`) is the same rule in reverse, as diffusers' `_tiled_encode`: pixel tiles of `tile * f`, the encoder's
+moments blended over `overlap` latent rows.
 
 SDXL's VAE overflows in float16 (NaN / inf, i.e. black images; diffusers `AutoencoderKL` config `force_upcast`):
 `decode_checked` re-decodes in float32 when a reduced-precision decode is not finite."""
@@ -22,7 +25,7 @@ import warnings
 import torch
 
 from xldm.errors import NonFiniteError
-from xldm.models.vae import AutoencoderKL
+from xldm.models.vae import AutoencoderKL, DiagonalGaussian
 
 DEFAULT_TILE_LATENT = 64  # 512 px with the 8x SD/SDXL VAE
 DEFAULT_OVERLAP_LATENT = 16  # a quarter of the tile, as diffusers' tile_overlap_factor = 0.25
@@ -77,29 +80,72 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, *, tile_latent: int 
     rows, cols = _tile_starts(height, tile_latent, stride), _tile_starts(width, tile_latent, stride)
     if len(rows) == 1 and len(cols) == 1:
         return vae.decode(z)
+    return _run_tiled(vae.decode, z, tile_latent, stride, numerator=f, denominator=1)
 
-    extent = overlap_latent * f  # pixels blended across each seam
+
+def _run_tiled(network, x: torch.Tensor, tile: int, stride: int, *, numerator: int, denominator: int) -> torch.Tensor:
+    """`network` over `tile x tile` tiles of `x` whose starts are `stride` apart, blended and stitched as the module
+    docstring says; the output is `numerator / denominator` times the input's size (8/1 to decode, 1/8 to encode),
+    the overlap blended over `(tile - stride)` input rows scaled the same way."""
+    height, width = x.shape[-2:]
+    rows, cols = _tile_starts(height, tile, stride), _tile_starts(width, tile, stride)
+    scale = lambda n: n * numerator // denominator  # noqa: E731
+    extent = scale(tile - stride)  # output rows / columns blended across each seam
     output: torch.Tensor | None = None
     bottom_edges: list[torch.Tensor | None] = [None] * len(cols)  # last `extent` rows of the tiles above
     for i, top in enumerate(rows):
         right_edge: torch.Tensor | None = None  # last `extent` columns of the tile to the left
         for j, left in enumerate(cols):
-            tile = vae.decode(z[:, :, top:top + tile_latent, left:left + tile_latent])
+            out = network(x[:, :, top:top + tile, left:left + tile])
             if output is None:
-                output = tile.new_empty((z.shape[0], tile.shape[1], height * f, width * f))
+                output = out.new_empty((x.shape[0], out.shape[1], scale(height), scale(width)))
             if i > 0:
-                _blend(bottom_edges[j], tile, extent, dim=2)
+                _blend(bottom_edges[j], out, extent, dim=2)
             if j > 0:
-                _blend(right_edge, tile, extent, dim=3)
-            # The blended tile owns its pixels up to the next tile's start (to the end for the last tile).
-            y0, x0 = top * f, left * f
-            y1 = rows[i + 1] * f if i + 1 < len(rows) else height * f
-            x1 = cols[j + 1] * f if j + 1 < len(cols) else width * f
-            output[:, :, y0:y1, x0:x1] = tile[:, :, : y1 - y0, : x1 - x0]
-            bottom_edges[j] = tile[:, :, tile.shape[2] - extent:, :].clone()
-            right_edge = tile[:, :, :, tile.shape[3] - extent:].clone()
+                _blend(right_edge, out, extent, dim=3)
+            # The blended tile owns its output up to the next tile's start (to the end for the last tile).
+            y0, x0 = scale(top), scale(left)
+            y1 = scale(rows[i + 1]) if i + 1 < len(rows) else scale(height)
+            x1 = scale(cols[j + 1]) if j + 1 < len(cols) else scale(width)
+            output[:, :, y0:y1, x0:x1] = out[:, :, : y1 - y0, : x1 - x0]
+            bottom_edges[j] = out[:, :, out.shape[2] - extent:, :].clone()
+            right_edge = out[:, :, :, out.shape[3] - extent:].clone()
     assert output is not None
     return output
+
+
+@torch.no_grad()
+def encode_tiled(vae: AutoencoderKL, images: torch.Tensor, *, tile_latent: int = DEFAULT_TILE_LATENT,
+                 overlap_latent: int = DEFAULT_OVERLAP_LATENT) -> DiagonalGaussian:
+    """Images (B, 3, H, W) in [-1, 1] -> the posterior, like `vae.encode(images)` but one `tile_latent * f` pixel
+    tile at a time: the encoder's moments (mean and log-variance, after quant_conv) of neighbouring tiles blended
+    linearly over `overlap_latent` latent rows / columns, as diffusers' `AutoencoderKL._tiled_encode` blends them
+    (models/autoencoders/autoencoder_kl.py, `blend_v` / `blend_h`), with the same tile grid rule as `decode_tiled`.
+    H and W must be multiples of the VAE's factor f; an image no larger than one tile is encoded in one piece."""
+    if tile_latent < 1:
+        raise ValueError(f"tile_latent must be at least 1, got {tile_latent}")
+    if not 0 <= overlap_latent < tile_latent:
+        raise ValueError(f"overlap_latent must be in [0, tile_latent={tile_latent}), got {overlap_latent}")
+    f = vae.cfg.downsample_factor
+    height, width = images.shape[-2:]
+    if images.dim() != 4 or height % f or width % f:
+        raise ValueError(f"images to encode: expected (B, 3, H, W) with H and W multiples of {f}, found "
+                         f"{tuple(images.shape)}")
+    tile, stride = tile_latent * f, (tile_latent - overlap_latent) * f
+    if height <= tile and width <= tile:
+        return vae.encode(images)
+    moments = _run_tiled(lambda x: vae.quant_conv(vae.encoder(x)), images, tile, stride, numerator=1,
+                         denominator=f)
+    return DiagonalGaussian(moments)
+
+
+def encode(vae: AutoencoderKL, images: torch.Tensor, tile: bool | None = None) -> DiagonalGaussian:
+    """The posterior of `images`: tiled (`encode_tiled`, default tiles) when `tile` is True, or when it is None and
+    the image's latent area is above `AUTO_TILE_LATENT_AREA` (the rule of `decode_checked`); else in one piece."""
+    f = vae.cfg.downsample_factor
+    if tile is None:
+        tile = (images.shape[-2] // f) * (images.shape[-1] // f) > AUTO_TILE_LATENT_AREA
+    return encode_tiled(vae, images) if tile else vae.encode(images)
 
 
 def _where_not_finite(t: torch.Tensor) -> str:
