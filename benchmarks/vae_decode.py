@@ -15,7 +15,6 @@ import argparse
 import gc
 import resource
 import statistics
-import time
 
 import torch
 
@@ -23,8 +22,9 @@ from xldm.config import SDXL_VAE, TINY_VAE
 from xldm.models.vae import AutoencoderKL
 from xldm.weights.keys_vae import vae_diffusers_config, vae_original_to_diffusers
 
+from unet_step import DTYPES, timed  # the same dtype names and timer as the UNet benchmark (this folder)
+
 CONFIGS = {"sdxl": SDXL_VAE, "tiny": TINY_VAE}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(cfg, dtype: torch.dtype, device: torch.device):
@@ -38,16 +38,6 @@ def build(cfg, dtype: torch.dtype, device: torch.device):
     state = {k: v.clone() for k, v in vae_original_to_diffusers(ours.state_dict(), cfg).items()}
     theirs.load_state_dict(state, strict=True, assign=True)
     return ours, theirs.eval()
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
