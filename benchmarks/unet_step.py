@@ -74,6 +74,22 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def alternate(runs: dict, repeats: int, device) -> tuple[dict, dict]:
+    """Each named run `repeats` times, the runs alternating so that load changes hit every side alike: the median
+    seconds per name and, on CUDA, the peak allocated bytes per name (0 on CPU)."""
+    times = {name: [] for name in runs}
+    peak = {name: 0 for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(timed(fn, device))
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    return {name: statistics.median(t) for name, t in times.items()}, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny-sdxl-base", choices=sorted(PRESETS))
@@ -95,19 +111,9 @@ def main() -> None:
     def run_theirs():
         return theirs(x, t, ctx, added_cond_kwargs=added).sample
 
-    times = {"xldm": [], "diffusers": []}
-    peak = {"xldm": 0, "diffusers": 0}
     with torch.inference_mode():
         diff = (run_ours().float() - run_theirs().float()).abs().max().item()  # also the warm-up
-        for _ in range(args.repeats):
-            for name, fn in (("xldm", run_ours), ("diffusers", run_theirs)):
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                times[name].append(timed(fn, device))
-                if device.type == "cuda":
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med, peak = alternate({"xldm": run_ours, "diffusers": run_theirs}, args.repeats, device)
     print(f"config {args.config}, {size}x{size}, batch {args.batch}, {args.dtype}, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"xldm      {med['xldm'] * 1000:9.1f} ms  (median of {args.repeats})")

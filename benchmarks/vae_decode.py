@@ -12,9 +12,7 @@ Needs the test extra (diffusers) installed.
 from __future__ import annotations
 
 import argparse
-import gc
 import resource
-import statistics
 
 import torch
 
@@ -22,7 +20,7 @@ from xldm.config import SDXL_VAE, TINY_VAE
 from xldm.models.vae import AutoencoderKL
 from xldm.weights.keys_vae import vae_diffusers_config, vae_original_to_diffusers
 
-from unet_step import DTYPES, timed  # the same dtype names and timer as the UNet benchmark (this folder)
+from unet_step import DTYPES, alternate  # the UNet benchmark's dtype names and alternating timer (this folder)
 
 CONFIGS = {"sdxl": SDXL_VAE, "tiny": TINY_VAE}
 
@@ -77,19 +75,9 @@ def main() -> None:
         return ours.decode(z)
 
     names = ("xldm", right_name)
-    times = {n: [] for n in names}
-    peak = {n: 0 for n in names}
     with torch.inference_mode():
         diff = (run_ours().float() - run_right().float()).abs().max().item()  # also the warm-up
-        for _ in range(args.repeats):
-            for name, fn in zip(names, (run_ours, run_right)):
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                times[name].append(timed(fn, device))
-                if device.type == "cuda":
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med, peak = alternate(dict(zip(names, (run_ours, run_right))), args.repeats, device)
     print(f"VAE decode {args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in names:

@@ -552,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="A1111 (word:1.2) / [word] prompt weighting (default on); --no-weighting: literal text")
     gen.add_argument("--no-prompt-weighting", action="store_true",
                      help="diffusers' prompt encoding: both --no-long-prompts and --no-weighting")
-    gen.add_argument("--tile-vae", action="store_true", help="VAE decode and encode in tiles (large images, little memory)")
+    gen.add_argument("--tile-vae", action="store_true",
+                     help="VAE decode and encode in tiles (large images, little memory)")
     gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:WEIGHT[:TEXT_WEIGHT]]",
                      help="LoRA / LyCORIS file on the model (repeatable, applied in order; weight default 1)")
     gen.add_argument("--lora-dir", default=None, metavar="DIR",
