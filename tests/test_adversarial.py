@@ -17,7 +17,7 @@ from PIL import Image
 
 from xldm.errors import CheckpointError, CorruptCheckpointError
 from xldm.images import to_rgb
-from xldm.serve.app import _json_problem
+from xldm.serve.guard import _json_problem
 from xldm.serve.schemas import decode_image
 from xldm.weights.detect import METADATA_KEY, model_config_to_dict
 from xldm.weights.io import open_checkpoint, save_file

@@ -15,7 +15,8 @@ from starlette.testclient import TestClient
 from test_serve_api import client, models, outputs, server, txt2img
 
 from xldm.cli import main as cli_main
-from xldm.serve.app import RequestGuard, ServerConfig, create_app
+from xldm.serve.app import ServerConfig, create_app
+from xldm.serve.guard import RequestGuard
 from xldm.serve.cli import add_serve_parser, build_config
 
 __all__ = ["client", "models", "outputs", "server"]

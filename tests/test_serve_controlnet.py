@@ -22,7 +22,8 @@ from xldm.controlnet import ControlUnit
 from xldm.models.controlnet import ControlNet, ControlNetConfig
 from xldm.pipeline import Pipeline
 from xldm.pngmeta import parse_a1111_parameters
-from xldm.serve.app import ServerConfig, create_app, crop_to_aspect
+from xldm.serve.app import ServerConfig, create_app
+from xldm.serve.server import crop_to_aspect
 from xldm.serve.networks import legacy_model_hash
 from xldm.weights.save import save_single_file
 

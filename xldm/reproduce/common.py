@@ -48,10 +48,10 @@ SCALE_SETTINGS: dict[str, Scale] = {
                    refiner_steps=2, batch_size=2, evaluator_steps=2, evaluator_resolution=32, evaluator_batch=8,
                    samples=4, sampling_seeds=2, sample_steps=2, checkpoint_every=2),
     # The default model's architecture from scratch (its presets' rates), with the bundled model's frozen VAE and
-    # text encoders (init_components): steps sized for ~25 min per UNet run on the 2-core CPU (measured ~1.4 it/s
-    # at batch 16, scripts/train_default.sh).
+    # text encoders (init_components): steps sized for ~12 min per UNet run on the 2-core CPU (measured ~1.4 it/s
+    # at batch 16, scripts/train_default.sh), so that all four reproductions run in about two hours together.
     "small": Scale("small", "default-base", "default-refiner", resolution=128, bucket_step=32, images=1500,
-                   steps=2000, refiner_steps=800, batch_size=16, evaluator_steps=600, evaluator_resolution=64,
+                   steps=1000, refiner_steps=500, batch_size=16, evaluator_steps=400, evaluator_resolution=64,
                    evaluator_batch=128, samples=64, sampling_seeds=3, sample_steps=20, checkpoint_every=250),
     "full": Scale("full", "default-base", "default-refiner", resolution=128, bucket_step=32, images=4000,
                   steps=8000, refiner_steps=2000, batch_size=16, evaluator_steps=3000, evaluator_resolution=64,

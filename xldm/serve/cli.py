@@ -64,7 +64,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace):
     """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
-    from xldm.serve.app import LOOPBACK_HOSTS, ServerConfig
+    from xldm.serve.guard import LOOPBACK_HOSTS
+    from xldm.serve.server import ServerConfig
     from xldm.pipeline import check_device
     from xldm.serve.jobs import find_models
 
