@@ -20,8 +20,12 @@ import torch
 from PIL import Image
 
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
+from xldm.diffusion.denoiser import Denoiser
+from xldm.diffusion.samplers import sample
+from xldm.diffusion.schedules import SAMPLER_NAMES, make_schedule
 from xldm.serve.app import create_app
 from xldm.serve.cli import add_serve_parser, build_config
+from xldm.serve.schemas import sampler_options
 from xldm.weights.save import save_single_file
 
 from running_server import RunningServer
@@ -229,3 +233,35 @@ def test_webuiapi_client_runs_txt2img_img2img_and_the_discovery_calls(client):
     assert second.image.size == (64, 48)
     assert "Denoising strength: 0.5" in second.info["infotexts"][0]
     assert not np.array_equal(np.asarray(first.image), np.asarray(second.image))
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_sampler_options_tell_the_truth(sampler):
+    """/sdapi/v1/samplers' option flags describe xldm's samplers: `second_order` ones call the network more than
+    once a step, noise-drawing ones (`uses_ensd`, `brownian_noise`; DDIM at eta 1) depend on the generator, and
+    `scheduler: karras` ones step on Karras sigmas (the schedule's largest is the training maximum's)."""
+    options = sampler_options(sampler)
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(1)
+        return 0.1 * x
+
+    steps = 4
+    schedule = make_schedule(sampler, steps)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * schedule.init_noise_sigma
+    eta = 1.0 if sampler == "ddim" else None
+    runs = [sample(sampler, Denoiser("epsilon", model_fn), x.clone(), schedule, eta=eta,
+                   generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    per_run = len(calls) // 2
+    assert (per_run > steps) == (options.get("second_order") == "True"), (sampler, per_run)
+    stochastic = not torch.equal(runs[0], runs[1])
+    assert stochastic == ("uses_ensd" in options or "brownian_noise" in options), sampler
+    assert (options.get("scheduler") == "karras") == sampler.endswith("_karras")
+
+
+def test_samplers_route_lists_the_options(client):
+    items = {item["name"]: item for item in client.get("/sdapi/v1/samplers").json()}
+    assert items["DPM++ 2M Karras"]["options"] == {"scheduler": "karras"}
+    assert items["Euler"]["options"] == {}
+    assert items["DPM++ SDE Karras"]["options"]["brownian_noise"] == "True"

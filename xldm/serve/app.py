@@ -65,6 +65,7 @@ from xldm.serve.schemas import (
     Txt2ImgRequest,
     UpscalerItem,
     sampler_aliases,
+    sampler_options,
 )
 from xldm.serve.server import (CONTROL_MODULE_DETAIL, CONTROL_MODULES, Server, ServerConfig, decode_or_422,
                                memory_report)
@@ -232,7 +233,8 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"])
     async def samplers() -> list[dict[str, Any]]:
-        return [SamplerItem(name=A1111_SAMPLER_NAMES[s], aliases=sampler_aliases(s)).model_dump()
+        return [SamplerItem(name=A1111_SAMPLER_NAMES[s], aliases=sampler_aliases(s),
+                            options=sampler_options(s)).model_dump()
                 for s in SAMPLER_NAMES]
 
     @app.get("/sdapi/v1/options", tags=["sdapi"])

@@ -69,12 +69,29 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "dpmpp_sde_karras": ("k_dpmpp_sde_ka",), "dpmpp_3m_sde": ("k_dpmpp_3m_sde",),
     "dpmpp_3m_sde_karras": ("k_dpmpp_3m_sde_ka",),
 }
+# The webui's per-sampler option flags (modules/sd_samplers_kdiffusion.py `samplers_k_diffusion`,
+# sd_samplers_timesteps.py for DDIM), as its API lists them, true of xldm's samplers (LCM, whose every step
+# draws fresh noise, is marked too): the schedule, second-order steps (two model calls),
+# ancestral noise that A1111's "ENSD" seed offset would move, Brownian-tree noise (xldm's DPM++ SDE only:
+# samplers._BrownianNoise; the multistep SDE samplers draw plain Gaussian noise as diffusers does).
+_OPTIONS: dict[str, dict[str, str]] = {
+    "euler_a": {"uses_ensd": "True"}, "heun": {"second_order": "True"},
+    "dpmpp_2m_karras": {"scheduler": "karras"},
+    "dpmpp_2m_sde_karras": {"scheduler": "karras", "uses_ensd": "True"},
+    "dpmpp_sde_karras": {"scheduler": "karras", "second_order": "True", "brownian_noise": "True"},
+    "dpmpp_3m_sde": {"uses_ensd": "True"}, "dpmpp_3m_sde_karras": {"scheduler": "karras", "uses_ensd": "True"},
+    "ddim": {"default_eta_is_0": "True", "uses_ensd": "True"}, "lcm": {"uses_ensd": "True"},
+}
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
 
 
 def sampler_aliases(xldm_name: str) -> list[str]:
     return [*_ALIASES.get(xldm_name, ()), xldm_name]
+
+
+def sampler_options(xldm_name: str) -> dict[str, str]:
+    return dict(_OPTIONS.get(xldm_name, {}))
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
