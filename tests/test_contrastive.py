@@ -218,3 +218,30 @@ def test_split_holds_out_whole_names(tmp_path):
     held = [json.loads(l)["text"] for l in (tmp_path / "dst" / "heldout.jsonl").read_text().splitlines()]
     assert not {caption_group(c) for c in train} & {caption_group(c) for c in held}
     assert all((tmp_path / "dst" / f"{i:03d}.png").exists() for i in range(4, 20))
+
+
+def test_load_images_leaves_out_undecodable_images_with_their_captions(tmp_path):
+    """A file that does not decode is dropped with its caption and a warning naming it, not replaced by a white
+    square under a caption it does not show; the cache keeps the same pairing; no decodable image is an error."""
+    from xldm.train.contrastive import load_images
+
+    records = []
+    for i, colour in enumerate(("red", "green", "blue", "black")):
+        Image.new("RGB", (20, 10), colour).save(tmp_path / f"{i}.png")
+        records.append({"file_name": f"{i}.png", "text": f"a {colour} square"})
+    whole = (tmp_path / "1.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(whole[:len(whole) // 2])  # the header reads, the pixels do not
+    (tmp_path / "3.png").write_bytes(b"not an image at all")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache = tmp_path / "cache"
+    with pytest.warns(RuntimeWarning, match=r"2 of 4 images do not decode.*1\.png.*3\.png|2 of 4.*3\.png.*1\.png"):
+        pixels, captions = load_images(tmp_path, 16, cache=cache)
+    assert captions == ["a red square", "a blue square"]
+    assert pixels.shape == (2, 3, 16, 16)
+    assert pixels[1, 2, 8, 8] > 200 and pixels[1, 0, 8, 8] < 50  # the blue one is second
+    cached, cached_captions = load_images(tmp_path, 16, cache=cache)
+    assert torch.equal(cached, pixels) and cached_captions == captions
+    for name in ("0.png", "2.png"):
+        (tmp_path / name).write_bytes(b"broken")
+    with pytest.raises(ValueError, match="none of its 4 images decodes"):
+        load_images(tmp_path, 16)

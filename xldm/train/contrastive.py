@@ -148,24 +148,35 @@ def letterbox(image, size: int) -> np.ndarray:
 
 def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None) -> tuple[torch.Tensor, list[str]]:
     """Every captioned image of a folder (xldm.train.data.FolderSource), letterboxed onto white and resized to
-    size x size; cached as .npy next to the run when `cache` is given (keyed by the folder's fingerprint)."""
-    from PIL import Image
+    size x size; cached as .npy next to the run when `cache` is given (keyed by the folder's fingerprint, with
+    the captions of the images kept).  An image that does not decode is left out with its caption, and a warning
+    names how many and which (as the UNet loop's skipped.txt does); none decoding is an error."""
+    import warnings
 
     from xldm.train.data import FolderSource, SkipSample, decode_image
 
     source = FolderSource(folder)
-    captions = [s.caption for s in source.samples]
     if cache is not None:
         path = cache / f"images_{size}_{source.fingerprint}.npy"
-        if path.exists():
-            return torch.from_numpy(np.load(path)), captions
-    arrays = []
+        kept_path = path.with_suffix(".captions.json")
+        if path.exists() and kept_path.exists():
+            return torch.from_numpy(np.load(path)), json.loads(kept_path.read_text())
+    arrays, captions = [], []
+    skipped = [f"{key}: {reason}" for reason, keys in sorted(source.skipped.items()) for key in sorted(keys)]
     for sample in source.samples:
         try:
             image = decode_image(sample.path)
-        except SkipSample:
-            image = Image.new("RGB", (size, size), (255, 255, 255))
+        except SkipSample as e:
+            skipped.append(f"{sample.key}: {e.reason}")
+            continue
         arrays.append(letterbox(image, size))
+        captions.append(sample.caption)
+    total = len(arrays) + len(skipped)
+    if not arrays:
+        raise ValueError(f"{folder}: none of its {total} images decodes ({'; '.join(skipped[:3])})")
+    if skipped:
+        warnings.warn(f"{folder}: {len(skipped)} of {total} images do not decode and are left out: "
+                      f"{'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", RuntimeWarning, stacklevel=2)
     pixels = np.stack(arrays).transpose(0, 3, 1, 2).copy()
     if cache is not None:
         from xldm.weights.io import atomic_write
@@ -173,6 +184,8 @@ def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None)
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:  # (np.save to a path would append ".npy")
             np.save(f, pixels)
+        with atomic_write(kept_path) as tmp:
+            Path(tmp).write_text(json.dumps(captions))
     return torch.from_numpy(pixels), captions
 
 
