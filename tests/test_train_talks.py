@@ -260,3 +260,20 @@ def test_data_without_a_summary_is_described_from_its_folder(tmp_path):
     assert len((out / "skipped.txt").read_text().splitlines()) == 4
     assert write_dataset_report(TrainConfig(data="not/a/path"), object(), out) == {"source": "object"}
     assert (out / "skipped.txt").read_text() == ""
+
+
+@pytest.mark.parametrize("device, expected", [("gpu0", "is not a device"), ("cuda:7", "CUDA|CUDA device")])
+def test_train_refuses_a_device_it_cannot_use_before_reading_anything(tmp_path, capsys, device, expected):
+    if device.startswith("cuda") and torch_cuda_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    rc = cli_main(["train", "--preset", "tiny-sdxl-base", "--data", str(tmp_path / "absent"),
+                   "--out", str(tmp_path / "run"), "--device", device])
+    assert rc == 2
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -206,6 +206,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from xldm.train.loop import train
 
     config = config_from_args(args)
+    if config.device != "auto":
+        from xldm.pipeline import check_device
+
+        check_device(config.device)
     if not config.data:
         raise ValueError("xldm train: --data DIR_OR_SHARDS is required (or `data` in the TOML file)")
     if not config.out:
