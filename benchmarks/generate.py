@@ -26,14 +26,13 @@ CONFIGS = {"tiny": ("tiny-sdxl-base", "tiny-sdxl-refiner"), "sdxl": ("sdxl-base"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def write_random_checkpoint(preset: str, path: Path, dtype: torch.dtype) -> None:
-    """A checkpoint with every tensor random (N(0, 0.02)), built directly in `dtype`, one component at a time."""
+def random_model(preset: str, dtype: torch.dtype):
+    """`Components` of a preset with every tensor random (N(0, 0.02), seed 0), built directly in `dtype`."""
     from xldm.config import PRESETS
     from xldm.models.clip import CLIPTextModel
     from xldm.models.components import Components
     from xldm.models.unet import UNet
     from xldm.models.vae import AutoencoderKL
-    from xldm.weights.save import save_single_file
 
     config = PRESETS[preset]
     torch.manual_seed(0)
@@ -48,7 +47,14 @@ def write_random_checkpoint(preset: str, path: Path, dtype: torch.dtype) -> None
         for module in model.modules().values():
             for p in module.parameters():
                 p.normal_(0, 0.02)
-    save_single_file(model, path)
+    return model
+
+
+def write_random_checkpoint(preset: str, path: Path, dtype: torch.dtype) -> None:
+    """A single-file checkpoint of `random_model(preset, dtype)`."""
+    from xldm.weights.save import save_single_file
+
+    save_single_file(random_model(preset, dtype), path)
 
 
 def run(args: argparse.Namespace) -> dict:

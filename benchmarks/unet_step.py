@@ -2,21 +2,28 @@
 
     python benchmarks/unet_step.py --config tiny-sdxl-base
     python benchmarks/unet_step.py --config sdxl-base --size 512 --dtype bf16 --repeats 3
+    python benchmarks/unet_step.py --config sdxl-base --size 1024 --dtype bf16 --repeats 3   # ~11 GiB RAM on CPU
+    python benchmarks/unet_step.py --config sdxl-base --size 1024 --dtype bf16 --device cuda --compile --sdpa flash
 
 Prints the median time of each, their ratio (xldm / diffusers; < 1 means xldm is faster), the max abs
 difference of the outputs, and memory: peak RSS on CPU, peak allocated per side on CUDA.
+`--compile` runs both UNets through `torch.compile` (xldm's `compile_unet`, diffusers' forward compiled the same
+way) and prints each side's compile time (its first call); `--sdpa` runs every attention under one SDPA backend
+(`torch.nn.attention.sdpa_kernel`; default: torch's own choice for the device, dtype and shapes).
 Needs the test extra (diffusers) installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import resource
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xldm.config import PRESETS
 from xldm.models.layers import timestep_embedding
@@ -24,6 +31,41 @@ from xldm.models.unet import UNet
 from xldm.weights.keys_unet import unet_diffusers_config, unet_original_to_diffusers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def check_size(parser: argparse.ArgumentParser, size: int) -> None:
+    """Image sides the SDXL UNet takes: multiples of 8 (the VAE factor), 1024 (SDXL's native size) included."""
+    if size % 8 or size < 64:
+        parser.error(f"--size must be a multiple of 8 and at least 64 (the latents are size / 8), got {size}")
+
+
+def device_arg(parser: argparse.ArgumentParser, value: str) -> torch.device:
+    device = torch.device(value)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {value}: CUDA is not available here")
+    return device
+
+
+def attention_backend(name: str | None):
+    """The context to run under: one forced SDPA backend, or none (torch chooses per call)."""
+    return sdpa_kernel(SDPA_BACKENDS[name]) if name else contextlib.nullcontext()
+
+
+def compile_timed(fn):
+    """`fn` compiled with torch.compile, and a list that gets the seconds of its first (compiling) call."""
+    compiled, seconds = torch.compile(fn), []
+
+    def run(*args, **kwargs):
+        if seconds:
+            return compiled(*args, **kwargs)
+        start = time.perf_counter()
+        out = compiled(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    return run, seconds
 
 
 def build(config_name: str, dtype: torch.dtype, device: torch.device):
@@ -98,24 +140,39 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (compile time printed)")
+    parser.add_argument("--sdpa", default=None, choices=sorted(SDPA_BACKENDS),
+                        help="force one SDPA backend (default: torch's choice)")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = device_arg(parser, args.device), DTYPES[args.dtype]
+    if args.size is not None:
+        check_size(parser, args.size)
 
     config, ours, theirs = build(args.config, dtype, device)
     size = args.size or config.default_size
     x, t, ctx, y, added = inputs(config, args.batch, size, dtype, device)
+    ours_fn, theirs_fn = ours, theirs
+    compile_seconds = {}
+    if args.compile:
+        from xldm.models.unet import compile_unet
+
+        compile_unet(ours, lambda s: compile_seconds.__setitem__("xldm", s))
+        theirs_fn, theirs_seconds = compile_timed(theirs)
 
     def run_ours():
-        return ours(x, t, ctx, y)
+        return ours_fn(x, t, ctx, y)
 
     def run_theirs():
-        return theirs(x, t, ctx, added_cond_kwargs=added).sample
+        return theirs_fn(x, t, ctx, added_cond_kwargs=added).sample
 
-    with torch.inference_mode():
-        diff = (run_ours().float() - run_theirs().float()).abs().max().item()  # also the warm-up
+    with torch.inference_mode(), attention_backend(args.sdpa):
+        diff = (run_ours().float() - run_theirs().float()).abs().max().item()  # also the warm-up (and compile)
         med, peak = alternate({"xldm": run_ours, "diffusers": run_theirs}, args.repeats, device)
     print(f"config {args.config}, {size}x{size}, batch {args.batch}, {args.dtype}, {device}, "
+          f"sdpa {args.sdpa or 'auto'}{', compiled' if args.compile else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.compile:
+        print(f"compile time (first call): xldm {compile_seconds['xldm']:.1f} s, diffusers {theirs_seconds[0]:.1f} s")
     print(f"xldm      {med['xldm'] * 1000:9.1f} ms  (median of {args.repeats})")
     print(f"diffusers {med['diffusers'] * 1000:9.1f} ms")
     print(f"ratio xldm/diffusers {med['xldm'] / med['diffusers']:.3f}   max abs diff {diff:.2e}")

@@ -6,6 +6,11 @@
 Prints the median decode time of each side, their ratio (xldm / diffusers; < 1 means xldm is faster), the
 max abs difference of the images, and peak RSS (both models in one process) or peak CUDA memory.
 With --compare-layout the second column is xldm itself in channels-last memory format instead of diffusers.
+With --checked xldm decodes as its pipeline does (`xldm.vae_tiling.decode_checked`: the finiteness check and, for a
+half-precision decode that overflows, the float32 retry); --overflow makes every fp16/bf16 decode overflow at one
+pixel (random weights do not overflow like the real SDXL VAE does in fp16), so that the time of that fallback shows:
+
+    python benchmarks/vae_decode.py --config sdxl --size 1024 --dtype fp16 --device cuda --checked --overflow
 Needs the test extra (diffusers) installed.
 """
 
@@ -13,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import resource
+import warnings
 
 import torch
 
 from xldm.config import SDXL_VAE, TINY_VAE
 from xldm.models.vae import AutoencoderKL
+from xldm.vae_tiling import decode_checked
 from xldm.weights.keys_vae import vae_diffusers_config, vae_original_to_diffusers
 
-from unet_step import DTYPES, alternate  # the UNet benchmark's dtype names and alternating timer (this folder)
+from unet_step import DTYPES, alternate, check_size, device_arg  # the UNet benchmark's (this folder)
 
 CONFIGS = {"sdxl": SDXL_VAE, "tiny": TINY_VAE}
 
@@ -48,10 +55,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-layout", action="store_true",
                         help="compare xldm contiguous (left) with xldm channels-last (right) instead of diffusers")
+    parser.add_argument("--checked", action="store_true",
+                        help="xldm decodes through decode_checked (finiteness check, float32 retry)")
+    parser.add_argument("--overflow", action="store_true",
+                        help="with --checked: make fp16/bf16 decodes overflow, timing the float32 retry")
     args = parser.parse_args()
-    device, dtype, cfg = torch.device(args.device), DTYPES[args.dtype], CONFIGS[args.config]
-    if args.size % 8:
-        parser.error(f"--size must be a multiple of 8, got {args.size}")
+    device, dtype, cfg = device_arg(parser, args.device), DTYPES[args.dtype], CONFIGS[args.config]
+    check_size(parser, args.size)
+    if args.overflow and not args.checked:
+        parser.error("--overflow needs --checked (only decode_checked retries an overflowing decode)")
 
     ours, theirs = build(cfg, dtype, device)
     g = torch.Generator().manual_seed(0)
@@ -71,14 +83,32 @@ def main() -> None:
         def run_right():
             return theirs.decode(z).sample
 
+    z_unet = z * cfg.scaling_factor  # decode_checked takes UNet latents: the decoder sees z, as on the other side
+    if args.overflow:
+        decoder_forward = ours.decoder.forward
+
+        def overflowing(latents):  # one +inf pixel whenever the decoder runs in half precision
+            out = decoder_forward(latents)
+            if out.dtype in (torch.float16, torch.bfloat16):
+                out = out.clone()
+                out[0, 0, 0, 0] = float("inf")
+            return out
+
+        ours.decoder.forward = overflowing
+
     def run_ours():
+        if args.checked:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the retry's warning, once per run
+                return decode_checked(ours, z_unet, tile=False)
         return ours.decode(z)
 
     names = ("xldm", right_name)
     with torch.inference_mode():
         diff = (run_ours().float() - run_right().float()).abs().max().item()  # also the warm-up
         med, peak = alternate(dict(zip(names, (run_ours, run_right))), args.repeats, device)
-    print(f"VAE decode {args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {device}, "
+    mode = ", decode_checked" + (" with forced overflow (float32 retry)" if args.overflow else "") if args.checked else ""
+    print(f"VAE decode {args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}{mode}, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in names:
         print(f"{name:<10}{med[name] * 1000:10.1f} ms  (median of {args.repeats})")
