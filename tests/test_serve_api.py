@@ -25,7 +25,8 @@ from xldm.cli import main as cli_main
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
 from xldm.serve.app import ServerConfig, create_app
 from xldm.pipeline import Interrupted
-from xldm.serve.jobs import Job, find_models, latent_preview
+from xldm.serve.jobs import Job, JobQueue, ModelStore, find_models
+from xldm.speedups import fit_latent_preview, model_preview_map, preview_image
 from xldm.weights.save import save_single_file
 
 from running_server import RunningServer
@@ -183,12 +184,29 @@ def test_progress_preview_and_interrupt_within_one_step(client):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
 
-def test_latent_preview_is_the_linear_map():
-    x0 = torch.zeros(1, 4, 2, 3)
-    x0[0, 0] = 1.0  # channel 0 only: RGB = (row 0 of the factors + 1) / 2
-    rgb = np.asarray(latent_preview(x0, "sdxl-base")).astype(float)
-    expected = (np.array([0.3448, 0.4168, 0.4395]) + 1) / 2 * 255
-    assert rgb.shape == (2, 3, 3) and np.abs(rgb - expected).max() <= 0.5  # uint8 rounding
+def test_progress_preview_is_the_fitted_previewer_of_the_models_vae(models):
+    """The server previews with the map fitted to the loaded model's own VAE (`xldm generate --preview`'s), one
+    per VAE: two models with different VAEs get different maps, and the PNG is exactly that map's image."""
+    base, other, _ = models
+    store = ModelStore([base, other], dtype=torch.float32, device="cpu")
+    queue = JobQueue()
+    try:
+        maps = {}
+        for path in (base, other):
+            pipe = store.pipeline(path.name, None)
+            job = queue.submit(lambda job: None)  # (the worker runs it at once; the preview is read below)
+            job.preview_map = maps[path.name] = model_preview_map(pipe.model)
+            assert torch.equal(job.preview_map, fit_latent_preview(pipe.model.loaded.vae))
+            x0 = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+            job.x0, job.steps_done = x0, 1
+            assert np.array_equal(png_pixels(queue.preview_png(job)), np.asarray(preview_image(x0, job.preview_map)))
+            assert png_pixels(queue.preview_png(job)).shape == (6, 5, 3)  # latent resolution
+        assert not torch.equal(maps[base.name], maps[other.name])
+        job.preview_map = None  # not fitted yet: no preview rather than a wrong one
+        job.steps_done = 2
+        assert queue.preview_png(job) is None
+    finally:
+        queue.stop()
 
 
 def test_job_progress_over_stages_and_batches():

@@ -341,10 +341,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     update, close = _progress_bars(args.quiet)
     on_step = lambda stage, i, total, x, x0: update(stage, total, stage)  # noqa: E731
     if args.preview is not None:  # the fitted linear latent -> RGB map of this VAE (xldm.speedups), no decode
-        from xldm.speedups import latent_preview_map, preview_image
+        from xldm.speedups import model_preview_map, preview_image
 
-        with pipe.model.use("vae") as comps:
-            preview_map = latent_preview_map(comps.vae)
+        preview_map = model_preview_map(pipe.model)
 
         def on_step(stage, i, total, x, x0):
             update(stage, total, stage)

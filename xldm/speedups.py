@@ -177,6 +177,13 @@ def latent_preview_map(vae: nn.Module) -> Tensor:
     return _PREVIEW_FITS[vae]
 
 
+def model_preview_map(handle) -> Tensor:
+    """The fitted map of a pipeline model's VAE (`Pipeline.model`, a `ModelHandle`; a VAE that loads on use is
+    loaded for the fit): the previewer of `xldm generate --preview` and of the server's progress images."""
+    with handle.use("vae") as comps:
+        return latent_preview_map(comps.vae)
+
+
 def preview_pixels(latents: Tensor, weights: Tensor) -> Tensor:
     """Latents (B, C, h, w) -> RGB in [-1, 1] (B, 3, h, w) at latent resolution, by the fitted linear map."""
     if latents.ndim != 4 or latents.shape[1] + 1 != weights.shape[0]:

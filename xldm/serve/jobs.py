@@ -2,8 +2,9 @@
 
 * **Queue**: at most `max_waiting` jobs wait behind the running one; one more is refused at once (`QueueFull`,
   503 with Retry-After).  One worker thread runs the jobs one at a time, in the order they were accepted.
-* **Progress**: the step callback records the step and the denoised estimate x0, previewed through the webui's
-  "Approx cheap" linear map (`latent_preview`): no network runs.
+* **Progress**: the step callback records the step and the denoised estimate x0, previewed through the linear
+  latent -> RGB map fitted to the model's own VAE (`xldm.speedups.model_preview_map`, as `xldm generate --preview`):
+  no network runs per preview.
 * **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.pipeline.Interrupted`;
   the job ends within one step and returns the images of the iterations already done.
 * **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
 
 from xldm.pipeline import Interrupted, Pipeline
 from xldm.serve.networks import stays_inside
@@ -51,25 +51,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# Latent channel -> RGB factors of the webui's "Approx cheap" preview (modules/sd_vae_approx.py
-# cheap_approximation): rows are the 4 latent channels, columns R, G, B; output in about [-1, 1].
-SDXL_LATENT_RGB = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250),
-                   (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088))
-SD1_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173),
-                  (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
-
-
-def latent_preview(x0: torch.Tensor, kind: str) -> Image.Image:
-    """(4, h, w) or (1, 4, h, w) scaled latents -> an RGB PIL image of h x w pixels (a rough, cheap look)."""
-    latent = x0.detach().float().cpu().reshape(-1, *x0.shape[-3:])[0]
-    factors = torch.tensor(SDXL_LATENT_RGB if kind.startswith("sdxl") else SD1_LATENT_RGB)
-    if latent.shape[0] != factors.shape[0]:
-        raise ValueError(f"preview expects {factors.shape[0]} latent channels, got {latent.shape[0]}")
-    rgb = torch.einsum("chw,cr->hwr", latent, factors)
-    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    return Image.fromarray(array, "RGB")
-
-
 @dataclass
 class Job:
     """One request's work.  `run(job)` executes on the worker thread; its return value resolves `future`."""
@@ -78,7 +59,7 @@ class Job:
     run: Callable[["Job"], Any]
     n_iter: int = 1
     description: str = ""
-    preview_kind: str = "sdxl-base"
+    preview_map: torch.Tensor | None = None  # the model's fitted latent -> RGB map (set by the run, on the worker)
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -146,15 +127,14 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="xldm-serve-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, run: Callable[[Job], Any], *, n_iter: int = 1, description: str = "",
-               preview_kind: str = "sdxl-base") -> Job:
+    def submit(self, run: Callable[[Job], Any], *, n_iter: int = 1, description: str = "") -> Job:
         """Queue `run`; raises QueueFull at once when `max_waiting` jobs already wait."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the server is shutting down")
             if (full := self.full()) is not None:
                 raise full
-            job = Job(id=next(self._ids), run=run, n_iter=n_iter, description=description, preview_kind=preview_kind)
+            job = Job(id=next(self._ids), run=run, n_iter=n_iter, description=description)
             self._waiting.append(job)
             self._lock.notify()
             return job
@@ -237,12 +217,13 @@ class JobQueue:
     def preview_png(self, job: Job) -> str | None:
         """The running job's preview as base64 PNG, computed at most once per step."""
         from xldm.serve.schemas import png_base64
+        from xldm.speedups import preview_image
 
-        x0, steps, cached = job.x0, job.steps_done, self._preview_cache
-        if x0 is None:
+        x0, weights, steps, cached = job.x0, job.preview_map, job.steps_done, self._preview_cache
+        if x0 is None or weights is None:
             return None
         if cached is None or cached[:2] != (job.id, steps):
-            cached = self._preview_cache = (job.id, steps, png_base64(latent_preview(x0, job.preview_kind)))
+            cached = self._preview_cache = (job.id, steps, png_base64(preview_image(x0, weights)))
         return cached[2]
 
 

@@ -55,6 +55,7 @@ from xldm.serve.schemas import (
     sampler_fields,
     unapplied_fields,
 )
+from xldm.speedups import model_preview_map
 
 log = logging.getLogger("xldm.serve")
 
@@ -386,6 +387,7 @@ class Server:
     def execute(self, plan: Plan, job: Job) -> Outcome:
         folders = {name: value for name, value in (("vae", plan.vae), ("lora_dir", self.lora_dir)) if value}
         pipe = self.store.pipeline(plan.model, plan.refiner, **folders)
+        job.preview_map = model_preview_map(pipe.model)  # fitted once per loaded VAE (kept by xldm.speedups)
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}
@@ -418,8 +420,7 @@ class Server:
         await run_in_threadpool(self.check_controlnets, plan)
         try:
             job = self.queue.submit(lambda job: self.execute(plan, job), n_iter=plan.n_iter,
-                                    description="img2img" if init_image is not None else "txt2img",
-                                    preview_kind=self.store.entries[plan.model].kind)
+                                    description="img2img" if init_image is not None else "txt2img")
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         self.options.update(plan.settings)
