@@ -2,7 +2,7 @@
 
     python benchmarks/unet_step.py --config tiny-sdxl-base
     python benchmarks/unet_step.py --config sdxl-base --size 512 --dtype bf16 --repeats 3
-    python benchmarks/unet_step.py --config sdxl-base --size 1024 --dtype bf16 --repeats 3   # both models: over 10 GiB RAM
+    python benchmarks/unet_step.py --config sdxl-base --size 1024 --dtype bf16 --repeats 3  # >10 GiB RAM
     python benchmarks/unet_step.py --config sdxl-base --size 1024 --dtype bf16 --device cuda --compile --sdpa flash
 
 Prints the median time of each, their ratio (xldm / diffusers; < 1 means xldm is faster), the max abs

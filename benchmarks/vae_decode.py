@@ -107,7 +107,9 @@ def main() -> None:
     with torch.inference_mode():
         diff = (run_ours().float() - run_right().float()).abs().max().item()  # also the warm-up
         med, peak = alternate(dict(zip(names, (run_ours, run_right))), args.repeats, device)
-    mode = ", decode_checked" + (" with forced overflow (float32 retry)" if args.overflow else "") if args.checked else ""
+    mode = ""
+    if args.checked:
+        mode = ", decode_checked" + (" with forced overflow (float32 retry)" if args.overflow else "")
     print(f"VAE decode {args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}{mode}, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in names:
