@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
+# CLIP's byte-level BPE vocabulary (OpenAI CLIP simple_tokenizer.py): 49,406 tokens, then BOS 49406 and EOS 49407.
+CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class TextEncoderConfig:
     layers: int = 12
     heads: int = 12
     intermediate_size: int = 3072
-    vocab_size: int = 49408
+    vocab_size: int = CLIP_VOCAB_SIZE
     max_positions: int = 77
     # OpenAI CLIP uses quick_gelu, x*sigmoid(1.702x); OpenCLIP H/bigG use exact gelu.
     activation: str = "quick_gelu"
@@ -115,12 +117,37 @@ class TextEncoderConfig:
     final_norm_on_hidden: bool = False
     # Token id used for padding to 77: EOS (49407) for CLIP-L, 0 ("!") for the SDXL bigG tokenizer.
     pad_token_id: int = 49407
+    # A pruned vocabulary: the CLIP BPE ids this encoder keeps, ascending (BOS, EOS and the pad id among them).
+    # Its token embedding then has one row per kept id, in this order, and a last row, the fallback, that every
+    # other CLIP id maps to (xldm.models.clip.CLIPTextEmbeddings); the tokenizer still gives CLIP ids.  Empty: the
+    # full vocabulary, ids index the table directly (every released checkpoint).
+    kept_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
         if self.layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {self.layer!r}")
+        object.__setattr__(self, "kept_tokens", tuple(self.kept_tokens))  # a JSON list read back stays hashable
+        if self.kept_tokens:
+            kept = self.kept_tokens
+            if not all(type(i) is int and 0 <= i < CLIP_VOCAB_SIZE for i in kept) or \
+                    any(a >= b for a, b in zip(kept, kept[1:])):
+                raise ValueError(f"kept_tokens must be ascending, distinct CLIP ids in [0, {CLIP_VOCAB_SIZE}), got "
+                                 f"{len(kept)} values from {kept[0]!r} to {kept[-1]!r}")
+            required = {CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1, self.pad_token_id}  # BOS, EOS, padding
+            if not required <= set(kept):
+                raise ValueError(f"kept_tokens must keep BOS, EOS and the pad id {sorted(required)}, lacks "
+                                 f"{sorted(required - set(kept))}")
+            if self.vocab_size != len(kept) + 1:
+                raise ValueError(f"a pruned vocabulary of {len(kept)} kept tokens has {len(kept) + 1} embedding rows "
+                                 f"(the last is the fallback), but vocab_size is {self.vocab_size}")
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Ids the encoder takes (before attached embeddings): CLIP's 49,408 for a pruned vocabulary, which maps
+        them onto its rows, else the embedding's rows."""
+        return CLIP_VOCAB_SIZE if self.kept_tokens else self.vocab_size
 
 
 # Numbers each micro-conditioning scalar contributes to the vector, by name (SDXL paper Sec. 2.2: sizes and crops
