@@ -3,12 +3,16 @@
     python scripts/default_model.py compose default-base --text-encoders CLIP.safetensors --vae VAE.safetensors \
         --data TRAIN_DIR --out INIT.safetensors
     python scripts/default_model.py export TRAINED.safetensors OUT.safetensors
+    python scripts/default_model.py prune-vocab SRC.safetensors... --out-dir DIR --data TRAIN_DIR \
+        --names EMOJIBASE/en/data.json
 
 `compose` builds the init file of the base or refiner stage: the pre-trained text encoders and VAE (no UNet),
 with the VAE's latent scale measured as 1 / std of its latents (the LDM recipe, Rombach et al. 2022,
 Sec. 4.3.2 / App. G) written into the config stored in the file's header, which is what every later stage and
 the loader read (`xldm.config.DEFAULT_VAE` holds a placeholder).  `export` re-saves a trained file in fp16, the
-shipped form.  The dataset split comes before both: datasets/split.py.
+shipped form.  The dataset split comes before both: datasets/split.py.  `prune-vocab` re-saves files with their
+text encoders' vocabulary pruned to the CLIP tokens of the training captions and of every CLDR emoji name and
+keyword (`TextEncoderConfig.kept_tokens`; other words map to one fallback row), outputs on kept tokens unchanged.
 """
 
 from __future__ import annotations
@@ -100,6 +104,54 @@ def fp16_bytes(config: ModelConfig) -> int:
     return 2 * sum(p.numel() for m in modules for p in m.parameters())
 
 
+def vocabulary_texts(data: str | os.PathLike | None = None, names: str | os.PathLike | None = None) -> list[str]:
+    """What a pruned vocabulary must cover: the captions of the image folders `data` (their `metadata.jsonl`, and a
+    split's `heldout.jsonl`) and, from an emojibase-data `en/data.json` (`names`; datasets/emoji.py's name source),
+    the CLDR short name and keywords (`label`, `tags`) of every emoji and skin variant, held-out ones included:
+    the words a user types for an emoji."""
+    import json
+
+    texts: list[str] = []
+    for folder in [data] if data is not None else []:
+        found = [Path(folder) / f for f in ("metadata.jsonl", "heldout.jsonl") if (Path(folder) / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{folder} has no metadata.jsonl; expected an image folder (datasets/emoji.py)")
+        for path in found:
+            texts += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+    if names is not None:
+        entries = json.loads(Path(names).read_text(encoding="utf-8"))
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "label" in e for e in entries):
+            raise ValueError(f"{names}: expected emojibase-data's en/data.json, a list of objects with a 'label'")
+        for entry in entries:
+            for item in [entry, *entry.get("skins", [])]:
+                texts += [item["label"], *item.get("tags", [])]
+    if not texts:
+        raise ValueError("prune-vocab: give --data and/or --names (no text to keep the tokens of)")
+    return texts
+
+
+def prune_vocab(sources: list[str | os.PathLike], out_dir: str | os.PathLike, kept: list[int]) -> dict[str, int]:
+    """Each single file of `sources` re-saved in `out_dir` (same name, same dtype) with its text encoders pruned to
+    `kept`; files without text encoders (the turbo UNet) are skipped.  Returns the written files' sizes."""
+    from xldm.models.components import prune_text_encoders
+    from xldm.weights.load import load_model
+    from xldm.weights.save import save_single_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for src in map(Path, sources):
+        model = load_model(src)
+        if not model.text_encoders:
+            continue
+        if (out_dir / src.name).resolve() == src.resolve():
+            raise ValueError(f"prune-vocab: {src} would overwrite itself; choose another --out-dir")
+        save_single_file(prune_text_encoders(model, kept), out_dir / src.name)
+        sizes[src.name] = (out_dir / src.name).stat().st_size
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/default_model.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,8 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="fp16 copy of a trained single file")
     p.add_argument("src")
     p.add_argument("out")
+    p = sub.add_parser("prune-vocab", help="copies of single files with the text encoders' vocabulary pruned")
+    p.add_argument("sources", nargs="+", help="single files (e.g. base.safetensors refiner.safetensors)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--data", default=None, help="image folder whose captions are kept (metadata.jsonl)")
+    p.add_argument("--names", default=None, help="emojibase-data en/data.json: every emoji name and keyword kept")
     args = parser.parse_args(argv)
-    if args.command == "compose":
+    if args.command == "prune-vocab":
+        from xldm.tokenizer import kept_token_ids
+
+        kept = kept_token_ids(vocabulary_texts(args.data, args.names))
+        for name, size in prune_vocab(args.sources, args.out_dir, kept).items():
+            before = Path(next(s for s in args.sources if Path(s).name == name)).stat().st_size
+            print(f"wrote {Path(args.out_dir) / name}: {len(kept)} kept tokens, {size / 1e6:.2f} MB "
+                  f"(was {before / 1e6:.2f} MB)")
+    elif args.command == "compose":
         scale = compose_init_file(args.kind, args.text_encoders, args.vae, args.out, data=args.data,
                                   scaling_factor=args.scaling_factor)
         print(f"wrote {args.out} (latent scaling factor {scale})")

@@ -9,15 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import random_components
 
 from xldm.conditioning import encode_prompts
 from xldm.config import TINY_CLIP_L, TINY_OPENCLIP_BIGG, TINY_SDXL_BASE, TextEncoderConfig
 from xldm.embeddings import add_embeddings, read_embedding
 from xldm.errors import CheckpointError
 from xldm.lora.files import layer_names
-from xldm.models.clip import prune_vocabulary
-from xldm.models.components import prune_text_encoders
+from xldm.models.clip import CLIPTextModel, prune_vocabulary
+from xldm.models.components import Components, prune_text_encoders
 from xldm.tokenizer import BANG_ID, BOS_ID, EOS_ID, VOCAB_SIZE, CLIPTokenizer, kept_token_ids
 from xldm.weights.detect import METADATA_KEY
 from xldm.weights.io import open_checkpoint, save_file as save_weights
@@ -33,9 +32,19 @@ def outputs_equal(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states)) and torch.equal(a.pooled, b.pooled)
 
 
+def random_text_encoders(seed: int) -> Components:
+    """The tiny SDXL base's two text encoders, every tensor random (no UNet or VAE: fast)."""
+    torch.manual_seed(seed)
+    encoders = tuple(CLIPTextModel(te).eval().requires_grad_(False) for te in TINY_SDXL_BASE.text_encoders)
+    with torch.no_grad():
+        for p in (p for te in encoders for p in te.parameters()):
+            p.copy_(torch.randn_like(p) * 0.05)
+    return Components(config=TINY_SDXL_BASE, text_encoders=encoders)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return random_components(TINY_SDXL_BASE, seed=3)
+    return random_text_encoders(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +114,7 @@ def test_textual_inversion_on_a_pruned_encoder(model, pruned, tmp_path):
     save_file(vectors, str(tmp_path / "myemb.safetensors"))
     emb = read_embedding(tmp_path / "myemb.safetensors")
     prompts = ["a myemb heart", "myemb, red heart!!"]
-    full, small = random_components(TINY_SDXL_BASE, seed=3), prune_text_encoders(model, kept_token_ids(CAPTIONS))
+    full, small = random_text_encoders(seed=3), prune_text_encoders(model, kept_token_ids(CAPTIONS))
     add_embeddings(full, emb)
     add_embeddings(small, emb)
     for tok in small.tokenizers():  # placeholder ids follow CLIP's ids, as for the full vocabulary
@@ -166,3 +175,26 @@ def test_prune_further_and_refuse_lost_ids(pruned):
         assert outputs_equal(smaller(ids), te(ids))
     with pytest.raises(ValueError, match="already pruned"):
         prune_vocabulary(te, kept_token_ids(["zebra"]))
+
+
+def test_bundled_model_pruned_is_identical_on_kept_prompts(tmp_path):
+    from conftest import load_script
+
+    from xldm.config import DEFAULT_MODEL_PATH
+
+    if not DEFAULT_MODEL_PATH.exists():
+        pytest.skip("no bundled default model")
+    script = load_script("scripts/default_model.py", "default_model_script")
+    metadata = tmp_path / "data" / "metadata.jsonl"
+    metadata.parent.mkdir()
+    metadata.write_text("".join(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n" for i, t in enumerate(CAPTIONS)))
+    kept = kept_token_ids(script.vocabulary_texts(metadata.parent))
+    sizes = script.prune_vocab([DEFAULT_MODEL_PATH], tmp_path / "out", kept)
+    assert sizes["base.safetensors"] < DEFAULT_MODEL_PATH.stat().st_size
+    full = load_model(DEFAULT_MODEL_PATH, components=["text_encoders"])
+    small = load_model(tmp_path / "out" / "base.safetensors", components=["text_encoders"])
+    assert [te.kept_tokens for te in small.config.text_encoders] == [tuple(kept)] * 2
+    with torch.no_grad():
+        a = encode_prompts(full.text_encoders, full.tokenizers(), full.config, KNOWN)
+        b = encode_prompts(small.text_encoders, small.tokenizers(), small.config, KNOWN)
+    assert torch.equal(a.context, b.context) and torch.equal(a.pooled, b.pooled)
