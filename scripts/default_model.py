@@ -5,6 +5,7 @@
     python scripts/default_model.py export TRAINED.safetensors OUT.safetensors
     python scripts/default_model.py prune-vocab SRC.safetensors... --out-dir DIR --data TRAIN_DIR \
         --names EMOJIBASE/en/data.json
+    python scripts/default_model.py sizes [KIND...] [--kept N]
 
 `compose` builds the init file of the base or refiner stage: the pre-trained text encoders and VAE (no UNet),
 with the VAE's latent scale measured as 1 / std of its latents (the LDM recipe, Rombach et al. 2022,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from xldm.config import DEFAULT_VAE, PRESETS, ModelConfig
 
-KINDS = ("default-base", "default-refiner")  # the model presets an init file is composed for
+KINDS = ("default-base", "default-refiner", "default-base-v2", "default-refiner-v2")  # the model presets an init file is composed for
 
 
 def measure_latent_scale(vae, data: str | os.PathLike, *, images: int = 256, seed: int = 0) -> float:
@@ -71,7 +72,7 @@ def compose_init_file(kind: str, text_encoders_file: str | os.PathLike, vae_file
         scaling_factor = round(measure_latent_scale(vae, data), 5)
     config = replace(base, vae=replace(base.vae, scaling_factor=scaling_factor))
     encoders = load_model(text_encoders_file, components=["text_encoders"], dtype=torch.float32).text_encoders
-    if kind == "default-refiner":
+    if kind.startswith("default-refiner"):
         encoders = encoders[-1:]  # the refiner conditions on the bigG-shaped encoder alone (SDXL Sec. 2.5)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_single_file(Components(config=config, vae=vae, text_encoders=tuple(encoders)), out)
@@ -91,8 +92,8 @@ def export_fp16(src: str | os.PathLike, out: str | os.PathLike) -> int:
     return Path(out).stat().st_size
 
 
-def fp16_bytes(config: ModelConfig) -> int:
-    """fp16 bytes of a full single file (UNet + VAE + text encoders) of `config`, from meta-built modules."""
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters of the UNet, VAE and text encoders of `config`, from modules built on the meta device."""
     import torch
 
     from xldm.models.clip import CLIPTextModel
@@ -100,8 +101,34 @@ def fp16_bytes(config: ModelConfig) -> int:
     from xldm.models.vae import AutoencoderKL
 
     with torch.device("meta"):
-        modules = [UNet(config.unet), AutoencoderKL(config.vae), *(CLIPTextModel(te) for te in config.text_encoders)]
-    return 2 * sum(p.numel() for m in modules for p in m.parameters())
+        modules = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae),
+                   **{f"text_encoder_{i}": CLIPTextModel(te) for i, te in enumerate(config.text_encoders)}}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+
+
+def fp16_bytes(config: ModelConfig) -> int:
+    """fp16 bytes of a full single file (UNet + VAE + text encoders) of `config`, from meta-built modules."""
+    return 2 * sum(parameter_counts(config).values())
+
+
+def with_pruned_vocabulary(config: ModelConfig, kept: int) -> ModelConfig:
+    """`config` with every text encoder keeping `kept` CLIP ids (placeholder ids: only the table's size matters)."""
+    from xldm.tokenizer import BOS_ID, EOS_ID
+
+    ids = tuple(range(kept - 2)) + (BOS_ID, EOS_ID)
+    return replace(config, text_encoders=tuple(replace(te, kept_tokens=ids, vocab_size=kept + 1)
+                                               for te in config.text_encoders))
+
+
+def size_table(kinds: list[str], kept: int | None) -> list[str]:
+    """One line per preset: parameters by component and the fp16 tensor bytes of its single file."""
+    lines = []
+    for kind in kinds:
+        config = PRESETS[kind] if kept is None else with_pruned_vocabulary(PRESETS[kind], kept)
+        counts = parameter_counts(config)
+        parts = ", ".join(f"{name} {n / 1e6:.3f} M" for name, n in counts.items())
+        lines.append(f"{kind}: {parts}; fp16 {fp16_bytes(config) / 1e6:.2f} MB")
+    return lines
 
 
 def vocabulary_texts(data: str | os.PathLike | None = None, names: str | os.PathLike | None = None) -> list[str]:
@@ -170,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--data", default=None, help="image folder whose captions are kept (metadata.jsonl)")
     p.add_argument("--names", default=None, help="emojibase-data en/data.json: every emoji name and keyword kept")
+    p = sub.add_parser("sizes", help="parameters and fp16 bytes of the default presets (meta-device build)")
+    p.add_argument("kinds", nargs="*", default=["default-base", "default-refiner", "default-base-v2",
+                                                "default-refiner-v2"])
+    p.add_argument("--kept", type=int, default=None, help="as with a vocabulary pruned to this many tokens")
     args = parser.parse_args(argv)
-    if args.command == "prune-vocab":
+    if args.command == "sizes":
+        print("\n".join(size_table(args.kinds, args.kept)))
+    elif args.command == "prune-vocab":
         from xldm.tokenizer import kept_token_ids
 
         kept = kept_token_ids(vocabulary_texts(args.data, args.names))

@@ -324,6 +324,19 @@ DEFAULT_REFINER = ModelConfig(
     vae=DEFAULT_VAE, text_encoders=(DEFAULT_BIGG,), micro_conditioning=REFINER_MICRO_CONDITIONING,
     micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
 )
+# Its second generation (scripts/train_default_v2.sh; not yet trained): the same text encoders and VAE, the encoders'
+# vocabulary pruned after their pre-training to the tokens of the captions and of every CLDR emoji name and keyword
+# (scripts/default_model.py prune-vocab, TextEncoderConfig.kept_tokens: ~4,500 of 49,408 rows), which frees ~7.1 MB
+# of the base's fp16 file and ~4.3 MB of the refiner's; the UNets grow into that (Imagen, Saharia et al. 2022,
+# Sec. 4.4, finds the text encoder matters more than UNet size, so the encoders keep their shape).  Widths ours:
+# base (48, 96, 96), 4.58 M parameters (v1: 2.09 M); refiner (32, 64, 64, 64), 3.17 M (v1: 1.81 M).  With ~4,500
+# kept tokens the two fp16 files hold 11.7 + 8.5 MB of tensors (v1: 13.9 + 10.1 MB; `scripts/default_model.py
+# sizes --kept 4467`), the base's turbo student (a copy of its UNet) 9.2 MB: the bundled default files stay within
+# 40 MB.  At 16 x 16 latents the sampling time, not the file size, limits the width: a base UNet step costs
+# ~1.5-1.7x v1's on the CPU (b=2, one thread), a (64, 128, 128) base ~2.7x.
+DEFAULT_BASE_V2 = replace(DEFAULT_BASE, unet=replace(DEFAULT_BASE.unet, block_out_channels=(48, 96, 96)))
+DEFAULT_REFINER_V2 = replace(DEFAULT_REFINER, unet=replace(DEFAULT_REFINER.unet, block_out_channels=(32, 64, 64, 64),
+                                                           num_head_channels=32))
 
 
 # Pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen")
@@ -376,7 +389,8 @@ CASCADE_SR_128 = ModelConfig(
 PRESETS: dict[str, ModelConfig] = {
     "sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER, "sd15": SD15, "sd21": SD21, "tiny-sdxl-base": TINY_SDXL_BASE,
     "tiny-sdxl-refiner": TINY_SDXL_REFINER, "tiny-sd15": TINY_SD15, "default-base": DEFAULT_BASE,
-    "default-refiner": DEFAULT_REFINER, "tiny-cascade-base-16": TINY_CASCADE_BASE,
+    "default-refiner": DEFAULT_REFINER, "default-base-v2": DEFAULT_BASE_V2, "default-refiner-v2": DEFAULT_REFINER_V2,
+    "tiny-cascade-base-16": TINY_CASCADE_BASE,
     "tiny-cascade-sr-32": TINY_CASCADE_SR, "tiny-cascade-sr-64": TINY_CASCADE_SR2, "cascade-base-32": CASCADE_BASE_32,
     "cascade-sr-64": CASCADE_SR_64, "cascade-sr-128": CASCADE_SR_128,
 }
