@@ -41,7 +41,7 @@ if ! flock -n 9; then
     echo "$0: another run is using $OUT (lock $OUT/.lock); follow it in $LOG" >&2
     exit 1
 fi
-echo "[$(date '+%F %T')] train_default_v2: start (host $(hostname), $(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo '?'))" >>"$LOG"
+echo "[$(date '+%F %T')] train_default_v2: start on $(hostname)" >>"$LOG"
 set +e
 "$ROOT/scripts/train_default.sh" --v2 "${FLAGS[@]}" "$OUT" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}

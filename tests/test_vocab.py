@@ -198,3 +198,51 @@ def test_bundled_model_pruned_is_identical_on_kept_prompts(tmp_path):
         a = encode_prompts(full.text_encoders, full.tokenizers(), full.config, KNOWN)
         b = encode_prompts(small.text_encoders, small.tokenizers(), small.config, KNOWN)
     assert torch.equal(a.context, b.context) and torch.equal(a.pooled, b.pooled)
+
+
+def test_v2_presets_fit_the_budget():
+    from conftest import load_script
+
+    from xldm.config import PRESETS
+
+    script = load_script("scripts/default_model.py", "default_model_script")
+    kept = 4467  # kept_token_ids of the default build's captions and every CLDR name and keyword
+    sizes = {k: script.fp16_bytes(script.with_pruned_vocabulary(PRESETS[k], kept))
+             for k in ("default-base", "default-refiner", "default-base-v2", "default-refiner-v2")}
+    turbo_v2 = 2 * script.parameter_counts(PRESETS["default-base-v2"])["unet"]
+    assert sizes["default-base-v2"] + sizes["default-refiner-v2"] + turbo_v2 < 40e6
+    assert script.parameter_counts(PRESETS["default-base-v2"])["unet"] > 2 * script.parameter_counts(
+        PRESETS["default-base"])["unet"]
+    full = script.fp16_bytes(PRESETS["default-base"]) + script.fp16_bytes(PRESETS["default-refiner"])
+    assert full - sizes["default-base"] - sizes["default-refiner"] > 11e6  # what pruning frees
+
+
+def test_chunked_training_dry_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(root / "scripts" / "train_gpu_chunks.sh"), "--dry-run", str(tmp_path / "o")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("--preset default-base-v2 ", "--preset default-refiner-v2-ft ", "prune-vocab",
+                   "compose default-base-v2", "base-ft: not started", "dry run: nothing was run"):
+        assert needle in out, needle
+    assert not (tmp_path / "o" / "base").exists() and (tmp_path / "o" / "train.log").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pruned_encoder_on_cuda(model, pruned):
+    full, small = model.text_encoders[1], pruned.text_encoders[1]
+    ids = CLIPTokenizer.for_encoder(full.cfg)(KNOWN + ["a zebra"])
+    with torch.no_grad():
+        expected = small(ids)  # CPU
+        small.cuda()
+        got = small(ids.cuda())
+        small.cpu()
+    assert got.pooled.device.type == "cuda" and small.text_model.embeddings.rows_of(ids.cuda()).device.type == "cuda"
+    assert torch.allclose(got.pooled.cpu(), expected.pooled, atol=1e-5)
