@@ -76,7 +76,7 @@ class CLIPTextEmbeddings(nn.Module):
         self._extra_table = torch.cat(list(self.extra_tokens.values())) if self.extra_tokens else None
 
     def placeholder_ids(self) -> dict[str, list[int]]:
-        """name -> its consecutive ids (>= vocab_size), what the tokenizer puts where the name stands."""
+        """name -> its consecutive ids (>= input_vocab_size), what the tokenizer puts where the name stands."""
         start, ids = self.input_vocab_size, {}
         for name, v in self.extra_tokens.items():
             ids[name], start = list(range(start, start + v.shape[0])), start + v.shape[0]
