@@ -10,6 +10,11 @@
   `emoji.json` of `emoji-datasource` (unified code points, skin variations, `has_img_<set>` flags), so names
   and images always come from the same release.  Only glyphs with `has_img_<set>: true` are used: the
   per-emoji PNGs fill missing glyphs with another vendor's image (the package README, "sheets-clean").
+* optional images (`--sources`, not in the default build): `fluent`, Microsoft's Fluent Emoji (flat, MIT), and
+  `blob`, Noto Emoji v1 with Android's blob faces (Apache-2.0), both SVG in Iconify JSON packages
+  (`@iconify-json/fluent-emoji-flat`, `@iconify-json/noto-v1`), matched to CLDR by code points (`chars.json`)
+  or by the slugged CLDR name, rasterized once at 128 px with CairoSVG into the cache.  Every build writes a
+  `NOTICE` with each source's attribution and licence.
 * names: the CLDR short names (`label`) of `emojibase-data` `en/data.json`, matched by code points with the
   variation selector FE0F removed (emojibase drops it, emoji-datasource keeps it); when CLDR lacks an emoji,
   emoji-datasource's Unicode `name`, lower-cased, is used and counted as a fallback.
@@ -61,14 +66,20 @@ class EmojiDatasetError(XldmError):
 
 @dataclass(frozen=True)
 class EmojiSource:
-    """One image set: the npm package that holds its PNGs, and the licence terms of its graphics."""
+    """One image set: the npm package that holds its images, and the licence terms of its graphics.
 
-    style: str  # the caption's "<style> style" and the `img/<style>/` folder in the package
+    `layout` "datasource": an emoji-datasource package (per-emoji PNGs under `img/<style>/<px>/`, its emoji.json);
+    "iconify": an Iconify JSON icon set (`icons.json`, SVG bodies by name; `chars.json` maps code points to names
+    where the set has one, else names are the CLDR names slugged), rasterized once into the cache (`SVG_PX`)."""
+
+    style: str  # the caption's "<style> style" and the sample folder
     package: str
     version: str
-    artwork: str  # the upstream artwork the package's PNGs come from
+    artwork: str  # the upstream artwork the package's images come from
     graphics_license: str
     attribution: str
+    layout: str = "datasource"
+    package_license: str = "MIT (Copyright (c) 2013 Cal Henderson)"  # of the package's code and data
 
 
 # Pinned releases (`npm view NAME version`).  The emoji-datasource packages are MIT for their code and data
@@ -93,7 +104,31 @@ SOURCES: dict[str, EmojiSource] = {
         "font file, not used here, is SIL OFL 1.1)",
         attribution="Noto Emoji by Google (googlefonts/noto-emoji); images licensed under the Apache License 2.0",
     ),
+    # Optional sets (--sources), SVG in Iconify JSON packages (`npm view NAME license`, and the set's info.json
+    # "license"); never CC BY-SA sets (OpenMoji) or proprietary ones.
+    "fluent": EmojiSource(
+        style="fluent",
+        package="@iconify-json/fluent-emoji-flat",
+        version="1.2.6",
+        artwork="Fluent Emoji (flat) by Microsoft, https://github.com/microsoft/fluentui-emoji",
+        graphics_license="MIT (https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE)",
+        attribution="Fluent Emoji, Copyright (c) Microsoft Corporation; graphics licensed under the MIT License",
+        layout="iconify",
+        package_license="MIT (Iconify JSON packaging, Vjacheslav Trushkin; icons.json info: MIT, Microsoft)",
+    ),
+    "blob": EmojiSource(
+        style="blob",
+        package="@iconify-json/noto-v1",
+        version="1.2.5",
+        artwork="Noto Emoji v1, the blob designs of Android up to 7.1, https://github.com/googlefonts/noto-emoji",
+        graphics_license="Apache-2.0 (https://github.com/googlefonts/noto-emoji/blob/main/svg/LICENSE)",
+        attribution="Noto Emoji (v1) by Google Inc; images licensed under the Apache License 2.0",
+        layout="iconify",
+        package_license="Apache-2.0 (Iconify JSON packaging; icons.json info: Apache-2.0, Google Inc)",
+    ),
 }
+DEFAULT_SOURCES = ("twitter", "google")  # the bundled model's build; the others only when asked for (--sources)
+SVG_PX = 128  # side an Iconify set's SVGs are rasterized at (the native sample size: no upscaling)
 NAMES_PACKAGE = ("emojibase-data", "17.0.0")  # MIT; the names are Unicode CLDR annotations (Unicode License v3)
 
 # CLDR names of the emoji modifiers U+1F3FB..U+1F3FF (Unicode emoji-test.txt, "skin-tone" subgroup).
@@ -125,8 +160,8 @@ def default_cache_dir() -> Path:
 
 
 def tarball_name(package: str, version: str) -> str:
-    """The file `npm pack` writes for an unscoped package: `name-version.tgz`."""
-    return f"{package}-{version}.tgz"
+    """The file `npm pack` writes: `name-version.tgz`, `scope-name-version.tgz` for `@scope/name`."""
+    return f"{package.removeprefix('@').replace('/', '-')}-{version}.tgz"
 
 
 def npm_pack(package: str, version: str, cache_dir: Path, *, offline: bool = False) -> Path:
@@ -220,12 +255,13 @@ def unpack_package(package: str, version: str, cache_dir: Path, want: Callable[[
     """Fetch (or reuse) the tarball and unpack the wanted files once into `cache_dir/name-version/`."""
     tarball = npm_pack(package, version, cache_dir, offline=offline)
     digest = sha256_of(tarball)
-    folder = cache_dir / f"{package}-{version}"
+    stem = tarball.name.removesuffix(".tgz")  # name-version (scope-name-version)
+    folder = cache_dir / stem
     stamp = folder / ".unpacked"
     if not (stamp.is_file() and stamp.read_text() == digest):
         if folder.exists():
             shutil.rmtree(folder)
-        partial = cache_dir / f".{package}-{version}.partial"
+        partial = cache_dir / f".{stem}.partial"
         if partial.exists():
             shutil.rmtree(partial)
         safe_extract(tarball, partial, want)
@@ -245,6 +281,11 @@ def _image_package_files(style: str) -> Callable[[PurePosixPath], bool]:
         # package/img/<style>/<px>/<glyph>.png; the sprite sheets (sheets*/) are not needed
         return len(parts) == 5 and parts[1:3] == ("img", style) and parts[3].isdigit() and parts[4].endswith(".png")
     return want
+
+
+def _iconify_package_files(path: PurePosixPath) -> bool:
+    return path.parts[1:] in (("icons.json",), ("chars.json",), ("info.json",), ("package.json",), ("LICENSE",),
+                              ("README.md",))
 
 
 def _names_package_files(path: PurePosixPath) -> bool:
@@ -267,6 +308,18 @@ def load_cldr_names(emojibase_root: Path) -> dict[str, str]:
         for item in [entry, *entry.get("skins", [])]:
             names[normalize_hexcode(item["hexcode"])] = item["label"]
     return names
+
+
+# emojibase-data `group` numbers -> emoji-datasource's category names (both follow Unicode emoji-test.txt groups)
+EMOJIBASE_GROUPS = ("Smileys & Emotion", "People & Body", "Component", "Animals & Nature", "Food & Drink",
+                    "Travel & Places", "Activities", "Objects", "Symbols", "Flags")
+
+
+def slug(name: str) -> str:
+    """A CLDR name as Iconify names its emoji icons: lower case, apostrophes dropped, other runs of non-alphanumerics
+    as one '-' ("thumbs up: medium skin tone" -> "thumbs-up-medium-skin-tone")."""
+    cleaned = name.lower().replace("\u2019", "").replace("'", "")
+    return "-".join(part for part in "".join(c if c.isascii() and c.isalnum() else " " for c in cleaned).split())
 
 
 def skin_tone_phrase(key: str) -> str:
@@ -332,6 +385,76 @@ def list_glyphs(package_root: Path, style: str, cldr: dict[str, str], limit: int
                 continue
             glyphs.append(Glyph(style, item["unified"], image, base_name, name_source,
                                 skin_tone_phrase(tone_key) if tone_key else None, entry.get("category", ""), px))
+    return glyphs
+
+
+def _svg_document(icon: dict, default: dict, px: int) -> str:
+    """An Iconify icon (its `body`, and `left`/`top`/`width`/`height` over the set's defaults) as an SVG of px^2."""
+    box = [icon.get(k, default.get(k, d)) for k, d in (("left", 0), ("top", 0), ("width", 16), ("height", 16))]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="{px}" '
+            f'height="{px}" viewBox="{" ".join(map(str, box))}">{icon["body"]}</svg>')
+
+
+def rasterize_iconify(package_root: Path, names: Sequence[str], px: int = SVG_PX) -> Path:
+    """`<name>.png` (RGBA, px^2) for each icon of `names`, written once into `package_root/../png<px>/` (the cache,
+    keyed by the tarball's digest through `unpack_package`); returns that folder.  Rasterized with CairoSVG."""
+    folder = package_root.parent / f"png{px}"
+    todo = [n for n in names if not (folder / f"{n}.png").is_file()]
+    if not todo:
+        return folder
+    try:
+        import cairosvg
+    except (ImportError, OSError) as e:
+        raise EmojiDatasetError(f"the {package_root.parent.name} images are SVG; rasterizing them needs the Python "
+                                f"package cairosvg and the Cairo library (pip install cairosvg): {e}") from None
+    icons = json.loads((package_root / "icons.json").read_text(encoding="utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in todo:
+        png = cairosvg.svg2png(bytestring=_svg_document(icons["icons"][name], icons, px).encode(),
+                               output_width=px, output_height=px)
+        partial = folder / f".{name}.png.partial"
+        partial.write_bytes(png)
+        partial.replace(folder / f"{name}.png")
+    return folder
+
+
+def list_iconify_glyphs(package_root: Path, style: str, emojibase_root: Path, limit: int | None,
+                        stats: Counter) -> list[Glyph]:
+    """Every emoji (and skin variant) of emojibase-data, in CLDR order, that the Iconify set draws: found through
+    the set's `chars.json` (code points -> icon name) where it has one, else by the slugged CLDR name."""
+    icons = json.loads((package_root / "icons.json").read_text(encoding="utf-8"))["icons"]
+    chars_file = package_root / "chars.json"
+    by_code: dict[str, str] = {}
+    if chars_file.is_file():
+        for code, name in json.loads(chars_file.read_text(encoding="utf-8")).items():
+            if name in icons:
+                by_code.setdefault(normalize_hexcode(code), name)
+    entries = json.loads((emojibase_root / "en" / "data.json").read_text(encoding="utf-8"))
+    entries.sort(key=lambda e: (e.get("order", math.inf), e["hexcode"]))  # CLDR order (the unordered last)
+    if limit is not None:
+        entries = entries[:limit]
+    found: list[tuple[dict, dict, str]] = []
+    used: set[str] = set()
+    for entry in entries:
+        for item in [entry, *entry.get("skins", [])]:
+            code = normalize_hexcode(item["hexcode"])
+            name = by_code.get(code) if by_code else slug(item["label"])
+            if name is None or name not in icons or name in used:
+                stats[f"{style}: no {style} image (skipped)"] += 1
+                continue
+            used.add(name)
+            found.append((entry, item, name))
+    folder = rasterize_iconify(package_root, [name for _, _, name in found])
+    stats[f"{style}: icons of the set never matched to an emoji"] += len(icons) - len(used)
+    glyphs = []
+    for entry, item, name in found:
+        code = normalize_hexcode(item["hexcode"])
+        tones = "-".join(p for p in code.split("-") if p in SKIN_TONES)
+        group = entry.get("group")
+        glyphs.append(Glyph(style, code, folder / f"{name}.png", entry["label"], "cldr",
+                            skin_tone_phrase(tones) if tones else None,
+                            EMOJIBASE_GROUPS[group] if isinstance(group, int) and group < len(EMOJIBASE_GROUPS)
+                            else "", SVG_PX))
     return glyphs
 
 
@@ -431,7 +554,7 @@ def plan_samples(glyphs: Sequence[Glyph], *, size: int, multi_aspect: int, low_r
 @dataclass
 class BuildOptions:
     out_dir: Path
-    sources: Sequence[str] = ("twitter", "google")
+    sources: Sequence[str] = DEFAULT_SOURCES
     size: int = 128
     multi_aspect: int = 0
     low_res: int = 0
@@ -479,7 +602,7 @@ class BuildSummary:
 
 
 README_TITLE = "# Emoji dataset for xldm's default model"
-OUTPUT_FOLDERS = ("metadata.jsonl", "README.md", "multi_aspect", "low_res", *SOURCES)
+OUTPUT_FOLDERS = ("metadata.jsonl", "README.md", "NOTICE", "multi_aspect", "low_res", *SOURCES)
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -508,9 +631,13 @@ def build_emoji_dataset(options: BuildOptions, log: Callable[[str], None] = lamb
     for style in options.sources:
         src = SOURCES[style]
         log(f"fetching {src.package}@{src.version}")
-        pkg = unpack_package(src.package, src.version, cache, _image_package_files(style), offline=options.offline)
+        if src.layout == "iconify":
+            pkg = unpack_package(src.package, src.version, cache, _iconify_package_files, offline=options.offline)
+            glyphs += list_iconify_glyphs(pkg.root, style, names.root, options.limit, stats)
+        else:
+            pkg = unpack_package(src.package, src.version, cache, _image_package_files(style), offline=options.offline)
+            glyphs += list_glyphs(pkg.root, style, cldr, options.limit, stats)
         packages.append(pkg)
-        glyphs += list_glyphs(pkg.root, style, cldr, options.limit, stats)
     samples = plan_samples(glyphs, size=options.size, multi_aspect=options.multi_aspect, low_res=options.low_res,
                            low_res_sizes=options.low_res_sizes, seed=options.seed,
                            position_phrases=options.position_phrases)
@@ -524,7 +651,22 @@ def build_emoji_dataset(options: BuildOptions, log: Callable[[str], None] = lamb
             f.write(json.dumps(s.record(), ensure_ascii=False) + "\n")
     summary = BuildSummary(out_dir, samples, packages, stats)
     (out_dir / "README.md").write_text(dataset_readme(summary, options), encoding="utf-8")
+    (out_dir / "NOTICE").write_text(notice_text(options.sources), encoding="utf-8")
     return summary
+
+
+def notice_text(sources: Sequence[str]) -> str:
+    """The NOTICE of a build (and the lines a model trained on it lists in its own): each image set's artwork,
+    attribution, licence and package, and the names' source."""
+    lines = ["Images of this dataset (datasets/emoji.py) come from the following sources.", ""]
+    for style in sources:
+        src = SOURCES[style]
+        lines += [f"- {src.artwork}", f"  {src.attribution}.", f"  Graphics licence: {src.graphics_license}.",
+                  f"  Used as \"{style} style\" images, via the npm package {src.package} {src.version} "
+                  f"(package licence: {src.package_license}).", ""]
+    lines += ["- Emoji names: Unicode CLDR annotations (Unicode License v3, https://www.unicode.org/license.txt) via "
+              f"the npm package {NAMES_PACKAGE[0]} {NAMES_PACKAGE[1]} (MIT).", ""]
+    return "\n".join(lines)
 
 
 def dataset_readme(summary: BuildSummary, options: BuildOptions) -> str:
@@ -550,14 +692,15 @@ def dataset_readme(summary: BuildSummary, options: BuildOptions) -> str:
             what = "CLDR short names (en/data.json `label`)"
             lic = "MIT (package); names: Unicode CLDR, Unicode License v3"
         else:
-            what = f"{src.artwork}: `img/{src.style}/` PNGs and emoji.json"
-            lic = f"graphics: {src.graphics_license}; package code and data: MIT (Copyright (c) 2013 Cal Henderson)"
+            what = (f"{src.artwork}: `img/{src.style}/` PNGs and emoji.json" if src.layout == "datasource" else
+                    f"{src.artwork}: SVGs of icons.json, rasterized at {SVG_PX} px")
+            lic = f"graphics: {src.graphics_license}; package code and data: {src.package_license}"
         lines.append(f"| `{pkg.name}` | {pkg.version} | `{pkg.sha256}` | {what} | {lic} |")
     lines += ["", "Attributions:", ""]
     lines += [f"* {SOURCES[s].style} style: {SOURCES[s].artwork}. {SOURCES[s].attribution}." for s in options.sources]
     lines += [
         "* Emoji names: Unicode CLDR annotations via emojibase-data (MIT); image metadata: emoji-datasource "
-        "(iamcal/emoji-data, MIT).",
+        "(iamcal/emoji-data, MIT). The file NOTICE lists every source and licence.",
         "",
         "Not included: OpenMoji (CC BY-SA), the Apple and Facebook sets. Only glyphs with `has_img_<set>: true` "
         "are used, so no other vendor's fallback image enters a set.",
@@ -624,12 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
     emoji = argparse.ArgumentParser(
         prog="datasets/emoji.py",
         description="Build a captioned emoji image folder (metadata.jsonl + README.md) from the npm packages "
-        "emoji-datasource-twitter / emoji-datasource-google (images) and emojibase-data (CLDR names). "
+        "emoji-datasource-twitter / emoji-datasource-google (images; optionally the Iconify sets of Fluent Emoji "
+        "and Noto Emoji v1) and emojibase-data (CLDR names). "
         "Needs npm unless --offline with a filled --cache.",
     )
     emoji.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
-    emoji.add_argument("--sources", type=_names, default=["twitter", "google"], metavar="LIST",
-                       help="comma list of image sets: twitter, google (default: both)")
+    emoji.add_argument("--sources", type=_names, default=list(DEFAULT_SOURCES), metavar="LIST",
+                       help=f"comma list of image sets: {', '.join(SOURCES)} (default: {','.join(DEFAULT_SOURCES)}; "
+                       "fluent (MIT) and blob (Apache-2.0) are SVG and need the Python package cairosvg)")
     emoji.add_argument("--size", type=int, default=128, help="side of the native square samples (default 128)")
     emoji.add_argument("--multi-aspect", type=int, default=0, metavar="N",
                        help="N extra samples placed at a random scale and offset on non-square bucket canvases")

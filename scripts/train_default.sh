@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Retrain xldm's bundled default model from scratch (issue 5): SDXL's design in miniature on the emoji dataset.
 #
-#   scripts/train_default.sh OUT_DIR
+#   scripts/train_default.sh [--v2] [--dry-run] OUT_DIR
+#
+# --v2: the second generation (xldm.config.DEFAULT_BASE_V2 / DEFAULT_REFINER_V2; presets default-*-v2 for stages 3-4b):
+# after composing, the init files' text encoders are pruned to the tokens of the captions and of every CLDR emoji
+# name and keyword (scripts/default_model.py prune-vocab; NAMES_JSON=emojibase-data's en/data.json, default: the
+# one datasets/emoji.py fetched into its npm cache), and the larger UNets train on them.  scripts/train_default_v2.sh
+# runs this with a log file; scripts/train_gpu_chunks.sh in chunks of under 10 minutes.
+# --dry-run: print each stage's command (and whether it is done) instead of running anything.
 #
 # Stages (each an `xldm train` preset, default-*; each resumes from its checkpoints when the script is run again,
 # and a finished stage is skipped):
@@ -39,8 +46,17 @@
 # On a GPU (`--device cuda` is picked automatically) every stage takes minutes.
 set -euo pipefail
 
+V2=0 DRY=0
+while [[ $# -gt 0 && $1 == --* ]]; do
+    case $1 in
+        --v2) V2=1 ;;
+        --dry-run) DRY=1 ;;
+        *) echo "$0: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
 if [[ $# -ne 1 ]]; then
-    echo "usage: $0 OUT_DIR" >&2
+    echo "usage: $0 [--v2] [--dry-run] OUT_DIR" >&2
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -48,6 +64,13 @@ export OMP_NUM_THREADS=${XLDM_THREADS:-1} MKL_NUM_THREADS=${XLDM_THREADS:-1}
 PY=${PYTHON:-python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)  # the repository: datasets/ and scripts/
 log() { echo "[$(date '+%F %T')] $*"; }
+# run CMD...: run it, or with --dry-run print it
+run() {
+    if [[ $DRY == 1 ]]; then echo "  would run: $*"; else "$@"; fi
+}
+done_mark() { [[ $DRY == 1 ]] || touch "$1"; }
+V=""  # preset suffix of stages 3-4b
+[[ $V2 == 1 ]] && V="-v2"
 
 # 0. dataset -------------------------------------------------------------------------------------------------
 if [[ -n "${EMOJI_DATA:-}" ]]; then
@@ -56,15 +79,15 @@ else
     EMOJI="$OUT/data/emoji"
     if [[ ! -f "$OUT/data/emoji.done" ]]; then
         log "building the emoji dataset in $EMOJI"
-        rm -rf "$EMOJI"
-        "$PY" "$ROOT/datasets/emoji.py" "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
-        touch "$OUT/data/emoji.done"
+        [[ $DRY == 1 ]] || rm -rf "$EMOJI"
+        run "$PY" "$ROOT/datasets/emoji.py" "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
+        done_mark "$OUT/data/emoji.done"
     fi
 fi
 if [[ ! -f "$OUT/data/train.done" ]]; then
     log "splitting off the held-out names into $OUT/data/train"
-    "$PY" "$ROOT/datasets/split.py" "$EMOJI" "$OUT/data/train"
-    touch "$OUT/data/train.done"
+    run "$PY" "$ROOT/datasets/split.py" "$EMOJI" "$OUT/data/train"
+    done_mark "$OUT/data/train.done"
 fi
 
 # One training stage: run_stage NAME PRESET DATA [extra xldm train flags...]
@@ -79,10 +102,33 @@ run_stage() {
     local extra=()
     [[ -n "${!steps_var:-}" ]] && extra+=(--steps "${!steps_var}")
     [[ -n "${CHECKPOINT_EVERY:-}" ]] && extra+=(--checkpoint-every "$CHECKPOINT_EVERY")
-    log "$name: xldm train --preset $preset (resumes from $dir/checkpoints if any)"
-    xldm train --preset "$preset" --data "$data" --out "$dir" --resume --no-progress "${extra[@]}" "$@"
-    touch "$dir/DONE"
-    log "$name: finished"
+    local last
+    last=$(ls "$dir/checkpoints" 2>/dev/null | grep -E '^step_[0-9]+' | sort | tail -n 1 || true)
+    log "$name: xldm train --preset $preset (resumes from ${last:-no checkpoint yet} in $dir/checkpoints)"
+    run xldm train --preset "$preset" --data "$data" --out "$dir" --resume --no-progress "${extra[@]}" "$@"
+    done_mark "$dir/DONE"
+    [[ $DRY == 1 ]] || log "$name: finished"
+}
+
+# compose KIND OUT_FILE [flags...]: the init file of a stage (v2: then its text encoders' vocabulary pruned)
+compose() {
+    local kind=$1 file=$2
+    shift 2
+    [[ -f "$file" ]] && return
+    if [[ $V2 == 0 ]]; then
+        run "$PY" "$ROOT/scripts/default_model.py" compose "$kind" --out "$file" "$@"
+        return
+    fi
+    local full
+    full="$(dirname "$file")/full/$(basename "$file")"
+    [[ -f "$full" ]] || run "$PY" "$ROOT/scripts/default_model.py" compose "$kind" --out "$full" "$@"
+    local names=${NAMES_JSON:-${XDG_CACHE_HOME:-$HOME/.cache}/xldm/npm/emojibase-data-17.0.0/package/en/data.json}
+    if [[ $DRY == 0 && ! -f "$names" ]]; then
+        echo "$0: no emojibase-data en/data.json at $names (the CLDR names to keep); set NAMES_JSON" >&2
+        exit 1
+    fi
+    run "$PY" "$ROOT/scripts/default_model.py" prune-vocab "$full" --out-dir "$(dirname "$file")" \
+        --data "$OUT/data/train" --names "$names"
 }
 
 # 1. text encoders (the held-out names are split off inside, and evaluated: clip/final/metrics.json)
@@ -90,30 +136,31 @@ run_stage clip default-clip "$EMOJI" CLIP_STEPS
 # 2. autoencoder
 run_stage vae default-vae "$OUT/data/train" VAE_STEPS
 # 3. base: init file = text encoders (1) + VAE (2) + measured latent scale
-if [[ ! -f "$OUT/init/base.safetensors" ]]; then
-    "$PY" "$ROOT/scripts/default_model.py" compose default-base --text-encoders "$OUT/clip/final/model.safetensors" \
-        --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train" --out "$OUT/init/base.safetensors"
-fi
-run_stage base default-base "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
+compose "default-base$V" "$OUT/init/base.safetensors" --text-encoders "$OUT/clip/final/model.safetensors" \
+    --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train"
+run_stage base "default-base$V" "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
 OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
-    run_stage base-ft default-base-ft "$OUT/data/train" BASE_FT_STEPS --init "$OUT/base/final/model.safetensors" \
+    run_stage base-ft "default-base$V-ft" "$OUT/data/train" BASE_FT_STEPS --init "$OUT/base/final/model.safetensors" \
     --set "cache_dir=$OUT/cache"
 # 4. refiner: the bigG-like encoder and the same VAE, with the same latent scale
 if [[ ! -f "$OUT/init/refiner.safetensors" ]]; then
-    SCALE=$("$PY" -c "import json, sys; from xldm.weights.io import open_checkpoint; \
+    SCALE=1.0
+    [[ $DRY == 1 ]] || SCALE=$("$PY" -c "import json, sys; from xldm.weights.io import open_checkpoint; \
 print(json.loads(open_checkpoint(sys.argv[1]).metadata['xldm.config'])['vae']['scaling_factor'])" \
         "$OUT/init/base.safetensors")
-    "$PY" "$ROOT/scripts/default_model.py" compose default-refiner --text-encoders "$OUT/clip/final/model.safetensors" \
-        --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE" --out "$OUT/init/refiner.safetensors"
+    compose "default-refiner$V" "$OUT/init/refiner.safetensors" --text-encoders "$OUT/clip/final/model.safetensors" \
+        --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE"
 fi
-run_stage refiner default-refiner "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
+run_stage refiner "default-refiner$V" "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
 OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
-    run_stage refiner-ft default-refiner-ft "$OUT/data/train" REFINER_FT_STEPS \
+    run_stage refiner-ft "default-refiner$V-ft" "$OUT/data/train" REFINER_FT_STEPS \
     --init "$OUT/refiner/final/model.safetensors" --set "cache_dir=$OUT/cache"
 
 # 5. export --------------------------------------------------------------------------------------------------
-"$PY" "$ROOT/scripts/default_model.py" export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
-"$PY" "$ROOT/scripts/default_model.py" export "$OUT/refiner-ft/final/model.safetensors" "$OUT/export/refiner.safetensors"
+run "$PY" "$ROOT/scripts/default_model.py" export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
+run "$PY" "$ROOT/scripts/default_model.py" export "$OUT/refiner-ft/final/model.safetensors" \
+    "$OUT/export/refiner.safetensors"
+[[ $DRY == 1 ]] && { log "dry run: nothing was run"; exit 0; }
 log "done. The default model's files:"
 ls -l "$OUT/export/base.safetensors" "$OUT/export/refiner.safetensors"
 echo "Try: xldm generate \"red heart\" --model $OUT/export/base.safetensors --refiner $OUT/export/refiner.safetensors --out heart.png"

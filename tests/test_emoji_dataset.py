@@ -68,11 +68,30 @@ EMOJIBASE = [  # emojibase-data en/data.json: hexcodes without FE0F, skins neste
 ]
 
 
+# An Iconify set: the fluent one maps code points with chars.json (FE0F kept, as the real file has it), the blob one
+# is matched by slugged CLDR names; one icon each that is no emoji of the names package.
+ICON = {"body": '<path fill="#dc141e" d="M4 4h8v8H4z"/>'}
+
+
+def _fake_iconify(cache: Path, src) -> None:
+    icons = {"red-apple": ICON, "waving-hand": ICON, "waving-hand-medium-skin-tone": ICON, "not-an-emoji": ICON}
+    with tarfile.open(cache / emoji_mod.tarball_name(src.package, src.version), "w:gz") as tar:
+        _add(tar, "package/package.json", json.dumps({"name": src.package, "license": "MIT"}).encode())
+        _add(tar, "package/icons.json", json.dumps({"prefix": src.style, "width": 16, "height": 16,
+                                                    "icons": icons}).encode())
+        if src.style == "fluent":
+            chars = {"1f34e": "red-apple", "1f44b-fe0f": "waving-hand", "1f44b-1f3fd": "waving-hand-medium-skin-tone"}
+            _add(tar, "package/chars.json", json.dumps(chars).encode())
+
+
 def _fake_cache(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     for style in SOURCES:
         src = SOURCES[style]
-        with tarfile.open(cache / f"{src.package}-{src.version}.tgz", "w:gz") as tar:
+        if src.layout == "iconify":
+            _fake_iconify(cache, src)
+            continue
+        with tarfile.open(cache / emoji_mod.tarball_name(src.package, src.version), "w:gz") as tar:
             _add(tar, "package/package.json", json.dumps({"name": src.package, "license": "MIT"}).encode())
             _add(tar, "package/emoji.json", json.dumps(EMOJI_JSON).encode())
             _add(tar, f"package/img/{style}/sheets/16.png", _glyph_png((0, 0, 255)))  # sprite sheet: not used
@@ -190,7 +209,7 @@ def test_deterministic_for_a_seed(tmp_path: Path, cache: Path) -> None:
     _build(tmp_path / "b", cache, workers=1, **kw)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 13 + 17 + 2
+    assert files_a == files_b and len(files_a) == 13 + 17 + 3  # + metadata.jsonl, README.md, NOTICE
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     _build(tmp_path / "c", cache, multi_aspect=12, low_res=5, seed=8)
@@ -247,3 +266,57 @@ def test_offline_missing_package_and_missing_npm(tmp_path: Path, monkeypatch: py
         build_emoji_dataset(BuildOptions(out_dir=tmp_path / "ds", cache_dir=tmp_path / "empty"))
     with pytest.raises(EmojiDatasetError, match="--sources"):
         build_emoji_dataset(BuildOptions(out_dir=tmp_path / "ds", sources=["apple"], cache_dir=tmp_path / "empty"))
+
+
+class _FakeCairoSVG:
+    """Stands in for cairosvg (not a test dependency): checks the SVG document and draws a red square."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def svg2png(cls, bytestring: bytes, output_width: int, output_height: int) -> bytes:
+        svg = bytestring.decode()
+        assert svg.startswith("<svg ") and 'viewBox="0 0 16 16"' in svg and ICON["body"] in svg
+        cls.calls.append(svg)
+        pixels = np.zeros((output_height, output_width, 4), dtype=np.uint8)
+        pixels[output_height // 4: 3 * output_height // 4, output_width // 4: 3 * output_width // 4] = (*RED, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGBA").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def test_optional_iconify_sources(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cairosvg", _FakeCairoSVG)
+    _FakeCairoSVG.calls.clear()
+    summary = _build(tmp_path / "ds", cache, sources=["fluent", "blob"], size=32)
+    records = [json.loads(line) for line in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["text"] for r in records) == sorted(
+        f"{name}, {style} style" for style in ("fluent", "blob")
+        for name in ("red apple", "waving hand", "waving hand, medium skin tone"))
+    fluent = next(r for r in records if r["style"] == "fluent" and r["hexcode"] == "1F44B-1F3FD")
+    assert fluent["source"] == "@iconify-json/fluent-emoji-flat@1.2.6" and fluent["skin_tone"] == "medium skin tone"
+    assert fluent["source_px"] == emoji_mod.SVG_PX and len(_FakeCairoSVG.calls) == 6
+    with Image.open(tmp_path / "ds" / fluent["file_name"]) as im:
+        assert im.mode == "RGB" and im.size == (32, 32) and im.getpixel((16, 16))[0] > 200 and im.getpixel((1, 1)) == (
+            255, 255, 255)
+    assert summary.stats["fluent: icons of the set never matched to an emoji"] == 1
+    assert summary.stats["blob: no blob image (skipped)"] == 1  # zebra
+    notice = (tmp_path / "ds" / "NOTICE").read_text()
+    for needle in ("Microsoft Corporation", "MIT", "Noto Emoji (v1) by Google Inc", "Apache License 2.0",
+                   "@iconify-json/noto-v1 1.2.5", "emojibase-data 17.0.0"):
+        assert needle in notice
+    assert "Twemoji" not in notice
+    readme = (tmp_path / "ds" / "README.md").read_text()
+    assert "`@iconify-json/fluent-emoji-flat` | 1.2.6" in readme and "rasterized at 128 px" in readme
+    _build(tmp_path / "ds2", cache, sources=["fluent"], size=32)  # rasterized once, into the cache
+    assert len(_FakeCairoSVG.calls) == 6
+
+
+def test_default_build_is_unchanged_by_the_optional_sources() -> None:
+    assert emoji_mod.DEFAULT_SOURCES == ("twitter", "google") == tuple(BuildOptions(out_dir=Path("x")).sources)
+    assert emoji_mod.build_parser().parse_args(["out"]).sources == ["twitter", "google"]
+    assert emoji_mod.tarball_name("@iconify-json/noto-v1", "1.2.5") == "iconify-json-noto-v1-1.2.5.tgz"
+    assert emoji_mod.slug("Thumbs up: medium skin tone") == "thumbs-up-medium-skin-tone"
+    assert emoji_mod.slug("man’s shoe") == "mans-shoe"

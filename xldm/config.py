@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
+# CLIP's byte-level BPE vocabulary (OpenAI CLIP simple_tokenizer.py): 49,406 tokens, then BOS 49406 and EOS 49407.
+CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class TextEncoderConfig:
     layers: int = 12
     heads: int = 12
     intermediate_size: int = 3072
-    vocab_size: int = 49408
+    vocab_size: int = CLIP_VOCAB_SIZE
     max_positions: int = 77
     # OpenAI CLIP uses quick_gelu, x*sigmoid(1.702x); OpenCLIP H/bigG use exact gelu.
     activation: str = "quick_gelu"
@@ -115,12 +117,37 @@ class TextEncoderConfig:
     final_norm_on_hidden: bool = False
     # Token id used for padding to 77: EOS (49407) for CLIP-L, 0 ("!") for the SDXL bigG tokenizer.
     pad_token_id: int = 49407
+    # A pruned vocabulary: the CLIP BPE ids this encoder keeps, ascending (BOS, EOS and the pad id among them).
+    # Its token embedding then has one row per kept id, in this order, and a last row, the fallback, that every
+    # other CLIP id maps to (xldm.models.clip.CLIPTextEmbeddings); the tokenizer still gives CLIP ids.  Empty: the
+    # full vocabulary, ids index the table directly (every released checkpoint).
+    kept_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
         if self.layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {self.layer!r}")
+        object.__setattr__(self, "kept_tokens", tuple(self.kept_tokens))  # a JSON list read back stays hashable
+        if self.kept_tokens:
+            kept = self.kept_tokens
+            if not all(type(i) is int and 0 <= i < CLIP_VOCAB_SIZE for i in kept) or \
+                    any(a >= b for a, b in zip(kept, kept[1:])):
+                raise ValueError(f"kept_tokens must be ascending, distinct CLIP ids in [0, {CLIP_VOCAB_SIZE}), got "
+                                 f"{len(kept)} values from {kept[0]!r} to {kept[-1]!r}")
+            required = {CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1, self.pad_token_id}  # BOS, EOS, padding
+            if not required <= set(kept):
+                raise ValueError(f"kept_tokens must keep BOS, EOS and the pad id {sorted(required)}, lacks "
+                                 f"{sorted(required - set(kept))}")
+            if self.vocab_size != len(kept) + 1:
+                raise ValueError(f"a pruned vocabulary of {len(kept)} kept tokens has {len(kept) + 1} embedding rows "
+                                 f"(the last is the fallback), but vocab_size is {self.vocab_size}")
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Ids the encoder takes (before attached embeddings): CLIP's 49,408 for a pruned vocabulary, which maps
+        them onto its rows, else the embedding's rows."""
+        return CLIP_VOCAB_SIZE if self.kept_tokens else self.vocab_size
 
 
 # Numbers each micro-conditioning scalar contributes to the vector, by name (SDXL paper Sec. 2.2: sizes and crops
@@ -297,6 +324,19 @@ DEFAULT_REFINER = ModelConfig(
     vae=DEFAULT_VAE, text_encoders=(DEFAULT_BIGG,), micro_conditioning=REFINER_MICRO_CONDITIONING,
     micro_conditioning_dim=DEFAULT_MICRO_DIM, default_size=128,
 )
+# Its second generation (scripts/train_default_v2.sh; not yet trained): the same text encoders and VAE, the encoders'
+# vocabulary pruned after their pre-training to the tokens of the captions and of every CLDR emoji name and keyword
+# (scripts/default_model.py prune-vocab, TextEncoderConfig.kept_tokens: ~4,500 of 49,408 rows), which frees ~7.1 MB
+# of the base's fp16 file and ~4.3 MB of the refiner's; the UNets grow into that (Imagen, Saharia et al. 2022,
+# Sec. 4.4, finds the text encoder matters more than UNet size, so the encoders keep their shape).  Widths ours:
+# base (48, 96, 96), 4.58 M parameters (v1: 2.09 M); refiner (32, 64, 64, 64), 3.17 M (v1: 1.81 M).  With ~4,500
+# kept tokens the two fp16 files hold 11.7 + 8.5 MB of tensors (v1: 13.9 + 10.1 MB; `scripts/default_model.py
+# sizes --kept 4467`), the base's turbo student (a copy of its UNet) 9.2 MB: the bundled default files stay within
+# 40 MB.  At 16 x 16 latents the sampling time, not the file size, limits the width: a base UNet step costs
+# ~1.5-1.7x v1's on the CPU (b=2, one thread), a (64, 128, 128) base ~2.7x.
+DEFAULT_BASE_V2 = replace(DEFAULT_BASE, unet=replace(DEFAULT_BASE.unet, block_out_channels=(48, 96, 96)))
+DEFAULT_REFINER_V2 = replace(DEFAULT_REFINER, unet=replace(DEFAULT_REFINER.unet, block_out_channels=(32, 64, 64, 64),
+                                                           num_head_channels=32))
 
 
 # Pixel-space cascade stages (xldm.cascade; Saharia et al. 2022, "Imagen")
@@ -349,7 +389,8 @@ CASCADE_SR_128 = ModelConfig(
 PRESETS: dict[str, ModelConfig] = {
     "sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER, "sd15": SD15, "sd21": SD21, "tiny-sdxl-base": TINY_SDXL_BASE,
     "tiny-sdxl-refiner": TINY_SDXL_REFINER, "tiny-sd15": TINY_SD15, "default-base": DEFAULT_BASE,
-    "default-refiner": DEFAULT_REFINER, "tiny-cascade-base-16": TINY_CASCADE_BASE,
+    "default-refiner": DEFAULT_REFINER, "default-base-v2": DEFAULT_BASE_V2, "default-refiner-v2": DEFAULT_REFINER_V2,
+    "tiny-cascade-base-16": TINY_CASCADE_BASE,
     "tiny-cascade-sr-32": TINY_CASCADE_SR, "tiny-cascade-sr-64": TINY_CASCADE_SR2, "cascade-base-32": CASCADE_BASE_32,
     "cascade-sr-64": CASCADE_SR_64, "cascade-sr-128": CASCADE_SR_128,
 }

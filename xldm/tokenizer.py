@@ -9,6 +9,8 @@ Ids equal transformers' `CLIPTokenizer` as the SDXL pipeline sets it up (and Ope
   (diffusers issue #4153: "wow!!" -> [2781, 0, 0], where open_clip gives [2781, 748]).
 
 A batch is `[BOS] + first 75 tokens + [EOS] + padding` to 77 (`padding="max_length", truncation=True`).
+A pruned text encoder (`TextEncoderConfig.kept_tokens`, `kept_token_ids`) takes these same ids and maps the ones it
+does not keep to its fallback row (xldm.models.clip), so tokenizing never depends on the vocabulary kept.
 Textual-inversion embeddings (`embeddings=`): where an embedding's name stands as whole words, its placeholder ids
 replace the name's tokens (A1111 modules/textual_inversion `find_embedding_at_position`, longest name first)."""
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -25,14 +27,14 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from xldm.config import TextEncoderConfig
+from xldm.config import CLIP_VOCAB_SIZE, TextEncoderConfig
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_ID = 49406
 EOS_ID = 49407
 BANG_ID = 0  # "!" is the first printable byte in the byte-to-unicode table, hence id 0
-VOCAB_SIZE = 49408
+VOCAB_SIZE = CLIP_VOCAB_SIZE
 NUM_MERGES = 48894  # CLIP simple_tokenizer: lines[1 : 49152 - 256 - 2 + 1] of the BPE file
 MAX_LENGTH = 77
 
@@ -103,6 +105,21 @@ def _word_end_ids(split_bang: bool) -> frozenset[int]:
     vocab = _backend(split_bang).get_vocab(with_added_tokens=False)
     return frozenset([i for token, i in vocab.items() if token.endswith("</w>")] + [BOS_ID, EOS_ID]
                      + ([BANG_ID] if split_bang else []))
+
+
+def kept_token_ids(texts: Iterable[str]) -> list[int]:
+    """The CLIP ids a pruned vocabulary (`TextEncoderConfig.kept_tokens`) needs for `texts`: every id either padding
+    variant gives them ("!" is split off only with "!" padding, so the variants differ there), plus BOS, EOS and
+    the "!" id 0 (a padding id), ascending."""
+    texts = list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be strings, got {type(t).__name__}")
+    kept = {BOS_ID, EOS_ID, BANG_ID}
+    for split_bang in (False, True):
+        for encoding in _backend(split_bang).encode_batch(texts, add_special_tokens=False):
+            kept.update(encoding.ids)
+    return sorted(kept)
 
 
 class CLIPTokenizer:

@@ -5,17 +5,21 @@ single-file checkpoint uses under `conditioner.embedders.0.transformer.`, so tha
 open_clip layout goes through `xldm.weights.keys_clip`.  Numerics follow transformers models/clip/modeling_clip.py
 (`CLIPTextModel`, `CLIPTextModelWithProjection`): pre-LN blocks, causal attention without padding mask, pooled =
 final-LN state at the EOS position (argmax of the ids, hub configs with eos_token_id 2), then `text_projection`.
-Textual-inversion vectors (xldm.embeddings) live in an extra table of `CLIPTextEmbeddings` behind ids >= vocab_size."""
+Textual-inversion vectors (xldm.embeddings) live in an extra table of `CLIPTextEmbeddings` behind the vocabulary's ids.
+An encoder with a pruned vocabulary (`TextEncoderConfig.kept_tokens`, made by `prune_vocabulary`) still takes CLIP
+ids and maps each to its row, every id it does not keep to one fallback row."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xldm.config import TextEncoderConfig
+from xldm.config import CLIP_VOCAB_SIZE, TextEncoderConfig
 
 
 class CLIPTextOutput(NamedTuple):
@@ -32,16 +36,31 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def token_rows(cfg: TextEncoderConfig) -> torch.Tensor | None:
+    """(49408,) int32 on the CPU: the embedding row of each CLIP id of a pruned vocabulary (kept id i -> its index
+    in `cfg.kept_tokens`, every other id -> the fallback, the last row); None for the full vocabulary."""
+    if not cfg.kept_tokens:
+        return None
+    rows = torch.full((CLIP_VOCAB_SIZE,), len(cfg.kept_tokens), dtype=torch.int32, device="cpu")
+    rows[torch.tensor(cfg.kept_tokens, dtype=torch.long, device="cpu")] = torch.arange(
+        len(cfg.kept_tokens), dtype=torch.int32, device="cpu")
+    return rows
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token + position embeddings.  Attached textual-inversion vectors (`set_extra_tokens`) answer the ids from
-    `vocab_size` on, in attachment order (A1111 modules/textual_inversion); they are a plain attribute, neither
-    parameter nor buffer, so state dicts and strict loading do not see them."""
+    `input_vocab_size` on (49408 for a pruned vocabulary too), in attachment order (A1111
+    modules/textual_inversion); they are a plain attribute, neither parameter nor buffer, so state dicts and strict
+    loading do not see them.  The id -> row table of a pruned vocabulary follows from the config (which the weight
+    file's header carries), so it is no buffer either; it is moved to the ids' device on first use."""
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         # Position ids are made on the fly (no `position_ids` buffer; the loader drops it where checkpoints have one).
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.input_vocab_size = cfg.input_vocab_size
+        self._rows = token_rows(cfg)
         self.extra_tokens: dict[str, torch.Tensor] = {}  # name -> (n, width)
         self._extra_table: torch.Tensor | None = None
 
@@ -57,8 +76,8 @@ class CLIPTextEmbeddings(nn.Module):
         self._extra_table = torch.cat(list(self.extra_tokens.values())) if self.extra_tokens else None
 
     def placeholder_ids(self) -> dict[str, list[int]]:
-        """name -> its consecutive ids (>= vocab_size), what the tokenizer puts where the name stands."""
-        start, ids = self.token_embedding.num_embeddings, {}
+        """name -> its consecutive ids (>= input_vocab_size), what the tokenizer puts where the name stands."""
+        start, ids = self.input_vocab_size, {}
         for name, v in self.extra_tokens.items():
             ids[name], start = list(range(start, start + v.shape[0])), start + v.shape[0]
         return ids
@@ -67,10 +86,22 @@ class CLIPTextEmbeddings(nn.Module):
     def num_ids(self) -> int:
         """Vocabulary size plus attached placeholder ids: input ids must lie below this."""
         extra = 0 if self._extra_table is None else self._extra_table.shape[0]
-        return self.token_embedding.num_embeddings + extra
+        return self.input_vocab_size + extra
+
+    def rows_of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input ids -> embedding rows: through the pruned vocabulary's table (ids from 49408 on, attached
+        embeddings, follow the rows), unchanged for the full vocabulary."""
+        if self._rows is None:
+            return input_ids
+        if self._rows.device != input_ids.device:
+            self._rows = self._rows.to(input_ids.device)
+        is_clip = input_ids < CLIP_VOCAB_SIZE
+        rows = self._rows[input_ids.clamp(0, CLIP_VOCAB_SIZE - 1)].to(input_ids.dtype)
+        return torch.where(is_clip, rows, input_ids - CLIP_VOCAB_SIZE + self.token_embedding.num_embeddings)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        input_ids = self.rows_of(input_ids)
         if self._extra_table is None:
             tokens = self.token_embedding(input_ids)
         else:
@@ -171,7 +202,8 @@ class CLIPTextModel(nn.Module):
             low, high = (int(v) for v in torch.aminmax(input_ids))  # one device sync; avoids CUDA index asserts
             limit = self.text_model.embeddings.num_ids
             if low < 0 or high >= limit:
-                attached = f" and {limit - cfg.vocab_size} attached embedding ids" if limit > cfg.vocab_size else ""
+                vocab = cfg.input_vocab_size
+                attached = f" and {limit - vocab} attached embedding ids" if limit > vocab else ""
                 raise ValueError(f"input_ids must lie in [0, {limit - 1}] (the vocabulary{attached}), "
                                  f"found values in [{low}, {high}]")
         input_ids = input_ids.long()
@@ -185,7 +217,8 @@ class CLIPTextModel(nn.Module):
         # EOS position = argmax of the ids (EOS 49407 is the largest id; the first one wins on ties),
         # transformers CLIPTextModel with eos_token_id == 2 (SDXL hub configs), open_clip pool_type "argmax".
         # Placeholder ids of attached embeddings count as 0, so pooling stays at the real EOS (as A1111).
-        eos = input_ids.masked_fill(input_ids >= cfg.vocab_size, 0).argmax(dim=-1)
+        # A pruned vocabulary pools on the CLIP ids too (before they become rows).
+        eos = input_ids.masked_fill(input_ids >= cfg.input_vocab_size, 0).argmax(dim=-1)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
@@ -202,3 +235,33 @@ class CLIPTextModel(nn.Module):
         """(context, pooled) in one call: what the SD/SDXL conditioner needs from this encoder."""
         out = self(input_ids)
         return self.context(out), out.pooled
+
+
+def prune_vocabulary(encoder: CLIPTextModel, kept_tokens: Sequence[int]) -> CLIPTextModel:
+    """A copy of `encoder` that keeps only the CLIP ids `kept_tokens` (BOS, EOS and the pad id are added): their
+    embedding rows are gathered, in ascending id order, and one fallback row is appended, the mean of the kept rows,
+    for every id it drops.  Every other tensor is copied, so on prompts whose ids are all kept the outputs are
+    bit-identical to `encoder`'s.  An already pruned encoder can be pruned further (to a subset of its ids).
+    Attached textual-inversion vectors come along."""
+    cfg = encoder.cfg
+    kept = sorted({int(i) for i in kept_tokens} | {CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1, cfg.pad_token_id})
+    if kept[0] < 0 or kept[-1] >= CLIP_VOCAB_SIZE:
+        raise ValueError(f"kept_tokens must be CLIP ids in [0, {CLIP_VOCAB_SIZE}), got values from {kept[0]} to "
+                         f"{kept[-1]}")
+    if cfg.kept_tokens and not set(kept) <= set(cfg.kept_tokens):
+        lost = sorted(set(kept) - set(cfg.kept_tokens))
+        raise ValueError(f"the encoder's vocabulary is already pruned and lacks {len(lost)} of the ids to keep "
+                         f"(e.g. {lost[:5]}); prune the unpruned encoder instead")
+    new_cfg = replace(cfg, vocab_size=len(kept) + 1, kept_tokens=tuple(kept))
+    embeddings = encoder.text_model.embeddings
+    table = embeddings.token_embedding.weight.detach()
+    rows = embeddings.rows_of(torch.tensor(kept, device=table.device))
+    gathered = table[rows]
+    fallback = gathered.float().mean(dim=0, keepdim=True).to(table.dtype)
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    state["text_model.embeddings.token_embedding.weight"] = torch.cat([gathered, fallback])
+    with torch.device("meta"):
+        pruned = CLIPTextModel(new_cfg)
+    pruned.load_state_dict(state, strict=True, assign=True)
+    pruned.text_model.embeddings.set_extra_tokens(dict(embeddings.extra_tokens))
+    return pruned.train(encoder.training).requires_grad_(any(p.requires_grad for p in encoder.parameters()))

@@ -47,6 +47,22 @@ class Components:
                      for cfg, layer in zip(self.config.text_encoders, layers))
 
 
+def prune_text_encoders(model: Components, kept_tokens) -> Components:
+    """`model` with every text encoder's vocabulary pruned to `kept_tokens` (xldm.models.clip.prune_vocabulary)
+    and the config saying so; the UNet and VAE are the same objects."""
+    from dataclasses import replace
+
+    from xldm.models.clip import prune_vocabulary
+
+    if len(model.text_encoders) != len(model.config.text_encoders):
+        raise ValueError(f"pruning needs the model's {len(model.config.text_encoders)} text encoders, "
+                         f"{len(model.text_encoders)} are loaded")
+    encoders = tuple(prune_vocabulary(te, kept_tokens) for te in model.text_encoders)
+    config = replace(model.config, text_encoders=tuple(te.cfg for te in encoders))
+    return Components(config=config, unet=model.unet, vae=model.vae, text_encoders=encoders,
+                      ignored_keys=model.ignored_keys)
+
+
 def text_encoder_name(config: ModelConfig, index: int) -> str:
     """diffusers' folder name of text encoder `index`: the SDXL refiner's only encoder is text_encoder_2."""
     if config.kind == "sdxl-refiner":

@@ -198,7 +198,13 @@ def config_from_metadata(metadata: Mapping[str, str] | None) -> ModelConfig | No
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)
+    """`cfg` as JSON-able dicts; a text encoder's `kept_tokens` only where it has a pruned vocabulary (so files of
+    full-vocabulary models keep the header they always had)."""
+    d = asdict(cfg)
+    for te in d["text_encoders"]:
+        if not te["kept_tokens"]:
+            del te["kept_tokens"]
+    return d
 
 
 def _fields_of(cls, d, where: str, nested: frozenset = frozenset()) -> dict:

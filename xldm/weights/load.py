@@ -84,7 +84,8 @@ def build_text_encoder(te: TextEncoderConfig, header: Header, read: Reader, name
     from xldm.models.clip import CLIPTextModel
     from xldm.weights.keys_clip import hf_normalize_keys, open_clip_to_hf
 
-    found = detect_text_encoder({k: tuple(v.shape) for k, v in header.items()}, layout, te)
+    # (detected without the kept ids: a table of another length is then a vocab_size mismatch, reported below)
+    found = detect_text_encoder({k: tuple(v.shape) for k, v in header.items()}, layout, replace(te, kept_tokens=()))
     wrong = {f: (getattr(te, f), getattr(found, f)) for f in _TEXT_ENCODER_SHAPE_FIELDS
              if getattr(te, f) != getattr(found, f)}
     if wrong:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from xldm.config import ModelConfig
+from xldm.errors import CheckpointError
 from xldm.models.components import Components, text_encoder_name
 from xldm.weights.detect import (MARKER_V_PREDICTION, MARKER_ZERO_TERMINAL_SNR, METADATA_KEY, TEXT_ENCODER_LAYOUTS,
                                  UNET_PREFIX, VAE_PREFIX, model_config_to_dict)
@@ -107,9 +108,14 @@ def save_diffusers(model: Components, folder: str | os.PathLike, *, dtype: torch
     from xldm.weights.keys_unet import unet_diffusers_config, unet_original_to_diffusers
     from xldm.weights.keys_vae import vae_diffusers_config, vae_original_to_diffusers
 
+    config = model.config
+    pruned = [text_encoder_name(config, i) for i, te in enumerate(config.text_encoders) if te.kept_tokens]
+    if pruned:
+        # transformers' CLIPTextModel indexes its table with the CLIP ids directly and has no id -> row map
+        raise CheckpointError(f"{', '.join(pruned)}: a pruned vocabulary (kept_tokens) has no diffusers form; save "
+                              f"the model as a single file, whose header carries the kept ids")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
     if model.unet is not None:
         unet_cfg = unet_diffusers_config(config.unet, addition_time_embed_dim=config.micro_conditioning_dim)
         _write_json(folder / "unet" / "config.json", unet_cfg)
