@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from generate import random_model  # the random-weight model of the generation benchmark (this folder)
-from unet_step import DTYPES  # the UNet benchmark's dtype names (this folder)
+from unet_step import DTYPES, check_size, device_arg  # the UNet benchmark's (this folder)
 
 PRESETS = {"sdxl": "sdxl-base", "tiny": "tiny-sdxl-base"}
 PROMPT = "a red apple on a wooden table, studio light"
@@ -160,13 +160,10 @@ def main() -> None:
     parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = args.size or (64 if args.config == "tiny" else 1024)
-    if size % 8 or size < 64:
-        parser.error(f"--size must be a multiple of 8 and at least 64, got {size}")
+    check_size(parser, size)
     if args.steps < 1 or args.steps > EXTRAPOLATE_TO:
         parser.error(f"--steps must be in [1, {EXTRAPOLATE_TO}], got {args.steps}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
+    device = device_arg(parser, args.device)
 
     if args.write:
         write_model(PRESETS[args.config], Path(args.write), DTYPES["fp32" if args.config == "tiny" else "bf16"])

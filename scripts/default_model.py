@@ -170,7 +170,8 @@ def prune_vocab(sources: list[str | os.PathLike], out_dir: str | os.PathLike, ke
     sizes = {}
     for src in map(Path, sources):
         model = load_model(src)
-        if not model.text_encoders:
+        if not model.text_encoders:  # e.g. the turbo student, a UNet alone: nothing to prune
+            print(f"prune-vocab: skipped {src.name} (no text encoders)", file=sys.stderr)
             continue
         if (out_dir / src.name).resolve() == src.resolve():
             raise ValueError(f"prune-vocab: {src} would overwrite itself; choose another --out-dir")

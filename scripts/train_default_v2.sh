@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the bundled default model's second generation (issue 15) in a way that survives logouts and restarts:
+# Train the bundled default model's second generation in a way that survives logouts and restarts:
 #
 #   scripts/train_default_v2.sh [--background] [--dry-run] OUT_DIR
 #

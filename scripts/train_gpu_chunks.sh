@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The second-generation default model's training (scripts/train_default_v2.sh) on one GPU in chunks of under ten
-# minutes, so that whatever GPU time becomes available is used:
+# minutes each, for machines lent with a per-job time limit:
 #
 #   scripts/train_gpu_chunks.sh [--dry-run] OUT_DIR
 #
@@ -9,7 +9,7 @@
 # checkpoints, so calling it again continues; progress since a stage's last checkpoint is lost when a chunk ends,
 # so keep CHECKPOINT_EVERY (steps) to well under a chunk (the presets checkpoint every 250 steps).  Prints
 # "all stages done" once the export is written.  Defaults for a GPU machine: XLDM_THREADS=FT_THREADS=4 (the data
-# loading threads).  The GPU machine has no network: carry a dataset build (EMOJI_DATA) and NAMES_JSON.
+# loading threads).  A machine without network access needs a dataset build (EMOJI_DATA) and NAMES_JSON copied to it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

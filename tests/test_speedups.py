@@ -309,3 +309,28 @@ def test_cli_and_server_apply_the_same_speedups(base, tmp_path):
     cli = np.asarray(Image.open(fast).convert("RGB")).astype(int)
     assert np.abs(api - cli).max() == 0
     assert np.abs(cli - np.asarray(Image.open(plain).convert("RGB")).astype(int)).max() > 0
+
+
+def test_preview_fit_of_an_overflowing_half_precision_vae_uses_float32():
+    """An fp16 VAE whose encoding overflows is fitted through a float32 copy (not a NaN map that would draw
+    garbage silently); a VAE non-finite in float32 too is a clear error."""
+    from xldm.speedups import fit_latent_preview
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self, finite_in_fp32: bool = True):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 4, 1)
+            self.finite_in_fp32 = finite_in_fp32
+
+        def encode_latents(self, images, sample=False):
+            latents = torch.nn.functional.avg_pool2d(self.proj(images), 8)
+            if images.dtype == torch.float16 or not self.finite_in_fp32:
+                return latents + float("inf")
+            return latents
+
+    vae = Overflowing().half()
+    weights = fit_latent_preview(vae)
+    assert torch.isfinite(weights).all() and weights.shape == (5, 3)
+    assert next(vae.parameters()).dtype == torch.float16  # the model itself is untouched
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_latent_preview(Overflowing(finite_in_fp32=False))

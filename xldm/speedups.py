@@ -155,7 +155,7 @@ def fit_latent_preview(vae: nn.Module, *, size: int = 128, count: int = 8, seed:
     encoded (the posterior mean, scaled as the UNet sees latents) and each latent pixel is paired with the mean
     colour of its f x f pixel cell.  Flat saturated squares fit the bundled emoji model's pictures better than
     smooth colour fields or decoded random latents (tests/test_speedups.py).  Kept per loaded VAE
-    (`latent_preview_map`)."""
+    (`latent_preview_map`).  A half-precision VAE that overflows is fitted through a float32 copy."""
     generator = torch.Generator().manual_seed(seed)
     cells = size // 16
     colours = (torch.rand(count, 3, cells, cells, generator=generator) > 0.5).float() * 2 - 1
@@ -163,6 +163,12 @@ def fit_latent_preview(vae: nn.Module, *, size: int = 128, count: int = 8, seed:
     param = next(vae.parameters())
     with torch.no_grad():
         latents = vae.encode_latents(images.to(param.device, param.dtype), sample=False).float().cpu()
+        if not torch.isfinite(latents).all() and param.dtype != torch.float32:  # an fp16 VAE's overflow
+            import copy
+
+            latents = copy.deepcopy(vae).float().encode_latents(images.to(param.device), sample=False).cpu()
+    if not torch.isfinite(latents).all():
+        raise ValueError("the VAE encodes the preview's colour squares to non-finite latents: no preview map")
     factor = size // latents.shape[-1]
     targets = F.avg_pool2d(images, factor)  # (count, 3, h, w)
     design = torch.cat([latents, torch.ones_like(latents[:, :1])], dim=1)

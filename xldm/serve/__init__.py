@@ -1,6 +1,7 @@
 """`xldm serve`: AUTOMATIC1111's HTTP API (`/sdapi/v1/*`) and a web page (`static/`, no external resources), over
 xldm's pipeline: the routes (`app`), the guard in front of them (`guard`), the server behind them (`server`), its
-job queue and models (`jobs`), the request bodies (`schemas`), the command (`cli`).  Needs the `serve` extra (`pip install xldm[serve]`): FastAPI, uvicorn."""
+job queue and models (`jobs`), the request bodies (`schemas`), the command (`cli`).  Needs the `serve` extra
+(`pip install xldm[serve]`): FastAPI, uvicorn."""
 
 __all__ = ["create_app", "ServerConfig"]
 

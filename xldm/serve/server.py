@@ -1,4 +1,5 @@
-"""The server behind the routes: settings and models (`Server`), each request checked and planned before it is queued, the worker's generation, webui-style saving, and /sdapi/v1/memory."""
+"""The server behind the routes: settings and models (`Server`), each request checked and planned before it is
+queued, the worker's generation, webui-style saving, and /sdapi/v1/memory."""
 
 from __future__ import annotations
 
@@ -387,7 +388,11 @@ class Server:
     def execute(self, plan: Plan, job: Job) -> Outcome:
         folders = {name: value for name, value in (("vae", plan.vae), ("lora_dir", self.lora_dir)) if value}
         pipe = self.store.pipeline(plan.model, plan.refiner, **folders)
-        job.preview_map = model_preview_map(pipe.model)  # fitted once per loaded VAE (kept by xldm.speedups)
+        try:  # fitted once per loaded VAE (kept by xldm.speedups); without one, progress has no image
+            job.preview_map = model_preview_map(pipe.model)
+        except (ValueError, RuntimeError) as e:
+            log.warning("no progress previews for %s: %s", pipe.model.name, e)
+            job.preview_map = None
         request = plan.request
         split = request.refiner_start if plan.refiner else None
         stages = {"base": (0.0, split), "refiner": (split, 1.0 - split)} if split else {"base": (0.0, 1.0)}

@@ -327,8 +327,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "default-refiner-ft": TrainConfig(model="default-refiner", bucket_step=64, steps=3000, lr=2e-4,
                                       warmup_steps=100, timestep_max=199, **_SECOND_STAGE, **_DEFAULT),
     # The second generation (xldm.config.DEFAULT_BASE_V2, scripts/train_default_v2.sh): the same recipe on the larger
-    # UNets, twice the steps (ours: a run that resumes across days or GPU chunks); the init files carry the pruned
-    # vocabulary, which the trained files keep.
+    # UNets, twice the steps (ours: a run that resumes across days or time-limited GPU jobs); the init files carry
+    # the pruned vocabulary, which the trained files keep.
     "default-base-v2": TrainConfig(model="default-base-v2", bucket_step=32, steps=14000, lr=5e-4, warmup_steps=200,
                                    offset_noise=0.05, init_components=("vae", "text_encoders"), **_DEFAULT),
     "default-base-v2-ft": TrainConfig(model="default-base-v2", bucket_step=32, steps=36000, lr=2e-4,
