@@ -424,11 +424,14 @@ def list_iconify_glyphs(package_root: Path, style: str, emojibase_root: Path, li
     the set's `chars.json` (code points -> icon name) where it has one, else by the slugged CLDR name."""
     icons = json.loads((package_root / "icons.json").read_text(encoding="utf-8"))["icons"]
     chars_file = package_root / "chars.json"
-    by_code: dict[str, str] = {}
+    by_code: dict[str, str] | None = None  # None: the set has no chars.json, names are matched instead
     if chars_file.is_file():
+        by_code = {}
         for code, name in json.loads(chars_file.read_text(encoding="utf-8")).items():
             if name in icons:
                 by_code.setdefault(normalize_hexcode(code), name)
+            else:  # an alias or a removed icon: counted, never matched by name behind the user's back
+                stats[f"{style}: chars.json entries naming no icon of the set"] += 1
     entries = json.loads((emojibase_root / "en" / "data.json").read_text(encoding="utf-8"))
     entries.sort(key=lambda e: (e.get("order", math.inf), e["hexcode"]))  # CLDR order (the unordered last)
     if limit is not None:
@@ -438,7 +441,7 @@ def list_iconify_glyphs(package_root: Path, style: str, emojibase_root: Path, li
     for entry in entries:
         for item in [entry, *entry.get("skins", [])]:
             code = normalize_hexcode(item["hexcode"])
-            name = by_code.get(code) if by_code else slug(item["label"])
+            name = by_code.get(code) if by_code is not None else slug(item["label"])
             if name is None or name not in icons or name in used:
                 stats[f"{style}: no {style} image (skipped)"] += 1
                 continue
