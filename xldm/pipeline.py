@@ -400,8 +400,7 @@ class ModelHandle:
                 else:
                     for swap in kept[1]:
                         swap.to_host()
-                    gc.collect()  # this network's activations, before the next network runs
-                    trim_heap()
+                    trim_heap()  # this network's freed activations go back before the next network runs
                     if kept[2] is not None:
                         kept[2].release()
 
