@@ -154,24 +154,19 @@ class MappedPages:
         return sum(r[4] for r in self.recorded)
 
     def release(self) -> int:
-        """madvise(MADV_DONTNEED) each recorded tensor's whole pages, except those written in place since they
-        were recorded, while the file is still mapped; returns the bytes released."""
+        """madvise(MADV_DONTNEED) the whole pages of each recorded tensor that is still in place (so its mapping is
+        alive) and not written since it was recorded; returns the bytes released."""
         if _LIBC is None or not self.recorded:
             return 0
         ranges = _mapped_ranges(self.inodes)
-        written = []
+        released = 0
         for owner, name, param, start, size, version in self.recorded:
             now = _get(owner, name, param)
-            if now.untyped_storage().data_ptr() == start and now._version != version:
-                written.append((start, start + size))
-        released = 0
-        for _, _, _, start, size, _ in self.recorded:
-            lo = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
-            hi = (start + size) // _PAGE * _PAGE
-            if hi <= lo or not any(a <= lo and hi <= b for a, b in ranges):
-                continue
-            if any(a < hi + _PAGE and lo - _PAGE < b for a, b in written):  # (a page shared with a written one)
-                continue
-            if _LIBC.madvise(ctypes.c_void_p(lo), hi - lo, MADV_DONTNEED) == 0:
-                released += hi - lo
+            if now.untyped_storage().data_ptr() != start or now._version != version:
+                continue  # replaced (its pages went with it) or written in place (copy-on-write pages to keep)
+            lo = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only: a page shared with a
+            hi = (start + size) // _PAGE * _PAGE  # neighbour (perhaps written) is kept
+            if hi > lo and any(a <= lo and hi <= b for a, b in ranges):
+                if _LIBC.madvise(ctypes.c_void_p(lo), hi - lo, MADV_DONTNEED) == 0:
+                    released += hi - lo
         return released
