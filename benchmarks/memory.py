@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         files.append(str(path))
     gib = 2**30
+    size = sum(Path(f).stat().st_size for f in files) / gib
     print(f"{args.config} base + refiner, {args.size}x{args.size}, {args.steps} steps, {args.dtype}, {args.device}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs; files {sum(Path(f).stat().st_size for f in files) / gib:.2f}"
-          f" GiB")
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs; files {size:.2f} GiB")
     print("| mode | peak RSS | load | image 1 | image 2 |" + (" peak GPU |" if args.device.startswith("cuda") else ""))
     print("|---|---|---|---|---|" + ("---|" if args.device.startswith("cuda") else ""))
     for mode in args.modes:
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
         done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
         if done.returncode != 0:
-            print(f"| {mode} | failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-                  " | | | |")
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            print(f"| {mode} | failed: {why} | | | |")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         s = r["seconds"]

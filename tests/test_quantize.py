@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return save_single_file(random_components(TINY_SDXL_BASE, seed=0), tmp_path_factory.mktemp("q") / "base.safetensors")
+    path = tmp_path_factory.mktemp("q") / "base.safetensors"
+    return save_single_file(random_components(TINY_SDXL_BASE, seed=0), path)
 
 
 def unet_inputs(config, seed=0):
