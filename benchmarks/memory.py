@@ -20,7 +20,7 @@ latent difference; `--no-quality` skips it.
 Measured so far (2-core CPU shared with a training job, load average 5-6): `--config tiny --dtype fp32 --size 64
 --steps 2`: resident 0.38 GiB, image 1 / 2 1.4 / 0.6 s; low-memory 0.32 GiB, 5.5 / 0.8 s; low-memory int8 0.32 GiB,
 7.1 / 1.1 s.  int8 quality on the bundled model (fp32, 20 steps, 4 images): PSNR 39.7 dB (lowest 34.3 dB), max
-latent diff 0.21.  Full-size SDXL at 256x256, 1 step: the resident mode reached 12.2 GiB RSS (both models
+latent diff 0.21.  Full-size SDXL at 256x256, 1 step: the resident mode reached 12.5 GiB RSS (both models
 resident in bf16, all of it anonymous memory) and had not finished image 1 after 30 minutes on that machine; the
 full table is still to be measured on an unloaded one.
 """
