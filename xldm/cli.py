@@ -326,7 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         (f" (UNet {args.unet})" if args.unet else "") + (f" (VAE {args.vae})" if args.vae else ""))
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
-                embeddings_dir=args.embeddings_dir, compile=args.compile)
+                embeddings_dir=args.embeddings_dir, compile=args.compile, quantize=args.quantize)
     from xldm.pipeline import dtype_reason
 
     say(dtype_reason(pipe.device, pipe.dtype, pipe.dtype_chosen))
@@ -543,7 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet (its first call, compiling included, is timed on stderr)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--low-memory", action="store_true", help="load, use and free one network at a time")
+    gen.add_argument("--low-memory", action="store_true",
+                     help="one network at a time on the device, each read once and kept near it (GPU: pinned host "
+                          "RAM; CPU: the mapped file), so later images read no file again")
+    gen.add_argument("--quantize", choices=("int8",), default=None,
+                     help="weight-only int8 for the UNet's Linear and 1x1 conv layers (about half the UNet's "
+                          "memory in bf16; quality cost: README)")
     gen.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=None,
                      help="encode prompts over 75 tokens in 75-token chunks, BREAK starting a new one (A1111; "
                           "default on); --no-long-prompts: truncate at 75 tokens (diffusers)")

@@ -36,6 +36,8 @@ from xldm.speedups import check_cache_branch, check_speedups, speedup_model_fn
 from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
+from xldm.models.quantize import check_quantize
+from xldm.weights.offload import DeviceSwap, MappedPages, file_signature, trim_heap
 from xldm.vae_tiling import decode_checked
 from xldm.vae_tiling import encode as encode_posterior
 
@@ -203,12 +205,20 @@ def unet_parameters(model: Components | str | Path) -> int | None:
 
 
 class ModelHandle:
-    """One model's networks: already loaded, or loaded from a path on use (and freed after, in low-memory mode)."""
+    """One model's networks: already loaded, or loaded from a path on use.  In low-memory mode with files, each
+    network is read once and kept near the device (`xldm.weights.offload`): on a GPU in (pinned) host RAM, moved to
+    the device for each use and off it after; on a CPU as views of the memory-mapped file whose pages go back to
+    the page cache after each use (a network that needs a cast from the file's dtype is freed after each use and
+    read again).  A kept network whose file changed is read again; a removed file is an error."""
 
     def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
                  low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
-                 file: str | Path | None = None) -> None:
+                 file: str | Path | None = None, quantize: str | None = None) -> None:
         self.dtype, self.device, self.low_memory = dtype, device, low_memory
+        self.quantize = check_quantize(quantize)
+        # low memory with files: the networks read once and kept near the device (xldm.weights.offload), by
+        # component: (the source's file_signature, DeviceSwaps on a GPU, MappedPages on a CPU or None)
+        self._near: dict[str, tuple[tuple, list, Any]] = {}
         self.source_file = None if file is None else Path(file)  # the file loaded Components came from
         self.vae_path = None if vae is None else Path(vae)
         self.unet_path = None if unet is None else Path(unet)
@@ -216,6 +226,10 @@ class ModelHandle:
             self.path: Path | None = None
             self.loaded = source.to(device=device, dtype=dtype)
             self.config: ModelConfig = source.config
+            if self.quantize and source.unet is not None:
+                from xldm.models.quantize import quantize_weights
+
+                quantize_weights(source.unet)
         else:
             from xldm.weights.info import model_info
 
@@ -250,25 +264,98 @@ class ModelHandle:
             self._hashes[path] = short_hash(path)
         return self._hashes[path]
 
+    def _source(self, component: str) -> Path | None:
+        """The file (or folder) a component is read from."""
+        if component == "vae" and self.vae_path is not None:
+            return self.vae_path
+        if component == "unet" and self.unet_path is not None:
+            return self.unet_path
+        return self.path
+
+    def _maps(self, component: str) -> bool:
+        """Low memory on a CPU: whether the component's file holds its floating tensors in the dtype it runs in,
+        so that they can stay views of the mapped file (`xldm.weights.offload.MappedPages`)."""
+        from xldm.weights.io import open_checkpoint
+        from xldm.weights.info import model_info
+
+        source = self._source(component)
+        try:
+            if source == self.path:
+                wanted = ("text_encoder",) if component == "text_encoders" else (component,)
+                names = {d for c in model_info(source).components if c.name.startswith(wanted) for d in c.dtypes}
+            else:
+                ckpt = open_checkpoint(source)
+                names = {str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys()}
+        except (OSError, ValueError):
+            return False
+        floating = {getattr(torch, n) for n in names if getattr(torch, n).is_floating_point}
+        return floating == {self.dtype}
+
     def _load(self, component: str) -> None:
         from xldm.weights.load import load_model, load_vae
 
+        near = self.low_memory and self.path is not None
+        host = near and self.device.type != "cpu"  # read into host RAM once, moved to the device per use
+        mapped = near and not host and self._maps(component)
+        source = self._source(component)
+        signature = file_signature(source) if near else None
+        device = torch.device("cpu") if host else self.device
         if component == "vae" and self.vae_path is not None:  # --vae: another file's autoencoder
             scale = self.config.vae.scaling_factor if self.config.vae is not None else None
-            vae = load_vae(self.vae_path, scaling_factor=scale, dtype=self.dtype, device=self.device)
+            vae = load_vae(self.vae_path, scaling_factor=scale, dtype=self.dtype, device=device, mapped=mapped)
             if vae.cfg.z_channels != self.config.latent_channels:
                 raise ValueError(f"--vae {self.vae_path.name} makes {vae.cfg.z_channels}-channel latents, the model "
                                  f"takes {self.config.latent_channels}")
             self.loaded.vae = vae
-            return
-        if component == "unet" and self.unet_path is not None:  # --unet: another file's UNet (a distilled student)
-            unet = load_model(self.unet_path, components=["unet"], dtype=self.dtype, device=self.device).unet
+        elif component == "unet" and self.unet_path is not None:  # --unet: another file's UNet (a student)
+            unet = load_model(self.unet_path, components=["unet"], dtype=self.dtype, device=device,
+                              mapped=mapped).unet
             if unet is None or unet.config != self.config.unet:
                 raise ValueError(f"--unet {self.unet_path.name} holds no UNet of this model's architecture")
             self.loaded.unet = unet
+        else:
+            part = load_model(self.path, components=[component], dtype=self.dtype, device=device, mapped=mapped)
+            setattr(self.loaded, component, getattr(part, component))
+        files = [Path(f[0]) for f in signature] if mapped else []
+        if component == "unet" and self.quantize:
+            from xldm.models.quantize import quantize_weights
+
+            floats = MappedPages([self.loaded.unet], files) if mapped else None
+            quantize_weights(self.loaded.unet)
+            if floats is not None:  # the float weights the int8 ones replace: their pages go back now
+                floats.release()
+            del floats
+        modules = self._networks(component)
+        pages = MappedPages(modules, files) if mapped else None
+        if host:
+            self._near[component] = (signature, [DeviceSwap(m, pin=torch.cuda.is_available()) for m in modules],
+                                     None)
+        elif mapped:
+            self._near[component] = (signature, [], pages)
+
+    def _networks(self, component: str) -> list[torch.nn.Module]:
+        value = getattr(self.loaded, component)
+        return list(value) if isinstance(value, tuple) else [] if value is None else [value]
+
+    def _check_near(self, component: str) -> None:
+        """A kept network whose file changed since it was read is dropped (read again on use); a removed file is
+        an error that says so."""
+        if component not in self._near:
             return
-        part = load_model(self.path, components=[component], dtype=self.dtype, device=self.device)
-        setattr(self.loaded, component, getattr(part, component))
+        source = self._source(component)
+        try:
+            signature = file_signature(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{source}: the model file was removed after its {component} was loaded; "
+                                    f"restore it or load the model again") from None
+        if signature != self._near[component][0]:
+            self._drop(component)
+
+    def _drop(self, component: str) -> None:
+        self._near.pop(component, None)
+        setattr(self.loaded, component, () if component == "text_encoders" else None)
+        gc.collect()
+        trim_heap()
 
     def _sync_embeddings(self) -> None:
         from xldm.embeddings import add_embeddings, attached_embeddings, remove_embeddings
@@ -290,20 +377,32 @@ class ModelHandle:
     @contextmanager
     def use(self, component: str) -> Iterator[Components]:
         """Components with `component` ("unet", "vae" or "text_encoders") present for the block's duration."""
+        near = self.low_memory and self.path is not None
+        if near:
+            self._check_near(component)
         if getattr(self.loaded, component) in (None, ()):
             if self.path is None:
                 raise ValueError(f"{self.name}: the model has no {component} and no file to load it from")
             self._load(component)
-        if component != "vae":
-            self.loras.sync(self.loaded)
-        if component == "text_encoders":
-            self._sync_embeddings()
+        kept = self._near.get(component)
         try:
+            for swap in kept[1] if kept else ():
+                swap.to_device(self.device)
+            if component != "vae":
+                self.loras.sync(self.loaded)
+            if component == "text_encoders":
+                self._sync_embeddings()
             yield self.loaded
         finally:
-            if self.low_memory and self.path is not None:
-                setattr(self.loaded, component, () if component == "text_encoders" else None)
-                gc.collect()
+            if near:
+                if kept is None:  # (not kept near: freed, read again on the next use)
+                    self._drop(component)
+                else:
+                    for swap in kept[1]:
+                        swap.to_host()
+                    trim_heap()  # this network's freed activations go back before the next network runs
+                    if kept[2] is not None:
+                        kept[2].release()
 
 
 def _check_size(name: str, size: tuple[int, int] | None) -> None:
@@ -477,9 +576,11 @@ class Pipeline:
 
     `model` and `refiner` are `Components` (already loaded) or paths (single file / diffusers folder);
     `model_file` / `refiner_file` name the files loaded Components came from (infotext `Model`, `Model hash`).
-    With `low_memory=True` and paths, each network is loaded when needed and freed right after, so SDXL
-    base + refiner run where only one UNet fits in memory.  `vae`: a VAE file that replaces the model's (e.g. the
-    fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
+    With `low_memory=True` and paths, each network is read when first needed and kept near the device
+    (`ModelHandle`): one network at a time on the device (a CPU: in use), so SDXL base + refiner run where only
+    one UNet fits, and later images read no file again.  `quantize="int8"`: weight-only int8 for the UNets'
+    Linear and 1x1 conv layers (`xldm.models.quantize`; LoRAs then stay unfused).  `vae`: a VAE file that
+    replaces the model's (e.g. the fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
     stay active for every image, those of a request (`loras=`, prompt tags) for that request.  `dtype` None:
     `default_dtype` for the device and the UNet's size; `compile`: `torch.compile` each UNet on first use."""
 
@@ -488,7 +589,8 @@ class Pipeline:
                  low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
                  lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] = (),
                  embeddings_dir: str | Path | None = None, model_file: str | Path | None = None,
-                 refiner_file: str | Path | None = None, compile: bool = False) -> None:
+                 refiner_file: str | Path | None = None, compile: bool = False, quantize: str | None = None) -> None:
+        self.quantize = check_quantize(quantize)  # "int8": the UNets' Linear / 1x1 conv weights (models/quantize.py)
         self.compile = compile  # torch.compile the UNets on first use; compile_seconds: each first call's time
         self.compile_seconds: list[float] = []
         self.device = torch.device(device) if device is not None else default_device()
@@ -496,9 +598,9 @@ class Pipeline:
         self.dtype = dtype or default_dtype(self.device, unet_parameters(unet if unet is not None else model)
                                             if self.device.type == "cpu" else None)
         self.model = ModelHandle(model, dtype=self.dtype, device=self.device, low_memory=low_memory, vae=vae,
-                                 unet=unet, file=model_file)
+                                 unet=unet, file=model_file, quantize=self.quantize)
         self.refiner = (ModelHandle(refiner, dtype=self.dtype, device=self.device, low_memory=low_memory,
-                                    file=refiner_file) if refiner is not None else None)
+                                    file=refiner_file, quantize=self.quantize) if refiner is not None else None)
         if self.refiner is not None and self.model.config.kind == "sdxl-refiner":
             raise ValueError("the main model is already a refiner; pass the SDXL base as the model")
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
@@ -553,6 +655,9 @@ class Pipeline:
 
     def fuse_loras(self, fused: bool = True) -> None:
         """Write the active LoRAs into the weights (faster steps; rewritten when the set changes) or not."""
+        if fused and self.quantize:
+            raise ValueError(f"fuse_loras: the UNet's weights are {self.quantize}-quantized and cannot take a fused "
+                             f"LoRA; keep LoRAs unfused (their output is added to the layers')")
         self.model.loras.fused = fused
         self.model.loras.sync(self.model.loaded)
 
@@ -806,6 +911,8 @@ class Pipeline:
             common["prediction"] = prediction
         if req.zero_terminal_snr is not None or ztsnr:
             common["zero_terminal_snr"] = ztsnr
+        if self.quantize:  # (absent when unused)
+            common["quantize"] = self.quantize
         if self.dtype != torch.float32:  # (xldm JSON only, as A1111 has no key; fp32 images keep theirs as before)
             common["dtype"] = DTYPE_NAMES.get(self.dtype, str(self.dtype))
         if active:  # (absent when unused, so plain images keep their metadata byte for byte)

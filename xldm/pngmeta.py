@@ -66,7 +66,7 @@ _BEFORE_SIZE = (("steps", "Steps"), ("sampler", "Sampler"), ("schedule", "Schedu
                 ("seed", "Seed"))
 _AFTER_SIZE = (("model_hash", "Model hash"), ("model", "Model"), ("vae_hash", "VAE hash"), ("vae", "VAE"),
                ("strength", "Denoising strength"), ("hires_strength", "Denoising strength"),
-               ("clip_skip", "Clip skip"),
+               ("clip_skip", "Clip skip"), ("quantize", "Quantization"),
                # sampler options, written only when not the default: A1111 modules/sd_samplers_kdiffusion.py
                # (`eta_infotext_field` "Eta"; "Eta DDIM" for DDIM, sd_samplers_timesteps.py; "Sigma churn" ...)
                ("eta", "Eta"), ("s_churn", "Sigma churn"), ("s_tmin", "Sigma tmin"), ("s_tmax", "Sigma tmax"),

@@ -222,6 +222,11 @@ def patch_of(layer: nn.Module, create: bool = True) -> Patch | None:
 def set_adapter(layer: nn.Module, key: str, adapter: Adapter | None, multiplier: float = 1.0,
                 fused: bool = False) -> None:
     """Activate (or, with None, remove) adapter `key` on `layer`; a layer left with none is restored and unhooked."""
+    from xldm.models.quantize import QuantizedWeight
+
+    if adapter is not None and fused and isinstance(layer, QuantizedWeight):
+        raise ValueError("a LoRA cannot be fused into int8-quantized weights (quantize='int8'); use it unfused "
+                         "(the default), which adds its output to the layer's")
     patch = patch_of(layer, create=adapter is not None)
     if patch is None:
         return

@@ -2,7 +2,9 @@
 
 Reading goes through `safetensors.safe_open` with the `pread` backend (safetensors >= 0.8): lazily, each tensor into
 a fresh buffer of the file's dtype, cast one at a time, no file mapping, so a model built on the meta device exists
-once in memory (benchmarks/load_memory.py).  First the header length is bounded (nothing of the size a corrupt
+once in memory (benchmarks/load_memory.py).  `mapped=True` maps the file instead (safetensors' default backend, a
+private copy-on-write mapping): a tensor read in the file's dtype is then a view of the page cache, read from disk
+once however often it is used (low-memory mode on a CPU, `xldm.weights.offload`).  First the header length is bounded (nothing of the size a corrupt
 header claims is read) and the JSON header parsed once, to refuse duplicate keys and, when `safe_open` rejects a
 file, to say which tensor is wrong and how.  Pickles can run code: refused unless asked for, then read only with
 `torch.load(weights_only=True)` on torch >= 2.6 (CVE-2025-32434).  Shards must lie inside their index's folder."""
@@ -198,7 +200,7 @@ def _explain(header: dict, data_size: int) -> str | None:
     return None
 
 
-def _open_safetensors(path: Path) -> Checkpoint:
+def _open_safetensors(path: Path, mapped: bool = False) -> Checkpoint:
     def corrupt(reason: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: not a valid safetensors file: {reason}")
 
@@ -228,8 +230,10 @@ def _open_safetensors(path: Path) -> Checkpoint:
         raise corrupt(reason)
     try:
         try:
+            if mapped:
+                raise TypeError
             handle = safe_open(str(path), framework="pt", backend="pread")  # no file mapping (safetensors >= 0.8)
-        except TypeError:  # older safetensors: memory-mapped only
+        except TypeError:  # mapped, or older safetensors: memory-mapped only
             handle = safe_open(str(path), framework="pt")
     except SafetensorError as e:
         raise corrupt(_explain(header, size - 8 - length) or str(e)) from None
@@ -242,7 +246,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, entries, metadata)
 
 
-def _open_sharded_index(index_path: Path) -> Checkpoint:
+def _open_sharded_index(index_path: Path, mapped: bool = False) -> Checkpoint:
     """A diffusers/transformers sharded index: {"weight_map": {tensor name: shard file name}}."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -254,7 +258,7 @@ def _open_sharded_index(index_path: Path) -> Checkpoint:
         raise CorruptCheckpointError(f"{index_path}: a shard index needs a 'weight_map' of tensor name -> file name")
     entries, owner, metadata = {}, {}, {}
     for name in sorted(set(weight_map.values())):
-        shard = _open_safetensors(resolve_inside(index_path.parent, name))
+        shard = _open_safetensors(resolve_inside(index_path.parent, name), mapped)
         metadata.update(shard.metadata)
         for key, entry in shard._entries.items():
             if key in entries:
@@ -306,20 +310,21 @@ def _open_pickle(path: Path, allow_pickle: bool) -> Checkpoint:
     return Checkpoint(path, {str(k): _Entry(v.dtype, tuple(v.shape), v) for k, v in obj.items()}, {})
 
 
-def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, mapped: bool = False) -> Checkpoint:
     """A weight file, for header-only inspection and on-demand reading: `*.json` is a sharded index, `.ckpt/.pt/
     .pth/.bin` a pickle; other names are safetensors, or pickles (zip/pickle magic) when not valid safetensors (a
-    header length's low byte may well be 0x80, the pickle opcode)."""
+    header length's low byte may well be 0x80, the pickle opcode).  `mapped`: safetensors data memory-mapped (see
+    the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such weight file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _open_sharded_index(path)
+        return _open_sharded_index(path, mapped)
     if suffix in PICKLE_SUFFIXES:
         return _open_pickle(path, allow_pickle)
     try:
-        return _open_safetensors(path)
+        return _open_safetensors(path, mapped)
     except CorruptCheckpointError:
         with open(path, "rb") as f:
             start = f.read(4)

@@ -131,9 +131,9 @@ def _file_config(path, ckpt: Checkpoint) -> ModelConfig:
 
 def load_single_file(path: str | os.PathLike, *, components: Iterable[str] | None = None,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                     allow_pickle: bool = False, config: ModelConfig | None = None) -> Components:
+                     allow_pickle: bool = False, config: ModelConfig | None = None, mapped: bool = False) -> Components:
     """Load an original-layout checkpoint (sgm / ldm single file: `model.diffusion_model.` ...)."""
-    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle, mapped=mapped)
     keys = list(ckpt.keys())
     config = config or _file_config(path, ckpt)
     layouts = TEXT_ENCODER_LAYOUTS[config.kind]
@@ -254,7 +254,7 @@ def diffusers_config(folder: str | os.PathLike) -> ModelConfig:
 
 def load_diffusers(folder: str | os.PathLike, *, components: Iterable[str] | None = None,
                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                   allow_pickle: bool = False, variant: str | None = None) -> Components:
+                   allow_pickle: bool = False, variant: str | None = None, mapped: bool = False) -> Components:
     """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder*/)."""
     from xldm.weights.keys_unet import unet_diffusers_to_original
     from xldm.weights.keys_vae import vae_diffusers_to_original
@@ -265,7 +265,8 @@ def load_diffusers(folder: str | os.PathLike, *, components: Iterable[str] | Non
     result = Components(config=config)
 
     def part(sub: str) -> tuple[Header, Reader]:
-        ckpt = open_checkpoint(component_weights(folder, sub, variant=variant), allow_pickle=allow_pickle)
+        ckpt = open_checkpoint(component_weights(folder, sub, variant=variant), allow_pickle=allow_pickle,
+                               mapped=mapped)
         return _part(ckpt, "", dtype, device, lambda k: is_ignorable("." + k))
 
     if "unet" in wanted:
@@ -280,22 +281,26 @@ def load_diffusers(folder: str | os.PathLike, *, components: Iterable[str] | Non
 
 
 def load_model(path: str | os.PathLike, *, components: Iterable[str] | None = None, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, allow_pickle: bool = False) -> Components:
+               device: torch.device | str | None = None, allow_pickle: bool = False,
+               mapped: bool = False) -> Components:
     """Load a single-file checkpoint or a diffusers folder, whichever `path` is.  `components`: any of "unet", "vae",
     "text_encoders" (default: all the source has).  `dtype`: cast floating weights as they are read (default: keep
-    the file's dtype)."""
+    the file's dtype).  `mapped`: safetensors files memory-mapped, tensors of the file's dtype left as views of
+    the mapping (`xldm.weights.io`)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path} is a folder without model_index.json; not a diffusers model folder")
-        return load_diffusers(path, components=components, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return load_diffusers(path, components=components, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                              mapped=mapped)
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    return load_single_file(path, components=components, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return load_single_file(path, components=components, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                            mapped=mapped)
 
 
 def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None, allow_pickle: bool = False):
+             device: torch.device | str | None = None, allow_pickle: bool = False, mapped: bool = False):
     """Load a VAE on its own: a bare VAE file (`encoder.*`, `decoder.*`, as `sdxl_vae.safetensors`), a full single
     file (its `first_stage_model.*`), or a diffusers `vae/` folder (config.json).  `scaling_factor` overrides the
     latent scale (SDXL 0.13025, SD 1.x/2.x 0.18215); by default it comes from the diffusers config or the detected
@@ -306,13 +311,15 @@ def load_vae(path: str | os.PathLike, *, scaling_factor: float | None = None, dt
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").exists():
-            return load_diffusers(path, components=["vae"], dtype=dtype, device=device, allow_pickle=allow_pickle).vae
+            return load_diffusers(path, components=["vae"], dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                  mapped=mapped).vae
         vae_cfg = vae_config_from_diffusers(_read_json(path, "config.json"))
         weights = component_weights(path, ".", base=WEIGHT_NAMES["vae"])
-        header, read = _part(open_checkpoint(weights, allow_pickle=allow_pickle), "", dtype, device, lambda k: False)
+        header, read = _part(open_checkpoint(weights, allow_pickle=allow_pickle, mapped=mapped), "", dtype, device,
+                             lambda k: False)
         convert = lambda sd: vae_diffusers_to_original(sd, vae_cfg)  # noqa: E731
     else:
-        ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+        ckpt = open_checkpoint(path, allow_pickle=allow_pickle, mapped=mapped)
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()) else ""
         scale = SDXL_VAE.scaling_factor  # bare VAE files: SDXL's
         if prefix:
