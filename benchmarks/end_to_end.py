@@ -9,7 +9,7 @@ the full-size model, fp32 for the tiny one) into --workdir and reused by later r
 process of its own (so that its peak RSS is its own): it loads the folder, as a user would, and generates one
 base-only image of --size x --size from the same prompt and seed with its defaults:
 
-* xldm: `xldm.load(folder)` (the dtype of `xldm.pipeline.default_dtype` for the device and the UNet's size) and
+* xldm: `xldm.load(folder)` (the dtype of `xldm.devices.default_dtype` for the device and the UNet's size) and
   `GenerationRequest`'s defaults (Euler, CFG 5, "leading" timesteps, the VAE decode of `decode_checked`);
 * diffusers: `StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)` -- what
   `from_pretrained` gives for an fp32 checkpoint, named here because the shared files are bf16 -- and the
@@ -61,7 +61,8 @@ def _sync(device: torch.device) -> None:
 
 def run_xldm(folder: Path, size: int, steps: int, device: torch.device, dtype: str | None):
     import xldm
-    from xldm.pipeline import DTYPE_NAMES, GenerationRequest, dtype_reason
+    from xldm.devices import DTYPE_NAMES, dtype_reason
+    from xldm.request import GenerationRequest
 
     start = time.perf_counter()
     pipe = xldm.load(folder, device=device, dtype=DTYPES[dtype] if dtype else None)

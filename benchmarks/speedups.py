@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from prompt_following import caption_sets  # noqa: E402
 
 from xldm.config import DEFAULT_MODEL_PATH  # noqa: E402
-from xldm.pipeline import GenerationRequest, Pipeline  # noqa: E402
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest  # noqa: E402
 from xldm.reproduce.metrics import score  # noqa: E402
 from xldm.train.contrastive import load_evaluator  # noqa: E402
 

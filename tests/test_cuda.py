@@ -25,7 +25,9 @@ from xldm.models.clip import CLIPTextModel
 from xldm.models.layers import Attention
 from xldm.models.unet import UNet, compile_unet
 from xldm.models.vae import AutoencoderKL
-from xldm.pipeline import GenerationRequest, Pipeline, default_dtype
+from xldm.devices import default_dtype
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.vae_tiling import decode_checked, latents_are_finite
 
 from tiny_models import random_components

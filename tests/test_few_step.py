@@ -16,7 +16,8 @@ import torch
 
 from xldm.config import TINY_SDXL_BASE
 from xldm.diffusion.schedules import alphas_cumprod, make_schedule, split_for_refiner
-from xldm.pipeline import GenerationRequest, Pipeline, resolve_request
+from xldm.pipeline import Pipeline, resolve_request
+from xldm.request import GenerationRequest
 from xldm.pngmeta import a1111_to_params, format_a1111_parameters, parse_a1111_parameters
 from xldm.weights.save import save_diffusers, save_single_file
 

@@ -21,7 +21,8 @@ from PIL import Image
 from xldm.cli import main as cli_main
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
 from xldm.hires import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, hires_target
-from xldm.pipeline import GenerationRequest, Pipeline, resolve_request
+from xldm.pipeline import Pipeline, resolve_request
+from xldm.request import GenerationRequest
 from xldm.pngmeta import format_a1111_parameters, parse_a1111_parameters, a1111_to_params, read_png_params
 from xldm.weights.save import save_diffusers, save_single_file
 

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from xldm.config import TINY_SD15, TINY_SDXL_BASE, TINY_SDXL_REFINER
 from xldm.lora import Adapter, LoraError, LoraSet, parse_lora_tags, read_lora
 from xldm.lora.network import set_adapter
-from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.weights.save import save_diffusers
 
 from lora_files import random_lora, reference_update, save_kohya, save_peft

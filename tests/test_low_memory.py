@@ -10,7 +10,8 @@ import torch
 
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
 from xldm.errors import CorruptCheckpointError
-from xldm.pipeline import GenerationRequest, Pipeline, load
+from xldm.pipeline import Pipeline, load
+from xldm.request import GenerationRequest
 from xldm.weights import io
 from xldm.weights.load import load_model
 from xldm.weights.offload import MappedPages

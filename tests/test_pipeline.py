@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
-from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.weights.save import save_diffusers
 
 from tiny_models import random_components

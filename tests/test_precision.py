@@ -1,4 +1,4 @@
-"""The dtype chosen for the hardware (`xldm.pipeline.default_dtype`), how it is said and recorded, and the
+"""The dtype chosen for the hardware (`xldm.devices.default_dtype`), how it is said and recorded, and the
 `--compile` option, on tiny random models.  The CUDA side is in tests/test_cuda.py."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import xldm.pipeline as pipeline_module
+import xldm.devices as devices_module
 from xldm.cli import main as cli_main
 from xldm.config import TINY_SDXL_BASE
-from xldm.pipeline import (CPU_BF16_MIN_UNET_PARAMETERS, Pipeline, cpu_has_native_bf16, default_dtype, dtype_reason,
-                           unet_parameters)
+from xldm.devices import CPU_BF16_MIN_UNET_PARAMETERS, cpu_has_native_bf16, default_dtype, dtype_reason, unet_parameters
+from xldm.pipeline import Pipeline
 from xldm.pngmeta import parse_a1111_parameters, png_text, read_png_text
 from xldm.weights.save import save_single_file
 
@@ -46,8 +46,8 @@ def test_native_bf16_from_cpuinfo_when_torch_cannot_say(monkeypatch, tmp_path, f
     fake_cpu(monkeypatch, avx512_bf16=None, amx=None)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    real_path = pipeline_module.Path
-    monkeypatch.setattr(pipeline_module, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    real_path = devices_module.Path
+    monkeypatch.setattr(devices_module, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
     assert cpu_has_native_bf16() is expected
 
 
@@ -92,7 +92,7 @@ def test_pipeline_picks_bf16_for_a_large_unet_and_records_it(monkeypatch, base_f
     fake_cpu(monkeypatch, avx512_bf16=True)
     small = Pipeline(base_file, device="cpu")
     assert small.dtype == torch.float32 and small.dtype_chosen
-    monkeypatch.setattr(pipeline_module, "CPU_BF16_MIN_UNET_PARAMETERS", 1)
+    monkeypatch.setattr(devices_module, "CPU_BF16_MIN_UNET_PARAMETERS", 1)
     pipe = Pipeline(base_file, device="cpu")
     assert pipe.dtype == torch.bfloat16
     result = pipe("a red heart", steps=2, width=64, height=64, seed=3)
@@ -150,7 +150,7 @@ def test_server_chooses_per_model_like_generate_and_keeps_an_explicit_dtype(monk
     name = base_file.name
     assert store.dtype_for(name) == torch.float32
     assert store.pipeline(name, None).dtype == torch.float32
-    monkeypatch.setattr(pipeline_module, "CPU_BF16_MIN_UNET_PARAMETERS", 1)
+    monkeypatch.setattr(devices_module, "CPU_BF16_MIN_UNET_PARAMETERS", 1)
     store._pipeline = None  # the settings are the same; the cached pipeline would be kept otherwise
     pipe = store.pipeline(name, None)
     assert store.dtype_for(name) == torch.bfloat16 == pipe.dtype

@@ -22,7 +22,8 @@ from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import check_sampler_options, sample
 from xldm.diffusion.schedules import make_schedule
-from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.pngmeta import a1111_to_params, format_a1111_parameters, parse_a1111_parameters
 
 from tiny_models import random_components

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from xldm.config import TINY_SDXL_BASE
-from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.pngmeta import A1111_SAMPLER_NAMES
 from xldm.weights.save import save_diffusers
 

@@ -24,7 +24,7 @@ from PIL import Image
 from xldm.cli import main as cli_main
 from xldm.config import TINY_SDXL_BASE, TINY_SDXL_REFINER
 from xldm.serve.app import ServerConfig, create_app
-from xldm.pipeline import Interrupted
+from xldm.request import Interrupted
 from xldm.serve.jobs import Job, JobQueue, ModelStore, find_models
 from xldm.speedups import fit_latent_preview, model_preview_map, preview_image
 from xldm.weights.save import save_single_file
@@ -281,7 +281,8 @@ def test_cli_python_api_and_server_share_defaults_and_prompt_semantics(client, m
     txt2img use the same sampler, steps and CFG (GENERATE_DEFAULTS) and A1111's prompt semantics (chunks past 75
     tokens, (word:w), [word], BREAK): the same pixels.  Turned off everywhere (at 4 steps), they agree again."""
     from xldm.config import GENERATE_DEFAULTS
-    from xldm.pipeline import GenerationRequest, load
+    from xldm.pipeline import load
+    from xldm.request import GenerationRequest
 
     base = models[0]
     pipe = load(base, dtype=torch.float32, device="cpu")

@@ -15,7 +15,8 @@ from xldm.config import TINY_SDXL_BASE
 from xldm.diffusion.schedules import make_schedule
 from xldm.images import image_to_tensor
 from xldm.models.layers import timestep_embedding
-from xldm.pipeline import GenerationRequest, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import GenerationRequest
 from xldm.speedups import (DeepCacheUNet, fit_latent_preview, input_block_count, latent_preview_map,
                            preview_image, preview_pixels, psnr)
 

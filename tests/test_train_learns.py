@@ -101,7 +101,8 @@ def _measure(image, positions: tuple[str, ...]) -> tuple[str | None, str | None,
 
 def _train_and_sample(tmp: Path, *, per_combo: int, vae_steps: int, unet_steps: int, samples: int,
                       clip_init: bool) -> dict[tuple[str, str], list[tuple[str | None, str | None, int]]]:
-    from xldm.pipeline import GenerationRequest, Pipeline
+    from xldm.pipeline import Pipeline
+    from xldm.request import GenerationRequest
     from xldm.weights.load import load_model
     from xldm.weights.save import save_single_file
 

@@ -234,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is not None:
         check_output_paths(_output_paths(args.out, max(args.batch, 1)), force=args.force)
-    from xldm.pipeline import check_device
+    from xldm.devices import check_device
 
     check_device(args.device)
     from xldm.config import (DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH, DEFAULT_TURBO_UNET_PATH, GENERATE_DEFAULTS,
@@ -282,7 +282,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             setattr(args, flag[2:], str(bundled))
 
     from xldm.images import open_image
-    from xldm.pipeline import GenerationRequest, resolve_request
+    from xldm.pipeline import resolve_request
+    from xldm.request import GenerationRequest
 
     controlnets = _control_units(args)
     from xldm.weights.info import model_info
@@ -313,7 +314,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = resolve_request(request, default_size=lambda: model_info(args.model).config.default_size,
                               has_refiner=args.refiner is not None)
     from xldm.lora import LoraSet
-    from xldm.pipeline import load, request_loras
+    from xldm.pipeline import load
+    from xldm.request import request_loras
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
     LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
@@ -327,7 +329,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
                 embeddings_dir=args.embeddings_dir, compile=args.compile, quantize=args.quantize)
-    from xldm.pipeline import dtype_reason
+    from xldm.devices import dtype_reason
 
     say(dtype_reason(pipe.device, pipe.dtype, pipe.dtype_chosen))
     from xldm.hashes import cached_sha256

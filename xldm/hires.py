@@ -25,14 +25,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-if TYPE_CHECKING:
-    from xldm.pipeline import GenerationRequest, GenerationResult, Pipeline
+from xldm.request import GenerationRequest, GenerationResult
+
+
+class TwoPassRunner(Protocol):
+    """What the two passes need of a pipeline (`xldm.pipeline.Pipeline`): a run of a resolved request, and the
+    decode of a model's latents."""
+
+    model: Any
+
+    def run(self, req: GenerationRequest, **options: Any) -> GenerationResult: ...
+
+    def decode(self, handle: Any, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor: ...
 
 # A1111 modules/shared.py latent_upscale_modes (name -> torch interpolate mode, antialias); all torch has
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
@@ -53,16 +63,16 @@ UPSCALERS = (*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS)
 MAX_HIRES_SCALE = 8.0  # a sanity bound (A1111's slider goes to 4)
 
 
-def hires_enabled(req: "GenerationRequest") -> bool:
+def hires_enabled(req: GenerationRequest) -> bool:
     return req.hires_scale is not None or req.hires_size is not None
 
 
-def hires_steps(req: "GenerationRequest") -> int:
+def hires_steps(req: GenerationRequest) -> int:
     """The second pass's schedule length: `hires_steps`, or the first pass's steps for None / 0 (A1111)."""
     return req.hires_steps or req.steps
 
 
-def hires_target(req: "GenerationRequest", width: int | None = None, height: int | None = None) -> tuple[int, int]:
+def hires_target(req: GenerationRequest, width: int | None = None, height: int | None = None) -> tuple[int, int]:
     """The second pass's (width, height) from the first pass's size: `hires_size` (a 0 side follows the aspect
     ratio, as A1111 hr_resize_x / hr_resize_y), else the size times `hires_scale`; rounded down to multiples of 8
     (the VAE's factor: A1111 leaves int(width * scale) unrounded and drops the remainder in the latent)."""
@@ -78,7 +88,7 @@ def hires_target(req: "GenerationRequest", width: int | None = None, height: int
     return max(w // 8 * 8, 8), max(h // 8 * 8, 8)
 
 
-def check_hires(req: "GenerationRequest", width: int, height: int) -> None:
+def check_hires(req: GenerationRequest, width: int, height: int) -> None:
     """The hires settings of a request of the first-pass size width x height; ValueError naming the problem."""
     if req.hires_upscaler not in UPSCALERS:
         raise ValueError(f"unknown hires upscaler {req.hires_upscaler!r}; expected one of {', '.join(UPSCALERS)}")
@@ -128,8 +138,8 @@ def upscale_images(images: list[Image.Image], width: int, height: int, upscaler:
     return [image.resize((width, height), resample=IMAGE_UPSCALERS[upscaler]) for image in images]
 
 
-def run_hires(pipe: "Pipeline", req: "GenerationRequest", *, callback: Callable | None = None, output: str = "pil",
-              status: Callable[[str], None] | None = None) -> "GenerationResult":
+def run_hires(pipe: TwoPassRunner, req: GenerationRequest, *, callback: Callable | None = None, output: str = "pil",
+              status: Callable[[str], None] | None = None) -> GenerationResult:
     """The two passes of a resolved hires request (see the module docstring).  Callback stages: "base" for the
     first pass, "hires" for the second, "refiner" for a refiner's part of the second."""
     from xldm.images import image_to_tensor, tensor_to_images
@@ -155,7 +165,7 @@ def run_hires(pipe: "Pipeline", req: "GenerationRequest", *, callback: Callable 
     return result
 
 
-def hires_params(req: "GenerationRequest") -> dict[str, Any]:
+def hires_params(req: GenerationRequest) -> dict[str, Any]:
     """The hires settings of an image's metadata (none without hires fix, so plain images keep theirs)."""
     if not hires_enabled(req):
         return {}
@@ -169,7 +179,7 @@ def hires_params(req: "GenerationRequest") -> dict[str, Any]:
     return params
 
 
-def extra_generation_params(req: "GenerationRequest") -> dict[str, Any]:
+def extra_generation_params(req: GenerationRequest) -> dict[str, Any]:
     """The hires entries of A1111's `Processed.extra_generation_params` (the response's `info`)."""
     params, entries = hires_params(req), {}
     if "hires_scale" in params:
@@ -183,7 +193,7 @@ def extra_generation_params(req: "GenerationRequest") -> dict[str, Any]:
     return entries
 
 
-def progress_stages(req: "GenerationRequest", has_refiner: bool) -> dict[str, tuple[float, float]]:
+def progress_stages(req: GenerationRequest, has_refiner: bool) -> dict[str, tuple[float, float]]:
     """Each stage's (start, width) share of one image's steps (the server's progress): the first pass, the hires
     pass and, with a refiner, its part of the hires pass."""
     from xldm.diffusion.schedules import img2img_start, split_for_refiner

@@ -4,18 +4,18 @@ Every step reproduces diffusers' `StableDiffusionXLPipeline`, `StableDiffusionXL
 `StableDiffusionXLInpaintPipeline` (diffusers 0.42.1) so the same weights, seed and settings give the same
 pixels: per-image CPU generators seeded `seed + i` (diffusers with a list of generators), the posterior
 sample drawn before the noise, the refiner continuing the base's schedule (`denoising_end` / `denoising_start`).
-A request is resolved and checked once, at the boundary (`resolve_request`); `Pipeline.run` trusts it."""
+A request (`xldm.request.GenerationRequest`) is resolved and checked once, at the boundary (`resolve_request`);
+`Pipeline.run` trusts it.  The networks of each model come from a `xldm.handle.ModelHandle`; device and dtype
+defaults from `xldm.devices`."""
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 import re
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from PIL import Image
 from xldm.conditioning import Conditioning, sampling_conditioning
 from xldm.controlnet import (ControlStack, ControlUnit, check_unit, control_image, open_control_image, unit_infotext,
                              unit_name)
-from xldm.config import GENERATE_DEFAULTS, PREDICTION_TYPES, ModelConfig
+from xldm.config import PREDICTION_TYPES
 from xldm.diffusion import noise as noise_lib
 from xldm.diffusion.denoiser import Denoiser
 from xldm.diffusion.samplers import CHURN_DEFAULTS, ETA_DEFAULTS, check_sampler_options, sample
@@ -33,376 +33,16 @@ from xldm.hires import check_hires, hires_enabled, hires_params, hires_steps, ru
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
                                       refiner_start, split_for_refiner)
 from xldm.speedups import check_cache_branch, check_speedups, speedup_model_fn
-from xldm.lora import LoraSet, LoraUse, lora_infotext, parse_lora_tags, resolve_lora_name
+from xldm.lora import LoraUse, lora_infotext, parse_lora_tags
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
 from xldm.models.quantize import check_quantize
-from xldm.weights.offload import DeviceSwap, MappedPages, file_signature, trim_heap
 from xldm.vae_tiling import decode_checked
 from xldm.vae_tiling import encode as encode_posterior
-
-MAX_SEED = 2**32 - 1
-PREDICTION_ALIASES = {"eps": "epsilon"}
-
-
-class Interrupted(Exception):
-    """Raised from a step callback to stop a generation after the current step."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything that decides an image.  Sizes are (width, height); crops are (top, left).  The defaults are
-    `xldm.config.GENERATE_DEFAULTS`, shared with the CLI and the server."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int = GENERATE_DEFAULTS["steps"]
-    cfg: float = GENERATE_DEFAULTS["cfg"]
-    seed: int | None = None
-    sampler: str = GENERATE_DEFAULTS["sampler"]
-    batch: int = 1
-    # img2img / SDEdit / inpainting
-    init_image: Image.Image | None = field(default=None, repr=False)
-    strength: float | None = None  # default: 0.3 (img2img, diffusers), 0.9999 (inpaint, diffusers)
-    mask: Image.Image | None = field(default=None, repr=False)
-    # base -> refiner hand-off (diffusers denoising_end / denoising_start)
-    refiner_start: float | None = None  # default 0.8 when a refiner is used
-    # SDXL micro-conditioning (SDXL paper, Sec. 2.2); None = the image size
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crop_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0  # refiner only (diffusers StableDiffusionXLImg2ImgPipeline defaults)
-    negative_aesthetic_score: float = 2.5
-    # prompt handling: A1111's by default (75-token chunks, "(word:1.2)" and BREAK); "truncate" / False: diffusers'
-    long_prompts: str = GENERATE_DEFAULTS["long_prompts"]
-    weighting: bool = GENERATE_DEFAULTS["weighting"]
-    tile_vae: bool | None = None  # None: tiled VAE decode and encode only when the image is large
-    # LoRA / LyCORIS files on the main model: (path, weight[, text-encoder weight]) or LoraUse, with those the
-    # prompt names in <lora:NAME:WEIGHT> tags (files in the pipeline's lora_dir; the tags are not encoded)
-    loras: tuple = ()
-    # ControlNets on the main model (xldm.controlnet.ControlUnit), applied in order, their residuals summed
-    controlnets: tuple = ()
-    clip_skip: int | None = None  # A1111 "Clip skip": 1 = the model's own layer, 2 = one earlier, ...
-    # which training timesteps the schedule visits (diffusers timestep_spacing; "trailing" = A1111 "SGM Uniform",
-    # what few-step distilled models such as SDXL Turbo / Lightning expect); lcm and *_karras have their own
-    timestep_spacing: str = GENERATE_DEFAULTS["timestep_spacing"]
-    # the main model's parameterisation and training schedule; None = the model's own (its config, or the
-    # single file's `v_pred` / `ztsnr` marker keys)
-    prediction: str | None = None  # "epsilon" ("eps"), "v" or "x0"
-    zero_terminal_snr: bool | None = None
-    # hires fix (A1111 "Hires. fix", xldm.hires): on when hires_scale or hires_size is given; a txt2img pass at
-    # width x height, an upscale, an img2img pass at hires_strength over hires_steps (None: steps)
-    hires_scale: float | None = None
-    hires_size: tuple[int, int] | None = None  # (width, height); one side 0: from the aspect ratio
-    hires_upscaler: str = GENERATE_DEFAULTS["hires_upscaler"]  # xldm.hires.UPSCALERS
-    hires_strength: float = GENERATE_DEFAULTS["hires_strength"]
-    hires_steps: int | None = None
-    # sampler options (xldm.diffusion.samplers.check_sampler_options): the noise-adding samplers' eta (None: the
-    # sampler's own, ETA_DEFAULTS), Euler's churn (Karras et al. 2022, Alg. 2; diffusers EulerDiscreteScheduler)
-    eta: float | None = None
-    s_churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    s_noise: float = 1.0
-    # algorithmic speed-ups (xldm.speedups), off by default: DeepCache feature caching (a full UNet pass every
-    # cache_interval steps, the shallow branch through input block cache_branch between) and CFG on the first
-    # cfg_end fraction of each pass's steps only
-    cache_interval: int = 1
-    cache_branch: int = 0
-    cfg_end: float = 1.0
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    seeds: list[int]
-    params: list[dict[str, Any]]  # one dict per image: every setting, for PNG metadata
-    latents: torch.Tensor | None = None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def check_device(device: str | None) -> None:
-    """Before any loading: `device` parses as a torch device and, for cuda/mps, the backend is available."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda, cuda:1, mps ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
-
-
-# Below this many UNet parameters bf16 is not faster on a CPU: the matmuls are too small to be compute-bound, the
-# time goes to per-op overhead and dtype casts (README "Benchmarks": the bundled 2.1 M-parameter UNet runs no faster
-# in bf16), so such models keep fp32 and its exact, reproducible pixels.  SDXL's UNet has 2.57 G.
-CPU_BF16_MIN_UNET_PARAMETERS = 100_000_000
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch's CPU kernels see it; where torch
-    cannot say, the Linux /proc/cpuinfo flags (avx512_bf16, amx_bf16)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(check is not None for check in checks):
-        return any(check is not None and bool(check()) for check in checks)
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def default_dtype(device: torch.device, unet_parameters: int | None = None) -> torch.dtype:
-    """bf16 on GPUs that have it (it does not overflow the SDXL VAE like fp16 does), else fp16; on a CPU, bf16 when
-    it computes bf16 natively and the UNet is large enough to gain (`CPU_BF16_MIN_UNET_PARAMETERS`; an unknown
-    size counts as small), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and unet_parameters is not None and unet_parameters >= CPU_BF16_MIN_UNET_PARAMETERS:
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return torch.float32
-
-
-def dtype_reason(device: torch.device, dtype: torch.dtype, chosen: bool) -> str:
-    """One line saying which dtype runs and why, e.g. "dtype: bf16 (CPU has AVX512-BF16)"."""
-    name = DTYPE_NAMES.get(dtype, str(dtype))
-    if not chosen:
-        return f"dtype: {name} (as asked)"
-    if device.type == "cuda":
-        return f"dtype: {name} ({'the GPU has bf16' if dtype == torch.bfloat16 else 'the GPU has no bf16'})"
-    if dtype == torch.bfloat16:
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return f"dtype: bf16 (CPU has {'AMX' if amx is not None and amx() else 'AVX512-BF16'})"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return (f"dtype: fp32 (the UNet is under {CPU_BF16_MIN_UNET_PARAMETERS // 1_000_000} M parameters: "
-                "bf16 would not be faster)")
-    return f"dtype: fp32 ({'CPU has no native bf16' if device.type == 'cpu' else device.type})"
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def unet_parameters(model: Components | str | Path) -> int | None:
-    """The UNet's parameter count, from loaded networks or a file's header (None when it has no UNet)."""
-    if isinstance(model, Components):
-        return None if model.unet is None else sum(p.numel() for p in model.unet.parameters())
-    from xldm.weights.info import model_info
-
-    return next((c.parameters for c in model_info(Path(model)).components if c.name == "unet"), None)
-
-
-class ModelHandle:
-    """One model's networks: already loaded, or loaded from a path on use.  In low-memory mode with files, each
-    network is read once and kept near the device (`xldm.weights.offload`): on a GPU in (pinned) host RAM, moved to
-    the device for each use and off it after; on a CPU as views of the memory-mapped file whose pages go back to
-    the page cache after each use (a network that needs a cast from the file's dtype is freed after each use and
-    read again).  A kept network whose file changed is read again; a removed file is an error."""
-
-    def __init__(self, source: Components | str | Path, *, dtype: torch.dtype, device: torch.device,
-                 low_memory: bool = False, vae: str | Path | None = None, unet: str | Path | None = None,
-                 file: str | Path | None = None, quantize: str | None = None) -> None:
-        self.dtype, self.device, self.low_memory = dtype, device, low_memory
-        self.quantize = check_quantize(quantize)
-        # low memory with files: the networks read once and kept near the device (xldm.weights.offload), by
-        # component: (the source's file_signature, DeviceSwaps on a GPU, MappedPages on a CPU or None)
-        self._near: dict[str, tuple[tuple, list, Any]] = {}
-        self.source_file = None if file is None else Path(file)  # the file loaded Components came from
-        self.vae_path = None if vae is None else Path(vae)
-        self.unet_path = None if unet is None else Path(unet)
-        if isinstance(source, Components):
-            self.path: Path | None = None
-            self.loaded = source.to(device=device, dtype=dtype)
-            self.config: ModelConfig = source.config
-            if self.quantize and source.unet is not None:
-                from xldm.models.quantize import quantize_weights
-
-                quantize_weights(source.unet)
-        else:
-            from xldm.weights.info import model_info
-
-            self.path = Path(source)
-            self.loaded = Components(config=model_info(self.path).config)
-            self.config = self.loaded.config
-        self.name = self.path.name if self.path else self.source_file.name if self.source_file else self.config.kind
-        self.loras = LoraSet(self.config)
-        self.embeddings: list = []  # xldm.embeddings.Embedding, attached whenever the text encoders are in use
-        for component, override in (("vae", self.vae_path), ("unet", self.unet_path)):
-            if override is not None:
-                self.loaded = replace(self.loaded, **{component: None})  # the caller's Components keep theirs
-                if not low_memory:
-                    self._load(component)
-        if self.unet_path is not None:
-            self.name = self.unet_path.name
-        self._hashes: dict[Path, str | None] = {}
-
-    @property
-    def file(self) -> Path | None:
-        """The file the model's name comes from (the --unet file when its UNet replaces the model's); None for
-        networks given already loaded."""
-        return self.unet_path or self.path or self.source_file
-
-    def short_hash(self, path: Path | None) -> str | None:
-        """A1111's short hash of a file (`xldm.hashes`), computed once per handle (and cached across runs)."""
-        if path is None:
-            return None
-        if path not in self._hashes:
-            from xldm.hashes import short_hash
-
-            self._hashes[path] = short_hash(path)
-        return self._hashes[path]
-
-    def _source(self, component: str) -> Path | None:
-        """The file (or folder) a component is read from."""
-        if component == "vae" and self.vae_path is not None:
-            return self.vae_path
-        if component == "unet" and self.unet_path is not None:
-            return self.unet_path
-        return self.path
-
-    def _maps(self, component: str) -> bool:
-        """Low memory on a CPU: whether the component's file holds its floating tensors in the dtype it runs in,
-        so that they can stay views of the mapped file (`xldm.weights.offload.MappedPages`)."""
-        from xldm.weights.io import open_checkpoint
-        from xldm.weights.info import model_info
-
-        source = self._source(component)
-        try:
-            if source == self.path:
-                wanted = ("text_encoder",) if component == "text_encoders" else (component,)
-                names = {d for c in model_info(source).components if c.name.startswith(wanted) for d in c.dtypes}
-            else:
-                ckpt = open_checkpoint(source)
-                names = {str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys()}
-        except (OSError, ValueError):
-            return False
-        floating = {getattr(torch, n) for n in names if getattr(torch, n).is_floating_point}
-        return floating == {self.dtype}
-
-    def _load(self, component: str) -> None:
-        from xldm.weights.load import load_model, load_vae
-
-        near = self.low_memory and self.path is not None
-        host = near and self.device.type != "cpu"  # read into host RAM once, moved to the device per use
-        mapped = near and not host and self._maps(component)
-        source = self._source(component)
-        signature = file_signature(source) if near else None
-        device = torch.device("cpu") if host else self.device
-        if component == "vae" and self.vae_path is not None:  # --vae: another file's autoencoder
-            scale = self.config.vae.scaling_factor if self.config.vae is not None else None
-            vae = load_vae(self.vae_path, scaling_factor=scale, dtype=self.dtype, device=device, mapped=mapped)
-            if vae.cfg.z_channels != self.config.latent_channels:
-                raise ValueError(f"--vae {self.vae_path.name} makes {vae.cfg.z_channels}-channel latents, the model "
-                                 f"takes {self.config.latent_channels}")
-            self.loaded.vae = vae
-        elif component == "unet" and self.unet_path is not None:  # --unet: another file's UNet (a student)
-            unet = load_model(self.unet_path, components=["unet"], dtype=self.dtype, device=device,
-                              mapped=mapped).unet
-            if unet is None or unet.config != self.config.unet:
-                raise ValueError(f"--unet {self.unet_path.name} holds no UNet of this model's architecture")
-            self.loaded.unet = unet
-        else:
-            part = load_model(self.path, components=[component], dtype=self.dtype, device=device, mapped=mapped)
-            setattr(self.loaded, component, getattr(part, component))
-        files = [Path(f[0]) for f in signature] if mapped else []
-        if component == "unet" and self.quantize:
-            from xldm.models.quantize import quantize_weights
-
-            floats = MappedPages([self.loaded.unet], files) if mapped else None
-            quantize_weights(self.loaded.unet)
-            if floats is not None:  # the float weights the int8 ones replace: their pages go back now
-                floats.release()
-            del floats
-        modules = self._networks(component)
-        pages = MappedPages(modules, files) if mapped else None
-        if host:
-            self._near[component] = (signature, [DeviceSwap(m, pin=torch.cuda.is_available()) for m in modules],
-                                     None)
-        elif mapped:
-            self._near[component] = (signature, [], pages)
-
-    def _networks(self, component: str) -> list[torch.nn.Module]:
-        value = getattr(self.loaded, component)
-        return list(value) if isinstance(value, tuple) else [] if value is None else [value]
-
-    def _check_near(self, component: str) -> None:
-        """A kept network whose file changed since it was read is dropped (read again on use); a removed file is
-        an error that says so."""
-        if component not in self._near:
-            return
-        source = self._source(component)
-        try:
-            signature = file_signature(source)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{source}: the model file was removed after its {component} was loaded; "
-                                    f"restore it or load the model again") from None
-        if signature != self._near[component][0]:
-            self._drop(component)
-
-    def _drop(self, component: str) -> None:
-        self._near.pop(component, None)
-        setattr(self.loaded, component, () if component == "text_encoders" else None)
-        gc.collect()
-        trim_heap()
-
-    def _sync_embeddings(self) -> None:
-        from xldm.embeddings import add_embeddings, attached_embeddings, remove_embeddings
-
-        if attached_embeddings(self.loaded) != [e.name for e in self.embeddings]:
-            remove_embeddings(self.loaded)
-            add_embeddings(self.loaded, self.embeddings)
-
-    def has(self, component: str) -> bool:
-        """Whether the model has this component (loaded, or in its file)."""
-        if component == "vae" and (self.loaded.vae is not None or self.vae_path is not None):
-            return True
-        if self.path is None:
-            return False
-        from xldm.weights.info import model_info
-
-        return any(c.name == component for c in model_info(self.path).components)
-
-    @contextmanager
-    def use(self, component: str) -> Iterator[Components]:
-        """Components with `component` ("unet", "vae" or "text_encoders") present for the block's duration."""
-        near = self.low_memory and self.path is not None
-        if near:
-            self._check_near(component)
-        if getattr(self.loaded, component) in (None, ()):
-            if self.path is None:
-                raise ValueError(f"{self.name}: the model has no {component} and no file to load it from")
-            self._load(component)
-        kept = self._near.get(component)
-        try:
-            for swap in kept[1] if kept else ():
-                swap.to_device(self.device)
-            if component != "vae":
-                self.loras.sync(self.loaded)
-            if component == "text_encoders":
-                self._sync_embeddings()
-            yield self.loaded
-        finally:
-            if near:
-                if kept is None:  # (not kept near: freed, read again on the next use)
-                    self._drop(component)
-                else:
-                    for swap in kept[1]:
-                        swap.to_host()
-                    trim_heap()  # this network's freed activations go back before the next network runs
-                    if kept[2] is not None:
-                        kept[2].release()
+from xldm.devices import DTYPE_NAMES, default_device, default_dtype, unet_parameters
+from xldm.handle import ModelHandle
+from xldm.request import (MAX_SEED, PREDICTION_ALIASES, GenerationRequest, GenerationResult, request_loras,
+                          sampler_churn)
 
 
 def _check_size(name: str, size: tuple[int, int] | None) -> None:
@@ -516,11 +156,6 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
                    prediction=prediction)
 
 
-def sampler_churn(req: GenerationRequest) -> dict[str, float]:
-    """The request's Euler churn options (s_churn, s_tmin, s_tmax, s_noise) as `samplers.sample` takes them."""
-    return {name: getattr(req, name) for name in CHURN_DEFAULTS}
-
-
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
             x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
             step_hook=None, callback=None, name: str = "", control: ControlStack | None = None,
@@ -556,19 +191,6 @@ def _also_advance(advance: Callable, callback: Callable | None) -> Callable:
             callback(i, n, x_i, x0)
 
     return both
-
-
-def request_loras(req: GenerationRequest, lora_dir: str | Path | None, kept: Sequence[LoraUse] = ()) -> list[LoraUse]:
-    """The LoRA files active for `req`: `kept` (the pipeline's), the request's, then the prompt's tags, in order."""
-    uses = list(kept)
-    for entry in req.loras:
-        if not isinstance(entry, LoraUse):
-            entry = (entry,) if isinstance(entry, (str, Path)) else tuple(entry)
-            entry = LoraUse(Path(entry[0]), *(float(w) for w in entry[1:3]))
-        uses.append(entry)
-    for name, weight, text_weight in parse_lora_tags(req.prompt)[1]:
-        uses.append(LoraUse(resolve_lora_name(name, lora_dir), weight, text_weight))
-    return uses
 
 
 class Pipeline:

@@ -66,7 +66,7 @@ def build_config(args: argparse.Namespace):
     """The ServerConfig of parsed arguments; raises ValueError for unsafe or impossible settings."""
     from xldm.serve.guard import LOOPBACK_HOSTS
     from xldm.serve.server import ServerConfig
-    from xldm.pipeline import check_device
+    from xldm.devices import check_device
     from xldm.serve.jobs import find_models
 
     models = [Path(p) for p in args.model]

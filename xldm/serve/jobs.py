@@ -5,7 +5,7 @@
 * **Progress**: the step callback records the step and the denoised estimate x0, previewed through the linear
   latent -> RGB map fitted to the model's own VAE (`xldm.speedups.model_preview_map`, as `xldm generate --preview`):
   no network runs per preview.
-* **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.pipeline.Interrupted`;
+* **Interrupt**: a flag the step callback checks after every sampler step, raising `xldm.request.Interrupted`;
   the job ends within one step and returns the images of the iterations already done.
 * **Out of memory** (`torch.cuda.OutOfMemoryError`, `MemoryError`) fails that job only: its tensors are dropped,
   the CUDA cache emptied, and the worker goes on.
@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-from xldm.pipeline import Interrupted, Pipeline
+from xldm.pipeline import Pipeline
+from xldm.request import Interrupted
 from xldm.serve.networks import stays_inside
 
 log = logging.getLogger("xldm.serve")
@@ -263,7 +264,7 @@ class ModelStore:
                  device: torch.device | str | None = None, students: dict[str, tuple[Path, Path]] | None = None
                  ) -> None:
         """`paths`: checkpoints, served by file name; `students`: name -> (checkpoint, UNet file)."""
-        from xldm.pipeline import default_device
+        from xldm.devices import default_device
         from xldm.weights.info import model_info
 
         self.device = torch.device(device) if device is not None else default_device()
@@ -299,7 +300,7 @@ class ModelStore:
     def dtype_for(self, name: str) -> torch.dtype:
         """The dtype a pipeline over model `name` runs in: the server's --dtype, else `default_dtype` for the device
         and the size of the model's UNet (read from the file header), as `xldm generate` chooses it."""
-        from xldm.pipeline import default_dtype, unet_parameters
+        from xldm.devices import default_dtype, unet_parameters
 
         if self.dtype is not None:
             return self.dtype

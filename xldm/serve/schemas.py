@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xldm.diffusion.samplers import CHURN_DEFAULTS, CHURN_SAMPLERS, ETA_DEFAULTS
 from xldm.diffusion.schedules import SAMPLER_NAMES
-from xldm.pipeline import MAX_SEED
+from xldm.request import MAX_SEED
 from xldm.config import GENERATE_DEFAULTS
 from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
 

@@ -25,7 +25,8 @@ from xldm.buckets import scaled_buckets
 from xldm.config import GENERATE_DEFAULTS
 from xldm.diffusion.schedules import SAMPLER_NAMES
 from xldm.lora import parse_lora_tags, read_lora
-from xldm.pipeline import MAX_SEED, GenerationRequest, Interrupted, request_loras, resolve_request
+from xldm.pipeline import resolve_request
+from xldm.request import MAX_SEED, GenerationRequest, Interrupted, request_loras
 from xldm.pngmeta import (
     A1111_SAMPLER_NAMES,
     format_a1111_parameters,

@@ -207,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if config.device != "auto":
-        from xldm.pipeline import check_device
+        from xldm.devices import check_device
 
         check_device(config.device)
     if not config.data:
