@@ -26,7 +26,7 @@ from xldm.reproduce.cost import (  # noqa: F401  (the cost model lives in the pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    from xldm.cli import number_list
+    from xldm.generate_cli import number_list
     from xldm.config import DEFAULT_BASE, DEFAULT_REFINER
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
