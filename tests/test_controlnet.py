@@ -337,3 +337,29 @@ def test_img2img_and_inpainting_match_diffusers(setup, mode):
     diff = max_diff(ours.images, theirs)
     print(f"{mode}: pixels {diff}/255")
     assert diff <= PIXEL_TOL, f"{mode}: max pixel difference {diff}/255"
+
+
+
+def test_control_image_features_are_computed_once_per_generation(setup, monkeypatch):
+    """The hint network (cldm input_hint_block) runs once per unit and generation, not once per step, and the
+    latents are bit for bit those of features computed from the control image at every step."""
+    from xldm.controlnet import ControlStack
+    from xldm.models.controlnet import ControlNet
+
+    unit = ControlUnit(setup["paths"][0], setup["images"][0], 1.0)
+    common = dict(steps=4, width=64, height=64, seed=SEED, batch=2, controlnets=(unit,))
+    calls = []
+    real = ControlNet.hint_features
+    monkeypatch.setattr(ControlNet, "hint_features", lambda self, hint: calls.append(1) or real(self, hint))
+    cached = setup["ours"](PROMPT, **common)
+    assert len(calls) == 1
+    calls.clear()
+
+    def every_step(self, index, rows, device):
+        net, hint, _ = self.units[index]
+        return net.hint_features(hint.repeat(rows, 1, 1, 1).to(device))
+
+    monkeypatch.setattr(ControlStack, "features", every_step)
+    recomputed = setup["ours"](PROMPT, **common)
+    assert len(calls) == 4
+    assert torch.equal(cached.latents, recomputed.latents)

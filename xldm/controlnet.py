@@ -130,6 +130,17 @@ class ControlStack:
 
     def __init__(self, units: list[tuple[ControlNet, torch.Tensor, ControlUnit]], total: int) -> None:
         self.units, self.total, self.step = units, total, 0
+        # each unit's control image features for the batch in use (rows, device), computed on first use: the same
+        # at every step, so the hint network runs once per generation instead of once per step
+        self._features: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def features(self, index: int, rows: int, device: torch.device) -> torch.Tensor:
+        key = (index, rows, device)
+        if key not in self._features:
+            net, hint, _ = self.units[index]
+            with torch.no_grad():
+                self._features[key] = net.hint_features(hint.repeat(rows, 1, 1, 1).to(device))
+        return self._features[key]
 
     def advance(self, i: int, *_) -> None:
         self.step = i + 1
@@ -141,11 +152,11 @@ class ControlStack:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  vector: torch.Tensor | None) -> Residuals | None:
         total: Residuals | None = None
-        for (net, hint, _), scale in zip(self.units, self.scales()):
+        for index, ((net, hint, _), scale) in enumerate(zip(self.units, self.scales())):
             if scale == 0:
                 continue
             rows = x.shape[0] // hint.shape[0]  # the CFG batch: the same control image for both halves
-            down, mid = net(x, t, context, vector, hint.repeat(rows, 1, 1, 1).to(x.device), scale)
+            down, mid = net(x, t, context, vector, None, scale, hint_features=self.features(index, rows, x.device))
             total = (down, mid) if total is None else ([a + b for a, b in zip(total[0], down)], total[1] + mid)
         return total
 

@@ -100,17 +100,30 @@ class ControlNet(nn.Module):
                 widths.append(width)
         return widths
 
+    def hint_features(self, hint: torch.Tensor) -> torch.Tensor:
+        """The control image's features (cldm `input_hint_block`), the same at every step: a sampling loop computes
+        them once (`xldm.controlnet.ControlStack`) and passes them as `forward(..., hint_features=)`."""
+        return self.input_hint_block(hint.to(self.time_embed[0].weight.dtype))
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None, hint: torch.Tensor, scale: float = 1.0) -> Residuals:
+                y: torch.Tensor | None, hint: torch.Tensor | None, scale: float = 1.0, *,
+                hint_features: torch.Tensor | None = None) -> Residuals:
         """Residuals for latents `x` (B, C, H, W) and control images `hint` (B, conditioning_channels, 8H, 8W) in
-        [0, 1]; `timesteps`, `context` and `y` as for the UNet."""
+        [0, 1], or their `hint_features` (B, C0, H, W) computed before; `timesteps`, `context` and `y` as for the
+        UNet."""
         cfg, unet = self.config, self.config.unet
         if x.ndim != 4 or x.shape[1] != unet.in_channels:
             raise ValueError(f"x: expected shape (B, {unet.in_channels}, H, W), found {tuple(x.shape)}")
-        f = cfg.downsample_factor
-        expected = (x.shape[0], cfg.conditioning_channels, x.shape[2] * f, x.shape[3] * f)
-        if tuple(hint.shape) != expected:
-            raise ValueError(f"control image: expected shape {expected} ({f}x the latents), found {tuple(hint.shape)}")
+        if hint_features is None:
+            f = cfg.downsample_factor
+            expected = (x.shape[0], cfg.conditioning_channels, x.shape[2] * f, x.shape[3] * f)
+            if hint is None or tuple(hint.shape) != expected:
+                found = None if hint is None else tuple(hint.shape)
+                raise ValueError(f"control image: expected shape {expected} ({f}x the latents), found {found}")
+            hint_features = self.hint_features(hint)
+        elif tuple(hint_features.shape) != (x.shape[0], unet.block_out_channels[0], *x.shape[2:]):
+            raise ValueError(f"hint features: expected shape {(x.shape[0], unet.block_out_channels[0], *x.shape[2:])}"
+                             f", found {tuple(hint_features.shape)}")
         dtype = self.time_embed[0].weight.dtype
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, unet.block_out_channels[0]).to(dtype))
@@ -118,7 +131,7 @@ class ControlNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         # cldm: the hint features are added to the output of the first input block (the conv_in).
-        h = self.input_blocks[0](x.to(dtype), emb, context) + self.input_hint_block(hint.to(dtype))
+        h = self.input_blocks[0](x.to(dtype), emb, context) + hint_features
         down = [self.zero_convs[0](h)]
         for block, zero in zip(self.input_blocks[1:], self.zero_convs[1:]):
             h = block(h, emb, context)
