@@ -32,7 +32,7 @@ from xldm.errors import ControlNetError, NonFiniteError
 from xldm.hires import check_hires, hires_enabled, hires_params, hires_steps, run_hires
 from xldm.diffusion.schedules import (SAMPLER_NAMES, TIMESTEP_SPACINGS, Schedule, img2img_start, make_schedule,
                                       refiner_start, split_for_refiner)
-from xldm.speedups import check_cache_branch, check_speedups, speedup_model_fn
+from xldm.speedups import NO_SPEEDUPS, SpeedUps, check_cache_branch, check_speedups, speedup_model_fn
 from xldm.lora import LoraUse, lora_infotext, parse_lora_tags
 from xldm.images import image_size, image_to_tensor, mask_to_tensor, round_to_multiple, tensor_to_images
 from xldm.models.components import Components
@@ -159,14 +159,12 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
 def denoise(unet: torch.nn.Module, cond: Conditioning, prediction_type: str, sampler: str, cfg: float,
             x: torch.Tensor, schedule: Schedule, generators: list[torch.Generator], *, extra_channels=None,
             step_hook=None, callback=None, name: str = "", control: ControlStack | None = None,
-            sampler_options: dict[str, Any] | None = None, cache_interval: int = 1, cache_branch: int = 0,
-            cfg_end: float = 1.0) -> torch.Tensor:
+            sampler_options: dict[str, Any] | None = None, speedups: SpeedUps = NO_SPEEDUPS) -> torch.Tensor:
     """The sampling loop of every model, latent or pixel-space: a sampler over the guided denoiser of one UNet
     (steered by `control`'s ControlNets, whose step count follows the sampler's steps), with the speed-ups of
     `xldm.speedups.speedup_model_fn`.  NaN/inf results are an error that says where, never a silent black image."""
     model_fn, advance, _ = speedup_model_fn(cond, unet, cfg, len(schedule), extra_channels=extra_channels,
-                                            control=control, cache_interval=cache_interval,
-                                            cache_branch=cache_branch, cfg_end=cfg_end)
+                                            control=control, speedups=speedups)
     for stepper in (control.advance if control is not None else None, advance):
         if stepper is not None:
             callback = _also_advance(stepper, callback)
@@ -202,8 +200,8 @@ class Pipeline:
     (`ModelHandle`): one network at a time on the device (a CPU: in use), so SDXL base + refiner run where only
     one UNet fits, and later images read no file again.  `quantize="int8"`: weight-only int8 for the UNets'
     Linear and 1x1 conv layers (`xldm.models.quantize`; LoRAs then stay unfused).  `vae`: a VAE file that
-    replaces the model's (e.g. the fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora`
-    stay active for every image, those of a request (`loras=`, prompt tags) for that request.  `dtype` None:
+    replaces the model's (e.g. the fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the
+    folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora` stay active for every image, those of a request (`loras=`, prompt tags) for that request.  `dtype` None:
     `default_dtype` for the device and the UNet's size; `compile`: `torch.compile` each UNet on first use."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
@@ -371,8 +369,7 @@ class Pipeline:
                 compile_unet(comps.unet, self.compile_seconds.append)
             return denoise(comps.unet, cond, self._training_schedule(handle, req)[0], req.sampler, req.cfg, x,
                            schedule, generators, name=handle.name,
-                           sampler_options=dict(eta=req.eta, **sampler_churn(req)), cache_interval=req.cache_interval,
-                           cache_branch=req.cache_branch, cfg_end=req.cfg_end, **kw)
+                           sampler_options=dict(eta=req.eta, **sampler_churn(req)), speedups=SpeedUps.of(req), **kw)
 
     def _training_schedule(self, handle: ModelHandle, req: GenerationRequest) -> tuple[str, bool]:
         """(prediction type, zero terminal SNR) of a model: the request's overrides for the main model, else its own."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,11 +122,29 @@ def guided_at(i: int, steps: int, cfg_end: float) -> bool:
     return i / steps < cfg_end
 
 
+@dataclass(frozen=True)
+class SpeedUps:
+    """The speed-ups of one sampling run (checked once with the request, `check_speedups`): DeepCache's interval
+    and branch, and the fraction of steps with CFG.  The defaults are off."""
+
+    cache_interval: int = 1
+    cache_branch: int = 0
+    cfg_end: float = 1.0
+
+    @classmethod
+    def of(cls, req: Any) -> "SpeedUps":
+        """A request's (`xldm.request.GenerationRequest`) speed-up settings."""
+        return cls(req.cache_interval, req.cache_branch, req.cfg_end)
+
+
+NO_SPEEDUPS = SpeedUps()
+
+
 def speedup_model_fn(cond: Conditioning, unet: nn.Module, cfg: float, steps: int, *, extra_channels=None,
-                     control=None, cache_interval: int = 1, cache_branch: int = 0,
-                     cfg_end: float = 1.0) -> tuple[Callable, Callable | None, nn.Module]:
+                     control=None, speedups: SpeedUps = NO_SPEEDUPS) -> tuple[Callable, Callable | None, nn.Module]:
     """(model_fn for `Denoiser`, advance(i) for the step callback or None, the network run).  With every setting
     at its default this is `cond.model_fn(unet, cfg, extra_channels, control)` and no callback."""
+    cache_interval, cache_branch, cfg_end = speedups.cache_interval, speedups.cache_branch, speedups.cfg_end
     network = DeepCacheUNet(unet, cache_interval, cache_branch) if cache_interval > 1 else unet
     guided_fn = cond.model_fn(network, cfg, extra_channels, control)
     if not cond.guided or cfg_end >= 1:
