@@ -201,8 +201,9 @@ class Pipeline:
     one UNet fits, and later images read no file again.  `quantize="int8"`: weight-only int8 for the UNets'
     Linear and 1x1 conv layers (`xldm.models.quantize`; LoRAs then stay unfused).  `vae`: a VAE file that
     replaces the model's (e.g. the fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the
-    folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora` stay active for every image, those of a request (`loras=`, prompt tags) for that request.  `dtype` None:
-    `default_dtype` for the device and the UNet's size; `compile`: `torch.compile` each UNet on first use."""
+    folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora` stay active for every image,
+    those of a request (`loras=`, prompt tags) for that request.  `dtype` None: `default_dtype` for the device and
+    the UNet's size; `compile`: `torch.compile` each UNet on first use."""
 
     def __init__(self, model: Components | str | Path, refiner: Components | str | Path | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
