@@ -430,8 +430,11 @@ def list_iconify_glyphs(package_root: Path, style: str, emojibase_root: Path, li
         for code, name in json.loads(chars_file.read_text(encoding="utf-8")).items():
             if name in icons:
                 by_code.setdefault(normalize_hexcode(code), name)
-            else:  # an alias or a removed icon: counted, never matched by name behind the user's back
+            else:  # an alias or a removed icon: counted
                 stats[f"{style}: chars.json entries naming no icon of the set"] += 1
+        if not by_code:  # an empty code-point list (the Noto v1 set's): matched by name, and the summary says so
+            stats[f"{style}: chars.json maps no code point to an icon, so icons are matched by CLDR name"] += 1
+            by_code = None
     entries = json.loads((emojibase_root / "en" / "data.json").read_text(encoding="utf-8"))
     entries.sort(key=lambda e: (e.get("order", math.inf), e["hexcode"]))  # CLDR order (the unordered last)
     if limit is not None:
