@@ -2,9 +2,11 @@
 
 For each category (a CLDR name with a characteristic outline: banana, thumbs up, ghost, ...) the real emoji of that
 name in an emoji build (datasets/emoji.py: Twemoji and Noto, and Fluent / blob when the build has them; native
-samples without skin tone) are the references, each reduced to its subject mask at 128x128
-(`xldm.reproduce.common.subject_mask`: the pixels that are not the white background).  N images per category are
-generated from the bare name (seeds 0..N-1) and reduced the same way.  Per category:
+samples without skin tone) are the references, each reduced to its silhouette at 128x128: the subject mask
+(`xldm.reproduce.common.subject_mask`: the pixels that are not the white background) with its enclosed holes filled
+(`fill_holes`).  The builds composite onto exact white, so a reference counts every pixel 2 % off white (a white
+ghost's body too); a generated image, whose background is never exactly white, counts the mask's default 25 %.  N
+images per category are generated from the bare name (seeds 0..N-1).  Per category:
 
 - shape IoU: the IoU of a generated mask with the category's best-matching reference, mean over seeds;
 - other categories: the same against each OTHER category's references (best reference per category), mean over
@@ -35,13 +37,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xldm.reproduce.common import centred_disc, font, labelled_grid, markdown_table, mask_iou, subject_mask
+from xldm.reproduce.common import (centred_disc, fill_holes, font, labelled_grid, markdown_table, mask_iou,
+                                   subject_mask)
 from xldm.reproduce.metrics import Generate, latent_generator
 from xldm.train.data import is_heldout
 
 CATEGORIES = ("banana", "thumbs up", "ghost", "rocket", "pizza", "sunflower", "crescent moon", "high voltage", "star")
 SIZE = 128  # masks are compared at the bundled model's native size
 STYLE_ORDER = ("twitter", "google", "fluent", "blob")
+REFERENCE_THRESHOLD = 0.02  # the real emoji sit on exact white (datasets/emoji.py composites them)
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,13 @@ class Reference:
     mask: np.ndarray
 
 
-def to_mask(image: Image.Image, size: int = SIZE) -> np.ndarray:
-    """The subject mask of `image` at size x size (Lanczos-resized first when it has another size)."""
+def to_mask(image: Image.Image, threshold: float = 0.25, size: int = SIZE) -> np.ndarray:
+    """The silhouette of `image` at size x size (Lanczos-resized first when it has another size): its subject
+    mask at `threshold` with the holes filled."""
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
-    return subject_mask(image)
+    return fill_holes(subject_mask(image, threshold))
 
 
 def load_references(data: list[str | Path], categories: list[str]) -> dict[str, list[Reference]]:
@@ -79,9 +84,7 @@ def load_references(data: list[str | Path], categories: list[str]) -> dict[str, 
                 continue
             with Image.open(folder / r["file_name"]) as img:
                 image = img.convert("RGB")
-            if image.size != (SIZE, SIZE):
-                image = image.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-            found[name][style] = Reference(name, style, image, subject_mask(image))
+            found[name][style] = Reference(name, style, image, to_mask(image, REFERENCE_THRESHOLD))
     missing = [c for c, refs in found.items() if not refs]
     if missing:
         raise ValueError(f"no native image named {missing} in {[str(d) for d in data]}; expected CLDR names such as "

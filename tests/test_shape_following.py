@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import load_script
-from xldm.reproduce.common import centred_disc, mask_iou
+from xldm.reproduce.common import centred_disc, fill_holes, mask_iou
 
 shape_following = load_script("scripts/shape_following.py", "shape_following")
 Reference = shape_following.Reference
@@ -40,6 +40,24 @@ def test_iou_of_disc_and_square_is_pi_over_four():
         mask_iou(box, box[:64])
     with pytest.raises(ValueError, match="area"):
         centred_disc((8, 8), -1)
+
+
+def test_silhouettes_fill_enclosed_holes_only():
+    disc, inner = centred_disc((64, 64), math.pi * 20 ** 2), centred_disc((64, 64), math.pi * 8 ** 2)
+    assert (fill_holes(disc & ~inner) == disc).all()  # a ring is its disc
+    open_c = disc & ~inner
+    open_c[28:36, 32:] = False  # a slot from the hole to the background: nothing is enclosed
+    assert (fill_holes(open_c) == open_c).all()
+    # A near-white body with dark eyes and no outline (the Twemoji ghost): the references' threshold keeps the body,
+    # the generated images' 25 % sees the eyes only.
+    image = Image.new("RGB", (128, 128), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((24, 24, 104, 104), fill=(245, 248, 250))
+    draw.ellipse((44, 50, 56, 62), fill=(40, 40, 40))
+    draw.ellipse((72, 50, 84, 62), fill=(40, 40, 40))
+    body = centred_disc((128, 128), math.pi * 40 ** 2)
+    assert mask_iou(shape_following.to_mask(image, shape_following.REFERENCE_THRESHOLD), body) > 0.95
+    assert mask_iou(shape_following.to_mask(image, 0.25), body) < 0.1
 
 
 def reference(category: str, mask: np.ndarray, style: str = "twitter") -> Reference:

@@ -271,6 +271,17 @@ def subject_mask(image: Image.Image, threshold: float = 0.25) -> np.ndarray:
     return (1.0 - rgb).max(axis=2) > threshold
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every background region that does not reach the frame filled in: a silhouette, so that a
+    subject's white eyes or a white body inside a dark outline count as subject."""
+    import cv2
+
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.uint8)
+    padded[1:-1, 1:-1] = mask
+    cv2.floodFill(padded, None, (0, 0), 2)  # the background connected to the frame (4-connected)
+    return padded[1:-1, 1:-1] != 2
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks of the same shape; 0.0 when both are empty (nothing to
     match)."""
