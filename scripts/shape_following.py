@@ -143,19 +143,22 @@ def silhouette(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.where(mask, 0, 255).astype(np.uint8)).convert("RGB")
 
 
-def overlay(mask: np.ndarray, reference: np.ndarray, iou: float) -> Image.Image:
-    """Generated mask over a reference: grey both, red generated only, blue reference only; the IoU written in."""
+def overlay(mask: np.ndarray, reference: np.ndarray, iou: float, cell: int) -> Image.Image:
+    """Generated mask over a reference at cell x cell px: grey both, red generated only, blue reference only; the
+    IoU written in."""
     pixels = np.full(mask.shape + (3,), 255, dtype=np.uint8)
     pixels[mask & reference] = (110, 110, 110)
     pixels[mask & ~reference] = (230, 60, 50)
     pixels[~mask & reference] = (120, 160, 235)
-    image = Image.fromarray(pixels)
-    ImageDraw.Draw(image).text((3, mask.shape[0] - 16), f"IoU {iou:.2f}", fill=(0, 0, 0), font=font(12))
+    image = Image.fromarray(pixels).resize((cell, cell), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, cell - 15, 52, cell), fill=(255, 255, 255))
+    draw.text((2, cell - 14), f"IoU {iou:.2f}", fill=(0, 0, 0), font=font(12))
     return image
 
 
 def figure(references: dict[str, list[Reference]], generated: dict[str, list[Image.Image]], shown: int,
-           title: str) -> Image.Image:
+           title: str, cell: int = 96) -> Image.Image:
     styles = max(len(refs) for refs in references.values())
     rows, labels = [], []
     for category, refs in references.items():
@@ -163,12 +166,12 @@ def figure(references: dict[str, list[Reference]], generated: dict[str, list[Ima
         for image in generated[category][:shown]:
             mask = to_mask(image)
             iou, i = best_iou(mask, refs)
-            row += [image, overlay(mask, refs[i].mask, iou)]
+            row += [image, overlay(mask, refs[i].mask, iou, cell)]
         rows.append(row)
         labels.append(category + (" (held out)" if is_heldout(category) else ""))
     longest = max(references.values(), key=len)
     columns = [f"real: {r.style}" for r in longest] + [c for s in range(shown) for c in (f"seed {s}", "mask")]
-    return labelled_grid(rows, labels, columns, title=title, label_width=110, cell=80)
+    return labelled_grid(rows, labels, columns, title=title, label_width=110, cell=cell)
 
 
 def measure(generate: Generate, references: dict[str, list[Reference]], seeds: int, *,
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure(references, generated, min(args.figure_seeds, args.seeds),
            f"shape following: {model}, {args.steps} steps, cfg {args.cfg:g}; mask over the best real silhouette "
-           f"(grey both, red generated only, blue real only)").save(path, optimize=True)
+           f"(grey both, red generated only, blue real only)").quantize(
+        colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)  # small
     print(text)
     print(f"{len(rows)} categories x {args.seeds} seeds in {seconds:.0f} s; wrote {args.out}/shape_following.md, "
           f".json and {path}")

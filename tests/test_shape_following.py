@@ -132,4 +132,4 @@ def test_main_on_the_bundled_model_writes_every_row(build, tmp_path):
     assert [r["category"] for r in results["rows"]] == ["banana", "rocket"]
     assert all(0.0 <= r["shape_iou"] <= 1.0 and len(r["per_seed"]) == 1 for r in results["rows"])
     with Image.open(out / "shape_following.png") as figure:
-        assert figure.width > 4 * 80 and figure.height > 2 * 80  # 2 references + image + mask, 2 rows
+        assert figure.width > 4 * 96 and figure.height > 2 * 96  # 2 references + image + mask, 2 rows
