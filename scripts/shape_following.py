@@ -16,6 +16,9 @@ images per category are generated from the bare name (seeds 0..N-1).  Per catego
 - real vs real: each reference against the category's other references (best), mean: the ceiling set by the
   emoji sets themselves disagreeing.
 
+A last row scores the real emoji as if generated (each against the other sets): what the measure gives a model
+that draws the real shapes.
+
     python scripts/shape_following.py --data EMOJI_DIR [--data MORE_DIRS] --out DIR [--seeds 8] [--steps 30]
         [--model BASE [--refiner REFINER]] [--categories "banana,thumbs up,..."] [--figure PATH]
 
@@ -121,10 +124,29 @@ def score_category(category: str, masks: list[np.ndarray], references: dict[str,
 
 def summary_row(rows: list[dict]) -> dict:
     keys = ("shape_iou", "other_categories", "margin", "nearest", "disc", "real_vs_real")
-    return {"category": "mean", **{k: float(np.nanmean([r[k] for r in rows])) for k in keys}}
+    def mean(values: list[float]) -> float:  # NaN (no value) entries left out; all NaN: NaN
+        kept = [v for v in values if v == v]
+        return float(np.mean(kept)) if kept else float("nan")
+
+    return {"category": "mean", **{k: mean([r[k] for r in rows]) for k in keys}}
 
 
-def table(rows: list[dict]) -> str:
+def real_emoji_row(references: dict[str, list[Reference]]) -> dict:
+    """The same figures for the real emoji themselves, each reference scored as if generated against all the
+    others (its own set left out; categories with one reference are skipped): how well the measure can tell the
+    categories apart at best."""
+    rows = []
+    for category, refs in references.items():
+        for r in refs if len(refs) > 1 else []:
+            rest = {c: [q for q in v if q is not r] for c, v in references.items()}
+            rows.append(score_category(category, [r.mask], rest))
+    if not rows:
+        raise ValueError("the real-emoji row needs a category with at least 2 references, found none")
+    return {**summary_row(rows), "category": "real emoji, each against the other sets", "real_vs_real": float("nan"),
+            "references": len(rows)}
+
+
+def table(rows: list[dict], real: dict | None = None) -> str:
     def f(x: float) -> str:
         return "" if x != x else f"{x:.2f}"  # NaN: no value
 
@@ -136,6 +158,9 @@ def table(rows: list[dict]) -> str:
     mean = summary_row(rows)
     body.append(["**mean**", "", f(mean["shape_iou"]), f(mean["other_categories"]), f"{mean['margin']:+.2f}",
                  f"{100 * mean['nearest']:.0f} %", f(mean["disc"]), f(mean["real_vs_real"])])
+    if real is not None:
+        body.append([f"*{real['category']}*", real["references"], f(real["shape_iou"]), f(real["other_categories"]),
+                     f"{real['margin']:+.2f}", f"{100 * real['nearest']:.0f} %", f(real["disc"]), ""])
     return markdown_table(header, body)
 
 
@@ -215,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     generate = latent_generator(args.model, args.refiner, steps=args.steps, cfg=args.cfg)
     rows, generated = measure(generate, references, args.seeds, prompt=args.prompt)
     seconds = time.perf_counter() - t0
-    text = table(rows)
+    real = real_emoji_row(references)
+    text = table(rows, real)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shape_following.md").write_text(text + "\n")
     settings = {k: getattr(args, k) for k in ("model", "refiner", "seeds", "steps", "cfg", "prompt")}
     (args.out / "shape_following.json").write_text(json.dumps(
-        {"rows": rows, "mean": summary_row(rows), "settings": settings, "seconds": seconds}, indent=2) + "\n")
+        {"rows": rows, "mean": summary_row(rows), "real_emoji": real, "settings": settings, "seconds": seconds}, indent=2) + "\n")
     model = Path(args.model).name + (f" + {Path(args.refiner).name}" if args.refiner else "")
     path = args.figure or args.out / "shape_following.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["load_references", "score_category", "table", "measure", "figure"]
+__all__ = ["load_references", "score_category", "real_emoji_row", "table", "measure", "figure"]

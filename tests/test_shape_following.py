@@ -85,6 +85,12 @@ def test_scoring_on_hand_made_masks():
     text = shape_following.table([row, shape_following.score_category("square", [box], refs)])
     labels = [line.split("|")[1].strip() for line in text.splitlines()[2:]]
     assert [label.split(" (")[0] for label in labels] == ["disc", "square", "**mean**"]
+    # The real emoji as if generated: each disc against the other disc (nested: 30^2 / 40^2) and the square; the
+    # big disc fits the square better (pi / 4), the small one its sibling.  The lone square has no other set.
+    real = shape_following.real_emoji_row(refs)
+    assert real["references"] == 2 and real["shape_iou"] == pytest.approx(30 ** 2 / 40 ** 2, abs=0.01)
+    assert real["nearest"] == 0.5
+    assert shape_following.table([row], real).splitlines()[-1].startswith("| *real emoji")
 
 
 def emoji(path, draw_shape: str, colour) -> None:
@@ -127,7 +133,8 @@ def test_main_on_the_bundled_model_writes_every_row(build, tmp_path):
     assert shape_following.main(["--data", str(build), "--out", str(out), "--categories", "banana,rocket",
                                  "--seeds", "1", "--steps", "2"]) == 0
     text = (out / "shape_following.md").read_text()
-    assert [line.split("|")[1].strip() for line in text.splitlines()[2:]] == ["banana", "rocket", "**mean**"]
+    assert [line.split("|")[1].strip() for line in text.splitlines()[2:]] == [
+        "banana", "rocket", "**mean**", "*real emoji, each against the other sets*"]
     results = json.loads((out / "shape_following.json").read_text())
     assert [r["category"] for r in results["rows"]] == ["banana", "rocket"]
     assert all(0.0 <= r["shape_iou"] <= 1.0 and len(r["per_seed"]) == 1 for r in results["rows"])
