@@ -80,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     import xldm
     from xldm.config import BUNDLED_CONTROLNETS, DEFAULT_MODEL_PATH
     from xldm.controlnet import canny
+    from xldm.reproduce.common import labelled_grid
     from xldm.weights.load import load_controlnet
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from default_model_figures import labelled_grid
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, nargs="?", default=Path("docs/controlnet.png"))

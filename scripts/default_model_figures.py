@@ -16,38 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from xldm.reproduce.common import labelled_grid
 
 GRID_PROMPTS = ["red heart", "red apple", "grinning face", "flag: Japan", "pizza", "rocket", "cat face", "fire",
                 "blue heart", "banana", "ghost", "Christmas tree"]
 SIDE_BY_SIDE_PROMPTS = ["red heart", "red apple", "grinning face", "flag: Japan", "banana", "blue heart"]
-CELL = 128
-
-
-def font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], *,
-                  title: str = "", label_width: int = 150) -> Image.Image:
-    """Cells of CELL x CELL px with row labels on the left and column labels on top."""
-    top = 24 + (20 if title else 0)
-    width = label_width + CELL * max(len(r) for r in rows)
-    canvas = Image.new("RGB", (width, top + CELL * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((6, 4), title, fill=(0, 0, 0), font=font(13))
-    for j, text in enumerate(col_labels):
-        draw.text((label_width + j * CELL + 4, top - 18), text, fill=(60, 60, 60), font=font(11))
-    for i, (row, text) in enumerate(zip(rows, row_labels)):
-        draw.text((6, top + i * CELL + CELL // 2 - 8), text, fill=(0, 0, 0), font=font(12))
-        for j, image in enumerate(row):
-            canvas.paste(image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST),
-                         (label_width + j * CELL, top + i * CELL))
-    return canvas
 
 
 def transpose(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:

@@ -20,16 +20,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
-from xldm.reproduce.metrics import score, to_evaluator_pixels  # noqa: F401  (the measure lives in the package)
+from xldm.reproduce.metrics import Generate, latent_generator, score, to_evaluator_pixels  # noqa: F401  (package)
 from xldm.train.contrastive import load_evaluator
 from xldm.train.data import is_heldout
-
-Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
 
 
 def caption_sets(data: str | Path, *, count: int = 256, seed: int = 0) -> dict[str, list[dict]]:
@@ -78,21 +75,6 @@ def measure(evaluator, data: str | Path, generate: Generate | None, *, count: in
             part["seconds_per_image"] = (time.perf_counter() - t0) / max(len(captions), 1)
         results[name] = part
     return results
-
-
-def latent_generator(model: str, refiner: str | None, *, steps: int, cfg: float, unet: str | None = None,
-                     **settings) -> Generate:
-    """`settings`: further generation settings (sampler, timestep_spacing); `unet` swaps the base's UNet (a
-    distilled student such as the bundled turbo UNet)."""
-    import xldm
-    from xldm.pipeline import Pipeline
-
-    pipe = Pipeline(model, refiner, unet=unet) if unet else xldm.load(model, refiner=refiner)
-
-    def generate(caption: str, seed: int) -> Image.Image:
-        return pipe(caption, steps=steps, cfg=cfg, seed=seed, **settings).images[0]
-
-    return generate
 
 
 def cascade_generator(spec: str) -> Generate:

@@ -1,5 +1,6 @@
 """What every reproduction shares: scales, a seeded offline dataset, resumable training runs through the one training
-loop, the metrics (Fréchet distance, sharpness, subject touching the frame), image grids and the report writer."""
+loop, the metrics (Fréchet distance, sharpness, subject mask and its IoU, subject touching the frame), image grids
+and the report writer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SCALES = ("smoke", "small", "full")
 
@@ -270,6 +271,36 @@ def subject_mask(image: Image.Image, threshold: float = 0.25) -> np.ndarray:
     return (1.0 - rgb).max(axis=2) > threshold
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every background region that does not reach the frame filled in: a silhouette, so that a
+    subject's white eyes or a white body inside a dark outline count as subject."""
+    import cv2
+
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.uint8)
+    padded[1:-1, 1:-1] = mask
+    cv2.floodFill(padded, None, (0, 0), 2)  # the background connected to the frame (4-connected)
+    return padded[1:-1, 1:-1] != 2
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks of the same shape; 0.0 when both are empty (nothing to
+    match)."""
+    if a.shape != b.shape:
+        raise ValueError(f"masks must have the same shape, found {a.shape} and {b.shape}")
+    union = int(np.logical_or(a, b).sum())
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def centred_disc(shape: tuple[int, int], area: float) -> np.ndarray:
+    """A boolean disc of about `area` pixels (radius sqrt(area / pi)) centred in an array of `shape` (clipped by
+    the frame when it does not fit): the shapeless blob a silhouette is compared with."""
+    if area < 0:
+        raise ValueError(f"area must be >= 0, found {area}")
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    return (yy + 0.5 - h / 2) ** 2 + (xx + 0.5 - w / 2) ** 2 <= area / math.pi
+
+
 def touches_frame(image: Image.Image, border: int = 1, min_share: float = 0.2) -> bool:
     """The subject touches the frame: at least `min_share` of the pixels in the outer `border`-pixel ring belong to
     it along some side (a few stray pixels do not count)."""
@@ -292,6 +323,36 @@ def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str], cell: int
             sheet.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
                         (label_width + x * cell, y * cell))
     return sheet
+
+
+CELL = 128  # side of a labelled_grid cell: the bundled models' native size
+
+
+def font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], col_labels: Sequence[str], *,
+                  title: str = "", label_width: int = 150, cell: int = CELL) -> Image.Image:
+    """Cells of `cell` x `cell` px with row labels on the left and column labels on top (the README's figures:
+    scripts/default_model_figures.py, controlnet_figure.py, shape_following.py)."""
+    top = 24 + (20 if title else 0)
+    width = label_width + cell * max(len(r) for r in rows)
+    canvas = Image.new("RGB", (width, top + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((6, 4), title, fill=(0, 0, 0), font=font(13))
+    for j, text in enumerate(col_labels):
+        draw.text((label_width + j * cell + 4, top - 18), text, fill=(60, 60, 60), font=font(11))
+    for i, (row, text) in enumerate(zip(rows, row_labels)):
+        draw.text((6, top + i * cell + cell // 2 - 8), text, fill=(0, 0, 0), font=font(12))
+        for j, image in enumerate(row):
+            canvas.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
+                         (label_width + j * cell, top + i * cell))
+    return canvas
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -1,7 +1,10 @@
 """The prompt-following measure (moved here from scripts/prompt_following.py, which uses it): the contrastive
-evaluator (`xldm.train.contrastive`) picks each image's caption among up to 15 distractor captions (chance 1/16)."""
+evaluator (`xldm.train.contrastive`) picks each image's caption among up to 15 distractor captions (chance 1/16).
+`latent_generator` is the (caption, seed) -> image function that it and scripts/shape_following.py sample with."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,4 +33,22 @@ def score(evaluator, images: list[Image.Image], captions: list[str], *, seed: in
     return evaluate(evaluator, data, torch.device("cpu"), seed=seed)
 
 
-__all__ = ["to_evaluator_pixels", "score"]
+Generate = Callable[[str, int], Image.Image]  # (caption, seed) -> image
+
+
+def latent_generator(model: str, refiner: str | None, *, steps: int, cfg: float, unet: str | None = None,
+                     **settings) -> Generate:
+    """`settings`: further generation settings (sampler, timestep_spacing); `unet` swaps the base's UNet (a
+    distilled student such as the bundled turbo UNet)."""
+    import xldm
+    from xldm.pipeline import Pipeline
+
+    pipe = Pipeline(model, refiner, unet=unet) if unet else xldm.load(model, refiner=refiner)
+
+    def generate(caption: str, seed: int) -> Image.Image:
+        return pipe(caption, steps=steps, cfg=cfg, seed=seed, **settings).images[0]
+
+    return generate
+
+
+__all__ = ["to_evaluator_pixels", "score", "latent_generator", "Generate"]
