@@ -70,7 +70,23 @@ run() {
 }
 done_mark() { [[ $DRY == 1 ]] || touch "$1"; }
 V=""  # preset suffix of stages 3-4b
-[[ $V2 == 1 ]] && V="-v2"
+SOURCES=twitter,google MULTI_ASPECT=4000 LOW_RES=2000  # the dataset: image sets, multi-aspect and low-res samples
+if [[ $V2 == 1 ]]; then
+    # the second generation adds Fluent Emoji (MIT) and the blob set (Apache-2.0): 1.7x the glyphs, and the
+    # multi-aspect and low-res samples grow with them
+    V="-v2" SOURCES=twitter,google,fluent,blob MULTI_ASPECT=6800 LOW_RES=3400
+fi
+# Stages that do not depend on each other (text encoders and autoencoder; base and refiner) run side by side when
+# the CPU has a core for each (PARALLEL=auto, the default: `nproc` without OMP_NUM_THREADS, which it would report;
+# PARALLEL=0: one after the other).  Each keeps its thread count, so the weights do not change.
+PARALLEL=${PARALLEL:-auto}
+if [[ $PARALLEL == auto ]]; then
+    PARALLEL=0
+    CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+    (( CORES >= 2 * ${XLDM_THREADS:-1} )) \
+        && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null && PARALLEL=1
+    log "PARALLEL=$PARALLEL ($CORES cores)"
+fi
 
 # 0. dataset -------------------------------------------------------------------------------------------------
 if [[ -n "${EMOJI_DATA:-}" ]]; then
@@ -80,7 +96,8 @@ else
     if [[ ! -f "$OUT/data/emoji.done" ]]; then
         log "building the emoji dataset in $EMOJI"
         [[ $DRY == 1 ]] || rm -rf "$EMOJI"
-        run "$PY" "$ROOT/datasets/emoji.py" "$EMOJI" --multi-aspect 4000 --low-res 2000 --seed 0
+        run "$PY" "$ROOT/datasets/emoji.py" "$EMOJI" --sources "$SOURCES" --multi-aspect "$MULTI_ASPECT" \
+            --low-res "$LOW_RES" --seed 0
         done_mark "$OUT/data/emoji.done"
     fi
 fi
@@ -131,17 +148,36 @@ compose() {
         --data "$OUT/data/train" --names "$names"
 }
 
+# side_by_side FN1 FN2: run two stage functions at once, each output line prefixed with its name (PARALLEL=1 and
+# not --dry-run), else one after the other; fails when either fails, after both have stopped
+side_by_side() {
+    if [[ $PARALLEL == 0 || $DRY == 1 ]]; then
+        "$1"
+        "$2"
+        return
+    fi
+    log "running $1 and $2 side by side"
+    "$1" > >(sed -u "s/^/[$1] /") 2>&1 &
+    local first=$! rc1=0 rc2=0
+    "$2" > >(sed -u "s/^/[$2] /") 2>&1 &
+    local second=$!
+    wait "$first" || rc1=$?
+    wait "$second" || rc2=$?
+    if (( rc1 != 0 || rc2 != 0 )); then
+        echo "$0: $1 exited with $rc1, $2 with $rc2" >&2
+        exit 1
+    fi
+}
+
 # 1. text encoders (the held-out names are split off inside, and evaluated: clip/final/metrics.json)
-run_stage clip default-clip "$EMOJI" CLIP_STEPS
+text_encoders() { run_stage clip default-clip "$EMOJI" CLIP_STEPS; }
 # 2. autoencoder
-run_stage vae default-vae "$OUT/data/train" VAE_STEPS
+autoencoder() { run_stage vae default-vae "$OUT/data/train" VAE_STEPS; }
+side_by_side text_encoders autoencoder
 # 3. base: init file = text encoders (1) + VAE (2) + measured latent scale
 compose "default-base$V" "$OUT/init/base.safetensors" --text-encoders "$OUT/clip/final/model.safetensors" \
     --vae "$OUT/vae/final/model.safetensors" --data "$OUT/data/train"
-run_stage base "default-base$V" "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"
-OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
-    run_stage base-ft "default-base$V-ft" "$OUT/data/train" BASE_FT_STEPS --init "$OUT/base/final/model.safetensors" \
-    --set "cache_dir=$OUT/cache"
+base() { run_stage base "default-base$V" "$OUT/data/train" BASE_STEPS --init "$OUT/init/base.safetensors"; }
 # 4. refiner: the bigG-like encoder and the same VAE, with the same latent scale
 if [[ ! -f "$OUT/init/refiner.safetensors" ]]; then
     SCALE=1.0
@@ -151,10 +187,20 @@ print(json.loads(open_checkpoint(sys.argv[1]).metadata['xldm.config'])['vae']['s
     compose "default-refiner$V" "$OUT/init/refiner.safetensors" --text-encoders "$OUT/clip/final/model.safetensors" \
         --vae "$OUT/vae/final/model.safetensors" --scaling-factor "$SCALE"
 fi
-run_stage refiner "default-refiner$V" "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
+# The refiner's two stages; its second uses FT_THREADS only when it runs alone (beside the base, one core each).
+REFINER_FT_THREADS=${FT_THREADS:-2}
+[[ $PARALLEL == 1 ]] && REFINER_FT_THREADS=${XLDM_THREADS:-1}
+refiner() {
+    run_stage refiner "default-refiner$V" "$OUT/data/train" REFINER_STEPS --init "$OUT/init/refiner.safetensors"
+    OMP_NUM_THREADS=$REFINER_FT_THREADS MKL_NUM_THREADS=$REFINER_FT_THREADS \
+        run_stage refiner-ft "default-refiner$V-ft" "$OUT/data/train" REFINER_FT_STEPS \
+        --init "$OUT/refiner/final/model.safetensors" --set "cache_dir=$OUT/cache"
+}
+side_by_side base refiner
+# 3b. the base's second stage, on both cores
 OMP_NUM_THREADS=${FT_THREADS:-2} MKL_NUM_THREADS=${FT_THREADS:-2} \
-    run_stage refiner-ft "default-refiner$V-ft" "$OUT/data/train" REFINER_FT_STEPS \
-    --init "$OUT/refiner/final/model.safetensors" --set "cache_dir=$OUT/cache"
+    run_stage base-ft "default-base$V-ft" "$OUT/data/train" BASE_FT_STEPS --init "$OUT/base/final/model.safetensors" \
+    --set "cache_dir=$OUT/cache"
 
 # 5. export --------------------------------------------------------------------------------------------------
 run "$PY" "$ROOT/scripts/default_model.py" export "$OUT/base-ft/final/model.safetensors" "$OUT/export/base.safetensors"
