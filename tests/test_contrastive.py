@@ -16,6 +16,7 @@ from conftest import load_script
 from test_bundled_models import SIZE_BUDGET_BYTES
 from xldm.train.config import TRAIN_PRESETS, TrainConfig
 from xldm.train.contrastive import (
+    BagOfWords,
     ContrastiveModel,
     ImageTowerConfig,
     clip_loss,
@@ -142,6 +143,44 @@ def test_train_clip_resumes_exactly_and_exports_loadable_text_encoders(tmp_path)
     assert metrics["heldout"]["images"] == 4.0 and metrics["heldout"]["captions"] == 4.0
     assert metrics["heldout"]["chance"] == pytest.approx(1 / 4)
     assert 0.0 <= metrics["heldout"]["both"] <= 1.0
+
+
+def test_bag_of_words_pools_the_words_between_bos_and_eos_in_any_order():
+    torch.manual_seed(0)
+    encoder = BagOfWords(TINY_OPENCLIP_BIGG)
+    ids = tokenize_captions(["red heart", "heart red", "red heart, at the top left"], (TINY_OPENCLIP_BIGG,))[0]
+    pooled = encoder(ids).pooled
+    assert pooled.shape == (3, TINY_OPENCLIP_BIGG.projection_dim)
+    assert (pooled[0] - pooled[1]).abs().max() <= 1e-6  # no word order (fp32)
+    assert (pooled[0] - pooled[2]).abs().max() > 1e-3
+    # BOS, EOS and whatever pads the row after EOS are left out: the mean of the two word embeddings, by hand.
+    words = ids[0, 1:3]
+    by_hand = encoder.projection(encoder.norm(encoder.embedding(words).mean(dim=0)))
+    assert (pooled[0] - by_hand).abs().max() <= 1e-6
+    padded = ids[:1].clone()
+    padded[0, 4:] = 7  # other ids after EOS change nothing
+    assert (encoder(padded).pooled - pooled[:1]).abs().max() <= 1e-6
+
+
+def test_bag_of_words_run_ends_at_metrics_and_evaluator(tmp_path):
+    data = tmp_path / "images"
+    captions = _named_captions(20)
+    _image_folder(data, captions)
+    config = TrainConfig(model="tiny-sdxl-base", task="clip", text_model="bag-of-words", data=str(data),
+                         resolution=32, batch_size=8, lr=2e-3, warmup_steps=1, steps=3, seed=3,
+                         out=str(tmp_path / "bow"))
+    result = train_clip(config, progress=False)
+    final = tmp_path / "bow" / "final"
+    assert result.final_path == final / "clip_evaluator.safetensors"
+    assert not (final / "model.safetensors").exists()  # no SDXL text encoders to export
+    evaluator = load_evaluator(result.final_path)
+    assert evaluator.text_model == "bag-of-words"
+    assert all(isinstance(e, BagOfWords) for e in evaluator.text_encoders)
+    assert 0.0 <= json.loads((final / "metrics.json").read_text())["heldout"]["both"] <= 1.0
+    with pytest.raises(ValueError, match="text_model 'bag-of-words' applies to task 'clip' only"):
+        TrainConfig(model="tiny-sdxl-base", text_model="bag-of-words")
+    with pytest.raises(ValueError, match="text_model must be one of"):
+        TrainConfig(model="tiny-sdxl-base", task="clip", text_model="lstm")
 
 
 def test_export_of_the_default_text_encoders_loads_with_their_configs(tmp_path):

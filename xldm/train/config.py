@@ -19,6 +19,7 @@ TASKS = ("diffusion", "vae", "clip", "add", "controlnet")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
+TEXT_MODELS = ("transformer", "bag-of-words")  # xldm.train.contrastive.TEXT_MODELS
 PARALLEL_MODES = ("ddp", "fsdp")
 NUM_TRAIN_TIMESTEPS = 1000  # SDXL paper Sec. 2.5: "a discrete-time diffusion schedule with 1000 steps"
 # a default's type -> the types its field accepts (bool before int: a bool is an int to isinstance)
@@ -90,6 +91,9 @@ class TrainConfig:
 
     # VAE objective (ldm LPIPSWithDiscriminator without LPIPS, see xldm.train.vae)
     reconstruction_loss: str = "l1"
+    # Contrastive task: "transformer" (the CLIP text encoders of `model`) or "bag-of-words" (a static-embedding
+    # encoder of the same widths, xldm.train.contrastive.BagOfWords: the comparison it is measured against)
+    text_model: str = "transformer"
     kl_weight: float = 1e-6  # ldm configs/autoencoder/autoencoder_kl_32x32x4.yaml
     disc_start: int = 50001  # same file: the patch discriminator joins after this many steps
     disc_weight: float = 0.5  # same file
@@ -146,7 +150,8 @@ class TrainConfig:
         check(self.model in PRESETS, f"unknown model {self.model!r}; expected one of {sorted(PRESETS)}")
         for name, allowed in (("task", TASKS), ("prediction_type", ("", *PREDICTION_TYPES)),
                               ("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION),
-                              ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("parallel", PARALLEL_MODES)):
+                              ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("parallel", PARALLEL_MODES),
+                              ("text_model", TEXT_MODELS)):
             check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check(0 <= self.timestep_min <= self.timestep_max < NUM_TRAIN_TIMESTEPS,
               f"need 0 <= timestep_min <= timestep_max < {NUM_TRAIN_TIMESTEPS}, "
@@ -178,6 +183,8 @@ class TrainConfig:
                 except ValueError as e:
                     check(False, f"control: {e}")
                 check(chosen is not None, f"control must name a preprocessor (canny), got {self.control!r}")
+        check(self.text_model == "transformer" or self.task == "clip",
+              f"text_model {self.text_model!r} applies to task 'clip' only, got task {self.task!r}")
         check(not self.control or self.task == "controlnet",
               f"control applies to task 'controlnet' only, got task {self.task!r}")
         check(all(0 <= t < NUM_TRAIN_TIMESTEPS for t in self.student_timesteps) and self.student_timesteps,

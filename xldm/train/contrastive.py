@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,15 +65,44 @@ class ImageTower(nn.Module):
         return self.fc(self.convs(pixels).flatten(1))
 
 
+class PooledText(NamedTuple):
+    pooled: torch.Tensor  # (B, projection_dim or width)
+
+
+class BagOfWords(nn.Module):
+    """The static-embedding alternative to a CLIP text encoder (`TrainConfig.text_model` "bag-of-words"), measured
+    against it on held-out retrieval: the mean of learned token embeddings between BOS and the first EOS, layer
+    norm, then a linear map to the encoder's output width.  No attention and no word order: what a caption's
+    words alone carry."""
+
+    def __init__(self, te: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(te.vocab_size, te.width)
+        self.norm = nn.LayerNorm(te.width)
+        self.projection = nn.Linear(te.width, te.projection_dim or te.width, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> PooledText:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        eos = ids.argmax(dim=1, keepdim=True)  # EOS 49407 is the largest CLIP id; the first one wins
+        words = ((positions >= 1) & (positions < eos)).unsqueeze(-1).to(self.embedding.weight.dtype)
+        mean = (self.embedding(ids) * words).sum(dim=1) / words.sum(dim=1).clamp(min=1.0)
+        return PooledText(self.projection(self.norm(mean)))
+
+
+TEXT_MODELS = {"transformer": CLIPTextModel, "bag-of-words": BagOfWords}  # TrainConfig.text_model
+
+
 class ContrastiveModel(nn.Module):
     """The text encoders, the image tower and the heads that map both into one joint space per encoder."""
 
-    def __init__(self, encoders: tuple[TextEncoderConfig, ...], tower: ImageTowerConfig = ImageTowerConfig()) -> None:
+    def __init__(self, encoders: tuple[TextEncoderConfig, ...], tower: ImageTowerConfig = ImageTowerConfig(),
+                 text_model: str = "transformer") -> None:
         super().__init__()
         self.encoder_configs = encoders
         self.tower_config = tower
+        self.text_model = text_model
         dim = encoders[-1].projection_dim or encoders[-1].width  # the joint spaces: the bigG-like encoder's width
-        self.text_encoders = nn.ModuleList(CLIPTextModel(te) for te in encoders)
+        self.text_encoders = nn.ModuleList(TEXT_MODELS[text_model](te) for te in encoders)
         # An encoder with its own projection of the right width (bigG) uses it; others get a head (discarded).
         self.text_heads = nn.ModuleList(
             nn.Identity() if te.projection_dim == dim else nn.Linear(te.projection_dim or te.width, dim, bias=False)
@@ -293,7 +323,8 @@ def save_evaluator(model: ContrastiveModel, path: str | os.PathLike) -> Path:
     """Every weight of the contrastive model (tower and heads included), configs in the header."""
     from xldm.weights.io import save_file
 
-    meta = {"encoders": [asdict(te) for te in model.encoder_configs], "tower": asdict(model.tower_config)}
+    meta = {"encoders": [asdict(te) for te in model.encoder_configs], "tower": asdict(model.tower_config),
+            "text_model": model.text_model}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, path, metadata={EVALUATOR_KEY: json.dumps(meta), "format": "pt"})
@@ -307,7 +338,8 @@ def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
     checkpoint = open_checkpoint(path)
     meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
-    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower)
+    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower,
+                             meta.get("text_model", "transformer"))
     model.load_state_dict(checkpoint.tensors(), strict=True)
     return model.eval()
 
@@ -350,7 +382,7 @@ def build(config: TrainConfig, procs: Processes, model: ContrastiveModel | None 
     if model is None:
         torch.manual_seed(config.seed)
         model = ContrastiveModel(tuple(config.model_config.text_encoders),
-                                 ImageTowerConfig(image_size=config.resolution))
+                                 ImageTowerConfig(image_size=config.resolution), config.text_model)
     model = model.to(procs.device).train()
     # CLIP: no weight decay on gains, biases and the temperature (Radford et al. 2021, App. F); here: on no
     # tensor with fewer than two dimensions.
@@ -390,7 +422,8 @@ def step(run: Run, batch: dict, step: int) -> StepResult:
 def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | None = None) -> Path:
     """`final/metrics.json` (retrieval accuracy on the held-out part and on a sample of the training part),
     `final/clip_evaluator.safetensors` and `final/model.safetensors` (the text encoders), of the EMA weights (raw
-    weights without EMA)."""
+    weights without EMA).  Bag-of-words encoders are no SDXL text encoders: their runs end at the metrics and the
+    evaluator file (returned)."""
     config, device = run.config, run.device
     model = run.averaged("contrastive", device)
     heldout, train = data.heldout, data.train
@@ -400,6 +433,8 @@ def export(run: Run, data: ContrastiveBatches, final: Path, gathered: dict | Non
                                         seed=config.seed)}
     final.mkdir(parents=True, exist_ok=True)
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_evaluator(model, final / "clip_evaluator.safetensors")
+    evaluator = save_evaluator(model, final / "clip_evaluator.safetensors")
     print(f"retrieval accuracy (1 of {1 + EVAL_DISTRACTORS}): {json.dumps(metrics)}", file=sys.stderr)
+    if model.text_model != "transformer":
+        return evaluator
     return export_text_encoders(list(model.text_encoders), config.model_config, final / "model.safetensors")
