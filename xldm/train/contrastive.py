@@ -205,7 +205,8 @@ def load_images(folder: str | os.PathLike, size: int, cache: Path | None = None)
     if not arrays:
         raise ValueError(f"{folder}: none of its {total} images decodes ({'; '.join(skipped[:3])})")
     if skipped:
-        warnings.warn(f"{folder}: {len(skipped)} of {total} images do not decode and are left out: "
+        warnings.warn(f"{folder}: {len(skipped)} of {total} images are left out (no caption, or they do not "
+                      f"decode): "
                       f"{'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", RuntimeWarning, stacklevel=2)
     pixels = np.stack(arrays).transpose(0, 3, 1, 2).copy()
     if cache is not None:
