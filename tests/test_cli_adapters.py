@@ -5,6 +5,7 @@ before the model is loaded."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,13 +47,20 @@ def files(tmp_path_factory):
     return root, model
 
 
-def test_every_adapter_flag_gives_the_api_image_and_infotext(files, tmp_path):
+def test_every_adapter_flag_gives_the_api_image_and_infotext(files, tmp_path, monkeypatch):
+    import xldm.lora.apply
+
     root, model = files
     out = tmp_path / "x.png"
     prompt = "a mytoken apple <lora:style:0.7>"
+    reads = []
+    monkeypatch.setattr(xldm.lora.apply, "read_lora", lambda path, config: reads.append(Path(path).name)
+                        or read_lora(path, config))
     assert cli_main(["generate", prompt, "--model", str(model), *FLAGS, "--lora", f"{root / 'other.safetensors'}:0.5",
                      "--lora-dir", str(root / "loras"), "--embedding", str(root / "mytoken.safetensors"),
                      "--vae", str(root / "fixvae.safetensors"), "--clip-skip", "2", "--out", str(out)]) == 0
+    assert sorted(reads) == ["other.safetensors", "style.safetensors"]  # each read once: checked, then applied
+    monkeypatch.undo()
     pipe = Pipeline(model, device="cpu", dtype=torch.float32, vae=root / "fixvae.safetensors",
                     lora_dir=root / "loras", embeddings=[root / "mytoken.safetensors"])
     api = pipe(prompt, steps=3, width=64, height=64, seed=4, clip_skip=2,

@@ -283,7 +283,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.request import request_loras
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
-    LoraSet(model_info(args.model).config).set(request_loras(request, args.lora_dir))
+    checked_loras = LoraSet(model_info(args.model).config)
+    checked_loras.set(request_loras(request, args.lora_dir))
     for flag, path in (("--vae", args.vae), ("--unet", args.unet), ("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                        *(("--embedding", p) for p in args.embedding)):
         if path is not None and not Path(path).exists():
@@ -294,6 +295,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(args.model, refiner=args.refiner, dtype=torch_dtype(args.dtype), device=args.device,
                 low_memory=args.low_memory, vae=args.vae, unet=args.unet, lora_dir=args.lora_dir, embeddings=args.embedding,
                 embeddings_dir=args.embeddings_dir, compile=args.compile, quantize=args.quantize)
+    if pipe.model.loras.config == checked_loras.config:
+        pipe.model.loras = checked_loras  # the files read for the check, not read again
     from xldm.devices import dtype_reason
 
     say(dtype_reason(pipe.device, pipe.dtype, pipe.dtype_chosen))
