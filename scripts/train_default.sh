@@ -28,8 +28,10 @@
 # Environment: EMOJI_DATA=DIR uses an existing datasets/emoji.py build instead of building one;
 # XLDM_THREADS (default 1) sets the CPU threads, FT_THREADS (default 2) those of stages 3b and 4b; CLIP_STEPS,
 # VAE_STEPS, BASE_STEPS, BASE_FT_STEPS, REFINER_STEPS, REFINER_FT_STEPS and CHECKPOINT_EVERY override the presets
-# (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  The same OUT_DIR, seed and thread counts give the same weights
-# (all randomness is seeded by the presets; the shipped weights used the defaults).
+# (a smoke run: all steps 2, CHECKPOINT_EVERY=1).  To stop, send SIGTERM (kill, timeout, a logout) to the process
+# group: each running stage checkpoints the step it is on, and the next run resumes there.  The same OUT_DIR, seed
+# and thread counts give the same weights (all randomness is seeded by the presets; the shipped weights used the
+# defaults).
 #
 # Measured on the 2-core CPU machine this was developed on; stages 1-4 with XLDM_THREADS=1 and the other core busy
 # (the cascade's training, tests), 3b and 4b on both cores (cached latents after the first epoch):

@@ -239,3 +239,52 @@ def test_repeated_nonfinite_steps_stop_the_run(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # steps 1-3 logged; step 4 raised
     assert '"skipped_step": false' in lines[0] and '"skipped_step": true' in lines[2]
+
+
+def test_sigterm_ends_the_run_at_a_step_with_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    """A time-limited job or a logout sends SIGTERM: the loop finishes the step under way, checkpoints it, and
+    `--resume` goes on as if nothing happened (tolerance 0: CPU fp32, same batches)."""
+    import os
+    import signal
+
+    from xldm.train import checkpoint as ckpt
+    from xldm.train.loop import TrainingStopped
+
+    def config(name: str) -> TrainConfig:
+        return preset("tiny-sdxl-base", out=str(tmp_path / name), steps=5, checkpoint_every=100)
+
+    straight = train(config("straight"), progress=False, data=ListBatches([fixed_batch()]))
+    handler_before = signal.getsignal(signal.SIGTERM)
+    during = []
+
+    def on_step(step, run):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # noted at once, acted on after the next step
+            during.append(signal.getsignal(signal.SIGTERM))
+
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3") as stopped:
+        train(config("stopped"), progress=False, data=ListBatches([fixed_batch()]), on_step=on_step)
+    assert during == [handler_before]  # a second SIGTERM would act as usual
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    assert stopped.value.step == 3 and stopped.value.checkpoint.name == ckpt.checkpoint_name(3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped" / "checkpoints")] == [3]
+    assert not (tmp_path / "stopped" / "final").exists()
+    resumed = train(config("stopped"), resume=True, progress=False, data=ListBatches([fixed_batch()]))
+    assert resumed.losses == straight.losses[3:]
+    assert resumed.step == 5 and resumed.final_path is not None
+
+
+def test_xldm_train_exits_with_the_signal_status_when_stopped(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import xldm.train.loop
+    from xldm.train.cli import main
+    from xldm.train.loop import TrainingStopped
+
+    def stopped(config, **kwargs):
+        raise TrainingStopped(7, signal.SIGTERM, tmp_path / "checkpoints" / "step_00000007.safetensors")
+
+    monkeypatch.setattr(xldm.train.loop, "train", stopped)
+    status = main(["--preset", "tiny-sdxl-base", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert status == 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+    assert "stopped by SIGTERM after step 7" in capsys.readouterr().err

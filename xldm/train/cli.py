@@ -217,11 +217,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.preset and not config.init and not config.text_encoders_from and config.task != "add":
         print(f"xldm train: preset {args.preset}: {RANDOM_INIT_NOTE}", file=sys.stderr)
     from xldm.train.events import MissingExtraError
+    from xldm.train.loop import TrainingStopped
 
     try:
         result = train(config, resume=args.resume, progress=not args.no_progress)
     except MissingExtraError as e:
         raise SystemExit(f"xldm train: error: {e}") from None
+    except TrainingStopped as e:
+        print(f"xldm train: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's status for a process ended by that signal
     if result.final_path is not None:
         print(f"step {result.step}: wrote {result.final_path}")
     return 0

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -52,6 +54,50 @@ TASKS = {"diffusion": diffusion, "vae": vae, "clip": contrastive, "add": distill
 
 class NonFiniteLossError(NonFiniteError):
     """Too many training steps in a row had a NaN/inf loss or gradient."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT arrived: the step under way was finished and checkpointed; `--resume` continues there."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None) -> None:
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
+                         f"(run again with --resume to continue)")
+
+
+class StopSignals:
+    """While active (in the main thread): the first SIGTERM or SIGINT is only noted, so that the loop can end at a
+    step boundary with a checkpoint (a time-limited job, `timeout`, a logout); a second one acts as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signum
+        for other, previous in self._previous.items():  # a second signal is not deferred
+            signal.signal(other, previous)
+        print(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def stop_requested(self, procs: Processes) -> int | None:
+        """The signal number when this process or (distributed) any process got one, else None."""
+        if not procs.distributed:
+            return self.received
+        flag = torch.tensor([self.received or 0], device=procs.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every process stops at the same step
+        return int(flag.item()) or None
 
 
 def build_run(config: TrainConfig, procs: Processes | None = None, model=None) -> Run:
@@ -162,14 +208,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, d
     checkpoints = ckpt.checkpoints_dir(Path(config.out), resume)  # refuses a used directory before anything
     procs = setup_processes(config)
     try:
-        return _train(config, procs, checkpoints, resume=resume, progress=progress, data=data, on_step=on_step)
+        with StopSignals() as stop:
+            return _train(config, procs, checkpoints, resume=resume, progress=progress, data=data, on_step=on_step,
+                          stop=stop)
     finally:
         if procs.started_here:
             dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: bool, progress: bool, data,
-           on_step: Callable[[int, Run], None] | None) -> TrainResult:
+           on_step: Callable[[int, Run], None] | None, stop: StopSignals) -> TrainResult:
     from tqdm import tqdm
 
     if config.deterministic:
@@ -241,7 +289,8 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
                 events.add(step, record)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        stopping = stop.stop_requested(procs) if step < config.steps else None
+        if step % config.checkpoint_every == 0 or step == config.steps or stopping:
             states: list[Any] = [data.state_dict()]
             if procs.distributed:
                 states = [None] * procs.world_size
@@ -261,6 +310,11 @@ def _train(config: TrainConfig, procs: Processes, checkpoints: Path, *, resume: 
             parallel.barrier(procs)
         if on_step is not None:
             on_step(step, run)
+        if stopping:
+            bar.close()
+            if events is not None:
+                events.close()
+            raise TrainingStopped(step, stopping, checkpoints / ckpt.checkpoint_name(step))
     bar.close()
     if events is not None:
         events.close()
