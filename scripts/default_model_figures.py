@@ -8,6 +8,11 @@ writes (all seeds fixed, CPU, a few minutes on 2 cores):
   cascade_vs_latent.png   the same prompts from the latent model and from the 32 -> 64 -> 128 cascade
   cascade_aug.png         the cascade's SR noise-augmentation level s at sampling time
 Options --model/--refiner/--cascade point at other files (default: the bundled ones).
+
+    python scripts/default_model_figures.py docs/ --generations OLD_BASE NEW_BASE
+
+writes only default_generations.png: the same 24 emoji names (GENERATION_PROMPTS, prompt i at seed i, base only,
+as `xldm generate` runs it) from two base files side by side, e.g. the shipped generation and a new one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,34 @@ from xldm.reproduce.common import labelled_grid
 GRID_PROMPTS = ["red heart", "red apple", "grinning face", "flag: Japan", "pizza", "rocket", "cat face", "fire",
                 "blue heart", "banana", "ghost", "Christmas tree"]
 SIDE_BY_SIDE_PROMPTS = ["red heart", "red apple", "grinning face", "flag: Japan", "banana", "blue heart"]
+# Common names a new user tries: faces, hearts, food, animals, hand gestures, objects (four dozen were tried by
+# hand; these 24 cover each kind)
+GENERATION_PROMPTS = ["red heart", "grinning face", "pizza", "ghost", "thumbs up", "banana", "unicorn", "rocket",
+                      "cat face", "dog face", "red apple", "sunflower", "fire", "star", "crescent moon",
+                      "high voltage", "waving hand", "flag: Japan", "Christmas tree", "hamburger", "snowman",
+                      "birthday cake", "blue heart", "panda"]
+
+
+def generations_figure(old: str, new: str, steps: int) -> Image.Image:
+    """GENERATION_PROMPTS from two base files, prompt i at seed i: two blocks of 12 rows, old | new."""
+    import xldm
+
+    names = (f"old: {Path(old).parent.name}/{Path(old).name}", f"new: {Path(new).parent.name}/{Path(new).name}")
+    pipes = [xldm.load(path) for path in (old, new)]
+    rows = [[pipe(prompt, seed=i, steps=steps).images[0] for pipe in pipes]
+            for i, prompt in enumerate(GENERATION_PROMPTS)]
+    labels = [f"{prompt} (seed {i})" for i, prompt in enumerate(GENERATION_PROMPTS)]
+    half = len(rows) // 2
+    blocks = [labelled_grid(rows[k:k + half], labels[k:k + half], ["old", "new"], label_width=170)
+              for k in (0, half)]
+    title = f"{names[0]}  |  {names[1]}  (base only, {steps} steps, cfg 5)"
+    figure = Image.new("RGB", (sum(b.width for b in blocks), blocks[0].height + 24), (255, 255, 255))
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(figure).text((6, 4), title, fill=(0, 0, 0))
+    for k, block in enumerate(blocks):
+        figure.paste(block, (k * blocks[0].width, 24))
+    return figure
 
 
 def transpose(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:
@@ -40,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refiner", default=str(DEFAULT_REFINER_PATH))
     parser.add_argument("--cascade", default="default")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--generations", nargs=2, metavar=("OLD_BASE", "NEW_BASE"), default=None,
+                        help="write only default_generations.png: the same prompts and seeds from both files")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.generations:
+        generations_figure(*args.generations, args.steps).save(args.out / "default_generations.png")
+        print(args.out / "default_generations.png")
+        return 0
 
     base_only = xldm.load(args.model)
     refined = xldm.load(args.model, refiner=args.refiner)
