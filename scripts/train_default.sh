@@ -47,6 +47,9 @@
 #   total                                         ~5 h
 # On a GPU (`--device cuda` is picked automatically) every stage takes minutes.
 set -euo pipefail
+# The whole script is one block, read before it runs: editing the file while a run is under way (hours) cannot
+# change what that run executes.
+{
 
 V2=0 DRY=0
 while [[ $# -gt 0 && $1 == --* ]]; do
@@ -213,3 +216,5 @@ log "done. The default model's files:"
 ls -l "$OUT/export/base.safetensors" "$OUT/export/refiner.safetensors"
 echo "Try: xldm generate \"red heart\" --model $OUT/export/base.safetensors --refiner $OUT/export/refiner.safetensors --out heart.png"
 echo "To ship them: copy both into xldm/data/default/ (xldm.config.DEFAULT_MODEL_PATH, DEFAULT_REFINER_PATH)."
+exit
+}
