@@ -59,7 +59,7 @@ class NonFiniteLossError(NonFiniteError):
 class TrainingStopped(Exception):
     """SIGTERM or SIGINT arrived: the step under way was finished and checkpointed; `--resume` continues there."""
 
-    def __init__(self, step: int, signum: int, checkpoint: Path | None) -> None:
+    def __init__(self, step: int, signum: int, checkpoint: Path) -> None:
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
                          f"(run again with --resume to continue)")
