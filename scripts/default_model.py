@@ -3,6 +3,7 @@
     python scripts/default_model.py compose default-base --text-encoders CLIP.safetensors --vae VAE.safetensors \
         --data TRAIN_DIR --out INIT.safetensors
     python scripts/default_model.py export TRAINED.safetensors OUT.safetensors
+    python scripts/default_model.py snapshot RUN/checkpoints/step_N.safetensors --init INIT.safetensors --out OUT
     python scripts/default_model.py prune-vocab SRC.safetensors... --out-dir DIR --data TRAIN_DIR \
         --names EMOJIBASE/en/data.json
     python scripts/default_model.py sizes [KIND...] [--kept N]
@@ -14,6 +15,9 @@ the loader read (`xldm.config.DEFAULT_VAE` holds a placeholder).  `export` re-sa
 shipped form.  The dataset split comes before both: datasets/split.py.  `prune-vocab` re-saves files with their
 text encoders' vocabulary pruned to the CLIP tokens of the training captions and of every CLDR emoji name and
 keyword (`TextEncoderConfig.kept_tokens`; other words map to one fallback row), outputs on kept tokens unchanged.
+`snapshot` turns a checkpoint of a base or refiner stage that is still training into the single file the stage's
+`final/model.safetensors` would be at that step (its EMA weights over the init file's frozen parts), so that a run
+of days can be measured on the way (scripts/prompt_following.py --model OUT).
 """
 
 from __future__ import annotations
@@ -90,6 +94,41 @@ def export_fp16(src: str | os.PathLike, out: str | os.PathLike) -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_single_file(model, out, dtype=torch.float16)
     return Path(out).stat().st_size
+
+
+def snapshot(checkpoint: str | os.PathLike, init: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """`out`: the init file (text encoders + VAE, with or without a UNet) with the networks that `checkpoint`
+    trained put in, from its EMA weights (`ema.*`) or, for a run without EMA, its raw ones (`model.*`): what the
+    stage's export (xldm.train.diffusion.export) writes at that step.  Returns the networks put in."""
+    import torch
+
+    from xldm.models.unet import UNet
+    from xldm.train.checkpoint import load_checkpoint
+    from xldm.weights.load import load_model
+    from xldm.weights.save import save_single_file
+
+    model = load_model(init, dtype=torch.float32)
+    if model.unet is None:
+        model = replace(model, unet=UNet(model.config.unet))
+    tensors, _ = load_checkpoint(checkpoint)
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+    networks = {"unet": model.unet, **{f"text_encoder_{i}": te for i, te in enumerate(model.text_encoders)}}
+    put_in = []
+    for name, network in networks.items():
+        state = {k.removeprefix(f"{prefix}{name}."): v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
+        if not state:
+            continue
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{checkpoint}: its {name} does not fit the config of {init}: {e}") from None
+        put_in.append(name)
+    if "unet" not in put_in:
+        raise ValueError(f"{checkpoint}: no UNet weights ({prefix}unet.*); expected a base or refiner stage's "
+                         f"checkpoint, found {sorted({k.split('.')[1] for k in tensors if k.count('.') > 1})}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(model, out)
+    return put_in
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -193,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="fp16 copy of a trained single file")
     p.add_argument("src")
     p.add_argument("out")
+    p = sub.add_parser("snapshot", help="single file from a training checkpoint of a base or refiner stage")
+    p.add_argument("checkpoint")
+    p.add_argument("--init", required=True, help="the stage's init file (text encoders + VAE)")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("prune-vocab", help="copies of single files with the text encoders' vocabulary pruned")
     p.add_argument("sources", nargs="+", help="single files (e.g. base.safetensors refiner.safetensors)")
     p.add_argument("--out-dir", required=True)
@@ -213,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             before = Path(next(s for s in args.sources if Path(s).name == name)).stat().st_size
             print(f"wrote {Path(args.out_dir) / name}: {len(kept)} kept tokens, {size / 1e6:.2f} MB "
                   f"(was {before / 1e6:.2f} MB)")
+    elif args.command == "snapshot":
+        put_in = snapshot(args.checkpoint, args.init, args.out)
+        print(f"wrote {args.out} ({', '.join(put_in)} from {args.checkpoint})")
     elif args.command == "compose":
         scale = compose_init_file(args.kind, args.text_encoders, args.vae, args.out, data=args.data,
                                   scaling_factor=args.scaling_factor)

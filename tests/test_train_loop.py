@@ -288,3 +288,36 @@ def test_xldm_train_exits_with_the_signal_status_when_stopped(tmp_path, monkeypa
     status = main(["--preset", "tiny-sdxl-base", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert status == 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
     assert "stopped by SIGTERM after step 7" in capsys.readouterr().err
+
+
+def test_snapshot_of_the_last_checkpoint_is_the_exported_file(tmp_path):
+    """scripts/default_model.py snapshot: a checkpoint of a stage under way, as the single file the stage's export
+    writes at that step (EMA weights over the frozen parts), tensor for tensor (fp32, tolerance 0)."""
+    from conftest import load_script
+
+    from xldm.train import checkpoint as ckpt
+    from xldm.weights.io import open_checkpoint
+
+    script = load_script("scripts/default_model.py", "default_model_script")
+    result = train(preset("tiny-sdxl-base", out=str(tmp_path / "run"), steps=3, checkpoint_every=3), progress=False,
+                   data=ListBatches([fixed_batch()]))
+    (step, last), = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert step == 3
+    put_in = script.snapshot(last, result.final_path, tmp_path / "snapshot.safetensors")
+    assert put_in[0] == "unet"
+    exported, snapshot = (open_checkpoint(p).tensors() for p in (result.final_path, tmp_path / "snapshot.safetensors"))
+    assert exported.keys() == snapshot.keys()
+    assert all(torch.equal(exported[k], snapshot[k]) for k in exported)
+
+    earlier = train(preset("tiny-sdxl-base", out=str(tmp_path / "other"), steps=1, seed=1), progress=False,
+                    data=ListBatches([fixed_batch()]))
+    script.snapshot(last, earlier.final_path, tmp_path / "into_other.safetensors")  # a UNet there is replaced
+    other = open_checkpoint(tmp_path / "into_other.safetensors").tensors()
+    unet_keys = [k for k in exported if k.startswith("model.diffusion_model.")]
+    assert unet_keys and all(torch.equal(exported[k], other[k]) for k in unet_keys)
+    train(preset("tiny-vae", out=str(tmp_path / "vae"), steps=1, checkpoint_every=1), progress=False,
+          data=ListBatches([fixed_batch()]))
+    with pytest.raises(ValueError, match="no UNet weights"):
+        script.snapshot(ckpt.list_checkpoints(tmp_path / "vae" / "checkpoints")[-1][1], result.final_path,
+                        tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
