@@ -103,7 +103,7 @@ def snapshot(checkpoint: str | os.PathLike, init: str | os.PathLike, out: str | 
     import torch
 
     from xldm.models.unet import UNet
-    from xldm.train.checkpoint import load_checkpoint
+    from xldm.train.checkpoint import load_checkpoint, load_module_state
     from xldm.weights.load import load_model
     from xldm.weights.save import save_single_file
 
@@ -115,11 +115,11 @@ def snapshot(checkpoint: str | os.PathLike, init: str | os.PathLike, out: str | 
     networks = {"unet": model.unet, **{f"text_encoder_{i}": te for i, te in enumerate(model.text_encoders)}}
     put_in = []
     for name, network in networks.items():
-        state = {k.removeprefix(f"{prefix}{name}."): v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
-        if not state:
+        head = f"{prefix}{name}."
+        if not any(k.startswith(head) for k in tensors):
             continue
         try:
-            network.load_state_dict(state, strict=True)
+            load_module_state(network, tensors, head)
         except RuntimeError as e:
             raise ValueError(f"{checkpoint}: its {name} does not fit the config of {init}: {e}") from None
         put_in.append(name)

@@ -121,6 +121,11 @@ def load_latest(directory: str | os.PathLike, use: Callable[[dict, dict], Any] |
     return None
 
 
+def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], head: str) -> None:
+    """Load the checkpoint tensors under `head` (e.g. `model.unet.`, `ema.unet.`) into `module`, strictly."""
+    module.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Split `optimizer.state_dict()` into tensors (`prefix.state.<index>.<name>`) and JSON (groups, scalars)."""
     sd = optimizer.state_dict()

@@ -132,19 +132,15 @@ def checkpoint_contents(run: Run, step: int, data_states: list[dict]) -> tuple[d
     return tensors, state
 
 
-def _load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], head: str) -> None:
-    module.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}, strict=True)
-
-
 def restore(run: Run, data, tensors: dict[str, torch.Tensor], state: dict) -> int:
     """Load a checkpoint into the run and the data; returns its step."""
     if parallel.uses_fsdp(run.config, run.procs):  # keep this process's shard of each sharded tensor
         tensors = parallel.shard_checkpoint(run, tensors)
     for name, module in run.trainable.items():
-        _load_module(module, tensors, f"model.{name}.")
+        ckpt.load_module_state(module, tensors, f"model.{name}.")
     ckpt.load_optimizer_state(run.optimizer, "optim", tensors, state["optimizer"])
     for name, (module, optimizer) in run.extras.items():
-        _load_module(module, tensors, f"extra.{name}.")
+        ckpt.load_module_state(module, tensors, f"extra.{name}.")
         ckpt.load_optimizer_state(optimizer, f"extra_optim.{name}", tensors, state["extras"][name])
     ckpt.load_ema_state(run.ema, tensors, state["ema"])
     ckpt.restore_rng_state(tensors, state["rng"])
