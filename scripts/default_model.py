@@ -125,7 +125,7 @@ def snapshot(checkpoint: str | os.PathLike, init: str | os.PathLike, out: str | 
         put_in.append(name)
     if "unet" not in put_in:
         raise ValueError(f"{checkpoint}: no UNet weights ({prefix}unet.*); expected a base or refiner stage's "
-                         f"checkpoint, found {sorted({k.split('.')[1] for k in tensors if k.count('.') > 1})}")
+                         f"checkpoint, found {sorted({k.split('.')[1] for k in tensors if k.startswith('model.')})}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_single_file(model, out)
     return put_in
