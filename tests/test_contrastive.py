@@ -17,6 +17,7 @@ from test_bundled_models import SIZE_BUDGET_BYTES
 from xldm.train.config import TRAIN_PRESETS, TrainConfig
 from xldm.train.contrastive import (
     BagOfWords,
+    EVALUATOR_KEY,
     ContrastiveModel,
     ImageTowerConfig,
     clip_loss,
@@ -177,6 +178,21 @@ def test_bag_of_words_run_ends_at_metrics_and_evaluator(tmp_path):
     assert evaluator.text_model == "bag-of-words"
     assert all(isinstance(e, BagOfWords) for e in evaluator.text_encoders)
     assert 0.0 <= json.loads((final / "metrics.json").read_text())["heldout"]["both"] <= 1.0
+    # an evaluator whose text model this version does not know, and a file that is no evaluator, are refused
+    from safetensors.torch import save_file
+
+    from xldm.errors import CheckpointError
+    from xldm.weights.io import open_checkpoint
+
+    saved = open_checkpoint(result.final_path)
+    meta = json.loads(saved.metadata[EVALUATOR_KEY])
+    save_file(saved.tensors(), tmp_path / "lstm.safetensors",
+              metadata={EVALUATOR_KEY: json.dumps({**meta, "text_model": "lstm"}), "format": "pt"})
+    with pytest.raises(CheckpointError, match="evaluator text model 'lstm', expected one of"):
+        load_evaluator(tmp_path / "lstm.safetensors")
+    save_file(saved.tensors(), tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not an evaluator file"):
+        load_evaluator(tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="text_model 'bag-of-words' applies to task 'clip' only"):
         TrainConfig(model="tiny-sdxl-base", text_model="bag-of-words")
     with pytest.raises(ValueError, match="text_model must be one of"):

@@ -19,7 +19,7 @@ TASKS = ("diffusion", "vae", "clip", "add", "controlnet")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
-TEXT_MODELS = ("transformer", "bag-of-words")  # xldm.train.contrastive.TEXT_MODELS
+TEXT_MODELS = ("transformer", "bag-of-words")  # their classes: xldm.train.contrastive.TEXT_MODEL_CLASSES
 PARALLEL_MODES = ("ddp", "fsdp")
 NUM_TRAIN_TIMESTEPS = 1000  # SDXL paper Sec. 2.5: "a discrete-time diffusion schedule with 1000 steps"
 # a default's type -> the types its field accepts (bool before int: a bool is an int to isinstance)

@@ -30,7 +30,7 @@ from torch import nn
 
 from xldm.config import ModelConfig, TextEncoderConfig
 from xldm.models.clip import CLIPTextModel
-from xldm.train.config import TrainConfig
+from xldm.train.config import TEXT_MODELS, TrainConfig
 from xldm.train.parallel import Processes
 from xldm.train.run import Run, StepResult, make_optimizer, update
 
@@ -89,7 +89,8 @@ class BagOfWords(nn.Module):
         return PooledText(self.projection(self.norm(mean)))
 
 
-TEXT_MODELS = {"transformer": CLIPTextModel, "bag-of-words": BagOfWords}  # TrainConfig.text_model
+# TrainConfig.text_model's names (validated there, xldm.train.config.TEXT_MODELS), in that order
+TEXT_MODEL_CLASSES = dict(zip(TEXT_MODELS, (CLIPTextModel, BagOfWords), strict=True))
 
 
 class ContrastiveModel(nn.Module):
@@ -102,7 +103,7 @@ class ContrastiveModel(nn.Module):
         self.tower_config = tower
         self.text_model = text_model
         dim = encoders[-1].projection_dim or encoders[-1].width  # the joint spaces: the bigG-like encoder's width
-        self.text_encoders = nn.ModuleList(TEXT_MODELS[text_model](te) for te in encoders)
+        self.text_encoders = nn.ModuleList(TEXT_MODEL_CLASSES[text_model](te) for te in encoders)
         # An encoder with its own projection of the right width (bigG) uses it; others get a head (discarded).
         self.text_heads = nn.ModuleList(
             nn.Identity() if te.projection_dim == dim else nn.Linear(te.projection_dim or te.width, dim, bias=False)
@@ -334,13 +335,19 @@ def save_evaluator(model: ContrastiveModel, path: str | os.PathLike) -> Path:
 
 def load_evaluator(path: str | os.PathLike) -> ContrastiveModel:
     """The contrastive model saved by `save_evaluator` (for measuring how well images follow their prompts)."""
+    from xldm.errors import CheckpointError
     from xldm.weights.io import open_checkpoint
 
     checkpoint = open_checkpoint(path)
+    if EVALUATOR_KEY not in checkpoint.metadata:
+        raise CheckpointError(f"{path}: not an evaluator file (its metadata has no {EVALUATOR_KEY!r}; "
+                              "`xldm train --task clip` writes final/clip_evaluator.safetensors)")
     meta = json.loads(checkpoint.metadata[EVALUATOR_KEY])
     tower = ImageTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tower"].items()})
-    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower,
-                             meta.get("text_model", "transformer"))
+    text_model = meta.get("text_model", "transformer")
+    if text_model not in TEXT_MODEL_CLASSES:
+        raise CheckpointError(f"{path}: evaluator text model {text_model!r}, expected one of {list(TEXT_MODELS)}")
+    model = ContrastiveModel(tuple(TextEncoderConfig(**te) for te in meta["encoders"]), tower, text_model)
     model.load_state_dict(checkpoint.tensors(), strict=True)
     return model.eval()
 
