@@ -313,9 +313,10 @@ class Server:
         if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size
             raise HTTPException(422, f"size {request.width}x{request.height} is outside the allowed sides "
                                      f"[{low}, {high}]; give width and height to resize the image")
-        if hires.hires_enabled(request) and max(hires.hires_target(request)) > high:
-            raise HTTPException(422, "hires size {}x{} is beyond the largest allowed side {}; lower hr_scale or "
-                                     "hr_resize_x / hr_resize_y".format(*hires.hires_target(request), high))
+        target = hires.hires_target(request) if hires.hires_enabled(request) else None
+        if target is not None and max(target) > high:
+            raise HTTPException(422, f"hires size {target[0]}x{target[1]} is beyond the largest allowed side {high}; "
+                                     "lower hr_scale or hr_resize_x / hr_resize_y")
         with _unprocessable():
             units = self.control_units(body, request.width, request.height)
         if units:
