@@ -199,7 +199,8 @@ class Pipeline:
     With `low_memory=True` and paths, each network is read when first needed and kept near the device
     (`ModelHandle`): one network at a time on the device (a CPU: in use), so SDXL base + refiner run where only
     one UNet fits, and later images read no file again.  `quantize="int8"`: weight-only int8 for the UNets'
-    Linear and 1x1 conv layers (`xldm.models.quantize`; LoRAs then stay unfused).  `vae`: a VAE file that
+    Linear and 1x1 conv layers (`xldm.models.quantize`; LoRAs then stay unfused; with `low_memory` on a CPU
+    the int8 weights, which no file holds, stay resident).  `vae`: a VAE file that
     replaces the model's (e.g. the fp16-fix VAE), `unet` likewise the UNet (a distilled student); `lora_dir`: the
     folder `<lora:NAME:W>` prompt tags name files in.  LoRAs given with `load_lora` stay active for every image,
     those of a request (`loras=`, prompt tags) for that request.  `dtype` None: `default_dtype` for the device and
