@@ -187,6 +187,37 @@ def test_locon_loha_lokr_match_their_formulas():
                     "alpha": torch.tensor(1.0)}, linear)  # LoKr: kron((2,3), (5,4)) = (10, 12)
 
 
+def test_tucker_locon_equals_its_three_convolutions_and_tucker_loha_its_formula():
+    """LyCORIS `use_tucker`: LoCon's down (1x1) -> lora_mid (3x3) -> up (1x1) chain run as three convolutions
+    against the composed update; LoHa's halves rebuilt from hada_t1/t2 (r, r, 3, 3), hada_w*_a (r, out) and
+    hada_w*_b (r, in), written here as a matrix product per kernel tap."""
+    torch.manual_seed(2)
+    conv, r = torch.nn.Conv2d(6, 8, 3, padding=1, stride=2), 3
+    down, mid, up = torch.randn(r, 6, 1, 1), torch.randn(r, r, 3, 3), torch.randn(8, r, 1, 1)
+    adapter = Adapter({"lora_down": down, "lora_mid": mid, "lora_up": up, "alpha": torch.tensor(1.5)})
+    adapter.check_shape(tuple(conv.weight.shape))
+    x = torch.randn(2, 6, 9, 11)
+    with torch.no_grad():
+        chain = F.conv2d(F.conv2d(F.conv2d(x, down), mid, stride=2, padding=1), up) * (1.5 / r)
+        want = conv(x) + 0.7 * chain
+        set_adapter(conv, "k", adapter, 0.7)
+        got = conv(x)
+        set_adapter(conv, "k", adapter, 0.7, fused=True)
+        fused = conv(x)
+        set_adapter(conv, "k", None)
+    assert (got - want).abs().max() <= 1e-4 and (fused - want).abs().max() <= 1e-4
+
+    def rebuilt(core, a, b):  # W[:, :, k, l] = a^T @ core[:, :, k, l] @ b
+        return (a.double().t() @ core.double().permute(2, 3, 0, 1) @ b.double()).permute(2, 3, 0, 1)
+
+    tensors = {"hada_t1": torch.randn(r, r, 3, 3), "hada_w1_a": torch.randn(r, 8), "hada_w1_b": torch.randn(r, 6),
+               "hada_t2": torch.randn(r, r, 3, 3), "hada_w2_a": torch.randn(r, 8), "hada_w2_b": torch.randn(r, 6),
+               "alpha": torch.tensor(2.0)}
+    want = (rebuilt(tensors["hada_t1"], tensors["hada_w1_a"], tensors["hada_w1_b"])
+            * rebuilt(tensors["hada_t2"], tensors["hada_w2_a"], tensors["hada_w2_b"]) * (2.0 / r))
+    assert (Adapter(tensors).update(conv.weight).double() - want).abs().max() <= 1e-4
+
+
 def test_dora_rescales_to_the_stored_magnitude():
     torch.manual_seed(1)
     layer = torch.nn.Linear(12, 10)

@@ -30,7 +30,9 @@ _KINDS = {"lora": ("lora_down", "lora_up"), "loha": ("hada_w1_a", "hada_w1_b", "
 
 
 def _tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """(out, in, kh, kw) from a Tucker core (r1, r2, kh, kw), left (out, r1) and right (r2, in) (LyCORIS)."""
+    """(out, in, kh, kw) from a Tucker core (r1, r2, kh, kw), left (r1, out) and right (r2, in): LyCORIS
+    `rebuild_tucker` (LoHa's `hada_w*_a` is stored (r1, out); LoCon's `lora_up` (out, r1, 1, 1) is passed
+    transposed)."""
     return torch.einsum("i j k l, j r, i p -> p r k l", core, right.flatten(1), left.flatten(1))
 
 
@@ -104,7 +106,9 @@ class Adapter(nn.Module):
         shape = weight.shape
         if self.kind == "lora":
             up, down = f["lora_up"], f["lora_down"]
-            delta = _tucker(f["lora_mid"], up, down) if "lora_mid" in f else up.flatten(1) @ down.flatten(1)
+            # Tucker LoCon: down (1x1, in -> r), mid (k x k, r -> r), up (1x1, r -> out), composed into one weight
+            delta = (_tucker(f["lora_mid"], up.flatten(1).t(), down) if "lora_mid" in f
+                     else up.flatten(1) @ down.flatten(1))
         elif self.kind == "loha":
             halves = [_tucker(f[f"hada_t{i}"], f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) if f"hada_t{i}" in f
                       else f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"] for i in (1, 2)]
