@@ -110,6 +110,21 @@ def test_ddim_refuses_spacings_its_step_cannot_follow(spacing, num_steps):
                         default_size=64, has_refiner=False)
 
 
+@pytest.mark.parametrize("num_steps", [1, 4, 25])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_sde_karras_spacing_matches_diffusers(spacing, num_steps):
+    """DPMSolverSDEScheduler(use_karras_sigmas=True) spans its Karras sigmas between the spaced grid's ends (unlike
+    DPMSolverMultistep's Karras variants, which ignore the spacing); its lists interleave the midpoints."""
+    ours = make_schedule("dpmpp_sde_karras", num_steps, spacing=spacing)
+    ref = diffusers.DPMSolverSDEScheduler.from_config(SDXL_SCHEDULER_CONFIG, use_karras_sigmas=True,
+                                                      timestep_spacing=spacing)
+    ref.set_timesteps(num_steps)
+    assert torch.allclose(ours.timesteps.double(), ref.timesteps[0::2].double(), rtol=0, atol=1e-4)
+    sig = torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]])
+    assert (ours.sigmas - sig).abs().max().item() <= 1e-6 * max(1.0, sig.abs().max().item())
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 def test_karras_and_lcm_ignore_spacing(spacing):
     for name in ("dpmpp_2m_karras", "lcm"):

@@ -48,9 +48,10 @@ def ref_pipe(base, tmp_path_factory):
     return pipe
 
 
-def reference(pipe, sampler: str, steps: int, seed: int, output_type: str):
+def reference(pipe, sampler: str, steps: int, seed: int, output_type: str, spacing: str = "leading"):
     """diffusers with the matching scheduler built from the folder's config; the SDE tree seeded with `seed`."""
     cls_name, extra = SCHEDULERS[sampler]
+    extra = {**extra, "timestep_spacing": spacing}
     if sampler == "dpmpp_sde_karras":
         extra = {**extra, "noise_sampler_seed": seed}
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe._xldm_scheduler_config, **extra)
@@ -58,8 +59,9 @@ def reference(pipe, sampler: str, steps: int, seed: int, output_type: str):
                 output_type=output_type, **SIZE).images
 
 
-def ours(base, sampler: str, steps: int, seed: int, output: str = "pil", batch: int = 1):
-    req = GenerationRequest(prompt=PROMPT, steps=steps, cfg=5.0, seed=seed, sampler=sampler, batch=batch, **SIZE)
+def ours(base, sampler: str, steps: int, seed: int, output: str = "pil", batch: int = 1, spacing: str = "leading"):
+    req = GenerationRequest(prompt=PROMPT, steps=steps, cfg=5.0, seed=seed, sampler=sampler, batch=batch,
+                            timestep_spacing=spacing, **SIZE)
     result = Pipeline(base, device="cpu", dtype=torch.float32).generate(req, output=output)
     return result.latents if output == "latent" else result.images
 
@@ -68,17 +70,24 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
 
 
-def assert_matches(base, ref_pipe, sampler: str, steps: int, seed: int = SEED) -> None:
-    ref = reference(ref_pipe, sampler, steps, seed, "latent")
-    lat = ours(base, sampler, steps, seed, "latent")
+def assert_matches(base, ref_pipe, sampler: str, steps: int, seed: int = SEED, spacing: str = "leading") -> None:
+    ref = reference(ref_pipe, sampler, steps, seed, "latent", spacing)
+    lat = ours(base, sampler, steps, seed, "latent", spacing=spacing)
     assert lat.shape == ref.shape == (1, 4, 8, 12)
     assert (lat - ref).abs().max().item() <= LATENT_TOL * max(1.0, ref.abs().max().item())
-    diff = np.abs(pixels(ours(base, sampler, steps, seed)) - pixels(reference(ref_pipe, sampler, steps, seed, "pil")))
+    diff = np.abs(pixels(ours(base, sampler, steps, seed, spacing=spacing))
+                  - pixels(reference(ref_pipe, sampler, steps, seed, "pil", spacing)))
     assert diff.max() <= PIXEL_TOL, f"max pixel difference {diff.max()}/255"
 
 
 def test_dpmpp_sde_karras_matches_diffusers(base, ref_pipe):
     assert_matches(base, ref_pipe, "dpmpp_sde_karras", 10)
+
+
+def test_dpmpp_sde_karras_with_trailing_spacing_matches_diffusers(base, ref_pipe):
+    """Few-step use (Turbo / Lightning): the Karras range comes from the trailing grid's ends, noise starts at
+    max(sigmas)."""
+    assert_matches(base, ref_pipe, "dpmpp_sde_karras", 4, spacing="trailing")
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_3m_sde", "dpmpp_3m_sde_karras"])

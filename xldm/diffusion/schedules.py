@@ -155,14 +155,18 @@ def _build(sigmas: np.ndarray, timesteps: np.ndarray, *, noise_at_max_sigma: boo
     return Schedule(sig, torch.from_numpy(np.asarray(timesteps).astype(np.float32)), float(init))
 
 
-def _sde_karras_schedule(num_steps: int, table: np.ndarray) -> Schedule:
-    """DPMSolverSDEScheduler(use_karras_sigmas=True).set_timesteps: Karras sigmas between the table sigmas at the
-    ends of the T//N leading grid (N=10: timesteps 901 and 1, not the training extremes), fractional timesteps
-    (`_sigma_to_t`, unrounded), final sigma 0.  The midpoint evaluations' timesteps: `sde_midpoint_timesteps`."""
-    ends = table[_leading_timesteps(num_steps, num_steps)]
+def _sde_karras_schedule(num_steps: int, table: np.ndarray, spacing: str) -> Schedule:
+    """DPMSolverSDEScheduler(use_karras_sigmas=True).set_timesteps (scheduling_dpmsolver_sde.py, set_timesteps):
+    Karras sigmas between the table sigmas at the ends of the spaced grid (leading, N=10: timesteps 901 and 1, not
+    the training extremes; trailing: 999 and T/N - 1), fractional timesteps (`_sigma_to_t`, unrounded), final
+    sigma 0; the first noise is max(sigmas) for trailing / linspace (its `init_noise_sigma`).  The midpoint
+    evaluations' timesteps: `sde_midpoint_timesteps`."""
+    ends = np.interp(_spaced_timesteps(spacing, num_steps, extra_point=False, integer=False),
+                     np.arange(len(table)), table)
     min_inv, max_inv = float(ends[-1]) ** (1 / KARRAS_RHO), float(ends[0]) ** (1 / KARRAS_RHO)
     sig = (max_inv + np.linspace(0, 1, num_steps) * (min_inv - max_inv)) ** KARRAS_RHO
-    return _build(np.concatenate([sig, [0.0]]), _sigma_to_t(sig, np.log(table)))
+    return _build(np.concatenate([sig, [0.0]]), _sigma_to_t(sig, np.log(table)),
+                  noise_at_max_sigma=spacing != "leading")
 
 
 def sde_midpoint_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,8 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
     (interpolated at linspace's fractional timesteps), final 0.
     ddim: the same grid; the last step lands on abar_0 (set_alpha_to_one=False), sigma 0.0292, not 0.
     dpmpp_2m, dpmpp_3m_sde, unipc: T//(N+1) leading grid (DPMSolverMultistep / UniPCMultistep), final sigma 0.
-    dpmpp_sde_karras: DPMSolverSDEScheduler's own Karras schedule (`_sde_karras_schedule`).
+    dpmpp_sde_karras: DPMSolverSDEScheduler's own Karras schedule between the spaced grid's ends
+    (`_sde_karras_schedule`).
     *_karras: Karras sigmas between the training extremes (use_karras_sigmas=True), timesteps rounded from
     log-sigma interpolation, final sigma 0; no spacing applies (diffusers ignores it too).
     lcm (LCMScheduler): its own distillation grid (`_lcm_timesteps`), no spacing, final sigma 0.
@@ -215,7 +220,7 @@ def make_schedule(sampler: str, num_steps: int, *, prediction_type: str = "epsil
         last = table[max(int(prev[-1]), 0)]  # final_alpha_cumprod = alphas_cumprod[0] below t = 0
         return _build(np.concatenate([table[ts], [last]]), ts)
     if sampler == "dpmpp_sde_karras":
-        return _sde_karras_schedule(num_steps, table)
+        return _sde_karras_schedule(num_steps, table, spacing)
     if sampler in ("dpmpp_2m", "dpmpp_3m_sde", "unipc"):
         ts = _spaced_timesteps(spacing, num_steps, extra_point=True, integer=True)
         return _build(np.concatenate([table[ts], [0.0]]), ts)
