@@ -259,6 +259,21 @@ def test_models_samplers_options_and_switching(client, models):
     r = txt2img(client, sampler_name="DPM++ 2M", scheduler="Karras", seed=3)
     assert json.loads(r.json()["info"])["sampler_name"] == "DPM++ 2M Karras"
     assert txt2img(client, sampler_name="PLMS").status_code == 422
+    # "SGM Uniform" is trailing spacing (few-step models): the Python API's pixels, written back into the infotext
+    from xldm.pipeline import load
+    from xldm.request import GenerationRequest
+
+    r = txt2img(client, sampler_name="Euler a", scheduler="SGM Uniform", seed=3, steps=2, cfg_scale=1.0)
+    assert r.status_code == 200, r.text
+    assert "Schedule type: SGM Uniform" in json.loads(r.json()["info"])["infotexts"][0]
+    trailing = load(base, dtype=torch.float32, device="cpu").generate(GenerationRequest(
+        PROMPT, steps=2, cfg=1.0, seed=3, sampler="euler_a", timestep_spacing="trailing", width=64, height=64))
+    assert np.array_equal(png_pixels(r.json()["images"][0]), np.asarray(trailing.images[0]))
+    leading = png_pixels(txt2img(client, sampler_name="Euler a", seed=3, steps=2, cfg_scale=1.0).json()["images"][0])
+    assert not np.array_equal(leading, np.asarray(trailing.images[0]))
+    r = txt2img(client, sampler_name="DPM++ 2M Karras", scheduler="SGM Uniform")
+    assert r.status_code == 422 and "does not change the DPM++ 2M Karras schedule" in r.text
+    assert "'Automatic', 'Karras' or 'SGM Uniform'" in txt2img(client, scheduler="Beta").text
 
 
 def test_png_info(client):

@@ -77,7 +77,7 @@ def detail(r: httpx.Response) -> str:
 
 def test_discovery_routes_answer_in_the_webuis_shape(client):
     schedulers = client.get("/sdapi/v1/schedulers").json()
-    assert [s["name"] for s in schedulers] == ["automatic", "karras"]
+    assert [s["name"] for s in schedulers] == ["automatic", "karras", "sgm_uniform"]
     assert all(set(s) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for s in schedulers)
     memory = client.get("/sdapi/v1/memory").json()
     assert set(memory) == {"ram", "cuda"} and set(memory["ram"]) == {"free", "used", "total"}

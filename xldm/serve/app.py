@@ -165,7 +165,9 @@ def create_app(config: ServerConfig, store: ModelStore | None = None) -> FastAPI
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
                  "need_inner_model": False},
                 {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,  # Karras et al. 2022
-                 "need_inner_model": False}]
+                 "need_inner_model": False},
+                {"name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["SGMUniform"], "default_rho": -1,
+                 "need_inner_model": True}]  # = diffusers' "trailing" timestep spacing
 
     @app.get("/sdapi/v1/memory", tags=["sdapi"])
     async def memory() -> dict[str, Any]:

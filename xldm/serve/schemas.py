@@ -84,6 +84,13 @@ _OPTIONS: dict[str, dict[str, str]] = {
 }
 # Webui >= 1.9 sends the schedule separately: ("DPM++ 2M", "Karras") is the combined "DPM++ 2M Karras".
 _SCHEDULERS_MERGED = {"karras": " Karras"}
+# "SGM Uniform" (A1111 modules/sd_schedulers.py `sgm_uniform`: evenly spaced model times from the last training
+# step, alias "SGMUniform") is diffusers' "trailing" timestep spacing, the one few-step models (Turbo, Lightning)
+# are sampled with; xldm.pngmeta writes trailing as "Schedule type: SGM Uniform".
+_SCHEDULER_SPACINGS = {"sgm uniform": "trailing", "sgm_uniform": "trailing", "sgmuniform": "trailing"}
+# the samplers whose schedule no spacing changes (xldm.diffusion.schedules.make_schedule: Karras sigmas between
+# the training extremes, LCM's distillation grid)
+_SPACING_FREE = frozenset({"dpmpp_2m_karras", "dpmpp_2m_sde_karras", "dpmpp_3m_sde_karras", "lcm"})
 
 
 def sampler_aliases(xldm_name: str) -> list[str]:
@@ -95,19 +102,29 @@ def sampler_options(xldm_name: str) -> dict[str, str]:
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
-    """A webui sampler name (or alias, or xldm name; case-insensitive) -> the xldm sampler name."""
+    """A webui sampler name (or alias, or xldm name; case-insensitive) -> the xldm sampler name; `scheduler` "Karras"
+    picks the Karras variant, "SGM Uniform" a sampler whose schedule the spacing changes (`scheduler_spacing`)."""
     name = (name or A1111_SAMPLER_NAMES[GENERATE_DEFAULTS["sampler"]]).strip()
     sched = (scheduler or "").strip().lower()
     if sched in _SCHEDULERS_MERGED and not name.lower().endswith(_SCHEDULERS_MERGED[sched].lower()):
         name += _SCHEDULERS_MERGED[sched]
-    elif sched not in ("", "automatic", *_SCHEDULERS_MERGED):
-        raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic' or 'Karras'")
+    elif sched not in ("", "automatic", *_SCHEDULERS_MERGED, *_SCHEDULER_SPACINGS):
+        raise ValueError(f"scheduler {scheduler!r} is not available; use 'Automatic', 'Karras' or 'SGM Uniform'")
     wanted = name.lower()
     for xname in SAMPLER_NAMES:
         if wanted in (a.lower() for a in (A1111_SAMPLER_NAMES[xname], *sampler_aliases(xname))):
+            if sched in _SCHEDULER_SPACINGS and xname in _SPACING_FREE:
+                raise ValueError(f"scheduler {scheduler!r} (trailing timestep spacing) does not change the "
+                                 f"{A1111_SAMPLER_NAMES[xname]} schedule; pick the sampler without Karras, or "
+                                 f"scheduler 'Automatic'")
             return xname
     choices = ", ".join(A1111_SAMPLER_NAMES[x] for x in SAMPLER_NAMES)
     raise ValueError(f"unknown sampler {name!r}; expected one of {choices}")
+
+
+def scheduler_spacing(scheduler: str | None) -> str | None:
+    """The timestep spacing a webui `scheduler` sets ("SGM Uniform": trailing); None: the request's default."""
+    return _SCHEDULER_SPACINGS.get((scheduler or "").strip().lower())
 
 
 _PATH_LIKE_KEY = re.compile(r"path|dir|file|folder", re.IGNORECASE)
@@ -352,7 +369,7 @@ class GenerationBase(_NoPaths):
     seed_resize_from_w: int = Field(default=-1, ge=-1, le=0)
     sampler_name: str | None = Field(default=None, max_length=64, description='e.g. "Euler a", "DPM++ 2M Karras"')
     sampler_index: str | None = Field(default=None, max_length=64, description="deprecated webui alias of sampler_name")
-    scheduler: str | None = Field(default=None, max_length=64, description='"Automatic" or "Karras" (webui >= 1.9)')
+    scheduler: str | None = Field(default=None, max_length=64, description='"Automatic", "Karras" or "SGM Uniform" (webui >= 1.9)')
     batch_size: int = Field(default=1, ge=1, le=_L.max_batch_size)
     n_iter: int = Field(default=1, ge=1, le=_L.max_n_iter)
     # (xldm's shared defaults, xldm.config.GENERATE_DEFAULTS: the CLI and the Python API use the same)

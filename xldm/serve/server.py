@@ -55,6 +55,7 @@ from xldm.serve.schemas import (
     png_base64,
     resolve_sampler,
     sampler_fields,
+    scheduler_spacing,
     unapplied_fields,
 )
 from xldm.speedups import model_preview_map
@@ -308,6 +309,7 @@ class Server:
                 cache_interval=body.deep_cache, cache_branch=body.cache_branch, cfg_end=float(body.cfg_end),
                 clip_skip=None if options["CLIP_stop_at_last_layers"] == 1 else options["CLIP_stop_at_last_layers"],
                 **(body.hires_fields() if isinstance(body, Txt2ImgRequest) else {}), **sampler_fields(body, sampler),
+                **({"timestep_spacing": spacing} if (spacing := scheduler_spacing(body.scheduler)) else {}),
             ), default_size=self.store.lookup(model).default_size, has_refiner=refiner is not None)
         low, high = self.limits.min_side, self.limits.max_side
         if not (low <= request.width <= high and low <= request.height <= high):  # e.g. an init image's own size
