@@ -181,6 +181,27 @@ def _config_metadata(config) -> dict[str, str]:
     return {METADATA_KEY: json.dumps(model_config_to_dict(config))}
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_or_bool_weights_are_refused_by_name(tmp_path, dtype):
+    """A weight stored as an integer or bool tensor is named, not handed to torch's loader (whose error lists
+    every parameter); the same for a --vae file."""
+    model = random_components(TINY_SDXL_BASE)
+    sd = single_file_state_dict(model)
+    key = next(k for k in sd if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight"))
+    bad = dict(sd, **{key: sd[key].to(dtype)})
+    save_file(bad, tmp_path / "int.safetensors", metadata=_config_metadata(TINY_SDXL_BASE))
+    found = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"UNet: 1 tensor\(s\) of the wrong kind.*proj_in.weight \({found}\)"):
+        load_model(tmp_path / "int.safetensors")
+    vae = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    vae["decoder.conv_in.weight"] = vae["decoder.conv_in.weight"].to(dtype)
+    save_file(vae, tmp_path / "vae.safetensors")
+    from xldm.weights.load import load_vae
+
+    with pytest.raises(CheckpointError, match=rf"decoder.conv_in.weight \({found}\)"):
+        load_vae(tmp_path / "vae.safetensors")
+
+
 def test_unknown_and_missing_keys_are_listed(tmp_path):
     model = random_components(TINY_SDXL_BASE)
     sd = single_file_state_dict(model)

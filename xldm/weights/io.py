@@ -346,8 +346,8 @@ def tensor_data_sha256(path: str | os.PathLike) -> str:
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, component: str) -> None:
     """Load `state_dict` into `module`, all or nothing: any missing, unexpected or misshaped key (checked against
-    `module.state_dict()`, which works on the meta device) raises `StateDictMismatchError` listing them all, with
-    the module untouched; then tensors are assigned in place (`assign=True`, no second copy).  Callers drop
+    `module.state_dict()`, which works on the meta device) raises `StateDictMismatchError` listing them all, and an
+    integer or bool tensor where the module's is floating point a `CheckpointError`, with the module untouched; then tensors are assigned in place (`assign=True`, no second copy).  Callers drop
     ignorable keys (e.g. `position_ids`) themselves."""
     expected = module.state_dict()
     bad_values = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
@@ -359,6 +359,12 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, co
                   if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(component, missing, unexpected, mismatched)
+    # an integer or bool tensor where the module has a floating one (a float64 one is cast by the loaders)
+    wrong_kind = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
+                  if v.is_floating_point() != expected[k].is_floating_point()]
+    if wrong_kind:
+        raise CheckpointError(f"{component}: {len(wrong_kind)} tensor(s) of the wrong kind, expected floating point "
+                              f"like the model's: {', '.join(wrong_kind[:10])}")
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
