@@ -56,28 +56,38 @@ def save_kohya(path, config, lora) -> None:
     save_file(tensors, str(path))
 
 
-def save_peft(path, config, lora, *, lora_alpha: float | None = None) -> None:
-    """diffusers `save_lora_weights` layout: `unet.<diffusers layer>.lora_A.weight`, `text_encoder(_2).<layer>...`,
-    the rank and alpha in the `lora_adapter_metadata` JSON."""
+def diffusers_path(config, component: str, layer: str) -> str:
+    """The module path diffusers (and so peft) gives an xldm layer."""
     from xldm.weights.keys_unet import unet_original_to_diffusers
 
-    tensors, ranks, layers = {}, set(), {}
+    if component != "unet":
+        return layer
+    return next(iter(unet_original_to_diffusers({f"{layer}.weight": 0}, config.unet))).removesuffix(".weight")
+
+
+def save_peft(path, config, lora, *, lora_alpha: float | None = None, metadata: dict | None = None) -> None:
+    """diffusers `save_lora_weights` layout: `unet.<diffusers layer>.lora_A.weight`, `text_encoder(_2).<layer>...`,
+    `lora_magnitude_vector` for a `dora_scale`, the rank (the most common one) and alpha in the
+    `lora_adapter_metadata` JSON, updated with `metadata` (`unet.alpha_pattern`, ...)."""
+    tensors, ranks, layers = {}, [], {}
     for (component, layer), t in lora.items():
-        if component == "unet":
-            layer = next(iter(unet_original_to_diffusers({f"{layer}.weight": 0}, config.unet))).removesuffix(".weight")
+        layer = diffusers_path(config, component, layer)
         layers.setdefault(component, []).append(layer)
         tensors[f"{component}.{layer}.lora_A.weight"] = t["lora_down"].contiguous()
         tensors[f"{component}.{layer}.lora_B.weight"] = t["lora_up"].contiguous()
-        ranks.add(t["lora_down"].shape[0])
-    (rank,) = ranks
-    metadata = {}
+        if "dora_scale" in t:
+            tensors[f"{component}.{layer}.lora_magnitude_vector"] = t["dora_scale"].contiguous()
+        ranks.append(t["lora_down"].shape[0])
+    rank = max(ranks, key=ranks.count)
+    config_fields = {}
     for component in sorted({c for c, _ in lora}):
-        metadata[f"{component}.r"] = rank
-        metadata[f"{component}.lora_alpha"] = lora_alpha if lora_alpha is not None else rank
+        config_fields[f"{component}.r"] = rank
+        config_fields[f"{component}.lora_alpha"] = lora_alpha if lora_alpha is not None else rank
         suffixes = UNET_LAYERS if component == "unet" else TEXT_LAYERS  # PEFT matches module-name suffixes
-        metadata[f"{component}.target_modules"] = sorted({s for s in suffixes for layer in layers[component]
-                                                          if layer.endswith("." + s)})
-    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(metadata), "format": "pt"})
+        config_fields[f"{component}.target_modules"] = sorted({s for s in suffixes for layer in layers[component]
+                                                               if layer.endswith("." + s)})
+    config_fields.update(metadata or {})
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config_fields), "format": "pt"})
 
 
 def reference_update(adapter_tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from xldm.pipeline import Pipeline
 from xldm.request import GenerationRequest
 from xldm.weights.save import save_diffusers
 
-from lora_files import random_lora, reference_update, save_kohya, save_peft
+from lora_files import diffusers_path, random_lora, reference_update, save_kohya, save_peft
 from tiny_models import random_components
 
 diffusers = pytest.importorskip("diffusers")
@@ -74,6 +74,53 @@ def test_one_file_matches_diffusers(setup, fmt, weight):
     plain = ours(base)
     assert (got - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max().item())
     assert (got - plain).abs().max().item() > 100 * LATENT_TOL  # the LoRA changed the result
+
+
+def test_peft_rank_and_alpha_patterns_match_diffusers(setup, tmp_path):
+    """peft `get_pattern_key`: each pattern matches the end of diffusers' module path, grouped (so `to_q|to_k` is
+    one alternative), and the first matching pattern wins: a full path, an overlapping pair and an alternation."""
+    base, ref, _, _ = setup
+    lora = random_lora(TINY_SDXL_BASE, rank=4, seed=5, alpha=2.0, scale=0.6)
+    module_of = {diffusers_path(TINY_SDXL_BASE, c, layer): (c, layer) for c, layer in lora}
+    full = next(p for p in sorted(module_of) if p.startswith("down_blocks.") and p.endswith("attn1.to_q"))
+    narrow = lora[module_of[full]]
+    narrow["lora_down"], narrow["lora_up"] = narrow["lora_down"][:2], narrow["lora_up"][:, :2]
+    path = tmp_path / "patterns.safetensors"
+    save_peft(path, TINY_SDXL_BASE, lora, lora_alpha=2.0, metadata={
+        "unet.rank_pattern": {full: 2},
+        "unet.alpha_pattern": {full: 6.0, "attn1.to_q": 16.0, "to_q|to_k": 32.0, "to_k": 1.0}})
+    ref.load_lora_weights(str(path), adapter_name="patterns")
+    try:
+        want = {p: ref.unet.get_submodule(p).scaling["patterns"] for p in module_of if module_of[p][0] == "unet"}
+    finally:
+        ref.delete_adapters("patterns")
+    adapters = read_lora(path, TINY_SDXL_BASE).adapters
+    got = {p: adapters[module_of[p]].scale for p in want}
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got[full] == pytest.approx(3.0) and {round(v, 6) for v in got.values()} == {3.0, 4.0, 8.0, 0.5}
+    expected = theirs(ref, [path], [1.0])
+    assert (ours(base, [(path, 1.0)]) - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max())
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_peft_dora_matches_diffusers_at_any_weight(setup, tmp_path, weight):
+    """peft DoRA scales the update inside the norm (peft tuners/lora/dora.py, layer.py set_scale):
+    W' = m (W + w s BA) / ||W + w s BA||, so weight 0 still rescales W to the magnitude m."""
+    base, ref, _, _ = setup
+    # (UNet only: diffusers with transformers 5 does not load the text encoders' magnitude vectors)
+    lora = random_lora(TINY_SDXL_BASE, rank=4, seed=6, alpha=2.0, text=False, scale=0.6)
+    g = torch.Generator().manual_seed(5)
+    for (component, layer), tensors in lora.items():
+        base_weight = ref.unet.get_submodule(diffusers_path(TINY_SDXL_BASE, component, layer)).weight.detach()
+        norm = base_weight.flatten(1).norm(dim=1)
+        magnitude = norm * (0.3 + 1.4 * torch.rand(norm.shape, generator=g))
+        tensors["dora_scale"] = magnitude.reshape(1, -1, 1, 1) if base_weight.dim() == 4 else magnitude  # as peft
+    path = tmp_path / "dora.safetensors"
+    save_peft(path, TINY_SDXL_BASE, lora, lora_alpha=2.0, metadata={"unet.use_dora": True})
+    expected = theirs(ref, [path], [weight])
+    got = ours(base, [(path, weight)])
+    assert (got - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max().item())
+    assert (got - ours(base)).abs().max().item() > 10 * LATENT_TOL  # (the tiny model moves little)
 
 
 def test_two_files_at_once_match_set_adapters(setup):
@@ -232,6 +279,10 @@ def test_dora_rescales_to_the_stored_magnitude():
         got = layer.weight.double() + adapter.update(layer.weight).double()
         assert torch.allclose(got, want, atol=1e-5)
         assert not adapter.low_rank
+        # kohya / LyCORIS dora_scale, as A1111 and ComfyUI: a weight scales W_dora - W
+        assert torch.allclose(adapter.update(layer.weight, 0.5).double(), 0.5 * (want - layer.weight.double()),
+                              atol=1e-5)
+        assert not adapter.active_at(0.0)
 
 
 def _file(path, tensors):

@@ -7,8 +7,12 @@ Formats read (safetensors; the layer name and tensor name are split at the layer
   `lora_up.weight`, `alpha`, LyCORIS `hada_*`, `lokr_*`, `diff`, `dora_scale`.
 * diffusers / PEFT (`save_lora_weights`): `unet.<diffusers layer>.lora_A.weight` / `lora_B.weight`,
   `text_encoder.` / `text_encoder_2.`, `lora_magnitude_vector` (DoRA); the scale `lora_alpha / r` from the
-  `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`, ...; no metadata: alpha = r),
-  and diffusers' older `.lora.down.weight` / `.processor.to_q_lora.down.weight` names."""
+  `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`,
+  `unet.use_rslora`; no metadata: alpha = r), the patterns matched against diffusers' module path as peft does,
+  and diffusers' older `.lora.down.weight` / `.processor.to_q_lora.down.weight` names.
+
+A file whose tensors or metadata are malformed (no values, impossible or contradicting shapes, metadata fields of the
+wrong type) is refused with LoraError naming the file and the tensor or field, before anything is applied."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from xldm.errors import LoraError
-from xldm.lora.network import Adapter
+from xldm.lora.network import Adapter, MalformedAdapterError
 from xldm.config import ModelConfig
 from xldm.models.components import Components
 from xldm.weights.io import open_checkpoint, save_file, tensor_data_sha256
@@ -90,21 +94,93 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _peft_scale(metadata: dict, component: str, path: str, rank: int) -> float | None:
-    """lora_alpha from the PEFT config of `component`, with its alpha_pattern (None: no metadata)."""
+@dataclass(frozen=True)
+class PeftSettings:
+    """The fields of one component's PEFT `LoraConfig` that set a layer's scale (peft `tuners/lora/config.py`)."""
+
+    component: str
+    r: int | None
+    lora_alpha: float | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+
+
+def _is_number(value) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _pattern_field(config: dict, key: str, valid, expected: str, where: str) -> dict:
+    patterns = config.get(key, {})
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise LoraError(f"{where} field {key} must be a JSON object of pattern -> value, found {patterns!r}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as e:
+            raise LoraError(f"{where} field {key}: {pattern!r} is not a valid regular expression ({e.msg})") from None
+        if not valid(value):
+            raise LoraError(f"{where} field {key}: {pattern!r} must map to {expected}, found {value!r}")
+    return patterns
+
+
+def peft_settings(metadata: dict, component: str, where: str) -> PeftSettings | None:
+    """`component`'s PEFT settings from the `lora_adapter_metadata` JSON (None: the file has none for it); LoraError
+    naming the field when one has the wrong type (`where`: the file, for the message)."""
     if PEFT_METADATA_KEY not in metadata:
         return None
+    where = f"{where}: {PEFT_METADATA_KEY}"
     try:
         config = json.loads(metadata[PEFT_METADATA_KEY])
     except json.JSONDecodeError as e:
-        raise LoraError(f"the {PEFT_METADATA_KEY} metadata is not JSON ({e})") from None
-    alpha = config.get(f"{component}.lora_alpha", config.get(f"{component}.r", rank))
-    for pattern, value in (config.get(f"{component}.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            alpha = value
-    if config.get(f"{component}.use_rslora"):  # Kalajdzievski 2023: alpha / sqrt(r)
-        alpha = alpha * math.sqrt(rank)
-    return float(alpha)
+        raise LoraError(f"{where} is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{where} must be a JSON object, found {type(config).__name__} {str(config)[:80]}")
+    if not any(key.startswith(component + ".") for key in config):
+        return None
+    r, alpha, rslora = (config.get(f"{component}.{key}") for key in ("r", "lora_alpha", "use_rslora"))
+    if f"{component}.r" in config and not _is_rank(r):
+        raise LoraError(f"{where} field {component}.r must be a positive integer, found {r!r}")
+    if f"{component}.lora_alpha" in config and not _is_number(alpha):
+        raise LoraError(f"{where} field {component}.lora_alpha must be a finite number, found {alpha!r}")
+    if f"{component}.use_rslora" in config and not isinstance(rslora, bool):
+        raise LoraError(f"{where} field {component}.use_rslora must be true or false, found {rslora!r}")
+    return PeftSettings(component, r, None if alpha is None else float(alpha),
+                        _pattern_field(config, f"{component}.rank_pattern", _is_rank, "a positive integer", where),
+                        _pattern_field(config, f"{component}.alpha_pattern", _is_number, "a finite number", where),
+                        bool(rslora))
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """The first pattern that names `module` (a diffusers / transformers module path), as peft
+    `utils/other.py` `get_pattern_key` matches `rank_pattern` and `alpha_pattern`."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def peft_alpha(settings: PeftSettings, module: str, rank: int, where: str) -> float:
+    """The alpha that gives `module` peft's scale `lora_alpha / r` (rsLoRA, Kalajdzievski 2023:
+    `lora_alpha / sqrt(r)`), from peft `tuners/lora/model.py` `_create_and_replace`; LoraError when the config's
+    rank for the module is not the tensors' (peft could not load the file)."""
+    rank_key, alpha_key = pattern_key(settings.rank_pattern, module), pattern_key(settings.alpha_pattern, module)
+    configured = settings.rank_pattern[rank_key] if rank_key is not None else settings.r
+    if configured is not None and configured != rank:
+        source = f"rank_pattern[{rank_key!r}]" if rank_key is not None else "r"
+        raise LoraError(f"{where}: {PEFT_METADATA_KEY} field {settings.component}.{source} gives {module} rank "
+                        f"{configured}; its tensors have rank {rank}")
+    alpha = (settings.alpha_pattern[alpha_key] if alpha_key is not None
+             else settings.lora_alpha if settings.lora_alpha is not None else float(configured or rank))
+    return alpha * math.sqrt(rank) if settings.use_rslora else alpha
 
 
 def _guess_target(grouped: dict[str, dict[str, torch.Tensor]]) -> str:
@@ -138,10 +214,12 @@ class LoraFile:
 
 def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
     """Read an adapter file for a model of `config`: every tensor must land on a layer of the right shape, else
-    LoraError with the unmatched names and what the file seems to be for (nothing is applied)."""
+    LoraError with the unmatched names and what the file seems to be for (nothing is applied); malformed tensors or
+    PEFT metadata: LoraError naming the file's key or the metadata field."""
     path = Path(path)
     ckpt = open_checkpoint(path)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, str]] = {}  # layer name -> tensor name -> the file's key, for messages
     foreign = []
     for key in ckpt.keys():
         split = _split_key(key)
@@ -152,6 +230,7 @@ def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraError(f"{path}: tensor {key} holds NaN/inf values; refusing the file")
         grouped.setdefault(split[0], {})[split[1]] = tensor
+        keys.setdefault(split[0], {})[split[1]] = key
     if foreign or not grouped:
         shown = ", ".join(foreign[:10]) + (f" ... ({len(foreign)} in all)" if len(foreign) > 10 else "")
         raise LoraError(f"{path}: not a LoRA/LyCORIS file: " +
@@ -159,6 +238,7 @@ def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
     names = layer_names(config)
     adapters: dict[tuple[str, str], Adapter] = {}
     unmatched, mismatched = [], []
+    settings: dict[str, PeftSettings | None] = {}
     for name, tensors in grouped.items():
         if name not in names:
             unmatched.append(name)
@@ -166,11 +246,19 @@ def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
         component, layer, shape = names[name]
         try:
             adapter = Adapter(tensors)
-            if adapter.kind == "lora" and not name.startswith("lora_"):  # PEFT: the scale comes from the config
-                alpha = _peft_scale(ckpt.metadata, component, layer, adapter.rank)
-                if alpha is not None:
-                    adapter.alpha = alpha
+            peft = not name.startswith("lora_")
+            if adapter.kind == "lora" and peft:  # PEFT: the scale comes from the config, DoRA follows peft
+                if component not in settings:
+                    settings[component] = peft_settings(ckpt.metadata, component, str(path))
+                if settings[component] is not None:
+                    module = name.removeprefix(component + ".")  # the module path peft's patterns are matched on
+                    adapter.alpha = peft_alpha(settings[component], module, adapter.rank, str(path))
+                adapter.multiplier_inside_norm = "dora_scale" in adapter.factors
             adapter.check_shape(shape)
+        except MalformedAdapterError as e:
+            raise LoraError(f"{path}: {keys[name].get(e.tensor) or f'layer {name}'}: {e}") from None
+        except LoraError:
+            raise
         except ValueError as e:
             mismatched.append(f"{name} ({e})")
             continue
@@ -197,7 +285,7 @@ def describe_lora(path: str | os.PathLike) -> list[str] | None:
     kinds = {"LoRA" if "lora_down" in t else "LoHa" if "hada_w1_a" in t else "LoKr" if any(n.startswith("lokr")
              for n in t) else "full" for t in layers.values()}
     downs = [k for k, s in zip(ckpt.keys(), split) if s[1] == "lora_down"]
-    ranks = sorted({ckpt.shape(k)[0] for k in downs})
+    ranks = sorted({ckpt.shape(k)[0] for k in downs if ckpt.shape(k)})
     prefixes = sorted({layer.split("_")[1] if layer.startswith("lora_") else layer.split(".")[0] for layer in layers})
     widths = [ckpt.shape(k)[1] for k in ckpt.keys() if ("attn2_to_k.lora_down" in k or "attn2.to_k.lora_A" in k)
               and len(ckpt.shape(k)) == 2]

@@ -8,7 +8,10 @@ One `Adapter` per adapted layer holds that layer's tensors under the names the f
   full           diff (and diff_b for the bias);
 and DoRA (Liu et al. 2024) rescales W + update to the stored magnitude, per output row when `dora_scale` has one
 value per row, per input column otherwise (A1111 `network.py` `apply_weight_decompose`).  A multiplier m gives
-m * update (DoRA: m * (W_dora - W)), as A1111 and ComfyUI apply it.
+m * update (kohya / LyCORIS `dora_scale`: m * (W_dora - W)), as A1111 and ComfyUI apply it.  PEFT DoRA files
+(`lora_magnitude_vector`, `multiplier_inside_norm`) follow peft instead (peft `tuners/lora/dora.py`
+`get_weight_norm`, `tuners/lora/layer.py` `set_scale`): with s = m * alpha / r,
+W' = magnitude * (W + s * up @ down) / ||W + s * up @ down||, so even m = 0 rescales W to the magnitude.
 
 `Patch` keeps the adapters active on one layer: unfused as a forward hook (`W x + m * up(down(x))` for plain
 LoRA, the full update otherwise), or fused into the weight with the original kept, so removing them restores
@@ -22,11 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xldm.errors import LoraError
+
 FACTOR_NAMES = ("lora_down", "lora_up", "lora_mid", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a",
                 "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
                 "lokr_w2_b", "lokr_t2", "diff", "diff_b")
 _KINDS = {"lora": ("lora_down", "lora_up"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
           "lokr": (), "full": ("diff",)}
+
+
+class MalformedAdapterError(LoraError):
+    """One layer's tensors have impossible shapes or contradict each other (`tensor`: the one at fault, if one is)."""
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+def _shape(tensor: Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
 
 
 def _tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -49,10 +66,21 @@ class Adapter(nn.Module):
         if not self.kind:
             raise ValueError(f"adapter tensors {sorted(tensors)} form no known kind (LoRA lora_down + lora_up, LoHa "
                              f"hada_w1_a/b + hada_w2_a/b, LoKr lokr_w1* + lokr_w2*, full diff)")
+        if self.kind == "lokr":
+            for i in (1, 2):
+                if f"lokr_w{i}" not in tensors and not {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= set(tensors):
+                    raise MalformedAdapterError(f"LoKr tensors {sorted(tensors)} lack factor {i}: expected lokr_w{i} "
+                                                f"or lokr_w{i}_a and lokr_w{i}_b")
         alpha = tensors.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise MalformedAdapterError(f"alpha has shape {_shape(alpha)}; expected one number", "alpha")
+        empty = next((k for k, v in tensors.items() if k != "alpha" and v.numel() == 0), None)
+        if empty is not None:
+            raise MalformedAdapterError(f"{empty} has shape {_shape(tensors[empty])}, with no values (rank 0?)", empty)
         self.alpha = None if alpha is None else float(alpha.float().reshape(-1)[0])
         self.factors = nn.ParameterDict({k: nn.Parameter(v, requires_grad=trainable)
                                          for k, v in tensors.items() if k != "alpha"})
+        self.multiplier_inside_norm = False  # PEFT DoRA: the multiplier scales the update inside the norm
 
     def file_tensors(self) -> dict[str, Tensor]:
         """What a file stores for this layer (kohya names without the `.weight` suffix, alpha as a 0-d tensor)."""
@@ -85,23 +113,47 @@ class Adapter(nn.Module):
         return self.kind == "lora" and "lora_mid" not in self.factors and "dora_scale" not in self.factors
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
-        """ValueError unless the update fits a weight of `shape` (LoRA: from the factor shapes alone)."""
+        """MalformedAdapterError when the tensors contradict each other, ValueError unless the update fits a weight
+        of `shape` (LoRA: from the factor shapes alone; the other kinds by a trial update)."""
         f = self.factors
+        if "dora_scale" in f:
+            outputs = (shape[0],) if self.multiplier_inside_norm else (shape[0], shape[1])  # PEFT: one per output
+            if f["dora_scale"].numel() not in outputs:
+                raise ValueError(f"dora_scale has {f['dora_scale'].numel()} values; the layer has {shape[0]} outputs "
+                                 f"and {shape[1]} inputs")
         if self.kind != "lora":
-            self.update(torch.zeros(shape))
+            try:
+                self.update(torch.zeros(shape))
+            except (RuntimeError, IndexError, KeyError) as e:  # factors whose shapes do not multiply
+                shapes = ", ".join(f"{k} {_shape(v)}" for k, v in f.items())
+                kind = {"loha": "LoHa", "lokr": "LoKr"}.get(self.kind, self.kind)
+                raise MalformedAdapterError(f"the {kind} factors do not multiply: {shapes} ({e})") from None
             return
         down, up = f["lora_down"], f["lora_up"]
-        inner = down.shape[1] * math.prod(f["lora_mid"].shape[2:]) if "lora_mid" in f else math.prod(down.shape[1:])
-        if (up.shape[0] != shape[0] or up.shape[0] * inner != math.prod(shape)
-                or up.flatten(1).shape[1] != down.shape[0]):
-            raise ValueError(f"lora_up {tuple(up.shape)} @ lora_down {tuple(down.shape)} does not give the layer's "
+        for name, tensor in (("lora_down", down), ("lora_up", up)):
+            if tensor.dim() not in (2, 4):
+                raise MalformedAdapterError(f"{name} has shape {_shape(tensor)}; expected a matrix or a 4-d "
+                                            f"convolution weight", name)
+        rank = up.flatten(1).shape[1]
+        if "lora_mid" in f:  # LyCORIS Tucker: down (r2, in, 1, 1), mid (r1, r2, kh, kw), up (out, r1, 1, 1)
+            mid = f["lora_mid"]
+            if mid.dim() != 4 or mid.shape[:2] != (rank, down.shape[0]) or math.prod(down.shape[2:]) != 1:
+                raise MalformedAdapterError(f"lora_mid {_shape(mid)} does not join lora_down {_shape(down)} to "
+                                            f"lora_up {_shape(up)}: expected ({rank}, {down.shape[0]}, kh, kw) "
+                                            f"and a 1x1 lora_down", "lora_mid")
+            if len(shape) != 4 or (up.shape[0], down.shape[1], *mid.shape[2:]) != tuple(shape):
+                raise ValueError(f"lora_up {_shape(up)}, lora_mid {_shape(mid)}, lora_down {_shape(down)} do not "
+                                 f"give the layer's weight {tuple(shape)}")
+            return
+        if rank != down.shape[0]:
+            raise MalformedAdapterError(f"lora_up {_shape(up)} has rank {rank}, lora_down {_shape(down)} rank "
+                                        f"{down.shape[0]}", "lora_up")
+        if up.shape[0] != shape[0] or up.shape[0] * math.prod(down.shape[1:]) != math.prod(shape):
+            raise ValueError(f"lora_up {_shape(up)} @ lora_down {_shape(down)} does not give the layer's "
                              f"weight {tuple(shape)}")
-        if "dora_scale" in f and f["dora_scale"].numel() not in (shape[0], shape[1]):
-            raise ValueError(f"dora_scale has {f['dora_scale'].numel()} values; the layer has {shape[0]} outputs "
-                             f"and {shape[1]} inputs")
 
-    def update(self, weight: Tensor) -> Tensor:
-        """The update of `weight` at multiplier 1, in float32, shaped like it."""
+    def update(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
+        """The update of `weight` at `multiplier`, in float32, shaped like it."""
         f = {k: v.float() for k, v in self.factors.items()}
         shape = weight.shape
         if self.kind == "lora":
@@ -112,7 +164,9 @@ class Adapter(nn.Module):
         elif self.kind == "loha":
             halves = [_tucker(f[f"hada_t{i}"], f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) if f"hada_t{i}" in f
                       else f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"] for i in (1, 2)]
-            delta = halves[0].reshape(shape) * halves[1].reshape(shape)
+            if halves[0].shape != halves[1].shape:  # (no broadcasting: each half is a whole weight)
+                raise RuntimeError(f"hada_w1 gives {_shape(halves[0])}, hada_w2 {_shape(halves[1])}")
+            delta = halves[0] * halves[1]
         elif self.kind == "lokr":
             w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
             if "lokr_w2" in f:
@@ -130,16 +184,24 @@ class Adapter(nn.Module):
             raise ValueError(f"{self.kind} update has {tuple(delta.shape)} values, the layer's weight is "
                              f"{tuple(shape)}")
         delta = delta.reshape(shape) * self.scale
+        inside = "dora_scale" in f and self.multiplier_inside_norm
+        if inside:
+            delta = delta * multiplier
         if "dora_scale" in f:
             base = weight.float()
             merged = base + delta
             magnitude = f["dora_scale"]
-            if magnitude.shape[0] == shape[0] and magnitude.numel() == shape[0]:  # one value per output row
+            per_output = magnitude.numel() == shape[0] and (magnitude.shape[0] == shape[0] or inside)  # PEFT: always
+            if per_output:  # one value per output row (peft stores a conv's as (1, out, 1, 1))
                 norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
             else:  # one per input column (LyCORIS' default, wd_on_out=False)
                 norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
             delta = merged * (magnitude.reshape(norm.shape) / norm) - base
-        return delta
+        return delta if inside else delta * multiplier
+
+    def active_at(self, multiplier: float) -> bool:
+        """Whether the layer changes at `multiplier` (PEFT DoRA rescales W to the magnitude even at 0)."""
+        return multiplier != 0 or ("dora_scale" in self.factors and self.multiplier_inside_norm)
 
     def low_rank_output(self, layer: nn.Module, x: Tensor) -> Tensor:
         """up(down(x)) * scale with the layer's own stride/padding for the down convolution (kohya LoRAModule)."""
@@ -169,7 +231,7 @@ class Patch:
 
     def _forward(self, layer: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
         x = inputs[0]
-        unfused = [(a, m) for a, m, fused in self.entries.values() if not fused and m != 0]
+        unfused = [(a, m) for a, m, fused in self.entries.values() if not fused and a.active_at(m)]
         for adapter, multiplier in unfused:
             if adapter.low_rank:
                 out = out + adapter.low_rank_output(layer, x) * multiplier
@@ -178,7 +240,7 @@ class Patch:
             signature = tuple((id(a), m, a.factors.training) for a, m in full)
             if self._cached is None or self._cached[0] != signature or torch.is_grad_enabled():
                 weight = layer.weight if self.original is None else self.original[0].to(layer.weight.device)
-                delta = sum(a.update(weight) * m for a, m in full)
+                delta = sum(a.update(weight, m) for a, m in full)
                 bias = sum(a.factors["diff_b"].float() * m for a, m in full if "diff_b" in a.factors) \
                     if any("diff_b" in a.factors for a, _ in full) else None
                 self._cached = (signature, delta, bias)
@@ -204,7 +266,7 @@ class Patch:
                 self.original = None
                 return
             base = weight.to(layer.weight.device)
-            total = base.float() + sum(a.update(base) * m for a, m in fused)
+            total = base.float() + sum(a.update(base, m) for a, m in fused)
             layer.weight.copy_(total.to(layer.weight.dtype))
             biases = [a.factors["diff_b"].float() * m for a, m in fused if "diff_b" in a.factors]
             if biases and layer.bias is not None:
