@@ -65,6 +65,23 @@ def pil_image(image: Image.Image):
     return lambda tmp_path: (lambda: to_rgb(image))
 
 
+def request(**fields):
+    from xldm.pipeline import resolve_request
+    from xldm.request import GenerationRequest
+
+    return lambda tmp_path: (lambda: resolve_request(GenerationRequest(**{"prompt": "x", **fields}), default_size=64,
+                                                     has_refiner=False))
+
+
+def lora_tag(tag: str):
+    def build(tmp_path: Path):
+        from xldm.request import GenerationRequest, request_loras
+
+        (tmp_path / "style.safetensors").write_bytes(b"")  # never read: the tag is refused first
+        return lambda: request_loras(GenerationRequest(f"a cat {tag}"), tmp_path)
+    return build
+
+
 NESTED = "[" * 200_000 + "]" * 200_000
 HOSTILE = [
     # weight-file headers
@@ -92,6 +109,22 @@ HOSTILE = [
     ("JSON nested 200 deep", json_body('{"comments": ' + "[" * 200 + "]" * 200 + "}"), ValueError,
      "nested deeper than"),
     ("a lone surrogate", json_body('{"comments": {"a": "\\ud800"}}'), ValueError, "lone surrogate"),
+    # generation requests (the Python API, the CLI and the server resolve them alike)
+    ("seed as a string", request(seed="12"), ValueError, "seed must be an int, got str '12'"),
+    ("seed as a bool", request(seed=True), ValueError, "seed must be an int, got bool True"),
+    ("a prompt weight of 400 nines", request(prompt="a (red:" + "9" * 400 + ") heart"), ValueError,
+     r"prompt: prompt weight '9{20}\.\.\.' is not a finite number"),
+    ("a prompt weight beyond float32", request(negative_prompt="(red:1" + "0" * 39 + ")"), ValueError,
+     "negative_prompt: prompt weight of 'red' is 1e\\+39, beyond float32"),
+    ("nested prompt weights multiplying past float32", request(prompt="((red:" + "9" * 30 + "):" + "9" * 30 + ")"),
+     ValueError, "beyond float32"),
+    # <lora:...> prompt tags (A1111 extra networks syntax)
+    ("a LoRA tag's dyn_dim", lora_tag("<lora:style:1:1:8>"), ValueError, "dyn_dim .* is not supported"),
+    ("a LoRA tag's dyn=", lora_tag("<lora:style:1:dyn=8>"), ValueError, "dyn_dim .* is not supported"),
+    ("a LoRA tag's unknown field", lora_tag("<lora:style:1:bogus=2>"), ValueError, "unknown field\\(s\\) bogus"),
+    ("a LoRA tag weight of nan", lora_tag("<lora:style:nan>"), ValueError,
+     "<lora:style>: weights must be finite numbers, got nan"),
+    ("a LoRA tag text weight of inf", lora_tag("<lora:style:inf:1>"), ValueError, "weights must be finite numbers"),
 ]
 
 

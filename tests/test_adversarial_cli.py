@@ -1,8 +1,11 @@
 """Hostile command-line input to `xldm generate`: each is a one-line error before any work, never a traceback
-(bad --out paths, bad --device, out-of-range crops and sizes), plus non-finite advice that fits the dtype and
-init images whose 16-bit greyscale or transparency must survive the conversion to RGB."""
+(bad --out paths, bad --device, out-of-range crops and sizes, flags a --cascade would not use, --from-png images
+that are not images or hold mistyped settings, non-finite --lora weights), plus non-finite advice that fits the
+dtype and init images whose 16-bit greyscale or transparency must survive the conversion to RGB."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -137,3 +140,83 @@ def test_transparency_is_composited_onto_white_and_float_images_are_refused():
         to_rgb(Image.new("F", (4, 4), 0.5))
     with pytest.raises(ValueError, match="'F'"):
         image_to_tensor(Image.new("F", (4, 4), 0.5), 4, 4)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--vae", "/nonexistent.safetensors"], "--vae"),
+    (["--lora", "F"], "--lora"),
+    (["--refiner", "default"], "--refiner"),
+    (["--steps", "7", "--cfg", "9"], "--steps, --cfg"),
+    (["--clip-skip", "2"], "--clip-skip"),
+    (["--quantize", "int8"], "--quantize"),
+    (["--strength", "0.5"], "--strength"),
+    (["--tile-vae"], "--tile-vae"),
+    (["--deep-cache", "3"], "--deep-cache"),
+    (["--original-size", "64x64"], "--original-size"),
+    (["--no-weighting"], "--no-weighting"),
+])
+def test_cascade_refuses_the_flags_it_would_not_use(tmp_path, capsys, flags, named):
+    out = tmp_path / "x.png"
+    assert cli_main(["generate", PROMPT, "--cascade", str(tmp_path / "no-cascade"), "--seed", "1", "--out",
+                     str(out), "-q", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xldm: error: {named}: not used by a --cascade") and "--cascade-steps" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--cascade-steps", "2,1,1"), ("--cascade-cfg", "5,4,4"),
+                                         ("--cascade-aug", "0,0.1,0.1")])
+def test_cascade_stage_flags_need_a_cascade(tmp_path, capsys, flag, value):
+    assert generate(tmp_path, flag, value, "--out", str(tmp_path / "x.png")) == 2
+    assert f"xldm: error: {flag} set the stages of a --cascade" in capsys.readouterr().err
+
+
+def _png_with(path, **chunks):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_cascade_refuses_the_settings_of_a_models_image(tmp_path, capsys):
+    image = _png_with(tmp_path / "model.png", xldm=json.dumps({"prompt": "x", "seed": 3, "steps": 7, "clip_skip": 2}))
+    assert cli_main(["generate", "--cascade", str(tmp_path / "no-cascade"), "--from-png", str(image), "-q"]) == 2
+    assert "its settings (--steps, --clip-skip) are not used by a --cascade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("root:x:0:0:root:/root:/bin/bash\n") and p, "cannot read this image"),
+    (lambda p: p.write_bytes(_png_with(p, xldm='{"prompt": "x"}').read_bytes()[:60]) and p,
+     "cannot read this image"),  # truncated
+    (lambda p: _png_with(p, xldm="[1,2]"), "must be a JSON object of settings, found a list"),
+    (lambda p: _png_with(p, xldm="[1,2"), "text chunk is not JSON"),
+    (lambda p: _png_with(p, xldm='{"prompt": "x", "original_size": 5}'),
+     "the setting 'original_size' must be two integers, found 5"),
+    (lambda p: _png_with(p, xldm='{"prompt": "x", "seed": "12"}'),
+     "the setting 'seed' must be an integer, found '12'"),
+    (lambda p: _png_with(p, xldm='{"prompt": "x", "steps": "abc"}'), "the setting 'steps' must be an integer"),
+    (lambda p: _png_with(p, xldm='{"prompt": "x", "width": 64.5}'), "the setting 'width' must be an integer"),
+    (lambda p: _png_with(p, xldm='{"prompt": 5}'), "the setting 'prompt' must be text, found 5"),
+    (lambda p: _png_with(p, parameters="a cat\nSteps: 2, CFG scale: x, Size: 64x64"),
+     "the setting 'cfg' must be a number, found 'x'"),
+])
+def test_from_png_with_bad_settings_is_a_clear_error(tmp_path, capsys, make, message):
+    image = make(tmp_path / "in.png")
+    assert cli_main(["generate", "--model", str(tmp_path / "does-not-exist.safetensors"), "--from-png", str(image),
+                     "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xldm: error:") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1:nan"])
+def test_non_finite_lora_weight_is_refused_before_loading(tmp_path, capsys, weight):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")  # never read: the weight is refused first
+    assert generate(tmp_path, "--width", "64", "--height", "64", "--lora", f"{lora}:{weight}", "--out",
+                    str(tmp_path / "x.png")) == 2
+    err = capsys.readouterr().err
+    assert "xldm: error: LoRA style.safetensors: weights must be finite numbers" in err, err

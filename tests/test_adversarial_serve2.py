@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from xldm.cli import main as cli_main
 from xldm.serve.app import ServerConfig, create_app
 from xldm.serve.guard import RequestGuard
 from xldm.serve.cli import add_serve_parser, build_config
+from xldm.serve.jobs import JobQueue, QueueFull
 
 __all__ = ["client", "models", "outputs", "server"]
 
@@ -51,14 +54,38 @@ def asgi_call(app, method: str, path: str, chunks: list[bytes], stall: bool = Fa
 
 def test_full_queue_refuses_generation_before_reading_the_body(models):
     app = create_app(ServerConfig(models=[models[0]], queue_size=0, dtype=torch.float32, device="cpu"))
-    body = json.dumps({"prompt": "x" * 100_000, "steps": 2}).encode()
-    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
-        status, headers, text, reads = asgi_call(app, "POST", path, [body])
-        assert status == 503 and b"the queue is full" in text and b"retry-after" in headers, (status, text)
-        assert reads == 0  # refused before one byte of the body was read
-    status, _, text, _ = asgi_call(app, "POST", "/sdapi/v1/png-info", [b'{"image": ""}'])
-    assert status != 503, text  # other endpoints still read their body and answer
-    assert asgi_call(app, "GET", "/sdapi/v1/options", [b""])[0] == 200
+    release = threading.Event()
+    app.state.server.queue.submit(lambda job: release.wait(30))  # one job running, none may wait: full
+    try:
+        body = json.dumps({"prompt": "x" * 100_000, "steps": 2}).encode()
+        for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+            status, headers, text, reads = asgi_call(app, "POST", path, [body])
+            assert status == 503 and b"the queue is full" in text and b"retry-after" in headers, (status, text)
+            assert reads == 0  # refused before one byte of the body was read
+        status, _, text, _ = asgi_call(app, "POST", "/sdapi/v1/png-info", [b'{"image": ""}'])
+        assert status != 503, text  # other endpoints still read their body and answer
+        assert asgi_call(app, "GET", "/sdapi/v1/options", [b""])[0] == 200
+    finally:
+        release.set()
+
+
+def test_queue_size_zero_runs_one_job_and_lets_none_wait():
+    queue = JobQueue(max_waiting=0)
+    try:
+        assert queue.full() is None  # idle: the next job runs at once
+        release = threading.Event()
+        first = queue.submit(lambda job: release.wait(30) and "first")
+        with pytest.raises(QueueFull, match="the queue is full"):
+            queue.submit(lambda job: "second")
+        release.set()
+        assert first.future.result(timeout=30) == "first"
+        deadline = time.time() + 30
+        while queue.full() is not None:  # the worker lets go of the finished job
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert queue.submit(lambda job: "third").future.result(timeout=30) == "third"
+    finally:
+        queue.stop()
 
 
 def test_stalled_body_times_out_with_408():

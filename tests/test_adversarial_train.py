@@ -42,6 +42,25 @@ def test_mistyped_settings_are_refused_naming_field_type_and_value(field, value,
     assert config_from_args(parser.parse_args(["train", "--set", "downscale_sides=8,24"])).downscale_sides == (8, 24)
 
 
+@pytest.mark.parametrize("text, expected", [
+    (None, "is a folder; expected a TOML file"),
+    ('preset = ["a"]', "preset must be a preset name (a string), got ['a']"),
+    ("preset = 5", "preset must be a preset name (a string), got 5"),
+    ("steps = ", "not valid TOML"),
+])
+def test_bad_config_files_are_clear_errors(tmp_path: Path, text, expected) -> None:
+    config = tmp_path / "run.toml"
+    if text is None:
+        config.mkdir()
+    else:
+        config.write_text(text)
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    with pytest.raises(ValueError, match="run.toml: ") as info:
+        config_from_args(parser.parse_args(["train", str(config)]))
+    assert expected in str(info.value)
+
+
 def write_shard(path: Path, metas: list[bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for i, meta in enumerate([*metas, json.dumps({"caption": "fine", "aesthetic_score": 5}).encode()]):

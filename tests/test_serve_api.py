@@ -407,6 +407,15 @@ def test_wrong_types_and_out_of_range_are_422(client, fields):
     assert time.perf_counter() - start < 2.0  # refused before any work
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"prompt": "a (red:" + "9" * 400 + ") heart"}, "prompt: prompt weight '" + "9" * 20 + "...' is not a finite"),
+    ({"negative_prompt": "(dull:1" + "0" * 39 + ")"}, "negative_prompt: prompt weight of 'dull' is 1e+39, beyond"),
+])
+def test_prompt_weights_that_are_not_finite_are_422_before_queueing(client, fields, message):
+    r = txt2img(client, **fields)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
 PATHS = ["../base.safetensors", "..%2fbase.safetensors", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/etc/passwd",
          "..\\..\\windows\\win.ini", "C:\\models\\x.safetensors", "~/x.safetensors", "models/../base.safetensors"]
 

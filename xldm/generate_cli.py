@@ -2,7 +2,7 @@
 loaded, the output files (numbered like A1111's, or --out), `--from-png`, and `--cascade` (a pixel-space cascade,
 `xldm.cascade`, instead of --model: PROMPT, --negative, --seed, --batch, --sampler, --dtype, --device, --out keep
 their meaning; --width/--height set the final size; --init-image is the low-res input of a cascade that starts
-with an SR stage, resized to the expected input)."""
+with an SR stage, resized to the expected input; any other flag, or --cascade-* without --cascade, is refused)."""
 
 from __future__ import annotations
 
@@ -188,13 +188,42 @@ def _control_units(args: argparse.Namespace) -> tuple:
                              nth(args.control_preprocess, k, None)) for k in range(n))
 
 
+# the options `cmd_generate_cascade` reads (--model: refused there); a --cascade refuses the others when given
+CASCADE_OPTIONS = ("negative", "seed", "width", "height", "sampler", "batch", "dtype", "device",
+                   "init_image", "out", "force", "quiet", "from_png", "cascade", "cascade_steps", "cascade_cfg",
+                   "cascade_aug", "model")
+
+
+def _generate_options() -> list[argparse.Action]:
+    """The flags of `xldm generate`, with their defaults."""
+    return [action for action in add_generate_parser(argparse.ArgumentParser().add_subparsers())._actions
+            if action.option_strings and action.dest != "help"]
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, str]:
+    """{dest: flag} of the options given on the command line with a value other than their default."""
+    given = {}
+    for action in _generate_options():
+        value = getattr(args, action.dest, action.default)
+        if value != action.default:
+            negated = isinstance(action, argparse.BooleanOptionalAction) and value is False
+            given[action.dest] = f"--no-{_flag(action.dest)[2:]}" if negated else _flag(action.dest)
+    return given
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.list_sizes:
         from xldm.buckets import SDXL_BUCKETS, format_sizes
 
         print(format_sizes(SDXL_BUCKETS))
         return 0
+    given = given_options(args)  # before --from-png and the defaults fill in the others
     source = apply_png_settings(args) if args.from_png else None
+    from_image = {dest: flag for dest, flag in given_options(args).items() if dest not in given}
     if not args.prompt:
         raise SystemExit("xldm generate: error: a PROMPT is required")
     if args.out is not None:
@@ -233,7 +262,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cascade and args.controlnet:
         raise SystemExit("xldm generate: error: --controlnet steers a --model's UNet; a --cascade has none")
     if args.cascade:
+        takes = f"a --cascade takes only {', '.join(_flag(dest) for dest in CASCADE_OPTIONS if dest != 'model')}"
+        if unused := [flag for dest, flag in given.items() if dest not in CASCADE_OPTIONS]:
+            raise ValueError(f"{', '.join(unused)}: not used by a --cascade; {takes}")
+        if unused := [flag for dest, flag in from_image.items() if dest not in CASCADE_OPTIONS]:
+            raise ValueError(f"--from-png {args.from_png}: its settings ({', '.join(unused)}) are not used by a "
+                             f"--cascade; {takes}")
         return cmd_generate_cascade(args)
+    if cascade_only := [flag for dest, flag in given.items() if dest.startswith("cascade_")]:
+        raise ValueError(f"{', '.join(cascade_only)} set the stages of a --cascade; give --cascade DIR_OR_FILES, "
+                         f"or --steps / --cfg for a --model")
     # the small model trained by this project (xldm/data/default): no --model, --model default, --refiner default
 
     no_model = args.model is None
@@ -283,8 +321,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from xldm.request import request_loras
 
     # the LoRA files (tags too) checked against the header's config before the model is loaded
+    lora_uses = request_loras(request, args.lora_dir)  # their weights checked first: no file is read for that
     checked_loras = LoraSet(model_info(args.model).config)
-    checked_loras.set(request_loras(request, args.lora_dir))
+    checked_loras.set(lora_uses)
     for flag, path in (("--vae", args.vae), ("--unet", args.unet), ("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                        *(("--embedding", p) for p in args.embedding)):
         if path is not None and not Path(path).exists():
@@ -347,6 +386,37 @@ _FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps"
              "cache_interval": "deep_cache", "cache_branch": "cache_branch", "cfg_end": "cfg_end"}
 
 
+# the type of each setting read back; the others are numbers (int or float)
+_INTEGER_SETTINGS = ("steps", "seed", "width", "height", "clip_skip", "hires_steps", "cache_interval", "cache_branch")
+_PAIR_SETTINGS = ("original_size", "crop_top_left", "target_size", "negative_original_size", "negative_target_size",
+                  "hires_size")
+_TEXT_SETTINGS = ("prompt", "negative_prompt", "sampler", "timestep_spacing", "prediction", "hires_upscaler",
+                  "long_prompts")
+_BOOLEAN_SETTINGS = ("zero_terminal_snr", "weighting")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_setting(image: str, setting: str, value):
+    """`value` of an image's `setting` if it has the setting's type (a pair as a tuple), else a ValueError."""
+    if setting in _INTEGER_SETTINGS:
+        valid, expected = _is_integer(value), "an integer"
+    elif setting in _PAIR_SETTINGS:
+        valid = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_integer, value))
+        expected, value = "two integers", tuple(value) if valid else value
+    elif setting in _TEXT_SETTINGS:
+        valid, expected = isinstance(value, str), "text"
+    elif setting in _BOOLEAN_SETTINGS:
+        valid, expected = isinstance(value, bool), "true or false"
+    else:
+        valid, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if not valid:
+        raise ValueError(f"--from-png {image}: the setting {setting!r} must be {expected}, found {value!r}")
+    return value
+
+
 def apply_png_settings(args: argparse.Namespace) -> dict:
     """--from-png IMG: the image's settings (its xldm JSON, or A1111 infotext from PNG text or JPEG / WebP EXIF) fill
     every argument not given on the command line; returns them.  The model is the one given (or the default):
@@ -365,16 +435,14 @@ def apply_png_settings(args: argparse.Namespace) -> dict:
         value = params.get(setting)
         if value is None or getattr(args, name) is not None:
             continue
-        if setting in ("original_size", "crop_top_left", "target_size", "negative_original_size",
-                       "negative_target_size", "hires_size"):
-            value = tuple(value)
+        value = _checked_setting(args.from_png, setting, value)
         setattr(args, name, {"epsilon": "eps"}.get(value, value) if setting == "prediction" else value)
     if args.long_prompts is None and params.get("long_prompts") is not None:
-        args.long_prompts = params["long_prompts"] == "chunk"
+        args.long_prompts = _checked_setting(args.from_png, "long_prompts", params["long_prompts"]) == "chunk"
     if args.refiner is not None and args.refiner_start is None and params.get("refiner_start") is not None:
-        args.refiner_start = params["refiner_start"]
+        args.refiner_start = _checked_setting(args.from_png, "refiner_start", params["refiner_start"])
     if args.init_image is not None and args.strength is None and params.get("strength") is not None:
-        args.strength = params["strength"]
+        args.strength = _checked_setting(args.from_png, "strength", params["strength"])
     return params
 
 

@@ -41,8 +41,9 @@ from xldm.vae_tiling import decode_checked
 from xldm.vae_tiling import encode as encode_posterior
 from xldm.devices import DTYPE_NAMES, default_device, default_dtype, unet_parameters
 from xldm.handle import ModelHandle
-from xldm.request import (MAX_SEED, PREDICTION_ALIASES, GenerationRequest, GenerationResult, request_loras,
-                          sampler_churn)
+from xldm.prompt_weighting import parse_weighted_prompt
+from xldm.request import (MAX_SEED, PREDICTION_ALIASES, GenerationRequest, GenerationResult, check_lora_weights,
+                          request_loras, sampler_churn)
 
 
 def _check_size(name: str, size: tuple[int, int] | None) -> None:
@@ -68,6 +69,8 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         raise ValueError(f"batch must be an integer >= 1, got {req.batch!r}")
     if not math.isfinite(req.cfg) or req.cfg < 0:
         raise ValueError(f"cfg must be a finite number >= 0, got {req.cfg!r}")
+    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)):
+        raise ValueError(f"seed must be an int, got {type(req.seed).__name__} {req.seed!r}")
     if req.seed is not None and not (0 <= req.seed <= MAX_SEED):
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {req.seed}")
     for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
@@ -113,6 +116,13 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
     req = replace(req, controlnets=tuple(units))
     if req.long_prompts not in ("truncate", "chunk"):
         raise ValueError(f"long_prompts must be 'truncate' or 'chunk', got {req.long_prompts!r}")
+    if req.weighting:  # "(word:w)" weights read now: one that is not a finite number is refused before any work
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if isinstance(text, str):
+                try:
+                    parse_weighted_prompt(text)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
     if req.init_image is not None and req.mask is not None and image_size(req.mask) != image_size(req.init_image):
         (mw, mh), (iw, ih) = image_size(req.mask), image_size(req.init_image)
         raise ValueError(f"mask is {mw}x{mh} but the init image is {iw}x{ih}; they must match")
@@ -266,6 +276,7 @@ class Pipeline:
     def load_lora(self, path: str | Path, weight: float = 1.0, text_weight: float | None = None) -> None:
         """Keep a LoRA / LyCORIS file active for every image (read and checked now; several add up)."""
         use = LoraUse(Path(path), float(weight), None if text_weight is None else float(text_weight))
+        check_lora_weights(f"LoRA {use.path.name}", use)
         self.model.loras.file(use.path)
         self.loras.append(use)
 
@@ -289,8 +300,6 @@ class Pipeline:
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
         req = resolve_request(req, default_size=self.model.config.default_size, has_refiner=self.refiner is not None)
         for use in self.lora_uses(req):  # every file read and checked against the model before any work
-            if not all(math.isfinite(w) for w in (use.weight, use.text_weight or 0.0)):
-                raise ValueError(f"LoRA {use.path.name}: weights must be finite numbers, got {use.weight}")
             self.model.loras.file(use.path)
         for unit in req.controlnets:
             self.controlnet(unit)  # loaded (or checked) against the model now, before any work

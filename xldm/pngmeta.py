@@ -328,9 +328,14 @@ def image_text(image: Image.Image) -> dict[str, str]:
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     """All tEXt/zTXt/iTXt chunks of a PNG as {keyword: text}; for JPEG / WebP, the EXIF UserComment as
     {"parameters": text}."""
-    with Image.open(path) as image:
-        image.load()  # text chunks after the image data are read only with the pixels
-        return image_text(image)
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # text chunks after the image data are read only with the pixels
+            return image_text(image)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{os.fspath(path)}: cannot read this image ({e})") from None
 
 
 def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -338,7 +343,14 @@ def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
     WebP, the A1111 `parameters` text converted with `a1111_to_params`.  Raises ValueError if it has neither."""
     text = read_png_text(path)
     if XLDM_CHUNK in text:
-        return json.loads(text[XLDM_CHUNK])
+        try:
+            params = json.loads(text[XLDM_CHUNK])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}: the {XLDM_CHUNK!r} text chunk is not JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{os.fspath(path)}: the {XLDM_CHUNK!r} text chunk must be a JSON object of settings, "
+                             f"found a {type(params).__name__}")
+        return params
     if A1111_CHUNK in text:
         return a1111_to_params(parse_a1111_parameters(text[A1111_CHUNK]))
     raise ValueError(f"{os.fspath(path)}: no generation settings found (expected a PNG text chunk "

@@ -3,7 +3,8 @@
 Syntax (the stable-diffusion-webui "attention/emphasis" rules, `modules/prompt_parser.py`):
 
 * `(text)` multiplies the weight of `text` by 1.1, `[text]` by 1/1.1; they nest: `((a))` = 1.1 * 1.1.
-* `(text:w)` multiplies by `w` instead (`[+-]?[.0-9]+`, spaces allowed around it, e.g. `(a : 0.5 )`).
+* `(text:w)` multiplies by `w` instead (`[+-]?[.0-9]+`, spaces allowed around it, e.g. `(a : 0.5 )`); a `w` that
+  reads as inf, or weights whose product is beyond float32, are a ValueError (they would make NaN images).
 * `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are the literal characters; a lone backslash is dropped (as the webui does).
 * A `)` or `]` with nothing open is literal text; brackets still open at the end apply to the rest of the prompt.
 * The word `BREAK` (upper case, on word boundaries) ends the current 75-token chunk (see `xldm.conditioning`).
@@ -15,6 +16,7 @@ That keeps the overall magnitude of the context, so "(cat:1.5)" shifts emphasis 
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -30,6 +32,7 @@ _WEIGHT_THEN_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _PLAIN_TEXT = re.compile(r"[^\\()\[\]:]+")
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 _ESCAPABLE = "()[]\\"
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the weights multiply the encoder's output in float32
 
 
 def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
@@ -102,14 +105,21 @@ def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
             merged.append(piece)
     if not merged:
         return [("", 1.0)]
+    for text, weight, _ in merged:  # nested weights multiply: the product must fit the float32 encoder output
+        if abs(weight) > FLOAT32_MAX:
+            raise ValueError(f"prompt weight of {text[:40]!r} is {weight:g}, beyond float32 (at most "
+                             f"{FLOAT32_MAX:.3g} in magnitude)")
     return [(text, float(weight)) for text, weight, _ in merged]
 
 
 def _parse_float(text: str) -> float | None:
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:  # e.g. "1.2.3" or "." (the webui would raise here; we keep it as text)
         return None
+    if not math.isfinite(weight):  # "9" * 400 reads as inf, which would make a NaN image
+        raise ValueError(f"prompt weight {text if len(text) <= 20 else text[:20] + '...'!r} is not a finite number")
+    return weight
 
 
 def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,17 @@ def request_loras(req: GenerationRequest, lora_dir: str | Path | None, kept: Seq
         if not isinstance(entry, LoraUse):
             entry = (entry,) if isinstance(entry, (str, Path)) else tuple(entry)
             entry = LoraUse(Path(entry[0]), *(float(w) for w in entry[1:3]))
+        check_lora_weights(f"LoRA {entry.path.name}", entry)
         uses.append(entry)
     for name, weight, text_weight in parse_lora_tags(req.prompt)[1]:
-        uses.append(LoraUse(resolve_lora_name(name, lora_dir), weight, text_weight))
+        use = LoraUse(resolve_lora_name(name, lora_dir), weight, text_weight)
+        check_lora_weights(f"<lora:{name}>", use)
+        uses.append(use)
     return uses
+
+
+def check_lora_weights(what: str, use: LoraUse) -> None:
+    """A ValueError naming `what` unless the LoRA's weights are finite (nan / inf would make NaN images)."""
+    weights = (use.weight,) if use.text_weight is None else (use.weight, use.text_weight)
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"{what}: weights must be finite numbers, got {', '.join(map(str, weights))}")

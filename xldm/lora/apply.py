@@ -36,13 +36,22 @@ class LoraUse:
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float | None]]]:
     """The prompt without its `<lora:NAME[:TE[:UNET]]>` tags, and (name, unet weight, text weight or None) per tag.
-    As A1111's Lora extension: one number is both weights, two are text encoder then UNet; `te=` / `unet=` named."""
+    As A1111's Lora extension (extensions-builtin/Lora/extra_networks_lora.py, `activate`): one number is both
+    weights, two are text encoder then UNet; `te=` / `unet=` named.  Its third value / `dyn=` (dyn_dim, a rank cut)
+    and any other name are a ValueError, never dropped."""
     found = []
 
     def take(match: re.Match) -> str:
         name, fields = match.group(2).strip(), [f.strip() for f in match.group(3).split(":")[1:]]
         named = dict(f.split("=", 1) for f in fields if "=" in f)
         positional = [f for f in fields if "=" not in f]
+        if len(positional) > 2 or "dyn" in named:
+            what = "dyn_dim (a third value or dyn=) is not supported" if len(positional) < 4 else \
+                f"{len(positional)} values, at most 2 expected"
+            raise ValueError(f"{match.group(0)}: {what}; give <lora:NAME:WEIGHT> or "
+                             f"<lora:NAME:TE_WEIGHT:UNET_WEIGHT>")
+        if unknown := sorted(set(named) - {"te", "unet"}):
+            raise ValueError(f"{match.group(0)}: unknown field(s) {', '.join(unknown)}; expected te= and unet=")
         try:
             te = float(named.get("te", positional[0] if positional else 1.0))
             unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))

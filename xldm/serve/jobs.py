@@ -141,8 +141,9 @@ class JobQueue:
             return job
 
     def full(self) -> QueueFull | None:
-        """The QueueFull a submit now would raise, or None; retry after one job's typical time."""
-        if len(self._waiting) < self.max_waiting:
+        """The QueueFull a submit now would raise, or None; retry after one job's typical time.  An idle worker
+        takes the next job at once, so that job counts as the running one, not as waiting."""
+        if len(self._waiting) + (self.running is not None) <= self.max_waiting:
             return None
         typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
         return QueueFull(len(self._waiting), max(1, round(typical)))

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -239,9 +238,7 @@ class Server:
         """Every `<lora:...>` file of the prompt read and checked against the model (a thread of the pool, before
         queueing): a missing name, a bad weight or a file that does not fit is a 422 naming it."""
         try:
-            for use in request_loras(plan.request, self.lora_dir):
-                if not all(math.isfinite(w) for w in (use.weight, use.text_weight or 0.0)):
-                    raise ValueError(f"<lora:{use.path.stem}>: weights must be finite numbers")
+            for use in request_loras(plan.request, self.lora_dir):  # weights checked there
                 stat = use.path.stat()
                 key = (plan.model, use.path.resolve(), stat.st_size, stat.st_mtime_ns)
                 if key not in self._lora_checked:  # read and dropped: the worker's pipeline keeps its own copy

@@ -25,6 +25,7 @@ import sys
 import textwrap
 import tokenize
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from xldm.train.config import TRAIN_PRESETS, TrainConfig, preset
@@ -178,13 +179,27 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
     return text
 
 
+def _read_toml(path: str) -> dict[str, Any]:
+    """The settings of a CONFIG.toml file, or a ValueError naming the file."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a folder; expected a TOML file of TrainConfig fields")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """preset < TOML < flags."""
     values: dict[str, Any] = {}
     if args.config:
-        with open(args.config, "rb") as f:
-            values = tomllib.load(f)
+        values = _read_toml(args.config)
     file_preset = values.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ValueError(f"{args.config}: preset must be a preset name (a string), got {file_preset!r}")
     name = args.preset or file_preset
     base = TrainConfig() if name is None else preset(name)  # (an unknown name is a ValueError listing the presets)
     values.update({flag: getattr(args, flag) for flag in _FIELD_FLAGS if getattr(args, flag) is not None})
