@@ -162,3 +162,5 @@ def test_a_named_model_that_was_skipped_is_an_error_not_another_model(models, tm
 def test_serve_checks_the_device_as_generate_does(models):
     with pytest.raises(ValueError, match="'nonsense' is not a device"):
         build_config(serve_args("--model", str(models[0]), "--device", "nonsense"))
+    with pytest.raises(ValueError, match="--queue-size is the number of jobs that may wait .0 or more., got -1"):
+        build_config(serve_args("--model", str(models[0]), "--queue-size", "-1"))

@@ -69,6 +69,8 @@ def build_config(args: argparse.Namespace):
     from xldm.devices import check_device
     from xldm.serve.jobs import find_models
 
+    if args.queue_size < 0:
+        raise ValueError(f"--queue-size is the number of jobs that may wait (0 or more), got {args.queue_size}")
     models = [Path(p) for p in args.model]
     if args.models_dir:
         models += [p for p in find_models(args.models_dir) if p.resolve() not in {m.resolve() for m in models}]
