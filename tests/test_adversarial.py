@@ -112,6 +112,8 @@ HOSTILE = [
     # generation requests (the Python API, the CLI and the server resolve them alike)
     ("seed as a string", request(seed="12"), ValueError, "seed must be an int, got str '12'"),
     ("seed as a bool", request(seed=True), ValueError, "seed must be an int, got bool True"),
+    ("steps as a bool", request(steps=True), ValueError, "steps must be an integer >= 1, got True"),
+    ("batch as a bool", request(batch=True), ValueError, "batch must be an integer >= 1, got True"),
     ("a prompt weight of 400 nines", request(prompt="a (red:" + "9" * 400 + ") heart"), ValueError,
      r"prompt: prompt weight '9{20}\.\.\.' is not a finite number"),
     ("a prompt weight beyond float32", request(negative_prompt="(red:1" + "0" * 39 + ")"), ValueError,

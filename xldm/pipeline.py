@@ -63,9 +63,9 @@ def resolve_request(req: GenerationRequest, *, default_size: int | Callable[[], 
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     if req.sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {req.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-    if not isinstance(req.steps, int) or req.steps < 1:
+    if isinstance(req.steps, bool) or not isinstance(req.steps, int) or req.steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {req.steps!r}")
-    if not isinstance(req.batch, int) or req.batch < 1:
+    if isinstance(req.batch, bool) or not isinstance(req.batch, int) or req.batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {req.batch!r}")
     if not math.isfinite(req.cfg) or req.cfg < 0:
         raise ValueError(f"cfg must be a finite number >= 0, got {req.cfg!r}")
