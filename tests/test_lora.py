@@ -4,6 +4,8 @@ unfused, removal restoring the weights bit for bit, and files that do not fit re
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from xldm.lora import Adapter, LoraError, LoraSet, parse_lora_tags, read_lora
 from xldm.lora.network import set_adapter
 from xldm.pipeline import Pipeline
 from xldm.request import GenerationRequest
+from xldm.weights.io import open_checkpoint
 from xldm.weights.save import save_diffusers
 
 from lora_files import diffusers_path, random_lora, reference_update, save_kohya, save_peft
@@ -100,6 +103,27 @@ def test_peft_rank_and_alpha_patterns_match_diffusers(setup, tmp_path):
     assert got[full] == pytest.approx(3.0) and {round(v, 6) for v in got.values()} == {3.0, 4.0, 8.0, 0.5}
     expected = theirs(ref, [path], [1.0])
     assert (ours(base, [(path, 1.0)]) - expected).abs().max().item() <= LATENT_TOL * max(1.0, expected.abs().max())
+
+
+def test_peft_metadata_without_lora_alpha_takes_peft_default(setup, tmp_path):
+    """diffusers builds a LoraConfig from the metadata alone: without `lora_alpha` it is peft's default 8, not r."""
+    base, ref, _, _ = setup
+    lora = random_lora(TINY_SDXL_BASE, rank=4, seed=7, scale=0.6)
+    save_peft(tmp_path / "full.safetensors", TINY_SDXL_BASE, lora, lora_alpha=2.0)
+    ckpt = open_checkpoint(tmp_path / "full.safetensors")
+    fields = {k: v for k, v in json.loads(ckpt.metadata["lora_adapter_metadata"]).items()
+              if not k.endswith(".lora_alpha")}
+    path = tmp_path / "no_alpha.safetensors"
+    save_file(ckpt.tensors(), str(path), metadata={"lora_adapter_metadata": json.dumps(fields), "format": "pt"})
+    ref.load_lora_weights(str(path), adapter_name="no_alpha")
+    try:
+        module_of = {diffusers_path(TINY_SDXL_BASE, c, layer): (c, layer) for c, layer in lora if c == "unet"}
+        want = {p: ref.unet.get_submodule(p).scaling["no_alpha"] for p in module_of}
+    finally:
+        ref.delete_adapters("no_alpha")
+    adapters = read_lora(path, TINY_SDXL_BASE).adapters
+    assert {p: adapters[module_of[p]].scale for p in want} == pytest.approx(want, rel=1e-6)
+    assert set(want.values()) == {2.0}  # 8 / 4
 
 
 @pytest.mark.parametrize("weight", [0.5, 0.0])

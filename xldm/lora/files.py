@@ -8,7 +8,7 @@ Formats read (safetensors; the layer name and tensor name are split at the layer
 * diffusers / PEFT (`save_lora_weights`): `unet.<diffusers layer>.lora_A.weight` / `lora_B.weight`,
   `text_encoder.` / `text_encoder_2.`, `lora_magnitude_vector` (DoRA); the scale `lora_alpha / r` from the
   `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`,
-  `unet.use_rslora`; no metadata: alpha = r), the patterns matched against diffusers' module path as peft does,
+  `unet.use_rslora`; no metadata: alpha = r; a field the metadata lacks: peft's default), the patterns matched against diffusers' module path as peft does,
   and diffusers' older `.lora.down.weight` / `.processor.to_q_lora.down.weight` names.
 
 A file whose tensors or metadata are malformed (no values, impossible or contradicting shapes, metadata fields of the
@@ -94,6 +94,11 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+# peft `tuners/lora/config.py` LoraConfig: r and lora_alpha both default to 8 (diffusers builds the config from the
+# metadata alone, `utils/peft_utils.py` `_create_lora_config`)
+PEFT_DEFAULT = 8
+
+
 @dataclass(frozen=True)
 class PeftSettings:
     """The fields of one component's PEFT `LoraConfig` that set a layer's scale (peft `tuners/lora/config.py`)."""
@@ -173,13 +178,14 @@ def peft_alpha(settings: PeftSettings, module: str, rank: int, where: str) -> fl
     `lora_alpha / sqrt(r)`), from peft `tuners/lora/model.py` `_create_and_replace`; LoraError when the config's
     rank for the module is not the tensors' (peft could not load the file)."""
     rank_key, alpha_key = pattern_key(settings.rank_pattern, module), pattern_key(settings.alpha_pattern, module)
-    configured = settings.rank_pattern[rank_key] if rank_key is not None else settings.r
-    if configured is not None and configured != rank:
-        source = f"rank_pattern[{rank_key!r}]" if rank_key is not None else "r"
+    configured = settings.rank_pattern[rank_key] if rank_key is not None else settings.r or PEFT_DEFAULT
+    if configured != rank:
+        source = (f"rank_pattern[{rank_key!r}]" if rank_key is not None else "r" if settings.r is not None
+                  else f"r (absent: peft's default {PEFT_DEFAULT})")
         raise LoraError(f"{where}: {PEFT_METADATA_KEY} field {settings.component}.{source} gives {module} rank "
                         f"{configured}; its tensors have rank {rank}")
     alpha = (settings.alpha_pattern[alpha_key] if alpha_key is not None
-             else settings.lora_alpha if settings.lora_alpha is not None else float(configured or rank))
+             else settings.lora_alpha if settings.lora_alpha is not None else PEFT_DEFAULT)
     return alpha * math.sqrt(rank) if settings.use_rslora else alpha
 
 
