@@ -3,6 +3,7 @@ end to end, input checks, stage files and the CLI.  Every comparison states its 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -313,6 +314,22 @@ def test_cli_generate_and_info(stages, tmp_path, capsys):
     expected = CascadePipeline(stages)(PROMPT, seed=3, steps=[2, 1, 1], cfg=[2, 2, 1], aug=[0, 0.1, 0.1])
     # the PNG holds the pipeline's image (uint8 rounding: 1/255 in [0, 1] = 2/255 in [-1, 1], plus 1e-4)
     assert (pixels - expected.stage_outputs[-1]).abs().max() <= 2 / 255 + FP32_TOL
+    # --from-png of a cascade's image: its prompt, seed and per-stage lists give the same pixels again
+    again = tmp_path / "again.png"
+    assert cli_main(["generate", "--cascade", str(tmp_path / "c"), "--from-png", str(out), "--out", str(again)]) == 0
+    with Image.open(again) as img:
+        assert torch.equal(image_to_tensor(img, 64, 64), pixels)
+    from PIL.PngImagePlugin import PngInfo
+
+    from xldm.pngmeta import XLDM_CHUNK
+
+    info = PngInfo()
+    info.add_text(XLDM_CHUNK, json.dumps({"prompt": PROMPT, "cascade_steps": [2, 1.5, 1]}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "bad.png", pnginfo=info)
+    capsys.readouterr()
+    assert cli_main(["generate", "--cascade", str(tmp_path / "c"), "--from-png", str(tmp_path / "bad.png"),
+                     "--out", str(tmp_path / "bad-out.png")]) == 2
+    assert "'cascade_steps' must be a list of integers, one per stage, found [2, 1.5, 1]" in capsys.readouterr().err
     capsys.readouterr()
     assert cli_main(["info", "--cascade", str(tmp_path / "c")]) == 0
     printed = capsys.readouterr().out

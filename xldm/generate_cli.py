@@ -443,7 +443,29 @@ def apply_png_settings(args: argparse.Namespace) -> dict:
         args.refiner_start = _checked_setting(args.from_png, "refiner_start", params["refiner_start"])
     if args.init_image is not None and args.strength is None and params.get("strength") is not None:
         args.strength = _checked_setting(args.from_png, "strength", params["strength"])
+    stages = [setting for setting in _CASCADE_SETTINGS if params.get(setting) is not None]
+    if args.cascade is not None:  # a cascade's image: its per-stage lists
+        for setting in stages:
+            if getattr(args, setting) is None:
+                setattr(args, setting, _checked_stage_list(args.from_png, setting, params[setting]))
+    elif stages:
+        print(f"xldm generate: --from-png {args.from_png}: {', '.join(stages)} of the image apply to a --cascade "
+              f"only; not used with a --model", file=sys.stderr)
     return params
+
+
+_CASCADE_SETTINGS = {"cascade_steps": int, "cascade_cfg": float, "cascade_aug": float}  # as CascadePipeline.params
+
+
+def _checked_stage_list(image: str, setting: str, value) -> list:
+    """A cascade image's per-stage list (`_CASCADE_SETTINGS`), or a ValueError saying what it holds."""
+    kind = _CASCADE_SETTINGS[setting]
+    valid = isinstance(value, list) and value and all(
+        (_is_integer(v) if kind is int else isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+    if not valid:
+        raise ValueError(f"--from-png {image}: the setting {setting!r} must be a list of "
+                         f"{'integers' if kind is int else 'numbers'}, one per stage, found {value!r}")
+    return [kind(v) for v in value]
 
 
 def cmd_generate_cascade(args: argparse.Namespace) -> int:
