@@ -75,6 +75,7 @@ BAD_METADATA = {  # the message after "lora_adapter_metadata "
     "rslora_text": ({"unet.lora_alpha": 4, "unet.use_rslora": "yes"},
                     r"field unet\.use_rslora must be true or false, found 'yes'"),
     "rank_text": ({"unet.r": "4"}, r"field unet\.r must be a positive integer, found '4'"),
+    "dora_text": ({"unet.r": 4, "unet.use_dora": 1}, r"field unet\.use_dora must be true or false, found 1"),
     "rank_pattern_differs": ({"unet.r": 4, "unet.rank_pattern": {"attn2.to_k": 8}},
                              r"field unet\.rank_pattern\['attn2.to_k'\] gives down_blocks\.1\..* rank 8; its tensors"),
 }
@@ -87,6 +88,18 @@ def test_malformed_peft_metadata_is_refused_with_its_field(tmp_path, name):
     save_file({f"{PEFT}.lora_A.weight": _r(4, 80), f"{PEFT}.lora_B.weight": _r(64, 4)}, str(path),
               metadata={"lora_adapter_metadata": json.dumps(config), "format": "pt"})
     with pytest.raises(LoraError, match=rf"{name}\.safetensors: lora_adapter_metadata {message}"):
+        read_lora(path, TINY_SDXL_BASE)
+
+
+def test_peft_magnitudes_without_use_dora_are_refused(tmp_path):
+    """diffusers builds LoraConfig(use_dora=False) from such metadata and leaves the magnitudes unloaded: the file
+    contradicts itself, so neither reading is picked silently."""
+    path = tmp_path / "magnitudes.safetensors"
+    save_file({f"{PEFT}.lora_A.weight": _r(4, 80), f"{PEFT}.lora_B.weight": _r(64, 4),
+               f"{PEFT}.lora_magnitude_vector": _r(64).abs() + 0.5}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 4}), "format": "pt"})
+    with pytest.raises(LoraError, match=rf"{PEFT}\.lora_magnitude_vector: a DoRA magnitude, but the "
+                                        r"lora_adapter_metadata field unet\.use_dora is not true"):
         read_lora(path, TINY_SDXL_BASE)
 
 

@@ -109,6 +109,7 @@ class PeftSettings:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     use_rslora: bool
+    use_dora: bool
 
 
 def _is_number(value) -> bool:
@@ -154,17 +155,18 @@ def peft_settings(metadata: dict, component: str, where: str) -> PeftSettings | 
         raise LoraError(f"{where} must be a JSON object, found {type(config).__name__} {str(config)[:80]}")
     if not any(key.startswith(component + ".") for key in config):
         return None
-    r, alpha, rslora = (config.get(f"{component}.{key}") for key in ("r", "lora_alpha", "use_rslora"))
+    r, alpha, rslora, dora = (config.get(f"{component}.{key}") for key in ("r", "lora_alpha", "use_rslora", "use_dora"))
     if f"{component}.r" in config and not _is_rank(r):
         raise LoraError(f"{where} field {component}.r must be a positive integer, found {r!r}")
     if f"{component}.lora_alpha" in config and not _is_number(alpha):
         raise LoraError(f"{where} field {component}.lora_alpha must be a finite number, found {alpha!r}")
-    if f"{component}.use_rslora" in config and not isinstance(rslora, bool):
-        raise LoraError(f"{where} field {component}.use_rslora must be true or false, found {rslora!r}")
+    for key, value in (("use_rslora", rslora), ("use_dora", dora)):
+        if f"{component}.{key}" in config and not isinstance(value, bool):
+            raise LoraError(f"{where} field {component}.{key} must be true or false, found {value!r}")
     return PeftSettings(component, r, None if alpha is None else float(alpha),
                         _pattern_field(config, f"{component}.rank_pattern", _is_rank, "a positive integer", where),
                         _pattern_field(config, f"{component}.alpha_pattern", _is_number, "a finite number", where),
-                        bool(rslora))
+                        bool(rslora), bool(dora))
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -259,6 +261,12 @@ def read_lora(path: str | os.PathLike, config: ModelConfig) -> LoraFile:
                 if settings[component] is not None:
                     module = name.removeprefix(component + ".")  # the module path peft's patterns are matched on
                     adapter.alpha = peft_alpha(settings[component], module, adapter.rank, str(path))
+                    if "dora_scale" in adapter.factors and not settings[component].use_dora:
+                        # diffusers builds LoraConfig(use_dora=False) and leaves the magnitudes unloaded
+                        raise LoraError(f"{path}: {keys[name]['dora_scale']}: a DoRA magnitude, but the "
+                                        f"{PEFT_METADATA_KEY} field {component}.use_dora is not true; diffusers "
+                                        f"would ignore it, so the file's meaning is unclear (set use_dora, or drop "
+                                        f"the lora_magnitude_vector tensors)")
                 adapter.multiplier_inside_norm = "dora_scale" in adapter.factors
             adapter.check_shape(shape)
         except MalformedAdapterError as e:
