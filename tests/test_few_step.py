@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from xldm.config import TINY_SDXL_BASE
-from xldm.diffusion.schedules import alphas_cumprod, make_schedule, split_for_refiner
+from xldm.diffusion.schedules import (SAMPLER_NAMES, SPACING_FREE_SAMPLERS, alphas_cumprod, make_schedule,
+                                      split_for_refiner)
 from xldm.pipeline import Pipeline, resolve_request
 from xldm.request import GenerationRequest
 from xldm.pngmeta import a1111_to_params, format_a1111_parameters, parse_a1111_parameters
@@ -131,6 +132,11 @@ def test_karras_and_lcm_ignore_spacing(spacing):
         ours = make_schedule(name, 6, spacing=spacing)
         assert torch.equal(ours.sigmas, make_schedule(name, 6).sigmas)
         assert_schedule_matches(ours, name, 6, timestep_spacing=spacing)
+    for name in SAMPLER_NAMES:  # SPACING_FREE_SAMPLERS (the server's "SGM Uniform" check) is exactly these
+        if name == "ddim":  # (refuses 6 steps at these spacings: tests/test_few_step.py ddim tests)
+            continue
+        same = torch.equal(make_schedule(name, 6, spacing=spacing).sigmas, make_schedule(name, 6).sigmas)
+        assert same == (name in SPACING_FREE_SAMPLERS), name
 
 
 def test_lcm_schedule_matches_diffusers():

@@ -7,6 +7,7 @@ with an SR stage, resized to the expected input; any other flag, or --cascade-* 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import re
 import sys
@@ -195,10 +196,11 @@ CASCADE_OPTIONS = ("negative", "seed", "width", "height", "sampler", "batch", "d
                    "cascade_aug", "model")
 
 
-def _generate_options() -> list[argparse.Action]:
-    """The flags of `xldm generate`, with their defaults."""
-    return [action for action in add_generate_parser(argparse.ArgumentParser().add_subparsers())._actions
-            if action.option_strings and action.dest != "help"]
+@functools.cache
+def _generate_options() -> tuple[argparse.Action, ...]:
+    """The flags of `xldm generate`, with their defaults (the parser built once per process)."""
+    return tuple(action for action in add_generate_parser(argparse.ArgumentParser().add_subparsers())._actions
+                 if action.option_strings and action.dest != "help")
 
 
 def _flag(dest: str) -> str:

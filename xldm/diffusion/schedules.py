@@ -19,6 +19,9 @@ SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpm
                  "dpmpp_sde_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
 # diffusers `timestep_spacing` (Lin et al. 2023, Table 2): which of the 1000 training timesteps a schedule visits
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# the samplers whose schedule no spacing changes (make_schedule: Karras sigmas between the training extremes, LCM's
+# distillation grid; diffusers ignores `timestep_spacing` for them too)
+SPACING_FREE_SAMPLERS = frozenset({"dpmpp_2m_karras", "dpmpp_2m_sde_karras", "dpmpp_3m_sde_karras", "lcm"})
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # SDXL scheduler_config.json

@@ -34,7 +34,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xldm.diffusion.samplers import CHURN_DEFAULTS, CHURN_SAMPLERS, ETA_DEFAULTS
-from xldm.diffusion.schedules import SAMPLER_NAMES
+from xldm.diffusion.schedules import SAMPLER_NAMES, SPACING_FREE_SAMPLERS
 from xldm.request import MAX_SEED
 from xldm.config import GENERATE_DEFAULTS
 from xldm.pngmeta import A1111_SAMPLER_NAMES, encode_png
@@ -88,9 +88,6 @@ _SCHEDULERS_MERGED = {"karras": " Karras"}
 # step, alias "SGMUniform") is diffusers' "trailing" timestep spacing, the one few-step models (Turbo, Lightning)
 # are sampled with; xldm.pngmeta writes trailing as "Schedule type: SGM Uniform".
 _SCHEDULER_SPACINGS = {"sgm uniform": "trailing", "sgm_uniform": "trailing", "sgmuniform": "trailing"}
-# the samplers whose schedule no spacing changes (xldm.diffusion.schedules.make_schedule: Karras sigmas between
-# the training extremes, LCM's distillation grid)
-_SPACING_FREE = frozenset({"dpmpp_2m_karras", "dpmpp_2m_sde_karras", "dpmpp_3m_sde_karras", "lcm"})
 
 
 def sampler_aliases(xldm_name: str) -> list[str]:
@@ -113,7 +110,7 @@ def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:
     wanted = name.lower()
     for xname in SAMPLER_NAMES:
         if wanted in (a.lower() for a in (A1111_SAMPLER_NAMES[xname], *sampler_aliases(xname))):
-            if sched in _SCHEDULER_SPACINGS and xname in _SPACING_FREE:
+            if sched in _SCHEDULER_SPACINGS and xname in SPACING_FREE_SAMPLERS:
                 raise ValueError(f"scheduler {scheduler!r} (trailing timestep spacing) does not change the "
                                  f"{A1111_SAMPLER_NAMES[xname]} schedule; pick the sampler without Karras, or "
                                  f"scheduler 'Automatic'")
